@@ -1,0 +1,38 @@
+"""Engine settings chosen by the caller (not read from the model directory)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run a model.
+
+    kv_cache_memory: bytes of KV cache (all layers, K and V); None picks a default for the device.
+    kv_cache_tokens: optional cap on the cache size in tokens, applied after the byte budget.
+    max_batch_tokens: token budget of one step (decode tokens + prefill chunks); also the largest
+        prefill chunk, so a longer prompt is spread over several steps.
+    max_num_seqs: upper bound on sequences running at once (memory is the real limit).
+    """
+
+    model_dir: str
+    device: Device = "auto"
+    dtype: DType = "auto"
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    kv_cache_tokens: int | None = None
+    max_batch_tokens: int = 1024
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be positive.")
+        if self.max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be positive.")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be positive.")

@@ -1,0 +1,36 @@
+"""What the engine hands back for each finished request."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Literal
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    key: Hashable
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    error: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters over the engine's lifetime; prefill_tokens counts tokens actually computed in prefill
+    (recomputation after preemption included)."""
+
+    requests_finished: int
+    prompt_tokens: int
+    prefill_tokens: int
+    completion_tokens: int
+    preemptions: int
+    peak_kv_blocks: int
+    kv_blocks_total: int
+    steps: int

@@ -1,0 +1,36 @@
+"""Per-request sampling settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded.
+
+    temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters. The random draw of a
+    request depends only on (seed, request key, step), never on its batch neighbours.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1.")
+        if self.temperature < 0:
+            raise ValueError("temperature must be 0 (greedy) or positive.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1].")
+        if self.top_k < 0:
+            raise ValueError("top_k must be 0 (off) or positive.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
