@@ -1,0 +1,184 @@
+"""The engine's public face: build from a model directory, feed (key, token ids, params) requests,
+get finished results as they finish."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Hashable, Iterable, Iterator, Sequence as Seq
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.errors import ModelLoadError
+from engine.model_config import ModelConfig, load_model_config
+from engine.model_runner import ModelRunner
+from engine.results import EngineStats, GenerationResult
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+Request = tuple[Hashable, Seq[int], SamplingParams]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_dir: str
+    architecture: str
+    max_model_len: int
+    num_parameters: int
+    device: str
+    dtype: str
+    kv_cache_blocks: int
+    block_size: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        if not Path(config.model_dir).is_dir():
+            raise ModelLoadError(f"Model directory {config.model_dir} does not exist.")
+        self.config = config
+        self.model_config: ModelConfig = load_model_config(config.model_dir)
+        self.tokenizer = tokenizer or Tokenizer(config.model_dir)
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.runner = ModelRunner(self.model_config, config, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_tokens, config.max_num_seqs)
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.model_info = ModelInfo(
+            model_dir=str(config.model_dir),
+            architecture=self.model_config.architecture,
+            max_model_len=self.max_model_len,
+            num_parameters=sum(p.numel() for p in self.runner.model.parameters()),
+            device=str(self.runner.device),
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            kv_cache_blocks=self.runner.num_blocks,
+            block_size=config.block_size,
+        )
+        self._ready: deque[GenerationResult] = deque()
+        self._prompt_tokens = 0
+        self._prefill_tokens = 0
+        self._completion_tokens = 0
+        self._finished = 0
+        self._steps = 0
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, key: Hashable, token_ids: Seq[int], params: SamplingParams) -> None:
+        """Queue a request; one that can never run comes back from the next step() as an error."""
+        error = self._check_request(len(token_ids), params)
+        if error is not None:
+            self._ready.append(GenerationResult(key, "", (), "error", len(token_ids), error))
+            return
+        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        self.scheduler.add(Sequence(key, token_ids, params, max_tokens))
+
+    def _check_request(self, prompt_len: int, params: SamplingParams) -> str | None:
+        if prompt_len == 0:
+            return "The prompt is empty (0 tokens)."
+        if prompt_len >= self.max_model_len:
+            return (
+                f"The prompt has {prompt_len} tokens but the model's context is {self.max_model_len} "
+                "tokens; shorten the row or the template."
+            )
+        max_len = min(prompt_len + params.max_tokens, self.max_model_len)
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if self.block_manager.blocks_for_tokens(max_len) > self.block_manager.num_blocks:
+            return (
+                f"The prompt ({prompt_len} tokens) plus max tokens needs {max_len} tokens of KV cache but "
+                f"the cache holds {capacity}; raise --kv-cache-memory or lower --max-tokens."
+            )
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self._ready) or self.scheduler.has_unfinished()
+
+    # -- stepping -------------------------------------------------------------------------------
+    def step(self) -> list[GenerationResult]:
+        finished = list(self._ready)
+        self._ready.clear()
+        if not self.scheduler.has_unfinished():
+            return finished
+        chunks = self.scheduler.schedule()
+        assert chunks, "the scheduler made no progress although requests are pending"
+        new_tokens = self.runner.run(chunks)
+        self.scheduler.commit(chunks)
+        self._steps += 1
+        self._prefill_tokens += sum(c.num_prefill_tokens for c in chunks)
+        sampling = [c for c in chunks if c.samples]
+        for chunk, token in zip(sampling, new_tokens, strict=True):
+            result = self._append_token(chunk, token)
+            if result is not None:
+                finished.append(result)
+        return finished
+
+    def _append_token(self, chunk: ScheduledChunk, token: int) -> GenerationResult | None:
+        seq = chunk.seq
+        seq.token_ids.append(token)
+        params = seq.params
+        reason: str | None = None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason = "stop"
+        elif params.stop and self._hits_stop_string(seq):
+            reason = "stop"
+        elif seq.num_completion_tokens >= seq.max_tokens:
+            reason = "length"
+        if reason is None:
+            return None
+        self.scheduler.finish(seq)
+        return self._result(seq, reason)
+
+    def _hits_stop_string(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.completion_token_ids)
+        hits = [i for i in (text.find(s) for s in seq.params.stop if s) if i >= 0]
+        if hits:
+            seq.stop_text_end = min(hits)
+        return bool(hits)
+
+    def _result(self, seq: Sequence, reason: str) -> GenerationResult:
+        ids = seq.completion_token_ids
+        shown = ids
+        if reason == "stop" and seq.stop_text_end is None and ids:
+            shown = ids[:-1]  # the EOS / stop token is not part of the answer
+        text = self.tokenizer.decode(shown)
+        if seq.stop_text_end is not None:
+            text = text[: seq.stop_text_end]
+        self._finished += 1
+        self._prompt_tokens += seq.num_prompt_tokens
+        self._completion_tokens += len(ids)
+        return GenerationResult(seq.key, text, tuple(ids), reason, seq.num_prompt_tokens)  # type: ignore[arg-type]
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[GenerationResult]:
+        """Runs all requests, pulling them lazily so a long stream is never held at once; yields
+        results in finish order (match them by key)."""
+        pending = iter(requests)
+        exhausted = False
+        lookahead = 2 * self.config.max_num_seqs
+        while True:
+            while not exhausted and len(self.scheduler.waiting) < lookahead:
+                request = next(pending, None)
+                if request is None:
+                    exhausted = True
+                else:
+                    self.add_request(*request)
+            if not self.has_unfinished():
+                if exhausted:
+                    return
+                continue
+            yield from self.step()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            requests_finished=self._finished,
+            prompt_tokens=self._prompt_tokens,
+            prefill_tokens=self._prefill_tokens,
+            completion_tokens=self._completion_tokens,
+            preemptions=self.scheduler.num_preemptions,
+            peak_kv_blocks=self.block_manager.peak_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+            steps=self._steps,
+        )

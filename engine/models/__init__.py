@@ -1,0 +1,1 @@
+"""Decoder-only transformer models (Llama, Qwen2, Qwen3 families) written for the paged engine."""

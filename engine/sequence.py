@@ -1,0 +1,67 @@
+"""Sequence: the unit of state the scheduler, block manager and model runner share."""
+from __future__ import annotations
+
+import enum
+import hashlib
+from itertools import count
+from typing import Hashable, Sequence as Seq
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = count()
+
+
+def sampling_key(seed: int, key: Hashable) -> int:
+    """A 63-bit number naming the random stream of one row: the same (seed, key) always draws the
+    same numbers, whatever else is in the batch and whether or not the job was resumed."""
+    digest = hashlib.blake2b(f"{seed}\x00{key!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Sequence:
+    def __init__(self, key: Hashable, token_ids: Seq[int], params: SamplingParams, max_tokens: int) -> None:
+        self.seq_id = next(_ids)
+        self.key = key
+        self.params = params
+        self.token_ids: list[int] = list(token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.max_tokens = max_tokens  # params.max_tokens, clamped to what the context allows
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.prefill_len = 0  # tokens to prefill since the last admission (the rest are decodes)
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.sampling_key = sampling_key(params.seed, key)
+        self.finish_reason: str | None = None
+        self.stop_text_end: int | None = None  # where a stop string starts in the decoded text
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the KV is gone; prompt and generated tokens are prefilled again."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING

@@ -1,0 +1,1 @@
+"""Pure tensor functions: each Triton kernel beside its launcher and a PyTorch reference."""
