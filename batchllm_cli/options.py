@@ -1,0 +1,226 @@
+"""Command-line options defined once and shared by every command that means the same thing by them.
+
+`run` uses all of them; `analyze` reuses INPUT, --template, --model, --chat/--no-chat and --limit, so
+the flags cannot drift apart between commands.
+"""
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# Help panels group the long option list of `run` in --help.
+PANEL_JOB = "Job"
+PANEL_SAMPLING = "Sampling"
+PANEL_ENGINE = "Engine"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    # Bare K/M/G are binary, as in most memory flags (docker, JVM).
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from `2GiB`, `512MB`, `1.5G` or a plain byte count."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise typer.BadParameter(f"{value!r} is not a size; use e.g. 2GiB, 512MB or a number of bytes.")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise typer.BadParameter("the size must be positive.")
+    return size
+
+
+# ---- shared by run and analyze ------------------------------------------------------------------
+InputArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Input table: .csv, .parquet, .json (array or lines), .jsonl or .ndjson.",
+        metavar="INPUT",
+        show_default=False,
+    ),
+]
+TemplateOpt = Annotated[
+    str,
+    typer.Option(
+        "--template",
+        "-t",
+        metavar="FILE|RECIPE",
+        help="Jinja2 prompt template file, or a recipe name (see `batchllm recipes`). "
+        "Variables are input columns.",
+        show_default=False,
+    ),
+]
+ModelOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="DIR",
+        help="Hugging Face model directory (config.json, safetensors, tokenizer). "
+        "Default: a built-in random-weight demo model.",
+        show_default=False,
+    ),
+]
+ChatOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--chat/--no-chat",
+        metavar="",
+        help="Wrap each prompt in the model's chat template. Default: on when the model has one.",
+        show_default=False,
+    ),
+]
+LimitOpt = Annotated[
+    Optional[int],
+    typer.Option("--limit", metavar="N", help="Use only the first N rows of the input.", min=0, show_default=False),
+]
+
+# ---- run ------------------------------------------------------------------------------------------
+OutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="Output table; format from the extension: .parquet, .csv, .jsonl or .json (JSON lines).",
+        show_default=False,
+    ),
+]
+ColumnOpt = Annotated[
+    str,
+    typer.Option(
+        "--column",
+        metavar="NAME",
+        help="Name of the answer column; the other new columns start with it "
+        "(NAME_finish_reason, NAME_prompt_tokens, NAME_completion_tokens, NAME_error).",
+        rich_help_panel=PANEL_JOB,
+    ),
+]
+SummaryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--summary",
+        help="Write a JSON summary of the run to FILE, or to stdout with '-'.",
+        metavar="FILE|-",
+        show_default=False,
+        rich_help_panel=PANEL_JOB,
+    ),
+]
+MaxTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-tokens",
+        metavar="N",
+        help="Most tokens generated per row. Default: the recipe's default, else 256.",
+        min=1,
+        show_default=False,
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option("--temperature", metavar="T", help="Sampling temperature; 0 is greedy.", min=0.0, rich_help_panel=PANEL_SAMPLING),
+]
+TopPOpt = Annotated[
+    float,
+    typer.Option("--top-p", metavar="P", help="Nucleus sampling mass in (0, 1]; 1 is off.", rich_help_panel=PANEL_SAMPLING),
+]
+TopKOpt = Annotated[
+    int,
+    typer.Option("--top-k", metavar="K", help="Sample among the K most likely tokens; 0 is off.", min=0, rich_help_panel=PANEL_SAMPLING),
+]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        metavar="N",
+        help="Random seed; a row's sample depends only on (seed, row), not on its batch.",
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
+StopOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--stop",
+        metavar="TEXT",
+        help="Stop generating a row at this string (repeatable).",
+        show_default=False,
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
+DeviceOpt = Annotated[
+    Device,
+    typer.Option("--device", help="Where the model runs.", case_sensitive=False, rich_help_panel=PANEL_ENGINE),
+]
+DTypeOpt = Annotated[
+    DType,
+    typer.Option("--dtype", help="Weight and activation dtype.", case_sensitive=False, rich_help_panel=PANEL_ENGINE),
+]
+KVCacheMemoryOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--kv-cache-memory",
+        help="KV cache size, e.g. 2GiB, 512MB or bytes. Default: chosen for the device.",
+        parser=parse_size,
+        metavar="SIZE",
+        show_default=False,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+MaxBatchTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-batch-tokens",
+        metavar="N",
+        help="Token budget of one engine step (decode tokens + prefill chunks). Default: engine's.",
+        min=1,
+        show_default=False,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+BlockSizeOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--block-size",
+        metavar="N",
+        help="Tokens per KV cache block. Default: engine's.",
+        min=1,
+        show_default=False,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]

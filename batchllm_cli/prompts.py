@@ -1,0 +1,84 @@
+"""Rows -> prompt text -> token ids, in batches, in row order.
+
+Shared by `run` and `analyze`: both need exactly the same token ids for a row, so the rules (chat
+template or not, special tokens or not) live here once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import pyarrow as pa
+
+from batchllm_cli.table_io import ROW_ID, TableSource
+from batchllm_cli.templates import PromptTemplate, RowRenderError
+
+
+class TokenizerLike(Protocol):
+    """The slice of engine.tokenizer.Tokenizer the CLI uses (kept structural: no engine import here)."""
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    def apply_chat_template(self, user_message: str) -> str: ...
+
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    row_id: int
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class FailedRow:
+    row_id: int
+    error: str
+
+
+class PromptEncoder:
+    """Renders a template per row and tokenizes a whole batch of prompts in one tokenizer call.
+
+    With `chat`, the rendered text becomes one user turn of the model's chat template, whose text
+    already carries BOS and role markers, so it is encoded without adding special tokens again.
+    """
+
+    def __init__(self, template: PromptTemplate, tokenizer: TokenizerLike, chat: bool) -> None:
+        if chat and not tokenizer.has_chat_template:
+            raise ValueError("chat=True needs a tokenizer with a chat template")
+        self.template = template
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self._variables = template.required_variables | template.optional_variables
+
+    def prompt_text(self, rendered: str) -> str:
+        return self.tokenizer.apply_chat_template(rendered) if self.chat else rendered
+
+    def encode(self, batch: pa.RecordBatch) -> list[PromptRow | FailedRow]:
+        """One item per row of `batch`, in the batch's order."""
+        row_ids = batch.column(ROW_ID).to_pylist()
+        # Only the columns the template reads are converted to Python objects: wide tables stay cheap.
+        used = [name for name in batch.schema.names if name in self._variables]
+        rows = batch.select(used).to_pylist() if used else [{} for _ in row_ids]
+        texts: list[str] = []
+        text_ids: list[int] = []
+        out: list[PromptRow | FailedRow] = []
+        for row_id, row in zip(row_ids, rows):
+            try:
+                texts.append(self.prompt_text(self.template.render(row)))
+                text_ids.append(row_id)
+            except RowRenderError as exc:
+                out.append(FailedRow(row_id, str(exc)))
+        encoded = self.tokenizer.encode_batch(texts, add_special_tokens=not self.chat) if texts else []
+        out.extend(PromptRow(rid, ids) for rid, ids in zip(text_ids, encoded))
+        out.sort(key=lambda item: item.row_id)
+        return out
+
+
+def iter_prompts(
+    source: TableSource, encoder: PromptEncoder, batch_rows: int = 1024
+) -> Iterator[PromptRow | FailedRow]:
+    """Every row of `source` as token ids or a render failure, in row order, batch by batch."""
+    for batch in source.batches(batch_rows):
+        yield from encoder.encode(batch)
