@@ -26,7 +26,8 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def print_error(message: str, console: Console | None = None) -> None:
     # Text(), not markup: messages quote user data (paths, column names) that may contain brackets.
-    (console or err_console).print(Text("error: ", style="bold red") + Text(message))
+    # Whitespace is collapsed because the contract is one line (library messages may span several).
+    (console or err_console).print(Text("error: ", style="bold red") + Text(" ".join(message.split())))
 
 
 def print_notice(message: str, console: Console | None = None) -> None:

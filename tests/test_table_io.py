@@ -1,0 +1,173 @@
+"""Table reading/writing through DuckDB: formats, row order, round trips, atomic output. No model."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm_cli.errors import InputError, UsageError
+from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, read_table, write_output
+
+TRICKY_ROWS = [
+    {"id": 1, "text": "plain"},
+    {"id": 2, "text": "has, a comma"},
+    {"id": 3, "text": "two\nlines, and a comma"},
+    {"id": 4, "text": 'a "quoted" word'},
+    {"id": 5, "text": "unicode: é ü 完璧 😀"},
+    {"id": 6, "text": ""},
+]
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def all_rows(source: TableSource, batch_size: int = 2) -> list[dict]:
+    return [row for batch in source.batches(batch_size) for row in batch.to_pylist()]
+
+
+def results_for(row_ids: list[int]) -> pa.Table:
+    return pa.table({ROW_ID: pa.array(row_ids, pa.int64()), "answer": [f"a{i}" for i in row_ids]})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl", ".json", ".ndjson"])
+def test_inputs_stream_in_order_with_row_ids(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".csv":
+        write_csv(path, TRICKY_ROWS)
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(TRICKY_ROWS), path)
+    elif suffix == ".json":
+        path.write_text(json.dumps(TRICKY_ROWS, ensure_ascii=False), encoding="utf-8")
+    else:
+        write_jsonl(path, TRICKY_ROWS)
+    with TableSource(path) as src:
+        assert src.column_names == ["id", "text"]
+        assert src.count_rows() == len(TRICKY_ROWS)
+        rows = all_rows(src)
+    assert [r[ROW_ID] for r in rows] == list(range(len(TRICKY_ROWS)))
+    # CSV reads an empty field as null; every other value must come back exactly.
+    got = [{"id": r["id"], "text": r["text"] or ""} for r in rows]
+    assert got == TRICKY_ROWS
+
+
+def test_columns_known_without_reading_rows(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", [{"a": 1, "b": "x", "zip": "00123"}])
+    with TableSource(path) as src:
+        assert [(c.name, c.type) for c in src.columns] == [("a", "BIGINT"), ("b", "VARCHAR"), ("zip", "VARCHAR")]
+
+
+def test_row_order_preserved_on_100k_rows(tmp_path: Path) -> None:
+    n = 100_000
+    path = tmp_path / "big.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["i", "text"])
+        for i in range(n):
+            writer.writerow([i, "multi\nline, quoted" if i % 7 == 0 else f"row {i}"])
+    with TableSource(path) as src:
+        seen = 0
+        for batch in src.batches(4096):
+            ids = batch.column(ROW_ID).to_pylist()
+            assert ids == batch.column("i").to_pylist() == list(range(seen, seen + len(ids)))
+            seen += len(ids)
+    assert seen == n
+
+
+def test_limit_reads_a_prefix(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", TRICKY_ROWS)
+    with TableSource(path, limit=3) as src:
+        assert src.count_rows() == 3
+        assert [r["id"] for r in all_rows(src)] == [1, 2, 3]
+        write_output(src, results_for([2, 0, 1]), tmp_path / "out.parquet")
+    out = read_table(tmp_path / "out.parquet")
+    assert out.column("id").to_pylist() == [1, 2, 3]
+    assert out.column("answer").to_pylist() == ["a0", "a1", "a2"]
+
+
+@pytest.mark.parametrize("out_suffix", [".parquet", ".csv", ".jsonl", ".json"])
+def test_output_keeps_input_columns_and_order(tmp_path: Path, out_suffix: str) -> None:
+    path = write_csv(tmp_path / "in.csv", TRICKY_ROWS)
+    out_path = tmp_path / "sub" / f"out{out_suffix}"
+    with TableSource(path) as src:
+        # Results arrive in any order and may miss rows (nulls in the output).
+        write_output(src, results_for([5, 3, 0, 1, 2]), out_path)
+    out = read_table(out_path)
+    assert out.column_names == ["id", "text", "answer"]
+    assert out.column("id").to_pylist() == [r["id"] for r in TRICKY_ROWS]
+    assert [t or "" for t in out.column("text").to_pylist()] == [r["text"] for r in TRICKY_ROWS]
+    assert out.column("answer").to_pylist() == ["a0", "a1", "a2", "a3", None, "a5"]
+    assert sorted(p.name for p in out_path.parent.iterdir()) == [out_path.name]  # no temp files left
+
+
+def test_csv_output_round_trips_csv_input_bytes(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", TRICKY_ROWS[:5])
+    with TableSource(path) as src:
+        write_output(src, results_for([0, 1, 2, 3, 4]), tmp_path / "out.csv")
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert [{"id": int(r["id"]), "text": r["text"]} for r in got] == TRICKY_ROWS[:5]
+
+
+def test_output_replaces_existing_file_atomically(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", TRICKY_ROWS)
+    out_path = tmp_path / "out.jsonl"
+    out_path.write_text("old\n")
+    with TableSource(path) as src:
+        write_output(src, results_for([0]), out_path)
+    assert read_table(out_path).num_rows == len(TRICKY_ROWS)
+
+
+def test_missing_and_unknown_inputs_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        TableSource(tmp_path / "nope.csv")
+    (tmp_path / "data.xlsx").write_text("x")
+    with pytest.raises(UsageError, match="unknown file type"):
+        TableSource(tmp_path / "data.xlsx")
+    with pytest.raises(UsageError, match="not a file"):
+        TableSource(tmp_path)
+
+
+def test_broken_input_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="Cannot read"):
+        TableSource(path)
+
+
+def test_reserved_row_id_column_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", [{ROW_ID: 1, "text": "x"}])
+    with pytest.raises(UsageError, match="reserved"):
+        TableSource(path)
+
+
+def test_check_output_path(tmp_path: Path) -> None:
+    inp = write_csv(tmp_path / "in.csv", TRICKY_ROWS)
+    with pytest.raises(UsageError, match="is the input"):
+        check_output_path(inp, inp)
+    with pytest.raises(UsageError, match="is the input"):
+        check_output_path(tmp_path / "." / "in.csv", inp)
+    with pytest.raises(UsageError, match="unknown file type"):
+        check_output_path(tmp_path / "out.txt", inp)
+    (tmp_path / "d.parquet").mkdir()
+    with pytest.raises(UsageError, match="directory"):
+        check_output_path(tmp_path / "d.parquet", inp)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="not writable"):
+        check_output_path(blocker / "out.parquet", inp)
+    assert check_output_path(tmp_path / "new" / "out.parquet", inp) == tmp_path / "new" / "out.parquet"
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())

@@ -1,0 +1,107 @@
+"""Templates and recipes: variable checks before any model, per-row render errors. No model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+import recipes
+from batchllm_cli.errors import UsageError
+from batchllm_cli.prompts import FailedRow, PromptEncoder, PromptRow
+from batchllm_cli.table_io import ROW_ID
+from batchllm_cli.templates import PromptTemplate, RowRenderError, TemplateSource, resolve_template
+
+
+def template(text: str) -> PromptTemplate:
+    return PromptTemplate(TemplateSource(name="t.j2", text=text))
+
+
+def test_required_and_optional_variables() -> None:
+    t = template(
+        "{{ a }} {{ b | default('x') }} {% if c is defined %}{{ c }}{% endif %} "
+        "{% for x in items %}{{ x.name }}{% endfor %} {% set local = 1 %}{{ local }}"
+    )
+    assert t.required_variables == {"a", "items"}
+    assert t.optional_variables == {"b", "c"}
+
+
+def test_unknown_variable_lists_missing_and_available_columns() -> None:
+    t = template("{{ text }} {{ titel }} {{ athor }}")
+    with pytest.raises(UsageError) as info:
+        t.check_columns(["text", "title", "author"])
+    message = str(info.value)
+    assert "athor, titel" in message
+    assert "available columns: text, title, author" in message
+    t.check_columns(["text", "titel", "athor"])  # all present: no error
+
+
+def test_render_strict_and_nulls_blank() -> None:
+    t = template("[{{ a }}|{{ b.c }}]")
+    assert t.render({"a": None, "b": {"c": 2}}) == "[|2]"
+    with pytest.raises(RowRenderError, match="template error"):
+        t.render({"a": 1, "b": {}})  # missing key in a struct: StrictUndefined
+
+
+def test_syntax_error_is_usage_error() -> None:
+    with pytest.raises(UsageError, match="line 1"):
+        template("{{ a ")
+
+
+def test_file_wins_over_recipe_and_unknown_names_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("classify").write_text("mine: {{ text }}", encoding="utf-8")
+    assert resolve_template("classify").text == "mine: {{ text }}"
+    os.remove("classify")
+    src = resolve_template("classify")
+    assert src.recipe is not None and src.name == "recipe:classify"
+    assert resolve_template("summarize.j2").recipe is not None
+    with pytest.raises(UsageError, match="neither a file nor a recipe.*classify, extract, summarize"):
+        resolve_template("nope")
+
+
+def test_recipes_are_documented_and_share_a_static_prefix() -> None:
+    listed = recipes.list_recipes()
+    assert {"classify", "extract", "summarize"} <= {r.name for r in listed}
+    for recipe in listed:
+        assert recipe.description and recipe.max_tokens > 0
+        assert "text" in recipe.required_columns
+        t = PromptTemplate(resolve_template(recipe.name))
+        assert t.required_variables == set(recipe.required_columns)
+        assert t.optional_variables == set(recipe.optional_columns)
+        first = t.render({"text": "AAA"})
+        second = t.render({"text": "BBB"})
+        # The row field comes last: the two prompts differ only at the very end.
+        common = os.path.commonprefix([first, second])
+        assert len(common) == first.index("AAA") > 100
+        assert len(first) - len(common) - len("AAA") < 20  # only a short cue like "Label:" follows
+
+
+class FakeTokenizer:
+    """Bytes as token ids; a chat template that wraps the message in markers."""
+
+    has_chat_template = True
+
+    def apply_chat_template(self, user_message: str) -> str:
+        return f"<u>{user_message}</u><a>"
+
+    def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        prefix = [0] if add_special_tokens else []
+        return [prefix + list(t.encode("utf-8")) for t in texts]
+
+
+def test_prompt_encoder_batches_rows_and_failures_in_order() -> None:
+    batch = pa.record_batch(
+        {ROW_ID: pa.array([10, 11, 12], pa.int64()), "text": ["hi", "x", "yo"], "n": [1, 0, 2], "wide": [1, 2, 3]}
+    )
+    t = template("{{ text }}{{ 1 // n }}")  # n == 0 fails with a ZeroDivisionError in that row only
+    plain = PromptEncoder(t, FakeTokenizer(), chat=False).encode(batch)
+    assert plain == [
+        PromptRow(10, [0] + list(b"hi1")),
+        FailedRow(11, plain[1].error),
+        PromptRow(12, [0] + list(b"yo0")),
+    ]
+    assert "template error" in plain[1].error and "division" in plain[1].error
+    chat = PromptEncoder(t, FakeTokenizer(), chat=True).encode(batch)
+    assert chat[0] == PromptRow(10, list(b"<u>hi1</u><a>"))  # chat text is encoded without specials
