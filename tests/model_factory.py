@@ -1,0 +1,297 @@
+"""Tiny random-weight Hugging Face model directories for engine tests (test-only helper).
+
+Each variant is a real transformers model (Llama, Qwen2, Qwen3) saved with save_pretrained as
+safetensors, plus a byte-level BPE tokenizer trained offline on a generated corpus. Weights use a
+large init range, random biases and random RMSNorm weights, because a default-initialised random
+model has near-tied logits and greedy parity would then test float rounding, not the engine.
+
+The reference outputs come from transformers reading the *saved directory* back, so a config
+rewritten to another key style (transformers 4 vs 5) is checked to mean the same to HF as well.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot|>"
+SPECIAL_TOKENS = (BOS, EOS, "<|user|>", "<|assistant|>", "<|system|>", EOT)
+TOKENIZER_VOCAB = 420
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|eot|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+MAX_POSITIONS = 512
+
+Family = Literal["llama", "qwen2", "qwen3"]
+KeyStyle = Literal["v4", "v5"]  # transformers-4 keys (rope_theta, rope_scaling, torch_dtype) or 5
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    family: Family
+    key_style: KeyStyle
+    config: dict = field(default_factory=dict)
+    sharded: bool = False
+    chat_template_file: bool = True  # chat_template.jinja, else inside tokenizer_config.json
+    seed: int = 0
+
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small, so positions used by the tests (up to a few hundred) fall in the scaled range.
+    "original_max_position_embeddings": 32,
+}
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("llama_gqa", "llama", "v5", {"num_attention_heads": 4, "num_key_value_heads": 2},
+                sharded=True, seed=1),
+        Variant("llama_mha", "llama", "v4", {"num_attention_heads": 4, "num_key_value_heads": 4},
+                chat_template_file=False, seed=2),
+        Variant("llama3_rope_v4", "llama", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 500000.0,
+                 "rope_scaling": dict(_LLAMA3_ROPE)}, seed=3),
+        Variant("llama3_rope_v5", "llama", "v5",
+                {"num_attention_heads": 4, "num_key_value_heads": 2,
+                 "rope_parameters": {**_LLAMA3_ROPE, "rope_theta": 500000.0}}, seed=4),
+        Variant("qwen2", "qwen2", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                 "rope_theta": 1000000.0},
+                chat_template_file=False, seed=5),
+        Variant("qwen3", "qwen3", "v5",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                 "tie_word_embeddings": True},
+                sharded=True, seed=6),
+    )
+}
+
+
+# ---------------------------------------------------------------- corpus and tokenizer
+
+_SUBJECTS = ["the cat", "a farmer", "our team", "the old engine", "my sister", "the river", "every student",
+             "the red fox", "a quiet town", "the committee", "this model", "the baker", "her neighbour"]
+_VERBS = ["wants", "found", "will carry", "painted", "ignored", "measured", "described", "sold", "repaired",
+          "followed", "remembers", "counted", "visited"]
+_OBJECTS = ["a small boat", "the yellow house", "three apples", "the long report", "an empty bottle",
+            "the morning train", "two blue chairs", "the winter market", "a broken clock", "the garden wall",
+            "forty letters", "the last question"]
+_TAILS = ["before noon.", "near the bridge.", "without asking.", "for the third time.", "in the rain.",
+          "after dinner.", "with great care.", "quite slowly.", "on Tuesday.", "again and again.",
+          "because it was late.", "at 7:30 pm!", "(or so they said)."]
+
+
+def corpus(n: int = 1500, seed: int = 0) -> list[str]:
+    """English-like sentences, deterministic: enough variety for BPE merges, no downloads."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+        out.append(s[0].upper() + s[1:])
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def train_tokenizer_json() -> str:
+    """A byte-level BPE tokenizer (~420 tokens) trained on `corpus()`, as tokenizer.json text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return tok.to_str()
+
+
+def tokenizer_size() -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(train_tokenizer_json()).get_vocab_size(with_added_tokens=True)
+
+
+def special_id(token: str) -> int:
+    from tokenizers import Tokenizer
+
+    tid = Tokenizer.from_str(train_tokenizer_json()).token_to_id(token)
+    assert tid is not None, token
+    return tid
+
+
+def write_tokenizer(out: Path, *, chat_template_file: bool) -> None:
+    (out / "tokenizer.json").write_text(train_tokenizer_json(), encoding="utf-8")
+    cfg: dict = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "model_max_length": MAX_POSITIONS,
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template_file:
+        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    else:
+        cfg["chat_template"] = CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- models
+
+def _hf_config(variant: Variant):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[variant.family]
+    kwargs = dict(
+        vocab_size=tokenizer_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        bos_token_id=special_id(BOS),
+        eos_token_id=special_id(EOS),
+        pad_token_id=None,
+    )
+    kwargs.update(variant.config)
+    if variant.family == "qwen2":
+        kwargs.update(use_sliding_window=False)
+    cfg = cls(**kwargs)
+    cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                          "qwen3": "Qwen3ForCausalLM"}[variant.family]]
+    return cfg
+
+
+@torch.no_grad()
+def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Deterministic random weights, including biases and norm weights (HF inits those to 0 and 1)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if "norm" in name:
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)  # in [0.5, 1.5): not one, not zero
+        elif name.endswith(".bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def build_model_dir(variant: Variant, out: Path) -> Path:
+    """Create `out` holding the variant's config, safetensors weights and tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(variant.seed)
+    cfg = _hf_config(variant)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    _randomize(model, variant.seed, std=cfg.initializer_range)
+    out.mkdir(parents=True, exist_ok=True)
+    # ~64 KiB shards: a couple of hundred KiB of weights end up in several files plus an index.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="64KB" if variant.sharded else "1GB")
+    # save_pretrained writes generation_config.json; make it list two EOS ids like Llama-3 does.
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen["eos_token_id"] = [special_id(EOS), special_id(EOT)]
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    rewrite_config_keys(out / "config.json", variant.key_style)
+    write_tokenizer(out, chat_template_file=variant.chat_template_file)
+    return out
+
+
+def rewrite_config_keys(path: Path, style: KeyStyle) -> None:
+    """Rewrite config.json to one transformers generation's keys.
+
+    transformers 5.x writes `rope_parameters` (with rope_theta inside) and `dtype`; published
+    checkpoints made with 4.x carry `rope_theta` top level, `rope_scaling` (or null) and `torch_dtype`.
+    """
+    raw = json.loads(path.read_text())
+    rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
+    rope = dict(rope)
+    dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None) or "float32"
+    if style == "v5":
+        raw.pop("rope_theta", None)
+        rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+        rope.setdefault("rope_type", "default")
+        raw["rope_parameters"] = rope
+        raw["dtype"] = dtype
+    else:
+        raw["rope_theta"] = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+        raw["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        raw["torch_dtype"] = dtype
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------- prompts and reference outputs
+
+def make_prompts(lengths: Sequence[int], seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of exactly the given lengths, cut from tokenized corpus text, BOS first."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(train_tokenizer_json())
+    rng = random.Random(seed)
+    sentences = corpus(400, seed=seed + 1)
+    prompts = []
+    for n in lengths:
+        count = n // 4 + 2  # a sentence is well over 4 tokens, so this always suffices
+        ids = tok.encode(" ".join(rng.choice(sentences) for _ in range(count))).ids
+        assert len(ids) >= n
+        prompts.append(ids[:n])
+    return prompts
+
+
+@dataclass(frozen=True)
+class Reference:
+    tokens: list[int]
+    margins: list[float]  # top-1 minus top-2 logit at each generated position
+
+
+def load_hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # ignore_eos: HF fills eos_token_id=None from the model's generation config, so clear it there.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@torch.no_grad()
+def hf_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Reference]:
+    """transformers' greedy output per prompt, unpadded (one prompt per generate call)."""
+    refs = []
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt)], dtype=torch.long)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+            min_new_tokens=0, return_dict_in_generate=True, output_logits=True,
+        )
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        assert len(new) == max_new_tokens, "HF stopped early; EOS was not disabled"
+        margins = []
+        for step_logits in out.logits:
+            top2 = torch.topk(step_logits[0].float(), 2).values
+            margins.append(float(top2[0] - top2[1]))
+        refs.append(Reference(new, margins))
+    return refs
