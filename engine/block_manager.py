@@ -1,24 +1,36 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, per-sequence block tables, reference counts.
 
 The scheduler talks to it in check-then-commit pairs (`can_grow` then `grow`), so a decision is never
-half applied. Blocks are reference-counted so that a prefix's blocks can be shared by many sequences.
+half applied. Blocks are reference-counted so a prefix's blocks can be shared by many sequences; a
+shared partial block is copied on write (the copy is queued for the model runner).
+
+With `prefix_cache=True` it also behaves like an online engine's automatic prefix cache (the `lru`
+sharing mode): full blocks are named by a hash chained over their tokens, a freed block keeps its
+content and name until it is reused, and free blocks are reused least recently freed first.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from typing import Sequence as Seq
 
 from engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = False) -> None:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # free blocks in LRU order: reuse from the front; a freed block goes to the back
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.peak_used_blocks = 0
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies before the next step
+        self.prefix_cache = prefix_cache
+        self._block_by_hash: dict[int, int] = {}
+        self._content: dict[int, tuple[int, int, tuple[int, ...]]] = {}  # block -> (hash, parent hash, tokens)
 
+    # -- capacity -------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
@@ -37,28 +49,106 @@ class BlockManager:
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.new_blocks_needed(seq, num_tokens) <= len(self._free)
 
+    # -- allocation -----------------------------------------------------------------------------
+    def _take_free_block(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        self._forget(block)
+        assert self.ref_counts[block] == 0
+        self.ref_counts[block] = 1
+        return block
+
+    def _note_peak(self) -> None:
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         needed = self.new_blocks_needed(seq, num_tokens)
         assert needed <= len(self._free), "grow() without a successful can_grow()"
-        for _ in range(needed):
-            block = self._free.popleft()
-            assert self.ref_counts[block] == 0
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
-        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        seq.block_table.extend(self._take_free_block() for _ in range(needed))
+        self._note_peak()
 
-    def share(self, seq: Sequence, blocks: list[int]) -> None:
-        """Start `seq`'s table with blocks another owner already holds (a shared prefix)."""
-        assert not seq.block_table
+    def acquire(self, blocks: Seq[int]) -> None:
+        """Take a reference on blocks (shared or cached); a cached free block leaves the free list."""
         for block in blocks:
-            assert self.ref_counts[block] > 0
+            if self.ref_counts[block] == 0:
+                del self._free[block]
             self.ref_counts[block] += 1
-        seq.block_table = list(blocks)
+        self._note_peak()
 
-    def free(self, seq: Sequence) -> None:
-        for block in reversed(seq.block_table):
+    def release(self, blocks: Seq[int]) -> None:
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
-                self._free.append(block)
+                self._free[block] = None
+                if not self.prefix_cache:
+                    self._forget(block)
+
+    def free(self, seq: Sequence) -> None:
+        self.release(seq.block_table)
         seq.block_table = []
+
+    # -- sharing a prefix -----------------------------------------------------------------------
+    def blocks_to_share(self, prefix_blocks: Seq[int], prefix_len: int) -> int:
+        """New blocks a sequence needs to start on a computed prefix: one for a partial last block."""
+        return 1 if prefix_len % self.block_size else 0
+
+    def start_on_prefix(self, seq: Sequence, prefix_blocks: Seq[int], prefix_len: int) -> None:
+        """Make `seq` begin with a computed prefix of `prefix_len` tokens: full blocks are shared,
+        a partial last block is copied on write (queued in `pending_copies`)."""
+        assert not seq.block_table and self.blocks_for_tokens(prefix_len) == len(prefix_blocks)
+        full = prefix_len // self.block_size
+        self.acquire(prefix_blocks[:full])
+        seq.block_table = list(prefix_blocks[:full])
+        if full < len(prefix_blocks):
+            assert self._free, "start_on_prefix() without room for the copied block"
+            copy = self._take_free_block()
+            self.pending_copies.append((prefix_blocks[full], copy))
+            seq.block_table.append(copy)
+            self._note_peak()
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    # -- automatic prefix cache (lru mode) --------------------------------------------------------
+    def _forget(self, block: int) -> None:
+        content = self._content.pop(block, None)
+        if content is not None and self._block_by_hash.get(content[0]) == block:
+            del self._block_by_hash[content[0]]
+
+    def _block_hashes(self, token_ids: Seq[int], num_blocks: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        out, parent, bs = [], 0, self.block_size
+        for i in range(num_blocks):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = hash((parent, tokens))
+            out.append((h, parent, tokens))
+            parent = h
+        return out
+
+    def cached_prefix(self, token_ids: Seq[int]) -> list[int]:
+        """Cached blocks holding the longest run of leading full blocks of `token_ids`, leaving at
+        least the last token to compute (its logits are needed)."""
+        if not self.prefix_cache:
+            return []
+        hits: list[int] = []
+        for entry in self._block_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+            block = self._block_by_hash.get(entry[0])
+            if block is None or self._content.get(block) != entry:  # a hash collision is a miss
+                break
+            hits.append(block)
+        return hits
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Name the sequence's newly computed full blocks so later sequences can hit them."""
+        if not self.prefix_cache:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_registered_blocks:
+            return
+        entries = self._block_hashes(seq.token_ids, num_full)
+        for i in range(seq.num_registered_blocks, num_full):
+            block = seq.block_table[i]
+            if entries[i][0] not in self._block_by_hash and block not in self._content:
+                self._content[block] = entries[i]
+                self._block_by_hash[entries[i][0]] = block
+        seq.num_registered_blocks = num_full

@@ -6,6 +6,7 @@ from typing import Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+PrefixSharing = Literal["plan", "lru", "none"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,12 @@ class EngineConfig:
     max_batch_tokens: token budget of one step (decode tokens + prefill chunks); also the largest
         prefill chunk, so a longer prompt is spread over several steps.
     max_num_seqs: upper bound on sequences running at once (memory is the real limit).
+    prefix_sharing: "plan" computes every shared prefix once from a global plan of each wave of
+        requests; "lru" is an online engine's automatic prefix cache (hashed full blocks, LRU
+        eviction, arrival order); "none" computes every prompt in full.
+    decode_reservation: fraction of each row's remaining max tokens whose KV blocks admission
+        reserves (1.0: admitted rows never need preemption; lower admits more optimistically).
+    plan_wave_rows: requests planned together; a prefix shared across waves is computed per wave.
     """
 
     model_dir: str
@@ -28,6 +35,9 @@ class EngineConfig:
     max_batch_tokens: int = 1024
     max_num_seqs: int = 256
     max_model_len: int | None = None
+    prefix_sharing: PrefixSharing = "plan"
+    decode_reservation: float = 1.0
+    plan_wave_rows: int = 65536
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -36,3 +46,9 @@ class EngineConfig:
             raise ValueError("max_batch_tokens must be positive.")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be positive.")
+        if self.prefix_sharing not in ("plan", "lru", "none"):
+            raise ValueError("prefix_sharing must be plan, lru or none.")
+        if not 0.0 <= self.decode_reservation <= 1.0:
+            raise ValueError("decode_reservation must be between 0 and 1.")
+        if self.plan_wave_rows < 1:
+            raise ValueError("plan_wave_rows must be positive.")

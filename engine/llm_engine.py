@@ -10,12 +10,14 @@ from typing import Hashable, Iterable, Iterator, Sequence as Seq
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
+from engine.execution_plan import build_plan
 from engine.model_config import ModelConfig, load_model_config
 from engine.model_runner import ModelRunner
 from engine.results import EngineStats, GenerationResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import Sequence
+from engine.shared_prefix import SharedPrefixState
 from engine.tokenizer import Tokenizer
 
 Request = tuple[Hashable, Seq[int], SamplingParams]
@@ -45,8 +47,12 @@ class LLMEngine:
             self.model_config.max_position_embeddings,
         )
         self.runner = ModelRunner(self.model_config, config, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_batch_tokens, config.max_num_seqs)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, prefix_cache=config.prefix_sharing == "lru"
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_batch_tokens, config.max_num_seqs, config.decode_reservation
+        )
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.model_info = ModelInfo(
             model_dir=str(config.model_dir),
@@ -64,16 +70,47 @@ class LLMEngine:
         self._completion_tokens = 0
         self._finished = 0
         self._steps = 0
+        self._unique_prompt_tokens = 0
+        self._planned_prompt_tokens = 0
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, key: Hashable, token_ids: Seq[int], params: SamplingParams) -> None:
-        """Queue a request; one that can never run comes back from the next step() as an error."""
+        """Queue one request, run in arrival order (no global plan; `lru` mode still hits the
+        automatic prefix cache). One that can never run comes back from step() as an error."""
+        seq = self._new_sequence(key, token_ids, params)
+        if seq is not None:
+            self.scheduler.add(seq)
+
+    def _new_sequence(self, key: Hashable, token_ids: Seq[int], params: SamplingParams) -> Sequence | None:
         error = self._check_request(len(token_ids), params)
         if error is not None:
             self._ready.append(GenerationResult(key, "", (), "error", len(token_ids), error))
-            return
+            return None
         max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
-        self.scheduler.add(Sequence(key, token_ids, params, max_tokens))
+        return Sequence(key, token_ids, params, max_tokens)
+
+    def add_planned(self, requests: Seq[Request]) -> None:
+        """Queue a wave of requests in the order of their global prefix plan: every shared prefix
+        is computed once, just before the rows that start on it."""
+        seqs = [s for s in (self._new_sequence(*r) for r in requests) if s is not None]
+        if not seqs:
+            return
+        plan = build_plan([s.token_ids for s in seqs], [s.max_tokens for s in seqs])
+        self._unique_prompt_tokens += plan.unique_prompt_tokens
+        self._planned_prompt_tokens += sum(len(s) for s in seqs)
+        states: list[SharedPrefixState] = []
+        for prefix in plan.prefixes:
+            source = seqs[prefix.source_row]
+            seq = Sequence(("prefix", prefix.prefix_id), source.token_ids[: prefix.length], source.params, 0)
+            seq.is_prefix = True
+            states.append(SharedPrefixState(prefix.prefix_id, seq, prefix.num_dependents))
+            seq.prefix_state = states[-1]
+        for item in plan.items:
+            seq = states[item.index].seq if item.is_prefix else seqs[item.index]
+            if item.start_prefix >= 0:
+                seq.start_prefix = states[item.start_prefix]
+                seq.start_len = item.start_len
+            self.scheduler.add(seq)
 
     def _check_request(self, prompt_len: int, params: SamplingParams) -> str | None:
         if prompt_len == 0:
@@ -103,7 +140,7 @@ class LLMEngine:
             return finished
         chunks = self.scheduler.schedule()
         assert chunks, "the scheduler made no progress although requests are pending"
-        new_tokens = self.runner.run(chunks)
+        new_tokens = self.runner.run(chunks, self.block_manager.take_pending_copies())
         self.scheduler.commit(chunks)
         self._steps += 1
         self._prefill_tokens += sum(c.num_prefill_tokens for c in chunks)
@@ -154,17 +191,22 @@ class LLMEngine:
 
     def generate(self, requests: Iterable[Request]) -> Iterator[GenerationResult]:
         """Runs all requests, pulling them lazily so a long stream is never held at once; yields
-        results in finish order (match them by key)."""
+        results in finish order (match them by key). In `plan` mode requests are pulled and
+        planned in waves of `plan_wave_rows`; the next wave is pulled when the current one is
+        fully admitted."""
         pending = iter(requests)
         exhausted = False
-        lookahead = 2 * self.config.max_num_seqs
+        plan = self.config.prefix_sharing == "plan"
+        wave = self.config.plan_wave_rows if plan else 2 * self.config.max_num_seqs
         while True:
-            while not exhausted and len(self.scheduler.waiting) < lookahead:
-                request = next(pending, None)
-                if request is None:
-                    exhausted = True
+            if not exhausted and not self.scheduler.waiting:
+                batch = [r for _, r in zip(range(wave), pending)]
+                exhausted = len(batch) < wave
+                if plan:
+                    self.add_planned(batch)
                 else:
-                    self.add_request(*request)
+                    for request in batch:
+                        self.add_request(*request)
             if not self.has_unfinished():
                 if exhausted:
                     return
@@ -178,6 +220,9 @@ class LLMEngine:
             prefill_tokens=self._prefill_tokens,
             completion_tokens=self._completion_tokens,
             preemptions=self.scheduler.num_preemptions,
+            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
+            unique_prompt_tokens=self._unique_prompt_tokens,
+            sharing_fallbacks=self.scheduler.num_sharing_fallbacks,
             peak_kv_blocks=self.block_manager.peak_used_blocks,
             kv_blocks_total=self.block_manager.num_blocks,
             steps=self._steps,

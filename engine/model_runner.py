@@ -75,8 +75,13 @@ class ModelRunner:
         return int(num_blocks)
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> list[int]:
-        """One forward pass over the chunks; returns a new token for each chunk that samples."""
+    def run(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> list[int]:
+        """One forward pass over the chunks; returns a new token for each chunk that samples.
+        block_copies: (src, dst) KV blocks copied first (copy-on-write of shared partial blocks)."""
+        if block_copies:
+            src = torch.tensor([c[0] for c in block_copies], device=self.device)
+            dst = torch.tensor([c[1] for c in block_copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

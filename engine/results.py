@@ -31,6 +31,9 @@ class EngineStats:
     prefill_tokens: int
     completion_tokens: int
     preemptions: int
+    prefix_hit_tokens: int  # prompt tokens whose KV was reused instead of computed
+    unique_prompt_tokens: int  # trie token count of the planned requests (plan mode)
+    sharing_fallbacks: int  # shared prefixes dropped because memory could not hold them
     peak_kv_blocks: int
     kv_blocks_total: int
     steps: int

@@ -1,9 +1,11 @@
-"""Continuous batching with chunked prefill.
+"""Continuous batching with chunked prefill, shared prefixes and memory-centric admission.
 
-Each step is one flat batch of tokens: first one decode token for every running sequence, then the
-next chunks of sequences still in prefill, then new sequences, up to the token budget. Admission is
-bounded by KV blocks (a sequence is admitted only when its whole current length fits); when decode
-growth runs out of blocks, the newest sequence is preempted and recomputed later.
+Each step is one flat batch of tokens: one decode token for every running row, then the next
+chunks of sequences still in prefill, then newly admitted work, up to the token budget. Admission
+is bounded by KV blocks, not a sequence count: an item is admitted when its own blocks plus its
+reserved decode growth fit next to the growth already reserved for running rows. When growth
+runs out of blocks anyway, the newest sequence is preempted and recomputed later; computed shared
+prefixes stay pinned until their dependents hold their own references.
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+from engine.shared_prefix import SharedPrefixState
+
+# waiting items looked at per step past ones blocked on a prefix still in prefill
+_ADMISSION_LOOKAHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -27,21 +33,28 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """The chunk reaches the end of the sequence, so its last position yields a new token."""
-        return self.start + self.num_tokens == len(self.seq)
+        """The chunk reaches the end of a row, so its last position yields a new token."""
+        return not self.seq.is_prefix and self.start + self.num_tokens == len(self.seq)
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_batch_tokens: int,
+        max_num_seqs: int,
+        decode_reservation: float = 1.0,
+    ) -> None:
         self.block_manager = block_manager
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
+        self.decode_reservation = decode_reservation
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the newest is last
+        self.pinned: list[SharedPrefixState] = []  # computed prefixes still holding their blocks
         self.num_preemptions = 0
-        # Free blocks kept back when admitting, so running sequences can grow a while before
-        # anything must be preempted.
-        self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+        self.num_sharing_fallbacks = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         assert seq.status is SequenceStatus.WAITING
@@ -50,14 +63,23 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- the step -------------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledChunk]:
-        budget = self.max_batch_tokens
         chunks: list[ScheduledChunk] = []
+        budget = self._schedule_running(chunks, self.max_batch_tokens)
+        budget = self._admit(chunks, budget)
+        while not chunks and not self.running and self.waiting:
+            # Nothing runs and nothing fits: pinned prefixes hold the memory the next item needs.
+            assert self._dissolve_newest_pinned(), "no schedulable work although requests are pending"
+            self._admit(chunks, budget)
+        return chunks
+
+    def _schedule_running(self, chunks: list[ScheduledChunk], budget: int) -> int:
         # decodes (one token each) go first, then prefill continuations
         for decode_pass in (True, False):
             for seq in list(self.running):
                 if budget == 0:
-                    return chunks
+                    return 0
                 if seq.status is not SequenceStatus.RUNNING or (seq.num_uncomputed_tokens == 1) != decode_pass:
                     continue
                 num = min(seq.num_uncomputed_tokens, budget)
@@ -65,29 +87,114 @@ class Scheduler:
                     if not self._make_room(seq, seq.num_computed_tokens + num):
                         continue
                 else:
-                    # admission reserved blocks for the whole prompt, so a prefill never preempts
+                    # admission gave the whole sequence its blocks, so a prefill never preempts
                     # (a victim could be a decode already scheduled in this step)
                     assert self.block_manager.new_blocks_needed(seq, seq.num_computed_tokens + num) == 0
                 chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
                 budget -= num
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            reserve = self.watermark_blocks if self.running else 0
-            if self.block_manager.new_blocks_needed(seq, len(seq)) + reserve > self.block_manager.num_free_blocks:
-                break  # first come, first served: never let a later, smaller row jump the queue
-            self.waiting.popleft()
-            self.block_manager.grow(seq, len(seq))
-            seq.status = SequenceStatus.RUNNING
-            seq.prefill_len = len(seq)
-            self.running.append(seq)
-            num = min(len(seq), budget)
-            chunks.append(ScheduledChunk(seq, 0, num))
-            budget -= num
-        return chunks
+        return budget
 
+    def _reserved_growth(self) -> int:
+        return sum(self._growth_blocks(seq, len(seq.block_table)) for seq in self.running)
+
+    def _growth_blocks(self, seq: Sequence, blocks_held: int) -> int:
+        if seq.is_prefix:
+            return 0
+        future = len(seq) + int(seq.remaining_tokens * self.decode_reservation)
+        return max(0, self.block_manager.blocks_for_tokens(future) - blocks_held)
+
+    def _admission_cost(self, seq: Sequence) -> int | None:
+        """Free blocks admitting `seq` takes now (new blocks + reserved decode growth); None while
+        the prefix it starts on is still being computed."""
+        bm = self.block_manager
+        prefix = seq.start_prefix
+        if prefix is not None and prefix.released:
+            seq.start_prefix, seq.start_len = None, 0
+            prefix = None
+        total = bm.blocks_for_tokens(len(seq))
+        if prefix is not None:
+            if not prefix.ready:
+                return None
+            new_blocks = total - seq.start_len // bm.block_size  # full prefix blocks are shared
+        else:
+            hits = bm.cached_prefix(seq.token_ids)
+            # a cached block nobody holds sits in the free list and leaves it when reused
+            new_blocks = total - len(hits) + sum(1 for b in hits if bm.ref_counts[b] == 0)
+        return new_blocks + self._growth_blocks(seq, total)
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        bm = self.block_manager
+        free_for_admission = bm.num_free_blocks - self._reserved_growth()
+        scanned = 0
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            if scanned >= _ADMISSION_LOOKAHEAD:
+                break
+            seq = self.waiting[i]
+            cost = self._admission_cost(seq)
+            if cost is None:  # its prefix is still being computed: look further ahead
+                i += 1
+                scanned += 1
+                continue
+            if cost > free_for_admission:
+                break  # first come, first served: a later item never jumps a too-large one
+            del self.waiting[i]
+            self._start(seq)
+            free_for_admission -= cost
+            num = min(seq.num_uncomputed_tokens, budget)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            budget -= num
+        return budget
+
+    def _start(self, seq: Sequence) -> None:
+        bm = self.block_manager
+        prefix = seq.start_prefix
+        if prefix is not None:
+            bm.start_on_prefix(seq, prefix.blocks[: bm.blocks_for_tokens(seq.start_len)], seq.start_len)
+            seq.num_computed_tokens = seq.start_len
+            seq.shared_blocks = seq.start_len // bm.block_size
+            self._dependent_started(prefix)
+        else:
+            hits = bm.cached_prefix(seq.token_ids)
+            bm.acquire(hits)
+            seq.block_table = list(hits)
+            seq.num_computed_tokens = seq.num_registered_blocks = len(hits)
+            seq.num_computed_tokens *= bm.block_size
+            seq.shared_blocks = len(hits)
+        if not seq.is_prefix:
+            self.prefix_hit_tokens += seq.num_computed_tokens
+        bm.grow(seq, len(seq))
+        seq.status = SequenceStatus.RUNNING
+        seq.prefill_len = len(seq)
+        self.running.append(seq)
+
+    # -- shared prefix lifetimes ------------------------------------------------------------------
+    def _dependent_started(self, prefix: SharedPrefixState) -> None:
+        prefix.dependents_left -= 1
+        if prefix.dependents_left == 0:
+            self._release(prefix)
+
+    def _release(self, prefix: SharedPrefixState) -> None:
+        if prefix.ready and not prefix.released:
+            self.pinned.remove(prefix)
+            self.block_manager.free(prefix.seq)
+        prefix.released = True
+
+    def _dissolve_newest_pinned(self) -> bool:
+        """Fallback when pinned prefixes alone leave no room: drop one; its waiting dependents
+        compute their whole prompt instead (less sharing, but no deadlock)."""
+        if not self.pinned:
+            return False
+        self._release(self.pinned[-1])
+        self.num_sharing_fallbacks += 1
+        return True
+
+    # -- preemption, progress, completion ---------------------------------------------------------
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt newest sequences until `seq` can hold `num_tokens`; False if `seq` itself went."""
         while not self.block_manager.can_grow(seq, num_tokens):
+            if not self.running:
+                return False
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
@@ -98,6 +205,9 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        prefix = seq.start_prefix
+        if prefix is not None and not prefix.released:
+            prefix.dependents_left += 1  # it will start on the prefix again
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -105,7 +215,21 @@ class Scheduler:
     def commit(self, chunks: list[ScheduledChunk]) -> None:
         """The forward pass wrote these chunks' K/V into the cache."""
         for chunk in chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.register_full_blocks(seq)
+            if seq.is_prefix and seq.num_computed_tokens == len(seq):
+                self._prefix_ready(seq)
+
+    def _prefix_ready(self, seq: Sequence) -> None:
+        state = seq.prefix_state
+        self.running.remove(seq)
+        state.ready = True
+        if state.dependents_left == 0:
+            self.block_manager.free(seq)
+            state.released = True
+        else:
+            self.pinned.append(state)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

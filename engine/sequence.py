@@ -4,9 +4,12 @@ from __future__ import annotations
 import enum
 import hashlib
 from itertools import count
-from typing import Hashable, Sequence as Seq
+from typing import TYPE_CHECKING, Hashable, Sequence as Seq
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.shared_prefix import SharedPrefixState
 
 
 class SequenceStatus(enum.Enum):
@@ -36,10 +39,20 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.prefill_len = 0  # tokens to prefill since the last admission (the rest are decodes)
         self.block_table: list[int] = []
+        self.num_registered_blocks = 0  # full blocks already named in the automatic prefix cache
         self.status = SequenceStatus.WAITING
         self.sampling_key = sampling_key(params.seed, key)
         self.finish_reason: str | None = None
         self.stop_text_end: int | None = None  # where a stop string starts in the decoded text
+        self.is_prefix = False  # a prefill-only sequence computing a shared prefix
+        self.prefix_state: SharedPrefixState | None = None  # set on prefix sequences
+        self.start_prefix: SharedPrefixState | None = None  # the computed prefix it begins on
+        self.start_len = 0  # tokens of that prefix it reuses
+        self.shared_blocks = 0  # leading blocks shared with its group (for grouped decode attention)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return 0 if self.is_prefix else self.max_tokens - self.num_completion_tokens
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -64,4 +77,6 @@ class Sequence:
         """After preemption: the KV is gone; prompt and generated tokens are prefilled again."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_registered_blocks = 0
+        self.shared_blocks = 0
         self.status = SequenceStatus.WAITING
