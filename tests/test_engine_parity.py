@@ -25,7 +25,8 @@ from engine.sampling_params import SamplingParams
 from model_factory import Reference
 
 MAX_TOKENS = 16
-TIGHT = {"max_batch_tokens": 64, "kv_cache_tokens": 288}
+# decode_reservation 0 admits optimistically, so decode growth must preempt in the tight cache
+TIGHT = {"max_batch_tokens": 64, "kv_cache_tokens": 288, "decode_reservation": 0.0}
 ROOMY = {"max_batch_tokens": 1024, "kv_cache_tokens": 8192}
 # Lengths around the 16-token block and 64-token step edges, plus prompts of several chunks.
 PROMPT_LENGTHS = [1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 66, 80, 100, 127, 128, 129,
@@ -101,13 +102,17 @@ def test_reference_has_no_near_ties(variant: str, reference) -> None:
     assert worst > 1e-4, f"{variant}: HF greedy top-2 logit margin {worst:.1e} is a near tie"
 
 
+PARITY_CASES = [(v, "plan") for v in model_factory.VARIANTS] + [("llama_gqa", "lru"), ("llama_gqa", "none")]
+
+
 @pytest.mark.parametrize("setting", ["roomy", "tight"])
-@pytest.mark.parametrize("variant", list(model_factory.VARIANTS))
-def test_greedy_parity(variant: str, setting: str, tiny_model_dir, reference) -> None:
+@pytest.mark.parametrize(("variant", "sharing"), PARITY_CASES)
+def test_greedy_parity(variant: str, sharing: str, setting: str, tiny_model_dir, reference) -> None:
     refs = reference(variant)
-    engine = make_engine(tiny_model_dir(variant), **(TIGHT if setting == "tight" else ROOMY))
+    config = dict(TIGHT if setting == "tight" else ROOMY, prefix_sharing=sharing)
+    engine = make_engine(tiny_model_dir(variant), **config)
     results = run(engine, [(i, p, GREEDY) for i, p in enumerate(PROMPTS)])
-    bad = divergences(results, refs, f"{variant}/{setting}")
+    bad = divergences(results, refs, f"{variant}/{sharing}/{setting}")
     assert not bad, f"{len(bad)}/{len(PROMPTS)} prompts differ from transformers:\n" + "\n".join(bad)
     for i, prompt in enumerate(PROMPTS):
         r = results[i]
@@ -115,11 +120,16 @@ def test_greedy_parity(variant: str, setting: str, tiny_model_dir, reference) ->
     stats = engine.stats()
     assert stats.requests_finished == len(PROMPTS)
     assert stats.completion_tokens == len(PROMPTS) * MAX_TOKENS
-    assert stats.prefill_tokens >= sum(map(len, PROMPTS))
+    if sharing == "none":
+        assert stats.prefill_tokens >= sum(map(len, PROMPTS))
+    else:
+        # the prompts share a 90-token prefix and contain a duplicate: sharing must save work
+        assert stats.prefix_hit_tokens > 0 and stats.prefill_tokens < sum(map(len, PROMPTS)), stats
+    if sharing == "plan" and setting == "roomy":
+        assert stats.prefill_tokens <= 1.02 * stats.unique_prompt_tokens, stats
     if setting == "tight":
         # the cache cannot hold every sequence's growth, so some must have been recomputed
         assert stats.preemptions > 0, stats
-        assert stats.prefill_tokens > sum(map(len, PROMPTS)), stats
 
 
 def test_long_prompt_prefills_in_chunks(tiny_model_dir, reference) -> None:
