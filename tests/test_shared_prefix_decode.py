@@ -1,0 +1,99 @@
+"""Triton shared-prefix decode attention (interpreter on CPU) equals plain paged attention and the
+PyTorch reference: GQA ratios 1/2/4/8, groups of 1 and 64, empty suffixes, prefixes of 0 and of
+partial blocks, prefixes and suffixes split over several tiles, rows without a group."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import make_decode_scenario
+from kernels.shared_prefix_decode import (
+    build_shared_prefix_batch,
+    plan_shared_prefix_decode,
+    shared_prefix_decode,
+    shared_prefix_decode_reference,
+)
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+
+def _check(sc, heads: int, kv_heads: int, dtype: torch.dtype, **plan_kw) -> None:
+    batch = build_shared_prefix_batch(
+        sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids, sc.prefix_lens, sc.block_size, "cpu"
+    )
+    plan = plan_shared_prefix_decode(batch, heads, kv_heads, **plan_kw)
+    out = torch.full_like(sc.q, 5.0)
+    shared_prefix_decode(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, out=out)
+    rows = torch.tensor(sc.query_rows)
+    others = torch.ones(sc.q.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert (out[others] == 5.0).all(), "rows that are not decode rows must be left untouched"
+    ref = shared_prefix_decode_reference(sc.q.float(), sc.k_cache.float(), sc.v_cache.float(), batch, sc.scale)
+    torch.testing.assert_close(out[rows].float(), ref[rows], **TOL[dtype])
+    if dtype == torch.float32:
+        torch.testing.assert_close(out[rows], sc.expected()[rows], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size",
+    [(2, 2, 16, 8), (4, 2, 32, 4), (8, 2, 16, 16), (8, 1, 80, 8), (6, 2, 16, 5)],  # ratios 1, 2, 4, 8, 3
+)
+def test_mixed_groups(dtype, heads, kv_heads, head_dim, block_size) -> None:
+    groups = [
+        (37, [3, 0, 5, 19, 1]),  # partial last prefix block, one empty suffix, a long suffix
+        (2 * block_size, [0, 0]),  # whole-block prefix, every suffix empty
+        (11, [4]),  # a group of one
+    ]
+    sc = make_decode_scenario(heads + head_dim, groups, [1, 9, 45], heads, kv_heads, head_dim, block_size, dtype)
+    _check(sc, heads, kv_heads, dtype, kv_split=16)  # prefix and long rows split over several tiles
+    _check(sc, heads, kv_heads, dtype, kv_split=64, block_m=32)  # one tile per part
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 1)])
+def test_group_of_64(heads: int, kv_heads: int) -> None:
+    suffixes = [(i * 7) % 13 for i in range(64)]  # includes empty suffixes
+    sc = make_decode_scenario(64, [(29, suffixes)], [], heads, kv_heads, 16, 8)
+    _check(sc, heads, kv_heads, torch.float32, kv_split=32)
+
+
+def test_direct_output_paths() -> None:
+    # every row is a single part: a group with one prefix tile and empty suffixes, plain short rows
+    sc = make_decode_scenario(3, [(12, [0, 0, 0])], [5, 7], 4, 2, 16, 4)
+    batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
+                                      sc.prefix_lens, 4, "cpu")
+    plan = plan_shared_prefix_decode(batch, 4, 2, kv_split=64)
+    assert plan.num_parts == 0 and plan.merge_rows.numel() == 0 and (plan.tile_part == -1).all()
+    _check(sc, 4, 2, torch.float32, kv_split=64)
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_model_head_dims(head_dim: int) -> None:
+    sc = make_decode_scenario(head_dim, [(21, [2, 0, 6])], [10], 4, 1, head_dim, 16, torch.float16)
+    _check(sc, 4, 1, torch.float16, kv_split=16)
+
+
+def test_plan_shape() -> None:
+    sc = make_decode_scenario(0, [(40, [3, 0, 20]), (9, [1, 1])], [50], 8, 2, 16, 8)
+    batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
+                                      sc.prefix_lens, 8, "cpu")
+    plan = plan_shared_prefix_decode(batch, 8, 2, block_m=16, kv_split=16)
+    # group 0: 3 members x 4 heads = 12 rows -> 1 row tile x 3 prefix splits; group 1: 1 x 1
+    assert plan.num_group_tiles == 4
+    # request tiles: suffixes 3, 20 (2 splits), 1, 1 and the plain row of 50 (4 splits)
+    assert plan.num_tiles - plan.num_group_tiles == 1 + 2 + 1 + 1 + 4
+    assert sorted(plan.row_num_parts.tolist()) == [2, 2, 3, 4, 4, 5]
+    with pytest.raises(ValueError, match="multiple"):
+        plan_shared_prefix_decode(batch, 6, 4)
+    with pytest.raises(ValueError, match="head counts"):
+        shared_prefix_decode(sc.q[:, :4], sc.k_cache, sc.v_cache, plan, 1.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_cases(seed: int) -> None:
+    from test_shared_prefix_attention import _random_case
+
+    case = _random_case(seed) | {"head_dim": 16}
+    case["groups"] = [(p, suffixes[:17]) for p, suffixes in case["groups"]]  # groups of 64: test above
+    sc = make_decode_scenario(seed, **case)
+    _check(sc, case["num_heads"], case["num_kv_heads"], torch.float32, kv_split=[16, 32, 48][seed % 3])
