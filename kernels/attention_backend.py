@@ -1,0 +1,278 @@
+"""Which implementation runs the attention ops: PyTorch references or Triton kernels.
+
+Both backends have the same methods and the same meaning; only speed differs (and float rounding).
+The engine builds the per-step metadata once with the backend's builders and every layer reuses it:
+
+    backend = select_backend("auto", device)            # once, at engine start
+    meta = backend.build_step_metadata(                 # once per step (host lists, no device sync)
+        query_lens, context_lens, block_tables, block_size, device,
+        num_heads=..., num_kv_heads=..., group_ids=..., prefix_lens=...)
+    backend.store_kv(k, v, k_cache, v_cache, slot_mapping)   # per layer
+    out = backend.attention(q, k_cache, v_cache, meta, scale)  # per layer
+
+`build_step_metadata` routes every decode chunk (query_len 1) through `shared_prefix_decode`
+(members of a group share one pass over the group's prefix; rows without a group are plain rows of
+the same launch) and every other chunk through `paged_attention` (causal varlen over the cache).
+The lower-level builders and ops are public too, for callers that route rows themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Hashable, Protocol, Sequence
+
+import torch
+
+from kernels.paged_attention import PagedBatch, build_paged_batch, paged_attention_reference, store_kv_reference
+from kernels.shared_prefix_attention import (
+    SharedPrefixBatch,
+    build_shared_prefix_batch,
+    shared_prefix_decode_reference,
+)
+
+__all__ = [
+    "AttentionBackend",
+    "StepAttentionMetadata",
+    "TorchBackend",
+    "TritonBackend",
+    "select_backend",
+]
+
+BACKEND_NAMES = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class StepAttentionMetadata:
+    """Everything one step's attention layers need: either part may be None (nothing routed there)."""
+
+    paged: Any  # the backend's paged-attention metadata for the non-decode chunks
+    shared: Any  # the backend's shared-prefix metadata for the decode chunks
+    num_tokens: int  # rows of q covered (all of them)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def store_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
+    def build_paged_metadata(
+        self, query_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+        block_size: int, device: torch.device | str, *, num_heads: int, num_kv_heads: int,
+        query_starts: Sequence[int] | None = None,
+    ) -> Any: ...
+
+    def paged_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def build_shared_prefix_metadata(
+        self, query_rows: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+        group_ids: Sequence[Hashable | None], prefix_lens: Sequence[int], block_size: int,
+        device: torch.device | str, *, num_heads: int, num_kv_heads: int,
+    ) -> Any: ...
+
+    def shared_prefix_decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def build_step_metadata(
+        self, query_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+        block_size: int, device: torch.device | str, *, num_heads: int, num_kv_heads: int,
+        group_ids: Sequence[Hashable | None] | None = None, prefix_lens: Sequence[int] | None = None,
+    ) -> StepAttentionMetadata: ...
+
+    def attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+class _StepMixin:
+    """build_step_metadata / attention in terms of the backend's four primitives."""
+
+    def build_step_metadata(
+        self,
+        query_lens: Sequence[int],
+        context_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        group_ids: Sequence[Hashable | None] | None = None,
+        prefix_lens: Sequence[int] | None = None,
+    ) -> StepAttentionMetadata:
+        """One entry per scheduled chunk, in q's row order (chunk i owns the next query_lens[i] rows).
+
+        group_ids[i] / prefix_lens[i]: the decode row's group and the tokens of that group's shared
+        prefix (see `build_shared_prefix_batch`); None / 0 or omitted: no group. Ignored for prefill
+        chunks.
+        """
+        n = len(query_lens)
+        gids = list(group_ids) if group_ids is not None else [None] * n
+        plens = list(prefix_lens) if prefix_lens is not None else [0] * n
+        if not (len(context_lens) == len(block_tables) == len(gids) == len(plens) == n):
+            raise ValueError("per-chunk lists differ in length")
+        dec: list[int] = []
+        pre: list[int] = []
+        starts: list[int] = []
+        row = 0
+        for i, ql in enumerate(query_lens):
+            starts.append(row)
+            (dec if ql == 1 else pre).append(i)
+            row += int(ql)
+        paged = shared = None
+        if pre:
+            paged = self.build_paged_metadata(  # type: ignore[attr-defined]
+                [query_lens[i] for i in pre], [context_lens[i] for i in pre], [block_tables[i] for i in pre],
+                block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                query_starts=[starts[i] for i in pre],
+            )
+        if dec:
+            shared = self.build_shared_prefix_metadata(  # type: ignore[attr-defined]
+                [starts[i] for i in dec], [context_lens[i] for i in dec], [block_tables[i] for i in dec],
+                [gids[i] for i in dec], [plens[i] if gids[i] is not None else 0 for i in dec],
+                block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            )
+        return StepAttentionMetadata(paged=paged, shared=shared, num_tokens=row)
+
+    def attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of every row of q (each chunk's queries over its cached context, causal)."""
+        if q.shape[0] != meta.num_tokens:
+            raise ValueError(f"q has {q.shape[0]} rows; the step metadata covers {meta.num_tokens}")
+        out = torch.empty_like(q)
+        if meta.paged is not None:
+            self.paged_attention(q, k_cache, v_cache, meta.paged, scale, out=out)  # type: ignore[attr-defined]
+        if meta.shared is not None:
+            self.shared_prefix_decode(q, k_cache, v_cache, meta.shared, scale, out=out)  # type: ignore[attr-defined]
+        return out
+
+
+class TorchBackend(_StepMixin):
+    """The PyTorch references (the CPU path; also runs on CUDA, slowly)."""
+
+    name = "torch"
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+
+    def build_paged_metadata(
+        self, query_lens, context_lens, block_tables, block_size, device, *, num_heads: int = 0,
+        num_kv_heads: int = 0, query_starts: Sequence[int] | None = None,
+    ) -> PagedBatch:
+        batch = build_paged_batch(list(query_lens), list(context_lens), [list(t) for t in block_tables],
+                                  block_size, torch.device(device))
+        if query_starts is None:
+            return batch
+        # build_paged_batch places the chunks back to back from row 0: move them to their rows.
+        starts = [int(s) for s in query_starts]
+        decode = [s for s, ql in zip(starts, query_lens) if ql == 1]
+        spans = [(s, ql, c) for s, ql, c in zip(starts, query_lens, context_lens) if ql != 1]
+        return dataclasses.replace(
+            batch,
+            decode_query_index=torch.tensor(decode, dtype=torch.int64, device=batch.decode_query_index.device),
+            prefill_spans=tuple((s, int(ql), int(c)) for s, ql, c in spans),
+        )
+
+    def paged_attention(self, q, k_cache, v_cache, meta: PagedBatch, scale: float, out=None) -> torch.Tensor:
+        result = paged_attention_reference(q, k_cache, v_cache, meta, scale)
+        if out is None:
+            return result
+        if meta.decode_query_index.numel():
+            out[meta.decode_query_index] = result[meta.decode_query_index]
+        for start, q_len, _ in meta.prefill_spans:
+            out[start : start + q_len] = result[start : start + q_len]
+        return out
+
+    def build_shared_prefix_metadata(
+        self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
+        num_heads: int = 0, num_kv_heads: int = 0,
+    ) -> SharedPrefixBatch:
+        return build_shared_prefix_batch(query_rows, context_lens, block_tables, group_ids, prefix_lens,
+                                         block_size, device)
+
+    def shared_prefix_decode(self, q, k_cache, v_cache, meta: SharedPrefixBatch, scale: float, out=None):
+        return shared_prefix_decode_reference(q, k_cache, v_cache, meta, scale, out=out)
+
+
+class TritonBackend(_StepMixin):
+    """The Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests)."""
+
+    name = "triton"
+
+    def __init__(self, group_block_m: int | None = None, kv_split: int | None = None) -> None:
+        # Imported here so that merely choosing the torch backend never defines Triton kernels
+        # (TRITON_INTERPRET must be set before they are defined).
+        from kernels import paged_prefill, shared_prefix_decode, store_kv
+
+        self._store = store_kv
+        self._prefill = paged_prefill
+        self._decode = shared_prefix_decode
+        self.group_block_m = group_block_m
+        self.kv_split = kv_split
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        self._store.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def build_paged_metadata(
+        self, query_lens, context_lens, block_tables, block_size, device, *, num_heads: int,
+        num_kv_heads: int, query_starts: Sequence[int] | None = None,
+    ):
+        return self._prefill.build_paged_prefill_metadata(
+            query_lens, context_lens, block_tables, block_size, device, num_heads, num_kv_heads,
+            query_starts=query_starts,
+        )
+
+    def paged_attention(self, q, k_cache, v_cache, meta, scale: float, out=None) -> torch.Tensor:
+        return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out)
+
+    def build_shared_prefix_metadata(
+        self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
+        num_heads: int, num_kv_heads: int,
+    ):
+        batch = build_shared_prefix_batch(query_rows, context_lens, block_tables, group_ids, prefix_lens,
+                                          block_size, device)
+        return self._decode.plan_shared_prefix_decode(batch, num_heads, num_kv_heads,
+                                                      block_m=self.group_block_m, kv_split=self.kv_split)
+
+    def shared_prefix_decode(self, q, k_cache, v_cache, meta, scale: float, out=None) -> torch.Tensor:
+        return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """"auto": Triton on CUDA, the PyTorch references elsewhere; "torch" / "triton": that one.
+
+    "triton" needs a CUDA device, or TRITON_INTERPRET=1 (Triton's CPU interpreter: slow, for tests).
+    Raises ValueError for an unknown name or an impossible combination.
+    """
+    dev = torch.device(device)
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name == "auto":
+        name = "triton" if dev.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchBackend()
+    if dev.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"the triton attention backend needs a CUDA device (got {dev.type}); use --attention-backend "
+            "torch, or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"
+        )
+    try:
+        return TritonBackend()
+    except ImportError as exc:  # pragma: no cover - triton is a dependency
+        raise ValueError(f"the triton attention backend is unavailable: {exc}") from exc
