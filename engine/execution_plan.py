@@ -3,8 +3,9 @@
 Built per wave of requests from the compact token trie (sorted sequences + neighbour LCPs, one
 stack pass). Every internal trie node becomes a shared prefix computed exactly once; a child
 prefix starts on its parent's KV. A row starts on its deepest shared prefix and computes only the
-rest. A prefix never covers a row's last token (its logits are needed), so a node that a row ends
-at, or an exact duplicate group, is shortened by one token.
+rest. A row that ends exactly at a node (an exact duplicate, or a prompt that others extend)
+computes nothing: the node keeps the logits of its last position and the row draws its first
+token from them. So without preemption the plan's prefill work is exactly the trie's token count.
 
 Order: depth-first over the trie; among siblings, the larger expected decode per prefill token
 first, so long decodes overlap later prefill chunks.
@@ -24,6 +25,7 @@ class SharedPrefix:
     length: int  # tokens, counted from the start of the prompt
     source_row: int  # a request whose tokens begin with this prefix
     num_dependents: int  # child prefixes + rows that start on it
+    keeps_logits: bool  # a row ends exactly here and samples its first token from these logits
 
 
 @dataclass(frozen=True)
@@ -133,18 +135,25 @@ def _flatten(root: _Node, token_ids: Seq[Seq[int]], max_tokens: Seq[int], unique
         entry, start_id, start_len = todo.pop()
         if not isinstance(entry, _Node):
             length = len(token_ids[entry])
-            # a row reuses at most all but its last token of the prefix it starts on
-            items.append(PlanItem(False, entry, start_id, min(start_len, length - 1)))
+            assert start_len <= length
+            items.append(PlanItem(False, entry, start_id, start_len))
             if start_id >= 0:
                 prefixes[start_id]["num_dependents"] += 1
             continue
         node = entry
-        length = min(node.depth, node.min_row_len - 1)
+        length = node.depth
         if node is not root and length > start_len and node.rows >= 2:
             prefix_id = len(prefixes)
             source = _first_row(node)
             prefixes.append(
-                {"prefix_id": prefix_id, "parent_id": start_id, "length": length, "source_row": source, "num_dependents": 0}
+                {
+                    "prefix_id": prefix_id,
+                    "parent_id": start_id,
+                    "length": length,
+                    "source_row": source,
+                    "num_dependents": 0,
+                    "keeps_logits": node.min_row_len == length,
+                }
             )
             if start_id >= 0:
                 prefixes[start_id]["num_dependents"] += 1

@@ -103,7 +103,7 @@ class LLMEngine:
             source = seqs[prefix.source_row]
             seq = Sequence(("prefix", prefix.prefix_id), source.token_ids[: prefix.length], source.params, 0)
             seq.is_prefix = True
-            states.append(SharedPrefixState(prefix.prefix_id, seq, prefix.num_dependents))
+            states.append(SharedPrefixState(prefix.prefix_id, seq, prefix.num_dependents, prefix.keeps_logits))
             seq.prefix_state = states[-1]
         for item in plan.items:
             seq = states[item.index].seq if item.is_prefix else seqs[item.index]

@@ -77,44 +77,69 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> list[int]:
         """One forward pass over the chunks; returns a new token for each chunk that samples.
-        block_copies: (src, dst) KV blocks copied first (copy-on-write of shared partial blocks)."""
+
+        block_copies: (src, dst) KV blocks copied first (copy-on-write of shared partial blocks).
+        A chunk completing a logits-keeping shared prefix leaves its last logits on the prefix;
+        a zero-token chunk samples from its prefix's kept logits without a forward pass.
+        """
         if block_copies:
             src = torch.tensor([c[0] for c in block_copies], device=self.device)
             dst = torch.tensor([c[1] for c in block_copies], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        computed = [c for c in chunks if c.num_tokens > 0]
+        hidden_rows: dict[int, int] = {}  # chunk position in `chunks` -> row of its last token
+        hidden = self._forward(computed, chunks, hidden_rows) if computed else None
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        keeping = [i for i, c in enumerate(chunks) if c.keeps_logits]
+        wanted = [i for i in sampling + keeping if i in hidden_rows]
+        logits_of: dict[int, torch.Tensor] = {}
+        if wanted:
+            assert hidden is not None
+            rows = torch.tensor([hidden_rows[i] for i in wanted], device=self.device)
+            logits = self.model.compute_logits(hidden[rows]).float()
+            logits_of = {i: logits[j] for j, i in enumerate(wanted)}
+        for i in keeping:
+            state = chunks[i].seq.prefix_state
+            assert state is not None
+            state.logits = logits_of[i].clone()
+        if not sampling:
+            return []
+        stacked = torch.stack([logits_of[i] if i in logits_of else self._kept_logits(chunks[i]) for i in sampling])
+        return sample(stacked, self._sampling_tensors([chunks[i] for i in sampling])).tolist()
+
+    @staticmethod
+    def _kept_logits(chunk: ScheduledChunk) -> torch.Tensor:
+        prefix = chunk.seq.start_prefix
+        assert chunk.num_tokens == 0 and prefix is not None and prefix.logits is not None
+        return prefix.logits
+
+    def _forward(self, computed: list[ScheduledChunk], chunks: list[ScheduledChunk], hidden_rows: dict[int, int]) -> torch.Tensor:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        sample_rows: list[int] = []
-        sampling: list[ScheduledChunk] = []
-        for chunk in chunks:
+        position_of = {id(c): i for i, c in enumerate(chunks)}
+        for chunk in computed:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             table = seq.block_table
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if chunk.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sampling.append(chunk)
+            hidden_rows[position_of[id(chunk)]] = len(input_ids) - 1
         device = self.device
         paged = build_paged_batch(
-            [c.num_tokens for c in chunks],
-            [c.start + c.num_tokens for c in chunks],
-            [c.seq.block_table for c in chunks],
+            [c.num_tokens for c in computed],
+            [c.start + c.num_tokens for c in computed],
+            [c.seq.block_table for c in computed],
             bs,
             device,
         )
         ctx = StepContext(self.kv_caches, torch.tensor(slots, dtype=torch.int64, device=device), paged)
-        hidden = self.model(
+        return self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=device),
             torch.tensor(positions, dtype=torch.int64, device=device),
             ctx,
         )
-        if not sampling:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)]).float()
-        return sample(logits, self._sampling_tensors(sampling)).tolist()
 
     def _sampling_tensors(self, chunks: list[ScheduledChunk]) -> SamplingTensors:
         params = [c.seq.params for c in chunks]

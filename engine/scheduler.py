@@ -32,9 +32,20 @@ class ScheduledChunk:
         return max(0, min(self.start + self.num_tokens, self.seq.prefill_len) - self.start)
 
     @property
+    def reaches_end(self) -> bool:
+        return self.start + self.num_tokens == len(self.seq)
+
+    @property
     def samples(self) -> bool:
-        """The chunk reaches the end of a row, so its last position yields a new token."""
-        return not self.seq.is_prefix and self.start + self.num_tokens == len(self.seq)
+        """The chunk reaches the end of a row, so a new token is drawn (from this step's logits,
+        or, for a zero-token chunk of a row ending at a shared prefix, from the prefix's)."""
+        return not self.seq.is_prefix and self.reaches_end
+
+    @property
+    def keeps_logits(self) -> bool:
+        """The chunk completes a shared prefix whose last logits rows ending there will use."""
+        state = self.seq.prefix_state
+        return self.seq.is_prefix and self.reaches_end and state is not None and state.keeps_logits
 
 
 class Scheduler:
@@ -55,6 +66,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_sharing_fallbacks = 0
         self.prefix_hit_tokens = 0
+        self._drop_logits_after_step: list[SharedPrefixState] = []
 
     def add(self, seq: Sequence) -> None:
         assert seq.status is SequenceStatus.WAITING
@@ -179,6 +191,7 @@ class Scheduler:
             self.pinned.remove(prefix)
             self.block_manager.free(prefix.seq)
         prefix.released = True
+        self._drop_logits_after_step.append(prefix)  # a row started this step may still sample from them
 
     def _dissolve_newest_pinned(self) -> bool:
         """Fallback when pinned prefixes alone leave no room: drop one; its waiting dependents
@@ -214,6 +227,9 @@ class Scheduler:
 
     def commit(self, chunks: list[ScheduledChunk]) -> None:
         """The forward pass wrote these chunks' K/V into the cache."""
+        for prefix in self._drop_logits_after_step:
+            prefix.logits = None
+        self._drop_logits_after_step.clear()
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
@@ -228,6 +244,7 @@ class Scheduler:
         if state.dependents_left == 0:
             self.block_manager.free(seq)
             state.released = True
+            state.logits = None
         else:
             self.pinned.append(state)
 
