@@ -288,3 +288,31 @@ def test_degenerate_filters_equal_greedy(params: SamplingParams, tiny_model_dir,
     results = run(make_engine(tiny_model_dir(variant)), [(i, PROMPTS[i], params) for i in range(0, 36, 3)])
     bad = divergences(results, refs, variant)
     assert not bad, "\n".join(bad)
+
+
+# ---------------------------------------------------------------- context edges and bad rows
+
+def test_parity_up_to_the_context_end(tiny_model_dir, hf_model) -> None:
+    """A prompt ending 12 tokens before max_position_embeddings: the engine clamps max_tokens to the
+    context and every position up to the last (llama3-scaled RoPE included) matches transformers."""
+    variant = "llama3_rope_v4"
+    room = 12
+    prompt = model_factory.make_prompts([model_factory.MAX_POSITIONS - room], seed=11)[0]
+    ref = model_factory.hf_greedy(hf_model(variant), [prompt], room)[0]
+    engine = make_engine(tiny_model_dir(variant), **{**TIGHT, "kv_cache_tokens": model_factory.MAX_POSITIONS})
+    r = run(engine, [("edge", prompt, SamplingParams(max_tokens=64, ignore_eos=True))])["edge"]
+    assert list(r.token_ids) == ref.tokens, (ref.tokens, r.token_ids)
+    assert r.finish_reason == "length"
+
+
+def test_bad_rows_become_errors_not_exceptions(tiny_model_dir, reference) -> None:
+    variant = "llama_gqa"
+    refs = reference(variant)
+    engine = make_engine(tiny_model_dir(variant))
+    too_long = model_factory.make_prompts([model_factory.MAX_POSITIONS + 5], seed=12)[0]
+    requests = [("empty", [], GREEDY), ("long", too_long, GREEDY), ("ok", PROMPTS[3], GREEDY)]
+    results = {r.key: r for r in engine.generate(iter(requests))}
+    for key in ("empty", "long"):
+        assert results[key].finish_reason == "error" and results[key].error, results[key]
+        assert results[key].token_ids == ()
+    assert results["ok"].error is None and list(results["ok"].token_ids) == refs[3].tokens
