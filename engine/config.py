@@ -7,6 +7,7 @@ from typing import Literal
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 PrefixSharing = Literal["plan", "lru", "none"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class EngineConfig:
     decode_reservation: fraction of each row's remaining max tokens whose KV blocks admission
         reserves (1.0: admitted rows never need preemption; lower admits more optimistically).
     plan_wave_rows: requests planned together; a prefix shared across waves is computed per wave.
+    attention_backend: "torch" (PyTorch references), "triton" (kernels), "auto" (triton on CUDA).
     """
 
     model_dir: str
@@ -38,6 +40,7 @@ class EngineConfig:
     prefix_sharing: PrefixSharing = "plan"
     decode_reservation: float = 1.0
     plan_wave_rows: int = 65536
+    attention_backend: AttentionBackendName = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -13,7 +13,7 @@ from engine.model_config import ModelConfig
 from engine.sampler import SamplingTensors, sample
 from engine.scheduler import ScheduledChunk
 from engine.step_context import StepContext
-from kernels.paged_attention import build_paged_batch
+from kernels.attention_backend import select_backend
 
 _CPU_DEFAULT_KV_FRACTION = 0.10
 _CPU_DEFAULT_KV_MAX = 4 << 30
@@ -54,6 +54,10 @@ class ModelRunner:
         # Uninitialised on purpose: attention only ever reads slots that were written.
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = tuple((self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers))
+        try:
+            self.attention_backend = select_backend(cfg.attention_backend, self.device)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"--attention-backend {cfg.attention_backend}: {exc}") from exc
 
     def _num_kv_blocks(self) -> int:
         element = torch.tensor([], dtype=self.dtype).element_size()
@@ -127,14 +131,21 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             hidden_rows[position_of[id(chunk)]] = len(input_ids) - 1
         device = self.device
-        paged = build_paged_batch(
+        # decode rows that share leading blocks attend to them together (one pass per group)
+        shared = [c.seq.shared_blocks if c.num_tokens == 1 else 0 for c in computed]
+        meta = self.attention_backend.build_step_metadata(
             [c.num_tokens for c in computed],
             [c.start + c.num_tokens for c in computed],
             [c.seq.block_table for c in computed],
             bs,
             device,
+            num_heads=self.model_cfg.num_heads,
+            num_kv_heads=self.model_cfg.num_kv_heads,
+            group_ids=[tuple(c.seq.block_table[:n]) if n else None for c, n in zip(computed, shared)],
+            prefix_lens=[n * bs for n in shared],
         )
-        ctx = StepContext(self.kv_caches, torch.tensor(slots, dtype=torch.int64, device=device), paged)
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+        ctx = StepContext(self.attention_backend, self.kv_caches, slot_mapping, meta)
         return self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=device),
             torch.tensor(positions, dtype=torch.int64, device=device),

@@ -5,19 +5,20 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import PagedBatch, paged_attention_reference, store_kv_reference
+from kernels.attention_backend import AttentionBackend, StepAttentionMetadata
 
 
 @dataclass(frozen=True)
 class StepContext:
+    backend: AttentionBackend
     kv_caches: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (k_cache, v_cache)
     slot_mapping: torch.Tensor  # [num_tokens] int64 cache slot of each new token
-    paged: PagedBatch
+    attention_meta: StepAttentionMetadata  # built once per step, reused by every layer
 
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         k_cache, v_cache = self.kv_caches[layer]
-        store_kv_reference(k, v, k_cache, v_cache, self.slot_mapping)
-        return paged_attention_reference(q, k_cache, v_cache, self.paged, scale)
+        self.backend.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        return self.backend.attention(q, k_cache, v_cache, self.attention_meta, scale)
