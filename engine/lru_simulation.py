@@ -28,6 +28,7 @@ _U64 = np.uint64
 _SEED = _U64(0x243F6A8885A308D3)
 _MUL = _U64(0x9E3779B97F4A7C15)
 _BLOCKS_PER_CHUNK = 1 << 18
+_ROWS_PER_CHUNK = 1 << 16
 
 
 def _splitmix(z: np.ndarray) -> np.ndarray:
@@ -106,6 +107,15 @@ class LruPrefixCache:
         self._hit = 0
 
     def feed(self, seqs: PackedSequences) -> None:
+        """Requests of `seqs` arrive in order, after everything fed before."""
+        if self.capacity is None:
+            self._feed_chunk(seqs)
+            return
+        # The exact LRU walk holds Python ints per block: bound that memory by walking in chunks.
+        for start in range(0, seqs.n, _ROWS_PER_CHUNK):
+            self._feed_chunk(seqs.slice(start, min(start + _ROWS_PER_CHUNK, seqs.n)))
+
+    def _feed_chunk(self, seqs: PackedSequences) -> None:
         lengths = seqs.lengths
         self._prompt += int(lengths.sum())
         hashes, boff = block_hashes(seqs, self.block_size)
@@ -168,13 +178,16 @@ class LruPrefixCache:
             while k < lim and hs[a + k] in lru:
                 k += 1
             hit_blocks += k
-            # Tail first, so the request's first block ends up most recently used.
-            for i in range(b - 1, a - 1, -1):
+            # Tail first, so the request's first block ends up most recently used. Blocks past the
+            # hit run are mostly new; the hit ones are known to be cached.
+            for i in range(b - 1, a + k - 1, -1):
                 h = hs[i]
                 if h in lru:
                     touch(h)
                 else:
                     lru[h] = None
+            for i in range(a + k - 1, a - 1, -1):
+                touch(hs[i])
             while len(lru) > cap:
                 evict(last=False)
         return hit_blocks * self.block_size

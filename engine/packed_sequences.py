@@ -84,6 +84,11 @@ class PackedSequences:
         """Token ids of sequence i (a view)."""
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
+    def slice(self, start: int, stop: int) -> "PackedSequences":
+        """Sequences start..stop-1 sharing this set's token array (no token copy)."""
+        offsets = self.offsets[start : stop + 1]
+        return PackedSequences(self.tokens[offsets[0] : offsets[-1]], offsets - offsets[0])
+
     def take(self, rows: np.ndarray) -> "PackedSequences":
         """The sequences `rows` (int indices), in that order, as a new packed set."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -115,6 +115,20 @@ class PrefixPlanReport:
 
 
 @dataclass(frozen=True)
+class PlanGroup:
+    """One group for the scheduler: `rows` (row indices) and their `keys` decode together against
+    the shared prefix of trie node `node` (the first `prefix_len` tokens of every member; its first
+    `shared_len` tokens are whole KV blocks). A plain row has node -1 and prefix_len 0."""
+
+    id: int
+    prefix_len: int
+    shared_len: int
+    node: int
+    rows: np.ndarray
+    keys: np.ndarray
+
+
+@dataclass(frozen=True)
 class PrefixPlan:
     """The full plan. Row indices are input positions 0..n-1; keys[i] is row i's key.
 
@@ -156,6 +170,20 @@ class PrefixPlan:
     @property
     def key_order(self) -> np.ndarray:
         return self.keys[self.row_order]
+
+    def iter_groups(self, batchllm: bool = False) -> Iterator[PlanGroup]:
+        """Our groups in run order (or BatchLLM's, in sorted order)."""
+        table = self.batchllm if batchllm else self.groups
+        for k in range(table.num_groups):
+            rows = table.members(k)
+            yield PlanGroup(
+                id=k,
+                prefix_len=int(table.prefix_len[k]),
+                shared_len=int(table.shared_len[k]),
+                node=int(table.node[k]),
+                rows=rows,
+                keys=self.keys[rows],
+            )
 
     def _key(self, row: int) -> Hashable:
         k = self.keys[row]

@@ -362,7 +362,10 @@ def test_lru_in_sorted_order_is_the_block_optimum(rows: list[list[int]], block: 
     assert lru_prefill_tokens(seqs, block, cap * block) >= unbounded >= optimum >= naive_trie_tokens(rows)
 
 
-def test_lru_streaming_equals_one_batch() -> None:
+def test_lru_streaming_equals_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.lru_simulation as lru_mod
+
+    monkeypatch.setattr(lru_mod, "_ROWS_PER_CHUNK", 7)  # walk in chunks that split the batches
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(0, 3, rng.integers(0, 40))) for _ in range(200)]
     seqs = PackedSequences.from_lists(rows)
@@ -434,3 +437,13 @@ def test_large_token_ids_and_empty_input() -> None:
     assert empty.rows == 0 and empty.unique_prompt_tokens == 0 and empty.report().sharing_ratio == 0.0
     with pytest.raises(ValueError):
         PackedSequences.from_lists([[-1]])
+
+
+def test_iter_groups_carry_keys() -> None:
+    rows = [[1, 1, 1, 1, 2], [1, 1, 1, 1, 3], [4]]
+    p = plan(rows, block_size=2, keys=["a", "b", "c"])
+    groups = list(p.iter_groups())
+    # "c" first: 1 row over 1 prefill token beats 2 rows over 6.
+    assert [g.keys.tolist() for g in groups] == [["c"], ["a", "b"]]
+    assert (groups[1].prefix_len, groups[1].shared_len, groups[0].node) == (4, 4, -1)
+    assert [g.id for g in p.iter_groups(batchllm=True)] == [0, 1]
