@@ -88,18 +88,25 @@ def plan_shared_prefix_decode(
 ) -> SharedPrefixDecodePlan:
     """Cut the batch into group tiles and request tiles (host ints only, no device sync).
 
-    block_m: rows of a group tile (default 64 on a GPU, 16 in the interpreter); kv_split: context
-    positions per tile (default 512 on a GPU, 64 in the interpreter).
+    block_m: rows of a group tile (a power of two >= 16; default on a GPU: the rows of the largest
+    group rounded up to a power of two, between 16 and 128; 16 in the interpreter); kv_split:
+    context positions per tile (default 512 on a GPU, 64 in the interpreter).
     """
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     ratio = num_heads // num_kv_heads
-    bm = block_m or (16 if interpreting() else 64)
+    ctx, sstart = batch.host_context_lens, batch.host_suffix_starts
+    starts, plens = batch.host_group_row_starts, batch.host_prefix_lens
+    if block_m:
+        bm = block_m
+    elif interpreting():
+        bm = 16
+    else:
+        largest = max((starts[g + 1] - starts[g] for g in range(len(plens))), default=1)
+        bm = min(128, max(16, triton.next_power_of_2(largest * ratio)))
     split = kv_split or (64 if interpreting() else 512)
     if bm < 16 or bm & (bm - 1) or split < 1:
         raise ValueError("block_m must be a power of two >= 16 and kv_split positive")
-    ctx, sstart = batch.host_context_lens, batch.host_suffix_starts
-    starts, plens = batch.host_group_row_starts, batch.host_prefix_lens
     num_rows = len(ctx)
 
     def nsplit(n: int) -> int:
@@ -254,6 +261,7 @@ def _shared_prefix_decode_kernel(
     tile_lo_ptr,
     tile_hi_ptr,
     tile_part_ptr,
+    tile_base,
     num_group_tiles,
     stride_qt,
     stride_qh,
@@ -271,20 +279,28 @@ def _shared_prefix_decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M_GROUP: tl.constexpr,
     BLOCK_M_ROW: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N_GROUP: tl.constexpr,
+    BLOCK_N_ROW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MODE: tl.constexpr,  # 0: group and request tiles (fused launch); 1: group tiles only; 2: request tiles only
 ):
-    tile = tl.program_id(0)
+    tile = tl.program_id(0) + tile_base
     kv_head = tl.program_id(1)
     table = tl.load(tile_table_ptr + tile).to(tl.int64)
-    if tile < num_group_tiles:
+    if MODE == 1:
+        is_group = True
+    elif MODE == 2:
+        is_group = False
+    else:
+        is_group = tile < num_group_tiles
+    if is_group:
         _decode_tile(
             tile, kv_head, prefix_table_ptr + table * stride_ptbl, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
             k_cache_ptr, v_cache_ptr, query_index_ptr, row_part_start_ptr,
             tile_f0_ptr, tile_f1_ptr, tile_lo_ptr, tile_hi_ptr, tile_part_ptr,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale,
-            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_GROUP, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_GROUP, BLOCK_N_GROUP, BLOCK_D, DOT_PRECISION,
         )
     else:
         _decode_tile(
@@ -292,7 +308,7 @@ def _shared_prefix_decode_kernel(
             k_cache_ptr, v_cache_ptr, query_index_ptr, row_part_start_ptr,
             tile_f0_ptr, tile_f1_ptr, tile_lo_ptr, tile_hi_ptr, tile_part_ptr,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale,
-            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_ROW, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_ROW, BLOCK_N_ROW, BLOCK_D, DOT_PRECISION,
         )
 
 
@@ -345,10 +361,21 @@ def shared_prefix_decode(
     plan: SharedPrefixDecodePlan,
     scale: float,
     out: torch.Tensor | None = None,
+    *,
+    fused: bool = True,
     block_n: int | None = None,
+    block_n_row: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton shared-prefix decode attention: writes rows plan.batch.query_index of `out`
-    (allocated like q, zero-filled, when None; other rows are left untouched) and returns it."""
+    (allocated like q, zero-filled, when None; other rows are left untouched) and returns it.
+
+    fused=True: group and request tiles in one launch (then the merge); fused=False: two launches,
+    each compiled for one kind of tile (lower register/shared-memory footprint for request tiles).
+    block_n / block_n_row: context positions per inner step of group / request tiles; num_warps,
+    num_stages: Triton launch options (defaults picked from the tile sizes).
+    """
     check_cache(k_cache, v_cache)
     check_queries(q, k_cache, out)
     batch = plan.batch
@@ -370,28 +397,41 @@ def shared_prefix_decode(
     part_out = torch.empty((parts, num_heads, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((parts, num_heads), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    bn = block_n or (16 if interpreting() else (64 if block_d <= 128 else 32))
-    _shared_prefix_decode_kernel[(plan.num_tiles, num_kv_heads)](
+    interp = interpreting()
+    bn_group = block_n or (16 if interp else (64 if block_d <= 128 else 32))
+    bn_row = block_n_row or (16 if interp else (64 if block_d <= 128 else 32))
+    big_group = plan.block_m_group >= 128 or block_d > 128
+    args = (
         q, out, part_out, part_lse, k_cache, v_cache,
         batch.query_index, plan.row_part_start, batch.prefix_block_tables, batch.block_tables,
         plan.tile_f0, plan.tile_f1, plan.tile_table, plan.tile_kv_lo, plan.tile_kv_hi, plan.tile_part,
-        plan.num_group_tiles,
+    )
+    strides = (
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         batch.prefix_block_tables.stride(0), batch.block_tables.stride(0),
         scale * LOG2E,
+    )
+    consts = dict(
         NUM_HEADS=num_heads,
         RATIO=num_heads // num_kv_heads,
         BLOCK_SIZE=batch.block_size,
         HEAD_DIM=head_dim,
         BLOCK_M_GROUP=plan.block_m_group,
         BLOCK_M_ROW=plan.block_m_row,
-        BLOCK_N=bn,
+        BLOCK_N_GROUP=bn_group,
+        BLOCK_N_ROW=bn_row,
         BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_d <= 128 else 8,
-        num_stages=2,
+        num_stages=num_stages or 2,
     )
+    g = plan.num_group_tiles
+    launches = [(0, plan.num_tiles, 0, big_group)] if fused else [(1, g, 0, big_group), (2, plan.num_tiles - g, g, block_d > 128)]
+    for mode, n, base, big in launches:
+        if n:
+            _shared_prefix_decode_kernel[(n, num_kv_heads)](
+                *args, base, g, *strides, MODE=mode, num_warps=num_warps or (8 if big else 4), **consts
+            )
     num_merge = int(plan.merge_rows.shape[0])
     if num_merge:
         _merge_parts_kernel[(num_merge,)](
