@@ -6,6 +6,20 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_ROWS_FAILED = 3
+EXIT_FINGERPRINT = 4  # the run directory holds a different job (changed input, template, model, ...)
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: out of GPU memory, disk full, another run holds the lock; retry later
+EXIT_SIGINT = 130  # 128 + SIGINT: interrupted; committed rows are kept, the same command resumes
+EXIT_SIGTERM = 143  # 128 + SIGTERM: terminated; committed rows are kept, the same command resumes
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all rows done (or the job had already finished); 1 fatal error; 2 usage error "
+    "(bad flag, missing or malformed input, unknown template variable, unusable model or output; found "
+    "before the model loads); 3 finished, but some rows are in error (see the *_error column and "
+    "OUTPUT.errors.jsonl); 4 the checkpoint holds a different job (input, template, model or settings "
+    "changed: use --restart to discard it); 75 temporary failure (GPU out of memory, disk full, another "
+    "run holds the lock): the same command again may succeed and resumes; 130/143 interrupted by "
+    "SIGINT/SIGTERM after saving finished rows: the same command resumes."
+)
 
 
 class BatchLLMError(Exception):
@@ -30,6 +44,26 @@ class InputError(BatchLLMError):
 
 
 class OutputError(BatchLLMError):
-    """The output could not be written after the run (disk full, permissions changed): fatal."""
+    """The output could not be written after the run (permissions changed, I/O error): fatal."""
 
     exit_code = EXIT_INTERNAL
+
+
+class FingerprintMismatch(BatchLLMError):
+    """The run directory belongs to a different job; nothing was changed on disk."""
+
+    exit_code = EXIT_FINGERPRINT
+
+
+class TempFailError(BatchLLMError):
+    """A failure that running the same command again may fix (committed rows are kept)."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class Interrupted(BatchLLMError):
+    """SIGINT/SIGTERM arrived: finished rows were committed, the same command resumes."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

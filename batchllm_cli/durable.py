@@ -1,0 +1,140 @@
+"""Durable file writes (temp -> fsync -> rename -> fsync dir) and the crash-point test hook.
+
+A rename is atomic but not durable until its directory is fsynced; a file's bytes are not durable until
+the file is fsynced. Every file batchllm commits goes through `atomic_write_bytes` (or does the same
+steps itself), so after a crash a reader sees either the old state or the new one, never a torn file.
+
+`BATCHLLM_CRASH_AT=POINT[:N][,POINT[:N]...]` makes the process exit abruptly (`os._exit(137)`, no
+cleanup, as after `kill -9`) right after the N-th time (default 1st) it passes POINT. It exists for the
+crash tests; the points are listed in `CRASH_POINTS`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+
+CRASH_ENV = "BATCHLLM_CRASH_AT"
+CRASH_EXIT_CODE = 137
+CRASH_POINTS = (
+    "shard_write",  # a result shard's bytes are in its temporary file (not yet fsynced)
+    "shard_fsync",  # ... the temporary shard file is fsynced
+    "shard_rename",  # ... it is renamed to its final name (directory not yet fsynced)
+    "dir_fsync",  # ... the run directory is fsynced (shard durable, but not yet committed)
+    "manifest_update",  # ... the shard's commit record (name, rows, sha256) is durable: committed
+    "final_write",  # the final output is complete in its temporary file (not yet renamed)
+    "final_rename",  # ... renamed into place and its directory fsynced (no completion marker yet)
+    "marker",  # the completion marker is durable (run directory not yet cleaned up)
+)
+
+_crash_counts: dict[str, int] = {}
+
+
+def _crash_plan() -> dict[str, int]:
+    plan: dict[str, int] = {}
+    for item in os.environ.get(CRASH_ENV, "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, nth = item.partition(":")
+        plan[name.strip()] = int(nth) if nth.strip() else 1
+    return plan
+
+
+def crash_point(name: str) -> None:
+    """Test hook: exit at once, like a power cut, when BATCHLLM_CRASH_AT names this point."""
+    if CRASH_ENV not in os.environ:
+        return
+    assert name in CRASH_POINTS, name
+    nth = _crash_plan().get(name)
+    if nth is None:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == nth:
+        os._exit(CRASH_EXIT_CODE)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and unlinks in `path` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(path if str(path) else ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):  # some filesystems cannot fsync directories
+            raise
+    finally:
+        os.close(fd)
+
+
+def temp_name(final: Path) -> Path:
+    """A unique hidden temporary name beside `final` (same directory, so the rename is atomic)."""
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def is_temp_of(candidate: Path, final: Path) -> bool:
+    name = candidate.name
+    return name.startswith(f".{final.name}.") and name.endswith(".tmp")
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, after_write: str | None = None,
+                       after_fsync: str | None = None, after_rename: str | None = None,
+                       after_dir_fsync: str | None = None) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one, never a torn file.
+
+    The optional names are crash points passed after each step.
+    """
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if after_write:
+                crash_point(after_write)
+            os.fsync(f.fileno())
+        if after_fsync:
+            crash_point(after_fsync)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    if after_rename:
+        crash_point(after_rename)
+    fsync_dir(path.parent)
+    if after_dir_fsync:
+        crash_point(after_dir_fsync)
+
+
+def remove_durably(paths: list[Path]) -> None:
+    """Unlink files (missing ones are fine) and fsync their directories."""
+    dirs: set[Path] = set()
+    for p in paths:
+        try:
+            p.unlink()
+            dirs.add(p.parent)
+        except FileNotFoundError:
+            pass
+    for d in dirs:
+        fsync_dir(d)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, as an OSError or inside a library's message (DuckDB, Arrow)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return "no space left on device" in text or "disk quota exceeded" in text
