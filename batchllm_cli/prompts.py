@@ -25,16 +25,39 @@ class TokenizerLike(Protocol):
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]: ...
 
 
+TRUNCATE_SIDES = ("left", "right")
+
+
 @dataclass(frozen=True)
 class PromptRow:
     row_id: int
     token_ids: list[int]
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
 class FailedRow:
     row_id: int
     error: str
+    kind: str = "template_error"  # template_error, null_value or prompt_too_long
+
+
+def fit_prompt(item: PromptRow, max_prompt_tokens: int, truncate: str | None) -> PromptRow | FailedRow:
+    """The row's prompt if it leaves room for the answer in the model's context, else an error row,
+    or (with `truncate`) the prompt cut to fit: "left" drops its beginning, "right" its end."""
+    n = len(item.token_ids)
+    if n <= max_prompt_tokens:
+        return item
+    if truncate == "left":
+        return PromptRow(item.row_id, item.token_ids[n - max_prompt_tokens :], truncated=True)
+    if truncate == "right":
+        return PromptRow(item.row_id, item.token_ids[:max_prompt_tokens], truncated=True)
+    return FailedRow(
+        item.row_id,
+        f"prompt too long: {n} tokens, but at most {max_prompt_tokens} fit (the model's context minus "
+        "--max-tokens); shorten the row, lower --max-tokens, or pass --truncate left|right.",
+        kind="prompt_too_long",
+    )
 
 
 class PromptEncoder:
@@ -69,7 +92,7 @@ class PromptEncoder:
                 texts.append(self.prompt_text(self.template.render(row)))
                 text_ids.append(row_id)
             except RowRenderError as exc:
-                out.append(FailedRow(row_id, str(exc)))
+                out.append(FailedRow(row_id, str(exc), exc.kind))
         encoded = self.tokenizer.encode_batch(texts, add_special_tokens=not self.chat) if texts else []
         out.extend(PromptRow(rid, ids) for rid, ids in zip(text_ids, encoded))
         out.sort(key=lambda item: item.row_id)

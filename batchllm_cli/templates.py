@@ -6,6 +6,7 @@ is optional: the template author planned for it to be missing.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,8 +30,26 @@ class TemplateSource:
     recipe: recipes.Recipe | None = None
 
 
+NULL_POLICIES = ("error", "empty")
+
+
 class RowRenderError(Exception):
-    """One row could not be rendered; the message (one line) goes into the row's error column."""
+    """One row could not be rendered; the message (one line) goes into the row's error column.
+
+    `kind` names the error for the errors file: template_error or null_value.
+    """
+
+    def __init__(self, message: str, kind: str = "template_error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _NullValue(Exception):
+    """A null (or NaN) value was about to be printed into a prompt under --nulls error."""
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def resolve_template(arg: str) -> TemplateSource:
@@ -51,16 +70,24 @@ def resolve_template(arg: str) -> TemplateSource:
     return TemplateSource(name=f"recipe:{recipe.name}", text=recipe.text, recipe=recipe)
 
 
-def _finalize(value: Any) -> Any:
-    # A null cell renders as an empty string, not the word "None" (which would leak into prompts).
-    return "" if value is None else value
+def _finalize_empty(value: Any) -> Any:
+    # --nulls empty: a null cell renders as an empty string, never the word "None" or "nan".
+    return "" if _is_null(value) else value
 
 
-def _make_environment() -> jinja2.Environment:
+def _finalize_error(value: Any) -> Any:
+    # --nulls error (the default): printing a null into a prompt makes the row an error row.
+    if _is_null(value):
+        raise _NullValue()
+    return value
+
+
+def _make_environment(nulls: str = "error") -> jinja2.Environment:
     # Prompts are plain text: no HTML autoescaping. StrictUndefined turns a missing key (e.g. a
     # field of a struct column absent in one row) into a per-row error instead of a silent blank.
+    finalize = _finalize_empty if nulls == "empty" else _finalize_error
     return jinja2.Environment(
-        undefined=jinja2.StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=False
+        undefined=jinja2.StrictUndefined, autoescape=False, finalize=finalize, keep_trailing_newline=False
     )
 
 
@@ -75,11 +102,19 @@ def _optional_names(ast: nodes.Template) -> set[str]:
 
 
 class PromptTemplate:
-    """A compiled template with its variables split into required and optional."""
+    """A compiled template with its variables split into required and optional.
 
-    def __init__(self, source: TemplateSource) -> None:
+    `nulls` is what a null cell printed into the prompt does: "error" (the row becomes an error row,
+    the default) or "empty" (it renders as empty text). A null in an optional variable (one used with
+    `default` or `is defined`) counts as missing, so the template's default applies.
+    """
+
+    def __init__(self, source: TemplateSource, nulls: str = "error") -> None:
+        if nulls not in NULL_POLICIES:
+            raise ValueError(f"nulls must be one of {NULL_POLICIES}")
         self.source = source
-        env = _make_environment()
+        self.nulls = nulls
+        env = _make_environment(nulls)
         try:
             ast = env.parse(source.text)
             self._template = env.from_string(source.text)
@@ -105,8 +140,18 @@ class PromptTemplate:
 
     def render(self, row: Mapping[str, Any]) -> str:
         """The prompt for one row; RowRenderError (one line) when this row cannot be rendered."""
+        if self.optional_variables and any(_is_null(row.get(k)) for k in self.optional_variables):
+            row = {k: v for k, v in row.items() if not (k in self.optional_variables and _is_null(v))}
         try:
             return self._template.render(row)
+        except _NullValue:
+            names = sorted(k for k in self.required_variables if _is_null(row.get(k, 0)))
+            where = f"column {', '.join(names)} is null" if names else "a null value"
+            raise RowRenderError(
+                f"null value: {where} in this row; fix the input, or pass --nulls empty to render nulls "
+                "as empty text.",
+                kind="null_value",
+            ) from None
         except Exception as exc:  # any error inside a template (bad filter input, type error) is per-row
             message = " ".join(str(exc).split()) or type(exc).__name__
             raise RowRenderError(f"template error: {message}") from exc

@@ -37,11 +37,30 @@ def test_unknown_variable_lists_missing_and_available_columns() -> None:
     t.check_columns(["text", "titel", "athor"])  # all present: no error
 
 
-def test_render_strict_and_nulls_blank() -> None:
+def test_render_strict_and_nulls() -> None:
     t = template("[{{ a }}|{{ b.c }}]")
-    assert t.render({"a": None, "b": {"c": 2}}) == "[|2]"
-    with pytest.raises(RowRenderError, match="template error"):
+    # Default --nulls error: a null printed into the prompt makes the row an error row, naming the column.
+    with pytest.raises(RowRenderError, match="null value: column a is null.*--nulls empty") as info:
+        t.render({"a": None, "b": {"c": 2}})
+    assert info.value.kind == "null_value"
+    with pytest.raises(RowRenderError, match="null value"):
+        t.render({"a": 1, "b": {"c": None}})  # a null nested in a struct too
+    with pytest.raises(RowRenderError, match="null value"):
+        t.render({"a": float("nan"), "b": {"c": 1}})  # NaN never becomes the word "nan"
+    empty = PromptTemplate(TemplateSource(name="t.j2", text="[{{ a }}|{{ b.c }}]"), nulls="empty")
+    assert empty.render({"a": None, "b": {"c": 2}}) == "[|2]"
+    assert empty.render({"a": float("nan"), "b": {"c": None}}) == "[|]"
+    with pytest.raises(RowRenderError, match="template error") as info:
         t.render({"a": 1, "b": {}})  # missing key in a struct: StrictUndefined
+    assert info.value.kind == "template_error"
+
+
+def test_null_in_optional_variable_takes_the_default() -> None:
+    t = template("{{ text }} [{{ labels | default('x, y') }}]{% if note is defined %} {{ note }}{% endif %}")
+    assert t.render({"text": "hi", "labels": None, "note": None}) == "hi [x, y]"
+    assert t.render({"text": "hi", "labels": "a", "note": "n"}) == "hi [a] n"
+    # A template that tests for null itself never prints it: no error.
+    assert template("{% if a is none %}none{% else %}{{ a }}{% endif %}").render({"a": None}) == "none"
 
 
 def test_syntax_error_is_usage_error() -> None:
