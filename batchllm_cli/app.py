@@ -13,38 +13,54 @@ from rich.text import Text
 
 import recipes
 from batchllm_cli import __version__
-from batchllm_cli.errors import EXIT_USAGE, BatchLLMError, UsageError
-from batchllm_cli.job import RunReport, RunSettings, execute_run, prepare_run
+from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, UsageError
+from batchllm_cli.interrupts import JobInterrupted, SignalGuard
+from batchllm_cli.job import (
+    DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_CHECKPOINT_SECONDS,
+    RunReport,
+    RunSettings,
+    execute_run,
+    prepare_run,
+)
 from batchllm_cli.options import (
     BlockSizeOpt,
     ChatOpt,
+    CheckpointDirOpt,
+    CheckpointRowsOpt,
+    CheckpointSecondsOpt,
     ColumnOpt,
     Device,
     DeviceOpt,
     DType,
     DTypeOpt,
+    IdColumnOpt,
     InputArg,
+    KeepCheckpointsOpt,
     KVCacheMemoryOpt,
     LimitOpt,
     MaxBatchTokensOpt,
     MaxTokensOpt,
     ModelOpt,
+    NullPolicy,
+    NullsOpt,
     OutputOpt,
+    RestartOpt,
     SeedOpt,
+    SkipBadRowsOpt,
+    StatusJsonOpt,
+    StatusTargetArg,
     StopOpt,
     SummaryOpt,
     TemperatureOpt,
     TemplateOpt,
     TopKOpt,
     TopPOpt,
+    TruncateOpt,
 )
 from batchllm_cli.progress import err_console, make_progress, print_error
 
-EXIT_CODES_EPILOG = (
-    "Exit codes: 0 all rows done; 1 fatal error; 2 usage error (bad flag, missing input, unknown "
-    "template variable, unusable model or output; found before the model loads); "
-    "3 finished, but some rows are in error (see the *_error column)."
-)
+EXIT_CODES_EPILOG = EXIT_CODES_HELP
 
 app = typer.Typer(
     name="batchllm",
@@ -81,6 +97,13 @@ def _check_summary_path(summary: str | None) -> None:
 
 
 def _render_report(report: RunReport, console: Console) -> None:
+    if report.already_done:
+        failed = f", {report.rows_failed} in error" if report.rows_failed else ""
+        console.print(Text(
+            f"already finished: {report.output} has all {report.rows} rows{failed} "
+            f"(marker {report.marker}); nothing to do."
+        ))
+        return
     failed = f", {report.rows_failed} failed" if report.rows_failed else ""
     console.print(
         f"done: {report.rows} rows ({report.rows_ok} ok{failed}) in {report.elapsed_s:.1f} s: "
@@ -93,11 +116,18 @@ def _render_report(report: RunReport, console: Console) -> None:
         f"tokens: {report.prompt_tokens} prompt, {report.prefill_tokens} prefilled{share}, "
         f"{report.completion_tokens} generated; {report.preemptions} preemptions"
     )
+    if report.rows_resumed:
+        console.print(f"resumed: {report.rows_resumed} rows came from the checkpoint of an earlier run")
+    if report.rows_truncated:
+        console.print(f"truncated: {report.rows_truncated} prompts were cut to fit the model's context")
     console.print(Text(f"output: {report.output}"))
+    if report.rejects_file:
+        console.print(Text(f"rejected: {report.rows_rejected} malformed input lines, see {report.rejects_file}"))
     for row, error in report.first_errors:
         console.print(Text(f"  row {row}: {error}", style="red"))
     if report.rows_failed > len(report.first_errors):
-        console.print(f"  ... and {report.rows_failed - len(report.first_errors)} more (see the error column)")
+        more = report.rows_failed - len(report.first_errors)
+        console.print(Text(f"  ... and {more} more (see the error column and {report.errors_file})"))
 
 
 def _write_summary(report: RunReport, summary: str) -> None:
@@ -135,10 +165,22 @@ def run(
     max_batch_tokens: MaxBatchTokensOpt = None,
     block_size: BlockSizeOpt = None,
     summary: SummaryOpt = None,
+    id_column: IdColumnOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = False,
+    nulls: NullsOpt = NullPolicy.error,
+    truncate: TruncateOpt = None,
+    checkpoint_dir: CheckpointDirOpt = None,
+    checkpoint_rows: CheckpointRowsOpt = DEFAULT_CHECKPOINT_ROWS,
+    checkpoint_seconds: CheckpointSecondsOpt = DEFAULT_CHECKPOINT_SECONDS,
+    restart: RestartOpt = False,
+    keep_checkpoints: KeepCheckpointsOpt = False,
 ) -> None:
     """Run the model over every row of INPUT and write OUTPUT = input columns + answer columns.
 
     Example: batchllm run examples/reviews.csv --template classify --output out/reviews.parquet
+
+    Finished rows are committed to a checkpoint as the run goes; if it is killed, the same command
+    again resumes where it stopped, and once the job is finished it does nothing.
     """
     settings = RunSettings(
         input=input,
@@ -159,24 +201,57 @@ def run(
         kv_cache_memory=kv_cache_memory,
         max_batch_tokens=max_batch_tokens,
         block_size=block_size,
+        id_column=id_column,
+        skip_bad_rows=skip_bad_rows,
+        nulls=nulls.value,
+        truncate=truncate.value if truncate is not None else None,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_rows=checkpoint_rows,
+        checkpoint_seconds=checkpoint_seconds,
+        restart=restart,
+        keep_checkpoints=keep_checkpoints,
     )
     progress = make_progress(err_console)
+    guard = SignalGuard()
+    guard.install()  # SIGINT/SIGTERM: commit finished rows, then exit 130/143
     try:
         _check_summary_path(summary)
         prepared = prepare_run(settings, progress)
         try:
-            report = execute_run(prepared, progress)
+            report = execute_run(prepared, progress, guard)
         finally:
+            guard.draining = True  # releasing the locks must not be interrupted half-way
             prepared.close()
     except BatchLLMError as exc:
         raise _fail(exc) from None
-    except KeyboardInterrupt:
-        print_error("interrupted; no output was written.")
-        raise typer.Exit(130) from None
+    except (JobInterrupted, KeyboardInterrupt) as exc:
+        code = exc.exit_code if isinstance(exc, JobInterrupted) else 130
+        raise _fail(Interrupted(f"Interrupted ({exc}) before any row ran; nothing was committed.", code)) from None
+    finally:
+        guard.restore()
     _render_report(report, err_console)
     if summary is not None:
         _write_summary(report, summary)
     raise typer.Exit(report.exit_code)
+
+
+@app.command("status", epilog=EXIT_CODES_EPILOG)
+def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> None:
+    """Show how far a run is: rows done of total, rows in error, speed and ETA, state.
+
+    Reads the output's completion marker and checkpoint only (safe while the run is working).
+    """
+    from batchllm_cli.status import format_status, read_status, status_json
+
+    try:
+        st = read_status(target)
+    except BatchLLMError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(status_json(st))
+        sys.stdout.flush()
+    else:
+        typer.echo(format_status(st))
 
 
 @app.command("recipes")

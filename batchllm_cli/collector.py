@@ -1,7 +1,8 @@
-"""Collects per-row results until the output is written.
+"""Per-row results between the engine and the next committed shard.
 
-Kept to one small class on purpose: checkpointing will turn it into a shard writer (flush every N
-rows to a committed shard) without touching the job loop.
+Rows are buffered as one tuple each (a single list append, so an interrupt can never leave half a row)
+and drained into an Arrow table with the shard schema when the job commits a shard. The output column
+names (`--column`) are applied only when the final output is written, so shards do not depend on them.
 """
 from __future__ import annotations
 
@@ -12,8 +13,25 @@ import pyarrow as pa
 
 from batchllm_cli.table_io import ROW_ID
 
-# How many failed rows the report quotes; the output table has all of them.
+# How many failed rows the report quotes; the output table and the errors file have all of them.
 MAX_QUOTED_ERRORS = 5
+
+# Result columns as stored in shards (internal names, independent of --column).
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field(ROW_ID, pa.int64(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("error", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("truncated", pa.bool_()),
+    ]
+)
+
+# Error types in the errors file.
+ERROR_TYPES = ("template_error", "null_value", "prompt_too_long", "engine_error")
 
 
 class ResultLike(Protocol):
@@ -59,68 +77,71 @@ class OutputColumns:
     def names(self) -> list[str]:
         return [self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens, self.error]
 
+    def from_shards(self) -> list[tuple[str, str]]:
+        """(shard column, output column) pairs, in output order."""
+        return list(zip(["text", "finish_reason", "prompt_tokens", "completion_tokens", "error"], self.names))
+
 
 class ResultCollector:
-    """Row results in memory, with running totals for progress and the report."""
+    """Buffered row results with running totals for progress and the report."""
 
-    def __init__(self, columns: OutputColumns) -> None:
-        self.columns = columns
-        self._row_ids: list[int] = []
-        self._text: list[str | None] = []
-        self._finish: list[str] = []
-        self._prompt_tokens: list[int | None] = []
-        self._completion_tokens: list[int] = []
-        self._error: list[str | None] = []
+    def __init__(self, columns: OutputColumns | None = None) -> None:
+        self.columns = columns or OutputColumns()
+        self._buffer: list[tuple] = []
+        self.rows = 0
         self.rows_ok = 0
         self.rows_failed = 0
+        self.rows_truncated = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.first_errors: list[tuple[int, str]] = []
 
     @property
-    def rows(self) -> int:
-        return len(self._row_ids)
+    def pending(self) -> int:
+        """Rows buffered since the last drain."""
+        return len(self._buffer)
 
-    def _append(
-        self, row_id: int, text: str | None, finish: str, prompt: int | None, completion: int, error: str | None
-    ) -> None:
-        self._row_ids.append(row_id)
-        self._text.append(text)
-        self._finish.append(finish)
-        self._prompt_tokens.append(prompt)
-        self._completion_tokens.append(completion)
-        self._error.append(error)
+    def _append(self, row: tuple) -> None:
+        self._buffer.append(row)  # one append: an interrupt lands before or after, never half-way
+        row_id, error, truncated = row[0], row[5], row[7]
+        self.rows += 1
         if error is None:
             self.rows_ok += 1
         else:
             self.rows_failed += 1
             if len(self.first_errors) < MAX_QUOTED_ERRORS:
                 self.first_errors.append((row_id, error))
+        if truncated:
+            self.rows_truncated += 1
 
-    def add_failure(self, row_id: int, error: str) -> None:
-        """A row that never reached the engine (its template did not render)."""
-        self._append(row_id, None, "error", None, 0, error)
+    def add_failure(self, row_id: int, error: str, kind: str = "template_error") -> None:
+        """A row that never reached the engine (its template did not render, its prompt is too long)."""
+        self._append((row_id, None, "error", None, 0, error, kind, False))
 
-    def add_result(self, result: ResultLike) -> None:
-        row_id = int(result.key)  # type: ignore[call-overload]  # the job uses row ids as keys
+    def add_result(self, result: ResultLike, row_id: int | None = None, truncated: bool = False) -> None:
+        if row_id is None:
+            row_id = int(result.key)  # type: ignore[call-overload]  # ordinal keys
         completion = result.completion_tokens
         self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += completion
         if result.finish_reason == "error":
             error = result.error or "the engine could not run this row"
-            self._append(row_id, None, "error", result.prompt_tokens, completion, error)
+            self._append((row_id, None, "error", result.prompt_tokens, completion, error, "engine_error", truncated))
         else:
-            self._append(row_id, result.text, result.finish_reason, result.prompt_tokens, completion, None)
+            self._append(
+                (row_id, result.text, result.finish_reason, result.prompt_tokens, completion, None, None, truncated)
+            )
+
+    def drain(self) -> pa.Table:
+        """The buffered rows as a table with SHARD_SCHEMA, sorted by row id; the buffer is emptied."""
+        rows, self._buffer = self._buffer, []
+        rows.sort(key=lambda r: r[0])
+        cols = list(zip(*rows)) if rows else [[] for _ in SHARD_SCHEMA]
+        return pa.table([pa.array(c, f.type) for c, f in zip(cols, SHARD_SCHEMA)], schema=SHARD_SCHEMA)
 
     def to_arrow(self) -> pa.Table:
-        c = self.columns
-        return pa.table(
-            {
-                ROW_ID: pa.array(self._row_ids, pa.int64()),
-                c.text: pa.array(self._text, pa.string()),
-                c.finish_reason: pa.array(self._finish, pa.string()),
-                c.prompt_tokens: pa.array(self._prompt_tokens, pa.int64()),
-                c.completion_tokens: pa.array(self._completion_tokens, pa.int64()),
-                c.error: pa.array(self._error, pa.string()),
-            }
-        )
+        """Everything buffered, under the output column names (for library users without checkpoints)."""
+        table = self.drain()
+        pairs = self.columns.from_shards()
+        return pa.table([table.column(ROW_ID)] + [table.column(a) for a, _ in pairs],
+                        names=[ROW_ID] + [b for _, b in pairs])

@@ -1,29 +1,68 @@
 """The `run` job as a library call: settings in, RunReport out; the CLI only renders the report.
 
 Everything that can be wrong with an invocation (input, template, output path, model directory,
-settings) is checked in `prepare_run` before any model weights load. The engine is imported lazily,
-so `batchllm --help` and `batchllm recipes` never pay for importing torch.
+settings, a checkpoint of a different job, another run holding the lock) is checked in `prepare_run`
+before any model weights load. The engine is imported lazily, so `batchllm --help` and `batchllm
+recipes` never pay for importing torch.
+
+Runs are resumable: results are committed to shards in a run directory as rows finish (see
+checkpoint.py), and the same command again skips every committed row. The final output is assembled
+from the shards by DuckDB, renamed into place, and a completion marker is written last.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Hashable, Iterator, Protocol
 
-from batchllm_cli.collector import OutputColumns, ResultCollector
-from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED, BatchLLMError, UsageError
-from batchllm_cli.prompts import FailedRow, PromptEncoder, iter_prompts
-from batchllm_cli.table_io import TableSource, check_output_path, write_output
-from batchllm_cli.templates import PromptTemplate, resolve_template
+from batchllm_cli import __version__
+from batchllm_cli.checkpoint import (
+    Committed,
+    FileLock,
+    RunDir,
+    default_run_dir,
+    errors_path,
+    marker_path,
+    output_lock_path,
+    read_marker,
+    rejects_path,
+    remove_stale_output_files,
+    write_marker,
+)
+from batchllm_cli.collector import SHARD_SCHEMA, OutputColumns, ResultCollector
+from batchllm_cli.durable import crash_point, remove_durably
+from batchllm_cli.errors import (
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    BatchLLMError,
+    FingerprintMismatch,
+    Interrupted,
+    TempFailError,
+    UsageError,
+)
+from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
+from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
+from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
+from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir, write_output
+from batchllm_cli.table_io import write_query_jsonl, write_table_jsonl
+from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
     from engine.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_CHECKPOINT_ROWS = 1000
+DEFAULT_CHECKPOINT_SECONDS = 60.0
+# Out of GPU memory: retry this many times, halving the step's token budget each time, then exit 75.
+OOM_RETRIES = 2
 DEMO_NOTICE = (
     "No --model given: using the built-in demo model ({path}). It has random weights, so its answers "
     "are gibberish; pass --model DIR (a Hugging Face model directory) for real answers."
@@ -79,12 +118,22 @@ class RunSettings:
     max_batch_tokens: int | None = None
     block_size: int | None = None
     batch_rows: int = 1024  # rows rendered and tokenized per step of the input stream
+    id_column: str | None = None
+    skip_bad_rows: bool = False
+    nulls: str = "error"
+    truncate: str | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_rows: int = DEFAULT_CHECKPOINT_ROWS
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
+    restart: bool = False
+    keep_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
 class RunReport:
     """What a finished run did. `elapsed_s` is the generation phase (first row read to last result);
-    model loading and output writing are reported separately."""
+    model loading and output writing are reported separately. Row counts cover the whole job (rows
+    committed by earlier, interrupted runs included); token counts from the engine cover this run."""
 
     input: str
     output: str
@@ -105,10 +154,19 @@ class RunReport:
     model: dict[str, Any] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
     first_errors: tuple[tuple[int, str], ...] = ()
+    rows_resumed: int = 0  # rows committed by earlier runs of this job
+    rows_rejected: int = 0  # malformed CSV lines skipped with --skip-bad-rows
+    rows_truncated: int = 0  # prompts cut with --truncate (this run)
+    already_done: bool = False  # the job had finished before: nothing was done
+    run_dir: str = ""
+    errors_file: str | None = None
+    rejects_file: str | None = None
+    marker: str = ""
 
     @property
     def rows_per_s(self) -> float:
-        return self.rows / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        done_now = self.rows - self.rows_resumed
+        return done_now / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -116,6 +174,8 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
+        if self.already_done:
+            return EXIT_OK
         return EXIT_ROWS_FAILED if self.rows_failed else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +190,7 @@ class RunReport:
 
 @dataclass
 class PreparedRun:
-    """A validated invocation: everything except the model weights is loaded."""
+    """A validated invocation: everything except the model weights is loaded, the locks are held."""
 
     settings: RunSettings
     source: TableSource
@@ -138,12 +198,24 @@ class PreparedRun:
     columns: OutputColumns
     model_dir: Path
     demo_model: bool
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     chat: bool
     params: SamplingParams
-    engine_config: EngineConfig
+    engine_config: EngineConfig | None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    run_dir: RunDir | None = None
+    committed: Committed = field(default_factory=Committed)
+    total_rows: int = 0
+    max_prompt_tokens: int = 0
+    done_marker: dict[str, Any] | None = None  # set when the job had already finished
+    output_lock: FileLock | None = None
 
     def close(self) -> None:
+        """Release the locks (run directory, then output) and the input."""
+        if self.run_dir is not None:
+            self.run_dir.unlock()
+        if self.output_lock is not None:
+            self.output_lock.release()
         self.source.close()
 
 
@@ -169,6 +241,19 @@ def resolve_model(model: Path | None, observer: RunObserver) -> tuple[Path, bool
     return path, True
 
 
+def model_context_length(model_dir: Path) -> int:
+    """The model's context in tokens, from config.json (no torch, no weights)."""
+    from engine.errors import EngineError
+    from engine.model_config import load_model_config
+
+    try:
+        return int(load_model_config(str(model_dir)).max_position_embeddings)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"Cannot read the model's config.json in {model_dir}: {exc}") from exc
+
+
 def load_tokenizer(model_dir: Path) -> Tokenizer:
     from engine.errors import EngineError
     from engine.tokenizer import Tokenizer
@@ -187,17 +272,53 @@ def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path) 
     return requested
 
 
+def _check_settings(settings: RunSettings) -> None:
+    if settings.nulls not in NULL_POLICIES:
+        raise UsageError(f"--nulls must be one of {', '.join(NULL_POLICIES)}.")
+    if settings.truncate is not None and settings.truncate not in TRUNCATE_SIDES:
+        raise UsageError(f"--truncate must be one of {', '.join(TRUNCATE_SIDES)}.")
+    if settings.checkpoint_rows < 1:
+        raise UsageError("--checkpoint-rows must be at least 1.")
+    if settings.checkpoint_seconds <= 0:
+        raise UsageError("--checkpoint-seconds must be positive.")
+    if not settings.column:
+        raise UsageError("--column must not be empty.")
+
+
+def _check_run_dir_path(run_dir: Path, settings: RunSettings) -> None:
+    for other, what in ((settings.input, "the input file"), (settings.output, "the output file")):
+        if run_dir.resolve() == other.resolve():
+            raise UsageError(f"--checkpoint-dir {run_dir} is {what}; give it a directory of its own.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"Checkpoint directory {run_dir} exists and is not a directory.")
+    check_writable_dir(run_dir.parent if str(run_dir.parent) else Path("."), "Checkpoint location")
+
+
+def _marker_matches(marker: dict[str, Any] | None, fingerprint: dict[str, Any], output: Path) -> bool:
+    if not marker or marker.get("fingerprint_sha256") != digest_of(fingerprint):
+        return False
+    try:
+        return output.is_file() and output.stat().st_size == marker.get("output_bytes")
+    except OSError:
+        return False
+
+
 def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> PreparedRun:
-    """Validate the whole invocation; raises UsageError (exit 2) before any weights load."""
+    """Validate the whole invocation and take the locks; raises before any weights load:
+    UsageError (exit 2), FingerprintMismatch (4), LockHeld (75)."""
     observer = observer or _SilentObserver()
-    source = TableSource(settings.input, limit=settings.limit)
+    _check_settings(settings)
+    source = TableSource(settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows)
+    output_lock: FileLock | None = None
+    run_dir: RunDir | None = None
     try:
         check_output_path(settings.output, settings.input)
-        template = PromptTemplate(resolve_template(settings.template))
-        template.check_columns(source.column_names)
+        run_dir_path = settings.checkpoint_dir or default_run_dir(settings.output)
+        _check_run_dir_path(run_dir_path, settings)
+        template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
+        if not source.empty:  # a blank file has no columns to check (and no rows to render)
+            template.check_columns(source.column_names)
         columns = OutputColumns(settings.column)
-        if not settings.column:
-            raise UsageError("--column must not be empty.")
         clash = [name for name in columns.names if name in source.column_names]
         if clash:
             raise UsageError(
@@ -205,13 +326,132 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             )
         params = _sampling_params(settings, template)
         model_dir, demo = resolve_model(settings.model, observer)
-        engine_config = _engine_config(settings, model_dir)
+        context = model_context_length(model_dir)
+        max_prompt_tokens = context - params.max_tokens
+        if max_prompt_tokens < 1:
+            raise UsageError(
+                f"--max-tokens {params.max_tokens} leaves no room for a prompt in the model's context of "
+                f"{context} tokens; lower --max-tokens."
+            )
+        fingerprint = build_fingerprint(
+            input_path=settings.input,
+            limit=settings.limit,
+            skip_bad_rows=settings.skip_bad_rows,
+            id_column=settings.id_column,
+            template_text=template.source.text,
+            model_dir=model_dir,
+            chat=settings.chat,  # as requested: the chat template itself is part of the model files
+            sampling=dataclasses.asdict(params),
+            nulls=settings.nulls,
+            truncate=settings.truncate,
+            dtype=settings.dtype,
+        )
+
+        output_lock = FileLock(output_lock_path(settings.output), record_owner=True, remove_on_release=True)
+        output_lock.acquire(str(settings.output))
+        remove_stale_output_files(settings.output)
+        marker = read_marker(settings.output)
+        if _marker_matches(marker, fingerprint, settings.output):
+            if not settings.keep_checkpoints:
+                _remove_finished_run_dir(RunDir(run_dir_path), marker)
+            return PreparedRun(
+                settings, source, template, columns, model_dir, demo, None, bool(settings.chat), params, None,
+                fingerprint=fingerprint, done_marker=marker, output_lock=output_lock,
+            )
+
+        total_rows = source.validate()  # a malformed file fails here, naming the line
+        if settings.id_column is not None:
+            source.check_id_column(settings.id_column)
+
+        run_dir = RunDir(run_dir_path)
+        manifest = None
+        had_checkpoint = run_dir.manifest_path.exists()
+        if had_checkpoint:
+            run_dir.lock()
+            manifest = run_dir.read_manifest() if not settings.restart else None
+            if manifest is not None:
+                changed = changed_fields(manifest["fingerprint"], fingerprint)
+                finished = marker is not None and marker.get("fingerprint_sha256") == digest_of(
+                    manifest["fingerprint"]
+                )
+                if changed and not finished:
+                    raise FingerprintMismatch(
+                        f"The checkpoint {run_dir.path} belongs to a different job: changed "
+                        f"{describe_changes(manifest['fingerprint'], fingerprint, changed)}. Run the original "
+                        "command to finish it, or add --restart to discard it and start over."
+                    )
+                if changed:
+                    manifest = None  # a finished job kept with --keep-checkpoints: start a new one
+
         tokenizer = load_tokenizer(model_dir)
         chat = resolve_chat(settings.chat, tokenizer, model_dir)
+        engine_config = _engine_config(settings, model_dir)
+
+        # From here on the run writes: the old marker goes first (its output is about to be replaced).
+        if marker is not None:
+            remove_durably([marker_path(settings.output)])
+        if manifest is None:
+            run_dir.ensure()
+            if not run_dir._lock.held:
+                run_dir.lock()
+            if settings.restart and had_checkpoint:
+                observer.notice(f"--restart: discarding the checkpoint in {run_dir.path}.")
+            run_dir.wipe()
+            run_dir.create(
+                fingerprint,
+                {
+                    "input": str(settings.input),
+                    "output": str(settings.output.resolve()),
+                    "template_name": template.source.name,
+                    "total_rows": total_rows,
+                    "rows_rejected": _rejected(source),
+                },
+            )
+        committed = run_dir.load_committed(total_rows)
+        if committed.quarantined:
+            observer.notice(
+                f"Checkpoint: {len(committed.quarantined)} torn or uncommitted file(s) moved to "
+                f"{run_dir.path / 'quarantine'}; their rows will run again."
+            )
+        if committed.rows:
+            observer.notice(
+                f"Resuming from {run_dir.path}: {committed.rows} of {total_rows} rows already done "
+                f"({len(committed.shards)} shards)."
+            )
     except BaseException:
+        if run_dir is not None:
+            run_dir.unlock()
+        if output_lock is not None:
+            output_lock.release()
         source.close()
         raise
-    return PreparedRun(settings, source, template, columns, model_dir, demo, tokenizer, chat, params, engine_config)
+    return PreparedRun(
+        settings, source, template, columns, model_dir, demo, tokenizer, chat, params, engine_config,
+        fingerprint=fingerprint, run_dir=run_dir, committed=committed, total_rows=total_rows,
+        max_prompt_tokens=max_prompt_tokens, output_lock=output_lock,
+    )
+
+
+def _remove_finished_run_dir(run_dir: RunDir, marker: dict[str, Any] | None) -> None:
+    """A run killed after its marker was written but before its cleanup leaves its run directory."""
+    if not run_dir.manifest_path.is_file() or marker is None:
+        return
+    try:
+        run_dir.lock()
+    except BatchLLMError:
+        return
+    try:
+        manifest = run_dir.read_manifest()
+        if manifest is not None and digest_of(manifest["fingerprint"]) == marker.get("fingerprint_sha256"):
+            run_dir.remove()
+    except BatchLLMError:
+        pass
+    finally:
+        run_dir.unlock()
+
+
+def _rejected(source: TableSource) -> int:
+    return source.rejects.num_rows if source.rejects is not None else 0
 
 
 def _sampling_params(settings: RunSettings, template: PromptTemplate) -> SamplingParams:
@@ -234,12 +474,12 @@ def _sampling_params(settings: RunSettings, template: PromptTemplate) -> Samplin
         raise UsageError(str(exc)) from exc
 
 
-def _engine_config(settings: RunSettings, model_dir: Path) -> EngineConfig:
+def _engine_config(settings: RunSettings, model_dir: Path, max_batch_tokens: int | None = None) -> EngineConfig:
     from engine.config import EngineConfig
 
     optional = {
         "kv_cache_memory": settings.kv_cache_memory,
-        "max_batch_tokens": settings.max_batch_tokens,
+        "max_batch_tokens": max_batch_tokens or settings.max_batch_tokens,
         "block_size": settings.block_size,
     }
     try:
@@ -253,50 +493,149 @@ def _engine_config(settings: RunSettings, model_dir: Path) -> EngineConfig:
         raise UsageError(str(exc)) from exc
 
 
-def execute_run(prepared: PreparedRun, observer: RunObserver | None = None) -> RunReport:
-    """Load the model, stream every row through it, write the output; the report says how it went."""
-    from engine.errors import ConfigError, EngineError, ModelLoadError
-    from engine.llm_engine import LLMEngine
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (or torch.OutOfMemoryError), or a RuntimeError saying "out of
+    memory" (CUDA, cuBLAS); recognized without importing torch."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort: freeing memory must not hide the original failure
+        pass
+
+
+class _ShardSink:
+    """Buffers results and commits a shard every N rows or T seconds."""
+
+    def __init__(self, prepared: PreparedRun, guard: SignalGuard) -> None:
+        assert prepared.run_dir is not None
+        self.run_dir = prepared.run_dir
+        self.committed = prepared.committed
+        self.collector = ResultCollector(prepared.columns)
+        self.guard = guard
+        self.every_rows = prepared.settings.checkpoint_rows
+        self.every_s = prepared.settings.checkpoint_seconds
+        self._last = time.monotonic()
+
+    def maybe_commit(self) -> None:
+        pending = self.collector.pending
+        if pending and (pending >= self.every_rows or time.monotonic() - self._last >= self.every_s):
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.collector.pending:
+            return
+        with self.guard.critical():
+            table = self.collector.drain()
+            info = self.run_dir.commit_shard(table, self.committed.next_seq)
+            self.committed.next_seq += 1
+            self.committed.shards.append(info)
+            self.committed.done[table.column(ROW_ID).to_numpy()] = True
+        self._last = time.monotonic()
+
+    def salvage(self) -> None:
+        """Commit what finished before a failure; a second failure (disk full) loses only those rows."""
+        try:
+            self.commit()
+        except BaseException:  # noqa: BLE001 - the original error is the one to report
+            pass
+
+
+def execute_run(
+    prepared: PreparedRun, observer: RunObserver | None = None, guard: SignalGuard | None = None
+) -> RunReport:
+    """Load the model, run every row not yet committed, write the output; the report says how it went."""
     observer = observer or _SilentObserver()
+    guard = guard or null_guard()
     settings = prepared.settings
-    t0 = time.perf_counter()
-    try:
-        engine = LLMEngine(prepared.engine_config, tokenizer=prepared.tokenizer)
-    except (ModelLoadError, ConfigError) as exc:
-        raise UsageError(str(exc)) from exc
-    load_s = time.perf_counter() - t0
+    if prepared.done_marker is not None:
+        return _already_done_report(prepared)
+    assert prepared.run_dir is not None
+    committed = prepared.committed
+    sink = _ShardSink(prepared, guard)
+    resumed = committed.rows
+    remaining = prepared.total_rows - resumed
 
-    collector = ResultCollector(prepared.columns)
-    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat)
-
-    def requests() -> Iterator[tuple[int, list[int], SamplingParams]]:
-        # Pulled lazily by the engine; rows whose template fails never reach it.
-        for item in iter_prompts(prepared.source, encoder, settings.batch_rows):
-            if isinstance(item, FailedRow):
-                collector.add_failure(item.row_id, item.error)
-                observer.advance(1, 0)
-            else:
-                yield item.row_id, item.token_ids, prepared.params
-
-    observer.start(prepared.source.count_rows())
+    engine = None
+    load_s = elapsed_s = 0.0
+    if remaining > 0:
+        t0 = time.perf_counter()
+        engine = _load_engine(prepared, prepared.engine_config, sink)
+        load_s = time.perf_counter() - t0
+    observer.start(prepared.total_rows)
+    if resumed:
+        observer.advance(resumed, 0)
     t1 = time.perf_counter()
+    stats_acc: list[Any] = []
     try:
-        for result in engine.generate(requests()):
-            collector.add_result(result)
-            observer.advance(1, result.completion_tokens)
-    except EngineError as exc:
-        raise BatchLLMError(f"The engine stopped: {exc}") from exc
+        batch_tokens = prepared.engine_config.max_batch_tokens if prepared.engine_config else 0
+        attempt = 0
+        while engine is not None:
+            try:
+                _generate(prepared, engine, sink, observer, guard)
+                break
+            except JobInterrupted:
+                raise
+            except BaseException as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                sink.salvage()
+                stats_acc.append(engine.stats())
+                engine = None
+                _free_accelerator_memory()
+                attempt += 1
+                batch_tokens //= 2
+                if attempt > OOM_RETRIES or batch_tokens < 16:
+                    raise TempFailError(
+                        f"Out of GPU memory ({' '.join(str(exc).split())[:200]}) after backing off "
+                        f"{OOM_RETRIES} times. Finished rows are kept; run again with a smaller "
+                        "--max-batch-tokens or --kv-cache-memory to resume."
+                    ) from exc
+                observer.notice(f"Out of GPU memory; retrying the remaining rows with --max-batch-tokens {batch_tokens}.")
+                config = _engine_config(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
+                engine = _load_engine(prepared, config, sink)
+        sink.commit()
+    except JobInterrupted as stop:
+        guard.draining = True
+        sink.salvage()
+        raise Interrupted(
+            f"Interrupted by {stop}: {sink.committed.rows} of {prepared.total_rows} rows are committed in "
+            f"{prepared.run_dir.path}; run the same command again to resume.",
+            stop.exit_code,
+        ) from None
+    except BaseException:
+        guard.draining = True
+        sink.salvage()
+        raise
     finally:
         observer.finish()
     elapsed_s = time.perf_counter() - t1
+    if engine is not None:
+        stats_acc.append(engine.stats())
+
+    if not committed.done.all():
+        missing = int((~committed.done).sum())
+        raise BatchLLMError(f"Internal error: {missing} rows have no committed result; run the same command again.")
 
     t2 = time.perf_counter()
-    write_output(prepared.source, collector.to_arrow(), settings.output)
+    report_files = _write_final(prepared)
     write_s = time.perf_counter() - t2
 
-    stats = engine.stats()
-    model_info = dataclasses.asdict(engine.model_info) if dataclasses.is_dataclass(engine.model_info) else {}
+    prefill = sum(getattr(s, "prefill_tokens", 0) for s in stats_acc)
+    preemptions = sum(getattr(s, "preemptions", 0) for s in stats_acc)
+    last = stats_acc[-1] if stats_acc else None
+    model_info: dict[str, Any] = {}
+    if engine is not None and dataclasses.is_dataclass(engine.model_info):
+        model_info = dataclasses.asdict(engine.model_info)
+    c = sink.collector
     return RunReport(
         input=str(settings.input),
         output=str(settings.output),
@@ -304,24 +643,205 @@ def execute_run(prepared: PreparedRun, observer: RunObserver | None = None) -> R
         model_dir=str(prepared.model_dir),
         demo_model=prepared.demo_model,
         chat=prepared.chat,
-        rows=collector.rows,
-        rows_ok=collector.rows_ok,
-        rows_failed=collector.rows_failed,
-        prompt_tokens=collector.prompt_tokens,
-        prefill_tokens=stats.prefill_tokens,
-        completion_tokens=collector.completion_tokens,
-        preemptions=stats.preemptions,
+        rows=committed.rows,
+        rows_ok=committed.rows - committed.errors,
+        rows_failed=committed.errors,
+        prompt_tokens=sum(s.prompt_tokens for s in committed.shards),
+        prefill_tokens=prefill,
+        completion_tokens=sum(s.completion_tokens for s in committed.shards),
+        preemptions=preemptions,
         elapsed_s=elapsed_s,
         load_s=load_s,
         write_s=write_s,
         model=model_info,
         engine={
-            "steps": stats.steps,
-            "peak_kv_blocks": stats.peak_kv_blocks,
-            "kv_blocks_total": stats.kv_blocks_total,
+            "steps": getattr(last, "steps", 0),
+            "peak_kv_blocks": getattr(last, "peak_kv_blocks", 0),
+            "kv_blocks_total": getattr(last, "kv_blocks_total", 0),
             "max_tokens": prepared.params.max_tokens,
         },
-        first_errors=tuple(collector.first_errors),
+        first_errors=tuple(c.first_errors),
+        rows_resumed=resumed,
+        rows_rejected=_rejected(prepared.source),
+        rows_truncated=c.rows_truncated,
+        run_dir=str(prepared.run_dir.path),
+        **report_files,
+    )
+
+
+def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: _ShardSink) -> Any:
+    from engine.errors import ConfigError, ModelLoadError
+    from engine.llm_engine import LLMEngine
+
+    assert config is not None
+    try:
+        return LLMEngine(config, tokenizer=prepared.tokenizer)
+    except (ModelLoadError, ConfigError) as exc:
+        raise UsageError(str(exc)) from exc
+    except BaseException as exc:
+        if is_out_of_memory(exc):
+            raise TempFailError(
+                f"Out of GPU memory while loading the model ({' '.join(str(exc).split())[:200]}); free the "
+                "GPU or lower --kv-cache-memory, then run the same command again."
+            ) from exc
+        raise
+
+
+def _generate(
+    prepared: PreparedRun, engine: Any, sink: _ShardSink, observer: RunObserver, guard: SignalGuard
+) -> None:
+    """One pass of the engine over every row not yet committed."""
+    from engine.errors import EngineError
+
+    settings = prepared.settings
+    assert prepared.tokenizer is not None
+    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat)
+    done = sink.committed.done
+    in_flight: dict[Hashable, tuple[int, bool]] = {}
+    id_column = settings.id_column
+
+    def fail(row_id: int, error: str, kind: str) -> None:
+        sink.collector.add_failure(row_id, error, kind)
+        observer.advance(1, 0)
+        sink.maybe_commit()
+
+    def requests() -> Iterator[tuple[Hashable, list[int], SamplingParams]]:
+        # Pulled lazily by the engine; rows already committed are never rendered again, and rows whose
+        # template fails (or whose prompt is too long) never reach it.
+        for batch in prepared.source.batches(settings.batch_rows):
+            ids = batch.column(ROW_ID).to_numpy()
+            todo = ~done[ids]
+            if not todo.any():
+                continue
+            if not todo.all():
+                batch = batch.filter(todo)
+            keys = dict(zip(batch.column(ROW_ID).to_pylist(), batch.column(id_column).to_pylist())) if id_column else None
+            for item in encoder.encode(batch):
+                if isinstance(item, FailedRow):
+                    fail(item.row_id, item.error, item.kind)
+                    continue
+                fitted = fit_prompt(item, prepared.max_prompt_tokens, settings.truncate)
+                if isinstance(fitted, FailedRow):
+                    fail(fitted.row_id, fitted.error, fitted.kind)
+                    continue
+                # The engine's random stream of a row is keyed by this value: the ordinal row id, or
+                # the user's id, so a resumed run samples every row exactly as an uninterrupted one.
+                key = keys[fitted.row_id] if keys is not None else fitted.row_id
+                in_flight[key] = (fitted.row_id, fitted.truncated)
+                yield key, fitted.token_ids, prepared.params
+
+    try:
+        for result in engine.generate(requests()):
+            row_id, truncated = in_flight.pop(result.key)
+            sink.collector.add_result(result, row_id, truncated)
+            observer.advance(1, result.completion_tokens)
+            sink.maybe_commit()
+    except EngineError as exc:
+        raise BatchLLMError(f"The engine stopped: {exc}") from exc
+
+
+def _write_final(prepared: PreparedRun) -> dict[str, Any]:
+    """Output, errors file, rejects file, then the completion marker; then the run dir goes."""
+    settings = prepared.settings
+    run_dir = prepared.run_dir
+    assert run_dir is not None
+    committed = prepared.committed
+    output = settings.output
+    shards = run_dir.shard_files(committed)
+    import pyarrow as pa  # noqa: F811 - only needed here
+
+    results: pa.Table | list[Path] = shards if shards else SHARD_SCHEMA.empty_table()
+    source = prepared.source
+
+    err_file = errors_path(output)
+    if committed.errors:
+        id_col = settings.id_column
+
+        def errors_query(src: str, res: str) -> str:
+            rid = f'"{ROW_ID}"'
+            idsel = f', src."{id_col.replace(chr(34), chr(34) * 2)}" AS id' if id_col else ""
+            return (
+                f"SELECT res.{rid} AS row{idsel}, res.error_type, res.error FROM {res} AS res "
+                f"LEFT JOIN {src} AS src ON src.{rid} = res.{rid} WHERE res.error IS NOT NULL ORDER BY res.{rid}"
+            )
+
+        write_query_jsonl(errors_query, source, results, err_file)
+    else:
+        remove_durably([err_file])
+    rej_file = rejects_path(output)
+    rejected = _rejected(source)
+    if rejected:
+        assert source.rejects is not None
+        write_table_jsonl(source.rejects, rej_file)
+    else:
+        remove_durably([rej_file])
+
+    write_output(
+        source,
+        results,
+        output,
+        columns=prepared.columns.from_shards(),
+        after_write=lambda: crash_point("final_write"),
+        after_rename=lambda: crash_point("final_rename"),
+    )
+    size = output.stat().st_size
+    h = hashlib.sha256()
+    with output.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    marker = {
+        "status": "finished",
+        "finished_at": time.time(),
+        "batchllm_version": __version__,
+        "output": str(output),
+        "output_bytes": size,
+        "output_sha256": h.hexdigest(),
+        "rows": committed.rows,
+        "rows_ok": committed.rows - committed.errors,
+        "rows_failed": committed.errors,
+        "rows_rejected": rejected,
+        "errors_file": str(err_file) if committed.errors else None,
+        "rejects_file": str(rej_file) if rejected else None,
+        "fingerprint_sha256": digest_of(prepared.fingerprint),
+        "fingerprint": prepared.fingerprint,
+    }
+    write_marker(output, marker)
+    if not settings.keep_checkpoints:
+        run_dir.remove()  # still holding its lock; PreparedRun.close() releases it
+        run_dir.unlock()
+    return {
+        "errors_file": marker["errors_file"],
+        "rejects_file": marker["rejects_file"],
+        "marker": str(marker_path(output)),
+    }
+
+
+def _already_done_report(prepared: PreparedRun) -> RunReport:
+    m = prepared.done_marker or {}
+    s = prepared.settings
+    return RunReport(
+        input=str(s.input),
+        output=str(s.output),
+        template=prepared.template.source.name,
+        model_dir=str(prepared.model_dir),
+        demo_model=prepared.demo_model,
+        chat=prepared.chat,
+        rows=int(m.get("rows", 0)),
+        rows_ok=int(m.get("rows_ok", 0)),
+        rows_failed=int(m.get("rows_failed", 0)),
+        prompt_tokens=0,
+        prefill_tokens=0,
+        completion_tokens=0,
+        preemptions=0,
+        elapsed_s=0.0,
+        load_s=0.0,
+        write_s=0.0,
+        rows_resumed=int(m.get("rows", 0)),
+        rows_rejected=int(m.get("rows_rejected", 0)),
+        already_done=True,
+        errors_file=m.get("errors_file"),
+        rejects_file=m.get("rejects_file"),
+        marker=str(marker_path(s.output)),
     )
 
 

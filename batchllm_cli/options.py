@@ -224,3 +224,122 @@ BlockSizeOpt = Annotated[
         rich_help_panel=PANEL_ENGINE,
     ),
 ]
+
+# ---- row identity, bad input and checkpoints (run; --id-column is meant to be shared with analyze) ---
+PANEL_INPUT = "Input and bad rows"
+PANEL_CHECKPOINT = "Checkpoints and resume"
+
+
+class NullPolicy(str, Enum):
+    error = "error"
+    empty = "empty"
+
+
+class TruncateSide(str, Enum):
+    left = "left"
+    right = "right"
+
+
+IdColumnOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--id-column",
+        metavar="COL",
+        help="Column whose values identify rows (unique, not null; checked before the model loads). "
+        "Seeds each row's sampling and names rows in the errors file. Default: the row's position.",
+        show_default=False,
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+SkipBadRowsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad-rows",
+        help="CSV: skip malformed lines (wrong column count, bad quoting or encoding, a value of the wrong "
+        "type) and list them in OUTPUT.rejects.jsonl, instead of failing before the model loads.",
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+NullsOpt = Annotated[
+    NullPolicy,
+    typer.Option(
+        "--nulls",
+        help="A null value printed by the template: 'error' makes the row an error row, 'empty' renders "
+        "it as empty text. A null in an optional variable (| default) always counts as missing.",
+        case_sensitive=False,
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+TruncateOpt = Annotated[
+    Optional[TruncateSide],
+    typer.Option(
+        "--truncate",
+        help="Cut a prompt longer than the model's context minus --max-tokens ('left' drops its start, "
+        "'right' its end) instead of making the row an error row.",
+        case_sensitive=False,
+        show_default=False,
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+CheckpointDirOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="Run directory for committed result shards. Default: OUTPUT.batchllm beside the output.",
+        show_default=False,
+        rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
+CheckpointRowsOpt = Annotated[
+    int,
+    typer.Option(
+        "--checkpoint-rows",
+        metavar="N",
+        help="Commit finished rows to the checkpoint at least every N rows.",
+        min=1,
+        rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
+CheckpointSecondsOpt = Annotated[
+    float,
+    typer.Option(
+        "--checkpoint-seconds",
+        metavar="T",
+        help="... and at least every T seconds (a kill loses at most the rows since the last commit).",
+        min=0.001,
+        rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
+RestartOpt = Annotated[
+    bool,
+    typer.Option(
+        "--restart",
+        help="Discard the checkpoint of an earlier, unfinished run of this output and start over "
+        "(needed when the input, template, model or sampling changed).",
+        rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
+KeepCheckpointsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-checkpoints",
+        help="Keep the run directory after the output is written (default: deleted once the completion "
+        "marker OUTPUT.success.json is written).",
+        rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
+
+# ---- status ---------------------------------------------------------------------------------------
+StatusTargetArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The run's output file (as given to --output), or its run directory.",
+        metavar="OUTPUT|RUN_DIR",
+        show_default=False,
+    ),
+]
+StatusJsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the status as JSON on stdout instead of text."),
+]

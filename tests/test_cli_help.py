@@ -135,7 +135,8 @@ def test_unusable_model_dir(table: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert_usage_error(invoke(args + [str(tmp_path / "empty")]), "config.json")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
-    assert_usage_error(invoke(args + [str(tmp_path / "broken")]), "tokenizer")
+    # config.json is read (for the context length) before the tokenizer: its problem is named first.
+    assert_usage_error(invoke(args + [str(tmp_path / "broken")]), "config.json", "not supported")
 
 
 def test_bad_size_flag(no_model: None, table: Path, tmp_path: Path) -> None:

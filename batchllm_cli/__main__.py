@@ -1,0 +1,4 @@
+"""`python -m batchllm_cli` = the `batchllm` command."""
+from batchllm_cli.app import main
+
+main()

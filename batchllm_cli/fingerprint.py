@@ -1,0 +1,161 @@
+"""What makes two invocations the same job: the fingerprint stored in a run's manifest.json.
+
+A checkpoint may only be resumed by the job that wrote it, otherwise the output silently mixes answers
+from two templates, models or inputs. The fingerprint is a flat dict of named fields, so a refusal can
+say exactly what changed. Fields that do not change any row's answer (batch sizes, KV cache size,
+checkpoint intervals, output file name and format, the answer column's name) are left out on purpose:
+changing them between a crash and the resume is allowed (e.g. a smaller --max-batch-tokens after
+running out of GPU memory).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from batchllm_cli import __version__
+
+# Fields recorded for information only (shown by `status`), never a reason to refuse a resume: an
+# input copied without -p gets a new mtime but the same content.
+INFO_FIELDS = frozenset({"input.mtime"})
+
+# Human names of the fields, for the refusal message.
+FIELD_LABELS = {
+    "input.path": "input file path",
+    "input.size": "input file size",
+    "input.content": "input content",
+    "input.limit": "--limit",
+    "input.skip_bad_rows": "--skip-bad-rows",
+    "input.id_column": "--id-column",
+    "template": "template text",
+    "model.path": "model path",
+    "model.files": "model files (config, tokenizer, weights)",
+    "chat": "--chat/--no-chat",
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "stop": "--stop",
+    "nulls": "--nulls",
+    "truncate": "--truncate",
+    "dtype": "--dtype",
+    "batchllm_version": "batchllm version",
+}
+
+# Files of a model directory that change what the model or its tokenizer does. Weights are identified
+# by name and size (hashing gigabytes on every resume would cost minutes); their index by content.
+_MODEL_TEXT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """blake2b-256 of a file's bytes, streamed."""
+    h = hashlib.blake2b(digest_size=32)
+    with path.open("rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_files_digest(model_dir: Path) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    for name in _MODEL_TEXT_FILES:
+        p = model_dir / name
+        if p.is_file():
+            h.update(f"{name}\0{file_digest(p)}\0".encode())
+    for p in sorted(model_dir.iterdir()):
+        if p.name.endswith(".index.json") and p.is_file():
+            h.update(f"{p.name}\0{file_digest(p)}\0".encode())
+        elif p.name.endswith(_WEIGHT_SUFFIXES) and p.is_file():
+            h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+    return h.hexdigest()
+
+
+def build_fingerprint(
+    *,
+    input_path: Path,
+    limit: int | None,
+    skip_bad_rows: bool,
+    id_column: str | None,
+    template_text: str,
+    model_dir: Path,
+    chat: bool,
+    sampling: Mapping[str, Any],
+    nulls: str,
+    truncate: str | None,
+    dtype: str,
+) -> dict[str, Any]:
+    st = input_path.stat()
+    fp: dict[str, Any] = {
+        "input.path": str(input_path.resolve()),
+        "input.size": st.st_size,
+        "input.mtime": st.st_mtime_ns,
+        "input.content": file_digest(input_path),
+        "input.limit": limit,
+        "input.skip_bad_rows": skip_bad_rows,
+        "input.id_column": id_column,
+        "template": template_text,
+        "model.path": str(model_dir.resolve()),
+        "model.files": model_files_digest(model_dir),
+        "chat": chat,
+        "nulls": nulls,
+        "truncate": truncate,
+        "dtype": dtype,
+        "batchllm_version": __version__,
+    }
+    for key in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
+        value = sampling[key]
+        fp[key] = list(value) if isinstance(value, tuple) else value
+    return fp
+
+
+def normalized(fp: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint as it reads back from JSON (tuples become lists, ...)."""
+    return json.loads(json.dumps(dict(fp)))
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Names of the compared fields that differ (a field missing on one side counts as changed)."""
+    a, b = normalized(old), normalized(new)
+    keys = [k for k in list(b) + [k for k in a if k not in b] if k not in INFO_FIELDS]
+    return [k for k in dict.fromkeys(keys) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any], fields: list[str]) -> str:
+    parts = []
+    a, b = normalized(old), normalized(new)
+    for k in fields:
+        label = FIELD_LABELS.get(k, k)
+        before, after = a.get(k), b.get(k)
+        if k in ("template", "input.content", "model.files") or before is None or after is None:
+            parts.append(label)
+        else:
+            parts.append(f"{label} ({_short(before)} -> {_short(after)})")
+    return ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def digest_of(fp: Mapping[str, Any]) -> str:
+    compared = {k: v for k, v in normalized(fp).items() if k not in INFO_FIELDS}
+    return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()
+
