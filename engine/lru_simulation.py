@@ -17,8 +17,9 @@ Model (vLLM v1 automatic prefix caching, simplified to one request at a time):
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+from itertools import repeat, starmap, takewhile
 
 import numpy as np
 
@@ -29,6 +30,7 @@ _SEED = _U64(0x243F6A8885A308D3)
 _MUL = _U64(0x9E3779B97F4A7C15)
 _BLOCKS_PER_CHUNK = 1 << 18
 _ROWS_PER_CHUNK = 1 << 16
+_consume = deque(maxlen=0).extend  # runs an iterator to its end at C speed
 
 
 def _splitmix(z: np.ndarray) -> np.ndarray:
@@ -59,14 +61,18 @@ def block_hashes(seqs: PackedSequences, block_size: int) -> tuple[np.ndarray, np
     total = int(boff[-1])
     content = np.empty(total, dtype=_U64)
     if total:
-        keys = _token_keys(block_size)
+        # An even block of int32 tokens is read as half as many 64-bit words (no conversion pass);
+        # all blocks have the same length, so raw words (zeros included) identify the tokens.
+        paired = block_size % 2 == 0
+        keys = _token_keys(block_size // 2 if paired else block_size)
         block_row = np.repeat(np.arange(seqs.n, dtype=np.int64), nb)
         for c in range(0, total, _BLOCKS_PER_CHUNK):
             ids = np.arange(c, min(c + _BLOCKS_PER_CHUNK, total), dtype=np.int64)
             r = block_row[ids]
             starts = seqs.offsets[r] + (ids - boff[r]) * block_size
-            win = token_windows(seqs.tokens, starts, block_size).astype(_U64) + _U64(1)
-            content[ids] = _splitmix((win * keys[None, :]).sum(axis=1, dtype=_U64))
+            win = token_windows(seqs.tokens, starts, block_size)
+            words = win.view(_U64) if paired else win.astype(_U64)
+            content[ids] = _splitmix((words * keys[None, :]).sum(axis=1, dtype=_U64))
     hashes = np.empty(total, dtype=_U64)
     # Chain along each sequence, vectorized across sequences: step j handles every j-th block.
     first = boff[:-1]
@@ -165,31 +171,31 @@ class LruPrefixCache:
         return int(first_miss.sum()) * self.block_size
 
     def _feed_lru(self, hashes: np.ndarray, boff: np.ndarray, limit: np.ndarray) -> int:
+        """Exact LRU walk, one request at a time. Per request a handful of C-level bulk calls
+        (itertools/map over the OrderedDict's methods) replace per-block Python statements."""
         lru = self._lru
         cap = self.capacity
-        touch = lru.move_to_end
+        cached = lru.__contains__
+        drop = lru.pop
+        append = lru.update
         evict = lru.popitem
         hs = hashes.tolist()
         bounds = boff.tolist()
         hit_blocks = 0
+        none = repeat(None)
         for r, lim in enumerate(limit.tolist()):
             a, b = bounds[r], bounds[r + 1]
-            k = 0
-            while k < lim and hs[a + k] in lru:
-                k += 1
-            hit_blocks += k
-            # Tail first, so the request's first block ends up most recently used. Blocks past the
-            # hit run are mostly new; the hit ones are known to be cached.
-            for i in range(b - 1, a + k - 1, -1):
-                h = hs[i]
-                if h in lru:
-                    touch(h)
-                else:
-                    lru[h] = None
-            for i in range(a + k - 1, a - 1, -1):
-                touch(hs[i])
-            while len(lru) > cap:
-                evict(last=False)
+            if lim:
+                hit_blocks += len(list(takewhile(cached, hs[a : a + lim])))
+            blocks = hs[a:b]
+            # Tail first, so the request's first block ends up most recently used: drop the blocks
+            # from wherever they are, then append them in that order.
+            blocks.reverse()
+            _consume(map(drop, blocks, none))
+            append(zip(blocks, none))
+            excess = len(lru) - cap
+            if excess > 0:
+                _consume(starmap(evict, repeat((False,), excess)))
         return hit_blocks * self.block_size
 
     def result(self) -> LruResult:

@@ -113,27 +113,37 @@ class TrieBuilder:
         if len(lengths) != len(lcps):
             raise ValueError("lengths and lcps must have the same length.")
         stack, sdepth = self._stack, self._stack_depth
-        parent, lo_arr, hi_arr, ends = self._parent, self._lo, self._hi, self._ends
-        push = self._push
+        parent, depth_arr, lo_arr, hi_arr, ends = self._parent, self._depth, self._lo, self._hi, self._ends
+        # Bound methods hoisted out of the loop: it runs once per sequence in pure Python.
+        p_app, d_app, lo_app, hi_app, e_app = (
+            parent.append, depth_arr.append, lo_arr.append, hi_arr.append, ends.append
+        )
+        s_push, s_pop, sd_push, sd_pop = stack.append, stack.pop, sdepth.append, sdepth.pop
         pos = self._pos
+        new_id = len(depth_arr)
         for length, l in zip(lengths.tolist(), lcps.tolist()):
             if pos == 0:
                 l = 0
             # Close the nodes deeper than the shared prefix with the previous sequence.
             while sdepth[-1] > l:
-                node = stack.pop()
-                sdepth.pop()
+                node = s_pop()
+                sd_pop()
                 hi_arr[node] = pos
                 if sdepth[-1] >= l:
                     parent[node] = stack[-1]
                 else:
                     # No node at depth l on the path yet: the branching node starts where `node` did.
-                    parent[node] = push(l, lo_arr[node])
+                    parent[node] = new_id
+                    p_app(-1), d_app(l), lo_app(lo_arr[node]), hi_app(-1), e_app(0)
+                    s_push(new_id), sd_push(l)
+                    new_id += 1
             # Now the stack top is the node at depth l.
             if length == l:
                 ends[stack[-1]] += 1  # duplicate of, or prefix of, what came before
             else:
-                ends[push(length, pos)] += 1
+                p_app(-1), d_app(length), lo_app(pos), hi_app(-1), e_app(1)
+                s_push(new_id), sd_push(length)
+                new_id += 1
             pos += 1
         self._pos = pos
 
