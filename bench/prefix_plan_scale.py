@@ -77,9 +77,13 @@ def synthesize_documents(
     for j in range(len(instr)):
         tokens[offsets[:-1] + j] = instr[j]
     # Document tokens of every row: source index = doc start + position within the document.
-    dl = doc_len[which]
-    within = np.arange(int(dl.sum()), dtype=np.int64) - np.repeat(np.cumsum(dl) - dl, dl)
-    tokens[np.repeat(offsets[:-1] + len(instr), dl) + within] = doc_tokens[np.repeat(doc_off[which], dl) + within]
+    # In row chunks, so the index temporaries stay small and peak RSS measures the planner.
+    for c in range(0, n, 1 << 15):
+        w = which[c : c + (1 << 15)]
+        dl = doc_len[w]
+        within = np.arange(int(dl.sum()), dtype=np.int64) - np.repeat(np.cumsum(dl) - dl, dl)
+        dst = np.repeat(offsets[c : c + len(w)] + len(instr), dl) + within
+        tokens[dst] = doc_tokens[np.repeat(doc_off[w], dl) + within]
     return PackedSequences(tokens, offsets)
 
 
