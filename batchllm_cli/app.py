@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -222,11 +223,17 @@ def run(
         finally:
             guard.draining = True  # releasing the locks must not be interrupted half-way
             prepared.close()
-    except BatchLLMError as exc:
-        raise _fail(exc) from None
-    except (JobInterrupted, KeyboardInterrupt) as exc:
-        code = exc.exit_code if isinstance(exc, JobInterrupted) else 130
-        raise _fail(Interrupted(f"Interrupted ({exc}) before any row ran; nothing was committed.", code)) from None
+    except BaseException as exc:
+        if isinstance(exc, Interrupted):
+            raise _fail(exc) from None
+        # A signal during preparation (DuckDB reports it as "Query interrupted", i.e. another error).
+        if guard.pending is not None or isinstance(exc, (JobInterrupted, KeyboardInterrupt)):
+            stop = JobInterrupted(guard.pending or signal.SIGINT)
+            raise _fail(Interrupted(f"Interrupted by {stop} before any row ran; nothing was committed.",
+                                    stop.exit_code)) from None
+        if isinstance(exc, BatchLLMError):
+            raise _fail(exc) from None
+        raise
     finally:
         guard.restore()
     _render_report(report, err_console)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -603,17 +604,15 @@ def execute_run(
                 config = _engine_config(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
                 engine = _load_engine(prepared, config, sink)
         sink.commit()
-    except JobInterrupted as stop:
+    except BaseException as exc:
         guard.draining = True
         sink.salvage()
-        raise Interrupted(
-            f"Interrupted by {stop}: {sink.committed.rows} of {prepared.total_rows} rows are committed in "
-            f"{prepared.run_dir.path}; run the same command again to resume.",
-            stop.exit_code,
-        ) from None
-    except BaseException:
-        guard.draining = True
-        sink.salvage()
+        # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
+        if isinstance(exc, JobInterrupted) or guard.pending is not None:
+            raise _interrupted(guard, exc, (
+                f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
+                f"{prepared.run_dir.path}; run the same command again to resume."
+            )) from None
         raise
     finally:
         observer.finish()
@@ -626,7 +625,16 @@ def execute_run(
         raise BatchLLMError(f"Internal error: {missing} rows have no committed result; run the same command again.")
 
     t2 = time.perf_counter()
-    report_files = _write_final(prepared)
+    try:
+        report_files = _write_final(prepared)
+    except BaseException as exc:
+        if isinstance(exc, JobInterrupted) or guard.pending is not None:
+            guard.draining = True
+            raise _interrupted(guard, exc, (
+                f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
+                "written yet; run the same command again to write it."
+            )) from None
+        raise
     write_s = time.perf_counter() - t2
 
     prefill = sum(getattr(s, "prefill_tokens", 0) for s in stats_acc)
@@ -667,6 +675,11 @@ def execute_run(
         run_dir=str(prepared.run_dir.path),
         **report_files,
     )
+
+
+def _interrupted(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:
+    stop = exc if isinstance(exc, JobInterrupted) else JobInterrupted(guard.pending or signal.SIGINT)
+    return Interrupted(f"Interrupted by {stop}: {what}", stop.exit_code)
 
 
 def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: _ShardSink) -> Any:
