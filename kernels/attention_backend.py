@@ -95,6 +95,10 @@ class AttentionBackend(Protocol):
 class _StepMixin:
     """build_step_metadata / attention in terms of the backend's four primitives."""
 
+    # Decode rows outside any group of 2+: through the shared-prefix launch (True, one launch for
+    # all decodes) or through paged attention (False: cheaper for the PyTorch references).
+    shared_launch_for_plain_rows = True
+
     def build_step_metadata(
         self,
         query_lens: Sequence[int],
@@ -123,9 +127,15 @@ class _StepMixin:
         pre: list[int] = []
         starts: list[int] = []
         row = 0
+        members: dict[Hashable, int] = {}
+        if not self.shared_launch_for_plain_rows:
+            for i, ql in enumerate(query_lens):
+                if ql == 1 and gids[i] is not None and plens[i] > 0:
+                    members[gids[i]] = members.get(gids[i], 0) + 1
         for i, ql in enumerate(query_lens):
             starts.append(row)
-            (dec if ql == 1 else pre).append(i)
+            grouped = gids[i] is not None and plens[i] > 0 and members.get(gids[i], 0) >= 2
+            (dec if ql == 1 and (grouped or self.shared_launch_for_plain_rows) else pre).append(i)
             row += int(ql)
         paged = shared = None
         if pre:
@@ -161,6 +171,7 @@ class TorchBackend(_StepMixin):
     """The PyTorch references (the CPU path; also runs on CUDA, slowly)."""
 
     name = "torch"
+    shared_launch_for_plain_rows = False
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv_reference(key, value, k_cache, v_cache, slot_mapping)

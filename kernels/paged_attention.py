@@ -34,18 +34,18 @@ class PagedBatch:
     """The tensors that describe where each sequence's queries and context live.
 
     The attention function needs only tensors; the engine builds this once per step and every
-    layer reuses it.
+    layer reuses it. Context is gathered a whole block at a time (much cheaper than per slot).
     decode_*: sequences with exactly one query, gathered as a padded batch.
     prefill_*: the others, one entry each (host ints, so slicing needs no device sync).
     """
 
     # decode part
     decode_query_index: torch.Tensor  # [num_decode] rows of q
-    decode_slots: torch.Tensor  # [num_decode, max_context] int64 slot of each context position
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_context] bool, True where the key is valid
+    decode_blocks: torch.Tensor  # [num_decode, max_blocks] int64, padded with the row's first block
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_blocks * block_size] bool, True on valid keys
     # prefill part: (query_start, query_len, context_len) per prefill sequence
     prefill_spans: tuple[tuple[int, int, int], ...]
-    prefill_slots: tuple[torch.Tensor, ...]  # per prefill sequence, [context_len] int64
+    prefill_blocks: tuple[torch.Tensor, ...]  # per prefill sequence, [ceil(context_len / block_size)]
 
 
 def build_paged_batch(
@@ -60,49 +60,39 @@ def build_paged_batch(
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     spans: list[tuple[int, int, int]] = []
-    prefill_slots: list[torch.Tensor] = []
+    prefill_blocks: list[torch.Tensor] = []
     start = 0
-    offsets = torch.arange(block_size, dtype=torch.int64)
     for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables):
         assert 0 < q_len <= ctx_len <= len(table) * block_size
+        num_blocks = -(-ctx_len // block_size)
         if q_len == 1:
             decode_rows.append(start)
-            decode_tables.append(table)
+            decode_tables.append(list(table[:num_blocks]))
             decode_lens.append(ctx_len)
         else:
-            blocks = torch.tensor(table, dtype=torch.int64)
-            slots = (blocks[:, None] * block_size + offsets[None, :]).flatten()[:ctx_len]
             spans.append((start, q_len, ctx_len))
-            prefill_slots.append(slots.to(device))
+            prefill_blocks.append(torch.tensor(table[:num_blocks], dtype=torch.int64, device=device))
         start += q_len
-    max_ctx = max(decode_lens, default=0)
-    max_blocks = -(-max_ctx // block_size)
-    padded = torch.zeros((len(decode_tables), max_blocks), dtype=torch.int64)
-    for i, table in enumerate(decode_tables):
-        n = -(-decode_lens[i] // block_size)
-        padded[i, :n] = torch.tensor(table[:n], dtype=torch.int64)
-    slots = (padded[:, :, None] * block_size + offsets[None, None, :]).flatten(1)[:, :max_ctx]
+    max_blocks = max((len(t) for t in decode_tables), default=0)
+    padded = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.int64)
     lens = torch.tensor(decode_lens, dtype=torch.int64)
-    mask = torch.arange(max_ctx)[None, :] < lens[:, None]
-    # Padding points at the sequence's first (always written) slot: masked keys must still be finite,
-    # since the cache is uninitialised and 0 * NaN would poison the output.
-    slots = torch.where(mask, slots, slots[:, :1])
+    mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]
     return PagedBatch(
         decode_query_index=torch.tensor(decode_rows, dtype=torch.int64, device=device),
-        decode_slots=slots.to(device),
+        decode_blocks=padded.reshape(len(decode_tables), max_blocks).to(device),
         decode_mask=mask[:, None, None, :].to(device),
         prefill_spans=tuple(spans),
-        prefill_slots=tuple(prefill_slots),
+        prefill_blocks=tuple(prefill_blocks),
     )
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     # q: [b, num_heads, q_len, d]; k, v: [b, num_kv_heads, kv_len, d]; mask broadcastable to [b, h, q, kv]
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    if num_heads != num_kv_heads:
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # GQA without copying K/V per query head; no mask when the chunk is the whole causal context
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def paged_attention_reference(
@@ -116,22 +106,32 @@ def paged_attention_reference(
 
     Returns [num_tokens, num_heads, head_dim].
     """
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     out = torch.empty_like(q)
     if batch.decode_query_index.numel():
-        # [num_decode, max_ctx, kv_heads, d] -> [num_decode, kv_heads, max_ctx, d]
-        k = k_flat[batch.decode_slots].transpose(1, 2)
-        v = v_flat[batch.decode_slots].transpose(1, 2)
-        qd = q[batch.decode_query_index].unsqueeze(2)  # [num_decode, heads, 1, d]
+        rows, width = batch.decode_blocks.shape
+        flat = batch.decode_blocks.flatten()
+        # [rows, width * block_size, kv_heads, d] -> [rows, kv_heads, ctx, d]
+        # unwritten slots of a gathered block may hold anything (NaN in the tests); SDPA adds a
+        # -inf bias to masked scores and weighs masked values by 0, and both turn NaN into NaN,
+        # so masked keys and values are zeroed
+        invalid = ~batch.decode_mask[:, 0, 0, :, None, None]
+        k = k_cache.index_select(0, flat).view(rows, width * block_size, num_kv_heads, head_dim)
+        v = v_cache.index_select(0, flat).view(rows, width * block_size, num_kv_heads, head_dim)
+        k = k.masked_fill_(invalid, 0.0).transpose(1, 2)
+        v = v.masked_fill_(invalid, 0.0).transpose(1, 2)
+        qd = q[batch.decode_query_index].unsqueeze(2)  # [rows, heads, 1, d]
         out[batch.decode_query_index] = _attend(qd, k, v, batch.decode_mask, scale).squeeze(2)
-    for (start, q_len, ctx_len), slots in zip(batch.prefill_spans, batch.prefill_slots):
-        k = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, d]
-        v = v_flat[slots].transpose(0, 1).unsqueeze(0)
+    for (start, q_len, ctx_len), blocks in zip(batch.prefill_spans, batch.prefill_blocks):
+        k = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx_len]
+        v = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx_len]
+        k = k.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, d]
+        v = v.transpose(0, 1).unsqueeze(0)
         qp = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]
         # query j sits at position ctx_len - q_len + j and sees keys up to that position
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        mask = None
+        if q_len != ctx_len:
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
         out[start : start + q_len] = _attend(qp, k, v, mask, scale).squeeze(0).transpose(0, 1)
     return out
