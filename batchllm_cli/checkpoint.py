@@ -110,15 +110,23 @@ class FileLock:
     notices (the path no longer names the file it locked) and retries with the new one.
     """
 
-    def __init__(self, path: Path, *, record_owner: bool = False, remove_on_release: bool = False) -> None:
+    def __init__(self, path: Path, *, remove_on_release: bool = False) -> None:
         self.path = path
-        self.record_owner = record_owner
         self.remove_on_release = remove_on_release
         self._fd: int | None = None
+        self._touched = False  # we created the file or wrote to it (else a stale one stays as it was)
 
     def acquire(self, what: str) -> None:
         for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue
+                created = False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -138,12 +146,17 @@ class FileLock:
                 os.close(fd)
                 continue
             self._fd = fd
-            if self.record_owner:
-                info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, info.encode() + b"\n", 0)
+            self._touched = created
             return
         raise LockHeld(f"Could not take the lock {self.path}; try again.")
+
+    def record_owner(self) -> None:
+        """Write our pid and host into the lock file (for the message another run prints)."""
+        assert self._fd is not None
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, info.encode() + b"\n", 0)
+        self._touched = True
 
     def _owner(self) -> str:
         try:
@@ -155,7 +168,7 @@ class FileLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        if self.remove_on_release:
+        if self.remove_on_release and self._touched:
             try:
                 self.path.unlink()
             except OSError:

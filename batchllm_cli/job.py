@@ -348,11 +348,11 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             dtype=settings.dtype,
         )
 
-        output_lock = FileLock(output_lock_path(settings.output), record_owner=True, remove_on_release=True)
+        output_lock = FileLock(output_lock_path(settings.output), remove_on_release=True)
         output_lock.acquire(str(settings.output))
-        remove_stale_output_files(settings.output)
         marker = read_marker(settings.output)
         if _marker_matches(marker, fingerprint, settings.output):
+            remove_stale_output_files(settings.output)
             if not settings.keep_checkpoints:
                 _remove_finished_run_dir(RunDir(run_dir_path), marker)
             return PreparedRun(
@@ -389,6 +389,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         engine_config = _engine_config(settings, model_dir)
 
         # From here on the run writes: the old marker goes first (its output is about to be replaced).
+        output_lock.record_owner()
+        remove_stale_output_files(settings.output)
         if marker is not None:
             remove_durably([marker_path(settings.output)])
         if manifest is None:
