@@ -6,8 +6,10 @@ template or not, special tokens or not) live here once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Iterator, Protocol, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from batchllm_cli.table_io import ROW_ID, TableSource
@@ -52,12 +54,59 @@ def fit_prompt(item: PromptRow, max_prompt_tokens: int, truncate: str | None) ->
         return PromptRow(item.row_id, item.token_ids[n - max_prompt_tokens :], truncated=True)
     if truncate == "right":
         return PromptRow(item.row_id, item.token_ids[:max_prompt_tokens], truncated=True)
+    return _too_long(item.row_id, n, max_prompt_tokens)
+
+
+def _too_long(row_id: int, n: int, max_prompt_tokens: int) -> FailedRow:
     return FailedRow(
-        item.row_id,
+        row_id,
         f"prompt too long: {n} tokens, but at most {max_prompt_tokens} fit (the model's context minus "
         "--max-tokens); shorten the row, lower --max-tokens, or pass --truncate left|right.",
         kind="prompt_too_long",
     )
+
+
+@dataclass(frozen=True)
+class PackedPrompts:
+    """Token ids of a batch's rendered rows, packed: row `row_ids[i]` has `lengths[i]` tokens,
+    consecutive in `tokens` (int32); rows whose template failed are in `failed`."""
+
+    row_ids: np.ndarray  # int64 (n,), ascending
+    tokens: np.ndarray  # int32 (lengths.sum(),)
+    lengths: np.ndarray  # int64 (n,)
+    failed: list[FailedRow]
+
+
+def fit_packed(
+    prompts: PackedPrompts, max_prompt_tokens: int, truncate: str | None
+) -> tuple[PackedPrompts, int]:
+    """`fit_prompt` for a packed batch: (the batch with too-long rows cut or moved to `failed`,
+    number of rows cut)."""
+    lengths = prompts.lengths
+    long = lengths > max_prompt_tokens
+    if not long.any():
+        return prompts, 0
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    failed = list(prompts.failed)
+    if truncate in TRUNCATE_SIDES:
+        keep = np.ones(len(lengths), dtype=bool)
+        new_len = np.minimum(lengths, max_prompt_tokens)
+        if truncate == "left":
+            starts = starts + (lengths - new_len)
+        cut = int(long.sum())
+    else:
+        keep = ~long
+        new_len = lengths
+        failed.extend(_too_long(int(r), int(n), max_prompt_tokens) for r, n in zip(prompts.row_ids[long], lengths[long]))
+        failed.sort(key=lambda f: f.row_id)
+        cut = 0
+    starts, new_len = starts[keep], new_len[keep]
+    # Source index of every kept token: its row's (new) start plus its index within the row.
+    total = int(new_len.sum())
+    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(new_len) - new_len, new_len)
+    tokens = prompts.tokens[np.repeat(starts, new_len) + within]
+    return PackedPrompts(prompts.row_ids[keep], tokens, new_len, failed), cut
 
 
 class PromptEncoder:
@@ -78,25 +127,44 @@ class PromptEncoder:
     def prompt_text(self, rendered: str) -> str:
         return self.tokenizer.apply_chat_template(rendered) if self.chat else rendered
 
-    def encode(self, batch: pa.RecordBatch) -> list[PromptRow | FailedRow]:
-        """One item per row of `batch`, in the batch's order."""
+    def render(self, batch: pa.RecordBatch) -> tuple[list[int], list[str], list[FailedRow]]:
+        """(row ids, prompt texts) of the rows that render, in the batch's order, and the failures."""
         row_ids = batch.column(ROW_ID).to_pylist()
         # Only the columns the template reads are converted to Python objects: wide tables stay cheap.
         used = [name for name in batch.schema.names if name in self._variables]
         rows = batch.select(used).to_pylist() if used else [{} for _ in row_ids]
         texts: list[str] = []
         text_ids: list[int] = []
-        out: list[PromptRow | FailedRow] = []
+        failed: list[FailedRow] = []
         for row_id, row in zip(row_ids, rows):
             try:
                 texts.append(self.prompt_text(self.template.render(row)))
                 text_ids.append(row_id)
             except RowRenderError as exc:
-                out.append(FailedRow(row_id, str(exc), exc.kind))
+                failed.append(FailedRow(row_id, str(exc), exc.kind))
+        return text_ids, texts, failed
+
+    def encode(self, batch: pa.RecordBatch) -> list[PromptRow | FailedRow]:
+        """One item per row of `batch`, in the batch's order."""
+        text_ids, texts, failed = self.render(batch)
+        out: list[PromptRow | FailedRow] = list(failed)
         encoded = self.tokenizer.encode_batch(texts, add_special_tokens=not self.chat) if texts else []
         out.extend(PromptRow(rid, ids) for rid, ids in zip(text_ids, encoded))
         out.sort(key=lambda item: item.row_id)
         return out
+
+    def encode_packed(self, batch: pa.RecordBatch) -> PackedPrompts:
+        """The rows of `batch` as packed token arrays (the same ids as `encode`) plus the failures."""
+        text_ids, texts, failed = self.render(batch)
+        special = not self.chat
+        packed = getattr(self.tokenizer, "encode_batch_packed", None)
+        if packed is not None:
+            tokens, lengths = packed(texts, add_special_tokens=special)
+        else:
+            ids = self.tokenizer.encode_batch(texts, add_special_tokens=special) if texts else []
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        return PackedPrompts(np.asarray(text_ids, dtype=np.int64), tokens, lengths, failed)
 
 
 def iter_prompts(

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from itertools import chain
 from typing import Sequence
+
+import numpy as np
 
 from engine.errors import ModelLoadError
 
@@ -84,6 +87,38 @@ class Tokenizer:
             return []
         out = self._tok(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
         return [list(ids) for ids in out]
+
+    def encode_batch_packed(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The same token ids as `encode_batch`, packed: (tokens int32 (total,), lengths int64 (n,)).
+
+        Goes straight to the fast (Rust) tokenizer's batch encoder, parallel and without computing
+        character offsets, and never builds one Python list of ints for the whole batch: this is
+        the path for tokenizing whole tables (`batchllm analyze`).
+        """
+        n = len(texts)
+        if n == 0:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        backend = getattr(self._tok, "_tokenizer", None)
+        # A tokenizer.json may carry truncation or padding settings, which transformers switches off
+        # for a plain call; then (or for a slow tokenizer) take the transformers path itself.
+        direct = (
+            backend is not None
+            and hasattr(backend, "encode_batch")
+            and getattr(backend, "truncation", None) is None
+            and getattr(backend, "padding", None) is None
+        )
+        if not direct:
+            ids = self.encode_batch(texts, add_special_tokens=add_special_tokens)
+        else:
+            texts = list(texts)
+            fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.21: no offsets
+            encs = (fast or backend.encode_batch)(texts, add_special_tokens=add_special_tokens)
+            ids = [e.ids for e in encs]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+        tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        return tokens, lengths
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.encode_batch([text], add_special_tokens=add_special_tokens)[0]
