@@ -352,6 +352,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         output_lock.acquire(str(settings.output))
         marker = read_marker(settings.output)
         if _marker_matches(marker, fingerprint, settings.output):
+            # Tidy what a run killed after its marker left (its lock file, temp files, run directory).
+            output_lock.record_owner()
             remove_stale_output_files(settings.output)
             if not settings.keep_checkpoints:
                 _remove_finished_run_dir(RunDir(run_dir_path), marker)
