@@ -236,3 +236,24 @@ def test_entry_point_sigterm_and_kill_then_resume(tmp_path: Path, env: dict[str,
     assert sorted(committed_row_ids(run_dir)) == list(range(n))
     again = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_sigint_commits_finished_rows_and_exits_130(tmp_path: Path, env: dict[str, str]) -> None:
+    inp = write_rows_csv(tmp_path / "in.csv", SWEEP_ROWS)
+    tpl = write_template(tmp_path / "t.j2")
+    out = tmp_path / "out.parquet"
+    run_dir = out.with_name(out.name + ".batchllm")
+    # Large shards: the rows finished since the last commit are what SIGINT must save.
+    args = job_args(inp, tpl, out, "--checkpoint-rows", "100000", "--checkpoint-seconds", "1000")
+    p = cli_process.start(args, env, tmp_path / "run.log")
+    _wait_for_generation(p)
+    time.sleep(1.0)  # some rows finish (the whole job takes several seconds)
+    assert p.running
+    t = time.monotonic()
+    p.kill(signal.SIGINT)
+    assert p.wait(timeout=30) == 130, p.output
+    assert time.monotonic() - t < 10
+    assert "Interrupted by SIGINT" in p.output
+    saved = committed_row_ids(run_dir)
+    assert 0 < len(saved) < SWEEP_ROWS  # no commit was due: these are the rows the signal flushed
+    assert not out.with_name(out.name + ".lock").exists()  # an orderly exit releases its lock
