@@ -25,6 +25,7 @@ from batchllm_cli.job import (
     prepare_run,
 )
 from batchllm_cli.options import (
+    AnalyzeJsonOpt,
     BlockSizeOpt,
     ChatOpt,
     CheckpointDirOpt,
@@ -35,16 +36,19 @@ from batchllm_cli.options import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    HtmlOpt,
     IdColumnOpt,
     InputArg,
     KeepCheckpointsOpt,
     KVCacheMemoryOpt,
+    KVCacheTokensOpt,
     LimitOpt,
     MaxBatchTokensOpt,
     MaxTokensOpt,
     ModelOpt,
     NullPolicy,
     NullsOpt,
+    OutOfCoreOpt,
     OutputOpt,
     RestartOpt,
     SeedOpt,
@@ -55,7 +59,9 @@ from batchllm_cli.options import (
     SummaryOpt,
     TemperatureOpt,
     TemplateOpt,
+    TokenizerOpt,
     TopKOpt,
+    TopOpt,
     TopPOpt,
     TruncateOpt,
 )
@@ -240,6 +246,90 @@ def run(
     if summary is not None:
         _write_summary(report, summary)
     raise typer.Exit(report.exit_code)
+
+
+ANALYZE_EPILOG = (
+    "Exit codes: 0 report written (rows whose template fails or whose prompt does not fit are counted in "
+    "it); 1 fatal error; 2 usage error (bad flag, missing or malformed input, unknown template variable, "
+    "unusable model or tokenizer, report file not writable; found before any row is tokenized); 130 "
+    "interrupted."
+)
+
+
+@app.command("analyze", epilog=ANALYZE_EPILOG, no_args_is_help=True)
+def analyze_command(
+    input: InputArg,
+    template: TemplateOpt,
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    chat: ChatOpt = None,
+    limit: LimitOpt = None,
+    id_column: IdColumnOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = False,
+    nulls: NullsOpt = NullPolicy.error,
+    truncate: TruncateOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    block_size: BlockSizeOpt = None,
+    kv_cache_tokens: KVCacheTokensOpt = None,
+    out_of_core: OutOfCoreOpt = None,
+    top: TopOpt = 10,
+    json_out: AnalyzeJsonOpt = None,
+    html_out: HtmlOpt = None,
+) -> None:
+    """Report how much prompt work the rows share and what batchllm saves, before any GPU time.
+
+    Example: batchllm analyze examples/reviews.csv --template classify --html report.html
+
+    Renders and tokenizes every row exactly as `run` would (no model weights are loaded), builds the
+    global prefix tree, and compares the prefill tokens of no sharing, an LRU prefix cache in table
+    order, BatchLLM's single-level plan, batchllm's plan and the optimum.
+    """
+    from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze, run_analyze
+    from batchllm_cli.analyze_report import (
+        AnalyzeProgress,
+        check_report_path,
+        render_html,
+        render_text,
+        report_json,
+        write_report_file,
+    )
+
+    settings = AnalyzeSettings(
+        input=input,
+        template=template,
+        model=model,
+        tokenizer=tokenizer,
+        chat=chat,
+        limit=limit,
+        id_column=id_column,
+        skip_bad_rows=skip_bad_rows,
+        nulls=nulls.value,
+        truncate=truncate.value if truncate is not None else None,
+        max_tokens=max_tokens,
+        block_size=block_size,
+        kv_cache_tokens=kv_cache_tokens,
+        top=top,
+        out_of_core=out_of_core,
+    )
+    progress = AnalyzeProgress(err_console)
+    try:
+        check_report_path(json_out, "--json")
+        check_report_path(str(html_out) if html_out is not None else None, "--html")
+        prepared = prepare_analyze(settings, progress)
+        try:
+            report = run_analyze(prepared, progress)
+        finally:
+            prepared.close()
+        render_text(report, err_console)
+        if html_out is not None:
+            write_report_file(str(html_out), render_html(report))
+            err_console.print(Text(f"html: {html_out}"))
+        if json_out is not None:
+            write_report_file(json_out, report_json(report))
+    except BatchLLMError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        raise _fail(Interrupted("Interrupted; no report was written.", 130)) from None
 
 
 @app.command("status", epilog=EXIT_CODES_EPILOG)

@@ -1,7 +1,8 @@
 """Command-line options defined once and shared by every command that means the same thing by them.
 
-`run` uses all of them; `analyze` reuses INPUT, --template, --model, --chat/--no-chat and --limit, so
-the flags cannot drift apart between commands.
+`run` uses most of them; `analyze` reuses INPUT, --template, --model, --chat/--no-chat, --limit,
+--max-tokens, --block-size, --id-column, --skip-bad-rows, --nulls and --truncate, so the flags cannot
+drift apart between commands.
 """
 from __future__ import annotations
 
@@ -327,6 +328,67 @@ KeepCheckpointsOpt = Annotated[
         help="Keep the run directory after the output is written (default: deleted once the completion "
         "marker OUTPUT.success.json is written).",
         rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
+
+# ---- analyze --------------------------------------------------------------------------------------
+PANEL_REPORT = "Report"
+
+TokenizerOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--tokenizer",
+        metavar="DIR",
+        help="Directory with only the tokenizer files (tokenizer.json, tokenizer_config.json): no weights "
+        "needed. Instead of --model.",
+        show_default=False,
+    ),
+]
+KVCacheTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--kv-cache-tokens",
+        metavar="N",
+        help="KV cache capacity, in tokens, of the LRU prefix cache simulated for comparison. Default: "
+        "262144 (about an 8B model's cache on one 80 GB GPU; the real figure depends on the GPU).",
+        min=0,
+        show_default=False,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+TopOpt = Annotated[
+    int,
+    typer.Option("--top", metavar="N", help="Show the N largest shared prefixes.", min=0, rich_help_panel=PANEL_REPORT),
+]
+AnalyzeJsonOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--json",
+        metavar="FILE|-",
+        help="Write the report as JSON to FILE, or to stdout with '-'.",
+        show_default=False,
+        rich_help_panel=PANEL_REPORT,
+    ),
+]
+HtmlOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--html",
+        metavar="FILE",
+        help="Write a self-contained HTML report (numbers and an icicle chart of the prefix tree).",
+        show_default=False,
+        rich_help_panel=PANEL_REPORT,
+    ),
+]
+OutOfCoreOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--out-of-core/--in-memory",
+        metavar="",
+        help="Sort the prompts on disk with DuckDB, or in memory with numpy. Default: in memory when the "
+        "estimate (4 bytes per token + 1 KB per row) fits in half the available memory.",
+        show_default=False,
+        rich_help_panel=PANEL_ENGINE,
     ),
 ]
 

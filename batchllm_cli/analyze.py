@@ -1,0 +1,709 @@
+"""The `analyze` job as a library call: settings in, AnalyzeReport out; the CLI only renders it.
+
+What it does (DESIGN.md, "The prefix plan"): every row is rendered and tokenized exactly as `run`
+would (same template rules, chat template, special tokens, context limit and --truncate), the token
+ids go to the engine's prefix planner, and the report says how much prefill work is shared and what
+each strategy (no sharing, an LRU prefix cache in table order, BatchLLM's single-level plan, our
+plan) would compute.
+
+Scale: rows stream from the table in batches; each batch is rendered, batch-encoded by the fast
+tokenizer into packed int32 arrays, fed to the LRU simulation (which needs table order anyway) and
+appended to a spool file in a temporary directory. No Python list of ints ever holds more than one
+batch. Once every row is tokenized the total is known exactly, and the plan is made
+
+- in memory (numpy sort, `plan_prefixes`) when `estimate_plan_memory` fits the budget: the spool is
+  read back as one int32 array; or
+- out of core (DuckDB sort spilling to the temporary directory, `plan_prefixes_out_of_core`) when it
+  does not: the spool streams back in batches, and only O(rows) state stays in memory.
+
+`--in-memory` / `--out-of-core` override the choice. Either way only a few hundred rows are read
+back at the end to decode the reported prefixes to text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+import numpy as np
+
+from batchllm_cli.errors import UsageError
+from batchllm_cli.job import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
+from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
+from batchllm_cli.table_io import ROW_ID, TableSource
+from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
+
+if TYPE_CHECKING:
+    from engine.packed_sequences import PackedSequences
+    from engine.prefix_plan import GroupSizeStats, PrefixPlan
+    from engine.tokenizer import Tokenizer
+
+# The LRU cache simulated for comparison when --kv-cache-tokens is not given. The engine sizes its
+# cache from the GPU's free memory at load time, which analyze (no GPU, no weights) cannot know;
+# 262144 tokens is what an 8B model (128 KiB of bf16 K+V per token) gets from ~32 GiB, about what
+# one 80 GB GPU has left after the weights.
+DEFAULT_KV_CACHE_TOKENS = 262_144
+DEFAULT_TOP = 10
+DEFAULT_BATCH_ROWS = 4096
+ICICLE_NODES = 240  # trie nodes drawn in the HTML report (the largest by rows)
+FIRST_ERRORS = 5
+
+# Memory of the in-memory plan, measured on 1M rows (bench/analyze_scale.py): the token array itself
+# (4 bytes per token) plus sort order, LCPs, trie, group tables and temporaries (~0.6 KB per row,
+# rounded up), plus a fixed part for the chunked temporaries of the sort and the LRU walk.
+PLAN_BYTES_PER_TOKEN = 4
+PLAN_BYTES_PER_ROW = 1024
+PLAN_BYTES_FIXED = 256 << 20
+# Memory DuckDB may use for the out-of-core sort before it spills to the temporary directory.
+OUT_OF_CORE_SORT_MEMORY = "1GB"
+OUT_OF_CORE_BATCH_ROWS = 65536
+
+
+def estimate_plan_memory(tokens: int, rows: int) -> int:
+    """Bytes the in-memory plan of `rows` prompts with `tokens` tokens in all needs at its peak."""
+    return PLAN_BYTES_PER_TOKEN * tokens + PLAN_BYTES_PER_ROW * rows + PLAN_BYTES_FIXED
+
+
+def available_memory() -> int:
+    """MemAvailable (Linux), else total physical memory; 4 GiB when neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def default_memory_budget() -> int:
+    """The in-memory plan is chosen when its estimate fits in half the available memory."""
+    return available_memory() // 2
+
+
+def default_block_size() -> int:
+    from engine.config import EngineConfig
+
+    return int(EngineConfig.__dataclass_fields__["block_size"].default)
+
+
+class AnalyzeObserver(Protocol):
+    """What analyze tells its caller while it works (the CLI draws progress from this)."""
+
+    def notice(self, message: str) -> None: ...
+
+    def start(self, total_rows: int) -> None: ...
+
+    def advance(self, rows: int) -> None: ...
+
+    def phase(self, name: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class _SilentObserver:
+    def notice(self, message: str) -> None:
+        pass
+
+    def start(self, total_rows: int) -> None:
+        pass
+
+    def advance(self, rows: int) -> None:
+        pass
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """One `analyze` invocation. None means "the default" (of the recipe, the model or the engine)."""
+
+    input: Path
+    template: str
+    model: Path | None = None
+    tokenizer: Path | None = None  # a tokenizer-only directory, instead of `model`
+    chat: bool | None = None
+    limit: int | None = None
+    id_column: str | None = None
+    skip_bad_rows: bool = False
+    nulls: str = "error"
+    truncate: str | None = None
+    max_tokens: int | None = None
+    block_size: int | None = None
+    kv_cache_tokens: int | None = None
+    top: int = DEFAULT_TOP
+    icicle_nodes: int = ICICLE_NODES
+    out_of_core: bool | None = None  # None: choose by estimate_plan_memory
+    memory_budget: int | None = None  # bytes for the in-memory plan; None: half the available memory
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    temp_dir: Path | None = None  # spool and DuckDB spill; None: the system's ($TMPDIR)
+
+
+@dataclass(frozen=True)
+class TopPrefix:
+    """A prefix shared by `rows` rows: their first `tokens` tokens, decoded (`text`). The last
+    `new_tokens` of them extend the next shorter shared prefix (its parent in the prefix tree);
+    computing them once instead of per row saves `saved_tokens` = (rows - 1) * new_tokens. Over all
+    shared prefixes these savings add up to prompt_tokens - unique_prompt_tokens."""
+
+    text: str
+    rows: int
+    tokens: int
+    new_tokens: int
+    new_text: str  # the last new_tokens tokens, decoded
+    saved_tokens: int
+    example_row: int  # a row (0-based position in the input) that starts with it
+    example_id: Any = None  # that row's --id-column value
+
+
+@dataclass(frozen=True)
+class IcicleNode:
+    """A trie node for the chart: tokens [depth_start, depth_end) shared by `rows` rows, `text` is
+    that span decoded. `hidden_rows` rows below it continue into nodes not drawn (or end here), with
+    `hidden_tokens` unique tokens among them."""
+
+    node: int
+    parent: int
+    depth_start: int
+    depth_end: int
+    rows: int
+    text: str
+    hidden_rows: int
+    hidden_tokens: int
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int
+    id: Any
+    kind: str
+    error: str
+
+
+@dataclass(frozen=True)
+class AnalyzeReport:
+    """What `analyze` found. Token counts cover the rows that have a prompt (`rows_planned`); rows
+    whose template failed or whose prompt does not fit the context are counted in `rows_failed`."""
+
+    input: str
+    template: str
+    tokenizer_dir: str
+    demo_model: bool
+    chat: bool
+    block_size: int
+    kv_cache_tokens: int
+    max_tokens: int
+    rows: int  # rows read from the input
+    rows_planned: int
+    rows_failed: int
+    failures: dict[str, int]  # kind -> rows
+    first_errors: tuple[RowError, ...]
+    rows_truncated: int
+    rows_rejected: int
+    prompt_tokens: int
+    unique_prompt_tokens: int  # trie nodes: the least prefill work possible
+    sharing_ratio: float  # 1 - unique / prompt
+    max_prompt_tokens: int  # longest prompt
+    lru_prefill_tokens: int
+    batchllm_prefill_tokens: int
+    plan_prefill_tokens: int
+    groups: GroupSizeStats  # ours
+    batchllm_groups: GroupSizeStats
+    decode_saved_reads: int
+    top_prefixes: tuple[TopPrefix, ...]
+    icicle: tuple[IcicleNode, ...]
+    trie_nodes: int
+    plan_mode: str  # "in-memory" or "out-of-core"
+    memory_estimate_bytes: int
+    tokenize_s: float  # reading, rendering, tokenizing, spooling, LRU simulation
+    lru_s: float  # of which the LRU simulation
+    plan_s: float  # sort, prefix tree, groups, order
+    report_s: float  # decoding the reported prefixes
+    total_s: float
+    context_tokens: int | None = None  # the model's context, when known (prompts must fit it)
+    has_ids: bool = False  # rows are named by --id-column values (example_id, first_errors[].id)
+
+    @property
+    def optimum_prefill_tokens(self) -> int:
+        return self.unique_prompt_tokens
+
+    def comparison(self) -> list[tuple[str, str, int]]:
+        """(key, label, prefill tokens) for the side-by-side table, worst first."""
+        return [
+            ("none", "no sharing", self.prompt_tokens),
+            ("lru", f"LRU prefix cache, table order ({self.kv_cache_tokens:,}-token KV)", self.lru_prefill_tokens),
+            ("batchllm", "BatchLLM single-level plan", self.batchllm_prefill_tokens),
+            ("plan", "batchllm plan (ours)", self.plan_prefill_tokens),
+            ("optimum", "optimum (unique tokens)", self.optimum_prefill_tokens),
+        ]
+
+    def saved_fraction(self, prefill_tokens: int) -> float:
+        return 1.0 - prefill_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["groups"] = self.groups.shared_groups
+        data["group_sizes"] = dataclasses.asdict(self.groups)
+        data["batchllm_groups"] = dataclasses.asdict(self.batchllm_groups)
+        for stats in (data["group_sizes"], data["batchllm_groups"]):
+            stats["histogram"] = [{"min": lo, "max": hi, "groups": c} for lo, hi, c in stats["histogram"]]
+        data["optimum_prefill_tokens"] = self.optimum_prefill_tokens
+        data["saved"] = {key: round(self.saved_fraction(tokens), 6) for key, _, tokens in self.comparison()}
+        data["top_prefixes"] = [
+            {k: v for k, v in dataclasses.asdict(p).items() if k != "example_id" or self.has_ids}
+            for p in self.top_prefixes
+        ]
+        data["first_errors"] = [
+            {k: v for k, v in dataclasses.asdict(e).items() if k != "id" or self.has_ids} for e in self.first_errors
+        ]
+        data["sharing_ratio"] = round(self.sharing_ratio, 6)
+        for key in ("tokenize_s", "lru_s", "plan_s", "report_s", "total_s"):
+            data[key] = round(data[key], 3)
+        data.pop("icicle")
+        data.pop("has_ids")
+        data["icicle_nodes"] = len(self.icicle)
+        return data
+
+
+@dataclass
+class PreparedAnalyze:
+    """A validated invocation: input opened and counted, template checked, tokenizer loaded."""
+
+    settings: AnalyzeSettings
+    source: TableSource
+    template: PromptTemplate
+    tokenizer: Tokenizer
+    tokenizer_dir: Path
+    demo_model: bool
+    chat: bool
+    max_tokens: int
+    block_size: int
+    kv_cache_tokens: int
+    total_rows: int
+    context_tokens: int | None
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _check_settings(s: AnalyzeSettings) -> None:
+    if s.model is not None and s.tokenizer is not None:
+        raise UsageError("Give --model or --tokenizer, not both.")
+    if s.nulls not in NULL_POLICIES:
+        raise UsageError(f"--nulls must be one of {', '.join(NULL_POLICIES)}.")
+    if s.truncate is not None and s.truncate not in TRUNCATE_SIDES:
+        raise UsageError(f"--truncate must be one of {', '.join(TRUNCATE_SIDES)}.")
+    if s.block_size is not None and s.block_size < 1:
+        raise UsageError("--block-size must be at least 1.")
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1.")
+    if s.kv_cache_tokens is not None and s.kv_cache_tokens < 0:
+        raise UsageError("--kv-cache-tokens must be 0 or more.")
+    if s.top < 0:
+        raise UsageError("--top must be 0 or more.")
+    if s.batch_rows < 1:
+        raise UsageError("batch_rows must be at least 1.")
+
+
+def _tokenizer_dir(settings: AnalyzeSettings, observer: AnalyzeObserver) -> tuple[Path, bool]:
+    if settings.tokenizer is not None:
+        path = settings.tokenizer
+        if not path.exists():
+            raise UsageError(f"Tokenizer directory not found: {path}")
+        if not path.is_dir():
+            raise UsageError(f"--tokenizer must be a directory, not a file: {path}")
+        return path, False
+    return resolve_model(settings.model, observer)
+
+
+def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None = None) -> PreparedAnalyze:
+    """Validate the whole invocation before any heavy work; raises UsageError/InputError (exit 2)."""
+    observer = observer or _SilentObserver()
+    _check_settings(settings)
+    source = TableSource(settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows)
+    try:
+        template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
+        if not source.empty:
+            template.check_columns(source.column_names)
+        recipe = template.source.recipe
+        max_tokens = settings.max_tokens or (recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS)
+        total_rows = source.validate()  # a malformed file fails here, naming the line
+        if settings.id_column is not None:
+            source.check_id_column(settings.id_column)
+        tok_dir, demo = _tokenizer_dir(settings, observer)
+        # The model's context bounds a prompt (as in `run`); a tokenizer-only directory may not say.
+        context: int | None = None
+        if settings.tokenizer is None or (tok_dir / "config.json").is_file():
+            context = model_context_length(tok_dir)
+            if context - max_tokens < 1:
+                raise UsageError(
+                    f"--max-tokens {max_tokens} leaves no room for a prompt in the model's context of "
+                    f"{context} tokens; lower --max-tokens."
+                )
+        tokenizer = load_tokenizer(tok_dir)
+        chat = resolve_chat(settings.chat, tokenizer, tok_dir)
+    except BaseException:
+        source.close()
+        raise
+    return PreparedAnalyze(
+        settings=settings,
+        source=source,
+        template=template,
+        tokenizer=tokenizer,
+        tokenizer_dir=tok_dir,
+        demo_model=demo,
+        chat=chat,
+        max_tokens=max_tokens,
+        block_size=settings.block_size or default_block_size(),
+        kv_cache_tokens=DEFAULT_KV_CACHE_TOKENS if settings.kv_cache_tokens is None else settings.kv_cache_tokens,
+        total_rows=total_rows,
+        context_tokens=context,
+    )
+
+
+class TokenSpool:
+    """Token ids of every planned row, appended batch by batch to a file (int32, row after row),
+    with their lengths and table row ids in memory (16 bytes per row)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "tokens.i32"
+        self._file = self.path.open("wb")
+        self._lengths: list[np.ndarray] = []
+        self._row_ids: list[np.ndarray] = []
+        self.tokens = 0
+        self._offsets: np.ndarray | None = None
+
+    def append(self, row_ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
+        self._lengths.append(lengths)
+        self._row_ids.append(row_ids)
+        self.tokens += len(tokens)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        return np.concatenate(self._row_ids) if self._row_ids else np.zeros(0, np.int64)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            lengths = self.lengths
+            off = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=off[1:])
+            self._offsets = off
+        return self._offsets
+
+    def read_all(self) -> np.ndarray:
+        self.close()
+        return np.fromfile(self.path, dtype=np.int32)
+
+    def read_rows(self, start: int, stop: int) -> PackedSequences:
+        """Rows start..stop-1 (plan indices) as packed sequences read from the file."""
+        from engine.packed_sequences import PackedSequences
+
+        self.close()
+        off = self.offsets
+        count = int(off[stop] - off[start])
+        tokens = np.fromfile(self.path, dtype=np.int32, count=count, offset=4 * int(off[start]))
+        return PackedSequences(tokens, off[start : stop + 1] - off[start])
+
+    def iter_batches(self, batch_rows: int) -> Iterator[PackedSequences]:
+        n = len(self.offsets) - 1
+        for start in range(0, n, batch_rows):
+            yield self.read_rows(start, min(start + batch_rows, n))
+
+    def row_prefix(self, row: int, length: int) -> np.ndarray:
+        self.close()
+        start = int(self.offsets[row])
+        return np.fromfile(self.path, dtype=np.int32, count=length, offset=4 * start)
+
+
+class _Failures:
+    """Rows that have no prompt: counted by kind, the first few kept with their message."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.by_kind: dict[str, int] = {}
+        self.first: list[FailedRow] = []
+
+    def add(self, failed: list[FailedRow]) -> None:
+        for f in failed:
+            self.count += 1
+            self.by_kind[f.kind] = self.by_kind.get(f.kind, 0) + 1
+            if len(self.first) < FIRST_ERRORS:
+                self.first.append(f)
+
+
+def _id_lookup(chunks: list[Any]) -> Any:
+    import pyarrow as pa
+
+    return pa.chunked_array(chunks) if chunks else None
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON-friendly Python value for an id cell."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None = None) -> AnalyzeReport:
+    """prepare_analyze + run_analyze: the whole job, for library callers."""
+    prepared = prepare_analyze(settings, observer)
+    try:
+        return run_analyze(prepared, observer)
+    finally:
+        prepared.close()
+
+
+def run_analyze(prepared: PreparedAnalyze, observer: AnalyzeObserver | None = None) -> AnalyzeReport:
+    """Tokenize every row (streamed), plan, and report."""
+    observer = observer or _SilentObserver()
+    s = prepared.settings
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="batchllm-analyze-", dir=s.temp_dir))
+    try:
+        spool = TokenSpool(tmp)
+        failures, truncated, id_chunks, lru, lru_s = _tokenize(prepared, spool, observer)
+        t1 = time.perf_counter()
+        plan, mode, estimate = _plan(prepared, spool, tmp, observer)
+        t2 = time.perf_counter()
+        observer.phase("report")
+        report = _report(prepared, plan, spool, failures, truncated, id_chunks, lru, mode, estimate)
+        t3 = time.perf_counter()
+        spool.close()
+    finally:
+        observer.finish()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dataclasses.replace(
+        report, tokenize_s=t1 - t0, lru_s=lru_s, plan_s=t2 - t1, report_s=t3 - t2, total_s=t3 - t0
+    )
+
+
+def _tokenize(
+    prepared: PreparedAnalyze, spool: TokenSpool, observer: AnalyzeObserver
+) -> tuple[_Failures, int, list[Any], Any, float]:
+    """One pass over the table: render, batch-encode, fit to the context, spool, simulate LRU."""
+    from engine.lru_simulation import LruPrefixCache
+    from engine.packed_sequences import PackedSequences
+
+    s = prepared.settings
+    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat)
+    sim = LruPrefixCache(prepared.block_size, prepared.kv_cache_tokens)
+    failures = _Failures()
+    truncated = 0
+    id_chunks: list[Any] = []
+    max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
+    lru_s = 0.0
+    observer.phase("tokenize")
+    observer.start(prepared.total_rows)
+    for batch in prepared.source.batches(s.batch_rows):
+        if s.id_column is not None:
+            id_chunks.append(batch.column(s.id_column))
+        packed = encoder.encode_packed(batch)
+        if max_prompt is not None:
+            packed, cut = fit_packed(packed, max_prompt, s.truncate)
+            truncated += cut
+        failures.add(packed.failed)
+        if len(packed.row_ids):
+            spool.append(packed.row_ids, packed.tokens, packed.lengths)
+            offsets = np.zeros(len(packed.lengths) + 1, dtype=np.int64)
+            np.cumsum(packed.lengths, out=offsets[1:])
+            # The LRU cache sees requests in table order, so it runs here, batch by batch.
+            t = time.perf_counter()
+            sim.feed(PackedSequences(packed.tokens, offsets))
+            lru_s += time.perf_counter() - t
+        observer.advance(batch.num_rows)
+    spool.close()
+    return failures, truncated, id_chunks, sim.result(), lru_s
+
+
+def _plan(
+    prepared: PreparedAnalyze, spool: TokenSpool, tmp: Path, observer: AnalyzeObserver
+) -> tuple[PrefixPlan, str, int]:
+    from engine.packed_sequences import PackedSequences
+    from engine.prefix_plan import plan_prefixes, plan_prefixes_out_of_core
+
+    s = prepared.settings
+    row_ids = spool.row_ids
+    estimate = estimate_plan_memory(spool.tokens, len(row_ids))
+    if s.out_of_core is None:
+        budget = s.memory_budget if s.memory_budget is not None else default_memory_budget()
+        out_of_core = estimate > budget
+        if out_of_core:
+            observer.notice(
+                f"Planning out of core: the in-memory plan needs about {estimate / 2**30:.1f} GiB "
+                f"({spool.tokens:,} tokens, {len(row_ids):,} rows), more than the {budget / 2**30:.1f} GiB "
+                f"budget; DuckDB sorts on disk in {tmp}."
+            )
+    else:
+        out_of_core = s.out_of_core
+    common = dict(keys=row_ids, block_size=prepared.block_size, max_tokens=prepared.max_tokens, simulate_lru=False)
+    if out_of_core:
+        observer.phase("plan (out of core)")
+        spill = tmp / "duckdb"
+        spill.mkdir()
+        plan = plan_prefixes_out_of_core(
+            spool.iter_batches(OUT_OF_CORE_BATCH_ROWS),
+            memory_limit=OUT_OF_CORE_SORT_MEMORY,
+            temp_directory=str(spill),
+            threads=os.cpu_count(),
+            **common,
+        )
+    else:
+        observer.phase("plan (in memory)")
+        seqs = PackedSequences(spool.read_all(), spool.offsets)
+        plan = plan_prefixes(seqs, **common)
+    return plan, "out-of-core" if out_of_core else "in-memory", estimate
+
+
+def _decode_prefix(prepared: PreparedAnalyze, spool: TokenSpool, row: int, length: int) -> str:
+    if length <= 0:
+        return ""
+    return prepared.tokenizer.decode(spool.row_prefix(row, length).tolist())
+
+
+def _span_text(prepared: PreparedAnalyze, spool: TokenSpool, row: int, start: int, end: int) -> str:
+    """The text of tokens [start, end) of a row: the difference of two prefix decodings when that is
+    clean (so a character split across the span's edge stays whole), else the span decoded alone."""
+    ids = spool.row_prefix(row, end).tolist()
+    whole = prepared.tokenizer.decode(ids)
+    head = prepared.tokenizer.decode(ids[:start]) if start else ""
+    if whole.startswith(head):
+        return whole[len(head):]
+    return prepared.tokenizer.decode(ids[start:])
+
+
+def _report(
+    prepared: PreparedAnalyze,
+    plan: PrefixPlan,
+    spool: TokenSpool,
+    failures: _Failures,
+    truncated: int,
+    id_chunks: list[Any],
+    lru: Any,
+    mode: str,
+    estimate: int,
+) -> AnalyzeReport:
+    s = prepared.settings
+    engine_report = plan.report(top_k=0, max_nodes=s.icicle_nodes)
+    ids = _id_lookup(id_chunks)
+
+    def id_of(row: int) -> Any:
+        return _scalar(ids[row].as_py()) if ids is not None else None
+
+    # Ranked by what each prefix adds over its parent, so a few-shot block under a system prompt
+    # shows up, and the system prompt followed by one more shared word does not.
+    trie, order, keys = plan.trie, plan.sorted.order, plan.keys
+    rows, span = trie.rows, trie.span
+    saved = (rows - 1) * span
+    cand = np.nonzero((rows >= 2) & (span > 0))[0]
+    cand = cand[np.lexsort((cand, -saved[cand]))][: s.top]
+    top = []
+    for v in cand.tolist():
+        row = int(order[trie.lo[v]])
+        start, end = int(trie.depth_start[v]), int(trie.depth_end[v])
+        top.append(TopPrefix(
+            text=_decode_prefix(prepared, spool, row, end),
+            rows=int(rows[v]),
+            tokens=end,
+            new_tokens=end - start,
+            new_text=_span_text(prepared, spool, row, start, end),
+            saved_tokens=int(saved[v]),
+            example_row=int(keys[row]),
+            example_id=id_of(int(keys[row])),
+        ))
+    icicle = _icicle(prepared, plan, spool, engine_report.icicle)
+    first = tuple(RowError(f.row_id, id_of(f.row_id), f.kind, f.error) for f in failures.first)
+    lengths = plan.lengths
+    return AnalyzeReport(
+        input=str(s.input),
+        template=prepared.template.source.name,
+        tokenizer_dir=str(prepared.tokenizer_dir),
+        demo_model=prepared.demo_model,
+        chat=prepared.chat,
+        block_size=prepared.block_size,
+        kv_cache_tokens=prepared.kv_cache_tokens,
+        max_tokens=prepared.max_tokens,
+        rows=plan.rows + failures.count,
+        rows_planned=plan.rows,
+        rows_failed=failures.count,
+        failures=dict(sorted(failures.by_kind.items())),
+        first_errors=first,
+        rows_truncated=truncated,
+        rows_rejected=prepared.source.rejects.num_rows if prepared.source.rejects is not None else 0,
+        prompt_tokens=engine_report.prompt_tokens,
+        unique_prompt_tokens=engine_report.unique_prompt_tokens,
+        sharing_ratio=engine_report.sharing_ratio,
+        max_prompt_tokens=int(lengths.max()) if len(lengths) else 0,
+        lru_prefill_tokens=lru.computed_tokens,
+        batchllm_prefill_tokens=engine_report.batchllm_prefill_tokens,
+        plan_prefill_tokens=engine_report.plan_prefill_tokens,
+        groups=engine_report.groups,
+        batchllm_groups=engine_report.batchllm_groups,
+        decode_saved_reads=engine_report.decode_saved_reads,
+        top_prefixes=tuple(top),
+        icicle=icicle,
+        trie_nodes=plan.trie.num_nodes,
+        plan_mode=mode,
+        memory_estimate_bytes=estimate,
+        tokenize_s=0.0,
+        lru_s=0.0,
+        plan_s=0.0,
+        report_s=0.0,
+        total_s=0.0,
+        context_tokens=prepared.context_tokens,
+        has_ids=s.id_column is not None,
+    )
+
+
+def _icicle(prepared: PreparedAnalyze, plan: PrefixPlan, spool: TokenSpool, nodes: tuple[Any, ...]) -> tuple[IcicleNode, ...]:
+    trie = plan.trie
+    if trie.num_nodes == 0 or not nodes:
+        return ()
+    sub = trie.subtree_tokens()
+    rows = trie.rows
+    kept = {n.node for n in nodes}
+    shown_rows = {v: 0 for v in kept}
+    shown_tokens = {v: 0 for v in kept}
+    for n in nodes:
+        if n.parent in kept:
+            shown_rows[n.parent] += int(rows[n.node])
+            shown_tokens[n.parent] += int(sub[n.node])
+    out = []
+    for n in nodes:
+        v = n.node
+        span = int(trie.depth_end[v] - trie.depth_start[v])
+        text = _span_text(prepared, spool, n.row, n.depth_start, n.depth_end) if n.row >= 0 and span else ""
+        out.append(
+            IcicleNode(
+                node=v,
+                parent=n.parent,
+                depth_start=n.depth_start,
+                depth_end=n.depth_end,
+                rows=n.rows,
+                text=text,
+                hidden_rows=int(rows[v]) - shown_rows[v],
+                hidden_tokens=int(sub[v]) - span - shown_tokens[v],
+            )
+        )
+    return tuple(out)
