@@ -81,11 +81,11 @@ def test_kill_sweep_resumes_to_the_uninterrupted_output(tmp_path: Path, env: dic
         # Random moments over the life of a run: mostly while rows are generated and shards committed
         # (each run gets a few percent of the job done before it dies), sometimes during start-up.
         # Paced by commits rather than by the clock, so the machine's speed does not matter: after
-        # 0-2 more commits plus a random fraction of a commit interval (10 kills leave work to do).
+        # 1-2 more commits plus a random part of a commit interval (10 kills leave work to do).
         if rng.random() < 0.8:
             _wait_for_generation(p)
-            _wait_for_commits(p, run_dir, rng.randint(0, 2))
-            time.sleep(rng.uniform(0.0, 0.15))
+            _wait_for_commits(p, run_dir, rng.randint(1, 2))
+            time.sleep(rng.uniform(0.0, 0.1))
         else:
             time.sleep(rng.uniform(0.0, 1.0))
         sig = signal.SIGTERM if i in SIGTERM_AT else signal.SIGKILL
