@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def format_status(st: RunStatus) -> str:
                  + (f", {st.rows_rejected} rejected input lines" if st.rows_rejected else ""))
     if st.state == "running":
         rate = f"{st.rows_per_s:.1f} rows/s" if st.rows_per_s else "rate unknown yet"
-        eta = time.strftime("%H:%M:%S", time.gmtime(st.eta_s)) if st.eta_s is not None else "?"
+        eta = str(timedelta(seconds=int(st.eta_s))) if st.eta_s is not None else "?"
         lines.append(f"speed: {rate}, ETA {eta}")
     if st.started_at:
         lines.append(f"started: {_ago(st.started_at)}")
