@@ -26,6 +26,8 @@ from batchllm_cli.job import (
 )
 from batchllm_cli.options import (
     AnalyzeJsonOpt,
+    AttentionBackend,
+    AttentionBackendOpt,
     BlockSizeOpt,
     ChatOpt,
     CheckpointDirOpt,
@@ -44,6 +46,8 @@ from batchllm_cli.options import (
     KVCacheTokensOpt,
     LimitOpt,
     MaxBatchTokensOpt,
+    PrefixSharing,
+    PrefixSharingOpt,
     MaxTokensOpt,
     ModelOpt,
     NullPolicy,
@@ -123,6 +127,15 @@ def _render_report(report: RunReport, console: Console) -> None:
         f"tokens: {report.prompt_tokens} prompt, {report.prefill_tokens} prefilled{share}, "
         f"{report.completion_tokens} generated; {report.preemptions} preemptions"
     )
+    optimum = f", least possible {report.unique_prompt_tokens}" if report.unique_prompt_tokens else ""
+    fallbacks = (
+        f"; {report.sharing_fallbacks} shared prefixes dropped for lack of KV memory (raise --kv-cache-memory)"
+        if report.sharing_fallbacks else ""
+    )
+    console.print(
+        f"prefix sharing ({report.prefix_sharing}): {report.prefix_hit_tokens} prompt tokens reused{optimum}; "
+        f"peak KV blocks {report.peak_kv_blocks}{fallbacks}"
+    )
     if report.rows_resumed:
         console.print(f"resumed: {report.rows_resumed} rows came from the checkpoint of an earlier run")
     if report.rows_truncated:
@@ -169,8 +182,11 @@ def run(
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     kv_cache_memory: KVCacheMemoryOpt = None,
+    kv_cache_tokens: KVCacheTokensOpt = None,
     max_batch_tokens: MaxBatchTokensOpt = None,
     block_size: BlockSizeOpt = None,
+    prefix_sharing: PrefixSharingOpt = PrefixSharing.plan,
+    attention_backend: AttentionBackendOpt = AttentionBackend.auto,
     summary: SummaryOpt = None,
     id_column: IdColumnOpt = None,
     skip_bad_rows: SkipBadRowsOpt = False,
@@ -206,8 +222,11 @@ def run(
         device=device.value,
         dtype=dtype.value,
         kv_cache_memory=kv_cache_memory,
+        kv_cache_tokens=kv_cache_tokens,
         max_batch_tokens=max_batch_tokens,
         block_size=block_size,
+        prefix_sharing=prefix_sharing.value,
+        attention_backend=attention_backend.value,
         id_column=id_column,
         skip_bad_rows=skip_bad_rows,
         nulls=nulls.value,
@@ -251,8 +270,8 @@ def run(
 ANALYZE_EPILOG = (
     "Exit codes: 0 report written (rows whose template fails or whose prompt does not fit are counted in "
     "it); 1 fatal error; 2 usage error (bad flag, missing or malformed input, unknown template variable, "
-    "unusable model or tokenizer, report file not writable; found before any row is tokenized); 130 "
-    "interrupted."
+    "unusable model or tokenizer, report file not writable; found before any row is tokenized); 130/143 "
+    "interrupted by SIGINT/SIGTERM (temporary files are removed, no report is written)."
 )
 
 
@@ -312,6 +331,8 @@ def analyze_command(
         out_of_core=out_of_core,
     )
     progress = AnalyzeProgress(err_console)
+    guard = SignalGuard()
+    guard.install()  # SIGINT/SIGTERM unwind the job, so its temporary token spool is removed
     try:
         check_report_path(json_out, "--json")
         check_report_path(str(html_out) if html_out is not None else None, "--html")
@@ -320,16 +341,23 @@ def analyze_command(
             report = run_analyze(prepared, progress)
         finally:
             prepared.close()
+        guard.draining = True  # from here on only the reports are written; let them finish
         render_text(report, err_console)
         if html_out is not None:
             write_report_file(str(html_out), render_html(report))
             err_console.print(Text(f"html: {html_out}"))
         if json_out is not None:
             write_report_file(json_out, report_json(report))
-    except BatchLLMError as exc:
-        raise _fail(exc) from None
-    except KeyboardInterrupt:
-        raise _fail(Interrupted("Interrupted; no report was written.", 130)) from None
+    except BaseException as exc:
+        # A signal may also surface as another error (DuckDB reports it as "Query interrupted").
+        if guard.pending is not None or isinstance(exc, (JobInterrupted, KeyboardInterrupt)):
+            stop = JobInterrupted(guard.pending or signal.SIGINT)
+            raise _fail(Interrupted(f"Interrupted by {stop}; no report was written.", stop.exit_code)) from None
+        if isinstance(exc, BatchLLMError):
+            raise _fail(exc) from None
+        raise
+    finally:
+        guard.restore()
 
 
 @app.command("status", epilog=EXIT_CODES_EPILOG)

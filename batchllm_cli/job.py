@@ -116,8 +116,11 @@ class RunSettings:
     device: str = "auto"
     dtype: str = "auto"
     kv_cache_memory: int | None = None
+    kv_cache_tokens: int | None = None
     max_batch_tokens: int | None = None
     block_size: int | None = None
+    prefix_sharing: str = "plan"
+    attention_backend: str = "auto"
     batch_rows: int = 1024  # rows rendered and tokenized per step of the input stream
     id_column: str | None = None
     skip_bad_rows: bool = False
@@ -152,6 +155,11 @@ class RunReport:
     elapsed_s: float
     load_s: float
     write_s: float
+    prefix_sharing: str = "plan"
+    unique_prompt_tokens: int = 0  # trie token count of the rows run (plan mode): the least prefill possible
+    prefix_hit_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
+    peak_kv_blocks: int = 0
+    sharing_fallbacks: int = 0  # shared prefixes dropped because the KV cache could not hold them
     model: dict[str, Any] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
     first_errors: tuple[tuple[int, str], ...] = ()
@@ -484,6 +492,7 @@ def _engine_config(settings: RunSettings, model_dir: Path, max_batch_tokens: int
 
     optional = {
         "kv_cache_memory": settings.kv_cache_memory,
+        "kv_cache_tokens": settings.kv_cache_tokens,
         "max_batch_tokens": max_batch_tokens or settings.max_batch_tokens,
         "block_size": settings.block_size,
     }
@@ -492,6 +501,8 @@ def _engine_config(settings: RunSettings, model_dir: Path, max_batch_tokens: int
             model_dir=str(model_dir),
             device=settings.device,  # type: ignore[arg-type]  # validated by the CLI's choices
             dtype=settings.dtype,  # type: ignore[arg-type]
+            prefix_sharing=settings.prefix_sharing,  # type: ignore[arg-type]
+            attention_backend=settings.attention_backend,  # type: ignore[arg-type]
             **{k: v for k, v in optional.items() if v is not None},
         )
     except ValueError as exc:
@@ -643,6 +654,10 @@ def execute_run(
 
     prefill = sum(getattr(s, "prefill_tokens", 0) for s in stats_acc)
     preemptions = sum(getattr(s, "preemptions", 0) for s in stats_acc)
+    sharing = {
+        name: sum(getattr(s, name, 0) for s in stats_acc)
+        for name in ("unique_prompt_tokens", "prefix_hit_tokens", "sharing_fallbacks")
+    }
     last = stats_acc[-1] if stats_acc else None
     model_info: dict[str, Any] = {}
     if engine is not None and dataclasses.is_dataclass(engine.model_info):
@@ -663,6 +678,9 @@ def execute_run(
         completion_tokens=sum(s.completion_tokens for s in committed.shards),
         preemptions=preemptions,
         elapsed_s=elapsed_s,
+        prefix_sharing=settings.prefix_sharing,
+        peak_kv_blocks=max((getattr(s, "peak_kv_blocks", 0) for s in stats_acc), default=0),
+        **sharing,
         load_s=load_s,
         write_s=write_s,
         model=model_info,

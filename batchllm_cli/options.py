@@ -32,6 +32,18 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class PrefixSharing(str, Enum):
+    plan = "plan"
+    lru = "lru"
+    none = "none"
+
+
+class AttentionBackend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    triton = "triton"
+
+
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _SIZE_UNITS = {
     "": 1,
@@ -214,6 +226,27 @@ MaxBatchTokensOpt = Annotated[
         rich_help_panel=PANEL_ENGINE,
     ),
 ]
+PrefixSharingOpt = Annotated[
+    PrefixSharing,
+    typer.Option(
+        "--prefix-sharing",
+        help="plan: compute every shared prefix once from a global plan of the rows (default); lru: an "
+        "online engine's automatic prefix cache (hashed blocks, LRU eviction, table order); none: every "
+        "prompt in full. Outputs are the same; only the work differs.",
+        case_sensitive=False,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+AttentionBackendOpt = Annotated[
+    AttentionBackend,
+    typer.Option(
+        "--attention-backend",
+        help="torch: PyTorch reference attention; triton: Triton kernels (CUDA); auto: triton on CUDA, "
+        "torch on CPU.",
+        case_sensitive=False,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
 BlockSizeOpt = Annotated[
     Optional[int],
     typer.Option(
@@ -349,8 +382,9 @@ KVCacheTokensOpt = Annotated[
     typer.Option(
         "--kv-cache-tokens",
         metavar="N",
-        help="KV cache capacity, in tokens, of the LRU prefix cache simulated for comparison. Default: "
-        "262144 (about an 8B model's cache on one 80 GB GPU; the real figure depends on the GPU).",
+        help="KV cache capacity in tokens. run: caps the engine's cache (after --kv-cache-memory), so "
+        "sharing modes compare at equal memory. analyze: the LRU prefix cache simulated for comparison "
+        "(default 262144, about an 8B model's cache on one 80 GB GPU).",
         min=0,
         show_default=False,
         rich_help_panel=PANEL_ENGINE,

@@ -1,0 +1,66 @@
+"""`batchllm run --prefix-sharing plan|lru|none`: same output, and the summary says what was saved.
+`--attention-backend triton` (Triton interpreter on CPU) gives the same output as torch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from batchllm_cli.app import app
+
+SYSTEM = "You are a careful assistant. Read the review and answer with one word: positive or negative. " * 3
+
+
+@pytest.fixture()
+def shared_table(tmp_path: Path) -> tuple[Path, Path]:
+    rows = ["great", "awful", "fine", "great", "meh", "superb service", "late delivery", "great"]
+    table = tmp_path / "reviews.jsonl"
+    table.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(rows)))
+    template = tmp_path / "t.j2"
+    template.write_text(SYSTEM + "Review: {{ text }}\nAnswer:")
+    return table, template
+
+
+def _run(tmp_path: Path, table: Path, template: Path, model: Path, name: str, *flags: str) -> tuple[list, dict]:
+    out = tmp_path / f"{name}.parquet"
+    summary = tmp_path / f"{name}.json"
+    result = CliRunner().invoke(app, [
+        "run", str(table), "--template", str(template), "--output", str(out), "--model", str(model),
+        "--max-tokens", "5", "--kv-cache-memory", "16MiB", "--max-batch-tokens", "64",
+        "--summary", str(summary), *flags,
+    ])
+    assert result.exit_code == 0, result.output
+    return pq.read_table(out).column("response").to_pylist(), json.loads(summary.read_text())
+
+
+def test_sharing_modes_same_answers_plan_computes_least(tmp_path, shared_table, demo_model_dir) -> None:
+    table, template = shared_table
+    answers = {}
+    summaries = {}
+    for mode in ("plan", "lru", "none"):
+        answers[mode], summaries[mode] = _run(tmp_path, table, template, demo_model_dir, mode, "--prefix-sharing", mode)
+    assert answers["plan"] == answers["lru"] == answers["none"]
+    plan, lru, none = summaries["plan"], summaries["lru"], summaries["none"]
+    assert none["prefill_tokens"] == none["prompt_tokens"] and none["prefix_hit_tokens"] == 0
+    assert plan["prefill_tokens"] == plan["unique_prompt_tokens"] < lru["prefill_tokens"] < none["prefill_tokens"]
+    assert plan["prefix_hit_tokens"] > 0 and plan["prefix_sharing"] == "plan"
+    for key in ("peak_kv_blocks", "preemptions", "elapsed_s", "sharing_fallbacks"):
+        assert key in plan
+
+
+def test_kv_cache_tokens_caps_the_cache(tmp_path, shared_table, demo_model_dir) -> None:
+    table, template = shared_table
+    _, summary = _run(tmp_path, table, template, demo_model_dir, "capped", "--kv-cache-tokens", "512", "--block-size", "16")
+    assert summary["engine"]["kv_blocks_total"] == 32
+
+
+def test_triton_backend_matches_torch(tmp_path, shared_table, demo_model_dir) -> None:
+    table, template = shared_table
+    # the Triton interpreter runs kernel programs one by one: keep the job tiny
+    small = ("--limit", "3", "--max-tokens", "2")
+    torch_answers, _ = _run(tmp_path, table, template, demo_model_dir, "torch", "--attention-backend", "torch", *small)
+    triton_answers, _ = _run(tmp_path, table, template, demo_model_dir, "triton", "--attention-backend", "triton", *small)
+    assert triton_answers == torch_answers
