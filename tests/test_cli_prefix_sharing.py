@@ -64,3 +64,16 @@ def test_triton_backend_matches_torch(tmp_path, shared_table, demo_model_dir) ->
     torch_answers, _ = _run(tmp_path, table, template, demo_model_dir, "torch", "--attention-backend", "torch", *small)
     triton_answers, _ = _run(tmp_path, table, template, demo_model_dir, "triton", "--attention-backend", "triton", *small)
     assert triton_answers == torch_answers
+
+
+def test_plan_prefill_within_2_percent_of_analyze_optimum(tmp_path, shared_table, demo_model_dir) -> None:
+    table, template = shared_table
+    _, summary = _run(tmp_path, table, template, demo_model_dir, "plan2")
+    report = tmp_path / "analyze.json"
+    result = CliRunner().invoke(app, [
+        "analyze", str(table), "--template", str(template), "--model", str(demo_model_dir), "--json", str(report),
+    ])
+    assert result.exit_code == 0, result.output
+    analyzed = json.loads(report.read_text())
+    assert analyzed["prompt_tokens"] == summary["prompt_tokens"]
+    assert summary["prefill_tokens"] <= 1.02 * analyzed["unique_prompt_tokens"]
