@@ -98,7 +98,7 @@ def render_text(r: AnalyzeReport, console: Console) -> None:
     facts.add_row("unique prompt tokens", f"{r.unique_prompt_tokens:,}", "prefix-tree tokens: the least prefill possible")
     facts.add_row("sharing ratio", pct(r.sharing_ratio), "1 - unique / prompt tokens")
     facts.add_row("groups", f"{r.groups.shared_groups:,}", _group_line(r.groups))
-    if r.groups.histogram:
+    if r.groups.shared_groups > 1:
         facts.add_row("group sizes", "", _histogram_line(r.groups))
     console.print(facts)
 

@@ -394,3 +394,35 @@ def test_fit_packed_matches_fit_prompt() -> None:
         assert got.tokens.tolist() == [t for w in ok for t in w.token_ids]
         assert [(f.row_id, f.error) for f in got.failed] == [(w.row_id, w.error) for w in want if isinstance(w, FailedRow)]
         assert cut == sum(1 for w in ok if w.truncated)
+
+
+def test_sigterm_removes_the_token_spool(tmp_path: Path, template: Path, tok_dir: Path) -> None:
+    """A terminated analyze exits 143 with one line and leaves no temporary files behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = make_rows(40)
+    table = write_parquet(tmp_path / "big.parquet", [dict(rows[i % 40], question=f"{rows[i % 40]['question']} {i} " * 8)
+                                                     for i in range(60_000)])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), NO_COLOR="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchllm_cli", "analyze", str(table), "-t", str(template), "--tokenizer", str(tok_dir),
+         "--no-chat"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("batchllm-analyze-*")):  # the spool exists: rows are being tokenized
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("error: Interrupted by SIGTERM"), err
+    assert "Traceback" not in err
+    assert list(tmp.iterdir()) == []
