@@ -115,15 +115,16 @@ class Scheduler:
         future = len(seq) + int(seq.remaining_tokens * self.decode_reservation)
         return max(0, self.block_manager.blocks_for_tokens(future) - blocks_held)
 
-    def _admission_cost(self, seq: Sequence) -> int | None:
-        """Free blocks admitting `seq` takes now (new blocks + reserved decode growth); None while
-        the prefix it starts on is still being computed."""
+    def _admission_cost(self, seq: Sequence) -> tuple[int, list[int]] | None:
+        """Free blocks admitting `seq` takes now (new blocks + reserved decode growth) and the
+        cached blocks it would reuse (lru mode); None while its prefix is still being computed."""
         bm = self.block_manager
         prefix = seq.start_prefix
         if prefix is not None and prefix.released:
             seq.start_prefix, seq.start_len = None, 0
             prefix = None
         total = bm.blocks_for_tokens(len(seq))
+        hits: list[int] = []
         if prefix is not None:
             if not prefix.ready:
                 return None
@@ -132,7 +133,7 @@ class Scheduler:
             hits = bm.cached_prefix(seq.token_ids)
             # a cached block nobody holds sits in the free list and leaves it when reused
             new_blocks = total - len(hits) + sum(1 for b in hits if bm.ref_counts[b] == 0)
-        return new_blocks + self._growth_blocks(seq, total)
+        return new_blocks + self._growth_blocks(seq, total), hits
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
         bm = self.block_manager
@@ -143,22 +144,23 @@ class Scheduler:
             if scanned >= _ADMISSION_LOOKAHEAD:
                 break
             seq = self.waiting[i]
-            cost = self._admission_cost(seq)
-            if cost is None:  # its prefix is still being computed: look further ahead
+            admission = self._admission_cost(seq)
+            if admission is None:  # its prefix is still being computed: look further ahead
                 i += 1
                 scanned += 1
                 continue
+            cost, hits = admission
             if cost > free_for_admission:
                 break  # first come, first served: a later item never jumps a too-large one
             del self.waiting[i]
-            self._start(seq)
+            self._start(seq, hits)
             free_for_admission -= cost
             num = min(seq.num_uncomputed_tokens, budget)
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             budget -= num
         return budget
 
-    def _start(self, seq: Sequence) -> None:
+    def _start(self, seq: Sequence, cached_hits: list[int]) -> None:
         bm = self.block_manager
         prefix = seq.start_prefix
         if prefix is not None:
@@ -167,7 +169,7 @@ class Scheduler:
             seq.shared_blocks = seq.start_len // bm.block_size
             self._dependent_started(prefix)
         else:
-            hits = bm.cached_prefix(seq.token_ids)
+            hits = cached_hits  # looked up by _admission_cost in this same scheduling pass
             bm.acquire(hits)
             seq.block_table = list(hits)
             seq.num_computed_tokens = seq.num_registered_blocks = len(hits)
