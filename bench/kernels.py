@@ -265,7 +265,8 @@ def run_degree(s: Shape, device: torch.device, bench: Callable, copy_bps: float,
     only_rows = dataclasses.replace(plan, tile_f0=plan.tile_f0[g:], tile_f1=plan.tile_f1[g:],
                                     tile_table=plan.tile_table[g:], tile_kv_lo=plan.tile_kv_lo[g:],
                                     tile_kv_hi=plan.tile_kv_hi[g:], tile_part=plan.tile_part[g:],
-                                    num_group_tiles=0, merge_rows=no_merge)
+                                    num_group_tiles=0, group_tile_count=torch.zeros_like(plan.group_tile_count),
+                                    merge_rows=no_merge)
     scratch = torch.empty_like(w.q)
     parts_only = {
         "shared.group_tiles": shared(only_group, False, scratch),

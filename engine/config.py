@@ -26,6 +26,11 @@ class EngineConfig:
         reserves (1.0: admitted rows never need preemption; lower admits more optimistically).
     plan_wave_rows: requests planned together; a prefix shared across waves is computed per wave.
     attention_backend: "torch" (PyTorch references), "triton" (kernels), "auto" (triton on CUDA).
+    gpu_memory_utilization: on CUDA without kv_cache_memory, the fraction of the GPU's total memory
+        this engine may use: the KV cache gets it minus what was in use before the engine started
+        and the peak of a profiling forward pass at max_batch_tokens.
+    cuda_graphs: on CUDA with the triton backend, replay captured CUDA graphs for decode-only steps
+        (batch sizes padded to a few buckets); False runs every step eagerly.
     """
 
     model_dir: str
@@ -41,6 +46,8 @@ class EngineConfig:
     decode_reservation: float = 1.0
     plan_wave_rows: int = 65536
     attention_backend: AttentionBackendName = "auto"
+    gpu_memory_utilization: float = 0.9
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -53,5 +60,7 @@ class EngineConfig:
             raise ValueError("prefix_sharing must be plan, lru or none.")
         if not 0.0 <= self.decode_reservation <= 1.0:
             raise ValueError("decode_reservation must be between 0 and 1.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be above 0 and at most 1.")
         if self.plan_wave_rows < 1:
             raise ValueError("plan_wave_rows must be positive.")

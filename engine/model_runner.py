@@ -1,7 +1,6 @@
 """Owns the model weights and the KV cache; turns scheduled chunks into one forward pass."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -9,15 +8,14 @@ import torch
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.loader import load_model
+from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budget, profile_step
 from engine.model_config import ModelConfig
 from engine.sampler import SamplingTensors, sample
 from engine.scheduler import ScheduledChunk
 from engine.step_context import StepContext
+from engine.cuda_graphs import DecodeGraphs
 from kernels.attention_backend import select_backend
-
-_CPU_DEFAULT_KV_FRACTION = 0.10
-_CPU_DEFAULT_KV_MAX = 4 << 30
-_CUDA_KV_FRACTION_OF_FREE = 0.8
+from kernels.host_tensors import to_device
 
 
 def resolve_device(device: str) -> torch.device:
@@ -34,13 +32,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _system_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, max_model_len: int) -> None:
         self.model_cfg = model_cfg
@@ -48,26 +39,43 @@ class ModelRunner:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.block_size = cfg.block_size
+        self.max_model_len = max_model_len
+        used_before = self._cuda_used_bytes()
         self.model = load_model(Path(cfg.model_dir), model_cfg, self.device, self.dtype, max_model_len)
-        self.num_blocks = self._num_kv_blocks()
-        shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        # Uninitialised on purpose: attention only ever reads slots that were written.
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.kv_caches = tuple((self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers))
         try:
             self.attention_backend = select_backend(cfg.attention_backend, self.device)
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"--attention-backend {cfg.attention_backend}: {exc}") from exc
+        self.num_blocks = self._num_kv_blocks(used_before)
+        shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        # Uninitialised on purpose: attention only ever reads slots that were written.
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = tuple((self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers))
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and cfg.cuda_graphs and self.attention_backend.graph_variant() is not None:
+            self.decode_graphs = self.make_decode_graphs(capture=True)
 
-    def _num_kv_blocks(self) -> int:
+    def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
+        """capture=False: the graph path without the capture (static buffers run eagerly), for tests."""
+        return DecodeGraphs(
+            self.model, self.attention_backend, self.kv_caches, self.model_cfg,
+            max_rows=self.cfg.max_num_seqs, max_model_len=self.max_model_len, block_size=self.block_size,
+            device=self.device, capture=capture,
+        )
+
+    def _cuda_used_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.init()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def _num_kv_blocks(self, used_before: int) -> int:
         element = torch.tensor([], dtype=self.dtype).element_size()
         block_bytes = self.model_cfg.kv_bytes_per_token * element * self.block_size
         budget = self.cfg.kv_cache_memory
         if budget is None:
-            if self.device.type == "cuda":
-                budget = int(torch.cuda.mem_get_info(self.device)[0] * _CUDA_KV_FRACTION_OF_FREE)
-            else:
-                budget = min(_CPU_DEFAULT_KV_MAX, int(_system_memory_bytes() * _CPU_DEFAULT_KV_FRACTION))
+            budget = self._cuda_kv_budget(used_before, block_bytes) if self.device.type == "cuda" else cpu_kv_budget()
         num_blocks = budget // block_bytes
         if self.cfg.kv_cache_tokens is not None:
             num_blocks = min(num_blocks, -(-self.cfg.kv_cache_tokens // self.block_size))
@@ -78,6 +86,34 @@ class ModelRunner:
             )
         return int(num_blocks)
 
+    def _cuda_kv_budget(self, used_before: int, block_bytes: int) -> int:
+        weights = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        profile_step(
+            self.model, self.attention_backend, self.model_cfg,
+            num_tokens=self.cfg.max_batch_tokens, num_seqs=self.cfg.max_num_seqs,
+            max_model_len=self.max_model_len, block_size=self.block_size, device=self.device, dtype=self.dtype,
+        )
+        torch.cuda.synchronize(self.device)
+        profile = CudaMemoryProfile(
+            total=torch.cuda.mem_get_info(self.device)[1],
+            used_before=used_before,
+            weights=weights,
+            peak=torch.cuda.max_memory_allocated(self.device),
+        )
+        torch.cuda.empty_cache()
+        budget = cuda_kv_budget(profile, self.cfg.gpu_memory_utilization, self.cfg.cuda_graphs)
+        if budget < block_bytes:
+            gib = 1 << 30
+            raise ConfigError(
+                f"No GPU memory is left for the KV cache: of {profile.total / gib:.1f} GiB x "
+                f"--gpu-memory-utilization {self.cfg.gpu_memory_utilization}, {profile.used_before / gib:.1f} GiB was "
+                f"in use before start, the weights take {profile.weights / gib:.1f} GiB and a step of "
+                f"--max-batch-tokens {self.cfg.max_batch_tokens} peaks at {profile.activation_peak / gib:.1f} GiB more; "
+                "raise --gpu-memory-utilization, lower --max-batch-tokens, or free the GPU."
+            )
+        return budget
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> list[int]:
         """One forward pass over the chunks; returns a new token for each chunk that samples.
@@ -87,9 +123,12 @@ class ModelRunner:
         a zero-token chunk samples from its prefix's kept logits without a forward pass.
         """
         if block_copies:
-            src = torch.tensor([c[0] for c in block_copies], device=self.device)
-            dst = torch.tensor([c[1] for c in block_copies], device=self.device)
+            src = to_device([c[0] for c in block_copies], torch.int64, self.device)
+            dst = to_device([c[1] for c in block_copies], torch.int64, self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if self._graphable(chunks):
+            logits = self._decode_with_graph(chunks)
+            return sample(logits, self._sampling_tensors(chunks)).tolist()
         computed = [c for c in chunks if c.num_tokens > 0]
         hidden_rows: dict[int, int] = {}  # chunk position in `chunks` -> row of its last token
         hidden = self._forward(computed, chunks, hidden_rows) if computed else None
@@ -99,7 +138,7 @@ class ModelRunner:
         logits_of: dict[int, torch.Tensor] = {}
         if wanted:
             assert hidden is not None
-            rows = torch.tensor([hidden_rows[i] for i in wanted], device=self.device)
+            rows = to_device([hidden_rows[i] for i in wanted], torch.int64, self.device)
             logits = self.model.compute_logits(hidden[rows]).float()
             logits_of = {i: logits[j] for j, i in enumerate(wanted)}
         for i in keeping:
@@ -110,6 +149,27 @@ class ModelRunner:
             return []
         stacked = torch.stack([logits_of[i] if i in logits_of else self._kept_logits(chunks[i]) for i in sampling])
         return sample(stacked, self._sampling_tensors([chunks[i] for i in sampling])).tolist()
+
+    def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
+        return (
+            self.decode_graphs is not None
+            and 0 < len(chunks) <= self.decode_graphs.max_rows
+            and all(c.num_tokens == 1 and c.samples and not c.keeps_logits for c in chunks)
+        )
+
+    def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        assert self.decode_graphs is not None
+        bs = self.block_size
+        positions = [c.start for c in chunks]
+        tables = [c.seq.block_table for c in chunks]
+        return self.decode_graphs.run(
+            [c.seq.token_ids[c.start] for c in chunks],
+            positions,
+            [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)],
+            tables,
+            [tuple(c.seq.block_table[: c.seq.shared_blocks]) if c.seq.shared_blocks else None for c in chunks],
+            [c.seq.shared_blocks * bs for c in chunks],
+        )
 
     @staticmethod
     def _kept_logits(chunk: ScheduledChunk) -> torch.Tensor:
@@ -144,23 +204,19 @@ class ModelRunner:
             group_ids=[tuple(c.seq.block_table[:n]) if n else None for c, n in zip(computed, shared)],
             prefix_lens=[n * bs for n in shared],
         )
-        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+        slot_mapping = to_device(slots, torch.int64, device)
         ctx = StepContext(self.attention_backend, self.kv_caches, slot_mapping, meta)
-        return self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=device),
-            torch.tensor(positions, dtype=torch.int64, device=device),
-            ctx,
-        )
+        return self.model(to_device(input_ids, torch.int64, device), to_device(positions, torch.int64, device), ctx)
 
     def _sampling_tensors(self, chunks: list[ScheduledChunk]) -> SamplingTensors:
         params = [c.seq.params for c in chunks]
         device = self.device
         return SamplingTensors(
-            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_ks=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            keys=torch.tensor([c.seq.sampling_key for c in chunks], dtype=torch.int64, device=device),
-            steps=torch.tensor([c.seq.num_completion_tokens for c in chunks], dtype=torch.int64, device=device),
+            temperatures=to_device([p.temperature for p in params], torch.float32, device),
+            top_ks=to_device([p.top_k for p in params], torch.int64, device),
+            top_ps=to_device([p.top_p for p in params], torch.float32, device),
+            keys=to_device([c.seq.sampling_key for c in chunks], torch.int64, device),
+            steps=to_device([c.seq.num_completion_tokens for c in chunks], torch.int64, device),
             all_greedy=all(p.greedy for p in params),
             any_top_k=any(p.top_k > 0 and not p.greedy for p in params),
             any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),

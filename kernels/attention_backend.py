@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 BACKEND_NAMES = ("auto", "torch", "triton")
+GRAPH_GROUP_BLOCK_M = 64  # group-tile rows in CUDA-graph decode steps (16 members x 4 query heads per KV head)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ class AttentionBackend(Protocol):
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
         scale: float,
     ) -> torch.Tensor: ...
+
+    def graph_variant(self) -> AttentionBackend | None:
+        """A backend whose decode metadata a CUDA graph can replay (see kernels.static_decode_plan),
+        or None when this one cannot be captured."""
+        ...
 
 
 class _StepMixin:
@@ -214,6 +220,10 @@ class TorchBackend(_StepMixin):
     def shared_prefix_decode(self, q, k_cache, v_cache, meta: SharedPrefixBatch, scale: float, out=None):
         return shared_prefix_decode_reference(q, k_cache, v_cache, meta, scale, out=out)
 
+    def graph_variant(self) -> None:
+        """The references plan on the host inside attention: they cannot be captured in a graph."""
+        return None
+
 
 class TritonBackend(_StepMixin):
     """The Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests)."""
@@ -257,6 +267,12 @@ class TritonBackend(_StepMixin):
 
     def shared_prefix_decode(self, q, k_cache, v_cache, meta, scale: float, out=None) -> torch.Tensor:
         return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out)
+
+    def graph_variant(self) -> TritonBackend:
+        """The same kernels with a fixed group-tile height, so that every decode plan of a CUDA
+        graph launches the one kernel variant it captured (the default height follows the largest
+        group of the step)."""
+        return TritonBackend(group_block_m=self.group_block_m or GRAPH_GROUP_BLOCK_M, kv_split=self.kv_split)
 
 
 def _interpreting() -> bool:

@@ -29,6 +29,7 @@ from kernels._triton_attention import (
     dot_precision,
     interpreting,
 )
+from kernels.host_tensors import to_device
 from kernels.paged_attention import paged_attention_reference
 
 __all__ = ["PagedPrefillMetadata", "build_paged_prefill_metadata", "paged_prefill", "paged_attention_reference"]
@@ -117,13 +118,13 @@ def build_paged_prefill_metadata(
         tables[i, :nb] = torch.tensor(list(table[:nb]), dtype=torch.int32)
 
     def t32(xs: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(list(xs), dtype=torch.int32).to(device)
+        return to_device(list(xs), torch.int32, device)
 
     return PagedPrefillMetadata(
         query_starts=t32(starts),
         query_lens=t32([int(x) for x in query_lens]),
         context_lens=t32([int(x) for x in context_lens]),
-        block_tables=tables.to(device),
+        block_tables=to_device(tables, torch.int32, device),
         tile_seq=t32([t[1] for t in tiles]),
         tile_row0=t32([t[2] for t in tiles]),
         num_wide_tiles=len(wide),

@@ -27,6 +27,8 @@ from typing import Hashable, Sequence
 
 import torch
 
+from kernels.host_tensors import to_device
+
 __all__ = [
     "SharedPrefixBatch",
     "attention_with_lse_reference",
@@ -205,13 +207,13 @@ def build_shared_prefix_batch(
     tables_sorted = [list(block_tables[i][: -(-int(context_lens[i]) // block_size)]) for i in order]
     qrows = [int(query_rows[i]) for i in order]
     return SharedPrefixBatch(
-        query_index=torch.tensor(qrows, dtype=torch.int64, device=device),
+        query_index=to_device(qrows, torch.int64, device),
         block_tables=_padded(tables_sorted, device),
-        context_lens=torch.tensor(ctx_sorted, dtype=torch.int32, device=device),
-        suffix_starts=torch.tensor(suffix_starts, dtype=torch.int32, device=device),
-        group_row_starts=torch.tensor(row_starts, dtype=torch.int32, device=device),
+        context_lens=to_device(ctx_sorted, torch.int32, device),
+        suffix_starts=to_device(suffix_starts, torch.int32, device),
+        group_row_starts=to_device(row_starts, torch.int32, device),
         prefix_block_tables=_padded(prefix_tables, device),
-        prefix_lens=torch.tensor(group_prefix_lens, dtype=torch.int32, device=device),
+        prefix_lens=to_device(group_prefix_lens, torch.int32, device),
         block_size=block_size,
         host_query_index=tuple(qrows),
         host_context_lens=tuple(ctx_sorted),
@@ -227,7 +229,7 @@ def _padded(tables: list[list[int]], device: torch.device | str) -> torch.Tensor
     for i, t in enumerate(tables):
         if t:
             out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    return out.to(device)
+    return to_device(out, torch.int32, device)
 
 
 def _slots(table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ from kernels._triton_attention import (
     dot_precision,
     interpreting,
 )
+from kernels.host_tensors import to_device
 from kernels.shared_prefix_attention import (
     SharedPrefixBatch,
     build_shared_prefix_batch,
@@ -66,6 +67,7 @@ class SharedPrefixDecodePlan:
     row_part_start: torch.Tensor  # [R] int32: first part slot of each row that is merged
     row_num_parts: torch.Tensor  # [R] int32
     merge_rows: torch.Tensor  # [M] int32: rows whose parts the merge kernel combines
+    group_tile_count: torch.Tensor  # [1] int32: num_group_tiles, read by the kernel (CUDA-graph safe)
     num_group_tiles: int
     num_parts: int
     num_heads: int
@@ -154,10 +156,10 @@ def plan_shared_prefix_decode(
     device = batch.query_index.device
 
     def col(i: int) -> torch.Tensor:
-        return torch.tensor([t[i] for t in tiles], dtype=torch.int32).to(device)
+        return to_device([t[i] for t in tiles], torch.int32, device)
 
     def t32(xs: list[int]) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.int32).to(device)
+        return to_device(xs, torch.int32, device)
 
     return SharedPrefixDecodePlan(
         batch=batch,
@@ -170,6 +172,7 @@ def plan_shared_prefix_decode(
         row_part_start=t32(part_start),
         row_num_parts=t32(n_parts),
         merge_rows=t32([r for r in range(num_rows) if merged[r]]),
+        group_tile_count=t32([len(group_tiles)]),
         num_group_tiles=len(group_tiles),
         num_parts=total,
         num_heads=num_heads,
@@ -262,7 +265,7 @@ def _shared_prefix_decode_kernel(
     tile_hi_ptr,
     tile_part_ptr,
     tile_base,
-    num_group_tiles,
+    group_tile_count_ptr,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -293,7 +296,7 @@ def _shared_prefix_decode_kernel(
     elif MODE == 2:
         is_group = False
     else:
-        is_group = tile < num_group_tiles
+        is_group = tile < tl.load(group_tile_count_ptr)
     if is_group:
         _decode_tile(
             tile, kv_head, prefix_table_ptr + table * stride_ptbl, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -350,8 +353,11 @@ def _merge_parts_kernel(
         m = m_new
     q_row = tl.load(query_index_ptr + row).to(tl.int64)
     o = acc / tl.where(s > 0, s, 1.0)[:, None]
+    # count == 0: a padding entry of a CUDA-graph plan (its row is a dummy): write nothing.
+    # (the test is broadcast to a block first: scalar & block masks are int32 in the interpreter)
+    has_parts = (tl.zeros([BLOCK_H], dtype=tl.int32) + count) > 0
     tl.store(out_ptr + q_row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=mask)
+             o.to(out_ptr.dtype.element_ty), mask=mask & has_parts[:, None])
 
 
 def shared_prefix_decode(
@@ -430,7 +436,7 @@ def shared_prefix_decode(
     for mode, n, base, big in launches:
         if n:
             _shared_prefix_decode_kernel[(n, num_kv_heads)](
-                *args, base, g, *strides, MODE=mode, num_warps=num_warps or (8 if big else 4), **consts
+                *args, base, plan.group_tile_count, *strides, MODE=mode, num_warps=num_warps or (8 if big else 4), **consts
             )
     num_merge = int(plan.merge_rows.shape[0])
     if num_merge:
