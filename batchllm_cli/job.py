@@ -121,6 +121,8 @@ class RunSettings:
     block_size: int | None = None
     prefix_sharing: str = "plan"
     attention_backend: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    cuda_graphs: bool = True
     batch_rows: int = 1024  # rows rendered and tokenized per step of the input stream
     id_column: str | None = None
     skip_bad_rows: bool = False
@@ -503,6 +505,8 @@ def _engine_config(settings: RunSettings, model_dir: Path, max_batch_tokens: int
             dtype=settings.dtype,  # type: ignore[arg-type]
             prefix_sharing=settings.prefix_sharing,  # type: ignore[arg-type]
             attention_backend=settings.attention_backend,  # type: ignore[arg-type]
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            cuda_graphs=settings.cuda_graphs,
             **{k: v for k, v in optional.items() if v is not None},
         )
     except ValueError as exc:

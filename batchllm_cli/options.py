@@ -247,6 +247,27 @@ AttentionBackendOpt = Annotated[
         rich_help_panel=PANEL_ENGINE,
     ),
 ]
+GpuMemoryUtilizationOpt = Annotated[
+    float,
+    typer.Option(
+        "--gpu-memory-utilization",
+        metavar="FRACTION",
+        help="CUDA without --kv-cache-memory: the share of the GPU's total memory batchllm may use; the KV "
+        "cache gets what the weights, a profiled step and memory already in use leave of it.",
+        min=0.01,
+        max=1.0,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+CudaGraphsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="CUDA with the triton backend: replay decode-only steps from captured CUDA graphs (faster for "
+        "small models); --no-cuda-graphs runs every step eagerly.",
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
 BlockSizeOpt = Annotated[
     Optional[int],
     typer.Option(

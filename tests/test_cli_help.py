@@ -152,3 +152,10 @@ def test_parse_size() -> None:
     assert parse_size("512MB") == 512 * 10**6
     assert parse_size("1.5G") == int(1.5 * 2**30)
     assert parse_size("4096") == 4096
+
+
+def test_bad_gpu_memory_utilization(no_model: None, table: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "o.csv")
+    result = invoke(["run", str(table), "-t", "classify", "-o", out, "--gpu-memory-utilization", "1.5"])
+    assert result.exit_code == 2
+    assert "--gpu-memory-utilization" in flat(result.output)
