@@ -191,8 +191,9 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             hidden_rows[position_of[id(chunk)]] = len(input_ids) - 1
         device = self.device
-        # decode rows that share leading blocks attend to them together (one pass per group)
-        shared = [c.seq.shared_blocks if c.num_tokens == 1 else 0 for c in computed]
+        # chunks whose rows share leading blocks may attend to them together (one pass per group):
+        # decode rows always, short prefill chunks where the backend finds it pays
+        shared = [c.seq.shared_blocks for c in computed]
         meta = self.attention_backend.build_step_metadata(
             [c.num_tokens for c in computed],
             [c.start + c.num_tokens for c in computed],

@@ -104,6 +104,13 @@ class _StepMixin:
     # Decode rows outside any group of 2+: through the shared-prefix launch (True, one launch for
     # all decodes) or through paged attention (False: cheaper for the PyTorch references).
     shared_launch_for_plain_rows = True
+    # Prefill chunks of a group's members whose prefix is already cached go through the group tiles
+    # (each query token a row of the shared launch) when the chunk's rows (tokens x query heads per
+    # KV head) and its own context after the prefix are both at most this many: then several members'
+    # short chunks read the prefix once between them, where paged prefill gives each its own
+    # under-filled tile reading the whole prefix. Longer chunks fill paged-prefill tiles on their
+    # own, and per-token request tiles would re-read a long own context once per token. 0: off.
+    group_prefill_max_rows = 64
 
     def build_step_metadata(
         self,
@@ -120,28 +127,44 @@ class _StepMixin:
     ) -> StepAttentionMetadata:
         """One entry per scheduled chunk, in q's row order (chunk i owns the next query_lens[i] rows).
 
-        group_ids[i] / prefix_lens[i]: the decode row's group and the tokens of that group's shared
-        prefix (see `build_shared_prefix_batch`); None / 0 or omitted: no group. Ignored for prefill
-        chunks.
+        group_ids[i] / prefix_lens[i]: the chunk's group and the tokens of that group's shared
+        prefix (see `build_shared_prefix_batch`); None / 0 or omitted: no group. A prefill chunk uses
+        its group only if the prefix lies wholly before its queries and the chunk is short (see
+        `group_prefill_max_rows`).
         """
         n = len(query_lens)
         gids = list(group_ids) if group_ids is not None else [None] * n
         plens = list(prefix_lens) if prefix_lens is not None else [0] * n
         if not (len(context_lens) == len(block_tables) == len(gids) == len(plens) == n):
             raise ValueError("per-chunk lists differ in length")
-        dec: list[int] = []
+        ratio = max(1, num_heads // max(1, num_kv_heads))
+
+        def member(i: int) -> bool:  # may chunk i use its group's tiles?
+            ql, ctx, plen = int(query_lens[i]), int(context_lens[i]), int(plens[i])
+            if gids[i] is None or plen <= 0:
+                return False
+            if ql == 1:
+                return True
+            limit = self.group_prefill_max_rows
+            return plen <= ctx - ql and ql * ratio <= limit and ctx - plen <= limit
+
+        members: dict[Hashable, int] = {}
+        for i in range(n):
+            if member(i):
+                members[gids[i]] = members.get(gids[i], 0) + 1
         pre: list[int] = []
         starts: list[int] = []
+        # the shared launch's rows: (row of q, context length, chunk), one per query token
+        shared_rows: list[tuple[int, int, int]] = []
         row = 0
-        members: dict[Hashable, int] = {}
-        if not self.shared_launch_for_plain_rows:
-            for i, ql in enumerate(query_lens):
-                if ql == 1 and gids[i] is not None and plens[i] > 0:
-                    members[gids[i]] = members.get(gids[i], 0) + 1
         for i, ql in enumerate(query_lens):
             starts.append(row)
-            grouped = gids[i] is not None and plens[i] > 0 and members.get(gids[i], 0) >= 2
-            (dec if ql == 1 and (grouped or self.shared_launch_for_plain_rows) else pre).append(i)
+            grouped = member(i) and members[gids[i]] >= 2
+            if grouped or (ql == 1 and self.shared_launch_for_plain_rows):
+                first_ctx = int(context_lens[i]) - int(ql) + 1
+                shared_rows.extend((row + j, first_ctx + j, i) for j in range(int(ql)))
+            else:
+                pre.append(i)
             row += int(ql)
         paged = shared = None
         if pre:
@@ -150,10 +173,11 @@ class _StepMixin:
                 block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads,
                 query_starts=[starts[i] for i in pre],
             )
-        if dec:
+        if shared_rows:
+            chunk = [c for _, _, c in shared_rows]
             shared = self.build_shared_prefix_metadata(  # type: ignore[attr-defined]
-                [starts[i] for i in dec], [context_lens[i] for i in dec], [block_tables[i] for i in dec],
-                [gids[i] for i in dec], [plens[i] if gids[i] is not None else 0 for i in dec],
+                [r for r, _, _ in shared_rows], [ctx for _, ctx, _ in shared_rows], [block_tables[i] for i in chunk],
+                [gids[i] for i in chunk], [plens[i] if gids[i] is not None else 0 for i in chunk],
                 block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads,
             )
         return StepAttentionMetadata(paged=paged, shared=shared, num_tokens=row)
@@ -178,6 +202,7 @@ class TorchBackend(_StepMixin):
 
     name = "torch"
     shared_launch_for_plain_rows = False
+    group_prefill_max_rows = 0  # the CPU path keeps prefill on paged attention (measured in bench/)
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv_reference(key, value, k_cache, v_cache, slot_mapping)

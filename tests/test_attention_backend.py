@@ -88,3 +88,34 @@ def test_select_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         select_backend("triton", "cpu")
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_short_prefill_chunks_of_a_group_use_its_tiles(backend_name: str, heads: int, kv_heads: int) -> None:
+    """Members whose prefix is cached: short prefill chunks (a chunk spanning a block boundary, one
+    of a single token, a long one that stays on paged attention) beside decode rows of the group."""
+    bs, plen, head_dim = 4, 10, 16
+    sc = make_decode_scenario(7, [(plen, [9, 3, 6, 30, 2])], [], heads, kv_heads, head_dim, bs)
+    gid = sc.group_ids[0]
+    # (query_len) per member: contexts are prefix + suffix; the chunk is the suffix's last tokens
+    qls = [5, 1, 6, 30, 2]
+    order = sorted(range(len(qls)), key=lambda i: sc.context_lens[i])
+    chunks = [dict(ql=min(qls[k], sc.context_lens[i] - plen), ctx=sc.context_lens[i], table=sc.block_tables[i])
+              for k, i in enumerate(order)]
+    backend = select_backend(backend_name, "cpu")
+    backend.group_prefill_max_rows = 64  # on for the PyTorch reference too: the meaning is the same
+    lists = dict(query_lens=[c["ql"] for c in chunks], context_lens=[c["ctx"] for c in chunks],
+                 block_tables=[c["table"] for c in chunks])
+    q = torch.randn(sum(lists["query_lens"]), heads, head_dim, generator=torch.Generator().manual_seed(1))
+    meta = backend.build_step_metadata(**lists, block_size=bs, device="cpu", num_heads=heads, num_kv_heads=kv_heads,
+                                       group_ids=[gid] * len(chunks), prefix_lens=[plen] * len(chunks))
+    shared = meta.shared.batch if backend_name == "triton" else meta.shared
+    ratio = heads // kv_heads
+    routed = [c["ql"] for c in chunks if c["ql"] * ratio <= 64 and c["ctx"] - plen <= 64]
+    assert shared.num_groups == 1 and shared.num_rows == sum(routed)  # every routed token is a group row
+    assert (meta.paged is not None) == (len(routed) < len(chunks))
+    out = backend.attention(q, sc.k_cache, sc.v_cache, meta, sc.scale)
+    plain = build_paged_batch(lists["query_lens"], lists["context_lens"], lists["block_tables"], bs, torch.device("cpu"))
+    torch.testing.assert_close(out, paged_attention_reference(q, sc.k_cache, sc.v_cache, plain, sc.scale),
+                               atol=1e-5, rtol=1e-5)
