@@ -46,6 +46,8 @@ class ModelRunner:
             self.attention_backend = select_backend(cfg.attention_backend, self.device)
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"--attention-backend {cfg.attention_backend}: {exc}") from exc
+        # the Triton path also runs add+RMSNorm and RoPE as kernels (fewer passes over activations)
+        self.model.use_fused_kernels(self.attention_backend.name == "triton")
         self.num_blocks = self._num_kv_blocks(used_before)
         shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         # Uninitialised on purpose: attention only ever reads slots that were written.

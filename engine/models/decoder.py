@@ -3,6 +3,9 @@ families. Projections are fused (qkv, gate+up) so each layer runs few large matm
 splits Hugging Face weights into them."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,17 +16,44 @@ from engine.step_context import StepContext
 
 
 class RMSNorm(nn.Module):
+    """norm(x), or with a residual: (norm(residual + x), residual + x) as one fused op when `fused`."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.fused = False  # Triton kernel (kernels.rms_norm) instead of the PyTorch ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            from kernels import rms_norm as kernel  # lazy: Triton only once fused kernels are enabled
+
+            if residual is None:
+                return kernel.rms_norm(x, self.weight, self.eps)
+            return kernel.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # float32 statistics whatever the model dtype, as the reference implementation does
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+@dataclass(frozen=True)
+class RotaryInputs:
+    """One step's rotary inputs, shared by every layer."""
+
+    positions: torch.Tensor  # [num_tokens] int64
+    table: torch.Tensor  # [max_positions, 2, head_dim] float32 cos/sin (the fused kernel reads it)
+    cos: torch.Tensor | None  # [num_tokens, 1, head_dim] in the model dtype; None when fused
+    sin: torch.Tensor | None
 
 
 class Attention(nn.Module):
@@ -40,8 +70,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.fused = False  # RoPE by the Triton kernel (kernels.rotary), in place
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryInputs, ctx: StepContext) -> torch.Tensor:
         # x: [num_tokens, hidden]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -50,7 +81,13 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fused:
+            from kernels.rotary import rotary_embedding  # lazy: Triton only once fused kernels are enabled
+
+            q, k = rotary_embedding(q, k, rope.positions, rope.table)  # in place (qkv or the q/k norm output)
+        else:
+            assert rope.cos is not None and rope.sin is not None
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -75,9 +112,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [num_tokens, hidden], the previous layer's MLP output (or the embeddings, residual None);
+        # the residual stream is carried separately so each norm can fuse the add before it
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderBody(nn.Module):
@@ -97,20 +143,44 @@ class DecoderForCausalLM(nn.Module):
         self.model = DecoderBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope", torch.empty(0), persistent=False)
+        self.fused_kernels = False
 
     def init_rope(self, max_positions: int) -> None:
         """Fills the [max_positions, 2, head_dim] cos/sin table (float32, on the model's device)."""
         device = self.model.embed_tokens.weight.device
         self.rope = rope_cache(self.config.rope, self.config.head_dim, max_positions).to(device)
 
+    def use_fused_kernels(self, enabled: bool) -> None:
+        """Run add+RMSNorm and RoPE as Triton kernels (kernels.rms_norm, kernels.rotary) instead of
+        PyTorch ops; off by default. Outputs match the PyTorch path up to float rounding. RoPE then
+        rotates q/k in place in the qkv buffer, unseen by autograd: for inference only."""
+        device = self.model.embed_tokens.weight.device
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if enabled and device.type != "cuda" and not interpreting:
+            raise ValueError(f"The fused kernels need a CUDA device (the model is on {device.type}), "
+                             "or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter.")
+        if enabled:
+            import kernels.rms_norm  # noqa: F401 - a missing or broken Triton fails here, not mid-forward
+            import kernels.rotary  # noqa: F401
+        self.fused_kernels = enabled
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention)):
+                module.fused = enabled
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]
         x = self.model.embed_tokens(input_ids)
-        cos_sin = self.rope[positions].to(x.dtype)  # [num_tokens, 2, head_dim]
-        cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
+        cos = sin = None
+        if not self.fused_kernels:
+            cos_sin = self.rope[positions].to(x.dtype)  # [num_tokens, 2, head_dim]
+            cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
+        rope = RotaryInputs(positions, self.rope, cos, sin)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, ctx)
+        if residual is None:  # a model without layers
+            return self.model.norm(x)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
