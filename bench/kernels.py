@@ -33,10 +33,7 @@ import datetime as dt
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +45,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench_common import copy_bandwidth, git_commit, results_path, timer  # noqa: E402  (bench/)
 
 BF16_TOL = 3e-2  # max abs error vs the float32 reference accepted for bfloat16 outputs
 
@@ -120,33 +119,8 @@ def build_workload(s: Shape, device: torch.device, seed: int = 0) -> Workload:
     )
 
 
-def timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of fn (CUDA: triton.testing.do_bench, which flushes L2 between runs)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        def bench(fn: Callable[[], object]) -> float:
-            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-        return bench
-
-    def bench_cpu(fn: Callable[[], object]) -> float:
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-
-    return bench_cpu
 
 
-def copy_bandwidth(device: torch.device, bench: Callable, gib: float) -> float:
-    """Bytes/s of a large device-to-device copy (each byte read once and written once)."""
-    n = int(gib * 2**30) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n * 2 / (ms * 1e-3)
 
 
 def gather_rows(w: Workload) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,12 +195,6 @@ def flex_fn(w: Workload) -> Callable[[], torch.Tensor]:
     return run
 
 
-def git_commit() -> dict:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"),
-            "kernels_dirty": bool(git("status", "--porcelain", "--", "kernels", "bench/kernels.py"))}
 
 
 def run_degree(s: Shape, device: torch.device, bench: Callable, copy_bps: float, args) -> dict:
@@ -408,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git": git_commit(),
+        "git": git_commit("kernels", "bench/kernels.py"),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
         "shape": {"rows": args.rows, "prefix": args.prefix, "suffix": args.suffix, "heads": args.heads,
@@ -421,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     if args.out is None and not args.cpu_smoke:  # a smoke run writes only where it is told to
-        slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-        args.out = REPO / "bench" / "results" / f"kernels_{slug}.json"
+        args.out = results_path("kernels", gpu)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

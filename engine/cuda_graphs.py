@@ -134,7 +134,7 @@ class DecodeGraphs:
             )
         static = StaticDecodePlan.allocate(cap, self.device)
         static.load(plan)
-        meta = StepAttentionMetadata(paged=None, shared=static.plan, num_tokens=batch)
+        meta = StepAttentionMetadata(paged=None, shared=static.plan, num_tokens=batch, zero_uncovered=True)
         ids, pos, slots = self.input_ids[:batch], self.positions[:batch], self.slot_mapping[:batch]
 
         def forward() -> torch.Tensor:

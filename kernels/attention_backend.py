@@ -48,7 +48,9 @@ class StepAttentionMetadata:
 
     paged: Any  # the backend's paged-attention metadata for the non-decode chunks
     shared: Any  # the backend's shared-prefix metadata for the decode chunks
-    num_tokens: int  # rows of q covered (all of them)
+    num_tokens: int  # rows of q
+    # rows of q that no part covers (padding of a CUDA-graph batch) come out as zeros, not garbage
+    zero_uncovered: bool = False
 
 
 class AttentionBackend(Protocol):
@@ -189,7 +191,7 @@ class _StepMixin:
         """Attention of every row of q (each chunk's queries over its cached context, causal)."""
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} rows; the step metadata covers {meta.num_tokens}")
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q) if meta.zero_uncovered else torch.empty_like(q)
         if meta.paged is not None:
             self.paged_attention(q, k_cache, v_cache, meta.paged, scale, out=out)  # type: ignore[attr-defined]
         if meta.shared is not None:

@@ -9,12 +9,11 @@ kernels: `TRITON_INTERPRET=0 python -m pytest -m gpu tests/test_engine_gpu.py`.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from compiled_rerun import rerun_gpu_tests_compiled
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -32,14 +31,7 @@ needs_compiled = pytest.mark.skipif(not HAVE_CUDA or INTERPRETING,
 
 @pytest.mark.skipif(not HAVE_CUDA or not INTERPRETING, reason="runs only to re-launch this file compiled")
 def test_gpu_engine_checks_compiled_in_subprocess() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(Path(__file__))],
-        cwd=repo, env=env, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout
+    rerun_gpu_tests_compiled(__file__)
 
 
 def _engine(model_dir, **overrides) -> LLMEngine:

@@ -10,12 +10,11 @@ shapes): it checks this file, not the GPU.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from compiled_rerun import rerun_gpu_tests_compiled
 
 from kernel_cases import DecodeScenario, PrefillScenario, make_decode_scenario, make_prefill_scenario
 
@@ -40,14 +39,7 @@ def _n(x: int) -> int:
 
 @pytest.mark.skipif(ON_CPU or not HAVE_CUDA or not INTERPRETING, reason="runs only to re-launch this file compiled")
 def test_gpu_checks_compiled_in_subprocess() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(Path(__file__))],
-        cwd=repo, env=env, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout
+    rerun_gpu_tests_compiled(__file__)
 
 
 def _to(sc, device: torch.device):
