@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class SharedPrefix:
@@ -45,13 +43,19 @@ class ExecutionPlan:
     unique_prompt_tokens: int  # trie token count: the least prefill work possible
 
 
-def _lcp(a: Seq[int], b: Seq[int]) -> int:
+def _lcp(a: Seq[int], b: Seq[int], window: int = 64) -> int:
+    # window-wise slice comparison runs in C; only the first differing window is scanned in Python
+    # (converting whole prompts to arrays would cost more than the comparison itself)
     n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if diff.size else n
+    i = 0
+    while i < n and a[i : i + window] == b[i : i + window]:
+        i += window
+    if i >= n:
+        return n
+    end = min(i + window, n)
+    while i < end and a[i] == b[i]:
+        i += 1
+    return i
 
 
 @dataclass

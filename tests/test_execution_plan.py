@@ -71,3 +71,15 @@ def test_duplicates_share_everything_including_the_last_logits() -> None:
     assert [(p.length, p.keeps_logits) for p in plan.prefixes] == [(5, True)]
     assert all(i.start_len == 5 for i in plan.items if not i.is_prefix)
     assert plan_prefill(rows, plan) == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2), max_size=30), st.lists(st.integers(0, 2), max_size=30), st.integers(1, 7))
+def test_lcp_over_windows_equals_naive(a: list[int], b: list[int], window: int) -> None:
+    from engine.execution_plan import _lcp
+
+    naive = 0
+    while naive < min(len(a), len(b)) and a[naive] == b[naive]:
+        naive += 1
+    assert _lcp(a, b, window) == naive
+    assert _lcp(a + [5] * 100, a + [5] * 99 + [6]) == len(a) + 99  # beyond the default window
