@@ -86,13 +86,14 @@ def build_plan(token_ids: Seq[Seq[int]], max_tokens: Seq[int]) -> ExecutionPlan:
             last = stack.pop()
         if stack[-1].depth < lcp:
             node = _Node(lcp, stack[-1], [])
+            # the edge being split is always the newest child of the stack top (rows arrive sorted)
+            moved = stack[-1].children.pop()
             if last is not None:
-                stack[-1].children.remove(last)
+                assert moved is last
                 last.parent = node
-                node.children.append(last)
             else:  # lcp is inside the previous row's leaf edge
-                stack[-1].children.remove(prev)
-                node.children.append(prev)
+                assert moved == prev
+            node.children.append(moved)
             stack[-1].children.append(node)
             stack.append(node)
         stack[-1].children.append(row)
