@@ -690,6 +690,7 @@ def execute_run(
         model=model_info,
         engine={
             "steps": getattr(last, "steps", 0),
+            "cuda_graph_steps": getattr(last, "graph_steps", 0),
             "peak_kv_blocks": getattr(last, "peak_kv_blocks", 0),
             "kv_blocks_total": getattr(last, "kv_blocks_total", 0),
             "max_tokens": prepared.params.max_tokens,

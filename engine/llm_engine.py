@@ -33,6 +33,8 @@ class ModelInfo:
     dtype: str
     kv_cache_blocks: int
     block_size: int
+    attention_backend: str
+    cuda_graphs: bool
 
 
 class LLMEngine:
@@ -63,6 +65,8 @@ class LLMEngine:
             dtype=str(self.runner.dtype).removeprefix("torch."),
             kv_cache_blocks=self.runner.num_blocks,
             block_size=config.block_size,
+            attention_backend=self.runner.attention_backend.name,
+            cuda_graphs=self.runner.decode_graphs is not None,
         )
         self._ready: deque[GenerationResult] = deque()
         self._prompt_tokens = 0
@@ -226,4 +230,5 @@ class LLMEngine:
             peak_kv_blocks=self.block_manager.peak_used_blocks,
             kv_blocks_total=self.block_manager.num_blocks,
             steps=self._steps,
+            graph_steps=self.runner.decode_graphs.steps if self.runner.decode_graphs is not None else 0,
         )

@@ -104,7 +104,8 @@ class ModelRunner:
             peak=torch.cuda.max_memory_allocated(self.device),
         )
         torch.cuda.empty_cache()
-        budget = cuda_kv_budget(profile, self.cfg.gpu_memory_utilization, self.cfg.cuda_graphs)
+        graphs = self.cfg.cuda_graphs and self.attention_backend.graph_variant() is not None
+        budget = cuda_kv_budget(profile, self.cfg.gpu_memory_utilization, graphs)
         if budget < block_bytes:
             gib = 1 << 30
             raise ConfigError(

@@ -37,3 +37,4 @@ class EngineStats:
     peak_kv_blocks: int
     kv_blocks_total: int
     steps: int
+    graph_steps: int = 0  # decode steps replayed from CUDA graphs (or run on their static buffers)

@@ -49,6 +49,9 @@ def test_sharing_modes_same_answers_plan_computes_least(tmp_path, shared_table, 
     assert plan["prefix_hit_tokens"] > 0 and plan["prefix_sharing"] == "plan"
     for key in ("peak_kv_blocks", "preemptions", "elapsed_s", "sharing_fallbacks"):
         assert key in plan
+    # on CPU: the PyTorch backend, and no CUDA graphs
+    assert plan["model"]["attention_backend"] == "torch" and plan["model"]["cuda_graphs"] is False
+    assert plan["engine"]["cuda_graph_steps"] == 0
 
 
 def test_kv_cache_tokens_caps_the_cache(tmp_path, shared_table, demo_model_dir) -> None:

@@ -23,7 +23,9 @@ def _generate(model_dir, prompts, params, backend: str, graphs: bool, **override
     if graphs:
         engine.runner.decode_graphs = engine.runner.make_decode_graphs(capture=False)
     out = {r.key: r.token_ids for r in engine.generate((i, p, params) for i, p in enumerate(prompts))}
-    return out, engine.runner.decode_graphs
+    graphs = engine.runner.decode_graphs
+    assert engine.stats().graph_steps == (graphs.steps if graphs is not None else 0)
+    return out, graphs
 
 
 def test_buckets_cover_every_batch_size() -> None:
