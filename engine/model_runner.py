@@ -132,25 +132,30 @@ class ModelRunner:
         if self._graphable(chunks):
             logits = self._decode_with_graph(chunks)
             return sample(logits, self._sampling_tensors(chunks)).tolist()
-        computed = [c for c in chunks if c.num_tokens > 0]
+        computed = [(i, c) for i, c in enumerate(chunks) if c.num_tokens > 0]
         hidden_rows: dict[int, int] = {}  # chunk position in `chunks` -> row of its last token
-        hidden = self._forward(computed, chunks, hidden_rows) if computed else None
+        hidden = self._forward(computed, hidden_rows) if computed else None
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         keeping = [i for i, c in enumerate(chunks) if c.keeps_logits]
-        wanted = [i for i in sampling + keeping if i in hidden_rows]
-        logits_of: dict[int, torch.Tensor] = {}
-        if wanted:
+        assert all(i in hidden_rows for i in keeping) and not set(keeping) & set(sampling)
+        sampled = [i for i in sampling if i in hidden_rows]  # the others sample from kept logits
+        logits = None
+        if sampled or keeping:
             assert hidden is not None
-            rows = to_device([hidden_rows[i] for i in wanted], torch.int64, self.device)
-            logits = self.model.compute_logits(hidden[rows]).float()
-            logits_of = {i: logits[j] for j, i in enumerate(wanted)}
-        for i in keeping:
+            rows = to_device([hidden_rows[i] for i in sampled + keeping], torch.int64, self.device)
+            logits = self.model.compute_logits(hidden[rows]).float()  # [sampled + keeping, vocab]
+        for j, i in enumerate(keeping):
             state = chunks[i].seq.prefix_state
-            assert state is not None
-            state.logits = logits_of[i].clone()
+            assert state is not None and logits is not None
+            state.logits = logits[len(sampled) + j].clone()
         if not sampling:
             return []
-        stacked = torch.stack([logits_of[i] if i in logits_of else self._kept_logits(chunks[i]) for i in sampling])
+        if len(sampled) == len(sampling):
+            assert logits is not None
+            stacked = logits[: len(sampled)]
+        else:
+            logits_of = {i: logits[j] for j, i in enumerate(sampled)} if logits is not None else {}
+            stacked = torch.stack([logits_of[i] if i in logits_of else self._kept_logits(chunks[i]) for i in sampling])
         return sample(stacked, self._sampling_tensors([chunks[i] for i in sampling])).tolist()
 
     def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
@@ -180,19 +185,20 @@ class ModelRunner:
         assert chunk.num_tokens == 0 and prefix is not None and prefix.logits is not None
         return prefix.logits
 
-    def _forward(self, computed: list[ScheduledChunk], chunks: list[ScheduledChunk], hidden_rows: dict[int, int]) -> torch.Tensor:
+    def _forward(self, indexed: list[tuple[int, ScheduledChunk]], hidden_rows: dict[int, int]) -> torch.Tensor:
+        """Forward of the (index in the step, chunk) pairs; hidden_rows[index] = row of its last token."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        position_of = {id(c): i for i, c in enumerate(chunks)}
-        for chunk in computed:
+        for index, chunk in indexed:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             table = seq.block_table
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            hidden_rows[position_of[id(chunk)]] = len(input_ids) - 1
+            hidden_rows[index] = len(input_ids) - 1
+        computed = [c for _, c in indexed]
         device = self.device
         # chunks whose rows share leading blocks may attend to them together (one pass per group):
         # decode rows always, short prefill chunks where the backend finds it pays

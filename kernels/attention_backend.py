@@ -140,20 +140,17 @@ class _StepMixin:
         if not (len(context_lens) == len(block_tables) == len(gids) == len(plens) == n):
             raise ValueError("per-chunk lists differ in length")
         ratio = max(1, num_heads // max(1, num_kv_heads))
-
-        def member(i: int) -> bool:  # may chunk i use its group's tiles?
-            ql, ctx, plen = int(query_lens[i]), int(context_lens[i]), int(plens[i])
-            if gids[i] is None or plen <= 0:
-                return False
-            if ql == 1:
-                return True
-            limit = self.group_prefill_max_rows
-            return plen <= ctx - ql and ql * ratio <= limit and ctx - plen <= limit
-
+        limit = self.group_prefill_max_rows
+        # may chunk i use its group's tiles? (decode rows of a group always; prefill chunks if short)
+        member = [
+            gid is not None and plen > 0
+            and (ql == 1 or (plen <= ctx - ql and ql * ratio <= limit and ctx - plen <= limit))
+            for gid, plen, ql, ctx in zip(gids, plens, query_lens, context_lens)
+        ]
         members: dict[Hashable, int] = {}
-        for i in range(n):
-            if member(i):
-                members[gids[i]] = members.get(gids[i], 0) + 1
+        for gid, m in zip(gids, member):
+            if m:
+                members[gid] = members.get(gid, 0) + 1
         pre: list[int] = []
         starts: list[int] = []
         # the shared launch's rows: (row of q, context length, chunk), one per query token
@@ -161,13 +158,14 @@ class _StepMixin:
         row = 0
         for i, ql in enumerate(query_lens):
             starts.append(row)
-            grouped = member(i) and members[gids[i]] >= 2
-            if grouped or (ql == 1 and self.shared_launch_for_plain_rows):
-                first_ctx = int(context_lens[i]) - int(ql) + 1
-                shared_rows.extend((row + j, first_ctx + j, i) for j in range(int(ql)))
+            if ql == 1 and (self.shared_launch_for_plain_rows or (member[i] and members[gids[i]] >= 2)):
+                shared_rows.append((row, context_lens[i], i))
+            elif member[i] and members[gids[i]] >= 2:
+                first_ctx = context_lens[i] - ql + 1
+                shared_rows.extend((row + j, first_ctx + j, i) for j in range(ql))
             else:
                 pre.append(i)
-            row += int(ql)
+            row += ql
         paged = shared = None
         if pre:
             paged = self.build_paged_metadata(  # type: ignore[attr-defined]

@@ -22,7 +22,9 @@ skips the merge.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -152,27 +154,30 @@ def plan_shared_prefix_decode(
             row_tiles.append((-(hi - lo), r * ratio, (r + 1) * ratio, r, lo, hi, part))
     group_tiles.sort()
     row_tiles.sort()
-    tiles = group_tiles + row_tiles
-    device = batch.query_index.device
-
-    def col(i: int) -> torch.Tensor:
-        return to_device([t[i] for t in tiles], torch.int32, device)
-
-    def t32(xs: list[int]) -> torch.Tensor:
-        return to_device(xs, torch.int32, device)
+    num_tiles = len(group_tiles) + len(row_tiles)
+    merge_rows = [r for r in range(num_rows) if merged[r]]
+    # every int32 array of the plan in one host buffer, so one copy moves them to the device
+    tile_cols = np.fromiter(chain.from_iterable(group_tiles + row_tiles), dtype=np.int64, count=7 * num_tiles)
+    tile_cols = tile_cols.reshape(num_tiles, 7)[:, 1:].T
+    packed = np.concatenate([
+        tile_cols.reshape(-1), part_start, n_parts, merge_rows, [len(group_tiles)],
+    ]).astype(np.int32)
+    flat = to_device(torch.from_numpy(packed), torch.int32, batch.query_index.device)
+    cols = flat[: 6 * num_tiles].view(6, num_tiles)
+    rest = flat[6 * num_tiles :].split([num_rows, num_rows, len(merge_rows), 1])
 
     return SharedPrefixDecodePlan(
         batch=batch,
-        tile_f0=col(1),
-        tile_f1=col(2),
-        tile_table=col(3),
-        tile_kv_lo=col(4),
-        tile_kv_hi=col(5),
-        tile_part=col(6),
-        row_part_start=t32(part_start),
-        row_num_parts=t32(n_parts),
-        merge_rows=t32([r for r in range(num_rows) if merged[r]]),
-        group_tile_count=t32([len(group_tiles)]),
+        tile_f0=cols[0],
+        tile_f1=cols[1],
+        tile_table=cols[2],
+        tile_kv_lo=cols[3],
+        tile_kv_hi=cols[4],
+        tile_part=cols[5],
+        row_part_start=rest[0],
+        row_num_parts=rest[1],
+        merge_rows=rest[2],
+        group_tile_count=rest[3],
         num_group_tiles=len(group_tiles),
         num_parts=total,
         num_heads=num_heads,

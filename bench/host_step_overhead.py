@@ -1,0 +1,103 @@
+"""Host time of one engine step with the device work taken out: what a GPU step costs the CPU
+(scheduling, step metadata including the Triton attention plan, sampling bookkeeping) and so the
+least time a step can take however fast the GPU is. A 1B model's decode step of 256 rows is about
+1-2 ms of H200 time, so host time of that order decides decode throughput.
+
+The model's forward and output head are replaced by stand-ins returning zeros (the attention metadata and step
+context are still built exactly as for the Triton backend; no kernel runs), and sampling is greedy
+over a tiny vocabulary. Workload: `groups` x `degree` rows with a shared prefix, decode-heavy.
+
+    python bench/host_step_overhead.py [--groups 16 --degree 16 --prefix 2000 --suffix 200 --output 64]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend's planners only; no kernel runs
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import model_factory  # noqa: E402  (tiny HF model directories)
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--degree", type=int, default=16)
+    p.add_argument("--prefix", type=int, default=2000)
+    p.add_argument("--suffix", type=int, default=200)
+    p.add_argument("--output", type=int, default=128)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    base = model_factory.VARIANTS["llama_gqa"]
+    context = args.prefix + args.suffix + args.output + 16
+    variant = dataclasses.replace(base, config={**base.config, "max_position_embeddings": context})
+    model_dir = model_factory.build_model_dir(variant, Path(tempfile.mkdtemp()))
+    rng = random.Random(0)
+    vocab = model_factory.tokenizer_size() - 10
+    rows = []
+    for _ in range(args.groups):
+        prefix = [rng.randrange(10, vocab) for _ in range(args.prefix)]
+        rows += [prefix + [rng.randrange(10, vocab) for _ in range(args.suffix)] for _ in range(args.degree)]
+    engine = LLMEngine(EngineConfig(model_dir=str(model_dir), device="cpu", attention_backend="triton",
+                                    max_batch_tokens=8192, max_num_seqs=len(rows),
+                                    kv_cache_tokens=len(rows) * (args.prefix + args.suffix + args.output)))
+    runner = engine.runner
+    runner.model.use_fused_kernels(False)
+    hidden = runner.model_cfg.hidden_size
+    runner.model.forward = lambda ids, pos, ctx: torch.zeros(ids.shape[0], hidden)  # no device work
+    logits = torch.zeros(len(rows) + 8192, 16)  # a 16-token vocabulary: sampling costs next to nothing
+    runner.model.compute_logits = lambda h: logits[: h.shape[0]]
+    torch.set_num_threads(1)
+    decode_only = [False]
+    original_run = runner.run
+
+    def run(chunks, block_copies=()):
+        decode_only[0] = bool(chunks) and all(c.num_tokens == 1 for c in chunks)
+        return original_run(chunks, block_copies)
+
+    runner.run = run
+    params = SamplingParams(max_tokens=args.output, ignore_eos=True)
+    decode_steps: list[float] = []
+    decode_cpu: list[float] = []  # process CPU time: less sensitive to other load on a shared machine
+    start = time.perf_counter()
+    engine.add_planned([(i, r, params) for i, r in enumerate(rows)])
+    while engine.has_unfinished():
+        t, c = time.perf_counter(), time.process_time()
+        engine.step()
+        if decode_only[0]:
+            decode_steps.append(time.perf_counter() - t)
+            decode_cpu.append(time.process_time() - c)
+    wall = time.perf_counter() - start
+    stats = engine.stats()
+    def median_ms(xs: list[float]) -> float:
+        return round(sorted(xs)[len(xs) // 2] * 1e3, 3) if xs else float("nan")
+
+    median, cpu = median_ms(decode_steps), median_ms(decode_cpu)
+    result = {"rows": len(rows), "steps": stats.steps, "wall_s": round(wall, 3),
+              "decode_steps": len(decode_steps), "decode_step_ms_median": median, "decode_step_cpu_ms_median": cpu,
+              "params": vars(args) | {"out": str(args.out)}}
+    print(f"{len(rows)} rows: {stats.steps} steps in {wall:.2f} s; decode step host time median {median:.2f} ms "
+          f"(CPU {cpu:.2f} ms) "
+          f"over {len(decode_steps)} decode-only steps")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
