@@ -45,6 +45,8 @@ def stub_engine(model_dir: Path, rows: int, tokens_per_row: int) -> tuple[LLMEng
                                     max_batch_tokens=8192, max_num_seqs=rows, kv_cache_tokens=rows * tokens_per_row))
     runner = engine.runner
     runner.model.use_fused_kernels(False)
+    # plan tiles as on a GPU (the interpreter's defaults cut far smaller tiles)
+    runner.attention_backend.kv_split, runner.attention_backend.group_block_m = 512, 64
     hidden = runner.model_cfg.hidden_size
     runner.model.forward = lambda ids, pos, ctx: torch.zeros(ids.shape[0], hidden)  # no device work
     logits = torch.zeros(rows + 8192, 16)  # a 16-token vocabulary: sampling costs next to nothing

@@ -118,7 +118,11 @@ class SharedPrefixBatch:
     """
 
     query_index: torch.Tensor  # [R] int64: row of q (and of the output) of each decode query
-    block_tables: torch.Tensor  # [R, max_blocks] int32: each row's own block table (0-padded)
+    # [R, max_blocks] int32: row r's block table from block table_starts[r] on (0-padded): a grouped
+    # row's table starts at its suffix's first block, so a step never ships its group's prefix blocks
+    # once per member (the group's prefix table holds them once)
+    block_tables: torch.Tensor
+    table_starts: torch.Tensor  # [R] int32: the block index of column 0 of each row's table
     context_lens: torch.Tensor  # [R] int32: context tokens of each row (including the query token)
     suffix_starts: torch.Tensor  # [R] int32: first position after its group's prefix (0: no group)
     group_row_starts: torch.Tensor  # [G + 1] int32
@@ -191,8 +195,11 @@ def build_shared_prefix_batch(
             continue
         full = p // block_size
         head = list(block_tables[rows[0]][: -(-p // block_size)])
+        # the first and last full prefix blocks: a cheap check of the precondition (a full
+        # comparison would cost a pass over every member's prefix blocks each step)
+        ends = (head[0], head[full - 1]) if full else ()
         for i in rows[1:]:
-            if list(block_tables[i][:full]) != head[:full]:
+            if full and (block_tables[i][0], block_tables[i][full - 1]) != ends:
                 raise ValueError(f"group {gid!r}: members do not share the prefix's full blocks")
         order.extend(rows)
         grouped.update(rows)
@@ -206,18 +213,23 @@ def build_shared_prefix_batch(
             suffix_starts[r] = p
 
     ctx_sorted = [int(context_lens[i]) for i in order]
-    # whole tables, not cut to each context: positions past a row's context are never read, and
-    # slicing hundreds of tables per step costs more than the padding
-    tables_sorted = [block_tables[i] for i in order]
+    table_starts = [s // block_size for s in suffix_starts]
+    # tables run to their end, not cut to each context: positions past a context are never read
+    tables_sorted = [block_tables[i][t:] if t else block_tables[i] for i, t in zip(order, table_starts)]
     qrows = [int(query_rows[i]) for i in order]
+    g = len(group_prefix_lens)
+    # the int32 vectors in one host buffer: one copy to the device
+    ints = to_device(ctx_sorted + suffix_starts + table_starts + row_starts + group_prefix_lens, torch.int32, device)
+    ctx_d, suffix_d, starts_d, rows_d, plens_d = ints.split([n, n, n, g + 1, g])
     return SharedPrefixBatch(
         query_index=to_device(qrows, torch.int64, device),
         block_tables=_padded(tables_sorted, device),
-        context_lens=to_device(ctx_sorted, torch.int32, device),
-        suffix_starts=to_device(suffix_starts, torch.int32, device),
-        group_row_starts=to_device(row_starts, torch.int32, device),
+        table_starts=starts_d,
+        context_lens=ctx_d,
+        suffix_starts=suffix_d,
+        group_row_starts=rows_d,
         prefix_block_tables=_padded(prefix_tables, device),
-        prefix_lens=to_device(group_prefix_lens, torch.int32, device),
+        prefix_lens=plens_d,
         block_size=block_size,
         host_query_index=tuple(qrows),
         host_context_lens=tuple(ctx_sorted),
@@ -297,11 +309,13 @@ def shared_prefix_decode_reference(
     if width:
         pos = torch.tensor(batch.host_suffix_starts, device=q.device)[:, None] + torch.arange(width, device=q.device)
         valid = torch.arange(width, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
-        pos = torch.where(valid, pos, torch.zeros_like(pos))  # padding reads position 0: always written
+        first = batch.table_starts.long()[:, None]
+        pos = torch.where(valid, pos, first * bs)  # padding reads the table's first slot, then is zeroed
         tables = batch.block_tables.long()
-        slots = torch.gather(tables, 1, pos // bs) * bs + pos % bs
-        k = k_flat[slots].transpose(1, 2)  # [R, KVH, W, D]
-        v = v_flat[slots].transpose(1, 2)
+        slots = torch.gather(tables, 1, pos // bs - first) * bs + pos % bs
+        keep = valid[:, :, None, None]
+        k = torch.where(keep, k_flat[slots], 0).transpose(1, 2)  # [R, KVH, W, D]; unwritten slots may hold NaN
+        v = torch.where(keep, v_flat[slots], 0).transpose(1, 2)
         suf_out, suf_lse = attention_with_lse_reference(qd[:, :, None, :], k, v, scale, mask=valid[:, None, None, :])
         suf_out, suf_lse = suf_out[:, :, 0], suf_lse[:, :, 0]
     else:

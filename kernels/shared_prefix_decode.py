@@ -112,55 +112,56 @@ def plan_shared_prefix_decode(
     if bm < 16 or bm & (bm - 1) or split < 1:
         raise ValueError("block_m must be a power of two >= 16 and kv_split positive")
     num_rows = len(ctx)
-
-    def nsplit(n: int) -> int:
-        return -(-n // split)
-
-    n_pre = [0] * num_rows
-    for g, p in enumerate(plens):
-        for r in range(starts[g], starts[g + 1]):
-            n_pre[r] = nsplit(p)
-    n_suf = [nsplit(c - s) for c, s in zip(ctx, sstart)]
-    n_parts = [a + b for a, b in zip(n_pre, n_suf)]
+    # Per-row arithmetic in numpy: hundreds of rows per step, planned on the host every step.
+    ctx_a = np.asarray(ctx, dtype=np.int64)
+    sstart_a = np.asarray(sstart, dtype=np.int64)
+    group_sizes = np.diff(np.asarray(starts, dtype=np.int64))
+    group_splits = -(-np.asarray(plens, dtype=np.int64) // split)  # [G] prefix tiles per row tile
+    grouped_rows = int(starts[-1])
+    n_pre = np.zeros(num_rows, dtype=np.int64)
+    n_pre[:grouped_rows] = np.repeat(group_splits, group_sizes)
+    n_suf = -(-(ctx_a - sstart_a) // split)
+    n_parts = n_pre + n_suf
     # A group's tiles write the output directly only when they are the rows' only parts.
-    direct_group = [
-        nsplit(p) == 1 and all(n_suf[r] == 0 for r in range(starts[g], starts[g + 1])) for g, p in enumerate(plens)
-    ]
-    merged = [n >= 2 for n in n_parts]
-    for g, direct in enumerate(direct_group):
-        for r in range(starts[g], starts[g + 1]):
-            merged[r] = not direct
-    part_start, total = [0] * num_rows, 0
-    for r in range(num_rows):
-        if merged[r]:
-            part_start[r] = total
-            total += n_parts[r]
+    if len(plens):
+        suffix_tiles = np.add.reduceat(n_suf[:grouped_rows], np.asarray(starts[:-1], dtype=np.int64))
+        direct_group = (group_splits == 1) & (suffix_tiles == 0)
+    else:
+        direct_group = np.zeros(0, dtype=bool)
+    merged = n_parts >= 2
+    merged[:grouped_rows] = ~np.repeat(direct_group, group_sizes)
+    part_counts = np.where(merged, n_parts, 0)
+    part_start = np.where(merged, np.cumsum(part_counts) - part_counts, 0)  # 0: rows never merged
+    total = int(part_counts.sum())
+    # group tiles (few: per group, row tiles x prefix splits), sorted largest first:
     # (sort key, f0, f1, table, lo, hi, part)
     group_tiles: list[tuple[int, int, int, int, int, int, int]] = []
     for g, p in enumerate(plens):
         r0, r1 = starts[g], starts[g + 1]
-        direct = direct_group[g]
+        direct = bool(direct_group[g])
         for f0 in range(r0 * ratio, r1 * ratio, bm):
             f1 = min(f0 + bm, r1 * ratio)
-            for s in range(nsplit(p)):
+            for s in range(int(group_splits[g])):
                 lo, hi = s * split, min(p, (s + 1) * split)
                 group_tiles.append((-(hi - lo) * (f1 - f0), f0, f1, g, lo, hi, -1 if direct else s))
-    row_tiles: list[tuple[int, int, int, int, int, int, int]] = []
-    for r in range(num_rows):
-        for j in range(n_suf[r]):
-            lo = sstart[r] + j * split
-            hi = min(ctx[r], lo + split)
-            part = n_pre[r] + j if merged[r] else -1
-            row_tiles.append((-(hi - lo), r * ratio, (r + 1) * ratio, r, lo, hi, part))
     group_tiles.sort()
-    row_tiles.sort()
-    num_tiles = len(group_tiles) + len(row_tiles)
-    merge_rows = [r for r in range(num_rows) if merged[r]]
+    num_group = len(group_tiles)
+    group_cols = np.fromiter(chain.from_iterable(group_tiles), dtype=np.int64, count=7 * num_group)
+    group_cols = group_cols.reshape(num_group, 7)[:, 1:].T  # [6, G tiles]
+    # request tiles: row r's own positions [suffix_start, context) in kv_split pieces, longest first
+    tile_row = np.repeat(np.arange(num_rows, dtype=np.int64), n_suf)
+    piece = np.arange(len(tile_row), dtype=np.int64) - np.repeat(np.cumsum(n_suf) - n_suf, n_suf)
+    lo = sstart_a[tile_row] + piece * split
+    hi = np.minimum(ctx_a[tile_row], lo + split)
+    part = np.where(merged[tile_row], n_pre[tile_row] + piece, -1)
+    order = np.lexsort((lo, tile_row, lo - hi))
+    tile_row, lo, hi, part = tile_row[order], lo[order], hi[order], part[order]
+    row_cols = np.stack([tile_row * ratio, (tile_row + 1) * ratio, tile_row, lo, hi, part])  # [6, R tiles]
+    num_tiles = num_group + len(tile_row)
+    merge_rows = np.flatnonzero(merged)
     # every int32 array of the plan in one host buffer, so one copy moves them to the device
-    tile_cols = np.fromiter(chain.from_iterable(group_tiles + row_tiles), dtype=np.int64, count=7 * num_tiles)
-    tile_cols = tile_cols.reshape(num_tiles, 7)[:, 1:].T
     packed = np.concatenate([
-        tile_cols.reshape(-1), part_start, n_parts, merge_rows, [len(group_tiles)],
+        np.concatenate([group_cols, row_cols], axis=1).reshape(-1), part_start, n_parts, merge_rows, [num_group],
     ]).astype(np.int32)
     flat = to_device(torch.from_numpy(packed), torch.int32, batch.query_index.device)
     cols = flat[: 6 * num_tiles].view(6, num_tiles)
@@ -178,7 +179,7 @@ def plan_shared_prefix_decode(
         row_num_parts=rest[1],
         merge_rows=rest[2],
         group_tile_count=rest[3],
-        num_group_tiles=len(group_tiles),
+        num_group_tiles=num_group,
         num_parts=total,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
@@ -263,6 +264,7 @@ def _shared_prefix_decode_kernel(
     row_part_start_ptr,
     prefix_table_ptr,
     row_table_ptr,
+    table_starts_ptr,
     tile_f0_ptr,
     tile_f1_ptr,
     tile_table_ptr,
@@ -311,8 +313,10 @@ def _shared_prefix_decode_kernel(
             NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_GROUP, BLOCK_N_GROUP, BLOCK_D, DOT_PRECISION,
         )
     else:
+        # a row's table starts at block table_starts[row]: shift the pointer so position // block_size indexes it
+        first_block = tl.load(table_starts_ptr + table).to(tl.int64)
         _decode_tile(
-            tile, kv_head, row_table_ptr + table * stride_rtbl, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+            tile, kv_head, row_table_ptr + table * stride_rtbl - first_block, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
             k_cache_ptr, v_cache_ptr, query_index_ptr, row_part_start_ptr,
             tile_f0_ptr, tile_f1_ptr, tile_lo_ptr, tile_hi_ptr, tile_part_ptr,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale,
@@ -414,7 +418,7 @@ def shared_prefix_decode(
     big_group = plan.block_m_group >= 128 or block_d > 128
     args = (
         q, out, part_out, part_lse, k_cache, v_cache,
-        batch.query_index, plan.row_part_start, batch.prefix_block_tables, batch.block_tables,
+        batch.query_index, plan.row_part_start, batch.prefix_block_tables, batch.block_tables, batch.table_starts,
         plan.tile_f0, plan.tile_f1, plan.tile_table, plan.tile_kv_lo, plan.tile_kv_hi, plan.tile_part,
     )
     strides = (

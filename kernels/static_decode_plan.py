@@ -82,6 +82,7 @@ class StaticDecodePlan:
         batch = SharedPrefixBatch(
             query_index=torch.zeros(cap.rows + 1, dtype=torch.int64, device=device),  # [rows]: the dummy row
             block_tables=i32(cap.rows, cap.table_width),
+            table_starts=i32(cap.rows),
             context_lens=i32(cap.rows),
             suffix_starts=i32(cap.rows),
             group_row_starts=i32(cap.groups + 1),
@@ -124,6 +125,7 @@ class StaticDecodePlan:
         r, g, t, m = sb.num_rows, sb.num_groups, src.num_tiles, int(src.merge_rows.shape[0])
         db.query_index[:r].copy_(sb.query_index, non_blocking=True)
         db.block_tables[:r, : sb.block_tables.shape[1]].copy_(sb.block_tables, non_blocking=True)
+        db.table_starts[:r].copy_(sb.table_starts, non_blocking=True)
         db.context_lens[:r].copy_(sb.context_lens, non_blocking=True)
         db.suffix_starts[:r].copy_(sb.suffix_starts, non_blocking=True)
         db.group_row_starts[: g + 1].copy_(sb.group_row_starts, non_blocking=True)

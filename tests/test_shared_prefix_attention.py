@@ -105,7 +105,9 @@ def test_builder_groups_rows_and_demotes_small_groups() -> None:
     assert batch.host_suffix_starts == (8, 8, 8, 0, 0)
     assert batch.host_prefix_lens == (8,)
     assert batch.prefix_block_tables.tolist() == [[0, 1]]
-    assert batch.block_tables.tolist() == [[0, 1, 5], [0, 1, 6], [0, 1, 7], [2, 3, 0], [9, 0, 0]]
+    # grouped rows ship only their own blocks (from the suffix's first block); plain rows whole tables
+    assert batch.block_tables.tolist() == [[5, 0], [6, 0], [7, 0], [2, 3], [9, 0]]
+    assert batch.table_starts.tolist() == [2, 2, 2, 0, 0]
     with pytest.raises(ValueError, match="prefix length"):
         build_shared_prefix_batch([0, 1], [9, 9], [[0, 1, 2], [0, 1, 3]], [1, 1], [8, 7], bs, "cpu")
     with pytest.raises(ValueError, match="full blocks"):

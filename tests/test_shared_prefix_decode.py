@@ -97,3 +97,60 @@ def test_random_cases(seed: int) -> None:
     case["groups"] = [(p, suffixes[:17]) for p, suffixes in case["groups"]]  # groups of 64: test above
     sc = make_decode_scenario(seed, **case)
     _check(sc, case["num_heads"], case["num_kv_heads"], torch.float32, kv_split=[16, 32, 48][seed % 3])
+
+
+def _tiles_by_loops(batch, ratio: int, bm: int, split: int) -> dict:
+    """The planner's tiles and parts written as plain loops, one row at a time: what the numpy
+    planner must reproduce exactly, order included."""
+    ctx, sstart = batch.host_context_lens, batch.host_suffix_starts
+    starts, plens = batch.host_group_row_starts, batch.host_prefix_lens
+    nsplit = lambda n: -(-n // split)  # noqa: E731
+    n_pre = [0] * len(ctx)
+    for g, p in enumerate(plens):
+        for r in range(starts[g], starts[g + 1]):
+            n_pre[r] = nsplit(p)
+    n_suf = [nsplit(c - s) for c, s in zip(ctx, sstart)]
+    n_parts = [a + b for a, b in zip(n_pre, n_suf)]
+    direct = [nsplit(p) == 1 and all(n_suf[r] == 0 for r in range(starts[g], starts[g + 1]))
+              for g, p in enumerate(plens)]
+    merged = [n >= 2 for n in n_parts]
+    for g, d in enumerate(direct):
+        for r in range(starts[g], starts[g + 1]):
+            merged[r] = not d
+    part_start, total = [0] * len(ctx), 0
+    for r in range(len(ctx)):
+        if merged[r]:
+            part_start[r], total = total, total + n_parts[r]
+    group_tiles, row_tiles = [], []
+    for g, p in enumerate(plens):
+        for f0 in range(starts[g] * ratio, starts[g + 1] * ratio, bm):
+            f1 = min(f0 + bm, starts[g + 1] * ratio)
+            for s in range(nsplit(p)):
+                lo, hi = s * split, min(p, (s + 1) * split)
+                group_tiles.append((-(hi - lo) * (f1 - f0), f0, f1, g, lo, hi, -1 if direct[g] else s))
+    for r in range(len(ctx)):
+        for j in range(n_suf[r]):
+            lo = sstart[r] + j * split
+            hi = min(ctx[r], lo + split)
+            row_tiles.append((-(hi - lo), r * ratio, (r + 1) * ratio, r, lo, hi, n_pre[r] + j if merged[r] else -1))
+    tiles = sorted(group_tiles) + sorted(row_tiles)
+    return dict(tiles=[t[1:] for t in tiles], part_start=part_start, n_parts=n_parts,
+                merge_rows=[r for r in range(len(ctx)) if merged[r]], num_group_tiles=len(group_tiles), total=total)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_planner_equals_row_by_row_loops(seed: int) -> None:
+    from test_shared_prefix_attention import _random_case
+
+    case = _random_case(seed)
+    sc = make_decode_scenario(seed, **case)
+    batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
+                                      sc.prefix_lens, sc.block_size, "cpu")
+    split, bm = [5, 16, 64][seed % 3], [16, 32][seed % 2]
+    plan = plan_shared_prefix_decode(batch, case["num_heads"], case["num_kv_heads"], block_m=bm, kv_split=split)
+    want = _tiles_by_loops(batch, case["num_heads"] // case["num_kv_heads"], bm, split)
+    cols = (plan.tile_f0, plan.tile_f1, plan.tile_table, plan.tile_kv_lo, plan.tile_kv_hi, plan.tile_part)
+    assert list(zip(*(c.tolist() for c in cols))) == want["tiles"]
+    assert plan.row_part_start.tolist() == want["part_start"] and plan.row_num_parts.tolist() == want["n_parts"]
+    assert plan.merge_rows.tolist() == want["merge_rows"] and plan.num_parts == want["total"]
+    assert plan.num_group_tiles == want["num_group_tiles"] == plan.group_tile_count.item()
