@@ -12,6 +12,7 @@ from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budg
 from engine.model_config import ModelConfig
 from engine.sampler import SamplingTensors, sample
 from engine.scheduler import ScheduledChunk
+from engine.sequence import Sequence
 from engine.step_context import StepContext
 from engine.cuda_graphs import DecodeGraphs
 from kernels.attention_backend import select_backend
@@ -175,7 +176,7 @@ class ModelRunner:
             positions,
             [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)],
             tables,
-            [tuple(c.seq.block_table[: c.seq.shared_blocks]) if c.seq.shared_blocks else None for c in chunks],
+            [_group_key(c.seq) for c in chunks],
             [c.seq.shared_blocks * bs for c in chunks],
         )
 
@@ -211,7 +212,7 @@ class ModelRunner:
             device,
             num_heads=self.model_cfg.num_heads,
             num_kv_heads=self.model_cfg.num_kv_heads,
-            group_ids=[tuple(c.seq.block_table[:n]) if n else None for c, n in zip(computed, shared)],
+            group_ids=[_group_key(c.seq) for c in computed],
             prefix_lens=[n * bs for n in shared],
         )
         slot_mapping = to_device(slots, torch.int64, device)
@@ -221,13 +222,25 @@ class ModelRunner:
     def _sampling_tensors(self, chunks: list[ScheduledChunk]) -> SamplingTensors:
         params = [c.seq.params for c in chunks]
         device = self.device
+        if all(p.greedy for p in params):  # argmax only: no per-row tensors to ship
+            empty = torch.empty(0, device=device)
+            return SamplingTensors(empty, empty, empty, empty, empty, all_greedy=True, any_top_k=False, any_top_p=False)
         return SamplingTensors(
             temperatures=to_device([p.temperature for p in params], torch.float32, device),
             top_ks=to_device([p.top_k for p in params], torch.int64, device),
             top_ps=to_device([p.top_p for p in params], torch.float32, device),
             keys=to_device([c.seq.sampling_key for c in chunks], torch.int64, device),
             steps=to_device([c.seq.num_completion_tokens for c in chunks], torch.int64, device),
-            all_greedy=all(p.greedy for p in params),
+            all_greedy=False,
             any_top_k=any(p.top_k > 0 and not p.greedy for p in params),
             any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
         )
+
+
+def _group_key(seq: Sequence) -> tuple[int, int] | None:
+    """Which group a row's shared leading blocks make it part of: (number of blocks, the last one).
+    Rows holding the same physical block at the same index share every block before it (a plan
+    member starts on its prefix's blocks; an lru hit chain maps each prefix to one block), and
+    build_shared_prefix_batch checks the ends of the shared run."""
+    n = seq.shared_blocks
+    return (n, seq.block_table[n - 1]) if n else None
