@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol
 import numpy as np
 
 from batchllm_cli.errors import UsageError
-from batchllm_cli.job import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
+from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
-from batchllm_cli.table_io import ROW_ID, TableSource
+from batchllm_cli.table_io import TableSource
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
 if TYPE_CHECKING:

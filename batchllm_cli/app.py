@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,14 +16,8 @@ import recipes
 from batchllm_cli import __version__
 from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
-from batchllm_cli.job import (
-    DEFAULT_CHECKPOINT_ROWS,
-    DEFAULT_CHECKPOINT_SECONDS,
-    RunReport,
-    RunSettings,
-    execute_run,
-    prepare_run,
-)
+from batchllm_cli.job import execute_run, prepare_run
+from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
 from batchllm_cli.options import (
     AnalyzeJsonOpt,
     AttentionBackend,

@@ -13,32 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Hashable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Hashable, Iterator
 
-from batchllm_cli import __version__
 from batchllm_cli.checkpoint import (
-    Committed,
     FileLock,
     RunDir,
     default_run_dir,
-    errors_path,
     marker_path,
     output_lock_path,
     read_marker,
-    rejects_path,
     remove_stale_output_files,
-    write_marker,
 )
-from batchllm_cli.collector import SHARD_SCHEMA, OutputColumns, ResultCollector
-from batchllm_cli.durable import crash_point, remove_durably
+from batchllm_cli.collector import OutputColumns, ResultCollector
+from batchllm_cli.durable import remove_durably
 from batchllm_cli.errors import (
-    EXIT_OK,
-    EXIT_ROWS_FAILED,
     BatchLLMError,
     FingerprintMismatch,
     Interrupted,
@@ -47,240 +38,19 @@ from batchllm_cli.errors import (
 )
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
+from batchllm_cli.job_output import already_done_report, rejected_rows, write_final
+from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
+from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
-from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir, write_output
-from batchllm_cli.table_io import write_query_jsonl, write_table_jsonl
+from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
-    from engine.tokenizer import Tokenizer
 
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_CHECKPOINT_ROWS = 1000
-DEFAULT_CHECKPOINT_SECONDS = 60.0
 # Out of GPU memory: retry this many times, halving the step's token budget each time, then exit 75.
 OOM_RETRIES = 2
-DEMO_NOTICE = (
-    "No --model given: using the built-in demo model ({path}). It has random weights, so its answers "
-    "are gibberish; pass --model DIR (a Hugging Face model directory) for real answers."
-)
-
-
-class RunObserver(Protocol):
-    """What the job tells its caller while it runs (the CLI draws progress from this)."""
-
-    def notice(self, message: str) -> None: ...
-
-    def start(self, total_rows: int) -> None: ...
-
-    def advance(self, rows: int, completion_tokens: int) -> None: ...
-
-    def finish(self) -> None: ...
-
-
-class _SilentObserver:
-    def notice(self, message: str) -> None:
-        pass
-
-    def start(self, total_rows: int) -> None:
-        pass
-
-    def advance(self, rows: int, completion_tokens: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """One `run` invocation. None means "the default" (of the recipe, the model or the engine)."""
-
-    input: Path
-    template: str
-    output: Path
-    model: Path | None = None
-    column: str = "response"
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    chat: bool | None = None
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    kv_cache_memory: int | None = None
-    kv_cache_tokens: int | None = None
-    max_batch_tokens: int | None = None
-    block_size: int | None = None
-    prefix_sharing: str = "plan"
-    attention_backend: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    cuda_graphs: bool = True
-    batch_rows: int = 1024  # rows rendered and tokenized per step of the input stream
-    id_column: str | None = None
-    skip_bad_rows: bool = False
-    nulls: str = "error"
-    truncate: str | None = None
-    checkpoint_dir: Path | None = None
-    checkpoint_rows: int = DEFAULT_CHECKPOINT_ROWS
-    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
-    restart: bool = False
-    keep_checkpoints: bool = False
-
-
-@dataclass(frozen=True)
-class RunReport:
-    """What a finished run did. `elapsed_s` is the generation phase (first row read to last result);
-    model loading and output writing are reported separately. Row counts cover the whole job (rows
-    committed by earlier, interrupted runs included); token counts from the engine cover this run."""
-
-    input: str
-    output: str
-    template: str
-    model_dir: str
-    demo_model: bool
-    chat: bool
-    rows: int
-    rows_ok: int
-    rows_failed: int
-    prompt_tokens: int
-    prefill_tokens: int
-    completion_tokens: int
-    preemptions: int
-    elapsed_s: float
-    load_s: float
-    write_s: float
-    prefix_sharing: str = "plan"
-    unique_prompt_tokens: int = 0  # trie token count of the rows run (plan mode): the least prefill possible
-    prefix_hit_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
-    peak_kv_blocks: int = 0
-    sharing_fallbacks: int = 0  # shared prefixes dropped because the KV cache could not hold them
-    model: dict[str, Any] = field(default_factory=dict)
-    engine: dict[str, Any] = field(default_factory=dict)
-    first_errors: tuple[tuple[int, str], ...] = ()
-    rows_resumed: int = 0  # rows committed by earlier runs of this job
-    rows_rejected: int = 0  # malformed CSV lines skipped with --skip-bad-rows
-    rows_truncated: int = 0  # prompts cut with --truncate (this run)
-    already_done: bool = False  # the job had finished before: nothing was done
-    run_dir: str = ""
-    errors_file: str | None = None
-    rejects_file: str | None = None
-    marker: str = ""
-
-    @property
-    def rows_per_s(self) -> float:
-        done_now = self.rows - self.rows_resumed
-        return done_now / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        if self.already_done:
-            return EXIT_OK
-        return EXIT_ROWS_FAILED if self.rows_failed else EXIT_OK
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["first_errors"] = [{"row": row, "error": err} for row, err in self.first_errors]
-        data["rows_per_s"] = round(self.rows_per_s, 3)
-        data["output_tokens_per_s"] = round(self.output_tokens_per_s, 3)
-        for key in ("elapsed_s", "load_s", "write_s"):
-            data[key] = round(data[key], 3)
-        return data
-
-
-@dataclass
-class PreparedRun:
-    """A validated invocation: everything except the model weights is loaded, the locks are held."""
-
-    settings: RunSettings
-    source: TableSource
-    template: PromptTemplate
-    columns: OutputColumns
-    model_dir: Path
-    demo_model: bool
-    tokenizer: Tokenizer | None
-    chat: bool
-    params: SamplingParams
-    engine_config: EngineConfig | None
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-    run_dir: RunDir | None = None
-    committed: Committed = field(default_factory=Committed)
-    total_rows: int = 0
-    max_prompt_tokens: int = 0
-    done_marker: dict[str, Any] | None = None  # set when the job had already finished
-    output_lock: FileLock | None = None
-
-    def close(self) -> None:
-        """Release the locks (run directory, then output) and the input."""
-        if self.run_dir is not None:
-            self.run_dir.unlock()
-        if self.output_lock is not None:
-            self.output_lock.release()
-        self.source.close()
-
-
-def _check_model_dir(path: Path) -> None:
-    # The cheap checks a user gets wrong most often, before transformers or torch get involved.
-    if not path.exists():
-        raise UsageError(f"Model directory not found: {path}")
-    if not path.is_dir():
-        raise UsageError(f"--model must be a model directory, not a file: {path}")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} has no config.json; --model needs a Hugging Face model directory.")
-
-
-def resolve_model(model: Path | None, observer: RunObserver) -> tuple[Path, bool]:
-    """The model directory to use and whether it is the random-weight demo model."""
-    if model is not None:
-        _check_model_dir(model)
-        return model, False
-    from engine.demo_model import ensure_demo_model
-
-    path = ensure_demo_model()
-    observer.notice(DEMO_NOTICE.format(path=path))
-    return path, True
-
-
-def model_context_length(model_dir: Path) -> int:
-    """The model's context in tokens, from config.json (no torch, no weights)."""
-    from engine.errors import EngineError
-    from engine.model_config import load_model_config
-
-    try:
-        return int(load_model_config(str(model_dir)).max_position_embeddings)
-    except EngineError as exc:
-        raise UsageError(str(exc)) from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"Cannot read the model's config.json in {model_dir}: {exc}") from exc
-
-
-def load_tokenizer(model_dir: Path) -> Tokenizer:
-    from engine.errors import EngineError
-    from engine.tokenizer import Tokenizer
-
-    try:
-        return Tokenizer(model_dir)
-    except EngineError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path) -> bool:
-    if requested is None:
-        return tokenizer.has_chat_template
-    if requested and not tokenizer.has_chat_template:
-        raise UsageError(f"--chat: the model in {model_dir} has no chat template; use --no-chat.")
-    return requested
 
 
 def _check_settings(settings: RunSettings) -> None:
@@ -317,7 +87,7 @@ def _marker_matches(marker: dict[str, Any] | None, fingerprint: dict[str, Any], 
 def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> PreparedRun:
     """Validate the whole invocation and take the locks; raises before any weights load:
     UsageError (exit 2), FingerprintMismatch (4), LockHeld (75)."""
-    observer = observer or _SilentObserver()
+    observer = observer or SilentObserver()
     _check_settings(settings)
     source = TableSource(settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows)
     output_lock: FileLock | None = None
@@ -419,7 +189,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                     "output": str(settings.output.resolve()),
                     "template_name": template.source.name,
                     "total_rows": total_rows,
-                    "rows_rejected": _rejected(source),
+                    "rows_rejected": rejected_rows(source),
                 },
             )
         committed = run_dir.load_committed(total_rows)
@@ -463,10 +233,6 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: dict[str, Any] | None) -> 
         pass
     finally:
         run_dir.unlock()
-
-
-def _rejected(source: TableSource) -> int:
-    return source.rejects.num_rows if source.rejects is not None else 0
 
 
 def _sampling_params(settings: RunSettings, template: PromptTemplate) -> SamplingParams:
@@ -573,11 +339,11 @@ def execute_run(
     prepared: PreparedRun, observer: RunObserver | None = None, guard: SignalGuard | None = None
 ) -> RunReport:
     """Load the model, run every row not yet committed, write the output; the report says how it went."""
-    observer = observer or _SilentObserver()
+    observer = observer or SilentObserver()
     guard = guard or null_guard()
     settings = prepared.settings
     if prepared.done_marker is not None:
-        return _already_done_report(prepared)
+        return already_done_report(prepared)
     assert prepared.run_dir is not None
     committed = prepared.committed
     sink = _ShardSink(prepared, guard)
@@ -645,7 +411,7 @@ def execute_run(
 
     t2 = time.perf_counter()
     try:
-        report_files = _write_final(prepared)
+        report_files = write_final(prepared)
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True
@@ -697,7 +463,7 @@ def execute_run(
         },
         first_errors=tuple(c.first_errors),
         rows_resumed=resumed,
-        rows_rejected=_rejected(prepared.source),
+        rows_rejected=rejected_rows(prepared.source),
         rows_truncated=c.rows_truncated,
         run_dir=str(prepared.run_dir.path),
         **report_files,
@@ -778,111 +544,6 @@ def _generate(
             sink.maybe_commit()
     except EngineError as exc:
         raise BatchLLMError(f"The engine stopped: {exc}") from exc
-
-
-def _write_final(prepared: PreparedRun) -> dict[str, Any]:
-    """Output, errors file, rejects file, then the completion marker; then the run dir goes."""
-    settings = prepared.settings
-    run_dir = prepared.run_dir
-    assert run_dir is not None
-    committed = prepared.committed
-    output = settings.output
-    shards = run_dir.shard_files(committed)
-    import pyarrow as pa  # noqa: F811 - only needed here
-
-    results: pa.Table | list[Path] = shards if shards else SHARD_SCHEMA.empty_table()
-    source = prepared.source
-
-    err_file = errors_path(output)
-    if committed.errors:
-        id_col = settings.id_column
-
-        def errors_query(src: str, res: str) -> str:
-            rid = f'"{ROW_ID}"'
-            idsel = f', src."{id_col.replace(chr(34), chr(34) * 2)}" AS id' if id_col else ""
-            return (
-                f"SELECT res.{rid} AS row{idsel}, res.error_type, res.error FROM {res} AS res "
-                f"LEFT JOIN {src} AS src ON src.{rid} = res.{rid} WHERE res.error IS NOT NULL ORDER BY res.{rid}"
-            )
-
-        write_query_jsonl(errors_query, source, results, err_file)
-    else:
-        remove_durably([err_file])
-    rej_file = rejects_path(output)
-    rejected = _rejected(source)
-    if rejected:
-        assert source.rejects is not None
-        write_table_jsonl(source.rejects, rej_file)
-    else:
-        remove_durably([rej_file])
-
-    write_output(
-        source,
-        results,
-        output,
-        columns=prepared.columns.from_shards(),
-        after_write=lambda: crash_point("final_write"),
-        after_rename=lambda: crash_point("final_rename"),
-    )
-    size = output.stat().st_size
-    h = hashlib.sha256()
-    with output.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    marker = {
-        "status": "finished",
-        "finished_at": time.time(),
-        "batchllm_version": __version__,
-        "output": str(output),
-        "output_bytes": size,
-        "output_sha256": h.hexdigest(),
-        "rows": committed.rows,
-        "rows_ok": committed.rows - committed.errors,
-        "rows_failed": committed.errors,
-        "rows_rejected": rejected,
-        "errors_file": str(err_file) if committed.errors else None,
-        "rejects_file": str(rej_file) if rejected else None,
-        "fingerprint_sha256": digest_of(prepared.fingerprint),
-        "fingerprint": prepared.fingerprint,
-    }
-    write_marker(output, marker)
-    if not settings.keep_checkpoints:
-        run_dir.remove()  # still holding its lock; PreparedRun.close() releases it
-        run_dir.unlock()
-    return {
-        "errors_file": marker["errors_file"],
-        "rejects_file": marker["rejects_file"],
-        "marker": str(marker_path(output)),
-    }
-
-
-def _already_done_report(prepared: PreparedRun) -> RunReport:
-    m = prepared.done_marker or {}
-    s = prepared.settings
-    return RunReport(
-        input=str(s.input),
-        output=str(s.output),
-        template=prepared.template.source.name,
-        model_dir=str(prepared.model_dir),
-        demo_model=prepared.demo_model,
-        chat=prepared.chat,
-        rows=int(m.get("rows", 0)),
-        rows_ok=int(m.get("rows_ok", 0)),
-        rows_failed=int(m.get("rows_failed", 0)),
-        prompt_tokens=0,
-        prefill_tokens=0,
-        completion_tokens=0,
-        preemptions=0,
-        elapsed_s=0.0,
-        load_s=0.0,
-        write_s=0.0,
-        rows_resumed=int(m.get("rows", 0)),
-        rows_rejected=int(m.get("rows_rejected", 0)),
-        already_done=True,
-        errors_file=m.get("errors_file"),
-        rejects_file=m.get("rejects_file"),
-        marker=str(marker_path(s.output)),
-    )
 
 
 def run_job(settings: RunSettings, observer: RunObserver | None = None) -> RunReport:

@@ -1,0 +1,76 @@
+"""Finding the model for a job and reading what the CLI needs from it (context length, tokenizer,
+chat template), without loading weights or importing torch: shared by `run` and `analyze`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from batchllm_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from engine.tokenizer import Tokenizer
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class Notifier(Protocol):
+    def notice(self, message: str) -> None: ...
+
+
+DEMO_NOTICE = (
+    "No --model given: using the built-in demo model ({path}). It has random weights, so its answers "
+    "are gibberish; pass --model DIR (a Hugging Face model directory) for real answers."
+)
+
+
+def _check_model_dir(path: Path) -> None:
+    # The cheap checks a user gets wrong most often, before transformers or torch get involved.
+    if not path.exists():
+        raise UsageError(f"Model directory not found: {path}")
+    if not path.is_dir():
+        raise UsageError(f"--model must be a model directory, not a file: {path}")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} has no config.json; --model needs a Hugging Face model directory.")
+
+
+def resolve_model(model: Path | None, observer: Notifier) -> tuple[Path, bool]:
+    """The model directory to use and whether it is the random-weight demo model."""
+    if model is not None:
+        _check_model_dir(model)
+        return model, False
+    from engine.demo_model import ensure_demo_model
+
+    path = ensure_demo_model()
+    observer.notice(DEMO_NOTICE.format(path=path))
+    return path, True
+
+
+def model_context_length(model_dir: Path) -> int:
+    """The model's context in tokens, from config.json (no torch, no weights)."""
+    from engine.errors import EngineError
+    from engine.model_config import load_model_config
+
+    try:
+        return int(load_model_config(str(model_dir)).max_position_embeddings)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"Cannot read the model's config.json in {model_dir}: {exc}") from exc
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    from engine.errors import EngineError
+    from engine.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer(model_dir)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path) -> bool:
+    if requested is None:
+        return tokenizer.has_chat_template
+    if requested and not tokenizer.has_chat_template:
+        raise UsageError(f"--chat: the model in {model_dir} has no chat template; use --no-chat.")
+    return requested
