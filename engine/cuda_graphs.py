@@ -73,9 +73,9 @@ class DecodeGraphs:
         self.capture = capture
         self.buckets = batch_buckets(max_rows)
         self.table_width = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(max_rows, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_rows, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_rows,), -1, dtype=torch.int64, device=device)
+        # rows: input ids, positions, cache slots; one buffer so a step fills them with one copy
+        self.step_inputs = torch.zeros(3, max_rows, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.step_inputs
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[int, _DecodeGraph] = {}
         self.captures = 0  # graphs captured so far (re-captures included)
@@ -106,9 +106,8 @@ class DecodeGraphs:
         )
         assert meta.paged is None and meta.shared is not None
         pad = batch - n
-        copy_into(self.input_ids[:batch], list(input_ids) + [0] * pad)
-        copy_into(self.positions[:batch], list(positions) + [0] * pad)
-        copy_into(self.slot_mapping[:batch], list(slots) + [-1] * pad)
+        copy_into(self.step_inputs[:, :batch],
+                  [list(input_ids) + [0] * pad, list(positions) + [0] * pad, list(slots) + [-1] * pad])
         graph = self.graphs.get(batch)
         if graph is None or not graph.static.capacity.holds(meta.shared):
             graph = self._build(batch, meta.shared, graph)
@@ -123,15 +122,7 @@ class DecodeGraphs:
         if previous is not None:
             cap = previous.static.capacity.grown_for(plan)
         else:
-            pow2 = lambda x: 1 << max(x - 1, 1).bit_length()  # noqa: E731
-            cap = DecodePlanCapacity(
-                rows=batch, groups=pow2(max(plan.batch.num_groups, 1)),
-                # headroom: tiles and parts grow as the rows' contexts grow
-                tiles=pow2(2 * max(plan.num_tiles, batch)), parts=pow2(2 * max(plan.num_parts, 1)),
-                table_width=self.table_width, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
-                block_size=self.block_size, block_m_group=plan.block_m_group, block_m_row=plan.block_m_row,
-                kv_split=plan.kv_split,
-            )
+            cap = DecodePlanCapacity.fitting(plan, rows=batch, table_width=self.table_width)
         static = StaticDecodePlan.allocate(cap, self.device)
         static.load(plan)
         meta = StepAttentionMetadata(paged=None, shared=static.plan, num_tokens=batch, zero_uncovered=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import ConfigError
 from engine.loader import load_model
 from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budget, profile_step
@@ -14,7 +15,6 @@ from engine.sampler import SamplingTensors, sample
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 from engine.step_context import StepContext
-from engine.cuda_graphs import DecodeGraphs
 from kernels.attention_backend import select_backend
 from kernels.host_tensors import to_device
 
@@ -49,13 +49,17 @@ class ModelRunner:
             raise ConfigError(f"--attention-backend {cfg.attention_backend}: {exc}") from exc
         # the Triton path also runs add+RMSNorm and RoPE as kernels (fewer passes over activations)
         self.model.use_fused_kernels(self.attention_backend.name == "triton")
+        # decode steps replay CUDA graphs where the backend can be captured
+        self.use_graphs = (
+            self.device.type == "cuda" and cfg.cuda_graphs and self.attention_backend.graph_variant() is not None
+        )
         self.num_blocks = self._num_kv_blocks(used_before)
         shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         # Uninitialised on purpose: attention only ever reads slots that were written.
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = tuple((self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers))
         self.decode_graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and cfg.cuda_graphs and self.attention_backend.graph_variant() is not None:
+        if self.use_graphs:
             self.decode_graphs = self.make_decode_graphs(capture=True)
 
     def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
@@ -105,8 +109,7 @@ class ModelRunner:
             peak=torch.cuda.max_memory_allocated(self.device),
         )
         torch.cuda.empty_cache()
-        graphs = self.cfg.cuda_graphs and self.attention_backend.graph_variant() is not None
-        budget = cuda_kv_budget(profile, self.cfg.gpu_memory_utilization, graphs)
+        budget = cuda_kv_budget(profile, self.cfg.gpu_memory_utilization, self.use_graphs)
         if budget < block_bytes:
             gib = 1 << 30
             raise ConfigError(
@@ -138,7 +141,7 @@ class ModelRunner:
         hidden = self._forward(computed, hidden_rows) if computed else None
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         keeping = [i for i, c in enumerate(chunks) if c.keeps_logits]
-        assert all(i in hidden_rows for i in keeping) and not set(keeping) & set(sampling)
+        assert all(i in hidden_rows for i in keeping)  # a chunk keeping logits is a prefix's: it never samples
         sampled = [i for i in sampling if i in hidden_rows]  # the others sample from kept logits
         logits = None
         if sampled or keeping:

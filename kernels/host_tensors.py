@@ -34,6 +34,7 @@ def to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch
 
 
 def copy_into(dst: torch.Tensor, values: Sequence) -> None:
-    """dst[:] = values (a list of len(dst)), queued without a sync; dst keeps its address."""
+    """dst[...] = values (a list, or a list of lists, of dst's shape), queued without a sync; dst
+    keeps its address."""
     host = host_tensor(values, dst.dtype)
     dst.copy_(host.pin_memory() if dst.device.type == "cuda" else host, non_blocking=True)

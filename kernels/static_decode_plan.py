@@ -23,6 +23,10 @@ from kernels.shared_prefix_decode import SharedPrefixDecodePlan
 __all__ = ["DecodePlanCapacity", "StaticDecodePlan"]
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
 @dataclass(frozen=True)
 class DecodePlanCapacity:
     rows: int  # decode rows
@@ -51,12 +55,24 @@ class DecodePlanCapacity:
             == (self.block_m_group, self.block_m_row, self.kv_split)
         )
 
+    @classmethod
+    def fitting(cls, plan: SharedPrefixDecodePlan, rows: int, table_width: int, headroom: int = 2) -> DecodePlanCapacity:
+        """A capacity for `rows` rows holding `plan`, with `headroom` x its tiles and parts (they grow
+        as the rows' contexts grow), counts rounded up to powers of two."""
+        return cls(
+            rows=rows, groups=_pow2_at_least(max(plan.batch.num_groups, 1)),
+            tiles=_pow2_at_least(headroom * max(plan.num_tiles, rows)),
+            parts=_pow2_at_least(headroom * max(plan.num_parts, 1)), table_width=table_width,
+            num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads, block_size=plan.batch.block_size,
+            block_m_group=plan.block_m_group, block_m_row=plan.block_m_row, kv_split=plan.kv_split,
+        )
+
     def grown_for(self, plan: SharedPrefixDecodePlan) -> DecodePlanCapacity:
         """The smallest capacity holding both this one and `plan` (counts rounded up to powers of two)."""
         b = plan.batch
 
         def up(have: int, need: int) -> int:
-            return have if need <= have else 1 << max(need - 1, 1).bit_length()
+            return have if need <= have else _pow2_at_least(need)
 
         width = max(b.block_tables.shape[1], b.prefix_block_tables.shape[1])
         return DecodePlanCapacity(
