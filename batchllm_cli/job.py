@@ -434,12 +434,7 @@ def execute_run(
         model_info = dataclasses.asdict(engine.model_info)
     c = sink.collector
     return RunReport(
-        input=str(settings.input),
-        output=str(settings.output),
-        template=prepared.template.source.name,
-        model_dir=str(prepared.model_dir),
-        demo_model=prepared.demo_model,
-        chat=prepared.chat,
+        **prepared.report_identity(),
         rows=committed.rows,
         rows_ok=committed.rows - committed.errors,
         rows_failed=committed.errors,

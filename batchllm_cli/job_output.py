@@ -97,14 +97,8 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
 
 def already_done_report(prepared: PreparedRun) -> RunReport:
     m = prepared.done_marker or {}
-    s = prepared.settings
     return RunReport(
-        input=str(s.input),
-        output=str(s.output),
-        template=prepared.template.source.name,
-        model_dir=str(prepared.model_dir),
-        demo_model=prepared.demo_model,
-        chat=prepared.chat,
+        **prepared.report_identity(),
         rows=int(m.get("rows", 0)),
         rows_ok=int(m.get("rows_ok", 0)),
         rows_failed=int(m.get("rows_failed", 0)),
@@ -120,5 +114,5 @@ def already_done_report(prepared: PreparedRun) -> RunReport:
         already_done=True,
         errors_file=m.get("errors_file"),
         rejects_file=m.get("rejects_file"),
-        marker=str(marker_path(s.output)),
+        marker=str(marker_path(prepared.settings.output)),
     )

@@ -172,6 +172,12 @@ class PreparedRun:
     done_marker: dict[str, Any] | None = None  # set when the job had already finished
     output_lock: FileLock | None = None
 
+    def report_identity(self) -> dict[str, Any]:
+        """The RunReport fields that name the job (the same whether it ran now or had finished)."""
+        s = self.settings
+        return dict(input=str(s.input), output=str(s.output), template=self.template.source.name,
+                    model_dir=str(self.model_dir), demo_model=self.demo_model, chat=self.chat)
+
     def close(self) -> None:
         """Release the locks (run directory, then output) and the input."""
         if self.run_dir is not None:

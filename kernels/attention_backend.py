@@ -158,9 +158,10 @@ class _StepMixin:
         row = 0
         for i, ql in enumerate(query_lens):
             starts.append(row)
-            if ql == 1 and (self.shared_launch_for_plain_rows or (member[i] and members[gids[i]] >= 2)):
+            grouped = member[i] and members[gids[i]] >= 2
+            if ql == 1 and (grouped or self.shared_launch_for_plain_rows):
                 shared_rows.append((row, context_lens[i], i))
-            elif member[i] and members[gids[i]] >= 2:
+            elif grouped:
                 first_ctx = context_lens[i] - ql + 1
                 shared_rows.extend((row + j, first_ctx + j, i) for j in range(ql))
             else:
@@ -202,7 +203,7 @@ class TorchBackend(_StepMixin):
 
     name = "torch"
     shared_launch_for_plain_rows = False
-    group_prefill_max_rows = 0  # the CPU path keeps prefill on paged attention (measured in bench/)
+    group_prefill_max_rows = 0  # the CPU path keeps prefill on paged attention (group prefill is unmeasured there)
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
