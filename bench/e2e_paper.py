@@ -55,14 +55,12 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,7 +68,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine_vs_transformers import git_commit  # noqa: E402  (a sibling script in bench/)
+from bench_common import copy_bandwidth, git_commit, results_path, timer  # noqa: E402  (bench/)
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 FIRST_ID = 2  # ids 0 and 1 are BOS/EOS; prompts use only ordinary ids
@@ -216,25 +214,6 @@ def ensure_model_dir(spec: ModelSpec, root: Path, device: torch.device, dtype: t
 
 
 # ---------------------------------------------------------------------------- device rates
-def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    for _ in range(3):  # warm-up: allocator, cuBLAS heuristics, clocks
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 @dataclasses.dataclass(frozen=True)
 class Rates:
     matmul_flops: float  # FLOP/s of a large dense GEMM in the run's dtype
@@ -244,16 +223,12 @@ class Rates:
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype, gemm_n: int, copy_gib: float) -> Rates:
-    a = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
+    bench = timer(device, warmup_ms=25, rep_ms=200)
+    a = torch.randn(gemm_n, gemm_n, device=device).to(dtype)  # random data: zeros run faster than real inputs
     b = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
-    flops = 2 * gemm_n**3 / median_seconds(lambda: a @ b, device, 10)
+    flops = 2 * gemm_n**3 / (bench(lambda: a @ b) * 1e-3)
     del a, b
-    n = int(copy_gib * 2**30) // 2
-    src = torch.ones(n, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    bps = 2 * n * 2 / median_seconds(lambda: dst.copy_(src), device, 10)
-    del src, dst
-    return Rates(flops, bps, gemm_n, copy_gib)
+    return Rates(flops, copy_bandwidth(device, bench, copy_gib), gemm_n, copy_gib)
 
 
 # ---------------------------------------------------------------------------- roofline
@@ -520,13 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import triton
 
-    commit = git_commit()
     report = {
         "benchmark": "e2e_paper",
         "gpu": gpu,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git": {"commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty")},
+        "git": git_commit("engine", "kernels", "bench/e2e_paper.py"),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
                      "cuda": torch.version.cuda, "python": platform.python_version()},
         "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -548,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None and args.cpu_smoke:  # a smoke run never writes into bench/results
         out = Path(tempfile.mkstemp(prefix="e2e_paper_smoke_", suffix=".json")[1])
     elif out is None:
-        out = REPO / "bench" / "results" / f"e2e_paper_{re.sub(r'[^a-z0-9]+', '_', gpu.lower()).strip('_')}.json"
+        out = results_path("e2e_paper", gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{gpu}, {spec.name} ({spec.num_params / 1e9:.2f}B), {w.rows} rows = {w.groups} x {w.degree}, "
