@@ -9,11 +9,11 @@ m + log2(l) (base 2).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels import triton_interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -21,9 +21,7 @@ LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interpreting = triton_interpreting
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Hashable, Protocol, Sequence
 
 import torch
 
+from kernels import triton_interpreting
 from kernels.paged_attention import PagedBatch, build_paged_batch, paged_attention_reference, store_kv_reference
 from kernels.shared_prefix_attention import (
     SharedPrefixBatch,
@@ -301,12 +302,6 @@ class TritonBackend(_StepMixin):
         return TritonBackend(group_block_m=self.group_block_m or GRAPH_GROUP_BLOCK_M, kv_split=self.kv_split)
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """"auto": Triton on CUDA, the PyTorch references elsewhere; "torch" / "triton": that one.
 
@@ -320,7 +315,7 @@ def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
         name = "triton" if dev.type == "cuda" else "torch"
     if name == "torch":
         return TorchBackend()
-    if dev.type != "cuda" and not _interpreting():
+    if dev.type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"the triton attention backend needs a CUDA device (got {dev.type}); use --attention-backend "
             "torch, or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"

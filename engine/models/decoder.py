@@ -3,7 +3,6 @@ families. Projections are fused (qkv, gate+up) so each layer runs few large matm
 splits Hugging Face weights into them."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 from engine.model_config import ModelConfig
 from engine.models.rope import apply_rope, rope_cache
 from engine.step_context import StepContext
+from kernels import triton_interpreting
 
 
 class RMSNorm(nn.Module):
@@ -155,8 +155,7 @@ class DecoderForCausalLM(nn.Module):
         PyTorch ops; off by default. Outputs match the PyTorch path up to float rounding. RoPE then
         rotates q/k in place in the qkv buffer, unseen by autograd: for inference only."""
         device = self.model.embed_tokens.weight.device
-        interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        if enabled and device.type != "cuda" and not interpreting:
+        if enabled and device.type != "cuda" and not triton_interpreting():
             raise ValueError(f"The fused kernels need a CUDA device (the model is on {device.type}), "
                              "or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter.")
         if enabled:
