@@ -58,6 +58,13 @@ def hf_model(tiny_model_dir: Callable[[str], Path]) -> Callable[[str], torch.nn.
     return get
 
 
+@pytest.fixture
+def env(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The demo model found through BATCHLLM_CACHE_DIR: here, and in the returned env of subprocesses."""
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(demo_model_dir.parent))
+    return {"BATCHLLM_CACHE_DIR": str(demo_model_dir.parent)}
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in demo model, generated into a session temp dir (never the user's cache)."""

@@ -1,4 +1,4 @@
-"""Helpers shared by the resume/crash/bad-input tests: tables, job arguments, output checks."""
+"""Helpers shared by the CLI tests: in-process invocation, tables, job arguments, output checks."""
 from __future__ import annotations
 
 import csv
@@ -9,10 +9,25 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from typer.testing import CliRunner
 
 # The demo model, a few tokens per row, a small KV cache: each row costs milliseconds on a CPU.
 FAST = ["--max-tokens", "3", "--kv-cache-memory", "16MiB", "--no-chat", "--max-batch-tokens", "2048"]
 SEEDED = ["--temperature", "0.8", "--seed", "7"]
+# a wide, colourless terminal: help and error text come out unwrapped and plain
+CLI_ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"}
+_runner = CliRunner()
+
+
+def invoke(args: list[str]):  # noqa: ANN201 - click's Result
+    """`batchllm ARGS` in this process."""
+    from batchllm_cli.app import app
+
+    return _runner.invoke(app, args, env=CLI_ENV)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
 
 
 def write_rows_csv(path: Path, n: int, start: int = 0) -> Path:

@@ -15,22 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from reliability_utils import FAST, assert_finished_cleanly, read_jsonl, read_rows, write_template
-
-runner = CliRunner()
-
-
-def invoke(args: list[str]):  # noqa: ANN201 - click's Result
-    from batchllm_cli.app import app
-
-    return runner.invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
+from reliability_utils import FAST, assert_finished_cleanly, flat, invoke, read_jsonl, read_rows, write_template
 
 @pytest.fixture(autouse=True)
 def demo_cache(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,20 +6,9 @@ from pathlib import Path
 
 import pytest
 from typer.main import get_command
-from typer.testing import CliRunner
 
 from batchllm_cli.app import app
-
-runner = CliRunner()
-ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"}
-
-
-def invoke(args: list[str]):  # noqa: ANN201 - click's Result
-    return runner.invoke(app, args, env=ENV)
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
+from reliability_utils import flat, invoke
 
 
 def test_every_command_and_option_is_in_help() -> None:

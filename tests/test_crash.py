@@ -35,12 +35,6 @@ KILLS_PER_MODE = 10  # x 2 modes = 20 kills; kills 3 and 7 of each mode are SIGT
 SIGTERM_AT = (3, 7)
 
 
-@pytest.fixture
-def env(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(demo_model_dir.parent))
-    return {"BATCHLLM_CACHE_DIR": str(demo_model_dir.parent)}
-
-
 def run_ok(args: list[str], env: dict[str, str]) -> str:
     code, out = cli_process.run(args, env)
     assert code == 0, out

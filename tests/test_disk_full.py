@@ -10,29 +10,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import cli_process
-from reliability_utils import FAST, assert_finished_cleanly, committed_row_ids, read_rows, write_rows_csv, write_template
-
-runner = CliRunner()
-
-
-def invoke(args: list[str]):  # noqa: ANN201
-    from batchllm_cli.app import app
-
-    return runner.invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-@pytest.fixture
-def env(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(demo_model_dir.parent))
-    return {"BATCHLLM_CACHE_DIR": str(demo_model_dir.parent)}
-
+from reliability_utils import (
+    FAST,
+    assert_finished_cleanly,
+    committed_row_ids,
+    flat,
+    invoke,
+    read_rows,
+    write_rows_csv,
+    write_template,
+)
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["mount", *args], capture_output=True, text=True)

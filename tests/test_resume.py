@@ -9,15 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import cli_process
 from reliability_utils import (
     SEEDED,
     assert_finished_cleanly,
     committed_row_ids,
+    flat,
+    invoke,
     job_args,
-    read_jsonl,
     read_rows,
     snapshot,
     write_rows_csv,
@@ -25,23 +25,6 @@ from reliability_utils import (
 )
 
 ROWS, EVERY = 120, 30
-runner = CliRunner()
-
-
-def invoke(args: list[str]):  # noqa: ANN201 - click's Result
-    from batchllm_cli.app import app
-
-    return runner.invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-@pytest.fixture
-def env(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(demo_model_dir.parent))
-    return {"BATCHLLM_CACHE_DIR": str(demo_model_dir.parent)}
 
 
 @pytest.fixture
