@@ -4,16 +4,26 @@ Input rows are streamed as Arrow record batches with an explicit ordinal row id,
 never depends on DuckDB's ordering rules; the output is a DuckDB join of the input (read a second time)
 with the result columns on that row id, written to a temporary file and renamed into place.
 
-CSV input is read strictly (RFC 4180 quoting with `"`, the delimiter taken from the header line, types
-sniffed from a sample) so that a malformed file fails with DuckDB's error naming the line instead of
-being silently read with another dialect; `skip_bad_rows` rejects such lines instead and keeps them
-(line number, error type, text) for a rejects file.
+CSV input is read strictly (RFC 4180 quoting with `"`, the delimiter taken from the header line) so that
+a malformed file fails with DuckDB's error naming the line instead of being silently read with another
+dialect; `skip_bad_rows` rejects such lines instead and keeps them (line number, error type, text) for a
+rejects file. Values are never rewritten on the way through:
+- CSV columns are read as text (VARCHAR), exactly as in the file (`00501`, `1.50`, `t`, `01/02/2024`);
+  an empty field is NULL, `""` is empty text, and CSV output writes them back the same way.
+- JSON keeps its own types: strings DuckDB would take for dates, times or UUIDs stay strings, and a
+  top-level number column whose values are all integers is read exactly (DECIMAL(38,0), or the digits
+  as text beyond that) instead of as doubles. JSON output writes NaN/Infinity/-Infinity as the strings
+  "NaN", "Infinity", "-Infinity" (the protobuf JSON convention), so every line is valid JSON.
+- Parquet types (time zones, decimals, dictionaries, nested values) pass through; HUGEINT, which
+  Parquet cannot hold, is written as DECIMAL(38,0), never as a double.
+Every path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob.
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +32,11 @@ from typing import Callable, Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batchllm_cli.durable import fsync_dir, fsync_file, is_disk_full, temp_name
 from batchllm_cli.errors import InputError, OutputError, TempFailError, UsageError
+from batchllm_cli.plain_paths import PlainPaths
 
 # The ordinal row id travels with every batch and result; the name is unlikely to clash with a user's
 # column, and a clash is refused up front rather than silently shadowed.
@@ -45,7 +57,14 @@ OUTPUT_FORMATS: dict[str, str] = {
     ".ndjson": "json",
     ".json": "json",
 }
-_COPY_OPTIONS = {"parquet": "FORMAT parquet", "csv": "FORMAT csv, HEADER true", "json": "FORMAT json"}
+# USE_TMP_FILE false: DuckDB writes into our own temporary file (through its plain-named link) instead of
+# renaming a file of its own over the link; the rename into place is ours (_copy_atomically).
+_COPY_OPTIONS = {
+    "csv": "FORMAT csv, HEADER true, USE_TMP_FILE false",
+    "json": "FORMAT json, USE_TMP_FILE false",
+}
+
+_PARQUET_BATCH_ROWS = 122_880  # DuckDB's row group size: Parquet output keeps the same row groups
 
 # Rows longer than DuckDB's 2 MB default (a long document in one cell) are legitimate input; a prompt
 # that long becomes a per-row "prompt too long" error later instead of failing the whole file.
@@ -166,31 +185,36 @@ def _csv_delimiter(header: str) -> str:
 @dataclass(frozen=True)
 class CsvDialect:
     delimiter: str
-    columns: tuple[Column, ...]
-    date_format: str | None = None
-    timestamp_format: str | None = None
+    names: tuple[str, ...]
 
 
-def _sniff_csv(path: Path, con: duckdb.DuckDBPyConnection) -> CsvDialect:
-    header = _csv_header_line(path)
+def _csv_options(delimiter: str) -> list[str]:
+    return [
+        f"delim={_literal(delimiter)}",
+        "quote='\"'",
+        "escape='\"'",
+        "header=true",
+        f"max_line_size={CSV_MAX_LINE_SIZE}",
+    ]
+
+
+def _sniff_csv(scan_path: str, header: str, con: duckdb.DuckDBPyConnection) -> CsvDialect:
+    """The delimiter (from the header line) and the column names (DuckDB's, for unique names)."""
     delim = _csv_delimiter(header)
-    base = (
-        f"{_literal(str(path))}, delim={_literal(delim)}, quote='\"', escape='\"', header=true, "
-        f"max_line_size={CSV_MAX_LINE_SIZE}"
-    )
     try:
-        # ignore_errors: the types come from the rows that parse; the strict read names the bad ones.
+        # Every column is read as text, so only the names matter here; ignore_errors keeps a bad line
+        # in the sample from hiding them (the strict read names it).
         rows = con.execute(
-            f"SELECT Columns, DateFormat, TimestampFormat FROM sniff_csv({base}, ignore_errors=true)"
+            f"SELECT Columns FROM sniff_csv({_literal(scan_path)}, {', '.join(_csv_options(delim))}, "
+            "all_varchar=true, ignore_errors=true)"
         ).fetchall()
         row = rows[0] if rows else None
     except duckdb.Error:
         row = None
     if row is not None and row[0]:
-        cols = tuple(Column(c["name"], c["type"]) for c in row[0])
-        return CsvDialect(delim, cols, row[1] or None, row[2] or None)
+        return CsvDialect(delim, tuple(c["name"] for c in row[0]))
     # The sniffer gives up on some broken files (an unterminated quote in the sample): take the names
-    # from the header and read every column as text, so the strict read reports the bad line.
+    # from the header, so the strict read reports the bad line.
     names = next(csv.reader(io.StringIO(header), delimiter=delim), []) or ["column0"]
     seen: dict[str, int] = {}
     unique = []
@@ -200,7 +224,66 @@ def _sniff_csv(path: Path, con: duckdb.DuckDBPyConnection) -> CsvDialect:
             name = f"{name}_{seen[name]}"
         seen.setdefault(name, 0)
         unique.append(name)
-    return CsvDialect(delim, tuple(Column(n, "VARCHAR") for n in unique))
+    return CsvDialect(delim, tuple(unique))
+
+
+# JSON has no dates, times or UUIDs: strings DuckDB's sniffer takes for them stay the strings they are.
+_JSON_STRING_TYPES = frozenset({
+    "date", "time", "time with time zone", "time_ns", "timestamp", "timestamp with time zone",
+    "timestamp_ns", "timestamp_ms", "timestamp_s", "uuid", "interval",
+})
+
+
+def _json_read_type(typ: duckdb.DuckDBPyType) -> str:
+    """The SQL type to read a sniffed JSON value as: the sniffed one, with strings kept strings."""
+    if typ.id in _JSON_STRING_TYPES:
+        return "VARCHAR"
+    if typ.id == "struct":
+        return "STRUCT(" + ", ".join(f"{_ident(n)} {_json_read_type(t)}" for n, t in typ.children) + ")"
+    if typ.id == "list":
+        return _json_read_type(typ.children[0][1]) + "[]"
+    if typ.id == "map":
+        (_, key), (_, value) = typ.children
+        return f"MAP({_json_read_type(key)}, {_json_read_type(value)})"
+    return str(typ)
+
+
+def _exact_json_columns(
+    con: duckdb.DuckDBPyConnection, read_json: Callable[[str], str], rel: duckdb.DuckDBPyRelation
+) -> tuple[Column, ...] | None:
+    """Declared columns for a JSON read that keeps every value exact, or None when the sniffed ones do.
+
+    DuckDB reads a number column as DOUBLE as soon as one value does not fit BIGINT, which rounds every
+    integer beyond 2^53; such a column whose values are all integers is read as DECIMAL(38,0) (exact),
+    or as the digits' text when one has more than 38 digits.
+    """
+    cols = [Column(n, _json_read_type(t)) for n, t in zip(rel.columns, rel.types)]
+    doubles = [c.name for c in cols if c.type == "DOUBLE"]
+    if doubles:
+        as_json = ", ".join(f"{_literal(c.name)}: {_literal('JSON' if c.type == 'DOUBLE' else c.type)}" for c in cols)
+        checks = ", ".join(
+            f"bool_and(regexp_full_match({_ident(n)}::VARCHAR, '-?[0-9]+')), "
+            f"bool_and(try_cast({_ident(n)}::VARCHAR AS DECIMAL(38,0)) IS NOT NULL)"
+            for n in doubles
+        )
+        found = con.execute(f"SELECT {checks} FROM {read_json(as_json)}").fetchall()[0]
+        exact = {n: ("DECIMAL(38,0)" if fits else "VARCHAR")
+                 for n, whole, fits in zip(doubles, found[0::2], found[1::2]) if whole}
+        cols = [Column(c.name, exact.get(c.name, c.type)) for c in cols]
+    sniffed = [Column(n, str(t)) for n, t in zip(rel.columns, rel.types)]
+    return tuple(cols) if cols != sniffed else None
+
+
+def _check_input_file(path: Path) -> None:
+    """UsageError unless `path`, taken literally, is one existing regular file (a symlink to one is)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"Input file not found: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"Input is not a file: {path} is a directory or a special file; give one regular file.")
 
 
 class TableSource:
@@ -216,10 +299,7 @@ class TableSource:
         self, path: str | os.PathLike[str], limit: int | None = None, *, skip_bad_rows: bool = False
     ) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise UsageError(f"Input file not found: {self.path}")
-        if not self.path.is_file():
-            raise UsageError(f"Input is not a file: {self.path}")
+        _check_input_file(self.path)
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 or more.")
         self.format = input_format(self.path)
@@ -231,21 +311,36 @@ class TableSource:
         self._rows: int | None = None
         self.rejects: pa.Table | None = None  # line, error_type, error, csv_line (after validate())
         self._dialect: CsvDialect | None = None
+        self._json_columns: tuple[Column, ...] | None = None
+        self.arrow_schema: pa.Schema | None = None  # a Parquet input's own types, kept in Parquet output
         self._con = _connect()
+        self._plain = PlainPaths()
         if self.empty:
             self.columns: tuple[Column, ...] = ()
             return
         try:
+            # DuckDB only ever sees this plain name; the kernel resolves the user's path literally.
+            self._scan_path = self._plain.link(self.path, "input" + self.path.suffix.lower())
+            if self.format == "parquet":
+                with self.path.open("rb") as f:  # a file object: pyarrow would parse a path as a URI
+                    self.arrow_schema = pq.read_schema(f)
             if self.format == "csv":
-                self._dialect = _sniff_csv(self.path, self._con)
+                self._dialect = _sniff_csv(self._scan_path, _csv_header_line(self.path), self._con)
             # Binding the query only sniffs a sample (JSON) or reads the footer (Parquet).
             rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
+            if self.format in ("json", "jsonl"):
+                self._json_columns = _exact_json_columns(self._con, self._read_json, rel)
+                if self._json_columns is not None:
+                    rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
             self.columns = tuple(Column(name, str(typ)) for name, typ in zip(rel.columns, rel.types))
-        except duckdb.Error as exc:
-            self._con.close()
+        except (duckdb.Error, pa.ArrowException) as exc:
+            self.close()
             raise InputError(f"Cannot read {self.path}: {_one_line(exc)}") from exc
+        except BaseException:
+            self.close()
+            raise
         if ROW_ID in self.column_names:
-            self._con.close()
+            self.close()
             raise UsageError(f"Input column {ROW_ID!r} is reserved by batchllm; rename it.")
 
     @property
@@ -255,40 +350,34 @@ class TableSource:
     def column_type(self, name: str) -> str:
         return next(c.type for c in self.columns if c.name == name)
 
+    def _read_json(self, columns: str | None = None) -> str:
+        fmt = "newline_delimited" if self.format == "jsonl" else "auto"
+        cols = f", columns={{{columns}}}" if columns else ""
+        return f"read_json({_literal(self._scan_path)}, format = {_literal(fmt)}{cols})"
+
     def scan_sql(self, *, rejects_table: str | None = None) -> str:
         """The DuckDB table function that reads the file (no row id, no limit)."""
-        path = _literal(str(self.path))
         if self.format == "csv":
             d = self._dialect
             assert d is not None
-            cols = ", ".join(f"{_literal(c.name)}: {_literal(c.type)}" for c in d.columns)
-            opts = [
-                f"delim={_literal(d.delimiter)}",
-                "quote='\"'",
-                "escape='\"'",
-                "header=true",
+            cols = ", ".join(f"{_literal(name)}: 'VARCHAR'" for name in d.names)
+            opts = _csv_options(d.delimiter) + [
                 "auto_detect=false",
                 f"columns={{{cols}}}",
                 "strict_mode=true",
                 "allow_quoted_nulls=false",  # "" is an empty string; only an empty field is NULL
-                f"max_line_size={CSV_MAX_LINE_SIZE}",
             ]
-            if d.date_format:
-                opts.append(f"dateformat={_literal(d.date_format)}")
-            if d.timestamp_format:
-                opts.append(f"timestampformat={_literal(d.timestamp_format)}")
             if self.skip_bad_rows:
                 if rejects_table:
                     opts += ["store_rejects=true", f"rejects_table={_literal(rejects_table)}",
                              f"rejects_scan={_literal(rejects_table + '_scan')}"]
                 else:
                     opts.append("ignore_errors=true")
-            return f"read_csv({path}, {', '.join(opts)})"
+            return f"read_csv({_literal(self._scan_path)}, {', '.join(opts)})"
         if self.format == "parquet":
-            return f"read_parquet({path})"
-        if self.format == "jsonl":
-            return f"read_json({path}, format = 'newline_delimited')"
-        return f"read_json({path}, format = 'auto')"
+            return f"read_parquet({_literal(self._scan_path)})"
+        cols = self._json_columns
+        return self._read_json(", ".join(f"{_literal(c.name)}: {_literal(c.type)}" for c in cols) if cols else None)
 
     def _limited_sql(self, **kw: str | None) -> str:
         inner = f"SELECT * FROM {self.scan_sql(**kw)}"  # type: ignore[arg-type]
@@ -399,6 +488,7 @@ class TableSource:
 
     def close(self) -> None:
         self._con.close()
+        self._plain.close()
 
     def __enter__(self) -> TableSource:
         return self
@@ -437,6 +527,58 @@ def check_writable_dir(directory: Path, what: str) -> None:
         raise UsageError(f"{what} {directory} is not writable: {exc.strerror or exc}.") from exc
 
 
+def _json_safe(expr: str, typ: duckdb.DuckDBPyType, depth: int = 0) -> str | None:
+    """`expr` with every float in it (nested too) as JSON that is valid: NaN/Infinity/-Infinity become
+    the strings "NaN", "Infinity", "-Infinity"; None when `typ` holds no float (nothing to change)."""
+    if typ.id in ("float", "double"):
+        return (
+            f"CASE WHEN {expr} IS NULL THEN NULL WHEN isfinite({expr}) THEN to_json({expr}) "
+            f"""WHEN isnan({expr}) THEN '"NaN"'::JSON WHEN {expr} > 0 THEN '"Infinity"'::JSON """
+            f"""ELSE '"-Infinity"'::JSON END"""
+        )
+    if typ.id in ("list", "array"):
+        var = f"x{depth}"
+        inner = _json_safe(var, typ.children[0][1], depth + 1)
+        return None if inner is None else f"list_transform({expr}, lambda {var}: {inner})"
+    if typ.id == "struct":
+        fields = [(n, _json_safe(f"struct_extract({expr}, {_literal(n)})", t, depth + 1)) for n, t in typ.children]
+        if all(f is None for _, f in fields):
+            return None
+        packed = ", ".join(
+            f"{_ident(n)} := {f if f is not None else f'struct_extract({expr}, {_literal(n)})'}" for n, f in fields
+        )
+        return f"CASE WHEN {expr} IS NULL THEN NULL ELSE struct_pack({packed}) END"
+    if typ.id == "map":
+        var = f"x{depth}"
+        value = _json_safe(f"{var}.value", typ.children[1][1], depth + 1)
+        if value is None:
+            return None
+        return f"map_from_entries(list_transform(map_entries({expr}), lambda {var}: struct_pack(k := {var}.key, v := {value})))"
+    return None
+
+
+def _json_safe_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """`query` with its non-finite floats as valid JSON strings (DuckDB would write bare NaN)."""
+    rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
+    exprs = [(_json_safe(f"q.{_ident(n)}", t), n) for n, t in zip(rel.columns, rel.types)]
+    if all(e is None for e, _ in exprs):
+        return query
+    picked = ", ".join(f"{e if e is not None else f'q.{_ident(n)}'} AS {_ident(n)}" for e, n in exprs)
+    return f"SELECT {picked} FROM ({query}) AS q"
+
+
+def _write_parquet(con: duckdb.DuckDBPyConnection, query: str, tmp: Path, keep: pa.Schema | None) -> None:
+    """Parquet through Arrow, so the input's own Arrow types come back: DuckDB's COPY would write time
+    zones as UTC, dictionaries as plain strings and HUGEINT as a double (its Arrow export gives
+    decimal128(38, 0)). Columns named in `keep` are cast back to its types (the same values)."""
+    reader = con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS)
+    fields = [keep.field(f.name) if keep is not None and f.name in keep.names else f for f in reader.schema]
+    schema = pa.schema(fields)
+    with tmp.open("wb") as f, pq.ParquetWriter(f, schema, compression="snappy") as writer:
+        for batch in reader:
+            writer.write_batch(batch.cast(schema))
+
+
 def _copy_atomically(
     con: duckdb.DuckDBPyConnection,
     query: str,
@@ -444,17 +586,31 @@ def _copy_atomically(
     fmt: str,
     after_write: Callable[[], None] | None = None,
     after_rename: Callable[[], None] | None = None,
+    keep_types: pa.Schema | None = None,
 ) -> None:
+    """COPY `query` to a temporary file beside `out`, fsync, rename into place, fsync the directory.
+
+    The temporary file is created here (O_EXCL: it is ours) and DuckDB writes into it through a plain
+    link, so neither name is ever read as a pattern.
+    """
     tmp = temp_name(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        con.execute(f"COPY ({query}) TO {_literal(str(tmp))} ({_COPY_OPTIONS[fmt]})")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        if fmt == "parquet":
+            _write_parquet(con, query, tmp, keep_types)
+        else:
+            if fmt == "json":
+                query = _json_safe_query(con, query)
+            with PlainPaths() as plain:
+                target = plain.link(tmp, f"output.{fmt}")
+                con.execute(f"COPY ({query}) TO {_literal(target)} ({_COPY_OPTIONS[fmt]})")
         fsync_file(tmp)
         if after_write:
             after_write()
         os.replace(tmp, out)
         fsync_dir(out.parent if str(out.parent) else Path("."))
-    except (duckdb.Error, OSError) as exc:
+    except (duckdb.Error, OSError, pa.ArrowException) as exc:
         raise _write_error(out, exc) from exc
     finally:
         try:
@@ -465,11 +621,14 @@ def _copy_atomically(
         after_rename()
 
 
-def _results_relation(con: duckdb.DuckDBPyConnection, results: pa.Table | Sequence[Path]) -> str:
+def _results_relation(
+    con: duckdb.DuckDBPyConnection, results: pa.Table | Sequence[Path], plain: PlainPaths
+) -> str:
     if isinstance(results, pa.Table):
         con.register("batchllm_results", results)
         return "batchllm_results"
-    files = ", ".join(_literal(str(p)) for p in results)
+    # Shards are read through plain links too: the run directory's path may hold pattern characters.
+    files = ", ".join(_literal(plain.link(p, f"shard-{i}.parquet")) for i, p in enumerate(results))
     return f"read_parquet([{files}])"
 
 
@@ -491,8 +650,9 @@ def write_output(
     out = Path(output)
     fmt = output_format(out)
     con = _connect()
+    plain = PlainPaths()
     try:
-        rel = _results_relation(con, results)
+        rel = _results_relation(con, results, plain)
         names = [n for n in con.sql(f"SELECT * FROM {rel} LIMIT 0").columns]
         if ROW_ID not in names:
             raise ValueError(f"results need a {ROW_ID} column")
@@ -510,11 +670,12 @@ def write_output(
         )
         if source.empty:  # no input columns at all: just the (empty, typed) result columns
             query = f"SELECT {picked} FROM {rel} AS res WHERE false"
-        _copy_atomically(con, query, out, fmt, after_write, after_rename)
+        _copy_atomically(con, query, out, fmt, after_write, after_rename, keep_types=source.arrow_schema)
     except duckdb.Error as exc:
         raise _write_error(out, exc) from exc
     finally:
         con.close()
+        plain.close()
     return out
 
 
@@ -526,13 +687,15 @@ def write_query_jsonl(
 ) -> None:
     """Write `query_for(numbered input subquery, results relation)` to `out` as JSON lines, atomically."""
     con = _connect()
+    plain = PlainPaths()
     try:
-        rel = _results_relation(con, results)
+        rel = _results_relation(con, results, plain)
         _copy_atomically(con, query_for(source.numbered_sql(), rel), out, "json")
     except duckdb.Error as exc:
         raise _write_error(out, exc) from exc
     finally:
         con.close()
+        plain.close()
 
 
 def write_table_jsonl(table: pa.Table, out: Path) -> None:
