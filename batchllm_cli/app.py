@@ -52,6 +52,7 @@ from batchllm_cli.options import (
     OutputOpt,
     RestartOpt,
     SeedOpt,
+    MaxRejectsOpt,
     SkipBadRowsOpt,
     StatusJsonOpt,
     StatusTargetArg,
@@ -66,6 +67,7 @@ from batchllm_cli.options import (
     TruncateOpt,
 )
 from batchllm_cli.progress import err_console, make_progress, print_error
+from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
 
 EXIT_CODES_EPILOG = EXIT_CODES_HELP
 
@@ -138,7 +140,7 @@ def _render_report(report: RunReport, console: Console) -> None:
         console.print(f"truncated: {report.rows_truncated} prompts were cut to fit the model's context")
     console.print(Text(f"output: {report.output}"))
     if report.rejects_file:
-        console.print(Text(f"rejected: {report.rows_rejected} malformed input lines, see {report.rejects_file}"))
+        console.print(Text(f"rejected: {report.rows_rejected} malformed input records (exit 3), see {report.rejects_file}"))
     for row, error in report.first_errors:
         console.print(Text(f"  row {row}: {error}", style="red"))
     if report.rows_failed > len(report.first_errors):
@@ -188,6 +190,7 @@ def run(
     summary: SummaryOpt = None,
     id_column: IdColumnOpt = None,
     skip_bad_rows: SkipBadRowsOpt = False,
+    max_rejects: MaxRejectsOpt = DEFAULT_MAX_REJECTS,
     nulls: NullsOpt = NullPolicy.error,
     truncate: TruncateOpt = None,
     checkpoint_dir: CheckpointDirOpt = None,
@@ -229,6 +232,7 @@ def run(
         cuda_graphs=cuda_graphs,
         id_column=id_column,
         skip_bad_rows=skip_bad_rows,
+        max_rejects=max_rejects,
         nulls=nulls.value,
         truncate=truncate.value if truncate is not None else None,
         checkpoint_dir=checkpoint_dir,

@@ -89,7 +89,9 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
     UsageError (exit 2), FingerprintMismatch (4), LockHeld (75)."""
     observer = observer or SilentObserver()
     _check_settings(settings)
-    source = TableSource(settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows)
+    source = TableSource(
+        settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects
+    )
     output_lock: FileLock | None = None
     run_dir: RunDir | None = None
     try:

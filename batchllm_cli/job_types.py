@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
-from batchllm_cli.table_io import TableSource
+from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import PromptTemplate
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class RunSettings:
     batch_rows: int = 1024  # rows rendered and tokenized per step of the input stream
     id_column: str | None = None
     skip_bad_rows: bool = False
+    max_rejects: int = DEFAULT_MAX_REJECTS
     nulls: str = "error"
     truncate: str | None = None
     checkpoint_dir: Path | None = None
@@ -117,7 +118,7 @@ class RunReport:
     engine: dict[str, Any] = field(default_factory=dict)
     first_errors: tuple[tuple[int, str], ...] = ()
     rows_resumed: int = 0  # rows committed by earlier runs of this job
-    rows_rejected: int = 0  # malformed CSV lines skipped with --skip-bad-rows
+    rows_rejected: int = 0  # malformed CSV records skipped with --skip-bad-rows (any: exit 3)
     rows_truncated: int = 0  # prompts cut with --truncate (this run)
     already_done: bool = False  # the job had finished before: nothing was done
     run_dir: str = ""
@@ -138,7 +139,7 @@ class RunReport:
     def exit_code(self) -> int:
         if self.already_done:
             return EXIT_OK
-        return EXIT_ROWS_FAILED if self.rows_failed else EXIT_OK
+        return EXIT_ROWS_FAILED if self.rows_failed or self.rows_rejected else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

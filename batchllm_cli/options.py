@@ -310,8 +310,18 @@ SkipBadRowsOpt = Annotated[
     bool,
     typer.Option(
         "--skip-bad-rows",
-        help="CSV: skip malformed lines (wrong column count, bad quoting or encoding, a value of the wrong "
-        "type) and list them in OUTPUT.rejects.jsonl, instead of failing before the model loads.",
+        help="CSV: skip malformed records (wrong column count, bad quoting or encoding) and list them in "
+        "OUTPUT.rejects.jsonl, instead of failing before the model loads; the run then exits 3.",
+        rich_help_panel=PANEL_INPUT,
+    ),
+]
+MaxRejectsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-rejects",
+        min=0,
+        help="With --skip-bad-rows: fail before the model loads (exit 2) when more than N records are "
+        "malformed (0: none may be).",
         rich_help_panel=PANEL_INPUT,
     ),
 ]

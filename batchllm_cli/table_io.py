@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import stat
 import uuid
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ _CSV_REASONS = (
     "Maximum line size",
 )
 _SCALAR_ID_TYPES = ("LIST", "STRUCT", "MAP", "UNION", "[]")
+# --max-rejects: more rejected records than this fail the job (a file that bad is the wrong file, or
+# needs fixing, not a run that quietly drops rows).
+DEFAULT_MAX_REJECTS = 100
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def _literal(text: str) -> str:
@@ -274,6 +279,23 @@ def _exact_json_columns(
     return tuple(cols) if cols != sniffed else None
 
 
+def _one_per_record(rejects: pa.Table) -> pa.Table:
+    """One rejects entry per record: a quote that never closes swallows the lines after it into one
+    DuckDB reject, but each of those lines is a record of its own (what a reader of the file counts), so
+    such a reject becomes one entry per line, numbered from its first line. This keeps
+    rows read + rejected = records."""
+    out: list[dict[str, object]] = []
+    for r in rejects.to_pylist():
+        lines = _LINE_BREAK.split(r["csv_line"] or "")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if r["error_type"] != "UNQUOTED VALUE" or len(lines) < 2:
+            out.append(r)
+            continue
+        out += [{**r, "line": r["line"] + k, "csv_line": line} for k, line in enumerate(lines)]
+    return pa.Table.from_pylist(out, schema=rejects.schema)
+
+
 def _check_input_file(path: Path) -> None:
     """UsageError unless `path`, taken literally, is one existing regular file (a symlink to one is)."""
     try:
@@ -296,7 +318,12 @@ class TableSource:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], limit: int | None = None, *, skip_bad_rows: bool = False
+        self,
+        path: str | os.PathLike[str],
+        limit: int | None = None,
+        *,
+        skip_bad_rows: bool = False,
+        max_rejects: int = DEFAULT_MAX_REJECTS,
     ) -> None:
         self.path = Path(path)
         _check_input_file(self.path)
@@ -305,8 +332,11 @@ class TableSource:
         self.format = input_format(self.path)
         if skip_bad_rows and self.format != "csv":
             raise UsageError(f"--skip-bad-rows applies to CSV input only; {self.path} is {self.format}.")
+        if max_rejects < 0:
+            raise UsageError("--max-rejects must be 0 or more.")
         self.limit = limit
         self.skip_bad_rows = skip_bad_rows
+        self.max_rejects = max_rejects
         self.empty = self.format != "parquet" and _is_blank_file(self.path)
         self._rows: int | None = None
         self.rejects: pa.Table | None = None  # line, error_type, error, csv_line (after validate())
@@ -368,11 +398,11 @@ class TableSource:
                 "allow_quoted_nulls=false",  # "" is an empty string; only an empty field is NULL
             ]
             if self.skip_bad_rows:
-                if rejects_table:
-                    opts += ["store_rejects=true", f"rejects_table={_literal(rejects_table)}",
-                             f"rejects_scan={_literal(rejects_table + '_scan')}"]
-                else:
-                    opts.append("ignore_errors=true")
+                # Every read rejects through store_rejects, never ignore_errors: the two recover from
+                # a bad quote differently, and the rows streamed must be the rows counted.
+                table = rejects_table or f"batchllm_rejects_{uuid.uuid4().hex[:12]}"
+                opts += ["store_rejects=true", f"rejects_table={_literal(table)}",
+                         f"rejects_scan={_literal(table + '_scan')}"]
             return f"read_csv({_literal(self._scan_path)}, {', '.join(opts)})"
         if self.format == "parquet":
             return f"read_parquet({_literal(self._scan_path)})"
@@ -399,7 +429,8 @@ class TableSource:
     def validate(self) -> int:
         """Read every row once (so a malformed file fails now, naming the line) and count the rows.
 
-        With skip_bad_rows the rejected lines are kept in `self.rejects`, one per line.
+        With skip_bad_rows the rejected records are kept in `self.rejects`, one per record (see
+        `_one_per_record`), and more than `max_rejects` of them is an InputError.
         """
         if self._rows is not None:
             return self._rows
@@ -419,16 +450,25 @@ class TableSource:
             self._rows = int(rows[0][0]) if rows else 0
             if self.skip_bad_rows:
                 # One entry per rejected line (DuckDB may list several errors for one line).
-                self.rejects = con.sql(
+                self.rejects = _one_per_record(con.sql(
                     f"SELECT line, arg_min(error_type, column_idx) AS error_type, "
                     f"arg_min(error_message, column_idx) AS error, arg_min(csv_line, column_idx) AS csv_line "
                     f"FROM {table} GROUP BY line ORDER BY line"
-                ).to_arrow_table()
+                ).to_arrow_table())
         except duckdb.Error as exc:
             hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.format == "csv" else ""
             raise InputError(f"Cannot read {self.path}: {_one_line(exc)}.{hint}") from exc
         finally:
             con.close()
+        rejected = self.rejects.num_rows if self.rejects is not None else 0
+        if rejected > self.max_rejects:
+            assert self.rejects is not None
+            first = self.rejects.slice(0, 1).to_pylist()[0]
+            raise InputError(
+                f"Cannot read {self.path}: {rejected} malformed records, more than --max-rejects "
+                f"{self.max_rejects} (the first on line {first['line']}: {first['error']}); fix the file, "
+                "or raise --max-rejects if skipping them is right."
+            )
         return self._rows
 
     def count_rows(self) -> int:
@@ -475,16 +515,24 @@ class TableSource:
             return
         # The reader owns its cursor while it streams, so the source can still count or describe.
         cur = self._con.cursor()
+        streamed = 0
         try:
             reader = cur.sql(f"SELECT * FROM {self.numbered_sql()}").to_arrow_reader(batch_size)
             for batch in reader:
                 if batch.num_rows:
+                    streamed += batch.num_rows
                     yield batch
         except duckdb.Error as exc:
-            # Typically a value that does not fit the type sniffed from the first rows of a CSV/JSON.
+            # Typically a JSON value that does not fit the type sniffed from the first rows.
             raise InputError(f"Cannot read {self.path}: {_one_line(exc)}") from exc
         finally:
             cur.close()
+        if self._rows is not None and streamed != self._rows:
+            # Row ids are positions: a second read that differs would attach answers to other rows.
+            raise InputError(
+                f"Cannot read {self.path}: it has {streamed} rows now but had {self._rows} when checked; "
+                "was it changed during the run? Run the same command again."
+            )
 
     def close(self) -> None:
         self._con.close()

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reliability_utils import FAST, assert_finished_cleanly, flat, invoke, read_jsonl, read_rows, write_template
+from reliability_utils import (
+    FAST, assert_finished_cleanly, flat, invoke, read_jsonl, read_rows, snapshot, write_template,
+)
 
 @pytest.fixture(autouse=True)
 def demo_cache(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,10 +70,10 @@ MALFORMED = {
     "too_many_columns": ("id,text,n\n" + GOOD + "4,t4,4,x\n5,t5,5\n", 5, "Expected Number of Columns: 3 Found: 4"),
     "unterminated_quote": ('id,text,n\n' + GOOD + '4,"t4,4\n5,t5,5\n', 5, "unterminated quote"),
     "not_utf8": (b"id,text,n\n" + GOOD.encode() + b"4,caf\xe9,4\n5,t5,5\n", 5, "Invalid unicode"),
-    # The types are sniffed from a sample; a bad value after it is found by the full read, still
-    # before the model loads.
-    "bad_value_late": ("id,text,n\n" + "".join(f"{i},t{i},{i}\n" for i in range(30000)) + "30000,x,oops\n",
-                       30002, 'Error when converting column "n"'),
+    # Past any sniffer's sample: the full read finds it, still before the model loads. (A value is
+    # never "of the wrong type": CSV columns are text.)
+    "late_unterminated_quote": ("id,text,n\n" + "".join(f"{i},t{i},{i}\n" for i in range(30000)) + '30000,"x,1\n',
+                                30002, "unterminated quote"),
 }
 
 
@@ -99,11 +101,11 @@ def test_skip_bad_rows_rejects_lines_and_every_record_is_accounted_for(tmp_path:
     records = list(csv.reader(io.StringIO(data.decode("latin-1"))))[1:]  # an independent count
     out = tmp_path / "o.jsonl"
     result = run(inp, out, write_template(tmp_path / "t.j2", "{{ text }}"), "--skip-bad-rows")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # finished, but not every record was answered
     rejects = read_jsonl(side(out, "rejects.jsonl"))
     assert [(r["line"], r["error_type"]) for r in rejects] == [
         (6, "MISSING COLUMNS"), (10, "TOO MANY COLUMNS"), (15, "INVALID ENCODING")]
-    assert "rejected: 3 malformed input lines" in flat(result.stderr)
+    assert "rejected: 3 malformed input records (exit 3)" in flat(result.stderr)
     rows = read_rows(out)
     assert len(rows) + len(rejects) == len(records) == 20
     assert_every_row_once(out, [r[0] for r in records])
@@ -111,17 +113,63 @@ def test_skip_bad_rows_rejects_lines_and_every_record_is_accounted_for(tmp_path:
     assert marker["rows_rejected"] == 3 and marker["rejects_file"] == str(side(out, "rejects.jsonl"))
 
 
-def test_skip_bad_rows_rejects_a_bad_value_after_the_type_sample(tmp_path: Path) -> None:
+def test_skip_bad_rows_counts_every_record_an_unterminated_quote_swallowed(tmp_path: Path) -> None:
+    # Records 2..5 disappear into one DuckDB reject (the quote never closes); each is a rejected record.
+    data = 'id,text\n1,a\n2,"never closed\n3,c\n4,d\n5,e\n'
+    inp = tmp_path / "in.csv"
+    inp.write_text(data)
+    before = snapshot(tmp_path)
+    records = len(data.splitlines()) - 1  # independent count: one record per line, no quoted newlines
+    out = tmp_path / "o.jsonl"
+    result = run(inp, out, write_template(tmp_path / "t.j2", "{{ text }}"), "--skip-bad-rows")
+    assert result.exit_code == 3, result.output
+    assert "rejected: 4 malformed input records (exit 3)" in flat(result.stderr)
+    rejects = read_jsonl(side(out, "rejects.jsonl"))
+    assert [(r["line"], r["csv_line"]) for r in rejects] == [(3, '2,"never closed'), (4, "3,c"), (5, "4,d"), (6, "5,e")]
+    marker = assert_finished_cleanly(out, 1)
+    assert marker["rows_rejected"] == 4 and marker["rows"] + marker["rows_rejected"] == records == 5
+    assert_every_row_once(out, ["1", "2", "3", "4", "5"])
+    assert {k: v for k, v in snapshot(tmp_path).items() if k == "in.csv"} == {"in.csv": before["in.csv"]}
+
+
+def test_skip_bad_rows_streams_the_rows_it_counted(tmp_path: Path) -> None:
     from batchllm_cli.table_io import TableSource
 
     inp = tmp_path / "in.csv"
-    inp.write_text(MALFORMED["bad_value_late"][0])
+    inp.write_text('id,text\n1,a\n2,"b"x\n3,c\n4,"d\n5,e\n')
     with TableSource(inp, skip_bad_rows=True) as src:
         accepted = src.validate()
-        rejects = src.rejects.to_pylist()
-        streamed = sum(b.num_rows for b in src.batches(8192))
-    assert [(r["line"], r["error_type"]) for r in rejects] == [(30002, "CAST")]
-    assert accepted == streamed == 30000 and accepted + len(rejects) == 30001
+        streamed = [r["id"] for b in src.batches(1) for r in b.to_pylist()]
+        rejected = [r["line"] for r in src.rejects.to_pylist()]
+    assert streamed == ["1", "3"] and accepted == 2
+    assert rejected == [3, 5, 6] and accepted + len(rejected) == 5
+
+
+@pytest.mark.parametrize("limit,exit_code", [("2", 2), ("3", 3), ("0", 2)])
+def test_max_rejects_fails_before_the_model_when_exceeded(
+    tmp_path: Path, limit: str, exit_code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("id,text\n1,a\n2\n3,c\n4\n5\n6,f\n")  # three records with a missing column
+    tpl = write_template(tmp_path / "t.j2", "{{ text }}")
+    before = snapshot(tmp_path)
+    if exit_code == 2:
+        import engine.llm_engine
+
+        def forbidden(*args: object, **kwargs: object) -> None:
+            raise AssertionError("this must be decided before the model loads")
+
+        monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", forbidden)
+    out = tmp_path / "out" / "o.csv"
+    result = run(inp, out, tpl, "--skip-bad-rows", "--max-rejects", limit)
+    assert result.exit_code == exit_code, result.output
+    if exit_code == 2:
+        message = one_error_line(result.stderr)
+        assert f"3 malformed records, more than --max-rejects {limit}" in message and "line 3" in message
+        assert not out.parent.exists() or not list(out.parent.iterdir())
+    else:
+        assert [r["text"] for r in read_rows(out)] == ["a", "c", "f"]
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("out")} == before
 
 
 def test_skip_bad_rows_is_for_csv_only(tmp_path: Path, no_model: None) -> None:
@@ -247,7 +295,8 @@ def test_row_whose_template_raises_is_an_error_row(tmp_path: Path) -> None:
     inp = tmp_path / "in.csv"
     inp.write_text("id,n\n1,1\n2,0\n3,5\n")
     out = tmp_path / "o.parquet"
-    result = run(inp, out, write_template(tmp_path / "t.j2", "{{ 10 // n }}"))
+    # CSV values are text: a template that wants a number says so.
+    result = run(inp, out, write_template(tmp_path / "t.j2", "{{ 10 // (n | int) }}"))
     assert result.exit_code == 3, result.output
     errors = read_jsonl(side(out, "errors.jsonl"))
     assert [(e["row"], e["error_type"]) for e in errors] == [(1, "template_error")]
