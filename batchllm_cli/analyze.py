@@ -35,7 +35,7 @@ import numpy as np
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
-from batchllm_cli.table_io import TableSource
+from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ class AnalyzeSettings:
     limit: int | None = None
     id_column: str | None = None
     skip_bad_rows: bool = False
+    max_rejects: int = DEFAULT_MAX_REJECTS
     nulls: str = "error"
     truncate: str | None = None
     max_tokens: int | None = None
@@ -332,7 +333,9 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
     """Validate the whole invocation before any heavy work; raises UsageError/InputError (exit 2)."""
     observer = observer or _SilentObserver()
     _check_settings(settings)
-    source = TableSource(settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows)
+    source = TableSource(
+        settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects
+    )
     try:
         template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
         if not source.empty:

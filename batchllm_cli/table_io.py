@@ -268,7 +268,7 @@ def _exact_json_columns(
         as_json = ", ".join(f"{_literal(c.name)}: {_literal('JSON' if c.type == 'DOUBLE' else c.type)}" for c in cols)
         checks = ", ".join(
             f"bool_and(regexp_full_match({_ident(n)}::VARCHAR, '-?[0-9]+')), "
-            f"bool_and(try_cast({_ident(n)}::VARCHAR AS DECIMAL(38,0)) IS NOT NULL)"
+            f"bool_and({_ident(n)} IS NULL OR try_cast({_ident(n)}::VARCHAR AS DECIMAL(38,0)) IS NOT NULL)"
             for n in doubles
         )
         found = con.execute(f"SELECT {checks} FROM {read_json(as_json)}").fetchall()[0]
@@ -615,12 +615,42 @@ def _json_safe_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
     return f"SELECT {picked} FROM ({query}) AS q"
 
 
+def _same_values(original: pa.DataType, read: pa.DataType) -> bool:
+    """Whether `read` (DuckDB's Arrow type for a column) holds the same values as `original` (the input
+    file's), so that casting back only restores the representation: a time zone, a dictionary, large or
+    view strings, list field names. Anything else keeps DuckDB's type rather than risk a failed cast."""
+    if original == read:
+        return True
+    if pa.types.is_dictionary(original):
+        return _same_values(original.value_type, read)
+    if pa.types.is_timestamp(original) and pa.types.is_timestamp(read):
+        return original.unit == read.unit and (original.tz is None) == (read.tz is None)
+    texts = (pa.string(), pa.large_string(), pa.string_view())
+    blobs = (pa.binary(), pa.large_binary(), pa.binary_view())
+    if (original in texts and read in texts) or (original in blobs and read in blobs):
+        return True
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(f(original) for f in lists) and any(f(read) for f in lists):
+        return _same_values(original.value_type, read.value_type)
+    if pa.types.is_struct(original) and pa.types.is_struct(read):
+        return [f.name for f in original] == [f.name for f in read] and all(
+            _same_values(a.type, b.type) for a, b in zip(original, read)
+        )
+    if pa.types.is_map(original) and pa.types.is_map(read):
+        return _same_values(original.key_type, read.key_type) and _same_values(original.item_type, read.item_type)
+    return False
+
+
 def _write_parquet(con: duckdb.DuckDBPyConnection, query: str, tmp: Path, keep: pa.Schema | None) -> None:
     """Parquet through Arrow, so the input's own Arrow types come back: DuckDB's COPY would write time
     zones as UTC, dictionaries as plain strings and HUGEINT as a double (its Arrow export gives
     decimal128(38, 0)). Columns named in `keep` are cast back to its types (the same values)."""
     reader = con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS)
-    fields = [keep.field(f.name) if keep is not None and f.name in keep.names else f for f in reader.schema]
+    fields = [
+        keep.field(f.name) if keep is not None and f.name in keep.names and _same_values(keep.field(f.name).type, f.type)
+        else f
+        for f in reader.schema
+    ]
     schema = pa.schema(fields)
     with tmp.open("wb") as f, pq.ParquetWriter(f, schema, compression="snappy") as writer:
         for batch in reader:

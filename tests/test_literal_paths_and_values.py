@@ -159,25 +159,25 @@ def test_csv_text_comes_back_as_it_was_written(tmp_path: Path, out_suffix: str) 
 
 
 def test_json_integers_beyond_2_53_are_exact(tmp_path: Path) -> None:
-    big = [9007199254740993, 18446744073709551617, -9223372036854775809, 3]
+    big = [9007199254740993, 18446744073709551617, None, -9223372036854775809, 3]
     huge = [1, 10**45 + 1]  # beyond DECIMAL(38): kept as the digits' text
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": b, "h": h, "f": 0.1, "when": "2024-01-02T03:04:05+02:00",
                                        "u": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}) + "\n"
-                           for b, h in zip(big, huge + [2, 3])))
+                           for b, h in zip(big, huge + [2, 3, 4])))
     with TableSource(inp) as src:
-        write_output(src, results_for(4), tmp_path / "out.jsonl")
-        write_output(src, results_for(4), tmp_path / "out.parquet")
-        write_output(src, results_for(4), tmp_path / "out.csv")
+        write_output(src, results_for(5), tmp_path / "out.jsonl")
+        write_output(src, results_for(5), tmp_path / "out.parquet")
+        write_output(src, results_for(5), tmp_path / "out.csv")
     lines = strict_json_lines(tmp_path / "out.jsonl")
     assert [r["id"] for r in lines] == big
-    assert [str(r["h"]) for r in lines] == [str(h) for h in huge + [2, 3]]
+    assert [str(r["h"]) for r in lines] == [str(h) for h in huge + [2, 3, 4]]
     assert {r["when"] for r in lines} == {"2024-01-02T03:04:05+02:00"}
     assert {r["u"] for r in lines} == {"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}
     parquet = pq.read_table(tmp_path / "out.parquet")
     assert parquet.schema.field("id").type == pa.decimal128(38, 0)  # never a double
-    assert [int(v) for v in parquet.column("id").to_pylist()] == big
-    assert [r[0] for r in csv_records(tmp_path / "out.csv")[1:]] == [str(b) for b in big]
+    assert [v if v is None else int(v) for v in parquet.column("id").to_pylist()] == big
+    assert [r[0] for r in csv_records(tmp_path / "out.csv")[1:]] == ["" if b is None else str(b) for b in big]
 
 
 def test_parquet_types_time_zones_and_dictionaries_are_kept(tmp_path: Path) -> None:

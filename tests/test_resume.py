@@ -274,7 +274,7 @@ def test_id_column_duplicates_nulls_and_unknown_are_refused(tmp_path: Path, env:
     dup.write_text("id,text\n1,a\n2,b\n1,c\n3,d\n2,e\n")
     result = invoke(job_args(dup, tpl, out, "--id-column", "id"))
     assert result.exit_code == 2
-    assert "--id-column 'id' has 2 duplicate value(s) (e.g. 1, 2)" in flat(result.stderr)
+    assert "--id-column 'id' has 2 duplicate value(s) (e.g. '1', '2')" in flat(result.stderr)  # CSV ids are text
     nul = tmp_path / "nul.csv"
     nul.write_text("id,text\n1,a\n,b\n3,c\n")
     result = invoke(job_args(nul, tpl, out, "--id-column", "id"))
