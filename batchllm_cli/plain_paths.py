@@ -31,13 +31,17 @@ def is_plain(path: str) -> bool:
 def _private_dir() -> Path:
     """A new 0700 directory whose own path is plain: under $TMPDIR, else under /tmp."""
     for base in (None, "/tmp"):
-        made = tempfile.mkdtemp(prefix="batchllm-", dir=base)
+        try:
+            made = tempfile.mkdtemp(prefix="batchllm-", dir=base)
+        except OSError:
+            continue
         if is_plain(made):
             return Path(made)
         os.rmdir(made)
     raise UsageError(
-        f"The temporary directory {tempfile.gettempdir()} has characters DuckDB would read as a pattern "
-        "and /tmp is not usable; set TMPDIR to a path of letters, digits, '_', '.', '-' and '/'."
+        f"Cannot make a private temporary directory: {tempfile.gettempdir()} is not writable or has "
+        "characters DuckDB would read as a pattern, and /tmp is not usable; set TMPDIR to a writable "
+        "directory whose path has only letters, digits, '_', '.', '-' and '/'."
     )
 
 

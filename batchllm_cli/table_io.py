@@ -559,6 +559,8 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
         raise UsageError(f"Output {out} is the input file; write the results to a new file.")
     if out.is_dir():
         raise UsageError(f"Output {out} is a directory; give a file name such as {out / 'out.parquet'}.")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"Output {out} exists and is not a regular file (a pipe or device); give a file name.")
     check_writable_dir(out.parent if str(out.parent) else Path("."), "Output directory")
     return out
 

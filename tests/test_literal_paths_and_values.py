@@ -10,6 +10,7 @@ import datetime
 import decimal
 import json
 import os
+import stat
 import zoneinfo
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchllm_cli.errors import UsageError
-from batchllm_cli.table_io import ROW_ID, TableSource, read_table, write_output
+from batchllm_cli.plain_paths import PlainPaths, is_plain
+from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, read_table, write_output
 from reliability_utils import snapshot
 
 
@@ -115,8 +117,20 @@ def test_a_path_that_is_not_one_regular_file_is_refused(tmp_path: Path, kind: st
     assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
 
 
-def test_no_private_links_are_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    scratch = tmp_path / "tmp"
+def test_an_output_that_is_a_pipe_is_refused(tmp_path: Path) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\nx\n")
+    os.mkfifo(tmp_path / "out.csv")
+    with pytest.raises(UsageError, match="not a regular file"):
+        check_output_path(tmp_path / "out.csv", inp)
+    assert stat.S_ISFIFO((tmp_path / "out.csv").lstat().st_mode)
+
+
+@pytest.mark.parametrize("tmpdir_name", ["tmp", "t[1]*"])  # a TMPDIR with pattern characters: /tmp is used
+def test_no_private_links_are_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpdir_name: str
+) -> None:
+    scratch = tmp_path / tmpdir_name
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
     import tempfile
@@ -127,6 +141,11 @@ def test_no_private_links_are_left_behind(tmp_path: Path, monkeypatch: pytest.Mo
     with TableSource(inp) as src:
         write_output(src, results_for(1), tmp_path / "out.csv")
     assert list(scratch.iterdir()) == []
+    with PlainPaths() as plain:
+        link = Path(plain.link(inp, "input.parquet"))
+        assert is_plain(str(link)) and link.resolve() == inp.resolve()
+        assert link.parent.parent == (scratch if tmpdir_name == "tmp" else Path("/tmp"))
+    assert not link.parent.exists()
 
 
 # ---- item 5: values round-trip byte for byte ---------------------------------------------------------
