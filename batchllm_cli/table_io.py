@@ -61,6 +61,7 @@ OUTPUT_FORMATS: dict[str, str] = {
 # USE_TMP_FILE false: DuckDB writes into our own temporary file (through its plain-named link) instead of
 # renaming a file of its own over the link; the rename into place is ours (_copy_atomically).
 _COPY_OPTIONS = {
+    "parquet": "FORMAT parquet, USE_TMP_FILE false",
     "csv": "FORMAT csv, HEADER true, USE_TMP_FILE false",
     "json": "FORMAT json, USE_TMP_FILE false",
 }
@@ -643,20 +644,39 @@ def _same_values(original: pa.DataType, read: pa.DataType) -> bool:
     return False
 
 
+def _restored_schema(got: pa.Schema, keep: pa.Schema | None) -> pa.Schema | None:
+    """`got` (DuckDB's Arrow schema of the output) with the input's own types put back where only their
+    representation differs; None when nothing needs putting back."""
+    if keep is None:
+        return None
+    fields = []
+    for f in got:
+        own = keep.field(f.name) if f.name in keep.names else None
+        fields.append(own if own is not None and own.type != f.type and _same_values(own.type, f.type) else f)
+    return pa.schema(fields) if any(a is not b for a, b in zip(fields, got)) else None
+
+
 def _write_parquet(con: duckdb.DuckDBPyConnection, query: str, tmp: Path, keep: pa.Schema | None) -> None:
-    """Parquet through Arrow, so the input's own Arrow types come back: DuckDB's COPY would write time
-    zones as UTC, dictionaries as plain strings and HUGEINT as a double (its Arrow export gives
-    decimal128(38, 0)). Columns named in `keep` are cast back to its types (the same values)."""
-    reader = con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS)
-    fields = [
-        keep.field(f.name) if keep is not None and f.name in keep.names and _same_values(keep.field(f.name).type, f.type)
-        else f
-        for f in reader.schema
+    """DuckDB's COPY (parallel), or, when the input has types it would not write back (time zones are
+    written as UTC, dictionaries as plain strings), through Arrow with those types restored. HUGEINT,
+    which Parquet cannot hold and COPY would write as a double, goes as DECIMAL(38,0)."""
+    rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
+    schema = _restored_schema(rel.to_arrow_table().schema, keep)
+    if schema is not None:  # DuckDB's Arrow export gives HUGEINT as decimal128(38, 0) already
+        reader = con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS)
+        with tmp.open("wb") as f, pq.ParquetWriter(f, schema, compression="snappy") as writer:
+            for batch in reader:
+                writer.write_batch(batch.cast(schema))
+        return
+    cols = [
+        f"q.{_ident(n)}::DECIMAL(38,0) AS {_ident(n)}" if t.id in ("hugeint", "uhugeint") else f"q.{_ident(n)}"
+        for n, t in zip(rel.columns, rel.types)
     ]
-    schema = pa.schema(fields)
-    with tmp.open("wb") as f, pq.ParquetWriter(f, schema, compression="snappy") as writer:
-        for batch in reader:
-            writer.write_batch(batch.cast(schema))
+    with PlainPaths() as plain:
+        target = plain.link(tmp, "output.parquet")
+        con.execute(
+            f"COPY (SELECT {', '.join(cols)} FROM ({query}) AS q) TO {_literal(target)} ({_COPY_OPTIONS['parquet']})"
+        )
 
 
 def _copy_atomically(

@@ -150,7 +150,8 @@ def test_no_private_links_are_left_behind(
 
 # ---- item 5: values round-trip byte for byte ---------------------------------------------------------
 TEXT_VALUES = ["00501", "1.50", "TRUE", "t", "F", "01/02/2024", "2024-01-02 03:04:05+05:30",
-               "2024-01-02T03:04:05-08:00", "1e5", " padded ", "NaN", "0x1F", "", "-0", "+1", "1,000"]
+               "2024-01-02T03:04:05-08:00", "1e5", " padded ", "NaN", "0x1F", "", "-0", "+1", "1,000",
+               "170141183460469231731687303715884105727", "-9223372036854775809"]  # HUGEINT-sized: text
 
 
 @pytest.mark.parametrize("out_suffix", [".csv", ".jsonl", ".parquet"])
