@@ -5,8 +5,8 @@ DuckDB treats a file name as a pattern: `*`, `?`, `[...]` and `{a,b}` glob (a de
 prefixes pick a file system. Escaping is not offered. So DuckDB never sees a user's path: each file it
 reads or writes is reached through a symlink with a plain name (`[A-Za-z0-9_.-]`) in a private directory
 (`tempfile.mkdtemp`, mode 0700), and the kernel, not DuckDB, resolves the user's path. The links are
-removed, by name, when the owner closes (or is collected, or the process exits); after a `kill -9` an
-empty-of-data directory of dangling links may stay behind in the temp directory.
+removed, by name, when the owner closes (or is collected, or the process exits); after a `kill -9` a
+`batchllm-*` directory holding only symlinks (no data) may stay behind in the temp directory.
 """
 from __future__ import annotations
 

@@ -307,6 +307,8 @@ def _check_input_file(path: Path) -> None:
         raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
     if not stat.S_ISREG(mode):
         raise UsageError(f"Input is not a file: {path} is a directory or a special file; give one regular file.")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"Cannot read {path}: permission denied.")
 
 
 class TableSource:
@@ -364,9 +366,10 @@ class TableSource:
                 if self._json_columns is not None:
                     rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
             self.columns = tuple(Column(name, str(typ)) for name, typ in zip(rel.columns, rel.types))
-        except (duckdb.Error, pa.ArrowException) as exc:
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:
             self.close()
-            raise InputError(f"Cannot read {self.path}: {_one_line(exc)}") from exc
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+            raise InputError(f"Cannot read {self.path}: {reason}") from exc
         except BaseException:
             self.close()
             raise
