@@ -234,6 +234,8 @@ def test_json_output_writes_non_finite_floats_as_strings(tmp_path: Path) -> None
         "xs": pa.array([[nan, 1.0], None, [], [inf], [None]]),
         "s": pa.array([{"v": -inf, "t": "NaN: not a number"}, None, {"v": 2.0, "t": ""}, {"v": None, "t": "x"},
                        {"v": nan, "t": None}]),
+        "m": pa.array([[("a", nan), ("b", 1.0)], None, [], [("c", -inf)], [("d", None)]],
+                      pa.map_(pa.string(), pa.float64())),
     })
     inp = tmp_path / "in.parquet"
     pq.write_table(table, inp)
@@ -245,6 +247,7 @@ def test_json_output_writes_non_finite_floats_as_strings(tmp_path: Path) -> None
     assert [r["xs"] for r in lines] == [["NaN", 1.0], None, [], ["Infinity"], [None]]
     assert [r["s"] for r in lines] == [{"v": "-Infinity", "t": "NaN: not a number"}, None, {"v": 2.0, "t": ""},
                                        {"v": None, "t": "x"}, {"v": "NaN", "t": None}]
+    assert [r["m"] for r in lines] == [{"a": "NaN", "b": 1.0}, None, {}, {"c": "-Infinity"}, {"d": None}]
 
 
 # ---- item 14: CSV output keeps "" and NULL apart ----------------------------------------------------------
