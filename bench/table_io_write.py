@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from batchllm_cli.durable import fsync_file
 from batchllm_cli.table_io import ROW_ID, TableSource, write_output
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,7 @@ def main() -> None:
                 opts = {"parquet": "FORMAT parquet", "csv": "FORMAT csv, HEADER true", "jsonl": "FORMAT json"}[fmt]
                 con.execute(f"COPY ({query}) TO '{tmp / ('base.' + fmt)}' ({opts})")
                 con.close()
+                fsync_file(tmp / ("base." + fmt))  # as the previous path did before its rename
 
         # Interleaved, so both see the same load on a shared machine; the least time is the cost.
         ours_t, base_t = [], []
