@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import numpy as np
 
+from batchllm_cli.column_names import check_column_names
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
@@ -334,6 +335,7 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
     _check_settings(settings)
     source = TableSource(settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows)
     try:
+        check_column_names(source.file_column_names(), source.column_names, None)
         template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
         if not source.empty:
             template.check_columns(source.column_names)

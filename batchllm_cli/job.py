@@ -28,6 +28,7 @@ from batchllm_cli.checkpoint import (
     remove_stale_output_files,
 )
 from batchllm_cli.collector import OutputColumns, ResultCollector
+from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import remove_durably
 from batchllm_cli.errors import (
     BatchLLMError,
@@ -96,15 +97,11 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         check_output_path(settings.output, settings.input)
         run_dir_path = settings.checkpoint_dir or default_run_dir(settings.output)
         _check_run_dir_path(run_dir_path, settings)
+        columns = OutputColumns(settings.column)
+        check_column_names(source.file_column_names(), source.column_names, columns)
         template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
         if not source.empty:  # a blank file has no columns to check (and no rows to render)
             template.check_columns(source.column_names)
-        columns = OutputColumns(settings.column)
-        clash = [name for name in columns.names if name in source.column_names]
-        if clash:
-            raise UsageError(
-                f"Output column(s) {', '.join(clash)} already exist in the input; pick another --column."
-            )
         params = _sampling_params(settings, template)
         model_dir, demo = resolve_model(settings.model, observer)
         context = model_context_length(model_dir)
