@@ -41,7 +41,14 @@ from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job_output import already_done_report, rejected_rows, write_final
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
-from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
+from batchllm_cli.model_setup import (
+    DEFAULT_MAX_TOKENS,
+    check_model_files,
+    load_tokenizer,
+    model_context_length,
+    resolve_chat,
+    resolve_model,
+)
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
@@ -104,6 +111,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             template.check_columns(source.column_names)
         params = _sampling_params(settings, template)
         model_dir, demo = resolve_model(settings.model, observer)
+        check_model_files(model_dir, settings.device)
         context = model_context_length(model_dir)
         max_prompt_tokens = context - params.max_tokens
         if max_prompt_tokens < 1:

@@ -45,12 +45,15 @@ class Tokenizer:
         try:
             self._tok = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
         except Exception as exc:  # transformers raises many types here; the user needs one sentence
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ModelLoadError(
-                f"Could not load a tokenizer from {self.model_dir}: {exc}. The model directory needs "
+                f"Could not load a tokenizer from {self.model_dir}: {reason}. The model directory needs "
                 "tokenizer.json (or the files of a Hugging Face tokenizer)."
             ) from exc
         template = getattr(self._tok, "chat_template", None)
         template_file = self.model_dir / "chat_template.jinja"
+        # Where the chat template came from, for messages (transformers reads chat_template.jinja too).
+        self.chat_template_origin = template_file if template_file.is_file() else self.model_dir / "tokenizer_config.json"
         if not template and template_file.is_file():
             template = template_file.read_text(encoding="utf-8")
             self._tok.chat_template = template
@@ -80,6 +83,20 @@ class Tokenizer:
         return self._tok.apply_chat_template(
             [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
         )
+
+    def check_chat_template(self) -> None:
+        """ModelLoadError naming the template's file when the chat template cannot render one user turn
+        (a Jinja syntax error, or an error the template raises itself): found before any row runs."""
+        try:
+            self.apply_chat_template("Hello")
+        except Exception as exc:  # jinja2 errors, transformers' raise_exception, type errors in the template
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            line = getattr(exc, "lineno", None)
+            where = f" (line {line})" if isinstance(line, int) else ""
+            raise ModelLoadError(
+                f"The chat template in {self.chat_template_origin}{where} cannot be used: {reason}; fix it, "
+                "or pass --no-chat to send prompts without it."
+            ) from exc
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of each text; the fast tokenizer encodes the batch in parallel."""
