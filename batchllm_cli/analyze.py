@@ -509,12 +509,12 @@ def _tokenize(
     from engine.packed_sequences import PackedSequences
 
     s = prepared.settings
-    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat)
+    max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
+    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate)
     sim = LruPrefixCache(prepared.block_size, prepared.kv_cache_tokens)
     failures = _Failures()
     truncated = 0
     id_chunks: list[Any] = []
-    max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
     lru_s = 0.0
     observer.phase("tokenize")
     observer.start(prepared.total_rows)

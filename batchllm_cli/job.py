@@ -501,7 +501,9 @@ def _generate(
 
     settings = prepared.settings
     assert prepared.tokenizer is not None
-    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat)
+    encoder = PromptEncoder(
+        prepared.template, prepared.tokenizer, prepared.chat, prepared.max_prompt_tokens, settings.truncate
+    )
     done = sink.committed.done
     in_flight: dict[Hashable, tuple[int, bool]] = {}
     id_column = settings.id_column

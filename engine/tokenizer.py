@@ -4,6 +4,7 @@ Only tokenizers and chat templates come from `transformers`; the engine never ru
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,31 @@ def _read_json(path: Path) -> dict:
     with path.open(encoding="utf-8") as f:
         data = json.load(f)
     return data if isinstance(data, dict) else {}
+
+
+# How many characters a normalizer may turn into one; a type missing here may delete characters.
+_NORMALIZER_SHRINK = {"NFC": 4, "NFKC": 4, "NFD": 1, "NFKD": 1, "Lowercase": 1, "Prepend": 1}
+
+
+def _normalizer_shrink(spec: dict | None) -> int | None:
+    """Most characters a tokenizer.json normalizer turns into one (1: none), None when unbounded."""
+    if spec is None:
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for part in spec.get("normalizers") or []:
+            f = _normalizer_shrink(part)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    if kind == "Replace":
+        pattern, content = (spec.get("pattern") or {}).get("String"), spec.get("content")
+        if not isinstance(pattern, str) or not isinstance(content, str) or not content:
+            return None  # a regex, or a deletion: no bound
+        return max(1, -(-len(pattern) // len(content)))
+    return _NORMALIZER_SHRINK.get(kind)
 
 
 class Tokenizer:
@@ -68,6 +94,31 @@ class Tokenizer:
         ids.update(_int_list(config.get("text_config", {}).get("eos_token_id")))
         ids.update(_int_list(self._tok.eos_token_id))
         return ids
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """No token covers more characters of the text given to `encode_batch` than this, or None when
+        the tokenizer has no such bound (it may turn arbitrarily many characters into one token).
+
+        A token covers at most as many bytes of the normalized text as its vocabulary string has UTF-8
+        bytes (byte-level aliases, `▁` pieces and `<0x41>` byte tokens all spell at least the bytes
+        they stand for), and a character is at least one byte. A Unicode composing normalizer (NFC,
+        NFKC) turns at most 4 characters into 1; normalizers that delete characters, and unknown
+        characters fused into one <unk>, leave no bound.
+        """
+        backend = getattr(self._tok, "_tokenizer", None)
+        if backend is None:
+            return None
+        spec = json.loads(backend.to_str())
+        shrink = _normalizer_shrink(spec.get("normalizer"))
+        model = spec.get("model") or {}
+        unk_fused = model.get("type") in ("WordPiece", "WordLevel") or (
+            model.get("unk_token") is not None and not model.get("byte_fallback") and model.get("fuse_unk", True)
+        )
+        if shrink is None or unk_fused:
+            return None
+        longest = max((len(token.encode("utf-8")) for token in self._tok.get_vocab()), default=1)
+        return shrink * max(longest, 1)
 
     @property
     def vocab_size(self) -> int:
