@@ -260,7 +260,8 @@ class TableSource:
     def file_column_names(self) -> list[str]:
         """The column names as the file spells them, before DuckDB makes duplicates unique (`Text,text`
         reads as `Text`, `text_1`): what column_names.check_input_names needs to see a collision.
-        JSON keys come from the first JSON_KEY_SAMPLE records, the sample DuckDB's schema comes from."""
+        JSON keys (in no particular order) come from the first JSON_KEY_SAMPLE records, the sample
+        DuckDB's schema comes from; the file is named exactly as in scan_sql."""
         if self.empty:
             return []
         if self.format == "csv":
