@@ -59,6 +59,29 @@ def _normalizer_shrink(spec: dict | None) -> int | None:
     return _NORMALIZER_SHRINK.get(kind)
 
 
+# Pre-tokenizers that split text without dropping any of it (Whitespace, BertPreTokenizer and a Split
+# whose behavior is "Removed" drop characters).
+_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts"})
+
+
+def _keeps_every_character(spec: dict | None) -> bool:
+    if spec is None:
+        return True
+    if spec.get("type") == "Sequence":
+        return all(_keeps_every_character(part) for part in spec.get("pretokenizers") or [])
+    return spec.get("type") in _KEEPING_PRE_TOKENIZERS and spec.get("behavior") != "Removed"
+
+
+def _unknowns_may_fuse(model: dict) -> bool:
+    """Whether a run of unknown characters (or a whole unknown word) may become one token."""
+    kind = model.get("type")
+    if kind == "BPE":
+        return model.get("unk_token") is not None and bool(model.get("fuse_unk")) and not model.get("byte_fallback")
+    if kind == "Unigram":
+        return not model.get("byte_fallback")
+    return True  # WordPiece, WordLevel: one [UNK] per unknown word
+
+
 class Tokenizer:
     """Wraps a Hugging Face fast tokenizer loaded from a local model directory."""
 
@@ -103,19 +126,16 @@ class Tokenizer:
         A token covers at most as many bytes of the normalized text as its vocabulary string has UTF-8
         bytes (byte-level aliases, `▁` pieces and `<0x41>` byte tokens all spell at least the bytes
         they stand for), and a character is at least one byte. A Unicode composing normalizer (NFC,
-        NFKC) turns at most 4 characters into 1; normalizers that delete characters, and unknown
-        characters fused into one <unk>, leave no bound.
+        NFKC) turns at most 4 characters into 1; normalizers and pre-tokenizers that delete
+        characters, and unknown characters fused into one <unk>, leave no bound.
         """
         backend = getattr(self._tok, "_tokenizer", None)
         if backend is None:
             return None
         spec = json.loads(backend.to_str())
         shrink = _normalizer_shrink(spec.get("normalizer"))
-        model = spec.get("model") or {}
-        unk_fused = model.get("type") in ("WordPiece", "WordLevel") or (
-            model.get("unk_token") is not None and not model.get("byte_fallback") and model.get("fuse_unk", True)
-        )
-        if shrink is None or unk_fused:
+        unbounded = _unknowns_may_fuse(spec.get("model") or {}) or not _keeps_every_character(spec.get("pre_tokenizer"))
+        if shrink is None or unbounded:
             return None
         longest = max((len(token.encode("utf-8")) for token in self._tok.get_vocab()), default=1)
         return shrink * max(longest, 1)

@@ -15,7 +15,7 @@ import model_factory
 from batchllm_cli.prompts import FailedRow, PromptEncoder, PromptRow, fit_prompt
 from batchllm_cli.table_io import ROW_ID
 from batchllm_cli.templates import PromptTemplate, TemplateSource
-from engine.tokenizer import Tokenizer, _normalizer_shrink
+from engine.tokenizer import Tokenizer, _keeps_every_character, _normalizer_shrink, _unknowns_may_fuse
 from reliability_utils import FAST, invoke, read_jsonl, read_rows, write_template
 
 
@@ -46,7 +46,7 @@ def test_no_token_covers_more_characters_than_the_bound(tokenizers: list[Tokeniz
         assert len(tok.encode(text, add_special_tokens=False)) * bound >= len(text)
 
 
-def test_normalizers_that_may_delete_characters_leave_no_bound() -> None:
+def test_tokenizers_that_may_delete_or_fuse_characters_leave_no_bound() -> None:
     assert _normalizer_shrink(None) == 1
     assert _normalizer_shrink({"type": "NFC"}) == 4
     nfkc_then_space = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
@@ -56,6 +56,13 @@ def test_normalizers_that_may_delete_characters_leave_no_bound() -> None:
                      {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}):
         assert _normalizer_shrink(deleting) is None
         assert _normalizer_shrink({"type": "Sequence", "normalizers": [{"type": "NFC"}, deleting]}) is None
+    assert _keeps_every_character({"type": "Sequence", "pretokenizers": [{"type": "Split", "behavior": "Isolated"}, {"type": "ByteLevel"}]})
+    for dropping in ({"type": "Whitespace"}, {"type": "BertPreTokenizer"}, {"type": "Split", "behavior": "Removed"}):
+        assert not _keeps_every_character(dropping)
+    assert not _unknowns_may_fuse({"type": "BPE", "unk_token": None})
+    assert not _unknowns_may_fuse({"type": "BPE", "unk_token": "<unk>", "fuse_unk": True, "byte_fallback": True})
+    assert _unknowns_may_fuse({"type": "BPE", "unk_token": "<unk>", "fuse_unk": True})
+    assert _unknowns_may_fuse({"type": "WordPiece"}) and _unknowns_may_fuse({"type": "Unigram"})
 
 
 def test_a_prompt_over_the_bound_is_never_tokenized(demo_model_dir: Path) -> None:
