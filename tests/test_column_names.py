@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batchllm_cli.collector import OutputColumns
 from batchllm_cli.column_names import duckdb_key
 from batchllm_cli.table_io import ROW_ID
 from reliability_utils import FAST, flat, invoke, read_rows, snapshot, write_template
@@ -123,27 +124,30 @@ _SPECIAL = [
 _NAME = st.one_of(st.sampled_from(_SPECIAL), st.text(min_size=1, max_size=8))
 
 
-def _expect_refusal(names: list[str]) -> bool:
+def _expect_refusal(names: list[str], prefix: str) -> bool:
     keys = [duckdb_key(n) for n in names]
-    reserved = {duckdb_key(n) for n in ANSWER_COLUMNS + [ROW_ID]}
+    reserved = {duckdb_key(n) for n in OutputColumns(prefix).names + [ROW_ID]}
     return len(set(keys)) < len(keys) or bool(reserved & set(keys))
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(names=st.lists(_NAME, min_size=1, max_size=4).filter(lambda ns: all(ns)))
-def test_random_column_names_are_refused_cleanly_or_round_trip_exactly(names: list[str]) -> None:
+@given(
+    names=st.lists(_NAME, min_size=1, max_size=4).filter(lambda ns: all(ns)),
+    prefix=st.sampled_from(["response", "response", "Text", "select", "ü"]),
+)
+def test_random_column_names_are_refused_cleanly_or_round_trip_exactly(names: list[str], prefix: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         inp = write_input(tmp_path / "in.parquet", names)
         out = tmp_path / "o.parquet"
-        result = run(inp, out, write_template(tmp_path / "t.j2", "Say hi"))
-        if _expect_refusal(names):
+        result = run(inp, out, write_template(tmp_path / "t.j2", "Say hi"), "--column", prefix)
+        if _expect_refusal(names, prefix):
             assert result.exit_code == 2, result.output
             one_error_line(result.stderr)
             assert not out.exists()
             return
         assert result.exit_code == 0, result.output
         table = pq.read_table(out)
-        assert table.column_names == names + ANSWER_COLUMNS
+        assert table.column_names == names + OutputColumns(prefix).names
         assert table.select(list(range(len(names)))).to_pylist() == pq.read_table(inp).to_pylist()
-        assert table.column("response_error").null_count == 2
+        assert table.column(OutputColumns(prefix).error).null_count == 2
