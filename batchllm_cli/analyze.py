@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import numpy as np
 
+from batchllm_cli.column_names import check_column_names
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
@@ -337,6 +338,7 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
         settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects
     )
     try:
+        check_column_names(source.file_column_names(), source.column_names, None)
         template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
         if not source.empty:
             template.check_columns(source.column_names)
@@ -510,12 +512,12 @@ def _tokenize(
     from engine.packed_sequences import PackedSequences
 
     s = prepared.settings
-    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat)
+    max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
+    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate)
     sim = LruPrefixCache(prepared.block_size, prepared.kv_cache_tokens)
     failures = _Failures()
     truncated = 0
     id_chunks: list[Any] = []
-    max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
     lru_s = 0.0
     observer.phase("tokenize")
     observer.start(prepared.total_rows)

@@ -28,6 +28,7 @@ from batchllm_cli.checkpoint import (
     remove_stale_output_files,
 )
 from batchllm_cli.collector import OutputColumns, ResultCollector
+from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import remove_durably
 from batchllm_cli.errors import (
     BatchLLMError,
@@ -40,7 +41,14 @@ from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job_output import already_done_report, rejected_rows, write_final
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
-from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
+from batchllm_cli.model_setup import (
+    DEFAULT_MAX_TOKENS,
+    check_model_files,
+    load_tokenizer,
+    model_context_length,
+    resolve_chat,
+    resolve_model,
+)
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
@@ -98,17 +106,14 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         check_output_path(settings.output, settings.input)
         run_dir_path = settings.checkpoint_dir or default_run_dir(settings.output)
         _check_run_dir_path(run_dir_path, settings)
+        columns = OutputColumns(settings.column)
+        check_column_names(source.file_column_names(), source.column_names, columns)
         template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
         if not source.empty:  # a blank file has no columns to check (and no rows to render)
             template.check_columns(source.column_names)
-        columns = OutputColumns(settings.column)
-        clash = [name for name in columns.names if name in source.column_names]
-        if clash:
-            raise UsageError(
-                f"Output column(s) {', '.join(clash)} already exist in the input; pick another --column."
-            )
         params = _sampling_params(settings, template)
         model_dir, demo = resolve_model(settings.model, observer)
+        check_model_files(model_dir, settings.device)
         context = model_context_length(model_dir)
         max_prompt_tokens = context - params.max_tokens
         if max_prompt_tokens < 1:
@@ -498,7 +503,9 @@ def _generate(
 
     settings = prepared.settings
     assert prepared.tokenizer is not None
-    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat)
+    encoder = PromptEncoder(
+        prepared.template, prepared.tokenizer, prepared.chat, prepared.max_prompt_tokens, settings.truncate
+    )
     done = sink.committed.done
     in_flight: dict[Hashable, tuple[int, bool]] = {}
     id_column = settings.id_column

@@ -69,8 +69,33 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
 
 
 def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path) -> bool:
+    """Whether prompts go through the model's chat template; a template that is used is tried on one
+    message now, so a broken one is refused before anything runs."""
     if requested is None:
-        return tokenizer.has_chat_template
-    if requested and not tokenizer.has_chat_template:
+        requested = tokenizer.has_chat_template
+    elif requested and not tokenizer.has_chat_template:
         raise UsageError(f"--chat: the model in {model_dir} has no chat template; use --no-chat.")
+    if requested:
+        from engine.errors import EngineError
+
+        try:
+            tokenizer.check_chat_template()
+        except EngineError as exc:
+            raise UsageError(str(exc)) from exc
     return requested
+
+
+def check_model_files(model_dir: Path, device: str) -> None:
+    """What `run` can find wrong with the model before anything is written or loaded: config.json,
+    the weight files (safetensors headers: format, byte ranges, tensor names and shapes against the
+    config; no weight is read) and --device cuda without CUDA. One UsageError naming the culprit."""
+    from engine.devices import check_device
+    from engine.errors import EngineError
+    from engine.loader import check_weights
+    from engine.model_config import load_model_config
+
+    try:
+        check_weights(model_dir, load_model_config(model_dir))
+        check_device(device)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from exc

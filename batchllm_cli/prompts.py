@@ -26,6 +26,8 @@ class TokenizerLike(Protocol):
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]: ...
 
+    # engine.tokenizer.Tokenizer.max_chars_per_token (optional): no token covers more characters.
+
 
 TRUNCATE_SIDES = ("left", "right")
 
@@ -57,11 +59,24 @@ def fit_prompt(item: PromptRow, max_prompt_tokens: int, truncate: str | None) ->
     return _too_long(item.row_id, n, max_prompt_tokens)
 
 
+_TOO_LONG_FIX = "shorten the row, lower --max-tokens, or pass --truncate left|right."
+
+
 def _too_long(row_id: int, n: int, max_prompt_tokens: int) -> FailedRow:
     return FailedRow(
         row_id,
         f"prompt too long: {n} tokens, but at most {max_prompt_tokens} fit (the model's context minus "
-        "--max-tokens); shorten the row, lower --max-tokens, or pass --truncate left|right.",
+        f"--max-tokens); {_TOO_LONG_FIX}",
+        kind="prompt_too_long",
+    )
+
+
+def _too_many_chars(row_id: int, n: int, max_chars: int, max_prompt_tokens: int) -> FailedRow:
+    return FailedRow(
+        row_id,
+        f"prompt too long: {n} characters, more than the {max_prompt_tokens} tokens that fit (the model's "
+        f"context minus --max-tokens) can hold with this tokenizer (at most {max_chars} characters); "
+        f"{_TOO_LONG_FIX}",
         kind="prompt_too_long",
     )
 
@@ -114,14 +129,30 @@ class PromptEncoder:
 
     With `chat`, the rendered text becomes one user turn of the model's chat template, whose text
     already carries BOS and role markers, so it is encoded without adding special tokens again.
+
+    With `max_prompt_tokens`, a prompt too long in characters to fit that many tokens (by the
+    tokenizer's max_chars_per_token) is never tokenized, so one huge cell costs no more than its text:
+    it fails as too long, or with `truncate` is cut to one character more than can fit (still too
+    long in tokens, so `fit_prompt`/`fit_packed` then cut its tokens and count it as truncated).
     """
 
-    def __init__(self, template: PromptTemplate, tokenizer: TokenizerLike, chat: bool) -> None:
+    def __init__(
+        self,
+        template: PromptTemplate,
+        tokenizer: TokenizerLike,
+        chat: bool,
+        max_prompt_tokens: int | None = None,
+        truncate: str | None = None,
+    ) -> None:
         if chat and not tokenizer.has_chat_template:
             raise ValueError("chat=True needs a tokenizer with a chat template")
         self.template = template
         self.tokenizer = tokenizer
         self.chat = chat
+        self.truncate = truncate
+        self.max_prompt_tokens = max_prompt_tokens
+        per_token = getattr(tokenizer, "max_chars_per_token", None)
+        self.max_chars = per_token * max_prompt_tokens if per_token and max_prompt_tokens else None
         self._variables = template.required_variables | template.optional_variables
 
     def prompt_text(self, rendered: str) -> str:
@@ -138,10 +169,24 @@ class PromptEncoder:
         failed: list[FailedRow] = []
         for row_id, row in zip(row_ids, rows):
             try:
-                texts.append(self.prompt_text(self.template.render(row)))
-                text_ids.append(row_id)
+                rendered = self.template.render(row)
             except RowRenderError as exc:
                 failed.append(FailedRow(row_id, str(exc), exc.kind))
+                continue
+            try:
+                text = self.prompt_text(rendered)
+            except Exception as exc:  # the model's chat template failed on this row's text
+                failed.append(FailedRow(row_id, f"chat template error: {' '.join(str(exc).split()) or type(exc).__name__}"))
+                continue
+            if self.max_chars is not None and len(text) > self.max_chars:
+                if self.truncate is None:
+                    assert self.max_prompt_tokens is not None
+                    failed.append(_too_many_chars(row_id, len(text), self.max_chars, self.max_prompt_tokens))
+                    continue
+                keep = self.max_chars + 1
+                text = text[-keep:] if self.truncate == "left" else text[:keep]
+            texts.append(text)
+            text_ids.append(row_id)
         return text_ids, texts, failed
 
     def encode(self, batch: pa.RecordBatch) -> list[PromptRow | FailedRow]:

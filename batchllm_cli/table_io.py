@@ -85,6 +85,8 @@ _SCALAR_ID_TYPES = ("LIST", "STRUCT", "MAP", "UNION", "[]")
 # needs fixing, not a run that quietly drops rows).
 DEFAULT_MAX_REJECTS = 100
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# read_json's default sample_size: the records its schema (and so its column names) comes from.
+JSON_KEY_SAMPLE = 20480
 
 
 def _literal(text: str) -> str:
@@ -388,6 +390,32 @@ class TableSource:
         fmt = "newline_delimited" if self.format == "jsonl" else "auto"
         cols = f", columns={{{columns}}}" if columns else ""
         return f"read_json({_literal(self._scan_path)}, format = {_literal(fmt)}{cols})"
+
+    def file_column_names(self) -> list[str]:
+        """The column names as the file spells them, before DuckDB makes duplicates unique (`Text,text`
+        reads as `Text`, `text_1`): what column_names.check_input_names needs to see a collision.
+        JSON keys (in no particular order) come from the first JSON_KEY_SAMPLE records, the sample
+        DuckDB's schema comes from; the file is named exactly as in scan_sql."""
+        if self.empty:
+            return []
+        if self.format == "csv":
+            assert self._dialect is not None
+            return next(csv.reader(io.StringIO(_csv_header_line(self.path)), delimiter=self._dialect.delimiter), [])
+        if self.format == "parquet":
+            assert self.arrow_schema is not None
+            return list(self.arrow_schema.names)
+        fmt = "newline_delimited" if self.format == "jsonl" else "auto"
+        cur = self._con.cursor()
+        try:
+            rows = cur.execute(
+                f"SELECT DISTINCT k FROM (SELECT unnest(json_keys(json)) AS k FROM (SELECT json FROM "
+                f"read_json_objects({_literal(self._scan_path)}, format={_literal(fmt)}) LIMIT {JSON_KEY_SAMPLE}))"
+            ).fetchall()
+        except duckdb.Error:
+            return self.column_names  # the strict read reports what is wrong with the file
+        finally:
+            cur.close()
+        return [r[0] for r in rows]
 
     def scan_sql(self, *, rejects_table: str | None = None) -> str:
         """The DuckDB table function that reads the file (no row id, no limit)."""

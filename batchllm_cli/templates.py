@@ -3,6 +3,11 @@
 Variables are checked against the input's columns before any model loads, so a typo in a template
 costs seconds, not a model load. A variable used with the `default` filter or an `is defined` test
 is optional: the template author planned for it to be missing.
+
+Templates come from files and recipes that anyone may have written, and render values that anyone may
+have typed, so they render in Jinja2's immutable sandbox: no attribute escapes (`__class__`,
+`__globals__`), no mutation of row values, `range()` capped at jinja2.sandbox.MAX_RANGE, and `*`/`**`
+bounded so one expression cannot allocate gigabytes. A sandbox violation is a per-row template error.
 """
 from __future__ import annotations
 
@@ -13,12 +18,17 @@ from typing import Any, Mapping, Sequence
 
 import jinja2
 from jinja2 import meta, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 import recipes
 from batchllm_cli.errors import UsageError
 
 _OPTIONAL_FILTERS = frozenset({"default", "d"})
 _OPTIONAL_TESTS = frozenset({"defined", "undefined"})
+# Largest string/list a template may build with `*`, and the most bits of an integer it may build with
+# `**`: far above any prompt, far below what exhausts memory or time.
+MAX_REPEAT_LEN = 1 << 24
+MAX_POWER_BITS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -82,13 +92,35 @@ def _finalize_error(value: Any) -> Any:
     return value
 
 
+class _PromptEnvironment(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with `*` and `**` checked before they run (the sandbox only caps range)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_REPEAT_LEN:
+                    raise SecurityError(f"a repetition of {len(seq) * times} items is too large (limit {MAX_REPEAT_LEN})")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+            if abs(left) > 1 and abs(left).bit_length() * right > MAX_POWER_BITS:
+                raise SecurityError(f"{left} ** {right} is too large (limit {MAX_POWER_BITS} bits)")
+        return super().call_binop(context, operator, left, right)
+
+
 def _make_environment(nulls: str = "error") -> jinja2.Environment:
     # Prompts are plain text: no HTML autoescaping. StrictUndefined turns a missing key (e.g. a
     # field of a struct column absent in one row) into a per-row error instead of a silent blank.
     finalize = _finalize_empty if nulls == "empty" else _finalize_error
-    return jinja2.Environment(
+    return _PromptEnvironment(
         undefined=jinja2.StrictUndefined, autoescape=False, finalize=finalize, keep_trailing_newline=False
     )
+
+
+def _value_names(ast: nodes.Template) -> set[str]:
+    """Names read as values somewhere in the template (`{{ range }}`, `cycler.x`), not only called."""
+    called = {id(call.node) for call in ast.find_all(nodes.Call) if isinstance(call.node, nodes.Name)}
+    return {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load" and id(n) not in called}
 
 
 def _optional_names(ast: nodes.Template) -> set[str]:
@@ -117,6 +149,12 @@ class PromptTemplate:
         env = _make_environment(nulls)
         try:
             ast = env.parse(source.text)
+            # A name read as a value is a column like any other, even when Jinja has a global of that
+            # name (range, dict, cycler, namespace, ...): without the global it is checked against the
+            # columns and renders the column's value. A name only called (`range(3)`) keeps its global.
+            for name in _value_names(ast) & set(env.globals):
+                del env.globals[name]
+            ast = env.parse(source.text)
             self._template = env.from_string(source.text)
         except jinja2.TemplateSyntaxError as exc:
             raise UsageError(
@@ -135,7 +173,7 @@ class PromptTemplate:
             available = ", ".join(columns) if columns else "(none)"
             raise UsageError(
                 f"Template {self.source.name} uses variable{plural} {', '.join(missing)} that "
-                f"{'are' if plural else 'is'} not column{plural} of the input; available columns: {available}."
+                f"{'are not columns' if plural else 'is not a column'} of the input; available columns: {available}."
             )
 
     def render(self, row: Mapping[str, Any]) -> str:

@@ -1,7 +1,10 @@
-"""Build a model from a Hugging Face directory: config.json + single or sharded safetensors."""
+"""Build a model from a Hugging Face directory: config.json + single or sharded safetensors.
+
+`check_weights` answers "would `load_model` succeed?" from the safetensors headers alone (names,
+shapes, byte ranges) against a model built on the meta device: no weight is read.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +13,7 @@ from safetensors import safe_open
 from engine.errors import ModelLoadError
 from engine.model_config import ModelConfig
 from engine.models.decoder import DecoderForCausalLM
+from engine.safetensors_header import read_header, weight_files
 
 # Hugging Face projection name -> (our fused projection, which part)
 _FUSED_PARTS = {
@@ -22,24 +26,6 @@ _FUSED_PARTS = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = sorted({model_dir / name for name in weight_map.values()})
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(
-            f"No *.safetensors weights in {model_dir}; batchllm loads safetensors only "
-            "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))."
-        )
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ModelLoadError(f"Weight files listed in the index are missing: {', '.join(missing)}.")
-    return files
-
-
 def _fused_rows(cfg: ModelConfig, fused: str, part: int) -> tuple[int, int]:
     if fused == "qkv_proj":
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -47,6 +33,18 @@ def _fused_rows(cfg: ModelConfig, fused: str, part: int) -> tuple[int, int]:
         sizes = (q, kv, kv)
         return starts[part], sizes[part]
     return part * cfg.intermediate_size, cfg.intermediate_size
+
+
+def check_weights(model_dir: Path, cfg: ModelConfig) -> None:
+    """ModelLoadError naming the file and tensor when the weights are unreadable or do not fit `cfg`."""
+    with torch.device("meta"):
+        params = dict(DecoderForCausalLM(cfg).named_parameters())
+    filled: dict[str, int] = {name: 0 for name in params}
+    for path in weight_files(model_dir):
+        for name, entry in read_header(path).items():
+            if _wanted(cfg, name):
+                _place(cfg, params, filled, name, entry.shape, path)
+    _check_complete(model_dir, cfg, params, filled)
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int) -> DecoderForCausalLM:
@@ -58,22 +56,33 @@ def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: t
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
+                if not _wanted(cfg, name):
                     continue
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue
-                _load_tensor(cfg, params, filled, name, f.get_tensor(name))
+                tensor = f.get_tensor(name)
+                with torch.no_grad():
+                    _place(cfg, params, filled, name, tuple(tensor.shape), path).copy_(tensor)
+    _check_complete(model_dir, cfg, params, filled)
+    model.init_rope(max_positions)
+    return model.eval()
+
+
+def _wanted(cfg: ModelConfig, name: str) -> bool:
+    return not name.endswith(_IGNORED_SUFFIXES) and not (name == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+def _check_complete(model_dir: Path, cfg: ModelConfig, params: dict, filled: dict[str, int]) -> None:
     missing = [name for name, rows in filled.items() if rows < params[name].shape[0]]
     if missing:
         raise ModelLoadError(
             f"The weights in {model_dir} lack {len(missing)} tensors the {cfg.architecture} config needs "
             f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json."
         )
-    model.init_rope(max_positions)
-    return model.eval()
 
 
-def _load_tensor(cfg: ModelConfig, params: dict, filled: dict[str, int], name: str, tensor: torch.Tensor) -> None:
+def _place(
+    cfg: ModelConfig, params: dict, filled: dict[str, int], name: str, shape: tuple[int, ...], path: Path
+) -> torch.Tensor:
+    """The view of our parameter that tensor `name` fills (its rows counted in `filled`)."""
     parts = name.rsplit(".", 2)  # [..., projection, weight|bias]
     fused = _FUSED_PARTS.get(parts[-2]) if len(parts) == 3 else None
     if fused is not None:
@@ -83,12 +92,15 @@ def _load_tensor(cfg: ModelConfig, params: dict, filled: dict[str, int], name: s
         target, start, size = name, 0, None
     param = params.get(target)
     if param is None:
-        raise ModelLoadError(f"Unexpected tensor '{name}' in the weights: it does not belong to a {cfg.architecture}.")
-    dest = param.data if size is None else param.data[start : start + size]
-    if tuple(dest.shape) != tuple(tensor.shape):
         raise ModelLoadError(
-            f"Tensor '{name}' has shape {tuple(tensor.shape)} but the config implies {tuple(dest.shape)}."
+            f"Unexpected tensor '{name}' in {path}: it does not belong to a {cfg.architecture}; the "
+            "checkpoint does not match its config.json."
         )
-    with torch.no_grad():
-        dest.copy_(tensor)
+    dest = param.data if size is None else param.data[start : start + size]
+    if tuple(dest.shape) != tuple(shape):
+        raise ModelLoadError(
+            f"Tensor '{name}' in {path} has shape {tuple(shape)} but the config implies {tuple(dest.shape)}; "
+            "the checkpoint does not match its config.json."
+        )
     filled[target] += dest.shape[0] if dest.dim() else 1
+    return dest

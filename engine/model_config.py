@@ -56,15 +56,55 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-def _rope_config(raw: dict) -> RopeConfig:
+class _Fields:
+    """Typed reads of config.json values: a wrong type or a missing key is a ModelLoadError naming the
+    file and the key (transformers would otherwise fail later, blaming something else)."""
+
+    def __init__(self, raw: dict, path: Path) -> None:
+        self.raw = raw
+        self.path = path
+
+    def error(self, message: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: {message}; fix config.json (or download the model again).")
+
+    def whole(self, key: str, default: int | None = None, minimum: int = 1, raw: dict | None = None) -> int:
+        value = (self.raw if raw is None else raw).get(key)
+        if value is None:
+            if default is None:
+                raise self.error(f"the required key {key!r} is missing")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"{key} is {value!r}, not a whole number")
+        if value < minimum:
+            raise self.error(f"{key} is {value}, it must be at least {minimum}")
+        return value
+
+    def number(self, key: str, default: float, raw: dict | None = None) -> float:
+        value = (self.raw if raw is None else raw).get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"{key} is {value!r}, not a number")
+        return float(value)
+
+    def mapping(self, key: str) -> dict:
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(f"{key} is {value!r}, not an object")
+        return value
+
+
+def _rope_config(f: _Fields) -> RopeConfig:
     # transformers 5 keeps theta inside rope_parameters; transformers 4 keeps it top level and the
     # scaling (if any) in rope_scaling, whose type key was once "type".
-    params = raw.get("rope_parameters") or {}
-    if isinstance(params, dict) and params and not any(isinstance(v, dict) for v in params.values()):
+    params = f.mapping("rope_parameters")
+    if params and not any(isinstance(v, dict) for v in params.values()):
         scaling = params
     else:
-        scaling = raw.get("rope_scaling") or {}
-    theta = float(scaling.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        scaling = f.mapping("rope_scaling")
+    theta = f.number("rope_theta", f.number("rope_theta", 10000.0), raw=scaling)
     rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(
@@ -74,13 +114,33 @@ def _rope_config(raw: dict) -> RopeConfig:
     return RopeConfig(
         rope_type=rope_type,
         theta=theta,
-        factor=float(scaling.get("factor", 1.0)),
-        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            scaling.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))
+        factor=f.number("factor", 1.0, raw=scaling),
+        low_freq_factor=f.number("low_freq_factor", 1.0, raw=scaling),
+        high_freq_factor=f.number("high_freq_factor", 4.0, raw=scaling),
+        original_max_position_embeddings=f.whole(
+            "original_max_position_embeddings", f.whole("max_position_embeddings", 8192), raw=scaling
         ),
     )
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"Could not read {path}: {exc}.") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix config.json "
+            "(or download the model again)."
+        ) from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(
+            f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; fix config.json "
+            "(or download the model again)."
+        )
+    return raw
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
@@ -90,12 +150,12 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"{model_dir} has no config.json; pass --model a Hugging Face model directory "
             "(config.json, *.safetensors, tokenizer files)."
         )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"Could not read {path}: {exc}.") from exc
+    raw = _read_json_object(path)
+    f = _Fields(raw, path)
     architectures = raw.get("architectures") or []
-    architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if not isinstance(architectures, list):
+        architectures = [architectures]
+    architecture = next((a for a in architectures if isinstance(a, str) and a in SUPPORTED_ARCHITECTURES), None)
     if architecture is None:
         raise ModelLoadError(
             f"Model architecture {architectures or '(none given)'} in {path} is not supported; "
@@ -104,20 +164,25 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     if raw.get("use_sliding_window") and architecture == "Qwen2ForCausalLM":
         raise ModelLoadError(f"{path} enables sliding-window attention, which batchllm does not support.")
     qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[architecture]
-    num_heads = int(raw["num_attention_heads"])
-    hidden = int(raw["hidden_size"])
+    hidden = f.whole("hidden_size")
+    num_heads = f.whole("num_attention_heads")
+    num_kv_heads = f.whole("num_key_value_heads", num_heads)
+    if num_heads % num_kv_heads:
+        raise f.error(f"num_key_value_heads ({num_kv_heads}) does not divide num_attention_heads ({num_heads})")
+    if raw.get("head_dim") is None and hidden % num_heads:
+        raise f.error(f"num_attention_heads ({num_heads}) does not divide hidden_size ({hidden}) and no head_dim is given")
     return ModelConfig(
         architecture=architecture,
-        vocab_size=int(raw["vocab_size"]),
+        vocab_size=f.whole("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(raw["intermediate_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
+        intermediate_size=f.whole("intermediate_size"),
+        num_layers=f.whole("num_hidden_layers"),
         num_heads=num_heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-        head_dim=int(raw.get("head_dim") or hidden // num_heads),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-        rope=_rope_config(raw),
+        num_kv_heads=num_kv_heads,
+        head_dim=f.whole("head_dim", hidden // num_heads),
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6),
+        max_position_embeddings=f.whole("max_position_embeddings", 4096),
+        rope=_rope_config(f),
         qkv_bias=qkv_bias or bool(raw.get("attention_bias", False)),
         # Qwen2 has q/k/v bias but never an o_proj bias; Llama and Qwen3 tie both to attention_bias.
         o_bias=bool(raw.get("attention_bias", False)) and not qkv_bias,

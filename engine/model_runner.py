@@ -7,6 +7,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.devices import check_device
 from engine.errors import ConfigError
 from engine.loader import load_model
 from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budget, profile_step
@@ -22,8 +23,7 @@ from kernels.host_tensors import to_device
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but PyTorch sees no CUDA device; use --device cpu.")
+    check_device(device)
     return torch.device(device)
 
 
