@@ -55,6 +55,10 @@ class FingerprintMismatch(BatchLLMError):
     exit_code = EXIT_FINGERPRINT
 
 
+class InputChanged(FingerprintMismatch):
+    """The input changed while the job ran: no output was written, the checkpoint is kept (exit 4)."""
+
+
 class TempFailError(BatchLLMError):
     """A failure that running the same command again may fix (committed rows are kept)."""
 

@@ -159,3 +159,20 @@ def digest_of(fp: Mapping[str, Any]) -> str:
     compared = {k: v for k, v in normalized(fp).items() if k not in INFO_FIELDS}
     return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()
 
+
+
+def input_change(input_path: Path, fp: Mapping[str, Any]) -> str | None:
+    """What changed in the input since `fp` was taken (None: the same bytes). A changed mtime alone is
+    no change (the content hash decides); a changed size needs no hashing."""
+    try:
+        size = input_path.stat().st_size
+    except OSError:
+        return "it was removed or cannot be read"
+    if size != fp["input.size"]:
+        return f"its size went from {fp['input.size']} to {size} bytes"
+    try:
+        if file_digest(input_path) != fp["input.content"]:
+            return "its content was rewritten (same size)"
+    except OSError:
+        return "it cannot be read any more"
+    return None
