@@ -237,11 +237,11 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 f"Checkpoint: {len(committed.quarantined)} torn or uncommitted file(s) moved to "
                 f"{run_dir.path / 'quarantine'}; their rows will run again."
             )
-        if retry_finished and manifest is None:
-            assert marker is not None
-            seed_from_output(settings.output, columns, run_dir, committed, total_rows)
         if settings.retry_errors:
-            dropped = run_dir.drop_error_rows(committed)
+            dropped = 0
+            if retry_finished and manifest is None:  # the run directory is gone: the output has the answers
+                dropped = total_rows - seed_from_output(settings.output, columns, run_dir, committed, total_rows)
+            dropped += run_dir.drop_error_rows(committed)
             observer.notice(f"--retry-errors: {dropped} row(s) in error will run again.")
         if committed.rows:
             observer.notice(

@@ -27,17 +27,6 @@ from reliability_utils import (
 ROWS, EVERY = 120, 30
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if anything loads model weights."""
-    import engine.llm_engine
-
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("this must be decided before the model loads")
-
-    monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", forbidden)
-
-
 class Job:
     def __init__(self, root: Path, env: dict[str, str], *extra: str) -> None:
         self.root = root
