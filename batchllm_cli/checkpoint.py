@@ -342,6 +342,10 @@ class RunDir:
         manifest = _read_json(self.manifest_path)
         return isinstance(manifest, dict) and manifest.get("dir_created") is True
 
+    def has_shards(self) -> bool:
+        """Whether any result shard or commit record is in the directory (committed work to protect)."""
+        return any(_SHARD_RE.match(p.name) for p in self.path.iterdir())
+
     def _own_files(self) -> list[Path]:
         return [p for p in self.path.iterdir() if _RUN_FILE_RE.match(p.name) and not p.is_dir()]
 

@@ -193,13 +193,17 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             manifest = run_dir.read_manifest() if not settings.restart else None
             if manifest is not None:
                 changed = changed_fields(manifest["fingerprint"], fingerprint)
-                if changed and not (marker_present and _was_finished(settings.output, manifest)):
+                if changed and not run_dir.has_shards():
+                    # Nothing was committed (e.g. the last try failed as the model loaded): nothing to lose.
+                    observer.notice(f"The checkpoint {run_dir.path} holds no finished rows; starting the new job.")
+                    manifest = None
+                elif changed and not (marker_present and _was_finished(settings.output, manifest)):
                     raise FingerprintMismatch(
                         f"The checkpoint {run_dir.path} belongs to a different job: changed "
                         f"{describe_changes(manifest['fingerprint'], fingerprint, changed)}. Run the original "
                         "command to finish it, or add --restart to discard it and start over."
                     )
-                if changed:
+                elif changed:
                     manifest = None  # a finished job kept with --keep-checkpoints: start a new one
 
         tokenizer = load_tokenizer(model_dir)

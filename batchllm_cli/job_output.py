@@ -94,7 +94,6 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
         "output": str(output),
         "output_bytes": identity[0],
         "output_sha256": digest,
-        "output_identity": list(identity),
         "rows": committed.rows,
         "rows_ok": committed.rows - committed.errors,
         "rows_failed": committed.errors,

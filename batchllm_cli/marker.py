@@ -2,19 +2,15 @@
 job wrote it (counts, the output's size and sha256, the fingerprint).
 
 A marker only counts when it parses with the right field types and the output beside it still has the
-recorded sha256. Hashing costs about 1.3 s per GB here (bench numbers in the README), so the marker also
-records the output's stat identity (size, mtime_ns, ctime_ns, inode, device) taken around the hash:
-`status` trusts the recorded hash while that identity is unchanged and hashes again otherwise. This is
-sound because every write, truncation or replacement of the file changes its ctime or inode, and no
-user-space call can set a ctime back (utime sets only atime and mtime). A re-run of `run`, which decides
-whether the job is done, always hashes.
+recorded sha256. Both `status` and a re-run of `run` hash the output (sha256 streams at about 0.7-0.8
+GB/s on the shared test machine: bench/hash_cost.md). A stat identity cached in the marker cannot stand
+in for the hash here: the output's ctime is its rename, a moment before the marker is written, so a
+same-size rewrite within the same timestamp tick would go unseen (see fingerprint.file_identity).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,23 +18,13 @@ from typing import Any
 from batchllm_cli.checkpoint import _CORRUPT, _json_bytes, _read_json, _wrap_write_error, marker_path
 from batchllm_cli.durable import atomic_write_bytes, crash_point
 from batchllm_cli.errors import OutputError
+from batchllm_cli.fingerprint import file_identity
 
 _HASH_CHUNK = 1 << 20
 
 
 class MalformedMarker(OutputError):
     """The marker file is not a batchllm marker (garbage, wrong field types); the job counts as unfinished."""
-
-
-def file_identity(path: Path) -> tuple[int, int, int, int, int] | None:
-    """(size, mtime_ns, ctime_ns, inode, device) of a regular file, or None when there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 def hash_output(path: Path) -> tuple[str, tuple[int, int, int, int, int]]:
@@ -66,16 +52,12 @@ class Marker:
     finished_at: float
     errors_file: str | None
     rejects_file: str | None
-    output_identity: tuple[int, ...] | None  # see the module docstring
 
-    def matches_output(self, output: Path, *, trust_identity: bool = False) -> bool:
-        """The output exists and has the recorded sha256 (with trust_identity, an unchanged stat
-        identity stands for the hash)."""
+    def matches_output(self, output: Path) -> bool:
+        """The output exists and has the recorded sha256."""
         ident = file_identity(output)
         if ident is None or ident[0] != self.output_bytes:
             return False
-        if trust_identity and self.output_identity is not None and tuple(ident) == self.output_identity:
-            return True
         try:
             return hash_output(output)[0] == self.output_sha256
         except (OSError, OutputError):
@@ -101,12 +83,7 @@ def parse_marker(data: Any) -> Marker | None:
     files = [data.get(k) for k in ("errors_file", "rejects_file")]
     if any(v is not None and not isinstance(v, str) for v in files):
         return None
-    ident = data.get("output_identity")
-    if ident is not None and not (isinstance(ident, list) and len(ident) == 5
-                                  and all(isinstance(v, int) and not isinstance(v, bool) for v in ident)):
-        return None
-    return Marker(*ints, data["output_sha256"], data["fingerprint_sha256"], float(finished), *files,
-                  tuple(ident) if ident is not None else None)
+    return Marker(*ints, data["output_sha256"], data["fingerprint_sha256"], float(finished), *files)
 
 
 def read_marker(output: Path) -> Marker | None:

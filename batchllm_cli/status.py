@@ -112,7 +112,7 @@ def read_status(target: Path) -> RunStatus:
 
     if marker is not None and not running:
         assert output is not None
-        if marker.matches_output(output, trust_identity=True):
+        if marker.matches_output(output):
             return RunStatus(
                 state="finished", output=str(output), run_dir=run_dir_shown,
                 rows_total=marker.rows, rows_done=marker.rows, rows_failed=marker.rows_failed,

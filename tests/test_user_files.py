@@ -252,6 +252,37 @@ def test_input_changed_during_the_run_stops_with_exit_4_and_keeps_the_checkpoint
     assert_finished_cleanly(files.out, ROWS)
 
 
+def test_input_check_reads_the_input_only_when_its_identity_changed(tmp_path: Path) -> None:
+    from batchllm_cli.fingerprint import file_digest, file_identity, input_change
+
+    inp = write_rows_csv(tmp_path / "in.csv", 3)
+    fp = {"input.size": inp.stat().st_size, "input.content": file_digest(inp),
+          "input.identity": list(file_identity(inp))}
+    assert input_change(inp, fp) is None
+    # An unchanged identity stands for the content (the recorded hash is not even compared) ...
+    assert input_change(inp, fp | {"input.content": "0" * 64}) is None
+    # ... and any write changes the identity (ctime), even with the size and mtime put back.
+    st = inp.stat()
+    inp.write_bytes(inp.read_bytes().replace(b"r1 b", b"r1 B"))
+    os.utime(inp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert input_change(inp, fp) == "its content was rewritten (same size)"
+    inp.unlink()
+    assert input_change(inp, fp) == "it was removed or cannot be read"
+
+
+def test_a_checkpoint_without_finished_rows_does_not_block_a_corrected_command(
+    files: Files, env: dict[str, str]
+) -> None:
+    # The first try dies before its first commit (as when the model fails to load after the manifest).
+    code, log = cli_process.run(files.args(), {**env, "BATCHLLM_CRASH_AT": "shard_write"})
+    assert code == 137, log
+    assert (files.run_dir / "manifest.json").is_file() and not list(files.run_dir.glob("shard-*"))
+    result = invoke(files.args("--seed", "5"))  # a changed job: nothing committed, so nothing to refuse
+    assert result.exit_code == 0, result.output
+    assert "holds no finished rows" in flat(result.stderr)
+    assert assert_finished_cleanly(files.out, ROWS)["fingerprint"]["seed"] == 5
+
+
 # ---- 8. re-running finished jobs -------------------------------------------------------------------
 # Long rows need more KV cache than 32 tokens: they fail as engine errors, the short ones succeed.
 SMALL_CACHE = ["--kv-cache-tokens", "32", "--block-size", "16"]
