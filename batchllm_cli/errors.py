@@ -16,7 +16,7 @@ EXIT_CODES_HELP = (
     "(bad flag, missing or malformed input, unknown template variable, unusable model or output; found "
     "before the model loads); 3 finished, but some rows are in error (see the *_error column and "
     "OUTPUT.errors.jsonl); 4 the checkpoint holds a different job (input, template, model or settings "
-    "changed: use --restart to discard it); 75 temporary failure (GPU out of memory, disk full, another "
+    "changed: use --restart to discard it; or the input changed while the job ran: no output was written); 75 temporary failure (GPU out of memory, disk full, another "
     "run holds the lock): the same command again may succeed and resumes; 130/143 interrupted by "
     "SIGINT/SIGTERM after saving finished rows: the same command resumes."
 )
