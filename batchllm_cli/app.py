@@ -101,6 +101,8 @@ def _root(
 def _check_summary_path(summary: str | None) -> None:
     if summary is None or summary == "-":
         return
+    if Path(summary).is_dir():
+        raise UsageError(f"--summary: {summary} is a directory; give a file name.")
     parent = Path(summary).parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"--summary: cannot write {summary} (no writable directory {parent}).")

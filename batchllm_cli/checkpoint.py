@@ -140,10 +140,16 @@ class FileLock:
                 created = True
             except FileExistsError:
                 try:
-                    fd = os.open(self.path, os.O_RDWR)
+                    # never through a symlink: the lock file is written (owner info) and removed
+                    fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
                 except FileNotFoundError:
                     continue
+                except OSError as exc:
+                    raise UsageError(f"Cannot use {self.path} as a lock file ({exc.strerror or exc}); it must "
+                                     "be a regular file batchllm made. Remove it and run again.") from exc
                 created = False
+            except OSError as exc:
+                raise _wrap_write_error(self.path, exc) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -308,10 +314,11 @@ class RunDir:
             raise UsageError(f"Cannot read the checkpoint directory {self.path}: {exc.strerror or exc}.") from exc
         foreign = []
         for e in entries:
+            # batchllm creates regular files and quarantine/ only: a symlink is never its own.
             if e.name == QUARANTINE and e.is_dir(follow_symlinks=False):
                 foreign += [f"{QUARANTINE}/{q.name}" for q in os.scandir(e.path)
                             if not (_QUARANTINED_RE.match(q.name) and q.is_file(follow_symlinks=False))]
-            elif not (_RUN_FILE_RE.match(e.name) and not e.is_dir(follow_symlinks=False)):
+            elif not (_RUN_FILE_RE.match(e.name) and e.is_file(follow_symlinks=False)):
                 foreign.append(e.name)
         return sorted(foreign)
 

@@ -50,6 +50,10 @@ def check_job_paths(reads: Iterable[JobPath], writes: Sequence[JobPath]) -> None
     """UsageError (exit 2) naming both paths when a written path would overwrite, delete or contain a
     read file or another written path."""
     reads = list(reads)
+    for w in writes:
+        if not w.is_dir and w.path.is_dir():
+            raise UsageError(f"{w.what} {w.path} is a directory; batchllm writes a file there. Move the "
+                             "directory or choose another path.")
     for i, w in enumerate(writes):
         for other in reads + [x for j, x in enumerate(writes) if j != i]:
             clash = _clash(w, other)

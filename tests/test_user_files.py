@@ -185,6 +185,22 @@ def test_written_path_that_is_a_read_or_written_path_is_refused(
     assert "would overwrite" in line
 
 
+def test_side_paths_that_are_links_or_directories_are_refused(files: Files, no_model: None) -> None:
+    precious = files.root / "precious.txt"
+    precious.write_text("mine")
+    lock = _link("symlink", precious, files.root / "o.parquet.lock")  # would be truncated and removed
+    refused(files.args(), files.root, "lock file", str(lock))
+    lock.unlink()
+    (files.root / "o.parquet.success.json").mkdir()
+    refused(files.args(), files.root, "the completion marker", "is a directory")
+    (files.root / "o.parquet.success.json").rmdir()
+    ckpt = files.root / "ck"
+    ckpt.mkdir()
+    _link("symlink", precious, ckpt / "manifest.json")  # named like batchllm's, but not a file it made
+    refused(files.args("--checkpoint-dir", str(ckpt)), files.root, "manifest.json", "not batchllm's")
+    assert precious.read_text() == "mine"
+
+
 def test_analyze_report_path_that_is_the_input_is_refused(files: Files, no_model: None) -> None:
     refused(["analyze", str(files.inp), "-t", str(files.tpl), "--json", str(files.inp)], files.root,
             "--json", "the input file")
