@@ -10,10 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
+from batchllm_cli.checkpoint import errors_path, marker_path, output_lock_path, rejects_path
 from batchllm_cli.durable import is_temp_of
 from batchllm_cli.errors import UsageError
+from batchllm_cli.table_io import check_writable_dir
+
+if TYPE_CHECKING:
+    from batchllm_cli.job_types import RunSettings
 
 
 @dataclass(frozen=True)
@@ -73,3 +78,28 @@ def model_files(model_dir: Path) -> list[JobPath]:
     except OSError:
         pass
     return out
+
+
+def check_run_paths(settings: RunSettings, run_dir: Path, model_dir: Path) -> None:
+    """`run`'s paths: nothing the job writes may be, or resolve to, a file it reads or another file it
+    writes; the run directory's parent must be writable."""
+    out = settings.output
+    reads = [JobPath("the input file", settings.input)]
+    if Path(settings.template).is_file():  # else a bundled recipe
+        reads.append(JobPath("the template", Path(settings.template)))
+    reads += model_files(model_dir)
+    run_dir_name = "--checkpoint-dir" if settings.checkpoint_dir is not None else "the checkpoint directory"
+    writes = [
+        JobPath("--output", out),
+        JobPath(run_dir_name, run_dir, is_dir=True),
+        JobPath("the errors file", errors_path(out)),
+        JobPath("the rejects file", rejects_path(out)),
+        JobPath("the completion marker", marker_path(out)),
+        JobPath("the output lock", output_lock_path(out)),
+    ]
+    if settings.summary is not None:
+        writes.append(JobPath("--summary", settings.summary))
+    check_job_paths(reads, writes)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir_name} {run_dir} exists and is not a directory.")
+    check_writable_dir(run_dir.parent if str(run_dir.parent) else Path("."), "Checkpoint location")

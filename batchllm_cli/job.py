@@ -22,10 +22,8 @@ from batchllm_cli.checkpoint import (
     FileLock,
     RunDir,
     default_run_dir,
-    errors_path,
     marker_path,
     output_lock_path,
-    rejects_path,
     remove_stale_output_files,
 )
 from batchllm_cli.collector import OutputColumns, ResultCollector
@@ -37,7 +35,7 @@ from batchllm_cli.errors import (
     TempFailError,
     UsageError,
 )
-from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
+from batchllm_cli.file_safety import check_run_paths
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job_output import already_done_report, rejected_rows, seed_from_output, write_final
@@ -45,7 +43,7 @@ from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSetti
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
-from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir
+from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -73,30 +71,6 @@ def _check_retry_flags(settings: RunSettings) -> None:
     if settings.restart and settings.retry_errors:
         raise UsageError("--restart and --retry-errors exclude each other: --restart runs every row again, "
                          "--retry-errors only the rows in error.")
-
-
-def _check_job_paths(settings: RunSettings, run_dir: Path, model_dir: Path) -> None:
-    """Nothing this job writes may be, or resolve to, a file it reads or another file it writes."""
-    out = settings.output
-    reads = [JobPath("the input file", settings.input)]
-    if Path(settings.template).is_file():  # else a bundled recipe
-        reads.append(JobPath("the template", Path(settings.template)))
-    reads += model_files(model_dir)
-    run_dir_name = "--checkpoint-dir" if settings.checkpoint_dir is not None else "the checkpoint directory"
-    writes = [
-        JobPath("--output", out),
-        JobPath(run_dir_name, run_dir, is_dir=True),
-        JobPath("the errors file", errors_path(out)),
-        JobPath("the rejects file", rejects_path(out)),
-        JobPath("the completion marker", marker_path(out)),
-        JobPath("the output lock", output_lock_path(out)),
-    ]
-    if settings.summary is not None:
-        writes.append(JobPath("--summary", settings.summary))
-    check_job_paths(reads, writes)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{run_dir_name} {run_dir} exists and is not a directory.")
-    check_writable_dir(run_dir.parent if str(run_dir.parent) else Path("."), "Checkpoint location")
 
 
 def _finished_marker(
@@ -151,7 +125,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 f"--max-tokens {params.max_tokens} leaves no room for a prompt in the model's context of "
                 f"{context} tokens; lower --max-tokens."
             )
-        _check_job_paths(settings, run_dir.path, model_dir)
+        check_run_paths(settings, run_dir.path, model_dir)
         run_dir.check_owned()
         fingerprint = build_fingerprint(
             input_path=settings.input,
