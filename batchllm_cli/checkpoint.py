@@ -119,6 +119,23 @@ class LockHeld(TempFailError):
     """Another process holds the lock (exit 75: try again later)."""
 
 
+# `status` probes a lock by taking it for an instant (lock_is_held); a run that starts in that instant
+# tries again for this long before it calls the lock held.
+_LOCK_PATIENCE_S = 0.25
+
+
+def _flock_briefly(fd: int) -> None:
+    deadline = time.monotonic() + _LOCK_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)
+
+
 class FileLock:
     """An exclusive flock() on a file, taken without waiting.
 
@@ -151,7 +168,7 @@ class FileLock:
             except OSError as exc:
                 raise _wrap_write_error(self.path, exc) from exc
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_briefly(fd)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
