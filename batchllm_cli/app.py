@@ -14,7 +14,9 @@ from rich.text import Text
 
 import recipes
 from batchllm_cli import __version__
-from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, UsageError
+from batchllm_cli.durable import atomic_write_bytes
+from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, OutputError, UsageError
+from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
@@ -52,6 +54,7 @@ from batchllm_cli.options import (
     OutOfCoreOpt,
     OutputOpt,
     RestartOpt,
+    RetryErrorsOpt,
     SeedOpt,
     SkipBadRowsOpt,
     StatusJsonOpt,
@@ -100,6 +103,8 @@ def _root(
 def _check_summary_path(summary: str | None) -> None:
     if summary is None or summary == "-":
         return
+    if Path(summary).is_dir():
+        raise UsageError(f"--summary: {summary} is a directory; give a file name.")
     parent = Path(summary).parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"--summary: cannot write {summary} (no writable directory {parent}).")
@@ -154,7 +159,10 @@ def _write_summary(report: RunReport, summary: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        Path(summary).write_text(text, encoding="utf-8")
+        try:
+            atomic_write_bytes(Path(summary), text.encode("utf-8"))
+        except OSError as exc:
+            raise _fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
 
 
 def _fail(exc: BatchLLMError) -> typer.Exit:
@@ -197,6 +205,7 @@ def run(
     checkpoint_rows: CheckpointRowsOpt = DEFAULT_CHECKPOINT_ROWS,
     checkpoint_seconds: CheckpointSecondsOpt = DEFAULT_CHECKPOINT_SECONDS,
     restart: RestartOpt = False,
+    retry_errors: RetryErrorsOpt = False,
     keep_checkpoints: KeepCheckpointsOpt = False,
 ) -> None:
     """Run the model over every row of INPUT and write OUTPUT = input columns + answer columns.
@@ -239,7 +248,9 @@ def run(
         checkpoint_rows=checkpoint_rows,
         checkpoint_seconds=checkpoint_seconds,
         restart=restart,
+        retry_errors=retry_errors,
         keep_checkpoints=keep_checkpoints,
+        summary=Path(summary) if summary not in (None, "-") else None,
     )
     progress = make_progress(err_console)
     guard = SignalGuard()
@@ -342,6 +353,7 @@ def analyze_command(
     try:
         check_report_path(json_out, "--json")
         check_report_path(str(html_out) if html_out is not None else None, "--html")
+        _check_report_paths(settings, json_out, html_out)
         prepared = prepare_analyze(settings, progress)
         try:
             report = run_analyze(prepared, progress)
@@ -364,6 +376,19 @@ def analyze_command(
         raise
     finally:
         guard.restore()
+
+
+def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | None) -> None:
+    """analyze's report files must not overwrite its input, template, model files or each other."""
+    reads = [JobPath("the input file", settings.input)]
+    if Path(settings.template).is_file():
+        reads.append(JobPath("the template", Path(settings.template)))
+    for directory in (settings.model, settings.tokenizer):
+        if directory is not None:
+            reads += model_files(directory)
+    writes = [JobPath(flag, Path(p)) for flag, p in (("--json", json_out), ("--html", html_out))
+              if p is not None and str(p) != "-"]
+    check_job_paths(reads, writes)
 
 
 @app.command("status", epilog=EXIT_CODES_EPILOG)

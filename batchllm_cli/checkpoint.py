@@ -8,6 +8,10 @@ Layout of a run directory (default `OUTPUT.batchllm/` beside the output):
     shard-000001.json         its commit record: rows, byte size, sha256, time; written last
     quarantine/               shards found torn or uncommitted on resume (their rows are recomputed)
 
+The directory is batchllm's alone: a run refuses a directory that holds anything else (`check_owned`),
+and cleanup removes only the files named above, by name, never recursively; the directory itself goes
+only when this job created it (recorded in the manifest as `dir_created`) and nothing else is left.
+
 A shard is committed when its commit record is durable and matches the shard's bytes: write temp ->
 fsync -> rename -> fsync dir, for the shard and then for its record. On resume every record is checked
 against its shard (size and sha256); a shard without a valid record, or whose bytes do not match
@@ -25,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import time
 import uuid
@@ -40,8 +43,15 @@ import pyarrow.parquet as pq
 
 from batchllm_cli import __version__
 from batchllm_cli.collector import SHARD_SCHEMA
-from batchllm_cli.durable import atomic_write_bytes, crash_point, fsync_dir, is_disk_full, is_temp_of
-from batchllm_cli.errors import BatchLLMError, OutputError, TempFailError
+from batchllm_cli.durable import (
+    atomic_write_bytes,
+    crash_point,
+    fsync_dir,
+    is_disk_full,
+    is_temp_of,
+    remove_durably,
+)
+from batchllm_cli.errors import BatchLLMError, OutputError, TempFailError, UsageError
 from batchllm_cli.table_io import ROW_ID
 
 MANIFEST = "manifest.json"
@@ -49,6 +59,13 @@ RUN_LOCK = "lock"
 QUARANTINE = "quarantine"
 MANIFEST_FORMAT = 1
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.(parquet|json)$")
+# Names batchllm gives files in a run directory: the manifest, the lock, shards and their records, and
+# their temporary names (durable.temp_name); in quarantine/, a shard's name plus a stamp.
+_RUN_FILE_RE = re.compile(
+    r"^(manifest\.json|lock|shard-\d{6,}\.(parquet|json)"
+    r"|\.(manifest\.json|shard-\d{6,}\.(parquet|json))\.[0-9a-f]{12}\.tmp)$"
+)
+_QUARANTINED_RE = re.compile(r"^shard-\d{6,}\.(parquet|json)\.\d{8}T\d{6}\.[0-9a-f]{6}$")
 
 
 def default_run_dir(output: Path) -> Path:
@@ -102,6 +119,23 @@ class LockHeld(TempFailError):
     """Another process holds the lock (exit 75: try again later)."""
 
 
+# `status` probes a lock by taking it for an instant (lock_is_held); a run that starts in that instant
+# tries again for this long before it calls the lock held.
+_LOCK_PATIENCE_S = 0.25
+
+
+def _flock_briefly(fd: int) -> None:
+    deadline = time.monotonic() + _LOCK_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)
+
+
 class FileLock:
     """An exclusive flock() on a file, taken without waiting.
 
@@ -123,12 +157,18 @@ class FileLock:
                 created = True
             except FileExistsError:
                 try:
-                    fd = os.open(self.path, os.O_RDWR)
+                    # never through a symlink: the lock file is written (owner info) and removed
+                    fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
                 except FileNotFoundError:
                     continue
+                except OSError as exc:
+                    raise UsageError(f"Cannot use {self.path} as a lock file ({exc.strerror or exc}); it must "
+                                     "be a regular file batchllm made. Remove it and run again.") from exc
                 created = False
+            except OSError as exc:
+                raise _wrap_write_error(self.path, exc) from exc
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_briefly(fd)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -159,11 +199,8 @@ class FileLock:
         self._touched = True
 
     def _owner(self) -> str:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-            return f" (pid {info['pid']} on {info['host']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            return ""
+        info = lock_owner(self.path)
+        return f" (pid {info['pid']} on {info.get('host', '?')})" if info else ""
 
     def release(self) -> None:
         if self._fd is None:
@@ -181,20 +218,30 @@ class FileLock:
         return self._fd is not None
 
 
+def lock_is_held(path: Path) -> bool:
+    """Whether a live process holds the flock on `path`: try to take it without waiting (and drop it at
+    once). Opens the file read-only and never creates it; a missing file is a free lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return False
+
+
 def lock_owner(path: Path) -> dict[str, Any] | None:
-    """The pid/host recorded in a lock file, if the process is still alive on this host."""
+    """The pid/host a run recorded in its lock file (information only: liveness is `lock_is_held`)."""
     try:
         info = json.loads(path.read_text() or "{}")
-        pid = int(info["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
-    if info.get("host") == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
+    if not isinstance(info, dict) or isinstance(info.get("pid"), bool) or not isinstance(info.get("pid"), int):
+        return None
     return info
 
 
@@ -244,19 +291,20 @@ class RunDir:
         data = _read_json(self.manifest_path)
         if data is None:
             return None
-        if data is _CORRUPT or not isinstance(data, dict) or "fingerprint" not in data:
+        if data is _CORRUPT or not isinstance(data, dict) or not isinstance(data.get("fingerprint"), dict):
             raise OutputError(
                 f"The checkpoint manifest {self.manifest_path} cannot be read; run with --restart to "
                 "discard the checkpoint and start over."
             )
         return data
 
-    def create(self, fingerprint: dict[str, Any], info: dict[str, Any]) -> None:
+    def create(self, fingerprint: dict[str, Any], info: dict[str, Any], *, dir_created: bool) -> None:
         manifest = {
             "format": MANIFEST_FORMAT,
             "run_id": uuid.uuid4().hex,
             "created_at": time.time(),
             "batchllm_version": __version__,
+            "dir_created": dir_created,  # remove() deletes the directory only when a run created it
             "fingerprint": fingerprint,
             **info,
         }
@@ -273,26 +321,85 @@ class RunDir:
         self._lock.release()
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def ensure(self) -> None:
+    def foreign_entries(self) -> list[str]:
+        """Names in the directory that batchllm did not create (empty when it does not exist)."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise UsageError(f"Cannot read the checkpoint directory {self.path}: {exc.strerror or exc}.") from exc
+        foreign = []
+        for e in entries:
+            # batchllm creates regular files and quarantine/ only: a symlink is never its own.
+            if e.name == QUARANTINE and e.is_dir(follow_symlinks=False):
+                foreign += [f"{QUARANTINE}/{q.name}" for q in os.scandir(e.path)
+                            if not (_QUARANTINED_RE.match(q.name) and q.is_file(follow_symlinks=False))]
+            elif not (_RUN_FILE_RE.match(e.name) and e.is_file(follow_symlinks=False)):
+                foreign.append(e.name)
+        return sorted(foreign)
+
+    def check_owned(self) -> None:
+        """UsageError unless the path is free, or a directory holding only a batchllm run's files."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"Checkpoint directory {self.path} exists and is not a directory.")
+        foreign = self.foreign_entries()
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UsageError(
+                f"Checkpoint directory {self.path} holds files that are not batchllm's ({shown}); give "
+                "--checkpoint-dir a new or empty directory of its own."
+            )
+
+    def ensure(self) -> bool:
+        """Create the directory if needed; True when this call created it."""
+        try:
+            self.path.mkdir(parents=True)
+            return True
+        except FileExistsError:
+            return False
         except OSError as exc:
             raise _wrap_write_error(self.path, exc) from exc
 
+    def created_by_batchllm(self) -> bool:
+        """The manifest (of this or an earlier run) says a run created the directory."""
+        manifest = _read_json(self.manifest_path)
+        return isinstance(manifest, dict) and manifest.get("dir_created") is True
+
+    def has_shards(self) -> bool:
+        """Whether any result shard or commit record is in the directory (committed work to protect)."""
+        return any(_SHARD_RE.match(p.name) for p in self.path.iterdir())
+
+    def _own_files(self) -> list[Path]:
+        return [p for p in self.path.iterdir() if _RUN_FILE_RE.match(p.name) and not p.is_dir()]
+
+    def _remove_quarantine(self) -> None:
+        qdir = self.path / QUARANTINE
+        if not qdir.is_dir() or qdir.is_symlink():
+            return
+        remove_durably([q for q in qdir.iterdir() if _QUARANTINED_RE.match(q.name) and not q.is_dir()])
+        try:
+            qdir.rmdir()  # only if nothing else is in it
+        except OSError:
+            pass
+
     def wipe(self) -> None:
-        """Discard every file of the old run (the lock file stays: we hold it)."""
-        for p in self.path.iterdir():
-            if p.name == RUN_LOCK:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        """Discard the old run's files, by name (the lock file stays: we hold it)."""
+        self._remove_quarantine()
+        remove_durably([p for p in self._own_files() if p.name != RUN_LOCK])
         fsync_dir(self.path)
 
     def remove(self) -> None:
-        """Delete the whole run directory (after the completion marker is durable)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Delete the run's files (after the completion marker is durable), and the directory itself when
+        this job created it and nothing else is in it."""
+        created = self.created_by_batchllm()
+        self._remove_quarantine()
+        remove_durably(self._own_files())
+        if created:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
         fsync_dir(self.path.parent)
 
     # -- shards --------------------------------------------------------------------------------------
@@ -321,7 +428,7 @@ class RunDir:
                 seq = int(m.group(1))
                 max_seq = max(max_seq, seq)
                 (shards if m.group(2) == "parquet" else records)[seq] = p
-            elif p.name.startswith(".shard-") and p.name.endswith(".tmp"):
+            elif p.name.startswith(".shard-") and _RUN_FILE_RE.match(p.name):
                 leftovers.append(p)  # a shard or record that never got renamed: never committed
         qdir = self.path / QUARANTINE
         if qdir.is_dir():
@@ -347,20 +454,20 @@ class RunDir:
     def _verify(self, seq: int, record: Path | None, shard: Path | None, done: np.ndarray) -> ShardInfo | None:
         if record is None or shard is None:
             return None
-        meta = _read_json(record)
-        if not isinstance(meta, dict):
+        meta = parse_commit_record(_read_json(record))
+        if meta is None or meta["shard"] != shard.name:
             return None
         try:
             data = shard.read_bytes()
         except OSError:
             return None
-        if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             return None
         try:
             ids = pq.read_table(pa.BufferReader(data), columns=[ROW_ID]).column(ROW_ID).to_numpy()
         except (pa.ArrowException, OSError, ValueError):
             return None
-        if len(ids) != meta.get("rows") or (len(ids) and (ids.min() < 0 or ids.max() >= len(done))):
+        if len(ids) != meta["rows"] or (len(ids) and (ids.min() < 0 or ids.max() >= len(done))):
             return None
         if done[ids].any():  # rows already committed by another shard: keep the first copy
             return None
@@ -368,13 +475,13 @@ class RunDir:
         return ShardInfo(
             seq=seq,
             name=shard.name,
-            rows=int(meta["rows"]),
-            errors=int(meta.get("errors", 0)),
+            rows=meta["rows"],
+            errors=meta["errors"],
             bytes=len(data),
-            sha256=str(meta["sha256"]),
-            committed_at=float(meta.get("committed_at", 0.0)),
-            prompt_tokens=int(meta.get("prompt_tokens", 0)),
-            completion_tokens=int(meta.get("completion_tokens", 0)),
+            sha256=meta["sha256"],
+            committed_at=meta["committed_at"],
+            prompt_tokens=meta["prompt_tokens"],
+            completion_tokens=meta["completion_tokens"],
         )
 
     def commit_shard(self, table: pa.Table, seq: int) -> ShardInfo:
@@ -426,33 +533,63 @@ class RunDir:
         crash_point("manifest_update")
         return info
 
+    def drop_error_rows(self, committed: Committed) -> int:
+        """Un-commit the rows in error (--retry-errors); returns how many. Each shard holding some is
+        replaced by a new shard of its other rows, committed before the old one is removed: a crash
+        half-way leaves both, and load_committed keeps the older copy and quarantines the newer."""
+        dropped, kept = 0, []
+        for info in committed.shards:
+            if not info.errors:
+                kept.append(info)
+                continue
+            table = pq.read_table(self.path / info.name)
+            failed = pc.is_valid(table.column("error"))
+            if table.num_rows - info.errors:
+                kept.append(self.commit_shard(table.filter(pc.invert(failed)), committed.next_seq))
+                committed.next_seq += 1
+            remove_durably([self.path / f"shard-{info.seq:06d}.json", self.path / info.name])
+            committed.done[table.filter(failed).column(ROW_ID).to_numpy()] = False
+            dropped += info.errors
+        committed.shards = kept
+        return dropped
+
     def shard_files(self, committed: Committed) -> list[Path]:
         return [self.path / s.name for s in committed.shards]
 
 
-def read_commit_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Commit records as they are (no verification): for `status`, which must be cheap."""
-    out = []
-    for p in sorted(run_dir.glob("shard-*.json")):
-        data = _read_json(p)
-        if isinstance(data, dict) and (run_dir / str(data.get("shard", ""))).is_file():
-            out.append(data)
+# Fields of a commit record and their types (bool is not an int here: JSON true is no row count).
+_RECORD_FIELDS: dict[str, type] = {
+    "shard": str, "rows": int, "errors": int, "bytes": int, "sha256": str,
+    "prompt_tokens": int, "completion_tokens": int, "committed_at": float,
+}
+
+
+def parse_commit_record(data: Any) -> dict[str, Any] | None:
+    """A commit record with every field of the right type, or None (garbage, wrong types)."""
+    if not isinstance(data, dict):
+        return None
+    out: dict[str, Any] = {}
+    for name, typ in _RECORD_FIELDS.items():
+        value = data.get(name, 0 if name in ("errors", "prompt_tokens", "completion_tokens") else None)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if typ is float else typ):
+            return None
+        if typ is int and value < 0:
+            return None
+        out[name] = float(value) if typ is float else value
     return out
 
 
-# ---- the completion marker -------------------------------------------------------------------------
-def write_marker(output: Path, data: dict[str, Any]) -> None:
-    path = marker_path(output)
-    try:
-        atomic_write_bytes(path, _json_bytes(data))
-    except OSError as exc:
-        raise _wrap_write_error(path, exc) from exc
-    crash_point("marker")
-
-
-def read_marker(output: Path) -> dict[str, Any] | None:
-    data = _read_json(marker_path(output))
-    return data if isinstance(data, dict) else None
+def read_commit_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """Commit records as they are (no hashing), for `status`, which must be cheap: (valid records whose
+    shard exists, number of malformed records)."""
+    out, malformed = [], 0
+    for p in sorted(run_dir.glob("shard-*.json")):
+        data = parse_commit_record(_read_json(p))
+        if data is None:
+            malformed += 1
+        elif (run_dir / data["shard"]).is_file():
+            out.append(data)
+    return out, malformed
 
 
 def remove_stale_output_files(output: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -83,9 +84,14 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+_TEMP_SUFFIX = re.compile(r"^\.[0-9a-f]{12}\.tmp$")
+
+
 def is_temp_of(candidate: Path, final: Path) -> bool:
-    name = candidate.name
-    return name.startswith(f".{final.name}.") and name.endswith(".tmp")
+    """Whether `candidate` is named exactly as `temp_name(final)` names its temporary files (so cleanup
+    never takes a user's `.NAME.notes.tmp` for one)."""
+    name, prefix = candidate.name, f".{final.name}"
+    return name.startswith(prefix) and bool(_TEMP_SUFFIX.match(name[len(prefix):]))
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, after_write: str | None = None,

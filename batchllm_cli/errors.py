@@ -16,9 +16,10 @@ EXIT_CODES_HELP = (
     "(bad flag, missing or malformed input, unknown template variable, unusable model or output; found "
     "before the model loads); 3 finished, but some rows are in error (see the *_error column and "
     "OUTPUT.errors.jsonl) or some CSV records were rejected (OUTPUT.rejects.jsonl); 4 the checkpoint "
-    "holds a different job (input, template, model or settings changed: use --restart to discard it); "
-    "75 temporary failure (GPU out of memory, disk full, another run holds the lock): the same command "
-    "again may succeed and resumes; 130/143 interrupted by "
+    "holds a different job (input, template, model or settings changed: use --restart to discard it; "
+    "or the input changed while the job ran: no output was written); 75 temporary failure (GPU out of "
+    "memory, disk full, another run holds the lock): the same command again may succeed and resumes; "
+    "130/143 interrupted by "
     "SIGINT/SIGTERM after saving finished rows: the same command resumes."
 )
 
@@ -54,6 +55,10 @@ class FingerprintMismatch(BatchLLMError):
     """The run directory belongs to a different job; nothing was changed on disk."""
 
     exit_code = EXIT_FINGERPRINT
+
+
+class InputChanged(FingerprintMismatch):
+    """The input changed while the job ran: no output was written, the checkpoint is kept (exit 4)."""
 
 
 class TempFailError(BatchLLMError):

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,7 +21,7 @@ from batchllm_cli import __version__
 
 # Fields recorded for information only (shown by `status`), never a reason to refuse a resume: an
 # input copied without -p gets a new mtime but the same content.
-INFO_FIELDS = frozenset({"input.mtime"})
+INFO_FIELDS = frozenset({"input.mtime", "input.identity"})
 
 # Human names of the fields, for the refusal message.
 FIELD_LABELS = {
@@ -61,6 +64,37 @@ _MODEL_TEXT_FILES = (
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
+# A file changed less than this long before its identity was taken may change again within the same
+# timestamp tick (filesystem clocks tick in milliseconds, FAT in 2 s), unseen: its identity is not trusted.
+_SETTLED_NS = 3_000_000_000
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """(size, mtime_ns, ctime_ns, inode, device) of a regular file, or None when there is none.
+
+    While it is unchanged the file's bytes are unchanged: every write, truncation or replacement
+    changes the ctime or the inode, and no user-space call sets a ctime back (utime sets atime and
+    mtime only). So a hash taken between two equal identities stands for the file until it changes,
+    provided the file had settled (see `settled_identity`).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def settled_identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """file_identity, or None when the file changed too recently for its ctime to tell a later change
+    apart (git's "racily clean" problem)."""
+    ident = file_identity(path)
+    if ident is None or time.time_ns() - ident[2] < _SETTLED_NS:
+        return None
+    return ident
+
+
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     """blake2b-256 of a file's bytes, streamed."""
     h = hashlib.blake2b(digest_size=32)
@@ -101,12 +135,17 @@ def build_fingerprint(
     truncate: str | None,
     dtype: str,
 ) -> dict[str, Any]:
+    before = settled_identity(input_path)
+    content = file_digest(input_path)
+    after = file_identity(input_path)
     st = input_path.stat()
     fp: dict[str, Any] = {
         "input.path": str(input_path.resolve()),
         "input.size": st.st_size,
         "input.mtime": st.st_mtime_ns,
-        "input.content": file_digest(input_path),
+        # the identity the content hash belongs to (None if the file changed while it was hashed)
+        "input.identity": list(after) if after is not None and after == before else None,
+        "input.content": content,
         "input.limit": limit,
         "input.skip_bad_rows": skip_bad_rows,
         "input.id_column": id_column,
@@ -159,3 +198,24 @@ def digest_of(fp: Mapping[str, Any]) -> str:
     compared = {k: v for k, v in normalized(fp).items() if k not in INFO_FIELDS}
     return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()
 
+
+
+def input_change(input_path: Path, fp: Mapping[str, Any]) -> str | None:
+    """What changed in the input since `fp` was taken (None: the same bytes). A changed mtime alone is
+    no change (the content hash decides); a changed size needs no hashing, an unchanged identity none
+    either."""
+    try:
+        size = input_path.stat().st_size
+    except OSError:
+        return "it was removed or cannot be read"
+    if size != fp["input.size"]:
+        return f"its size went from {fp['input.size']} to {size} bytes"
+    ident = file_identity(input_path)
+    if ident is not None and fp.get("input.identity") == list(ident):
+        return None  # unchanged since it was hashed (see file_identity): no need to read it again
+    try:
+        if file_digest(input_path) != fp["input.content"]:
+            return "its content was rewritten (same size)"
+    except OSError:
+        return "it cannot be read any more"
+    return None

@@ -24,7 +24,6 @@ from batchllm_cli.checkpoint import (
     default_run_dir,
     marker_path,
     output_lock_path,
-    read_marker,
     remove_stale_output_files,
 )
 from batchllm_cli.collector import OutputColumns, ResultCollector
@@ -37,10 +36,12 @@ from batchllm_cli.errors import (
     TempFailError,
     UsageError,
 )
+from batchllm_cli.file_safety import check_run_paths
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job_output import already_done_report, rejected_rows, write_final
+from batchllm_cli.job_output import already_done_report, rejected_rows, seed_from_output, write_final
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
+from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
     DEFAULT_MAX_TOKENS,
     check_model_files,
@@ -50,7 +51,7 @@ from batchllm_cli.model_setup import (
     resolve_model,
 )
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
-from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir
+from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -74,38 +75,48 @@ def _check_settings(settings: RunSettings) -> None:
         raise UsageError("--column must not be empty.")
 
 
-def _check_run_dir_path(run_dir: Path, settings: RunSettings) -> None:
-    for other, what in ((settings.input, "the input file"), (settings.output, "the output file")):
-        if run_dir.resolve() == other.resolve():
-            raise UsageError(f"--checkpoint-dir {run_dir} is {what}; give it a directory of its own.")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"Checkpoint directory {run_dir} exists and is not a directory.")
-    check_writable_dir(run_dir.parent if str(run_dir.parent) else Path("."), "Checkpoint location")
+def _check_retry_flags(settings: RunSettings) -> None:
+    if settings.restart and settings.retry_errors:
+        raise UsageError("--restart and --retry-errors exclude each other: --restart runs every row again, "
+                         "--retry-errors only the rows in error.")
 
 
-def _marker_matches(marker: dict[str, Any] | None, fingerprint: dict[str, Any], output: Path) -> bool:
-    if not marker or marker.get("fingerprint_sha256") != digest_of(fingerprint):
-        return False
+def _finished_marker(
+    settings: RunSettings, fingerprint: dict[str, Any], observer: RunObserver
+) -> tuple[Marker | None, bool]:
+    """(the marker if it is this job's and its output is intact, whether a marker file is present)."""
     try:
-        return output.is_file() and output.stat().st_size == marker.get("output_bytes")
-    except OSError:
-        return False
+        marker = read_marker(settings.output)
+    except MalformedMarker as exc:
+        observer.notice(f"{exc}; it is ignored and replaced when this run finishes.")
+        return None, True
+    if marker is None:
+        return None, False
+    if marker.fingerprint_sha256 != digest_of(fingerprint):
+        return None, True
+    if not marker.matches_output(settings.output):
+        observer.notice(f"{settings.output} no longer matches its completion marker (missing or changed); "
+                        "the job runs again.")
+        return None, True
+    return marker, True
 
 
 def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> PreparedRun:
     """Validate the whole invocation and take the locks; raises before any weights load:
-    UsageError (exit 2), FingerprintMismatch (4), LockHeld (75)."""
+    UsageError (exit 2), FingerprintMismatch (4), LockHeld (75). Nothing is written (run directory,
+    manifest, marker removal) until every check has passed; only the lock files are taken before."""
     observer = observer or SilentObserver()
     _check_settings(settings)
+    _check_retry_flags(settings)
     source = TableSource(
         settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects
     )
     output_lock: FileLock | None = None
     run_dir: RunDir | None = None
     try:
+        # ---- checks (nothing is written) ----------------------------------------------------------
         check_output_path(settings.output, settings.input)
-        run_dir_path = settings.checkpoint_dir or default_run_dir(settings.output)
-        _check_run_dir_path(run_dir_path, settings)
+        run_dir = RunDir(settings.checkpoint_dir or default_run_dir(settings.output))
         columns = OutputColumns(settings.column)
         check_column_names(source.file_column_names(), source.column_names, columns)
         template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
@@ -121,6 +132,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 f"--max-tokens {params.max_tokens} leaves no room for a prompt in the model's context of "
                 f"{context} tokens; lower --max-tokens."
             )
+        check_run_paths(settings, run_dir.path, model_dir)
+        run_dir.check_owned()
         fingerprint = build_fingerprint(
             input_path=settings.input,
             limit=settings.limit,
@@ -137,13 +150,14 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
 
         output_lock = FileLock(output_lock_path(settings.output), remove_on_release=True)
         output_lock.acquire(str(settings.output))
-        marker = read_marker(settings.output)
-        if _marker_matches(marker, fingerprint, settings.output):
+        marker, marker_present = _finished_marker(settings, fingerprint, observer)
+        retry_finished = settings.retry_errors and marker is not None and marker.rows_failed > 0
+        if marker is not None and not settings.restart and not retry_finished:
             # Tidy what a run killed after its marker left (its lock file, temp files, run directory).
             output_lock.record_owner()
             remove_stale_output_files(settings.output)
             if not settings.keep_checkpoints:
-                _remove_finished_run_dir(RunDir(run_dir_path), marker)
+                _remove_finished_run_dir(run_dir, marker)
             return PreparedRun(
                 settings, source, template, columns, model_dir, demo, None, bool(settings.chat), params, None,
                 fingerprint=fingerprint, done_marker=marker, output_lock=output_lock,
@@ -153,7 +167,6 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         if settings.id_column is not None:
             source.check_id_column(settings.id_column)
 
-        run_dir = RunDir(run_dir_path)
         manifest = None
         had_checkpoint = run_dir.manifest_path.exists()
         if had_checkpoint:
@@ -161,29 +174,32 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             manifest = run_dir.read_manifest() if not settings.restart else None
             if manifest is not None:
                 changed = changed_fields(manifest["fingerprint"], fingerprint)
-                finished = marker is not None and marker.get("fingerprint_sha256") == digest_of(
-                    manifest["fingerprint"]
-                )
-                if changed and not finished:
+                if changed and not run_dir.has_shards():
+                    # Nothing was committed (e.g. the last try failed as the model loaded): nothing to lose.
+                    observer.notice(f"The checkpoint {run_dir.path} holds no finished rows; starting the new job.")
+                    manifest = None
+                elif changed and not (marker_present and _was_finished(settings.output, manifest)):
                     raise FingerprintMismatch(
                         f"The checkpoint {run_dir.path} belongs to a different job: changed "
                         f"{describe_changes(manifest['fingerprint'], fingerprint, changed)}. Run the original "
                         "command to finish it, or add --restart to discard it and start over."
                     )
-                if changed:
+                elif changed:
                     manifest = None  # a finished job kept with --keep-checkpoints: start a new one
 
         tokenizer = load_tokenizer(model_dir)
         chat = resolve_chat(settings.chat, tokenizer, model_dir)
         engine_config = _engine_config(settings, model_dir)
 
-        # From here on the run writes: the old marker goes first (its output is about to be replaced).
+        # ---- writes: every check has passed ------------------------------------------------------
+        # The old marker goes first: its output is about to be replaced (the old output itself stays
+        # until the new one is complete and renamed over it).
         output_lock.record_owner()
         remove_stale_output_files(settings.output)
-        if marker is not None:
+        if marker_present:
             remove_durably([marker_path(settings.output)])
         if manifest is None:
-            run_dir.ensure()
+            dir_created = run_dir.ensure() or run_dir.created_by_batchllm()
             if not run_dir._lock.held:
                 run_dir.lock()
             if settings.restart and had_checkpoint:
@@ -198,6 +214,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                     "total_rows": total_rows,
                     "rows_rejected": rejected_rows(source),
                 },
+                dir_created=dir_created,
             )
         committed = run_dir.load_committed(total_rows)
         if committed.quarantined:
@@ -205,6 +222,12 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 f"Checkpoint: {len(committed.quarantined)} torn or uncommitted file(s) moved to "
                 f"{run_dir.path / 'quarantine'}; their rows will run again."
             )
+        if settings.retry_errors:
+            dropped = 0
+            if retry_finished and manifest is None:  # the run directory is gone: the output has the answers
+                dropped = total_rows - seed_from_output(settings.output, columns, run_dir, committed, total_rows)
+            dropped += run_dir.drop_error_rows(committed)
+            observer.notice(f"--retry-errors: {dropped} row(s) in error will run again.")
         if committed.rows:
             observer.notice(
                 f"Resuming from {run_dir.path}: {committed.rows} of {total_rows} rows already done "
@@ -224,9 +247,18 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
     )
 
 
-def _remove_finished_run_dir(run_dir: RunDir, marker: dict[str, Any] | None) -> None:
+def _was_finished(output: Path, manifest: dict[str, Any]) -> bool:
+    """The kept run directory belongs to the job whose marker sits beside the output."""
+    try:
+        marker = read_marker(output)
+    except MalformedMarker:
+        return False
+    return marker is not None and marker.fingerprint_sha256 == digest_of(manifest["fingerprint"])
+
+
+def _remove_finished_run_dir(run_dir: RunDir, marker: Marker) -> None:
     """A run killed after its marker was written but before its cleanup leaves its run directory."""
-    if not run_dir.manifest_path.is_file() or marker is None:
+    if not run_dir.manifest_path.is_file():
         return
     try:
         run_dir.lock()
@@ -234,7 +266,7 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: dict[str, Any] | None) -> 
         return
     try:
         manifest = run_dir.read_manifest()
-        if manifest is not None and digest_of(manifest["fingerprint"]) == marker.get("fingerprint_sha256"):
+        if manifest is not None and digest_of(manifest["fingerprint"]) == marker.fingerprint_sha256:
             run_dir.remove()
     except BatchLLMError:
         pass

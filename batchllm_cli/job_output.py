@@ -2,25 +2,48 @@
 (written last), and the report of a job that had already finished."""
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 from batchllm_cli import __version__
-from batchllm_cli.checkpoint import errors_path, marker_path, rejects_path, write_marker
-from batchllm_cli.collector import SHARD_SCHEMA
+from batchllm_cli.checkpoint import Committed, RunDir, errors_path, marker_path, rejects_path
+from batchllm_cli.collector import SHARD_SCHEMA, OutputColumns
 from batchllm_cli.durable import crash_point, remove_durably
-from batchllm_cli.fingerprint import digest_of
+from batchllm_cli.errors import InputChanged, UsageError
+from batchllm_cli.fingerprint import digest_of, input_change
 from batchllm_cli.job_types import PreparedRun, RunReport
+from batchllm_cli.marker import hash_output, write_marker
 from batchllm_cli.table_io import ROW_ID, TableSource, write_output, write_query_jsonl, write_table_jsonl
+
+# Rows per shard when a finished output is turned back into a checkpoint (--retry-errors).
+_SEED_SHARD_ROWS = 65536
 
 def rejected_rows(source: TableSource) -> int:
     return source.rejects.num_rows if source.rejects is not None else 0
 
 
+def check_input_unchanged(prepared: PreparedRun) -> None:
+    """InputChanged (exit 4) when the input is no longer the snapshot the job fingerprinted: answers are
+    joined to input rows by position, so they must never be joined to a different input."""
+    settings = prepared.settings
+    what = input_change(settings.input, prepared.fingerprint)
+    if what is None:
+        return
+    assert prepared.run_dir is not None
+    raise InputChanged(
+        f"The input {settings.input} changed while the job ran ({what}); no output was written and the "
+        f"{prepared.committed.rows} finished rows stay in the checkpoint {prepared.run_dir.path}. Put the "
+        "original input back and run the same command to write the output, or add --restart to start over "
+        "on the new input."
+    )
+
+
 def write_final(prepared: PreparedRun) -> dict[str, Any]:
-    """Output, errors file, rejects file, then the completion marker; then the run dir goes."""
+    """Output, errors file, rejects file, then the completion marker; then the run dir goes. The input is
+    checked against its snapshot before anything is written and again before the output is renamed
+    into place."""
+    check_input_unchanged(prepared)
     settings = prepared.settings
     run_dir = prepared.run_dir
     assert run_dir is not None
@@ -60,21 +83,17 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
         results,
         output,
         columns=prepared.columns.from_shards(),
-        after_write=lambda: crash_point("final_write"),
+        after_write=lambda: (check_input_unchanged(prepared), crash_point("final_write")),
         after_rename=lambda: crash_point("final_rename"),
     )
-    size = output.stat().st_size
-    h = hashlib.sha256()
-    with output.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    digest, identity = hash_output(output)
     marker = {
         "status": "finished",
         "finished_at": time.time(),
         "batchllm_version": __version__,
         "output": str(output),
-        "output_bytes": size,
-        "output_sha256": h.hexdigest(),
+        "output_bytes": identity[0],
+        "output_sha256": digest,
         "rows": committed.rows,
         "rows_ok": committed.rows - committed.errors,
         "rows_failed": committed.errors,
@@ -95,13 +114,55 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
     }
 
 
+def seed_from_output(output: Path, columns: OutputColumns, run_dir: RunDir, committed: Committed,
+                     total_rows: int) -> int:
+    """Commit the answered rows of a finished output as shards, so that --retry-errors runs only the rows
+    in error after the run directory was removed. The output holds the input's rows in order, so its
+    ordinal is the row id. Returns the rows kept."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pairs = columns.from_shards()  # (shard column, output column)
+    kept = 0
+    with TableSource(output) as src:
+        missing = [name for _, name in pairs if name not in src.column_names]
+        if missing:
+            raise UsageError(
+                f"--retry-errors: {output} has no column {missing[0]!r}; give the --column of the run that "
+                "wrote it, or use --restart to run every row again."
+            )
+        if src.count_rows() != total_rows:
+            raise UsageError(
+                f"--retry-errors: {output} has {src.count_rows()} rows but the input has {total_rows}; use "
+                "--restart to run every row again."
+            )
+        for batch in src.batches(_SEED_SHARD_ROWS):
+            ok = batch.filter(pc.is_null(batch.column(columns.error)))
+            if not ok.num_rows:
+                continue
+            cols = {ROW_ID: ok.column(ROW_ID)}
+            cols.update({shard_col: ok.column(out_col) for shard_col, out_col in pairs})
+            arrays = [
+                cols[f.name].cast(f.type) if f.name in cols else pa.nulls(ok.num_rows, f.type)
+                for f in SHARD_SCHEMA
+            ]
+            table = pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)
+            info = run_dir.commit_shard(table, committed.next_seq)
+            committed.next_seq += 1
+            committed.shards.append(info)
+            committed.done[table.column(ROW_ID).to_numpy()] = True
+            kept += table.num_rows
+    return kept
+
+
 def already_done_report(prepared: PreparedRun) -> RunReport:
-    m = prepared.done_marker or {}
+    m = prepared.done_marker
+    assert m is not None
     return RunReport(
         **prepared.report_identity(),
-        rows=int(m.get("rows", 0)),
-        rows_ok=int(m.get("rows_ok", 0)),
-        rows_failed=int(m.get("rows_failed", 0)),
+        rows=m.rows,
+        rows_ok=m.rows_ok,
+        rows_failed=m.rows_failed,
         prompt_tokens=0,
         prefill_tokens=0,
         completion_tokens=0,
@@ -109,10 +170,10 @@ def already_done_report(prepared: PreparedRun) -> RunReport:
         elapsed_s=0.0,
         load_s=0.0,
         write_s=0.0,
-        rows_resumed=int(m.get("rows", 0)),
-        rows_rejected=int(m.get("rows_rejected", 0)),
+        rows_resumed=m.rows,
+        rows_rejected=m.rows_rejected,
         already_done=True,
-        errors_file=m.get("errors_file"),
-        rejects_file=m.get("rejects_file"),
+        errors_file=m.errors_file,
+        rejects_file=m.rejects_file,
         marker=str(marker_path(prepared.settings.output)),
     )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
+from batchllm_cli.marker import Marker
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import PromptTemplate
 
@@ -84,7 +85,9 @@ class RunSettings:
     checkpoint_rows: int = DEFAULT_CHECKPOINT_ROWS
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
     restart: bool = False
+    retry_errors: bool = False  # run again only the rows in error of a finished or checkpointed job
     keep_checkpoints: bool = False
+    summary: Path | None = None  # written by the CLI after the run; checked with every other path
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class PreparedRun:
     committed: Committed = field(default_factory=Committed)
     total_rows: int = 0
     max_prompt_tokens: int = 0
-    done_marker: dict[str, Any] | None = None  # set when the job had already finished
+    done_marker: Marker | None = None  # set when the job had already finished
     output_lock: FileLock | None = None
 
     def report_identity(self) -> dict[str, Any]:

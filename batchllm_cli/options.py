@@ -380,8 +380,17 @@ RestartOpt = Annotated[
     bool,
     typer.Option(
         "--restart",
-        help="Discard the checkpoint of an earlier, unfinished run of this output and start over "
-        "(needed when the input, template, model or sampling changed).",
+        help="Discard the checkpoint of an earlier run of this output and run every row again, also when "
+        "the job had finished (the old output is replaced only once the new one is complete).",
+        rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
+RetryErrorsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retry-errors",
+        help="Run again only the rows in error of a finished or checkpointed job, keeping the other answers "
+        "(e.g. after raising --kv-cache-tokens as an error advised).",
         rich_help_panel=PANEL_CHECKPOINT,
     ),
 ]

@@ -1,7 +1,8 @@
 """`batchllm status OUTPUT|RUN_DIR`: how far a run is, read from its files only (cheap, no locks taken).
 
-State is one of: finished (completion marker present), running (a live process holds the output's
-lock), interrupted (a checkpoint exists, nobody is working on it: run the same command to resume),
+State is one of: finished (a valid completion marker, and the output has the sha256 it records),
+running (a process holds the output's lock: found by trying to take it, not from the pid written in it),
+interrupted (a checkpoint exists, nobody is working on it: run the same command to resume),
 not started (nothing on disk). Progress and ETA come from the commit records of the shards: the rate
 is the rows committed over the span of the recent commits.
 """
@@ -19,12 +20,14 @@ from batchllm_cli.checkpoint import (
     _CORRUPT,
     _read_json,
     default_run_dir,
+    lock_is_held,
     lock_owner,
     marker_path,
     output_lock_path,
     read_commit_records,
 )
 from batchllm_cli.errors import UsageError
+from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 
 _RATE_WINDOW = 20  # commits used for the rate (recent speed, not the average since the start)
 
@@ -46,54 +49,82 @@ class RunStatus:
     last_commit_at: float | None
     finished_at: float | None
     pid: int | None
+    problems: tuple[str, ...] = ()  # malformed or stale files, one line each
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["problems"] = list(self.problems)
+        return data
 
 
 def _rate(records: list[dict[str, Any]]) -> float | None:
-    recent = sorted(records, key=lambda r: r.get("committed_at", 0.0))[-_RATE_WINDOW:]
+    recent = sorted(records, key=lambda r: r["committed_at"])[-_RATE_WINDOW:]
     if len(recent) < 2:
         return None
     span = recent[-1]["committed_at"] - recent[0]["committed_at"]
-    rows = sum(int(r.get("rows", 0)) for r in recent[1:])
+    rows = sum(r["rows"] for r in recent[1:])
     return rows / span if span > 0 else None
 
 
+def _count(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _number(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def read_status(target: Path) -> RunStatus:
+    problems: list[str] = []
     if (target / MANIFEST).is_file() or (target.is_dir() and target.name.endswith(".batchllm")):
         run_dir: Path = target
         manifest = _read_json(target / MANIFEST)
         out = manifest.get("output") if isinstance(manifest, dict) else None
-        output = Path(out) if out else None
+        output = Path(out) if isinstance(out, str) and out else None
     elif target.is_dir():
         raise UsageError(f"{target} is neither an output file nor a batchllm run directory.")
     else:
         output = target
         run_dir = default_run_dir(target)
         manifest = _read_json(run_dir / MANIFEST)
-    if manifest is _CORRUPT:
-        manifest = None
+    if manifest is _CORRUPT or (manifest is not None and not isinstance(manifest, dict)):
+        problems.append(f"the checkpoint manifest {run_dir / MANIFEST} cannot be read.")
+    manifest = manifest if isinstance(manifest, dict) else None
 
-    marker = _read_json(marker_path(output)) if output is not None else None
-    owner = lock_owner(output_lock_path(output)) if output is not None else None
-    records = read_commit_records(run_dir) if run_dir.is_dir() else []
-    total = manifest.get("total_rows") if isinstance(manifest, dict) else None
-    rejected = int(manifest.get("rows_rejected", 0)) if isinstance(manifest, dict) else 0
+    marker: Marker | None = None
+    if output is not None:
+        try:
+            marker = read_marker(output)
+        except MalformedMarker as exc:
+            problems.append(f"{exc}.")
+    running = output is not None and lock_is_held(output_lock_path(output))
+    owner = lock_owner(output_lock_path(output)) if running and output is not None else None
+    records, malformed = read_commit_records(run_dir) if run_dir.is_dir() else ([], 0)
+    if malformed:
+        problems.append(f"{malformed} commit record(s) in {run_dir} are malformed; their rows run again on resume.")
+    total = _count(manifest, "total_rows") if manifest else None
+    rejected = (_count(manifest, "rows_rejected") or 0) if manifest else 0
+    started = _number(manifest, "created_at") if manifest else None
+    last_commit = max((r["committed_at"] for r in records), default=None)
+    run_dir_shown = str(run_dir) if run_dir.is_dir() else None
 
-    if isinstance(marker, dict) and marker.get("status") == "finished" and owner is None:
-        rows = int(marker.get("rows", 0))
-        return RunStatus(
-            state="finished", output=str(output), run_dir=str(run_dir) if run_dir.is_dir() else None,
-            rows_total=rows, rows_done=rows, rows_failed=int(marker.get("rows_failed", 0)),
-            rows_rejected=int(marker.get("rows_rejected", 0)), shards=len(records), percent=100.0,
-            rows_per_s=None, eta_s=0.0, started_at=manifest.get("created_at") if isinstance(manifest, dict) else None,
-            last_commit_at=max((r.get("committed_at", 0.0) for r in records), default=None),
-            finished_at=marker.get("finished_at"), pid=None,
-        )
-    done = sum(int(r.get("rows", 0)) for r in records)
-    failed = sum(int(r.get("errors", 0)) for r in records)
-    if owner is not None:
+    if marker is not None and not running:
+        assert output is not None
+        if marker.matches_output(output):
+            return RunStatus(
+                state="finished", output=str(output), run_dir=run_dir_shown,
+                rows_total=marker.rows, rows_done=marker.rows, rows_failed=marker.rows_failed,
+                rows_rejected=marker.rows_rejected, shards=len(records), percent=100.0,
+                rows_per_s=None, eta_s=0.0, started_at=started, last_commit_at=last_commit,
+                finished_at=marker.finished_at, pid=None, problems=tuple(problems),
+            )
+        problems.append(f"{output} is missing or no longer matches its completion marker; run the same "
+                        "command again to rebuild it.")
+    done = sum(r["rows"] for r in records)
+    failed = sum(r["errors"] for r in records)
+    if running:
         state = "running"
     elif manifest is not None:
         state = "interrupted"
@@ -104,14 +135,13 @@ def read_status(target: Path) -> RunStatus:
     if rate and total is not None and state == "running":
         eta = max(total - done, 0) / rate
     percent = 100.0 * done / total if total else (100.0 if total == 0 else None)
+    pid = owner.get("pid") if owner else None
     return RunStatus(
-        state=state, output=str(output) if output else None, run_dir=str(run_dir) if run_dir.is_dir() else None,
+        state=state, output=str(output) if output else None, run_dir=run_dir_shown,
         rows_total=total, rows_done=done, rows_failed=failed, rows_rejected=rejected, shards=len(records),
         percent=round(percent, 2) if percent is not None else None,
         rows_per_s=round(rate, 3) if rate else None, eta_s=round(eta, 1) if eta is not None else None,
-        started_at=manifest.get("created_at") if isinstance(manifest, dict) else None,
-        last_commit_at=max((r.get("committed_at", 0.0) for r in records), default=None),
-        finished_at=None, pid=int(owner["pid"]) if owner else None,
+        started_at=started, last_commit_at=last_commit, finished_at=None, pid=pid, problems=tuple(problems),
     )
 
 
@@ -141,6 +171,7 @@ def format_status(st: RunStatus) -> str:
         lines.append(f"last commit: {_ago(st.last_commit_at)}")
     if st.finished_at:
         lines.append(f"finished: {_ago(st.finished_at)}")
+    lines += [f"problem: {p}" for p in st.problems]
     if st.state == "interrupted":
         lines.append("run the same `batchllm run` command again to resume.")
     return "\n".join(lines)

@@ -71,3 +71,14 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.demo_model import ensure_demo_model
 
     return ensure_demo_model(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything loads model weights (a refusal must come before the model loads)."""
+    import engine.llm_engine
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("this must be decided before the model loads")
+
+    monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", forbidden)

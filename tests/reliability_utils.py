@@ -30,6 +30,13 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+def one_error_line(stderr: str) -> str:
+    """The one `error: ...` line a refused command prints (notes aside)."""
+    lines = [line for line in stderr.splitlines() if not line.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
 def write_rows_csv(path: Path, n: int, start: int = 0) -> Path:
     """`id,text` rows with short, distinct texts (short prompts keep the engine fast)."""
     with path.open("w", newline="", encoding="utf-8") as f:

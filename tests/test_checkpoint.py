@@ -54,14 +54,15 @@ def test_commit_and_verify_shards(tmp_path: Path) -> None:
     info1 = rd.commit_shard(shard(range(0, 10)), 1)
     rd.commit_shard(shard(range(10, 20)), 2)
     assert (info1.rows, info1.errors) == (10, 2)
-    (rd.path / ".shard-000003.parquet.abc.tmp").write_bytes(b"half")  # never renamed
+    temp = durable.temp_name(rd.path / "shard-000003.parquet")
+    temp.write_bytes(b"half")  # never renamed
     (rd.path / "shard-000003.parquet").write_bytes(b"renamed, never committed")
     committed = rd.load_committed(30)
     assert [s.seq for s in committed.shards] == [1, 2]
     assert committed.done.tolist() == [True] * 20 + [False] * 10
     assert committed.next_seq == 4  # never reuse a name, even a quarantined one
     assert committed.quarantined == ["shard-000003.parquet"]
-    assert not (rd.path / ".shard-000003.parquet.abc.tmp").exists()
+    assert not temp.exists()
 
 
 def test_shard_with_rows_outside_the_table_or_duplicated_is_not_trusted(tmp_path: Path) -> None:

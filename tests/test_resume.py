@@ -27,17 +27,6 @@ from reliability_utils import (
 ROWS, EVERY = 120, 30
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if anything loads model weights."""
-    import engine.llm_engine
-
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("this must be decided before the model loads")
-
-    monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", forbidden)
-
-
 class Job:
     def __init__(self, root: Path, env: dict[str, str], *extra: str) -> None:
         self.root = root
@@ -246,6 +235,7 @@ def test_status_of_an_interrupted_and_a_finished_run(job: Job) -> None:
 
 
 def test_status_eta_from_commit_times(tmp_path: Path) -> None:
+    from batchllm_cli.checkpoint import FileLock
     from batchllm_cli.status import read_status
 
     run_dir = tmp_path / "o.parquet.batchllm"
@@ -255,13 +245,15 @@ def test_status_eta_from_commit_times(tmp_path: Path) -> None:
     for i in range(1, 5):  # 100 rows every 10 s
         (run_dir / f"shard-{i:06d}.parquet").write_bytes(b"x")
         (run_dir / f"shard-{i:06d}.json").write_text(json.dumps(
-            {"shard": f"shard-{i:06d}.parquet", "rows": 100, "errors": 1, "committed_at": now - 40 + 10 * i}))
-    lock = tmp_path / "o.parquet.lock"
-    import os
-    import socket
-
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    st = read_status(tmp_path / "o.parquet")
+            {"shard": f"shard-{i:06d}.parquet", "rows": 100, "errors": 1, "bytes": 1, "sha256": "0" * 64,
+             "committed_at": now - 40 + 10 * i}))
+    lock = FileLock(tmp_path / "o.parquet.lock")
+    lock.acquire("o.parquet")  # liveness is the flock itself
+    try:
+        lock.record_owner()
+        st = read_status(tmp_path / "o.parquet")
+    finally:
+        lock.release()
     assert (st.state, st.rows_done, st.rows_failed, st.rows_per_s) == ("running", 400, 4, 10.0)
     assert st.eta_s == pytest.approx(60.0)
 
