@@ -136,7 +136,7 @@ def _link(kind: str, target: Path, link: Path) -> Path:
     "summary_is_input", "summary_is_template", "summary_is_output", "summary_is_errors_file",
     "summary_symlink_to_input", "summary_hardlink_of_template", "input_is_errors_file",
     "input_is_marker", "input_is_rejects_file", "output_lock_hardlink_of_input", "summary_is_model_file",
-    "checkpoint_dir_holds_output",
+    "checkpoint_dir_holds_output", "output_is_template",
 ])
 def test_written_path_that_is_a_read_or_written_path_is_refused(
     files: Files, case: str, demo_model_dir: Path, no_model: None
@@ -177,6 +177,10 @@ def test_written_path_that_is_a_read_or_written_path_is_refused(
         shutil.copytree(demo_model_dir, model)
         args += ["--model", str(model), "--summary", str(model / "config.json")]
         expect = ("--summary", "the model file", "config.json")
+    elif case == "output_is_template":
+        tpl = write_template(f.root / "prompt.csv")  # any name will do for a template
+        args = job_args(f.inp, tpl, tpl)
+        expect = ("--output", "the template", str(tpl))
     else:  # the output inside the checkpoint directory: the directory would not be batchllm's alone
         args = job_args(f.inp, f.tpl, f.root / "ck" / "o.parquet", "--checkpoint-dir", str(f.root / "ck"))
         (f.root / "ck").mkdir()
