@@ -38,7 +38,13 @@ from batchllm_cli.errors import (
 from batchllm_cli.file_safety import check_run_paths
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job_output import already_done_report, rejected_rows, seed_from_output, write_final
+from batchllm_cli.job_output import (
+    already_done_report,
+    check_output_for_retry,
+    rejected_rows,
+    seed_from_output,
+    write_final,
+)
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
@@ -180,6 +186,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 elif changed:
                     manifest = None  # a finished job kept with --keep-checkpoints: start a new one
 
+        if retry_finished and manifest is None:  # its answers will be read back from the output
+            check_output_for_retry(settings.output, columns, total_rows)
         tokenizer = load_tokenizer(model_dir)
         chat = resolve_chat(settings.chat, tokenizer, model_dir)
         engine_config = _engine_config(settings, model_dir)

@@ -349,6 +349,13 @@ def test_retry_errors_reruns_only_the_failed_rows_of_a_finished_job(files: Files
     assert result.exit_code == 0 and "already finished" in flat(result.stderr)
 
 
+def test_retry_errors_with_another_column_name_is_refused_before_anything_changes(files: Files) -> None:
+    _mixed_input(files.inp)
+    assert invoke(files.args(*SMALL_CACHE)).exit_code == 3
+    refused(files.args(*BIG_CACHE, "--retry-errors", "--column", "answer"), files.root,
+            "--retry-errors", "no column 'answer'", "--column")
+
+
 def test_retry_errors_on_an_interrupted_job(files: Files, env: dict[str, str]) -> None:
     _mixed_input(files.inp)
     code, log = cli_process.run(files.args(*SMALL_CACHE, "--checkpoint-rows", "3"),
