@@ -205,6 +205,9 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 run_dir.lock()
             if settings.restart and had_checkpoint:
                 observer.notice(f"--restart: discarding the checkpoint in {run_dir.path}.")
+            elif settings.restart and marker is not None:
+                observer.notice(f"--restart: running every row of the finished job again; {settings.output} "
+                                "is replaced once the new output is complete.")
             run_dir.wipe()
             run_dir.create(
                 fingerprint,

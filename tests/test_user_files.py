@@ -377,19 +377,26 @@ def test_restart_reruns_a_finished_job_and_replaces_the_output_only_when_complet
 ) -> None:
     result = invoke(files.args())
     assert result.exit_code == 0, result.output
-    old = sha256(files.out)
+    old_hash, old_inode = sha256(files.out), files.out.stat().st_ino
     # A restart killed after the new output is complete but before it is renamed into place: the old
     # output is untouched, and the old marker no longer claims anything.
-    code, log = cli_process.run(files.args("--restart", "--temperature", "0.9", "--seed", "3"),
-                                {**env, "BATCHLLM_CRASH_AT": "final_write"})
+    code, log = cli_process.run(files.args("--restart"), {**env, "BATCHLLM_CRASH_AT": "final_write"})
     assert code == 137, log
-    assert sha256(files.out) == old and not files.marker.exists()
-    result = invoke(files.args("--restart", "--temperature", "0.9", "--seed", "3"))
+    assert "running every row of the finished job again" in log
+    assert (sha256(files.out), files.out.stat().st_ino) == (old_hash, old_inode)
+    assert not files.marker.exists()
+    result = invoke(files.args("--restart"))
     assert result.exit_code == 0, result.output
-    assert "already finished" not in result.stderr
-    assert sha256(files.out) != old
-    marker = assert_finished_cleanly(files.out, ROWS)
-    assert marker["fingerprint"]["seed"] == 3
+    assert "already finished" not in result.stderr and "discarding the checkpoint" in flat(result.stderr)
+    assert files.out.stat().st_ino != old_inode  # a new file, renamed over the old one
+    assert sha256(files.out) == old_hash  # the same job gives the same answers
+    assert_finished_cleanly(files.out, ROWS)
+    # And from a finished state with no checkpoint left at all.
+    result = invoke(files.args("--restart"))
+    assert result.exit_code == 0, result.output
+    assert "running every row of the finished job again" in flat(result.stderr)
+    assert f"done: {ROWS} rows" in flat(result.stderr)
+    assert_finished_cleanly(files.out, ROWS)
 
 
 def test_restart_and_retry_errors_together_are_refused(files: Files, no_model: None) -> None:
