@@ -39,7 +39,13 @@ from batchllm_cli.errors import (
 from batchllm_cli.file_safety import check_run_paths
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job_output import already_done_report, rejected_rows, seed_from_output, write_final
+from batchllm_cli.job_output import (
+    already_done_report,
+    check_output_for_retry,
+    rejected_rows,
+    seed_from_output,
+    write_final,
+)
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
@@ -187,6 +193,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 elif changed:
                     manifest = None  # a finished job kept with --keep-checkpoints: start a new one
 
+        if retry_finished and manifest is None:  # its answers will be read back from the output
+            check_output_for_retry(settings.output, columns, total_rows)
         tokenizer = load_tokenizer(model_dir)
         chat = resolve_chat(settings.chat, tokenizer, model_dir)
         engine_config = _engine_config(settings, model_dir)
@@ -204,6 +212,9 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 run_dir.lock()
             if settings.restart and had_checkpoint:
                 observer.notice(f"--restart: discarding the checkpoint in {run_dir.path}.")
+            elif settings.restart and marker is not None:
+                observer.notice(f"--restart: running every row of the finished job again; {settings.output} "
+                                "is replaced once the new output is complete.")
             run_dir.wipe()
             run_dir.create(
                 fingerprint,

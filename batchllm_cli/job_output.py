@@ -114,6 +114,22 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
     }
 
 
+def check_output_for_retry(output: Path, columns: OutputColumns, total_rows: int) -> None:
+    """UsageError unless the finished output can give back its answers (made before anything is written)."""
+    with TableSource(output) as src:
+        missing = [name for _, name in columns.from_shards() if name not in src.column_names]
+        if missing:
+            raise UsageError(
+                f"--retry-errors: {output} has no column {missing[0]!r}; give the --column of the run that "
+                "wrote it, or use --restart to run every row again."
+            )
+        if src.count_rows() != total_rows:
+            raise UsageError(
+                f"--retry-errors: {output} has {src.count_rows()} rows but the input has {total_rows}; use "
+                "--restart to run every row again."
+            )
+
+
 def seed_from_output(output: Path, columns: OutputColumns, run_dir: RunDir, committed: Committed,
                      total_rows: int) -> int:
     """Commit the answered rows of a finished output as shards, so that --retry-errors runs only the rows
@@ -125,17 +141,6 @@ def seed_from_output(output: Path, columns: OutputColumns, run_dir: RunDir, comm
     pairs = columns.from_shards()  # (shard column, output column)
     kept = 0
     with TableSource(output) as src:
-        missing = [name for _, name in pairs if name not in src.column_names]
-        if missing:
-            raise UsageError(
-                f"--retry-errors: {output} has no column {missing[0]!r}; give the --column of the run that "
-                "wrote it, or use --restart to run every row again."
-            )
-        if src.count_rows() != total_rows:
-            raise UsageError(
-                f"--retry-errors: {output} has {src.count_rows()} rows but the input has {total_rows}; use "
-                "--restart to run every row again."
-            )
         for batch in src.batches(_SEED_SHARD_ROWS):
             ok = batch.filter(pc.is_null(batch.column(columns.error)))
             if not ok.num_rows:

@@ -43,7 +43,7 @@ def _run(code: Path, work: Path, cell_chars: int, extra: list[str]) -> dict:
     (work / "t.j2").write_text("Say: {{ text }}", encoding="utf-8")
     cmd = [sys.executable, "-m", "batchllm_cli", "run", str(inp), "-t", str(work / "t.j2"), "-o", str(out),
            "--max-tokens", "3", "--no-chat", "--kv-cache-memory", "16MiB", "--restart", *extra]
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    env = {**os.environ, "PYTHONPATH": str(code)}  # run from `work`: `-m` would put the cwd first on sys.path
     t0 = time.perf_counter()
     # Fork a middleman per run so RUSAGE_CHILDREN's maximum is this run's alone.
     probe = (
@@ -52,7 +52,7 @@ def _run(code: Path, work: Path, cell_chars: int, extra: list[str]) -> dict:
         "print(json.dumps({'rc':p.returncode,'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
         "'err':p.stderr.strip().splitlines()[-1:]}))"
     )
-    res = subprocess.run([sys.executable, "-c", probe, *cmd], env=env, capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", probe, *cmd], env=env, cwd=work, capture_output=True, text=True, check=True)
     data = json.loads(res.stdout)
     return {
         "cell_mb": round(cell_chars / 1e6, 3),

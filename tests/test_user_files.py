@@ -136,7 +136,7 @@ def _link(kind: str, target: Path, link: Path) -> Path:
     "summary_is_input", "summary_is_template", "summary_is_output", "summary_is_errors_file",
     "summary_symlink_to_input", "summary_hardlink_of_template", "input_is_errors_file",
     "input_is_marker", "input_is_rejects_file", "output_lock_hardlink_of_input", "summary_is_model_file",
-    "checkpoint_dir_holds_output",
+    "checkpoint_dir_holds_output", "output_is_template",
 ])
 def test_written_path_that_is_a_read_or_written_path_is_refused(
     files: Files, case: str, demo_model_dir: Path, no_model: None
@@ -177,6 +177,10 @@ def test_written_path_that_is_a_read_or_written_path_is_refused(
         shutil.copytree(demo_model_dir, model)
         args += ["--model", str(model), "--summary", str(model / "config.json")]
         expect = ("--summary", "the model file", "config.json")
+    elif case == "output_is_template":
+        tpl = write_template(f.root / "prompt.csv")  # any name will do for a template
+        args = job_args(f.inp, tpl, tpl)
+        expect = ("--output", "the template", str(tpl))
     else:  # the output inside the checkpoint directory: the directory would not be batchllm's alone
         args = job_args(f.inp, f.tpl, f.root / "ck" / "o.parquet", "--checkpoint-dir", str(f.root / "ck"))
         (f.root / "ck").mkdir()
@@ -345,6 +349,13 @@ def test_retry_errors_reruns_only_the_failed_rows_of_a_finished_job(files: Files
     assert result.exit_code == 0 and "already finished" in flat(result.stderr)
 
 
+def test_retry_errors_with_another_column_name_is_refused_before_anything_changes(files: Files) -> None:
+    _mixed_input(files.inp)
+    assert invoke(files.args(*SMALL_CACHE)).exit_code == 3
+    refused(files.args(*BIG_CACHE, "--retry-errors", "--column", "answer"), files.root,
+            "--retry-errors", "no column 'answer'", "--column")
+
+
 def test_retry_errors_on_an_interrupted_job(files: Files, env: dict[str, str]) -> None:
     _mixed_input(files.inp)
     code, log = cli_process.run(files.args(*SMALL_CACHE, "--checkpoint-rows", "3"),
@@ -366,19 +377,26 @@ def test_restart_reruns_a_finished_job_and_replaces_the_output_only_when_complet
 ) -> None:
     result = invoke(files.args())
     assert result.exit_code == 0, result.output
-    old = sha256(files.out)
+    old_hash, old_inode = sha256(files.out), files.out.stat().st_ino
     # A restart killed after the new output is complete but before it is renamed into place: the old
     # output is untouched, and the old marker no longer claims anything.
-    code, log = cli_process.run(files.args("--restart", "--temperature", "0.9", "--seed", "3"),
-                                {**env, "BATCHLLM_CRASH_AT": "final_write"})
+    code, log = cli_process.run(files.args("--restart"), {**env, "BATCHLLM_CRASH_AT": "final_write"})
     assert code == 137, log
-    assert sha256(files.out) == old and not files.marker.exists()
-    result = invoke(files.args("--restart", "--temperature", "0.9", "--seed", "3"))
+    assert "running every row of the finished job again" in log
+    assert (sha256(files.out), files.out.stat().st_ino) == (old_hash, old_inode)
+    assert not files.marker.exists()
+    result = invoke(files.args("--restart"))
     assert result.exit_code == 0, result.output
-    assert "already finished" not in result.stderr
-    assert sha256(files.out) != old
-    marker = assert_finished_cleanly(files.out, ROWS)
-    assert marker["fingerprint"]["seed"] == 3
+    assert "already finished" not in result.stderr and "discarding the checkpoint" in flat(result.stderr)
+    assert files.out.stat().st_ino != old_inode  # a new file, renamed over the old one
+    assert sha256(files.out) == old_hash  # the same job gives the same answers
+    assert_finished_cleanly(files.out, ROWS)
+    # And from a finished state with no checkpoint left at all.
+    result = invoke(files.args("--restart"))
+    assert result.exit_code == 0, result.output
+    assert "running every row of the finished job again" in flat(result.stderr)
+    assert f"done: {ROWS} rows" in flat(result.stderr)
+    assert_finished_cleanly(files.out, ROWS)
 
 
 def test_restart_and_retry_errors_together_are_refused(files: Files, no_model: None) -> None:
