@@ -38,6 +38,10 @@ def check_input_names(file_names: Sequence[str], input_names: Sequence[str]) -> 
 
     `file_names` are the names as the file spells them; `input_names` as DuckDB reads them.
     """
+    for name in file_names:
+        if "\x00" in name:
+            # DuckDB ends a name at a NUL byte: the output column would come back renamed.
+            raise UsageError(f"Input column {name!r} contains a NUL character, which DuckDB cannot keep; rename it.")
     dup = _first_collision([n for n in file_names if n])
     if dup is not None:
         a, b = dup
@@ -55,6 +59,8 @@ def check_input_names(file_names: Sequence[str], input_names: Sequence[str]) -> 
 
 def check_output_names(input_names: Sequence[str], columns: OutputColumns) -> None:
     """UsageError naming --column when an answer column would collide with an input or internal column."""
+    if "\x00" in columns.prefix:
+        raise UsageError("--column must not contain a NUL character; pick another --column.")
     taken = {duckdb_key(n): n for n in input_names}
     taken[duckdb_key(ROW_ID)] = ROW_ID
     for name in columns.names:
