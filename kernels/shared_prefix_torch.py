@@ -20,11 +20,12 @@ reuses them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from kernels.paged_attention_torch import GatherBuffers
 from kernels.shared_prefix_attention import SharedPrefixBatch, attention_with_lse_reference, merge_attention_states
 
 __all__ = ["PrefixBucket", "TorchSharedPrefixPlan", "plan_shared_prefix_torch", "shared_prefix_decode_torch"]
@@ -39,7 +40,8 @@ class PrefixBucket:
     rows: torch.Tensor  # [n] int64: rows of the batch (group order) of the bucket's members
     slots: torch.Tensor  # [n] int64: each member's place in the padded [B * M] query rows
     blocks: torch.Tensor  # [B * width] int64: the groups' prefix blocks, each group padded to width
-    key_valid: torch.Tensor  # [B, 1, 1, L] bool: prefix positions of each group
+    invalid: torch.Tensor  # [k] int64: positions of the gathered [B * L] keys past their group's prefix
+    bias: torch.Tensor  # [B, 1, 1, L] float32: 0 on each group's prefix positions, -inf after
     num_groups: int
     members: int  # M
 
@@ -48,8 +50,17 @@ class PrefixBucket:
 class TorchSharedPrefixPlan:
     batch: SharedPrefixBatch
     buckets: tuple[PrefixBucket, ...]
-    suffix_slots: torch.Tensor | None  # [R, W] int64 cache slot of each row's suffix position; None: W == 0
-    suffix_valid: torch.Tensor | None  # [R, W] bool
+    # suffix part (None when every row's suffix is empty): W = the longest suffix
+    suffix_slots: torch.Tensor | None  # [R, W] int64 cache slot of each row's suffix position
+    suffix_invalid: torch.Tensor | None  # [k] int64: positions of the gathered [R * W] keys past each row's context
+    suffix_bias: torch.Tensor | None  # [R, 1, 1, W] float32
+    suffix_has_key: torch.Tensor | None  # [R] bool: the row's suffix is not empty
+    buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
+
+
+def _bias(valid: np.ndarray) -> torch.Tensor:
+    """[n, L] bool -> [n, 1, 1, L] float32 additive mask."""
+    return torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32)[:, None, None, :])
 
 
 def _buckets(batch: SharedPrefixBatch, device: torch.device) -> tuple[PrefixBucket, ...]:
@@ -84,7 +95,8 @@ def _buckets(batch: SharedPrefixBatch, device: torch.device) -> tuple[PrefixBuck
             rows=torch.from_numpy(rows).to(device),
             slots=torch.from_numpy(slots).to(device),
             blocks=torch.from_numpy(np.ascontiguousarray(blocks).reshape(-1)).to(device),
-            key_valid=torch.from_numpy(valid[:, None, None, :]).to(device),
+            invalid=torch.from_numpy(np.flatnonzero(~valid)).to(device),
+            bias=_bias(valid).to(device),
             num_groups=len(members),
             members=m,
         ))
@@ -98,18 +110,41 @@ def plan_shared_prefix_torch(batch: SharedPrefixBatch) -> TorchSharedPrefixPlan:
     sstart = np.asarray(batch.host_suffix_starts, dtype=np.int64)
     lens = ctx - sstart
     width = int(lens.max()) if len(lens) else 0
-    slots = valid = None
-    if width:
-        bs = batch.block_size
-        offs = np.arange(width, dtype=np.int64)[None, :]
-        valid_np = offs < lens[:, None]
-        first = sstart // bs  # == table_starts: column 0 of a row's table is this block
-        pos = np.where(valid_np, sstart[:, None] + offs, first[:, None] * bs)  # padding reads a slot, then is zeroed
-        tables = batch.block_tables.to("cpu", torch.int64).numpy()
-        cols = pos // bs - first[:, None]
-        slots_np = np.take_along_axis(tables, cols, axis=1) * bs + pos % bs
-        slots, valid = torch.from_numpy(slots_np).to(device), torch.from_numpy(valid_np).to(device)
-    return TorchSharedPrefixPlan(batch, _buckets(batch, device), slots, valid)
+    buckets = _buckets(batch, device)
+    if not width:
+        return TorchSharedPrefixPlan(batch, buckets, None, None, None, None)
+    bs = batch.block_size
+    offs = np.arange(width, dtype=np.int64)[None, :]
+    valid = offs < lens[:, None]
+    first = sstart // bs  # == table_starts: column 0 of a row's table is this block
+    pos = np.where(valid, sstart[:, None] + offs, first[:, None] * bs)  # padding reads a slot, then is zeroed
+    tables = batch.block_tables.to("cpu", torch.int64).numpy()
+    slots = np.take_along_axis(tables, pos // bs - first[:, None], axis=1) * bs + pos % bs
+    return TorchSharedPrefixPlan(
+        batch, buckets, torch.from_numpy(slots).to(device), torch.from_numpy(np.flatnonzero(~valid)).to(device),
+        _bias(valid).to(device), torch.from_numpy(lens > 0).to(device),
+    )
+
+
+def _attention_lse(
+    q: torch.Tensor,  # [n, kv_heads, rows, d]: the query heads of each KV head folded into rows
+    k: torch.Tensor,  # [n, kv_heads, L, d], zeros where bias is -inf
+    v: torch.Tensor,
+    bias: torch.Tensor,  # [n, 1, 1, L] float32
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [n, kv_heads, rows, d] float32, lse [n, kv_heads, rows] natural log); a row without a
+    visible key gets out 0 and lse 0 (the caller marks it -inf)."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
+        return out.float(), lse.float()
+    out, lse = attention_with_lse_reference(q, k, v, scale, mask=torch.isfinite(bias))
+    return out.float(), torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+# PyTorch's fused CPU attention kernel, the one SDPA runs on CPU, which also returns the log-sum-exp
+# (SDPA's public form drops it). Private: without it the matmul reference form runs.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def shared_prefix_decode_torch(
@@ -137,34 +172,38 @@ def shared_prefix_decode_torch(
 
     pre_out = torch.zeros((num_rows, num_heads, head_dim), dtype=torch.float32, device=q.device)
     pre_lse = torch.full((num_rows, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for b in plan.buckets:
+    for i, b in enumerate(plan.buckets):
         g, m = b.num_groups, b.members
-        # [B * width, bs, KVH, D] -> [B, L, KVH, D]; padding blocks may hold anything (NaN): zeroed
-        shape = (g, -1, num_kv_heads, head_dim)
-        invalid = ~b.key_valid[:, 0, 0, :, None, None]
-        k = k_cache.index_select(0, b.blocks).view(shape).masked_fill_(invalid, 0.0).transpose(1, 2)
-        v = v_cache.index_select(0, b.blocks).view(shape).masked_fill_(invalid, 0.0).transpose(1, 2)
+        # [B * width, bs, KVH, D] -> [B * L, KVH, D]; slots past a prefix may hold anything (NaN): zeroed
+        k = plan.buffers.gather(f"k{i}", k_cache, b.blocks).view(-1, num_kv_heads, head_dim).index_fill_(0, b.invalid, 0.0)
+        v = plan.buffers.gather(f"v{i}", v_cache, b.blocks).view(-1, num_kv_heads, head_dim).index_fill_(0, b.invalid, 0.0)
+        k = k.view(g, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, KVH, L, D]
+        v = v.view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
         qp = q.new_zeros((g * m, num_heads, head_dim))
         qp[b.slots] = qd[b.rows]
         # [B, M, KVH, ratio, D] -> [B, KVH, M * ratio, D]: member-major rows within each KV head
         qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
-        o, lse = attention_with_lse_reference(qg, k, v, scale, mask=b.key_valid)
-        o = o.float().view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
+        o, lse = _attention_lse(qg, k, v, b.bias, scale)
+        o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
         lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)
         pre_out[b.rows] = o[b.slots]
         pre_lse[b.rows] = lse[b.slots]
 
-    if plan.suffix_slots is not None:
-        assert plan.suffix_valid is not None
+    if plan.suffix_slots is None:
+        merged = pre_out
+    else:
+        assert plan.suffix_invalid is not None and plan.suffix_bias is not None and plan.suffix_has_key is not None
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        keep = plan.suffix_valid[:, :, None, None]
-        k = torch.where(keep, k_flat[plan.suffix_slots], 0).transpose(1, 2)  # [R, KVH, W, D]
-        v = torch.where(keep, v_flat[plan.suffix_slots], 0).transpose(1, 2)
-        suf_out, suf_lse = attention_with_lse_reference(qd[:, :, None, :], k, v, scale,
-                                                        mask=plan.suffix_valid[:, None, None, :])
-        merged, _ = merge_attention_states(pre_out, pre_lse, suf_out[:, :, 0].float(), suf_lse[:, :, 0])
-    else:
-        merged = pre_out
+        flat = plan.suffix_slots.view(-1)
+        k = plan.buffers.gather("ks", k_flat, flat).index_fill_(0, plan.suffix_invalid, 0.0)
+        v = plan.buffers.gather("vs", v_flat, flat).index_fill_(0, plan.suffix_invalid, 0.0)
+        k = k.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [R, KVH, W, D]
+        v = v.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)
+        qs = qd.view(num_rows, num_kv_heads, ratio, head_dim)  # the heads of a KV head as rows
+        suf_out, suf_lse = _attention_lse(qs, k, v, plan.suffix_bias, scale)
+        suf_lse = torch.where(plan.suffix_has_key[:, None, None], suf_lse, float("-inf"))
+        merged, _ = merge_attention_states(pre_out, pre_lse, suf_out.reshape(num_rows, num_heads, head_dim),
+                                           suf_lse.reshape(num_rows, num_heads))
     out[batch.query_index] = merged.to(out.dtype)
     return out
