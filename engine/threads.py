@@ -6,7 +6,8 @@ When another process holds one of the cores (a second job, a test run, a `while 
 thread on that core gets a time slice only now and then, and each of the thousands of small ops
 of a step waits for it: measured on a 2-core VM under load, an elementwise op on a [2048, 256]
 tensor took 8-15 ms with two spinning threads against 0.3-0.9 ms with `OMP_WAIT_POLICY=PASSIVE`
-(bench/engine_cpu_profile.py and bench/thread_policy.py have the engine-level numbers).
+(engine level, same load: a doc-QA job 48.7 s spinning vs 4.5 s passive; bench/thread_policy.py
+compares the settings with and without a busy-loop hog: passive lost least to it).
 
 So the engine asks OpenMP for passive waiting, and uses one thread per CPU it may run on.
 libgomp reads its environment once, when torch is imported: `configure_openmp_env` must run before

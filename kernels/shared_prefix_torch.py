@@ -7,7 +7,9 @@ bucket is one batched computation, every group's prefix still read once:
 
   prefix part: bucket of B groups, queries padded to M members -> [B, kv_heads, M * heads_per_kv, d]
                against the prefix KV gathered a block at a time and padded to the bucket's longest
-               prefix -> [B, kv_heads, L, d] (padding masked out); one batched matmul per bucket.
+               prefix -> [B, kv_heads, L, d] (padding masked by an additive -inf bias); one call of
+               PyTorch's fused CPU attention kernel per bucket (it returns the log-sum-exp too;
+               elsewhere, or if a torch lacks it, the matmul form of `attention_with_lse_reference`).
   suffix part: every row over its own positions, padded to the longest suffix (as the reference).
   merge:       by log-sum-exp (`merge_attention_states`).
 
@@ -16,7 +18,7 @@ work (groups x longest prefix x most members) stays within twice its real work, 
 or one large group never makes every group pay for its padding.
 
 All index tensors are built once per step on the host (`plan_shared_prefix_torch`); every layer
-reuses them.
+reuses them and the step's gather buffers.
 """
 from __future__ import annotations
 
