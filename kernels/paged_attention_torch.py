@@ -30,7 +30,10 @@ class GatherBuffers:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def gather(self, name: str, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """source.index_select(0, index), written into buffer `name`."""
+        """source.index_select(0, index), written into buffer `name` (a new tensor when autograd
+        tracks source: out= arguments cannot be differentiated)."""
+        if source.requires_grad and torch.is_grad_enabled():
+            return source.index_select(0, index)
         shape = (index.shape[0], *source.shape[1:])
         buf = self._buffers.get(name)
         if buf is None or buf.shape != shape or buf.dtype != source.dtype or buf.device != source.device:
