@@ -16,6 +16,7 @@ from engine.sampler import SamplingTensors, sample
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 from engine.step_context import StepContext
+from engine.threads import apply_thread_count
 from kernels.attention_backend import select_backend
 from kernels.host_tensors import to_device
 
@@ -38,6 +39,11 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            try:
+                apply_thread_count()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len

@@ -21,4 +21,4 @@ class StepContext:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         k_cache, v_cache = self.kv_caches[layer]
         self.backend.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
-        return self.backend.attention(q, k_cache, v_cache, self.attention_meta, scale)
+        return self.backend.attention(q, k_cache, v_cache, self.attention_meta, scale, key=k, value=v)

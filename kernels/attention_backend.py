@@ -24,12 +24,13 @@ from typing import Any, Hashable, Protocol, Sequence
 import torch
 
 from kernels import triton_interpreting
-from kernels.paged_attention import PagedBatch, build_paged_batch, paged_attention_reference, store_kv_reference
+from kernels.paged_attention import build_paged_batch, store_kv_reference
+from kernels.paged_attention_torch import TorchPagedPlan, paged_attention_torch, plan_paged_torch
 from kernels.shared_prefix_attention import (
     SharedPrefixBatch,
     build_shared_prefix_batch,
-    shared_prefix_decode_reference,
 )
+from kernels.shared_prefix_torch import TorchSharedPrefixPlan, plan_shared_prefix_torch, shared_prefix_decode_torch
 
 __all__ = [
     "AttentionBackend",
@@ -70,8 +71,11 @@ class AttentionBackend(Protocol):
 
     def paged_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
+        out: torch.Tensor | None = None, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """key / value (optional): the step's new keys and values in q's row order, already stored;
+        a backend may read a chunk's own keys from them instead of the cache."""
+        ...
 
     def build_shared_prefix_metadata(
         self, query_rows: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
@@ -92,7 +96,7 @@ class AttentionBackend(Protocol):
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
-        scale: float,
+        scale: float, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
     def graph_variant(self) -> AttentionBackend | None:
@@ -186,14 +190,15 @@ class _StepMixin:
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
-        scale: float,
+        scale: float, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention of every row of q (each chunk's queries over its cached context, causal)."""
+        """Attention of every row of q (each chunk's queries over its cached context, causal).
+        key / value: the step's new keys and values (already stored), see `paged_attention`."""
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} rows; the step metadata covers {meta.num_tokens}")
         out = torch.zeros_like(q) if meta.zero_uncovered else torch.empty_like(q)
         if meta.paged is not None:
-            self.paged_attention(q, k_cache, v_cache, meta.paged, scale, out=out)  # type: ignore[attr-defined]
+            self.paged_attention(q, k_cache, v_cache, meta.paged, scale, out=out, key=key, value=value)  # type: ignore[attr-defined]
         if meta.shared is not None:
             self.shared_prefix_decode(q, k_cache, v_cache, meta.shared, scale, out=out)  # type: ignore[attr-defined]
         return out
@@ -212,40 +217,39 @@ class TorchBackend(_StepMixin):
     def build_paged_metadata(
         self, query_lens, context_lens, block_tables, block_size, device, *, num_heads: int = 0,
         num_kv_heads: int = 0, query_starts: Sequence[int] | None = None,
-    ) -> PagedBatch:
+    ) -> TorchPagedPlan:
         batch = build_paged_batch(list(query_lens), list(context_lens), [list(t) for t in block_tables],
                                   block_size, torch.device(device))
-        if query_starts is None:
-            return batch
-        # build_paged_batch places the chunks back to back from row 0: move them to their rows.
-        starts = [int(s) for s in query_starts]
-        decode = [s for s, ql in zip(starts, query_lens) if ql == 1]
-        spans = [(s, ql, c) for s, ql, c in zip(starts, query_lens, context_lens) if ql != 1]
-        return dataclasses.replace(
-            batch,
-            decode_query_index=torch.tensor(decode, dtype=torch.int64, device=batch.decode_query_index.device),
-            prefill_spans=tuple((s, int(ql), int(c)) for s, ql, c in spans),
-        )
+        if query_starts is not None:
+            # build_paged_batch places the chunks back to back from row 0: move them to their rows.
+            starts = [int(s) for s in query_starts]
+            decode = [s for s, ql in zip(starts, query_lens) if ql == 1]
+            spans = [(s, ql, c) for s, ql, c in zip(starts, query_lens, context_lens) if ql != 1]
+            batch = dataclasses.replace(
+                batch,
+                decode_query_index=torch.tensor(decode, dtype=torch.int64, device=batch.decode_query_index.device),
+                prefill_spans=tuple((s, int(ql), int(c)) for s, ql, c in spans),
+            )
+        return plan_paged_torch(batch)
 
-    def paged_attention(self, q, k_cache, v_cache, meta: PagedBatch, scale: float, out=None) -> torch.Tensor:
-        result = paged_attention_reference(q, k_cache, v_cache, meta, scale)
+    def paged_attention(self, q, k_cache, v_cache, meta: TorchPagedPlan, scale: float, out=None,
+                        key=None, value=None) -> torch.Tensor:
+        # paged_attention_reference's meaning, computed by its faster CPU form (kernels.paged_attention_torch)
         if out is None:
-            return result
-        if meta.decode_query_index.numel():
-            out[meta.decode_query_index] = result[meta.decode_query_index]
-        for start, q_len, _ in meta.prefill_spans:
-            out[start : start + q_len] = result[start : start + q_len]
-        return out
+            out = torch.empty_like(q)
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, key, value)
 
     def build_shared_prefix_metadata(
         self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
         num_heads: int = 0, num_kv_heads: int = 0,
-    ) -> SharedPrefixBatch:
-        return build_shared_prefix_batch(query_rows, context_lens, block_tables, group_ids, prefix_lens,
-                                         block_size, device)
+    ) -> TorchSharedPrefixPlan:
+        batch = build_shared_prefix_batch(query_rows, context_lens, block_tables, group_ids, prefix_lens,
+                                          block_size, device)
+        return plan_shared_prefix_torch(batch)
 
-    def shared_prefix_decode(self, q, k_cache, v_cache, meta: SharedPrefixBatch, scale: float, out=None):
-        return shared_prefix_decode_reference(q, k_cache, v_cache, meta, scale, out=out)
+    def shared_prefix_decode(self, q, k_cache, v_cache, meta: TorchSharedPrefixPlan, scale: float, out=None):
+        # the batched form of shared_prefix_decode_reference (same meaning; one computation per bucket of groups)
+        return shared_prefix_decode_torch(q, k_cache, v_cache, meta, scale, out=out)
 
     def graph_variant(self) -> None:
         """The references plan on the host inside attention: they cannot be captured in a graph."""
@@ -280,7 +284,8 @@ class TritonBackend(_StepMixin):
             query_starts=query_starts,
         )
 
-    def paged_attention(self, q, k_cache, v_cache, meta, scale: float, out=None) -> torch.Tensor:
+    def paged_attention(self, q, k_cache, v_cache, meta, scale: float, out=None, key=None, value=None) -> torch.Tensor:
+        # the kernel reads every key from the cache (key / value unused)
         return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out)
 
     def build_shared_prefix_metadata(

@@ -110,7 +110,7 @@ def test_short_prefill_chunks_of_a_group_use_its_tiles(backend_name: str, heads:
     q = torch.randn(sum(lists["query_lens"]), heads, head_dim, generator=torch.Generator().manual_seed(1))
     meta = backend.build_step_metadata(**lists, block_size=bs, device="cpu", num_heads=heads, num_kv_heads=kv_heads,
                                        group_ids=[gid] * len(chunks), prefix_lens=[plen] * len(chunks))
-    shared = meta.shared.batch if backend_name == "triton" else meta.shared
+    shared = meta.shared.batch  # both backends plan on top of a SharedPrefixBatch
     ratio = heads // kv_heads
     routed = [c["ql"] for c in chunks if c["ql"] * ratio <= 64 and c["ctx"] - plen <= 64]
     assert shared.num_groups == 1 and shared.num_rows == sum(routed)  # every routed token is a group row

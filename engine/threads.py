@@ -1,0 +1,53 @@
+"""The engine's CPU thread policy: OpenMP threads that sleep instead of spin while they wait.
+
+PyTorch's CPU ops run on an OpenMP pool (GNU libgomp in the pip wheels). By default a waiting
+thread spins for a while, and every op ends at a barrier that waits for the pool's slowest thread.
+When another process holds one of the cores (a second job, a test run, a `while 1: pass`), the
+thread on that core gets a time slice only now and then, and each of the thousands of small ops
+of a step waits for it: measured on a 2-core VM under load, an elementwise op on a [2048, 256]
+tensor took 8-15 ms with two spinning threads against 0.3-0.9 ms with `OMP_WAIT_POLICY=PASSIVE`
+(engine level, same load: a doc-QA job 48.7 s spinning vs 4.5 s passive; bench/thread_policy.py
+compares the settings with and without a busy-loop hog: passive lost least to it).
+
+So the engine asks OpenMP for passive waiting, and uses one thread per CPU it may run on.
+libgomp reads its environment once, when torch is imported: `configure_openmp_env` must run before
+that (engine/__init__.py calls it first); if torch was imported earlier, it changes nothing.
+
+User overrides: an `OMP_WAIT_POLICY` already set is kept; `BATCHLLM_NUM_THREADS=N` sets the
+intra-op threads (default: the CPUs in this process's affinity mask, as OpenMP counts them).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import MutableMapping
+
+THREADS_ENV = "BATCHLLM_NUM_THREADS"
+
+
+def configure_openmp_env(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Ask for passive OpenMP waiting unless the user chose a policy; returns whether it can still
+    take effect (torch, and so OpenMP, not loaded yet)."""
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return "torch" not in sys.modules
+
+
+def requested_threads(environ: MutableMapping[str, str] = os.environ) -> int | None:
+    """The thread count asked for in BATCHLLM_NUM_THREADS, or None. Raises ValueError for a value
+    that is not a positive integer."""
+    raw = environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{THREADS_ENV}={raw!r} is not a positive number of threads; unset it or give e.g. 2.")
+    return int(raw)
+
+
+def apply_thread_count() -> int:
+    """Set torch's intra-op threads from BATCHLLM_NUM_THREADS (if set); returns the count in use."""
+    import torch
+
+    n = requested_threads()
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

@@ -1,0 +1,67 @@
+"""The PyTorch paged attention CPU path equals `paged_attention_reference`: decode rows (NaN in
+every unwritten slot), whole-prompt chunks read from the step's new keys, continuing chunks read
+from the cache, GQA ratios 1-8, chunks placed at given rows of q."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kernel_cases import make_prefill_scenario
+from kernels.paged_attention import build_paged_batch
+from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch
+
+# (query_len, context_len): decode rows, whole prompts, chunks starting and ending mid-block,
+# a one-token context
+SPANS = [(1, 1), (1, 23), (9, 9), (6, 21), (19, 40), (3, 8), (30, 30), (1, 5)]
+
+
+def _new_kv(sc) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of every query token, in q's row order (as a step stores them)."""
+    bs, (kvh, d) = sc.block_size, sc.k_cache.shape[-2:]
+    slots = []
+    for ql, c, table in zip(sc.query_lens, sc.context_lens, sc.block_tables):
+        slots += [table[p // bs] * bs + p % bs for p in range(c - ql, c)]
+    idx = torch.tensor(slots)
+    return sc.k_cache.view(-1, kvh, d)[idx].clone(), sc.v_cache.view(-1, kvh, d)[idx].clone()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(2, 2, 16, 8), (4, 2, 32, 16), (8, 1, 16, 4), (6, 2, 8, 7)])
+def test_equals_reference(heads: int, kv_heads: int, head_dim: int, block_size: int) -> None:
+    sc = make_prefill_scenario(heads * 3 + block_size, SPANS, heads, kv_heads, head_dim, block_size)
+    batch = build_paged_batch(sc.query_lens, sc.context_lens, sc.block_tables, block_size, torch.device("cpu"))
+    plan = plan_paged_torch(batch)
+    expected = sc.expected()
+    key, value = _new_kv(sc)
+    for kv in ((None, None), (key, value)):
+        out = paged_attention_torch(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, torch.empty_like(sc.q), *kv)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_prompt_chunks_use_the_new_keys() -> None:
+    """A chunk that is its whole context attends to the given keys (the cache is not read for it)."""
+    sc = make_prefill_scenario(1, [(9, 9), (4, 12)], 4, 2, 16, 4)
+    batch = build_paged_batch(sc.query_lens, sc.context_lens, sc.block_tables, 4, torch.device("cpu"))
+    key, value = _new_kv(sc)
+    k_cache, v_cache = sc.k_cache.clone(), sc.v_cache.clone()
+    k_cache[sc.block_tables[0]] = float("nan")  # the first chunk's blocks: poison if read
+    v_cache[sc.block_tables[0]] = float("nan")
+    out = paged_attention_torch(sc.q, k_cache, v_cache, plan_paged_torch(batch), sc.scale, torch.empty_like(sc.q),
+                                key, value)
+    torch.testing.assert_close(out, sc.expected(), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_outside_the_batch_are_untouched() -> None:
+    sc = make_prefill_scenario(2, [(1, 13), (5, 18)], 8, 2, 16, 8)
+    batch = build_paged_batch(sc.query_lens, sc.context_lens, sc.block_tables, 8, torch.device("cpu"))
+    # the two chunks at rows 3 and 6..10 of a 12-row q
+    q = torch.randn(12, 8, 16)
+    q[3], q[6:11] = sc.q[0], sc.q[1:]
+    moved = dataclasses.replace(batch, decode_query_index=torch.tensor([3]), prefill_spans=((6, 5, 18),))
+    out = paged_attention_torch(q, sc.k_cache, sc.v_cache, plan_paged_torch(moved), sc.scale, torch.full_like(q, 7.0))
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[3], keep[6:11] = False, False
+    assert (out[keep] == 7.0).all()
+    torch.testing.assert_close(out[[3, 6, 7, 8, 9, 10]], sc.expected(), atol=1e-5, rtol=1e-5)
