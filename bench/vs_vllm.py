@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     for kv, jobs in groups.items():
         print(f"KV {kv} tokens: {', '.join(j.name for j, _ in jobs)}", file=sys.stderr)
         results.update(run_group(jobs, settings, args, model_dir, tmp))
-    tmp_root.cleanup() if args.log_dir != tmp else None
+    tmp_root.cleanup()  # prompts and outputs (workers' logs too, unless --log-dir)
 
     import torch
 
