@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -267,14 +267,14 @@ def summarize(rounds: list[dict[str, Any]], ready: dict[str, Any], outputs: list
 
 
 def run_group(jobs: list[tuple[JobSpec, list[list[int]]]], settings: list[Setting], args: argparse.Namespace,
-              model_dir: Path, tmp: Path) -> dict[str, dict[str, Any]]:
+              model_dir: Path, tmp: Path, job_done: Callable[[str, dict[str, Any]], None]) -> None:
+    """Runs the jobs (all with one KV size) and hands each job's results to job_done as it finishes."""
     kv_tokens = jobs[0][0].kv_tokens
     warm = tmp / "warmup.json"
     warm.write_text(json.dumps([p[:64] for p in jobs[0][1][:8]]))
     base = {"model_dir": str(model_dir), "kv_tokens": kv_tokens, "kv_bytes": kv_tokens * kv_bytes_per_token(model_dir),
             "block_size": args.block_size, "max_batch_tokens": args.max_batch_tokens, "warmup_file": str(warm)}
     workers: list[Worker] = []
-    results: dict[str, dict[str, Any]] = {}
     try:
         for s in settings:  # one at a time: two compiling vLLMs on two cores would time each other out
             python = args.batchllm_python if s.engine == "batchllm" else args.vllm_python
@@ -303,11 +303,10 @@ def run_group(jobs: list[tuple[JobSpec, list[list[int]]]], settings: list[Settin
             for name, res in per.items():
                 res["rows_identical_to_reference"] = round(
                     sum(a == b for a, b in zip(outputs[name], outputs[ref])) / len(prompts), 4)
-            results[job.name] = {"reference": ref, "settings": per}
+            job_done(job.name, {"reference": ref, "settings": per})
     finally:
         for w in workers:
             w.close()
-    return results
 
 
 def best(settings: dict[str, Any], prefix: str) -> tuple[str, dict[str, Any]] | None:
@@ -378,7 +377,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="step token budget for both (default: each its own)")
     p.add_argument("--model-cache", type=Path, default=None, help="default: $BATCHLLM_CACHE_DIR or ~/.cache/batchllm")
     p.add_argument("--log-dir", type=Path, default=None, help="workers' logs (default: a temporary directory)")
-    p.add_argument("--out", type=Path, default=BENCH / "results" / "vs_vllm_cpu.json")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/vs_vllm_cpu.json")
     p.add_argument("--table", type=Path, default=None, metavar="RESULTS",
                    help="print the README table of a results file and exit")
     args = p.parse_args(argv)
@@ -423,45 +422,55 @@ def main(argv: list[str] | None = None) -> int:
                            "unique_prompt_tokens": unique_prompt_tokens(prompts), "max_tokens": args.max_tokens,
                            "greedy": True, "ignore_eos": True}
         groups.setdefault(spec.kv_tokens, []).append((spec, prompts))
-    results: dict[str, Any] = {}
-    for kv, jobs in groups.items():
-        print(f"KV {kv} tokens: {', '.join(j.name for j, _ in jobs)}", file=sys.stderr)
-        results.update(run_group(jobs, settings, args, model_dir, tmp))
-    tmp_root.cleanup()  # prompts and outputs (workers' logs too, unless --log-dir)
-
     import torch
 
-    from bench_common import git_commit
+    from bench_common import git_commit, results_path
 
-    jobs_out = {n: {"workload": workloads[n], **results[n], "ratios": ratios(results[n]["settings"])} for n in args.jobs}
-    goals = {f"{job}:{key}": {"goal": goal, "value": jobs_out[job]["ratios"].get(key, {}).get("speedup"),
-                              "met": jobs_out[job]["ratios"].get(key, {}).get("speedup", 0) >= goal}
-             for job, key, goal in GOALS if job in jobs_out}
-    vllm_versions = {s["setup"].get("vllm") for j in jobs_out.values() for s in j["settings"].values()} - {None}
-    report = {
-        "benchmark": "vs_vllm",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": round(time.time() - started, 1),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git": git_commit("engine", "kernels", "bench/vs_vllm.py", "bench/vs_vllm_worker.py"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "torch": torch.__version__, "vllm": sorted(vllm_versions)},
-        "note": ("Shared 2-core machine with other engineers' tests running: absolute times are noisy "
-                 "(loadavg_1m per round is recorded); rounds are interleaved (A B C, C B A, ...) so load "
-                 "hits every setting alike and the ratios are the figures to read. Engine time = generate "
-                 "only; medians over rounds."),
-        "model": {"dir": model_dir.name, "architecture": "LlamaForCausalLM", "layers": LAYERS, "hidden": HIDDEN,
-                  "vocab": VOCAB, "dtype": "float32", "weights": "random",
-                  "kv_bytes_per_token": kv_bytes_per_token(model_dir)},
-        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "table"},
-        "jobs": jobs_out,
-        "goals": goals,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    out = args.out or results_path("vs_vllm", "cpu")
+    results: dict[str, Any] = {}
+
+    def write_report(name: str, result: dict[str, Any]) -> dict[str, Any]:
+        """The report of the jobs done so far, rewritten after each job (a long run keeps what it did)."""
+        results[name] = result
+        done = [n for n in args.jobs if n in results]
+        jobs_out = {n: {"workload": workloads[n], **results[n], "ratios": ratios(results[n]["settings"])} for n in done}
+        goals = {f"{job}:{key}": {"goal": goal, "value": jobs_out[job]["ratios"].get(key, {}).get("speedup"),
+                                  "met": jobs_out[job]["ratios"].get(key, {}).get("speedup", 0) >= goal}
+                 for job, key, goal in GOALS if job in jobs_out}
+        vllm_versions = {s["setup"].get("vllm") for j in jobs_out.values() for s in j["settings"].values()} - {None}
+        report = {
+            "benchmark": "vs_vllm",
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - started, 1),
+            "complete": len(done) == len(args.jobs),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "git": git_commit("engine", "kernels", "bench/vs_vllm.py", "bench/vs_vllm_worker.py"),
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                        "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+                        "torch": torch.__version__, "vllm": sorted(vllm_versions)},
+            "note": ("Shared 2-core machine with other engineers' tests running: absolute times are noisy "
+                     "(loadavg_1m per round is recorded); rounds are interleaved (A B C, C B A, ...) so load "
+                     "hits every setting alike and the ratios are the figures to read. Engine time = generate "
+                     "only; medians over rounds."),
+            "model": {"dir": model_dir.name, "architecture": "LlamaForCausalLM", "layers": LAYERS, "hidden": HIDDEN,
+                      "vocab": VOCAB, "dtype": "float32", "weights": "random",
+                      "kv_bytes_per_token": kv_bytes_per_token(model_dir)},
+            "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "table"},
+            "jobs": jobs_out,
+            "goals": goals,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    reports: list[dict[str, Any]] = []
+    for kv, jobs in groups.items():
+        print(f"KV {kv} tokens: {', '.join(j.name for j, _ in jobs)}", file=sys.stderr)
+        run_group(jobs, settings, args, model_dir, tmp, lambda name, result: reports.append(write_report(name, result)))
+    report = reports[-1]
+    tmp_root.cleanup()  # prompts and outputs (workers' logs too, unless --log-dir)
     print(markdown_table(report))
-    print(f"goals {json.dumps(goals)}\nwrote {args.out}")
+    print(f"goals {json.dumps(report['goals'])}\nwrote {out}")
     return 0
 
 
