@@ -41,6 +41,7 @@ FIELD_LABELS = {
     "top_k": "--top-k",
     "seed": "--seed",
     "stop": "--stop",
+    "ignore_eos": "--ignore-eos",
     "nulls": "--nulls",
     "truncate": "--truncate",
     "dtype": "--dtype",
@@ -161,6 +162,9 @@ def build_fingerprint(
     for key in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
         value = sampling[key]
         fp[key] = list(value) if isinstance(value, tuple) else value
+    # Only when on: a run directory made before the flag existed still matches a run without it.
+    if sampling.get("ignore_eos"):
+        fp["ignore_eos"] = True
     return fp
 
 

@@ -300,6 +300,7 @@ def _sampling_params(settings: RunSettings, template: PromptTemplate) -> Samplin
             top_k=settings.top_k,
             seed=settings.seed,
             stop=tuple(settings.stop),
+            ignore_eos=settings.ignore_eos,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

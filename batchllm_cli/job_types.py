@@ -63,6 +63,7 @@ class RunSettings:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
     chat: bool | None = None
     limit: int | None = None
     device: str = "auto"

@@ -196,6 +196,15 @@ StopOpt = Annotated[
         rich_help_panel=PANEL_SAMPLING,
     ),
 ]
+IgnoreEosOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-eos",
+        help="Keep generating past the model's end-of-text token until --max-tokens (--stop still "
+        "applies); for benchmarks that need equal output lengths.",
+        rich_help_panel=PANEL_SAMPLING,
+    ),
+]
 DeviceOpt = Annotated[
     Device,
     typer.Option("--device", help="Where the model runs.", case_sensitive=False, rich_help_panel=PANEL_ENGINE),

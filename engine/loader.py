@@ -5,7 +5,9 @@ shapes, byte ranges) against a model built on the meta device: no weight is read
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -47,10 +49,36 @@ def check_weights(model_dir: Path, cfg: ModelConfig) -> None:
     _check_complete(model_dir, cfg, params, filled)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextmanager
+def _uninitialized(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules built straight on `device` in `dtype`, their random init skipped: the weights are
+    loaded over them. (Building on the meta device and moving with to_empty would run meta kernels
+    that import torch._dynamo and sympy: seconds of a short job's start.)"""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    saved_dtype = torch.get_default_dtype()
+
+    def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, skip)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(saved_dtype)
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int) -> DecoderForCausalLM:
-    with torch.device("meta"):
+    with _uninitialized(device, dtype):
         model = DecoderForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
     for path in weight_files(model_dir):

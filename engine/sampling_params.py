@@ -10,6 +10,8 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters. The random draw of a
     request depends only on (seed, request key, step), never on its batch neighbours.
+    ignore_eos generates past the model's EOS ids until max_tokens (as vLLM's); stop strings and
+    stop_token_ids still end a request.
     """
 
     max_tokens: int = 256

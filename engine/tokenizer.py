@@ -1,19 +1,27 @@
 """The model's own tokenizer: batch encoding, chat template, EOS ids, decoding.
 
-Only tokenizers and chat templates come from `transformers`; the engine never runs a transformers model.
+`tokenizer.json` is loaded with the `tokenizers` library and chat templates are rendered with jinja2
+(engine/chat_template.py), with the semantics of transformers' fast tokenizers (checked token for
+token against transformers by tests/test_tokenizer_parity.py), without importing transformers:
+that import alone took seconds of a short job's start. A model directory without tokenizer.json
+(only a slow tokenizer's files) goes through transformers once, to convert it.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
-from pathlib import Path
 from itertools import chain
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from engine.errors import ModelLoadError
+
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES): added to the vocabulary as special
+# tokens and passed to chat templates as strings.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _int_list(value: object) -> list[int]:
@@ -82,31 +90,88 @@ def _unknowns_may_fuse(model: dict) -> bool:
     return True  # WordPiece, WordLevel: one [UNK] per unknown word
 
 
+def _token_text(value: object) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _special_tokens(model_dir: Path, config: dict) -> dict[str, str]:
+    """bos_token, eos_token, ... : tokenizer_config.json, filled in by the legacy special_tokens_map.json."""
+    named = {k: _token_text(config.get(k)) for k in SPECIAL_TOKEN_NAMES}
+    legacy = _read_json(model_dir / "special_tokens_map.json")
+    for key in SPECIAL_TOKEN_NAMES:
+        if named[key] is None and key in legacy:
+            named[key] = _token_text(legacy[key])
+    return {k: v for k, v in named.items() if v is not None}
+
+
+def _chat_template(model_dir: Path, config: dict) -> str | None:
+    template_file = model_dir / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def _load_backend(model_dir: Path) -> Any:
+    """A `tokenizers.Tokenizer` for the directory."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    path = model_dir / "tokenizer.json"
+    if path.is_file():
+        return RustTokenizer.from_file(str(path))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer  # a slow tokenizer only: convert it once, here
+
+    hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    backend = getattr(hf, "_tokenizer", None)
+    if backend is None:
+        raise ValueError("transformers could not convert it to a fast tokenizer")
+    return backend
+
+
+def _apply_transformers_setup(backend: Any, special: dict[str, str]) -> None:
+    """What transformers' fast tokenizer does to tokenizer.json on load: named special tokens become
+    special added tokens; truncation and padding are off for a plain call. (transformers 5 leaves
+    tokenizer.json's post-processor alone whatever add_bos_token/add_eos_token say.)"""
+    from tokenizers import AddedToken
+
+    backend.no_truncation()
+    backend.no_padding()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special.values()])
+
+
 class Tokenizer:
-    """Wraps a Hugging Face fast tokenizer loaded from a local model directory."""
+    """The fast (Rust) tokenizer of a local model directory."""
 
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-        from transformers import AutoTokenizer
-
         self.model_dir = Path(model_dir)
         try:
-            self._tok = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-        except Exception as exc:  # transformers raises many types here; the user needs one sentence
+            config = _read_json(self.model_dir / "tokenizer_config.json")
+            self.special_tokens: dict[str, str] = _special_tokens(self.model_dir, config)
+            self._tok = _load_backend(self.model_dir)
+            _apply_transformers_setup(self._tok, self.special_tokens)
+            self.chat_template: str | None = _chat_template(self.model_dir, config)
+            # transformers' decode cleans " ." -> "." etc. when asked, except for BPE models
+            self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces")) and (
+                type(self._tok.model).__name__ != "BPE"
+            )
+        except Exception as exc:  # tokenizers and transformers raise many types here; the user needs one sentence
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ModelLoadError(
                 f"Could not load a tokenizer from {self.model_dir}: {reason}. The model directory needs "
                 "tokenizer.json (or the files of a Hugging Face tokenizer)."
             ) from exc
-        template = getattr(self._tok, "chat_template", None)
         template_file = self.model_dir / "chat_template.jinja"
-        # Where the chat template came from, for messages (transformers reads chat_template.jinja too).
+        # Where the chat template came from, for messages.
         self.chat_template_origin = template_file if template_file.is_file() else self.model_dir / "tokenizer_config.json"
-        if not template and template_file.is_file():
-            template = template_file.read_text(encoding="utf-8")
-            self._tok.chat_template = template
-        self.chat_template: str | None = template or None
         self.eos_token_ids: frozenset[int] = frozenset(self._find_eos_ids())
 
     def _find_eos_ids(self) -> set[int]:
@@ -115,7 +180,9 @@ class Tokenizer:
         config = _read_json(self.model_dir / "config.json")
         ids.update(_int_list(config.get("eos_token_id")))
         ids.update(_int_list(config.get("text_config", {}).get("eos_token_id")))
-        ids.update(_int_list(self._tok.eos_token_id))
+        eos = self.special_tokens.get("eos_token")
+        eos_id = self._tok.token_to_id(eos) if eos is not None else None
+        ids.update(_int_list(eos_id))
         return ids
 
     @functools.cached_property
@@ -129,10 +196,7 @@ class Tokenizer:
         NFKC) turns at most 4 characters into 1; normalizers and pre-tokenizers that delete
         characters, and unknown characters fused into one <unk>, leave no bound.
         """
-        backend = getattr(self._tok, "_tokenizer", None)
-        if backend is None:
-            return None
-        spec = json.loads(backend.to_str())
+        spec = json.loads(self._tok.to_str())
         shrink = _normalizer_shrink(spec.get("normalizer"))
         unbounded = _unknowns_may_fuse(spec.get("model") or {}) or not _keeps_every_character(spec.get("pre_tokenizer"))
         if shrink is None or unbounded:
@@ -142,7 +206,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self._tok)
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     @property
     def has_chat_template(self) -> bool:
@@ -150,10 +214,16 @@ class Tokenizer:
 
     def apply_chat_template(self, user_message: str) -> str:
         """The prompt text for one user turn, ending where the assistant's answer starts."""
+        from engine.chat_template import render_chat
+
         assert self.chat_template is not None
-        return self._tok.apply_chat_template(
-            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
-        )
+        return render_chat(self.chat_template, [{"role": "user", "content": user_message}], self.special_tokens,
+                           add_generation_prompt=True)
+
+    def _encode_ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        # tokenizers >= 0.21 has encode_batch_fast: parallel, no character offsets
+        encode = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
     def check_chat_template(self) -> None:
         """ModelLoadError naming the template's file when the chat template cannot render one user turn
@@ -173,37 +243,20 @@ class Tokenizer:
         """Token ids of each text; the fast tokenizer encodes the batch in parallel."""
         if not texts:
             return []
-        out = self._tok(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-        return [list(ids) for ids in out]
+        return self._encode_ids(list(texts), add_special_tokens)
 
     def encode_batch_packed(
         self, texts: Sequence[str], *, add_special_tokens: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """The same token ids as `encode_batch`, packed: (tokens int32 (total,), lengths int64 (n,)).
 
-        Goes straight to the fast (Rust) tokenizer's batch encoder, parallel and without computing
-        character offsets, and never builds one Python list of ints for the whole batch: this is
-        the path for tokenizing whole tables (`batchllm analyze`).
+        Never builds one Python list of ints for the whole batch: this is the path for tokenizing
+        whole tables (`batchllm analyze`).
         """
         n = len(texts)
         if n == 0:
             return np.zeros(0, np.int32), np.zeros(0, np.int64)
-        backend = getattr(self._tok, "_tokenizer", None)
-        # A tokenizer.json may carry truncation or padding settings, which transformers switches off
-        # for a plain call; then (or for a slow tokenizer) take the transformers path itself.
-        direct = (
-            backend is not None
-            and hasattr(backend, "encode_batch")
-            and getattr(backend, "truncation", None) is None
-            and getattr(backend, "padding", None) is None
-        )
-        if not direct:
-            ids = self.encode_batch(texts, add_special_tokens=add_special_tokens)
-        else:
-            texts = list(texts)
-            fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.21: no offsets
-            encs = (fast or backend.encode_batch)(texts, add_special_tokens=add_special_tokens)
-            ids = [e.ids for e in encs]
+        ids = self._encode_ids(list(texts), add_special_tokens)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
         tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
         return tokens, lengths
@@ -212,4 +265,15 @@ class Tokenizer:
         return self.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+        text = self._tok.decode(list(token_ids), skip_special_tokens=True)
+        return _clean_up_tokenization(text) if self._clean_up_spaces else text
+
+
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _clean_up_tokenization(text: str) -> str:
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text

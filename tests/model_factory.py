@@ -128,6 +128,28 @@ def train_tokenizer_json() -> str:
     return tok.to_str()
 
 
+# Qwen's pre-tokenizer regex (transformers' models/qwen2/tokenization_qwen2.py, and every Qwen2/3
+# tokenizer.json). transformers 5 builds a Qwen tokenizer from tokenizer.json's vocabulary and merges
+# with this pipeline (NFC, this split, byte level) whatever the file says; real Qwen files say the same.
+QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+@functools.lru_cache(maxsize=1)
+def qwen_tokenizer_json() -> str:
+    """The trained tokenizer with a Qwen tokenizer.json's normalizer and pre-tokenizer."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+
+    tok = Tokenizer.from_str(train_tokenizer_json())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return tok.to_str()
+
+
 def tokenizer_size() -> int:
     from tokenizers import Tokenizer
 
@@ -142,8 +164,9 @@ def special_id(token: str) -> int:
     return tid
 
 
-def write_tokenizer(out: Path, *, chat_template_file: bool) -> None:
-    (out / "tokenizer.json").write_text(train_tokenizer_json(), encoding="utf-8")
+def write_tokenizer(out: Path, *, chat_template_file: bool, family: Family = "llama") -> None:
+    text = qwen_tokenizer_json() if family in ("qwen2", "qwen3") else train_tokenizer_json()
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
     cfg: dict = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
@@ -221,7 +244,7 @@ def build_model_dir(variant: Variant, out: Path) -> Path:
     gen["eos_token_id"] = [special_id(EOS), special_id(EOT)]
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     rewrite_config_keys(out / "config.json", variant.key_style)
-    write_tokenizer(out, chat_template_file=variant.chat_template_file)
+    write_tokenizer(out, chat_template_file=variant.chat_template_file, family=variant.family)
     return out
 
 

@@ -68,7 +68,7 @@ def _copy_model(src: Path, dst: Path, change: dict | None = None) -> Path:
     return dst
 
 
-CHANGES = ["template", "model", "max_tokens", "temperature", "seed", "input_cell", "row_order"]
+CHANGES = ["template", "model", "max_tokens", "temperature", "seed", "ignore_eos", "input_cell", "row_order"]
 
 
 @pytest.mark.parametrize("change", CHANGES)
@@ -84,6 +84,7 @@ def test_changed_job_is_refused_and_checkpoint_untouched(
         "max_tokens": "--max-tokens (3 -> 4)",
         "temperature": "--temperature (0.8 -> 0.5)",
         "seed": "--seed (7 -> 8)",
+        "ignore_eos": "--ignore-eos",
         "input_cell": "input content",
         "row_order": "input content",
     }[change]
@@ -98,6 +99,8 @@ def test_changed_job_is_refused_and_checkpoint_untouched(
         args += ["--temperature", "0.5"]
     elif change == "seed":
         args += ["--seed", "8"]
+    elif change == "ignore_eos":
+        args += ["--ignore-eos"]
     elif change == "input_cell":
         text = job.inp.read_text()
         job.inp.write_text(text.replace("r5 f", "r5 F", 1))
