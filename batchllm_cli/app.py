@@ -64,6 +64,9 @@ from batchllm_cli.options import (
     TopOpt,
     TopPOpt,
     TruncateOpt,
+    ChoicesOpt,
+    RegexOpt,
+    JsonSchemaOpt,
 )
 from batchllm_cli.progress import err_console, make_progress, print_error
 
@@ -195,6 +198,9 @@ def run(
     checkpoint_seconds: CheckpointSecondsOpt = DEFAULT_CHECKPOINT_SECONDS,
     restart: RestartOpt = False,
     keep_checkpoints: KeepCheckpointsOpt = False,
+    choices: ChoicesOpt = None,
+    regex: RegexOpt = None,
+    json_schema: JsonSchemaOpt = None,
 ) -> None:
     """Run the model over every row of INPUT and write OUTPUT = input columns + answer columns.
 
@@ -236,6 +242,9 @@ def run(
         checkpoint_seconds=checkpoint_seconds,
         restart=restart,
         keep_checkpoints=keep_checkpoints,
+        choices=choices,
+        regex=regex,
+        json_schema=json_schema,
     )
     progress = make_progress(err_console)
     guard = SignalGuard()
@@ -294,6 +303,9 @@ def analyze_command(
     top: TopOpt = 10,
     json_out: AnalyzeJsonOpt = None,
     html_out: HtmlOpt = None,
+    choices: ChoicesOpt = None,
+    regex: RegexOpt = None,
+    json_schema: JsonSchemaOpt = None,
 ) -> None:
     """Report how much prompt work the rows share and what batchllm saves, before any GPU time.
 
@@ -329,6 +341,9 @@ def analyze_command(
         kv_cache_tokens=kv_cache_tokens,
         top=top,
         out_of_core=out_of_core,
+        choices=choices,
+        regex=regex,
+        json_schema=json_schema,
     )
     progress = AnalyzeProgress(err_console)
     guard = SignalGuard()

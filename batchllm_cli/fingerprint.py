@@ -100,6 +100,7 @@ def build_fingerprint(
     nulls: str,
     truncate: str | None,
     dtype: str,
+    structured_output: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     st = input_path.stat()
     fp: dict[str, Any] = {
@@ -122,6 +123,8 @@ def build_fingerprint(
     for key in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
         value = sampling[key]
         fp[key] = list(value) if isinstance(value, tuple) else value
+    if structured_output is not None:  # absent when unconstrained, so older checkpoints still match
+        fp["structured_output"] = dict(structured_output)
     return fp
 
 

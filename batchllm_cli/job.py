@@ -42,6 +42,14 @@ from batchllm_cli.job_output import already_done_report, rejected_rows, write_fi
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
+from batchllm_cli.structured_output import (
+    Constraint,
+    ConstraintFlags,
+    check_column_names,
+    check_constraint_compiles,
+    resolve_constraint,
+    typed_fields,
+)
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, check_writable_dir
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
@@ -105,7 +113,14 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             raise UsageError(
                 f"Output column(s) {', '.join(clash)} already exist in the input; pick another --column."
             )
-        params = _sampling_params(settings, template)
+        constraint = resolve_constraint(
+            ConstraintFlags(settings.choices, settings.regex, settings.json_schema),
+            template.source.recipe,
+            source.column_names,
+        )
+        fields = typed_fields(constraint)
+        check_column_names(settings.column, fields, columns.names, source.column_names)
+        params = _sampling_params(settings, template, constraint)
         model_dir, demo = resolve_model(settings.model, observer)
         context = model_context_length(model_dir)
         max_prompt_tokens = context - params.max_tokens
@@ -126,6 +141,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             nulls=settings.nulls,
             truncate=settings.truncate,
             dtype=settings.dtype,
+            structured_output=constraint.fingerprint() if constraint is not None else None,
         )
 
         output_lock = FileLock(output_lock_path(settings.output), remove_on_release=True)
@@ -140,6 +156,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             return PreparedRun(
                 settings, source, template, columns, model_dir, demo, None, bool(settings.chat), params, None,
                 fingerprint=fingerprint, done_marker=marker, output_lock=output_lock,
+                constraint=constraint, typed_fields=fields,
             )
 
         total_rows = source.validate()  # a malformed file fails here, naming the line
@@ -168,6 +185,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
 
         tokenizer = load_tokenizer(model_dir)
         chat = resolve_chat(settings.chat, tokenizer, model_dir)
+        if constraint is not None:
+            check_constraint_compiles(constraint, model_dir, tokenizer)
         engine_config = _engine_config(settings, model_dir)
 
         # From here on the run writes: the old marker goes first (its output is about to be replaced).
@@ -214,6 +233,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         settings, source, template, columns, model_dir, demo, tokenizer, chat, params, engine_config,
         fingerprint=fingerprint, run_dir=run_dir, committed=committed, total_rows=total_rows,
         max_prompt_tokens=max_prompt_tokens, output_lock=output_lock,
+        constraint=constraint, typed_fields=fields,
     )
 
 
@@ -235,7 +255,9 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: dict[str, Any] | None) -> 
         run_dir.unlock()
 
 
-def _sampling_params(settings: RunSettings, template: PromptTemplate) -> SamplingParams:
+def _sampling_params(
+    settings: RunSettings, template: PromptTemplate, constraint: Constraint | None = None
+) -> SamplingParams:
     from engine.sampling_params import SamplingParams
 
     recipe = template.source.recipe
@@ -250,6 +272,7 @@ def _sampling_params(settings: RunSettings, template: PromptTemplate) -> Samplin
             top_k=settings.top_k,
             seed=settings.seed,
             stop=tuple(settings.stop),
+            structured=constraint.to_engine() if constraint is not None else None,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -305,7 +328,7 @@ class _ShardSink:
         assert prepared.run_dir is not None
         self.run_dir = prepared.run_dir
         self.committed = prepared.committed
-        self.collector = ResultCollector(prepared.columns)
+        self.collector = ResultCollector(prepared.columns, prepared.constraint)
         self.guard = guard
         self.every_rows = prepared.settings.checkpoint_rows
         self.every_s = prepared.settings.checkpoint_seconds

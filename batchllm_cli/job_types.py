@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
+from batchllm_cli.structured_output import Constraint, TypedField
 from batchllm_cli.table_io import TableSource
 from batchllm_cli.templates import PromptTemplate
 
@@ -84,6 +85,9 @@ class RunSettings:
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
     restart: bool = False
     keep_checkpoints: bool = False
+    choices: str | None = None  # --choices A,B,C or @FILE
+    regex: str | None = None
+    json_schema: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,8 @@ class PreparedRun:
     max_prompt_tokens: int = 0
     done_marker: dict[str, Any] | None = None  # set when the job had already finished
     output_lock: FileLock | None = None
+    constraint: Constraint | None = None  # structured output (--choices/--regex/--json-schema or the recipe's)
+    typed_fields: list[TypedField] = field(default_factory=list)  # a schema's properties as typed columns
 
     def report_identity(self) -> dict[str, Any]:
         """The RunReport fields that name the job (the same whether it ran now or had finished)."""
