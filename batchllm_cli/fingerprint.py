@@ -42,6 +42,7 @@ FIELD_LABELS = {
     "truncate": "--truncate",
     "dtype": "--dtype",
     "batchllm_version": "batchllm version",
+    "structured_output": "structured output (--choices/--regex/--json-schema)",
 }
 
 # Files of a model directory that change what the model or its tokenizer does. Weights are identified
@@ -146,7 +147,7 @@ def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any], fields: lis
     for k in fields:
         label = FIELD_LABELS.get(k, k)
         before, after = a.get(k), b.get(k)
-        if k in ("template", "input.content", "model.files") or before is None or after is None:
+        if k in ("template", "input.content", "model.files", "structured_output") or before is None or after is None:
             parts.append(label)
         else:
             parts.append(f"{label} ({_short(before)} -> {_short(after)})")
