@@ -197,7 +197,7 @@ def answer_error(constraint: Constraint, text: str, finish_reason: str) -> str |
         return f"The answer {text[:60]!r} is not one of the choices (was it cut by a stop string?)."
     if constraint.kind == "json_schema":
         try:
-            json.loads(text)
+            json.loads(text, strict=False)  # the grammar lets raw control characters into strings
         except ValueError:
             return "The answer is not complete JSON (was it cut by a stop string?)."
     return None
@@ -217,7 +217,7 @@ def typed_columns(texts: Sequence[str | None], fields: list[TypedField], nested_
         obj = None
         if text is not None:
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, strict=False)
             except ValueError:
                 obj = None
         parsed.append(obj if isinstance(obj, dict) else {})

@@ -101,7 +101,7 @@ def test_schema_answers_are_valid_and_typed(job, tmp_path: Path, suffix: str) ->
     ok = [r for r in rows if r["ans_error"] is None]
     assert len(ok) >= len(rows) // 2, rows  # a random model may run out of tokens in a number, rarely more
     for row in ok:
-        obj = json.loads(row["ans"])
+        obj = json.loads(row["ans"], strict=False)
         assert _valid(obj), obj
         for name in TYPES:
             typed = row[f"ans_{name}"]
