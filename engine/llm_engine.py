@@ -168,6 +168,8 @@ class LLMEngine:
         reason: str | None = None
         if not params.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
+        elif params.structured is not None and token in self.eos_token_ids:
+            reason = "stop"  # the grammar allowed EOS: the value is complete, whatever ignore_eos says
         elif token in params.stop_token_ids:
             reason = "stop"
         elif params.stop and self._hits_stop_string(seq):

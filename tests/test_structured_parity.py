@@ -95,3 +95,10 @@ def test_constrained_greedy_parity(
             assert r.text in spec.labels, r.text
     if setting == "tight":
         assert engine.stats().preemptions > 0  # matchers survived recompute
+
+
+def test_constrained_answer_ends_with_its_grammar_even_with_ignore_eos(tiny_model_dir) -> None:
+    engine = make_engine(tiny_model_dir("qwen3"))
+    params = SamplingParams(max_tokens=MAX_TOKENS, structured=CHOICES, ignore_eos=True)
+    results = run(engine, [(i, p, params) for i, p in enumerate(PROMPTS[:8])])
+    assert all(r.finish_reason == "stop" and r.text in CHOICES.labels for r in results.values()), results
