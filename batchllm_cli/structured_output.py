@@ -79,7 +79,8 @@ def _read_schema(path: Path) -> dict[str, Any]:
 
 
 def schema_constraint(schema: dict[str, Any]) -> Constraint:
-    return Constraint("json_schema", json.dumps(schema, sort_keys=True, ensure_ascii=False), schema=schema)
+    # key order kept: the grammar writes properties in the order the schema declares them
+    return Constraint("json_schema", json.dumps(schema, ensure_ascii=False), schema=schema)
 
 
 def choices_constraint(labels: Sequence[str]) -> Constraint:

@@ -13,6 +13,7 @@ import pytest
 
 from batchllm_cli.job import prepare_run
 from batchllm_cli.job_types import RunSettings
+from batchllm_cli.structured_output import schema_constraint, typed_columns, typed_fields
 from reliability_utils import flat, invoke, read_jsonl, read_rows, write_rows_csv, write_template
 
 # Enough tokens for whole values on the byte-level demo model; no chat template, a roomy step.
@@ -103,6 +104,7 @@ def test_schema_answers_are_valid_and_typed(job, tmp_path: Path, suffix: str) ->
     for row in ok:
         obj = json.loads(row["ans"], strict=False)
         assert _valid(obj), obj
+        assert list(obj) == [k for k in SCHEMA["properties"] if k in obj]  # the schema's property order
         for name in TYPES:
             typed = row[f"ans_{name}"]
             if suffix == ".csv" and name in ("who", "codes"):
@@ -226,3 +228,23 @@ def test_analyze_accepts_the_same_flags(job, tmp_path: Path) -> None:
     assert json.loads(plain.stdout)[key] == json.loads(constrained.stdout)[key]  # prompts unchanged
     bad = invoke([*base, "--regex", "(unclosed"])
     assert bad.exit_code == 2 and "--regex cannot be compiled" in flat(bad.stderr)
+
+
+def test_properties_without_one_type_are_kept_as_json_text() -> None:
+    schema = {"type": "object", "properties": {
+        "maybe": {"type": ["integer", "null"]},
+        "either": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+        "free": {"type": "object"},
+        "mixed_enum": {"enum": ["a", 1]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    }}
+    fields = typed_fields(schema_constraint(schema))
+    assert [(f.name, f.type, f.json_text) for f in fields] == [
+        ("maybe", pa.int64(), False), ("either", pa.string(), True), ("free", pa.string(), True),
+        ("mixed_enum", pa.string(), True), ("tags", pa.list_(pa.string()), False),
+    ]
+    answers = ['{"maybe": null, "either": 3, "free": {"k": [1]}, "mixed_enum": "a", "tags": ["x"]}', None]
+    columns = typed_columns(answers, fields, nested_as_json=False)
+    assert [c.to_pylist() for c in columns] == [[None, None], ["3", None], ['{"k": [1]}', None], ['"a"', None],
+                                                [["x"], None]]
+    assert typed_columns(answers, fields, nested_as_json=True)[4].to_pylist() == ['["x"]', None]
