@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -127,14 +128,15 @@ class ModelRunner:
         self,
         chunks: list[ScheduledChunk],
         block_copies: list[tuple[int, int]] = (),
-        token_mask: TokenMask | None = None,
+        token_mask: Callable[[], TokenMask | None] | None = None,
     ) -> list[int]:
         """One forward pass over the chunks; returns a new token for each chunk that samples.
 
         block_copies: (src, dst) KV blocks copied first (copy-on-write of shared partial blocks).
         A chunk completing a logits-keeping shared prefix leaves its last logits on the prefix;
         a zero-token chunk samples from its prefix's kept logits without a forward pass.
-        token_mask: the grammar bitmask of the sampling chunks (structured output), applied before sampling.
+        token_mask: makes the grammar bitmask of the sampling chunks (structured output); called once the
+        forward pass is queued, so on a GPU the host fills the mask while the device computes the logits.
         """
         if block_copies:
             src = to_device([c[0] for c in block_copies], torch.int64, self.device)
@@ -169,9 +171,12 @@ class ModelRunner:
             stacked = torch.stack([logits_of[i] if i in logits_of else self._kept_logits(chunks[i]) for i in sampling])
         return self._sample(stacked, [chunks[i] for i in sampling], token_mask)
 
-    def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk], token_mask: TokenMask | None) -> list[int]:
-        if token_mask is not None:
-            apply_token_mask(logits, token_mask)
+    def _sample(
+        self, logits: torch.Tensor, chunks: list[ScheduledChunk], token_mask: Callable[[], TokenMask | None] | None
+    ) -> list[int]:
+        mask = token_mask() if token_mask is not None else None
+        if mask is not None:
+            apply_token_mask(logits, mask)
         return sample(logits, self._sampling_tensors(chunks)).tolist()
 
     def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
