@@ -36,6 +36,7 @@ from batchllm_cli.column_names import check_column_names
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
+from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
@@ -151,6 +152,9 @@ class AnalyzeSettings:
     memory_budget: int | None = None  # bytes for the in-memory plan; None: half the available memory
     batch_rows: int = DEFAULT_BATCH_ROWS
     temp_dir: Path | None = None  # spool and DuckDB spill; None: the system's ($TMPDIR)
+    choices: str | None = None  # structured output flags: checked as `run` checks them, prompts unchanged
+    regex: str | None = None
+    json_schema: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +347,9 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
         if not source.empty:
             template.check_columns(source.column_names)
         recipe = template.source.recipe
+        constraint = resolve_constraint(
+            ConstraintFlags(settings.choices, settings.regex, settings.json_schema), recipe, source.column_names
+        )
         max_tokens = settings.max_tokens or (recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS)
         total_rows = source.validate()  # a malformed file fails here, naming the line
         if settings.id_column is not None:
@@ -359,6 +366,8 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
                 )
         tokenizer = load_tokenizer(tok_dir)
         chat = resolve_chat(settings.chat, tokenizer, tok_dir)
+        if constraint is not None and (tok_dir / "config.json").is_file():
+            check_constraint_compiles(constraint, tok_dir, tokenizer)
     except BaseException:
         source.close()
         raise

@@ -69,6 +69,9 @@ from batchllm_cli.options import (
     TopOpt,
     TopPOpt,
     TruncateOpt,
+    ChoicesOpt,
+    RegexOpt,
+    JsonSchemaOpt,
 )
 from batchllm_cli.progress import err_console, make_progress, print_error
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
@@ -209,6 +212,9 @@ def run(
     restart: RestartOpt = False,
     retry_errors: RetryErrorsOpt = False,
     keep_checkpoints: KeepCheckpointsOpt = False,
+    choices: ChoicesOpt = None,
+    regex: RegexOpt = None,
+    json_schema: JsonSchemaOpt = None,
 ) -> None:
     """Run the model over every row of INPUT and write OUTPUT = input columns + answer columns.
 
@@ -254,6 +260,9 @@ def run(
         retry_errors=retry_errors,
         keep_checkpoints=keep_checkpoints,
         summary=Path(summary) if summary not in (None, "-") else None,
+        choices=choices,
+        regex=regex,
+        json_schema=json_schema,
     )
     progress = make_progress(err_console)
     guard = SignalGuard()
@@ -313,6 +322,9 @@ def analyze_command(
     top: TopOpt = 10,
     json_out: AnalyzeJsonOpt = None,
     html_out: HtmlOpt = None,
+    choices: ChoicesOpt = None,
+    regex: RegexOpt = None,
+    json_schema: JsonSchemaOpt = None,
 ) -> None:
     """Report how much prompt work the rows share and what batchllm saves, before any GPU time.
 
@@ -349,6 +361,9 @@ def analyze_command(
         kv_cache_tokens=kv_cache_tokens,
         top=top,
         out_of_core=out_of_core,
+        choices=choices,
+        regex=regex,
+        json_schema=json_schema,
     )
     progress = AnalyzeProgress(err_console)
     guard = SignalGuard()

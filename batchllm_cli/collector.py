@@ -11,6 +11,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from batchllm_cli.structured_output import INCOMPLETE, Constraint, answer_error
 from batchllm_cli.table_io import ROW_ID
 
 # How many failed rows the report quotes; the output table and the errors file have all of them.
@@ -31,7 +32,7 @@ SHARD_SCHEMA = pa.schema(
 )
 
 # Error types in the errors file.
-ERROR_TYPES = ("template_error", "null_value", "prompt_too_long", "engine_error")
+ERROR_TYPES = ("template_error", "null_value", "prompt_too_long", "engine_error", INCOMPLETE)
 
 
 class ResultLike(Protocol):
@@ -85,8 +86,9 @@ class OutputColumns:
 class ResultCollector:
     """Buffered row results with running totals for progress and the report."""
 
-    def __init__(self, columns: OutputColumns | None = None) -> None:
+    def __init__(self, columns: OutputColumns | None = None, constraint: Constraint | None = None) -> None:
         self.columns = columns or OutputColumns()
+        self.constraint = constraint
         self._buffer: list[tuple] = []
         self.rows = 0
         self.rows_ok = 0
@@ -127,6 +129,12 @@ class ResultCollector:
         if result.finish_reason == "error":
             error = result.error or "the engine could not run this row"
             self._append((row_id, None, "error", result.prompt_tokens, completion, error, "engine_error", truncated))
+        elif self.constraint is not None and (
+            (incomplete := answer_error(self.constraint, result.text, result.finish_reason)) is not None
+        ):
+            # the partial answer stays in the text column; typed columns get nothing from an error row
+            row = (row_id, result.text, result.finish_reason, result.prompt_tokens, completion, incomplete, INCOMPLETE)
+            self._append((*row, truncated))
         else:
             self._append(
                 (row_id, result.text, result.finish_reason, result.prompt_tokens, completion, None, None, truncated)

@@ -46,6 +46,7 @@ FIELD_LABELS = {
     "truncate": "--truncate",
     "dtype": "--dtype",
     "batchllm_version": "batchllm version",
+    "structured_output": "structured output (--choices/--regex/--json-schema)",
 }
 
 # Files of a model directory that change what the model or its tokenizer does. Weights are identified
@@ -135,6 +136,7 @@ def build_fingerprint(
     nulls: str,
     truncate: str | None,
     dtype: str,
+    structured_output: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     before = settled_identity(input_path)
     content = file_digest(input_path)
@@ -165,6 +167,8 @@ def build_fingerprint(
     # Only when on: a run directory made before the flag existed still matches a run without it.
     if sampling.get("ignore_eos"):
         fp["ignore_eos"] = True
+    if structured_output is not None:  # absent when unconstrained, so older checkpoints still match
+        fp["structured_output"] = dict(structured_output)
     return fp
 
 
@@ -186,7 +190,7 @@ def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any], fields: lis
     for k in fields:
         label = FIELD_LABELS.get(k, k)
         before, after = a.get(k), b.get(k)
-        if k in ("template", "input.content", "model.files") or before is None or after is None:
+        if k in ("template", "input.content", "model.files", "structured_output") or before is None or after is None:
             parts.append(label)
         else:
             parts.append(f"{label} ({_short(before)} -> {_short(after)})")

@@ -57,6 +57,14 @@ from batchllm_cli.model_setup import (
     resolve_model,
 )
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
+from batchllm_cli.structured_output import (
+    Constraint,
+    ConstraintFlags,
+    check_constraint_compiles,
+    resolve_constraint,
+    typed_column_names,
+    typed_fields,
+)
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
@@ -128,7 +136,14 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
         if not source.empty:  # a blank file has no columns to check (and no rows to render)
             template.check_columns(source.column_names)
-        params = _sampling_params(settings, template)
+        constraint = resolve_constraint(
+            ConstraintFlags(settings.choices, settings.regex, settings.json_schema),
+            template.source.recipe,
+            source.column_names,
+        )
+        fields = typed_fields(constraint)
+        typed_column_names(settings.column, fields, columns.names, source.column_names)
+        params = _sampling_params(settings, template, constraint)
         model_dir, demo = resolve_model(settings.model, observer)
         check_model_files(model_dir, settings.device)
         context = model_context_length(model_dir)
@@ -152,6 +167,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             nulls=settings.nulls,
             truncate=settings.truncate,
             dtype=settings.dtype,
+            structured_output=constraint.fingerprint() if constraint is not None else None,
         )
 
         output_lock = FileLock(output_lock_path(settings.output), remove_on_release=True)
@@ -167,6 +183,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             return PreparedRun(
                 settings, source, template, columns, model_dir, demo, None, bool(settings.chat), params, None,
                 fingerprint=fingerprint, done_marker=marker, output_lock=output_lock,
+                constraint=constraint, typed_fields=fields,
             )
 
         total_rows = source.validate()  # a malformed file fails here, naming the line
@@ -197,6 +214,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             check_output_for_retry(settings.output, columns, total_rows)
         tokenizer = load_tokenizer(model_dir)
         chat = resolve_chat(settings.chat, tokenizer, model_dir)
+        if constraint is not None:
+            check_constraint_compiles(constraint, model_dir, tokenizer)
         engine_config = _engine_config(settings, model_dir)
 
         # ---- writes: every check has passed ------------------------------------------------------
@@ -255,6 +274,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         settings, source, template, columns, model_dir, demo, tokenizer, chat, params, engine_config,
         fingerprint=fingerprint, run_dir=run_dir, committed=committed, total_rows=total_rows,
         max_prompt_tokens=max_prompt_tokens, output_lock=output_lock,
+        constraint=constraint, typed_fields=fields,
     )
 
 
@@ -285,7 +305,9 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: Marker) -> None:
         run_dir.unlock()
 
 
-def _sampling_params(settings: RunSettings, template: PromptTemplate) -> SamplingParams:
+def _sampling_params(
+    settings: RunSettings, template: PromptTemplate, constraint: Constraint | None = None
+) -> SamplingParams:
     from engine.sampling_params import SamplingParams
 
     recipe = template.source.recipe
@@ -301,6 +323,7 @@ def _sampling_params(settings: RunSettings, template: PromptTemplate) -> Samplin
             seed=settings.seed,
             stop=tuple(settings.stop),
             ignore_eos=settings.ignore_eos,
+            structured=constraint.to_engine() if constraint is not None else None,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -356,7 +379,7 @@ class _ShardSink:
         assert prepared.run_dir is not None
         self.run_dir = prepared.run_dir
         self.committed = prepared.committed
-        self.collector = ResultCollector(prepared.columns)
+        self.collector = ResultCollector(prepared.columns, prepared.constraint)
         self.guard = guard
         self.every_rows = prepared.settings.checkpoint_rows
         self.every_s = prepared.settings.checkpoint_seconds

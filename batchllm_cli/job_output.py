@@ -14,7 +14,8 @@ from batchllm_cli.errors import InputChanged, UsageError
 from batchllm_cli.fingerprint import digest_of, input_change
 from batchllm_cli.job_types import PreparedRun, RunReport
 from batchllm_cli.marker import hash_output, write_marker
-from batchllm_cli.table_io import ROW_ID, TableSource, write_output, write_query_jsonl, write_table_jsonl
+from batchllm_cli.structured_output import typed_column_names, with_typed_columns
+from batchllm_cli.table_io import ROW_ID, TableSource, output_format, write_output, write_query_jsonl, write_table_jsonl
 
 # Rows per shard when a finished output is turned back into a checkpoint (--retry-errors).
 _SEED_SHARD_ROWS = 65536
@@ -78,11 +79,15 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
     else:
         remove_durably([rej_file])
 
+    columns = prepared.columns.from_shards()
+    if prepared.typed_fields:
+        results, typed = _typed_results(prepared, results)
+        columns += typed
     write_output(
         source,
         results,
         output,
-        columns=prepared.columns.from_shards(),
+        columns=columns,
         after_write=lambda: (check_input_unchanged(prepared), crash_point("final_write")),
         after_rename=lambda: crash_point("final_rename"),
     )
@@ -158,6 +163,20 @@ def seed_from_output(output: Path, columns: OutputColumns, run_dir: RunDir, comm
             committed.done[table.column(ROW_ID).to_numpy()] = True
             kept += table.num_rows
     return kept
+
+
+def _typed_results(prepared: PreparedRun, results: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """The results as one Arrow table with the schema's typed columns added (lists and structs as
+    JSON text in CSV, which has no nested types)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p) for p in results]) if isinstance(results, list) else results
+    names = typed_column_names(
+        prepared.settings.column, prepared.typed_fields, prepared.columns.names, prepared.source.column_names
+    )
+    nested_as_json = output_format(prepared.settings.output) == "csv"
+    return with_typed_columns(table, prepared.typed_fields, names, nested_as_json)
 
 
 def already_done_report(prepared: PreparedRun) -> RunReport:

@@ -10,6 +10,7 @@ from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
 from batchllm_cli.marker import Marker
+from batchllm_cli.structured_output import Constraint, TypedField
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import PromptTemplate
 
@@ -89,6 +90,9 @@ class RunSettings:
     retry_errors: bool = False  # run again only the rows in error of a finished or checkpointed job
     keep_checkpoints: bool = False
     summary: Path | None = None  # written by the CLI after the run; checked with every other path
+    choices: str | None = None  # --choices A,B,C or @FILE
+    regex: str | None = None
+    json_schema: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,8 @@ class PreparedRun:
     max_prompt_tokens: int = 0
     done_marker: Marker | None = None  # set when the job had already finished
     output_lock: FileLock | None = None
+    constraint: Constraint | None = None  # structured output (--choices/--regex/--json-schema or the recipe's)
+    typed_fields: list[TypedField] = field(default_factory=list)  # a schema's properties as typed columns
 
     def report_identity(self) -> dict[str, Any]:
         """The RunReport fields that name the job (the same whether it ran now or had finished)."""

@@ -488,3 +488,38 @@ StatusJsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print the status as JSON on stdout instead of text."),
 ]
+
+# ---- structured output (run and analyze) ----------------------------------------------------------
+PANEL_STRUCTURED = "Structured output"
+ChoicesOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--choices",
+        metavar="A,B,C|@FILE",
+        help="Every answer is exactly one of these labels (comma-separated, or @FILE with one per line). "
+        "Default: the recipe's labels (classify).",
+        show_default=False,
+        rich_help_panel=PANEL_STRUCTURED,
+    ),
+]
+RegexOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--regex",
+        metavar="PATTERN",
+        help="Every answer matches this regular expression (the whole answer).",
+        show_default=False,
+        rich_help_panel=PANEL_STRUCTURED,
+    ),
+]
+JsonSchemaOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--json-schema",
+        metavar="FILE",
+        help="Every answer is JSON valid for this JSON Schema; each top-level property also becomes a typed "
+        "column COLUMN_PROPERTY. Default: the recipe's schema (extract).",
+        show_default=False,
+        rich_help_panel=PANEL_STRUCTURED,
+    ),
+]

@@ -11,6 +11,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from engine.execution_plan import build_plan
+from engine.grammar_mask import GrammarMasks
 from engine.model_config import ModelConfig, load_model_config
 from engine.model_runner import ModelRunner
 from engine.results import EngineStats, GenerationResult
@@ -56,6 +57,7 @@ class LLMEngine:
             self.block_manager, config.max_batch_tokens, config.max_num_seqs, config.decode_reservation
         )
         self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.grammar = GrammarMasks(config.model_dir, self.model_config.vocab_size, self.eos_token_ids)
         self.model_info = ModelInfo(
             model_dir=str(config.model_dir),
             architecture=self.model_config.architecture,
@@ -91,7 +93,9 @@ class LLMEngine:
             self._ready.append(GenerationResult(key, "", (), "error", len(token_ids), error))
             return None
         max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
-        return Sequence(key, token_ids, params, max_tokens)
+        seq = Sequence(key, token_ids, params, max_tokens)
+        self.grammar.check(seq)
+        return seq
 
     def add_planned(self, requests: Seq[Request]) -> None:
         """Queue a wave of requests in the order of their global prefix plan: every shared prefix
@@ -144,11 +148,12 @@ class LLMEngine:
             return finished
         chunks = self.scheduler.schedule()
         assert chunks, "the scheduler made no progress although requests are pending"
-        new_tokens = self.runner.run(chunks, self.block_manager.take_pending_copies())
+        sampling = [c for c in chunks if c.samples]
+        seqs = [c.seq for c in sampling]
+        new_tokens = self.runner.run(chunks, self.block_manager.take_pending_copies(), lambda: self.grammar.step_mask(seqs))
         self.scheduler.commit(chunks)
         self._steps += 1
         self._prefill_tokens += sum(c.num_prefill_tokens for c in chunks)
-        sampling = [c for c in chunks if c.samples]
         for chunk, token in zip(sampling, new_tokens, strict=True):
             result = self._append_token(chunk, token)
             if result is not None:
@@ -158,10 +163,13 @@ class LLMEngine:
     def _append_token(self, chunk: ScheduledChunk, token: int) -> GenerationResult | None:
         seq = chunk.seq
         seq.token_ids.append(token)
+        self.grammar.accept(seq, token)
         params = seq.params
         reason: str | None = None
         if not params.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
+        elif params.structured is not None and token in self.eos_token_ids:
+            reason = "stop"  # the grammar allowed EOS: the value is complete, whatever ignore_eos says
         elif token in params.stop_token_ids:
             reason = "stop"
         elif params.stop and self._hits_stop_string(seq):
@@ -170,6 +178,7 @@ class LLMEngine:
             reason = "length"
         if reason is None:
             return None
+        self.grammar.release(seq)
         self.scheduler.finish(seq)
         return self._result(seq, reason)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -9,6 +10,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.devices import check_device
 from engine.errors import ConfigError
+from engine.grammar_mask import TokenMask, apply_token_mask
 from engine.loader import load_model
 from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budget, profile_step
 from engine.model_config import ModelConfig
@@ -128,12 +130,19 @@ class ModelRunner:
         return budget
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> list[int]:
+    def run(
+        self,
+        chunks: list[ScheduledChunk],
+        block_copies: list[tuple[int, int]] = (),
+        token_mask: Callable[[], TokenMask | None] | None = None,
+    ) -> list[int]:
         """One forward pass over the chunks; returns a new token for each chunk that samples.
 
         block_copies: (src, dst) KV blocks copied first (copy-on-write of shared partial blocks).
         A chunk completing a logits-keeping shared prefix leaves its last logits on the prefix;
         a zero-token chunk samples from its prefix's kept logits without a forward pass.
+        token_mask: makes the grammar bitmask of the sampling chunks (structured output); called once the
+        forward pass is queued, so on a GPU the host fills the mask while the device computes the logits.
         """
         if block_copies:
             src = to_device([c[0] for c in block_copies], torch.int64, self.device)
@@ -141,7 +150,7 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         if self._graphable(chunks):
             logits = self._decode_with_graph(chunks)
-            return sample(logits, self._sampling_tensors(chunks)).tolist()
+            return self._sample(logits, chunks, token_mask)
         computed = [(i, c) for i, c in enumerate(chunks) if c.num_tokens > 0]
         hidden_rows: dict[int, int] = {}  # chunk position in `chunks` -> row of its last token
         hidden = self._forward(computed, hidden_rows) if computed else None
@@ -166,7 +175,15 @@ class ModelRunner:
         else:
             logits_of = {i: logits[j] for j, i in enumerate(sampled)} if logits is not None else {}
             stacked = torch.stack([logits_of[i] if i in logits_of else self._kept_logits(chunks[i]) for i in sampling])
-        return sample(stacked, self._sampling_tensors([chunks[i] for i in sampling])).tolist()
+        return self._sample(stacked, [chunks[i] for i in sampling], token_mask)
+
+    def _sample(
+        self, logits: torch.Tensor, chunks: list[ScheduledChunk], token_mask: Callable[[], TokenMask | None] | None
+    ) -> list[int]:
+        mask = token_mask() if token_mask is not None else None
+        if mask is not None:
+            apply_token_mask(logits, mask)
+        return sample(logits, self._sampling_tensors(chunks)).tolist()
 
     def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
         return (

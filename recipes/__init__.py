@@ -2,7 +2,8 @@
 
 Each recipe is a Jinja2 template `NAME.j2` and a JSON sidecar `NAME.json` holding its one-line
 description, the columns it reads (required, and optional ones that have a default in the template)
-and its default max tokens. Templates put static instructions first and row fields last, so every row
+and its default max tokens, and optionally the structured output it asks for by default (`choices`
+or a `json_schema`). Templates put static instructions first and row fields last, so every row
 shares the longest possible prompt prefix (which the engine computes once).
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ class Recipe:
     required_columns: dict[str, str]  # column -> what it should hold
     optional_columns: dict[str, str]  # column -> what it holds and the default used when absent
     max_tokens: int
+    choices: tuple[str, ...] = ()  # default --choices (structured output)
+    json_schema: dict | None = None  # default --json-schema
 
     def __hash__(self) -> int:  # dict fields are not hashable; the name identifies a recipe
         return hash(self.name)
@@ -49,6 +52,8 @@ def load_recipe(name: str) -> Recipe:
         required_columns=dict(meta.get("required_columns", {})),
         optional_columns=dict(meta.get("optional_columns", {})),
         max_tokens=int(meta.get("max_tokens", 256)),
+        choices=tuple(str(c) for c in meta.get("choices", ())),
+        json_schema=meta.get("json_schema"),
     )
 
 

@@ -152,7 +152,7 @@ def test_readme_demo_command(tmp_path: Path) -> None:
     result = run([str(example), "--template", "classify", "--output", str(out), "--limit", "3",
                   "--kv-cache-memory", "16MiB", "--summary", "-"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["engine"]["max_tokens"] == 8  # the recipe's default
+    assert json.loads(result.stdout)["engine"]["max_tokens"] == 16  # the recipe's default
     table = read_table(out)
     assert table.column("review_id").to_pylist() == ["1", "2", "3"]  # CSV values are the file's text
     assert table.column("response_error").null_count == 3

@@ -1,0 +1,266 @@
+"""Structured output on the table side: the --choices / --regex / --json-schema flags (or a recipe's
+defaults) become one constraint; a schema's top-level properties become typed output columns; an
+answer becomes typed values, or an `incomplete_structured_output` error when it is not a whole value.
+
+The engine enforces the constraint while decoding (engine/grammar.py); this module never imports it
+at load time and knows no tensors.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from batchllm_cli.errors import UsageError
+from batchllm_cli.table_io import ROW_ID
+
+if TYPE_CHECKING:
+    import recipes
+    from engine.grammar import StructuredOutput
+
+INCOMPLETE = "incomplete_structured_output"
+_SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+
+
+@dataclass(frozen=True)
+class ConstraintFlags:
+    """The flags as given on the command line (None: not given)."""
+
+    choices: str | None = None
+    regex: str | None = None
+    json_schema: Path | None = None
+
+
+@dataclass(frozen=True)
+class Constraint:
+    kind: str  # "choices" | "regex" | "json_schema"
+    value: str  # the engine's form: the labels as a JSON array, the pattern, or the schema text
+    labels: tuple[str, ...] = ()
+    schema: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def fingerprint(self) -> dict[str, str]:
+        return {"kind": self.kind, "value": self.value}
+
+    def to_engine(self) -> StructuredOutput:
+        from engine.grammar import StructuredOutput
+
+        return StructuredOutput(self.kind, self.value)  # type: ignore[arg-type]
+
+
+def _read_choices(arg: str) -> tuple[str, ...]:
+    if arg.startswith("@"):
+        path = Path(arg[1:])
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--choices {arg}: cannot read {path}: {exc}") from exc
+        labels = [line.strip() for line in lines]
+    else:
+        labels = [part.strip() for part in arg.split(",")]
+    labels = list(dict.fromkeys(label for label in labels if label))
+    if not labels:
+        raise UsageError(f"--choices {arg!r} names no label; give A,B,C or @FILE with one label per line.")
+    return tuple(labels)
+
+
+def _read_schema(path: Path) -> dict[str, Any]:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--json-schema: cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--json-schema {path} is not valid JSON: {exc}.") from exc
+    if not isinstance(schema, dict):
+        raise UsageError(f"--json-schema {path} must hold a JSON object (a JSON Schema), not {type(schema).__name__}.")
+    return schema
+
+
+def schema_constraint(schema: dict[str, Any]) -> Constraint:
+    # key order kept: the grammar writes properties in the order the schema declares them
+    return Constraint("json_schema", json.dumps(schema, ensure_ascii=False), schema=schema)
+
+
+def choices_constraint(labels: Sequence[str]) -> Constraint:
+    return Constraint("choices", json.dumps(list(labels), ensure_ascii=False), labels=tuple(labels))
+
+
+def resolve_constraint(
+    flags: ConstraintFlags, recipe: recipes.Recipe | None = None, input_columns: Iterable[str] = ()
+) -> Constraint | None:
+    """The job's constraint: the flag given (at most one), else the recipe's default. A recipe's
+    default is left out when the input has one of the recipe's optional columns (per-row labels or
+    fields ask for answers the default would forbid)."""
+    given = [name for name, v in (("--choices", flags.choices), ("--regex", flags.regex),
+                                  ("--json-schema", flags.json_schema)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} cannot be used together; pick one constraint.")
+    if flags.choices is not None:
+        return choices_constraint(_read_choices(flags.choices))
+    if flags.regex is not None:
+        if not flags.regex:
+            raise UsageError("--regex must not be empty.")
+        return Constraint("regex", flags.regex)
+    if flags.json_schema is not None:
+        return schema_constraint(_read_schema(flags.json_schema))
+    if recipe is None or set(recipe.optional_columns) & set(input_columns):
+        return None
+    if recipe.choices:
+        return choices_constraint(recipe.choices)
+    if recipe.json_schema:
+        return schema_constraint(dict(recipe.json_schema))
+    return None
+
+
+# -- typed columns ----------------------------------------------------------------------------------
+def _arrow_type(schema: Any) -> pa.DataType | None:
+    """The Arrow type of a property's values; None when it has no single type (kept as JSON text)."""
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    if isinstance(kind, list):  # ["string", "null"]: nullable string
+        kinds = [k for k in kind if k != "null"]
+        kind = kinds[0] if len(kinds) == 1 else None
+    if kind is None and "enum" in schema:
+        values = schema["enum"]
+        if values and all(isinstance(v, str) for v in values):
+            kind = "string"
+    if kind is None and "const" in schema and isinstance(schema["const"], str):
+        kind = "string"
+    if kind in _SCALARS:
+        return _SCALARS[kind]
+    if kind == "array":
+        item = _arrow_type(schema.get("items"))
+        return pa.list_(item) if item is not None else None
+    if kind == "object":
+        props = schema.get("properties")
+        if not isinstance(props, dict) or not props:
+            return None
+        fields = [(name, _arrow_type(sub)) for name, sub in props.items()]
+        if any(t is None for _, t in fields):
+            return None
+        return pa.struct([pa.field(name, t) for name, t in fields])  # type: ignore[arg-type]
+    return None
+
+
+@dataclass(frozen=True)
+class TypedField:
+    name: str  # the property name
+    type: pa.DataType  # pa.string() holding JSON text when the property has no single type
+    json_text: bool = False
+
+
+def typed_fields(constraint: Constraint | None) -> list[TypedField]:
+    """One typed output column per top-level property of an object schema (none otherwise)."""
+    if constraint is None or constraint.kind != "json_schema":
+        return []
+    props = constraint.schema.get("properties")
+    if constraint.schema.get("type", "object") != "object" or not isinstance(props, dict):
+        return []
+    out = []
+    for name, sub in props.items():
+        t = _arrow_type(sub)
+        out.append(TypedField(name, t, False) if t is not None else TypedField(name, pa.string(), True))
+    return out
+
+
+def typed_column_names(
+    column_prefix: str, fields: list[TypedField], output_columns: Sequence[str], input_columns: Sequence[str]
+) -> list[str]:
+    """The typed columns' names, `{column}_{property}`; refused when one equals (ignoring case) another
+    output column, an input column, or another property's column."""
+    # The one rule for when two names are one column (imported here: column_names -> collector -> this module).
+    from batchllm_cli.column_names import duckdb_key
+
+    taken = {duckdb_key(c): f"output column {c}" for c in output_columns}
+    taken.update({duckdb_key(c): f"input column {c}" for c in input_columns})
+    taken[duckdb_key(ROW_ID)] = f"internal column {ROW_ID}"
+    names = []
+    for f in fields:
+        name = f"{column_prefix}_{f.name}"
+        if duckdb_key(name) in taken or "\x00" in name:
+            clash = taken.get(duckdb_key(name), "a NUL character DuckDB cannot keep")
+            raise UsageError(
+                f"The JSON schema's property {f.name!r} would become column {name!r}, which clashes with the "
+                f"{clash}; pick another --column or rename the property."
+            )
+        taken[duckdb_key(name)] = f"column of property {f.name!r}"
+        names.append(name)
+    return names
+
+
+def answer_error(constraint: Constraint, text: str, finish_reason: str) -> str | None:
+    """Why an answer is not a whole value (None when it is). The grammar guarantees validity of
+    every finished answer; what it cannot prevent is an answer cut by the token limit (or a stop
+    string), so that is what is checked here."""
+    if finish_reason == "length":
+        return (
+            "The answer was cut by --max-tokens before its structured value was complete; raise --max-tokens."
+        )
+    if constraint.kind == "choices" and text not in constraint.labels:
+        return f"The answer {text[:60]!r} is not one of the choices (was it cut by a stop string?)."
+    if constraint.kind == "json_schema":
+        try:
+            json.loads(text, strict=False)  # the grammar lets raw control characters into strings
+        except ValueError:
+            return "The answer is not complete JSON (was it cut by a stop string?)."
+    return None
+
+
+def _convert(value: Any, t: pa.DataType, json_text: bool) -> Any:
+    if json_text or (pa.types.is_string(t) and not isinstance(value, str) and value is not None):
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def typed_columns(texts: Sequence[str | None], fields: list[TypedField], nested_as_json: bool) -> list[pa.Array]:
+    """One array per field from the answers' JSON text (None for error rows and absent properties).
+    nested_as_json: lists and structs become JSON text (for CSV output)."""
+    parsed = []
+    for text in texts:
+        obj = None
+        if text is not None:
+            try:
+                obj = json.loads(text, strict=False)
+            except ValueError:
+                obj = None
+        parsed.append(obj if isinstance(obj, dict) else {})
+    arrays = []
+    for f in fields:
+        nested = pa.types.is_list(f.type) or pa.types.is_struct(f.type)
+        as_json = f.json_text or (nested and nested_as_json)
+        t = pa.string() if as_json else f.type
+        values = [_convert(obj.get(f.name), t, as_json) for obj in parsed]
+        arrays.append(pa.array(values, type=t))
+    return arrays
+
+
+def check_constraint_compiles(constraint: Constraint, model_dir: Path, tokenizer: Any) -> None:
+    """Compile the grammar for this model now (before its weights load); the engine reuses it."""
+    from engine.errors import EngineError
+    from engine.grammar import compile_constraint
+    from engine.model_config import load_model_config
+
+    try:
+        vocab_size = load_model_config(model_dir).vocab_size
+        compile_constraint(constraint.to_engine(), model_dir, vocab_size, tokenizer.eos_token_ids)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def with_typed_columns(
+    results: pa.Table, fields: list[TypedField], output_names: list[str], nested_as_json: bool
+) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """`results` (shard schema) plus one column per typed field, parsed from the answers of rows
+    without an error; and the (result column, output column) pairs that pick them."""
+    ok = pa.compute.is_null(results.column("error"))
+    texts = pa.compute.if_else(ok, results.column("text"), pa.scalar(None, pa.string())).to_pylist()
+    pairs = []
+    for i, (f, array) in enumerate(zip(fields, typed_columns(texts, fields, nested_as_json), strict=True)):
+        internal = f"structured_{i}"
+        results = results.append_column(internal, array)
+        pairs.append((internal, output_names[i]))
+    return results, pairs

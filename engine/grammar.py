@@ -1,0 +1,105 @@
+"""Structured output: what an answer must look like (a label set, a regex, a JSON schema), compiled
+once per (constraint, model vocabulary) by xgrammar.
+
+xgrammar was chosen over llguidance (bench/grammar_library_compare.py, 32k-token byte-level BPE on
+CPU): its per-token mask costs 3-18 us against llguidance's 38-96 us, it brings CPU and CUDA kernels
+for applying the bitmask, and a transformers logits processor to check parity against; compiling
+takes it longer (1-40 ms against ~1 ms), but that is paid once per job.
+
+The grammar's view of the vocabulary is built from the model directory's tokenizer.json (through a
+`transformers` fast-tokenizer wrapper around the `tokenizers` object), so it does not depend on how
+engine/tokenizer.py loads its own tokenizer.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.errors import EngineError
+
+ConstraintKind = Literal["choices", "regex", "json_schema"]
+
+
+class GrammarError(EngineError):
+    """A constraint the grammar library cannot compile (a bad regex, an unsupported schema)."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """One job's constraint on every answer. `value` is the regex, the JSON schema text, or the
+    choices as a JSON array of strings (plain, hashable data: it is part of SamplingParams)."""
+
+    kind: ConstraintKind
+    value: str
+
+    @staticmethod
+    def choices(labels: list[str] | tuple[str, ...]) -> StructuredOutput:
+        return StructuredOutput("choices", json.dumps(list(labels), ensure_ascii=False))
+
+    @property
+    def labels(self) -> list[str]:
+        assert self.kind == "choices"
+        return json.loads(self.value)
+
+
+def _one_line(exc: BaseException) -> str:
+    # xgrammar's messages start with "[hh:mm:ss] /path/file.cc:123: "; the user needs the rest
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", first)
+
+
+def _choices_ebnf(labels: list[str]) -> str:
+    # a JSON string literal is a valid EBNF string literal for xgrammar (escapes included)
+    return "root ::= " + " | ".join(json.dumps(label) for label in labels)
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_info(model_dir: str, vocab_size: int, stop_token_ids: tuple[int, ...]) -> Any:
+    """xgrammar.TokenizerInfo of a model directory; vocab_size is the model's logits width."""
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(model_dir) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)))
+    else:  # a tokenizer given only as Hugging Face files other than tokenizer.json
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(spec: StructuredOutput, model_dir: str, vocab_size: int, stop_token_ids: tuple[int, ...]) -> Any:
+    import xgrammar as xgr
+
+    compiler = xgr.GrammarCompiler(tokenizer_info(model_dir, vocab_size, stop_token_ids), cache_enabled=False)
+    if spec.kind == "choices":
+        return compiler.compile_grammar(_choices_ebnf(spec.labels))
+    if spec.kind == "regex":
+        return compiler.compile_regex(spec.value)
+    # one line, no free whitespace: answers are short and parse the same everywhere
+    return compiler.compile_json_schema(spec.value, any_whitespace=False)
+
+
+def compile_constraint(
+    spec: StructuredOutput, model_dir: str | Path, vocab_size: int, stop_token_ids: frozenset[int] | tuple[int, ...]
+) -> Any:
+    """The xgrammar.CompiledGrammar of `spec` for this model; cached, so a job compiles it once
+    (the CLI's early check and the engine share the result). Raises GrammarError."""
+    if not stop_token_ids:
+        raise GrammarError(
+            "Structured output needs the model's end-of-sequence token, and none is set in its "
+            "config.json, generation_config.json or tokenizer."
+        )
+    try:
+        return _compile(spec, str(model_dir), vocab_size, tuple(sorted(stop_token_ids)))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        what = {"choices": "--choices", "regex": "--regex", "json_schema": "The JSON schema"}[spec.kind]
+        raise GrammarError(f"{what} cannot be compiled into a grammar: {_one_line(exc)}.") from exc

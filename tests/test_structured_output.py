@@ -1,0 +1,250 @@
+"""Structured output end to end on the demo model: --choices, --regex, --json-schema (and the recipes'
+defaults) give answers that are valid, typed columns of the right Parquet/CSV/JSONL types, error rows for
+values cut by --max-tokens, and one-line refusals (exit 2 / 4) before the model loads."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm_cli.job import prepare_run
+from batchllm_cli.job_types import RunSettings
+from batchllm_cli.structured_output import schema_constraint, typed_columns, typed_fields
+from reliability_utils import flat, invoke, read_jsonl, read_rows, write_rows_csv, write_template
+
+# Enough tokens for whole values on the byte-level demo model; no chat template, a roomy step.
+ARGS = ["--kv-cache-memory", "16MiB", "--no-chat", "--max-batch-tokens", "2048"]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["pos", "neg", "mixed"]},
+        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        "ok": {"type": "boolean"},
+        "who": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                 "tag": {"enum": ["a", "b"]}}, "required": ["n", "tag"]},
+        "codes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2},
+        "weight": {"type": "number", "minimum": 0, "maximum": 1},
+        "note": {"type": "string", "maxLength": 3},
+    },
+    "required": ["label", "score", "who", "codes"],
+}
+TYPES = {
+    "label": pa.string(), "score": pa.int64(), "ok": pa.bool_(),
+    "who": pa.struct([pa.field("n", pa.int64()), pa.field("tag", pa.string())]),
+    "codes": pa.list_(pa.int64()), "weight": pa.float64(), "note": pa.string(),
+}
+
+
+@pytest.fixture
+def job(tmp_path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+    return write_rows_csv(tmp_path / "in.csv", 12), write_template(tmp_path / "t.j2")
+
+
+def _run(inp: Path, tpl: Path, out: Path, *extra: str):  # noqa: ANN202 - click's Result
+    return invoke(["run", str(inp), "-t", str(tpl), "-o", str(out), *ARGS, *extra])
+
+
+def _schema_file(tmp_path: Path, schema: dict) -> Path:
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema), encoding="utf-8")
+    return path
+
+
+def _valid(obj: dict) -> bool:
+    """SCHEMA, checked by hand (required keys, enums, bounds, nesting, no other keys)."""
+    if set(obj) - set(SCHEMA["properties"]) or not set(SCHEMA["required"]) <= set(obj):
+        return False
+    who = obj["who"]
+    return (
+        obj["label"] in ("pos", "neg", "mixed")
+        and type(obj["score"]) is int and 1 <= obj["score"] <= 5
+        and type(obj.get("ok", True)) is bool
+        and set(who) == {"n", "tag"} and type(who["n"]) is int and 0 <= who["n"] <= 9 and who["tag"] in ("a", "b")
+        and len(obj["codes"]) <= 2 and all(type(c) is int and 0 <= c <= 9 for c in obj["codes"])
+        and 0 <= obj.get("weight", 0) <= 1
+        and len(obj.get("note", "")) <= 3
+    )
+
+
+def test_choices_every_answer_is_a_label(job, tmp_path: Path) -> None:
+    inp, tpl = job
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("yes\nno\n\nnot sure\n", encoding="utf-8")
+    for arg, labels in (("yes,no,not sure", {"yes", "no", "not sure"}), (f"@{labels_file}", {"yes", "no", "not sure"})):
+        out = tmp_path / f"out{len(arg)}.parquet"
+        result = _run(inp, tpl, out, "--choices", arg, "--max-tokens", "12")
+        assert result.exit_code == 0, result.output
+        rows = read_rows(out)
+        assert {r["response"] for r in rows} <= labels and all(r["response_finish_reason"] == "stop" for r in rows)
+
+
+def test_regex_every_answer_matches(job, tmp_path: Path) -> None:
+    inp, tpl = job
+    out = tmp_path / "out.parquet"
+    result = _run(inp, tpl, out, "--regex", r"[A-Z]{2}-[0-9]{1,3}", "--max-tokens", "10")
+    assert result.exit_code == 0, result.output
+    for row in read_rows(out):
+        assert re.fullmatch(r"[A-Z]{2}-[0-9]{1,3}", row["response"]), row
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_schema_answers_are_valid_and_typed(job, tmp_path: Path, suffix: str) -> None:
+    inp, tpl = job
+    out = tmp_path / f"out{suffix}"
+    result = _run(inp, tpl, out, "--json-schema", str(_schema_file(tmp_path, SCHEMA)), "--max-tokens", "120",
+                  "--column", "ans")
+    assert result.exit_code in (0, 3), result.output
+    rows = read_rows(out)
+    ok = [r for r in rows if r["ans_error"] is None]
+    assert len(ok) >= len(rows) // 2, rows  # a random model may run out of tokens in a number, rarely more
+    for row in ok:
+        obj = json.loads(row["ans"], strict=False)
+        assert _valid(obj), obj
+        assert list(obj) == [k for k in SCHEMA["properties"] if k in obj]  # the schema's property order
+        for name in TYPES:
+            typed = row[f"ans_{name}"]
+            if suffix == ".csv" and name in ("who", "codes"):
+                typed = json.loads(typed)  # CSV has no nested types: JSON text
+            assert typed == obj.get(name), (name, row)
+    if suffix == ".parquet":
+        schema = pq.read_schema(out)
+        for name, t in TYPES.items():
+            assert schema.field(f"ans_{name}").type == t, name
+    if suffix == ".csv":
+        header = out.read_text(encoding="utf-8").splitlines()[0].split(",")
+        assert header[-len(TYPES):] == [f"ans_{name}" for name in TYPES]
+
+
+def test_value_cut_by_max_tokens_is_an_error_row(job, tmp_path: Path) -> None:
+    inp, tpl = job
+    out = tmp_path / "out.parquet"
+    # every label is longer than 3 byte tokens on the demo model
+    result = _run(inp, tpl, out, "--choices", "positive,negative", "--max-tokens", "3")
+    assert result.exit_code == 3, result.output
+    rows = read_rows(out)
+    assert all(r["response_finish_reason"] == "length" and "--max-tokens" in r["response_error"] for r in rows)
+    errors = read_jsonl(tmp_path / "out.parquet.errors.jsonl")
+    assert len(errors) == len(rows) and {e["error_type"] for e in errors} == {"incomplete_structured_output"}
+
+
+def test_schema_cut_leaves_typed_columns_null(job, tmp_path: Path) -> None:
+    inp, tpl = job
+    out = tmp_path / "out.parquet"
+    result = _run(inp, tpl, out, "--json-schema", str(_schema_file(tmp_path, SCHEMA)), "--max-tokens", "4")
+    assert result.exit_code == 3, result.output
+    for row in read_rows(out):
+        assert row["response_finish_reason"] == "length" and row["response_error"]
+        assert all(row[f"response_{name}"] is None for name in TYPES)
+
+
+def test_recipes_carry_default_constraints(tmp_path: Path, env: dict[str, str]) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\ngreat kettle\nbroken lid\n", encoding="utf-8")
+    out = tmp_path / "c.parquet"
+    result = invoke(["run", str(inp), "-t", "classify", "-o", str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    assert {r["response"] for r in read_rows(out)} <= {"positive", "negative", "neutral"}
+    out = tmp_path / "o.parquet"  # --choices overrides the recipe's labels
+    result = invoke(["run", str(inp), "-t", "classify", "-o", str(out), *ARGS, "--choices", "good,bad"])
+    assert result.exit_code == 0, result.output
+    assert {r["response"] for r in read_rows(out)} <= {"good", "bad"}
+    out = tmp_path / "e.parquet"  # extract: its fields as list columns (a random model may run out of tokens)
+    result = invoke(["run", str(inp), "-t", "extract", "-o", str(out), *ARGS, "--max-tokens", "8"])
+    assert result.exit_code in (0, 3), result.output
+    schema = pq.read_schema(out)
+    for name in ("people", "organizations", "places", "dates"):
+        assert schema.field(f"response_{name}").type == pa.list_(pa.string())
+
+
+def test_chat_template_constrains_only_the_answer(job, tmp_path: Path) -> None:
+    inp, tpl = job
+    out = tmp_path / "out.parquet"
+    args = [a for a in ARGS if a != "--no-chat"]
+    result = invoke(["run", str(inp), "-t", str(tpl), "-o", str(out), *args, "--chat", "--choices", "yes,no",
+                     "--max-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    assert {r["response"] for r in rows} <= {"yes", "no"}
+    # the prompt is the chat-wrapped one (role markers count), the answer alone is constrained
+    assert all(r["response_prompt_tokens"] > len("Say: r0 a") for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("extra", "schema_text", "expect"),
+    [
+        (["--regex", "[a-"], None, "--regex cannot be compiled"),
+        (["--choices", "a", "--regex", "b"], None, "--choices and --regex cannot be used together"),
+        (["--choices", " , "], None, "names no label"),
+        ([], '{"type": "object", "properties": {"a": {"$ref": "#/nope"}}}', "The JSON schema cannot be compiled"),
+        ([], "[1, 2", "is not valid JSON"),
+        ([], '{"properties": {"error": {"type": "string"}}}', "clashes with the output column"),
+        (["--column", "r"], '{"properties": {"TEXT": {"type": "string"}}}', "clashes with the input column"),
+    ],
+)
+def test_bad_constraint_fails_before_the_model_loads(
+    tmp_path: Path, env: dict[str, str], extra: list[str], schema_text: str | None, expect: str
+) -> None:
+    inp = tmp_path / "in.csv"
+    inp.write_text("id,text,r_text\n1,a,b\n", encoding="utf-8")
+    tpl = write_template(tmp_path / "t.j2")
+    if schema_text is not None:
+        schema = tmp_path / "schema.json"
+        schema.write_text(schema_text, encoding="utf-8")
+        extra = [*extra, "--json-schema", str(schema)]
+    out = tmp_path / "out.parquet"
+    result = _run(inp, tpl, out, *extra)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and expect in errors[0], result.stderr
+    assert not out.exists()
+
+
+def test_changed_constraint_on_resume_is_refused(job, tmp_path: Path) -> None:
+    inp, tpl = job
+    out = tmp_path / "out.parquet"
+    schema = _schema_file(tmp_path, SCHEMA)
+    settings = RunSettings(input=inp, template=str(tpl), output=out, json_schema=schema, chat=False)
+    prepare_run(settings).close()  # a checkpoint of the job, nothing run yet (as after a kill)
+    changed = dict(SCHEMA, required=["label"])
+    schema.write_text(json.dumps(changed), encoding="utf-8")
+    result = _run(inp, tpl, out, "--json-schema", str(schema))
+    assert result.exit_code == 4, result.output
+    assert "belongs to a different job" in flat(result.stderr) and "structured output" in flat(result.stderr)
+    result = _run(inp, tpl, out, "--choices", "a,b")
+    assert result.exit_code == 4, result.output
+
+
+def test_analyze_accepts_the_same_flags(job, tmp_path: Path) -> None:
+    inp, tpl = job
+    base = ["analyze", str(inp), "-t", str(tpl), "--no-chat", "--json", "-"]
+    plain = invoke(base)
+    constrained = invoke([*base, "--json-schema", str(_schema_file(tmp_path, SCHEMA))])
+    assert plain.exit_code == constrained.exit_code == 0, constrained.output
+    key = "prompt_tokens"
+    assert json.loads(plain.stdout)[key] == json.loads(constrained.stdout)[key]  # prompts unchanged
+    bad = invoke([*base, "--regex", "(unclosed"])
+    assert bad.exit_code == 2 and "--regex cannot be compiled" in flat(bad.stderr)
+
+
+def test_properties_without_one_type_are_kept_as_json_text() -> None:
+    schema = {"type": "object", "properties": {
+        "maybe": {"type": ["integer", "null"]},
+        "either": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+        "free": {"type": "object"},
+        "mixed_enum": {"enum": ["a", 1]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    }}
+    fields = typed_fields(schema_constraint(schema))
+    assert [(f.name, f.type, f.json_text) for f in fields] == [
+        ("maybe", pa.int64(), False), ("either", pa.string(), True), ("free", pa.string(), True),
+        ("mixed_enum", pa.string(), True), ("tags", pa.list_(pa.string()), False),
+    ]
+    answers = ['{"maybe": null, "either": 3, "free": {"k": [1]}, "mixed_enum": "a", "tags": ["x"]}', None]
+    columns = typed_columns(answers, fields, nested_as_json=False)
+    assert [c.to_pylist() for c in columns] == [[None, None], ["3", None], ['{"k": [1]}', None], ['"a"', None],
+                                                [["x"], None]]
+    assert typed_columns(answers, fields, nested_as_json=True)[4].to_pylist() == ['["x"]', None]
