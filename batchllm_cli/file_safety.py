@@ -88,6 +88,10 @@ def check_run_paths(settings: RunSettings, run_dir: Path, model_dir: Path) -> No
     if Path(settings.template).is_file():  # else a bundled recipe
         reads.append(JobPath("the template", Path(settings.template)))
     reads += model_files(model_dir)
+    if settings.json_schema is not None:
+        reads.append(JobPath("--json-schema", Path(settings.json_schema)))
+    if settings.choices is not None and settings.choices.startswith("@"):
+        reads.append(JobPath("--choices", Path(settings.choices[1:])))
     run_dir_name = "--checkpoint-dir" if settings.checkpoint_dir is not None else "the checkpoint directory"
     writes = [
         JobPath("--output", out),

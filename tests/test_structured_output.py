@@ -251,3 +251,17 @@ def test_properties_without_one_type_are_kept_as_json_text() -> None:
     assert [c.to_pylist() for c in columns] == [[None, None], ["3", None], ['{"k": [1]}', None], ['"a"', None],
                                                 [["x"], None]]
     assert typed_columns(answers, fields, nested_as_json=True)[4].to_pylist() == ['["x"]', None]
+
+
+@pytest.mark.parametrize("flag", ["--json-schema", "--choices"])
+def test_a_written_file_that_is_the_constraint_file_is_refused(job, tmp_path: Path, flag: str) -> None:
+    inp, tpl = job
+    source = _schema_file(tmp_path, SCHEMA) if flag == "--json-schema" else tmp_path / "labels.txt"
+    if flag == "--choices":
+        source.write_text("a\nb\n", encoding="utf-8")
+    before = source.read_bytes()
+    value = str(source) if flag == "--json-schema" else f"@{source}"
+    result = _run(inp, tpl, tmp_path / "out.parquet", flag, value, "--summary", str(source))
+    assert result.exit_code == 2, result.output
+    assert flag in flat(result.stderr) and "--summary" in flat(result.stderr)
+    assert source.read_bytes() == before
