@@ -82,7 +82,8 @@ class Scheduler:
         budget = self._admit(chunks, budget)
         while not chunks and not self.running and self.waiting:
             # Nothing runs and nothing fits: pinned prefixes hold the memory the next item needs.
-            assert self._dissolve_newest_pinned(), "no schedulable work although requests are pending"
+            dissolved = self._dissolve_newest_pinned()  # not inside the assert: python -O drops asserts
+            assert dissolved, "no schedulable work although requests are pending"
             self._admit(chunks, budget)
         return chunks
 

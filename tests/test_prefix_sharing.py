@@ -3,6 +3,9 @@ shared token once; memory pressure degrades sharing instead of deadlocking."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +70,21 @@ def test_prefix_larger_than_memory_falls_back_without_deadlock(tiny_model_dir) -
     got, stats = run_mode(model, prompts, GREEDY, "plan", kv_cache_tokens=224)
     assert got == reference
     assert stats.sharing_fallbacks > 0
+
+
+def test_fallback_happens_with_asserts_off(tiny_model_dir) -> None:
+    """`python -O` strips asserts: the scheduler's fallback once lived inside one, and the same job
+    then looped forever."""
+    model = tiny_model_dir("llama_gqa")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from test_prefix_sharing import GREEDY, multi_level_prompts, run_mode;"
+        "_, stats = run_mode(sys.argv[2], multi_level_prompts(), GREEDY, 'plan', kv_cache_tokens=224);"
+        "sys.exit(0 if stats.sharing_fallbacks > 0 else 3)"
+    )
+    tests_dir = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-O", "-c", script, tests_dir, str(model)], timeout=120)
+    assert done.returncode == 0
 
 
 def test_preemption_under_optimistic_admission_keeps_outputs(tiny_model_dir) -> None:
