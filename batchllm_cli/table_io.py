@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 import re
 import stat
@@ -35,7 +36,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchllm_cli.durable import fsync_dir, fsync_file, is_disk_full, temp_name
+from batchllm_cli.durable import check_writable_dir, fsync_dir, fsync_file, is_disk_full, temp_name
 from batchllm_cli.errors import InputError, OutputError, TempFailError, UsageError
 from batchllm_cli.plain_paths import PlainPaths
 
@@ -163,37 +164,89 @@ def _is_blank_file(path: Path) -> bool:
     return not path.read_bytes().strip(b" \t\r\n\xef\xbb\xbf")
 
 
-def _csv_header_line(path: Path) -> str:
+_HEAD_BYTES = 1 << 20
+_SAMPLE_RECORDS = 50
+
+
+def _csv_head(path: Path) -> tuple[str, bool]:
+    """The file's first MB as text, and whether that is the whole file."""
     with path.open("rb") as f:
-        head = f.read(1 << 20)
-    text = head.decode("utf-8-sig", errors="replace")
-    # The header ends at the first newline outside quotes.
+        head = f.read(_HEAD_BYTES + 1)
+    return head[:_HEAD_BYTES].decode("utf-8-sig", errors="replace"), len(head) <= _HEAD_BYTES
+
+
+def _header_and_end(text: str) -> str:
+    """The header record with its line break (none at the end of the text)."""
     in_quotes = False
     for i, ch in enumerate(text):
         if ch == '"':
             in_quotes = not in_quotes
         elif ch in "\r\n" and not in_quotes:
-            return text[:i]
+            return text[: i + 2] if text[i : i + 2] == "\r\n" else text[: i + 1]
     return text
 
 
-def _csv_delimiter(header: str) -> str:
-    """The candidate that splits the header line most often (outside quotes); ',' when none does."""
-    counts = dict.fromkeys(_CSV_DELIMITERS, 0)
-    in_quotes = False
-    for ch in header:
-        if ch == '"':
-            in_quotes = not in_quotes
-        elif not in_quotes and ch in counts:
-            counts[ch] += 1
-    best = max(_CSV_DELIMITERS, key=lambda d: (counts[d], d == ","))
-    return best if counts[best] else ","
+def _csv_header_line(path: Path) -> str:
+    """The header record (a quoted name may hold a line break)."""
+    return _header_and_end(_csv_head(path)[0]).rstrip("\r\n")
+
+
+def _csv_records(path: Path, delimiter: str, single_column: bool) -> int | None:
+    """The data records in a CSV file as Python's csv module counts them (an independent reader), or
+    None when it cannot tell. A blank line is a record (a null) in a one-column file, and nothing in a
+    wider one, as DuckDB reads them. Streams the file: seconds per GB, nothing next to inference."""
+    csv.field_size_limit(CSV_MAX_LINE_SIZE)
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+            records = sum(1 for row in csv.reader(f, delimiter=delimiter) if row or single_column)
+    except (csv.Error, OSError):
+        return None
+    return max(records - 1, 0)
+
+
+def _field_counts(text: str, whole: bool, delimiter: str) -> list[int]:
+    """Fields per record for the first records of `text` (blank lines skipped; a record the cut of a
+    partial head may have split is left out)."""
+    try:
+        rows = [len(r) for r in itertools.islice(csv.reader(io.StringIO(text), delimiter=delimiter), _SAMPLE_RECORDS + 1) if r]
+    except csv.Error:
+        return []
+    if not whole or len(rows) > _SAMPLE_RECORDS:
+        rows = rows[:-1] or rows[:1]
+    return rows
+
+
+def _csv_delimiter(text: str, whole: bool = True) -> str:
+    """The candidate that splits the header and agrees with the most of the first data records on the
+    number of fields (all of them when the file is a header alone); ',' when none splits the header
+    into fields that some data record has too ("semi;colon" over one-field lines is one column). A
+    broken line among good ones does not change the choice, so the strict read names it."""
+    best, best_key = ",", (0, 0, False)
+    for d in _CSV_DELIMITERS:
+        counts = _field_counts(text, whole, d)
+        if not counts or counts[0] < 2:
+            continue
+        matches = sum(n == counts[0] for n in counts[1:])
+        if matches == 0 and len(counts) > 1:
+            continue
+        key = (matches, counts[0], d == ",")
+        if key > best_key:
+            best, best_key = d, key
+    return best
+
+
+def _header_breaks_crlf(header_and_end: str) -> bool:
+    """Whether a CRLF file's header has a line break inside quotes: DuckDB's strict reader takes the
+    file for '\\n'-ended from it and reads no rows at all, without an error."""
+    return header_and_end.endswith("\r\n") and any(ch in header_and_end[:-2] for ch in "\r\n")
 
 
 @dataclass(frozen=True)
 class CsvDialect:
     delimiter: str
     names: tuple[str, ...]
+    # DuckDB 2.0 reads such a file right only when told its line ending and not in strict mode.
+    crlf_quoted_header: bool = False
 
 
 def _csv_options(delimiter: str) -> list[str]:
@@ -206,9 +259,13 @@ def _csv_options(delimiter: str) -> list[str]:
     ]
 
 
-def _sniff_csv(scan_path: str, header: str, con: duckdb.DuckDBPyConnection) -> CsvDialect:
-    """The delimiter (from the header line) and the column names (DuckDB's, for unique names)."""
-    delim = _csv_delimiter(header)
+def _sniff_csv(scan_path: str, path: Path, con: duckdb.DuckDBPyConnection) -> CsvDialect:
+    """The delimiter (from the first records) and the column names (DuckDB's, for unique names)."""
+    text, whole = _csv_head(path)
+    delim = _csv_delimiter(text, whole)
+    header_and_end = _header_and_end(text)
+    header = header_and_end.rstrip("\r\n")
+    crlf = _header_breaks_crlf(header_and_end)
     try:
         # Every column is read as text, so only the names matter here; ignore_errors keeps a bad line
         # in the sample from hiding them (the strict read names it).
@@ -220,7 +277,7 @@ def _sniff_csv(scan_path: str, header: str, con: duckdb.DuckDBPyConnection) -> C
     except duckdb.Error:
         row = None
     if row is not None and row[0]:
-        return CsvDialect(delim, tuple(c["name"] for c in row[0]))
+        return CsvDialect(delim, tuple(c["name"] for c in row[0]), crlf)
     # The sniffer gives up on some broken files (an unterminated quote in the sample): take the names
     # from the header, so the strict read reports the bad line.
     names = next(csv.reader(io.StringIO(header), delimiter=delim), []) or ["column0"]
@@ -232,7 +289,7 @@ def _sniff_csv(scan_path: str, header: str, con: duckdb.DuckDBPyConnection) -> C
             name = f"{name}_{seen[name]}"
         seen.setdefault(name, 0)
         unique.append(name)
-    return CsvDialect(delim, tuple(unique))
+    return CsvDialect(delim, tuple(unique), crlf)
 
 
 # JSON has no dates, times or UUIDs: strings DuckDB's sniffer takes for them stay the strings they are.
@@ -360,7 +417,7 @@ class TableSource:
                 with self.path.open("rb") as f:  # a file object: pyarrow would parse a path as a URI
                     self.arrow_schema = pq.read_schema(f)
             if self.format == "csv":
-                self._dialect = _sniff_csv(self._scan_path, _csv_header_line(self.path), self._con)
+                self._dialect = _sniff_csv(self._scan_path, self.path, self._con)
             # Binding the query only sniffs a sample (JSON) or reads the footer (Parquet).
             rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
             if self.format in ("json", "jsonl"):
@@ -426,7 +483,7 @@ class TableSource:
             opts = _csv_options(d.delimiter) + [
                 "auto_detect=false",
                 f"columns={{{cols}}}",
-                "strict_mode=true",
+                "strict_mode=false, new_line='\\r\\n'" if d.crlf_quoted_header else "strict_mode=true",
                 "allow_quoted_nulls=false",  # "" is an empty string; only an empty field is NULL
             ]
             if self.skip_bad_rows:
@@ -480,6 +537,8 @@ class TableSource:
                 f"SELECT count(*), {counts} FROM ({self._limited_sql(rejects_table=rejects_table)})"
             ).fetchall()
             self._rows = int(rows[0][0]) if rows else 0
+            if self.format == "csv" and not self.skip_bad_rows:
+                self._check_record_count(self._rows)
             if self.skip_bad_rows:
                 # One entry per rejected line (DuckDB may list several errors for one line).
                 self.rejects = _one_per_record(con.sql(
@@ -489,7 +548,7 @@ class TableSource:
                 ).to_arrow_table())
         except duckdb.Error as exc:
             hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.format == "csv" else ""
-            raise InputError(f"Cannot read {self.path}: {_one_line(exc)}.{hint}") from exc
+            raise InputError(f"Cannot read {self.path}: {_one_line(exc).rstrip('.')}.{hint}") from exc
         finally:
             con.close()
         rejected = self.rejects.num_rows if self.rejects is not None else 0
@@ -502,6 +561,21 @@ class TableSource:
                 "or raise --max-rejects if skipping them is right."
             )
         return self._rows
+
+    def _check_record_count(self, rows: int) -> None:
+        """InputError unless DuckDB read as many rows as an independent reader counts records: DuckDB
+        has read some valid files (a quoted line break in a CRLF header) as 0 rows without an error."""
+        if self.limit is not None and rows >= self.limit:
+            return
+        d = self._dialect
+        assert d is not None
+        records = _csv_records(self.path, d.delimiter, len(d.names) == 1)
+        if records is not None and records != rows:
+            raise InputError(
+                f"Cannot read {self.path}: it has {records} records but only {rows} were read; the file's "
+                "layout (line endings, quoted line breaks) is not read reliably. Save it with plain '\\n' "
+                "line endings, or convert it to Parquet or JSON lines."
+            )
 
     def count_rows(self) -> int:
         return self.validate()
@@ -580,7 +654,7 @@ class TableSource:
 
 
 def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathLike[str]) -> Path:
-    """Refuse an output that cannot be written, before any model loads; creates missing parent dirs."""
+    """Refuse an output that cannot be written, before any model loads; creates nothing."""
     out = Path(output)
     output_format(out)
     inp = Path(input_path)
@@ -595,18 +669,6 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
         raise UsageError(f"Output {out} exists and is not a regular file (a pipe or device); give a file name.")
     check_writable_dir(out.parent if str(out.parent) else Path("."), "Output directory")
     return out
-
-
-def check_writable_dir(directory: Path, what: str) -> None:
-    """Create `directory` if needed and prove a file can be created in it (root ignores mode bits,
-    so only a real write tells a read-only mount apart)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".batchllm.{uuid.uuid4().hex}.probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"{what} {directory} is not writable: {exc.strerror or exc}.") from exc
 
 
 def _json_safe(expr: str, typ: duckdb.DuckDBPyType, depth: int = 0) -> str | None:
