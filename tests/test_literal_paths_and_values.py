@@ -285,9 +285,9 @@ def test_any_path_characters_round_trip_or_are_refused(
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         pq.write_table(pa.Table.from_pylist(rows), inp)
-    before = snapshot(root)
     out = root / "out" / (out_name + out_ext)
     out.parent.mkdir()
+    before = snapshot(root)
     try:
         with TableSource(inp) as src:
             write_output(src, results_for(2), out)
