@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from batchllm_cli.durable import check_writable_dir, fsync_dir, fsync_file, is_disk_full, temp_name
 from batchllm_cli.errors import InputError, OutputError, TempFailError, UsageError
-from batchllm_cli.plain_paths import PlainPaths
+from batchllm_cli.plain_paths import PlainPaths, spill_dir
 
 # The ordinal row id travels with every batch and result; the name is unlikely to clash with a user's
 # column, and a clash is refused up front rather than silently shadowed.
@@ -148,7 +148,9 @@ class Column:
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(":memory:")
+    # Spill files go to a private directory of ours, never `.tmp` in the user's current directory.
+    con = duckdb.connect(":memory:", config={"temp_directory": spill_dir()})
+    con.execute("SET enable_progress_bar = false")  # a long read would draw on the user's terminal
     # The default, set explicitly because row ids and output order rely on it.
     con.execute("SET preserve_insertion_order = true")
     return con
