@@ -279,7 +279,15 @@ def _sniff_csv(scan_path: str, path: Path, con: duckdb.DuckDBPyConnection) -> Cs
     except duckdb.Error:
         row = None
     if row is not None and row[0]:
-        return CsvDialect(delim, tuple(c["name"] for c in row[0]), crlf)
+        names = tuple(c["name"] for c in row[0])
+        # DuckDB trims spaces from header names (`a, a,a ` reads as a, a_1, a_2): the file's own
+        # names are kept whenever DuckDB can hold them (not empty, distinct as DuckDB compares names).
+        from batchllm_cli.column_names import duckdb_key  # column_names imports this module
+
+        own = next(csv.reader(io.StringIO(header), delimiter=delim), [])
+        if len(own) == len(names) and all(own) and len({duckdb_key(n) for n in own}) == len(own):
+            names = tuple(own)
+        return CsvDialect(delim, names, crlf)
     # The sniffer gives up on some broken files (an unterminated quote in the sample): take the names
     # from the header, so the strict read reports the bad line.
     names = next(csv.reader(io.StringIO(header), delimiter=delim), []) or ["column0"]
@@ -322,20 +330,35 @@ def _exact_json_columns(
 
     DuckDB reads a number column as DOUBLE as soon as one value does not fit BIGINT, which rounds every
     integer beyond 2^53; such a column whose values are all integers is read as DECIMAL(38,0) (exact),
-    or as the digits' text when one has more than 38 digits.
+    or as the digits' text when one has more than 38 digits. Any other column holding doubles (a mixed
+    number column, a list or struct of numbers) in which some number has 16 or more digits in a row
+    (so a double may round it) is read as JSON: its values' own text, exactly.
     """
     cols = [Column(n, _json_read_type(t)) for n, t in zip(rel.columns, rel.types)]
     doubles = [c.name for c in cols if c.type == "DOUBLE"]
-    if doubles:
-        as_json = ", ".join(f"{_literal(c.name)}: {_literal('JSON' if c.type == 'DOUBLE' else c.type)}" for c in cols)
-        checks = ", ".join(
-            f"bool_and(regexp_full_match({_ident(n)}::VARCHAR, '-?[0-9]+')), "
-            f"bool_and({_ident(n)} IS NULL OR try_cast({_ident(n)}::VARCHAR AS DECIMAL(38,0)) IS NOT NULL)"
-            for n in doubles
+    nested = [c.name for c in cols if c.type != "DOUBLE" and "DOUBLE" in c.type.upper()]
+    if doubles or nested:
+        as_json = ", ".join(
+            f"{_literal(c.name)}: {_literal('JSON' if c.name in doubles or c.name in nested else c.type)}" for c in cols
         )
-        found = con.execute(f"SELECT {checks} FROM {read_json(as_json)}").fetchall()[0]
-        exact = {n: ("DECIMAL(38,0)" if fits else "VARCHAR")
-                 for n, whole, fits in zip(doubles, found[0::2], found[1::2]) if whole}
+        long_digits = "bool_or(regexp_matches({}::VARCHAR, '[0-9]{{16,}}'))"
+        checks = [
+            f"bool_and(regexp_full_match({_ident(n)}::VARCHAR, '-?[0-9]+')), "
+            f"bool_and({_ident(n)} IS NULL OR try_cast({_ident(n)}::VARCHAR AS DECIMAL(38,0)) IS NOT NULL), "
+            + long_digits.format(_ident(n))
+            for n in doubles
+        ] + [long_digits.format(_ident(n)) for n in nested]
+        found = con.execute(f"SELECT {', '.join(checks)} FROM {read_json(as_json)}").fetchall()[0]
+        exact: dict[str, str] = {}
+        for i, n in enumerate(doubles):
+            whole, fits, long = found[3 * i : 3 * i + 3]
+            if whole:
+                exact[n] = "DECIMAL(38,0)" if fits else "VARCHAR"
+            elif long:
+                exact[n] = "JSON"
+        for n, long in zip(nested, found[3 * len(doubles) :]):
+            if long:
+                exact[n] = "JSON"
         cols = [Column(c.name, exact.get(c.name, c.type)) for c in cols]
     sniffed = [Column(n, str(t)) for n, t in zip(rel.columns, rel.types)]
     return tuple(cols) if cols != sniffed else None
