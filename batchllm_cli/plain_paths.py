@@ -8,14 +8,12 @@ reads or writes is reached through a symlink with a plain name (`[A-Za-z0-9_.-]`
 removed, by name, when the owner closes (or is collected, or the process exits).
 
 The private directories are named `batchllm-<pid namespace>-<pid>-*`, so one left behind by a
-`kill -9` (links, and DuckDB's spill files: `spill_dir`) is removed by the next batchllm process that
+`kill -9` (links, and DuckDB's spill files: `PlainPaths.spill_dir`) is removed by the next batchllm process that
 starts in the same temp directory and pid namespace once its owner is gone (`remove_stale_dirs`).
 """
 from __future__ import annotations
 
-import atexit
 import functools
-import itertools
 import os
 import re
 import shutil
@@ -29,6 +27,7 @@ from batchllm_cli.errors import UsageError
 # What a path may contain for DuckDB to take it literally: absolute, no pattern or prefix characters.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./-]*")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+SPILL_NAME = "duckdb-spill"
 
 
 def is_plain(path: str) -> bool:
@@ -110,6 +109,8 @@ def _remove(directory: Path | None, links: list[Path]) -> None:
             pass
     links.clear()
     if directory is not None:
+        for spill in directory.glob(SPILL_NAME + "-*"):  # DuckDB's, if it did not remove them
+            shutil.rmtree(spill, ignore_errors=True)
         try:
             directory.rmdir()
         except OSError:
@@ -122,20 +123,33 @@ class PlainPaths:
     def __init__(self) -> None:
         self._dir: Path | None = None
         self._links: list[Path] = []
+        self._spills = 0
         self._finalizer: weakref.finalize | None = None
 
     def link(self, target: str | os.PathLike[str], name: str) -> str:
         """A plain absolute path that opens `target` (taken literally, relative to the cwd now)."""
         assert _PLAIN_NAME.fullmatch(name), name
-        if self._dir is None:
-            self._dir = _private_dir()
-            self._finalizer = weakref.finalize(self, _remove, self._dir, self._links)
+        self._ensure_dir()
+        assert self._dir is not None
         link = self._dir / name
         # absolute() does not fold `..` (the kernel resolves it after any symlinked directory).
         os.symlink(Path(target).absolute(), link)
         self._links.append(link)
         assert is_plain(str(link)), link
         return str(link)
+
+    def spill_dir(self) -> str:
+        """A plain path in this private directory for DuckDB's spill files (its default is `.tmp` in the
+        user's current directory); DuckDB makes it when it first spills and removes it on close."""
+        self._ensure_dir()
+        assert self._dir is not None
+        self._spills += 1  # one per connection: two databases never share spill files
+        return str(self._dir / f"{SPILL_NAME}-{self._spills}")
+
+    def _ensure_dir(self) -> None:
+        if self._dir is None:
+            self._dir = _private_dir()
+            self._finalizer = weakref.finalize(self, _remove, self._dir, self._links)
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -149,18 +163,3 @@ class PlainPaths:
     ) -> None:
         self.close()
 
-
-@functools.lru_cache(maxsize=None)
-def _spill_root() -> Path:
-    root = _private_dir()
-    atexit.register(shutil.rmtree, root, True)
-    return root
-
-
-def spill_dir() -> str:
-    """A plain path, inside a private directory removed at exit, for DuckDB's spill files (its default
-    is `.tmp` in the user's current directory). DuckDB creates it when it first spills."""
-    return str(_spill_root() / f"duckdb-{next(_spill_ids)}")
-
-
-_spill_ids = itertools.count()

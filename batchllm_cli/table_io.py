@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from batchllm_cli.durable import check_writable_dir, fsync_dir, fsync_file, is_disk_full, temp_name
 from batchllm_cli.errors import InputError, OutputError, TempFailError, UsageError
-from batchllm_cli.plain_paths import PlainPaths, spill_dir
+from batchllm_cli.plain_paths import PlainPaths
 
 # The ordinal row id travels with every batch and result; the name is unlikely to clash with a user's
 # column, and a clash is refused up front rather than silently shadowed.
@@ -147,9 +147,10 @@ class Column:
     type: str  # DuckDB's type name, e.g. VARCHAR, BIGINT, STRUCT(...)
 
 
-def _connect() -> duckdb.DuckDBPyConnection:
-    # Spill files go to a private directory of ours, never `.tmp` in the user's current directory.
-    con = duckdb.connect(":memory:", config={"temp_directory": spill_dir()})
+def _connect(plain: PlainPaths) -> duckdb.DuckDBPyConnection:
+    """A connection whose spill files go to `plain`'s private directory (close it before `plain`),
+    never to `.tmp` in the user's current directory."""
+    con = duckdb.connect(":memory:", config={"temp_directory": plain.spill_dir()})
     con.execute("SET enable_progress_bar = false")  # a long read would draw on the user's terminal
     # The default, set explicitly because row ids and output order rely on it.
     con.execute("SET preserve_insertion_order = true")
@@ -430,8 +431,8 @@ class TableSource:
         self._dialect: CsvDialect | None = None
         self._json_columns: tuple[Column, ...] | None = None
         self.arrow_schema: pa.Schema | None = None  # a Parquet input's own types, kept in Parquet output
-        self._con = _connect()
         self._plain = PlainPaths()
+        self._con = _connect(self._plain)
         if self.empty:
             self.columns: tuple[Column, ...] = ()
             return
@@ -452,7 +453,7 @@ class TableSource:
             self.columns = tuple(Column(name, str(typ)) for name, typ in zip(rel.columns, rel.types))
         except (duckdb.Error, pa.ArrowException, OSError) as exc:
             self.close()
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else self._reason(exc)
             raise InputError(f"Cannot read {self.path}: {reason}") from exc
         except BaseException:
             self.close()
@@ -460,6 +461,12 @@ class TableSource:
         if ROW_ID in self.column_names:
             self.close()
             raise UsageError(f"Input column {ROW_ID!r} is reserved by batchllm; rename it.")
+
+    def _reason(self, exc: BaseException) -> str:
+        """DuckDB's one line, naming the user's file instead of the private link DuckDB opened."""
+        link = getattr(self, "_scan_path", None)
+        line = _one_line(exc)
+        return line.replace(link, str(self.path)) if link else line
 
     @property
     def column_names(self) -> list[str]:
@@ -551,7 +558,7 @@ class TableSource:
         if self.empty:
             self._rows = 0
             return 0
-        con = _connect()
+        con = _connect(self._plain)
         table = f"batchllm_rejects_{uuid.uuid4().hex[:8]}"
         try:
             # count(col) for every column makes DuckDB parse and convert every value (count(*) alone
@@ -573,7 +580,7 @@ class TableSource:
                 ).to_arrow_table())
         except duckdb.Error as exc:
             hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.format == "csv" else ""
-            raise InputError(f"Cannot read {self.path}: {_one_line(exc).rstrip('.')}.{hint}") from exc
+            raise InputError(f"Cannot read {self.path}: {self._reason(exc).rstrip('.')}.{hint}") from exc
         finally:
             con.close()
         rejected = self.rejects.num_rows if self.rejects is not None else 0
@@ -629,7 +636,7 @@ class TableSource:
                     ).fetchall()
                 ]
         except duckdb.Error as exc:
-            raise InputError(f"Cannot read {self.path}: {_one_line(exc)}") from exc
+            raise InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc
         finally:
             cur.close()
         if nulls:
@@ -655,7 +662,7 @@ class TableSource:
                     yield batch
         except duckdb.Error as exc:
             # Typically a JSON value that does not fit the type sniffed from the first rows.
-            raise InputError(f"Cannot read {self.path}: {_one_line(exc)}") from exc
+            raise InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc
         finally:
             cur.close()
         if self._rows is not None and streamed != self._rows:
@@ -867,8 +874,8 @@ def write_output(
     """
     out = Path(output)
     fmt = output_format(out)
-    con = _connect()
     plain = PlainPaths()
+    con = _connect(plain)
     try:
         rel = _results_relation(con, results, plain)
         names = [n for n in con.sql(f"SELECT * FROM {rel} LIMIT 0").columns]
@@ -904,8 +911,8 @@ def write_query_jsonl(
     out: Path,
 ) -> None:
     """Write `query_for(numbered input subquery, results relation)` to `out` as JSON lines, atomically."""
-    con = _connect()
     plain = PlainPaths()
+    con = _connect(plain)
     try:
         rel = _results_relation(con, results, plain)
         _copy_atomically(con, query_for(source.numbered_sql(), rel), out, "json")
@@ -918,12 +925,14 @@ def write_query_jsonl(
 
 def write_table_jsonl(table: pa.Table, out: Path) -> None:
     """An Arrow table as JSON lines, written atomically."""
-    con = _connect()
+    plain = PlainPaths()
+    con = _connect(plain)
     try:
         con.register("batchllm_table", table)
         _copy_atomically(con, "SELECT * FROM batchllm_table", out, "json")
     finally:
         con.close()
+        plain.close()
 
 
 def read_table(path: str | os.PathLike[str]) -> pa.Table:

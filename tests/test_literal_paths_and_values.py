@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchllm_cli.errors import UsageError
+from batchllm_cli.errors import InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths, is_plain
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, read_table, write_output
 from reliability_utils import snapshot
@@ -335,3 +335,13 @@ def test_csv_header_names_keep_their_spaces(tmp_path: Path) -> None:
     with TableSource(inp) as src:
         write_output(src, results_for(1), out)
     assert out.read_text().splitlines()[0].startswith("a, a,a ,")
+
+
+def test_read_errors_name_the_users_file_not_the_private_link(tmp_path: Path) -> None:
+    inp = tmp_path / "dup.jsonl"
+    inp.write_text('{"text":"a","text":"b"}\n')
+    with pytest.raises(InputError) as info:
+        with TableSource(inp) as src:
+            src.validate()
+    assert "duplicate key" in str(info.value) and "batchllm-" not in str(info.value)
+    assert str(inp) in str(info.value)

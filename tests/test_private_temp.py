@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from batchllm_cli import plain_paths
+from batchllm_cli.plain_paths import PlainPaths
 from batchllm_cli.table_io import _connect
 
 
 def test_duckdb_spills_into_a_private_directory_not_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    con = _connect()
+    plain = PlainPaths()
+    con = _connect(plain)
     try:
         spill = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
         con.execute("SET memory_limit = '30MB'")
@@ -26,8 +28,11 @@ def test_duckdb_spills_into_a_private_directory_not_the_current_one(tmp_path: Pa
         assert list(tmp_path.iterdir()) == []  # and not into `.tmp` beside the user's files
     finally:
         con.close()
+    assert not Path(spill).exists()  # DuckDB removes its spill files on close
     assert Path(spill).parent.name.startswith(f"batchllm-{plain_paths._pid_namespace()}-{os.getpid()}-")
     assert oct(Path(spill).parent.stat().st_mode & 0o777) == "0o700"
+    plain.close()
+    assert not Path(spill).parent.exists()
 
 
 def _dead_pid() -> int:
