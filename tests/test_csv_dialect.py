@@ -62,3 +62,22 @@ def test_a_short_read_is_refused_not_written(tmp_path: Path) -> None:
         object.__setattr__(src._dialect, "crlf_quoted_header", False)
         with pytest.raises(InputError, match="2 records but only 0 were read"):
             src.validate()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'"a\nb",c\r\n1,2\r\n3,4,5\r\n6,7\r\n', "line 4: expected 2 fields, found 3"),  # was read as 3,4
+        (b'"a\nb",c\r\n1,"2\r\n6,7\r\n', "unexpected end of data"),  # was one row holding "2\r\n6,7"
+    ],
+)
+@pytest.mark.parametrize("skip_bad_rows", [False, True])
+def test_malformed_records_in_a_crlf_file_with_a_header_line_break_are_refused(
+    tmp_path: Path, content: bytes, reason: str, skip_bad_rows: bool
+) -> None:
+    """Such a file is read by DuckDB's lenient mode, which would cut or merge these records silently."""
+    path = tmp_path / "in.csv"
+    path.write_bytes(content)
+    with TableSource(path, skip_bad_rows=skip_bad_rows) as src:
+        with pytest.raises(InputError, match=reason):
+            src.validate()

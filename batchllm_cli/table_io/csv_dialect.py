@@ -53,6 +53,23 @@ def _csv_records(path: Path, delimiter: str, single_column: bool) -> int | None:
     return max(records - 1, 0)
 
 
+def _csv_bad_record(path: Path, delimiter: str, fields: int) -> str | None:
+    """The first record with another number of fields than `fields`, or with a broken quote, as
+    'line N: reason'; None when every record is well formed (Python's strict csv reader decides)."""
+    csv.field_size_limit(CSV_MAX_LINE_SIZE)
+    with path.open("r", encoding="utf-8-sig", errors="strict", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        try:
+            for row in reader:
+                if row and len(row) != fields:
+                    return f"line {reader.line_num}: expected {fields} fields, found {len(row)}"
+        except csv.Error as exc:
+            return f"line {reader.line_num}: {exc}"
+        except UnicodeDecodeError:
+            return "it is not UTF-8"
+    return None
+
+
 def _field_counts(text: str, whole: bool, delimiter: str) -> list[int]:
     """Fields per record for the first records of `text` (blank lines skipped; a record the cut of a
     partial head may have split is left out)."""

@@ -22,7 +22,7 @@ from batchllm_cli.table_io.common import (
     _is_blank_file, _one_line, input_format, output_format,
 )
 from batchllm_cli.table_io.csv_dialect import (
-    CsvDialect, _csv_header_line, _csv_options, _csv_records, _one_per_record, _sniff_csv,
+    CsvDialect, _csv_bad_record, _csv_header_line, _csv_options, _csv_records, _one_per_record, _sniff_csv,
 )
 from batchllm_cli.table_io.json_types import _exact_json_columns
 
@@ -214,6 +214,8 @@ class TableSource:
                 f"SELECT count(*), {counts} FROM ({self._limited_sql(rejects_table=rejects_table)})"
             ).fetchall()
             self._rows = int(rows[0][0]) if rows else 0
+            if self.format == "csv":
+                self._check_lenient_read()
             if self.format == "csv" and not self.skip_bad_rows:
                 self._check_record_count(self._rows)
             if self.skip_bad_rows:
@@ -238,6 +240,20 @@ class TableSource:
                 "or raise --max-rejects if skipping them is right."
             )
         return self._rows
+
+    def _check_lenient_read(self) -> None:
+        """A file DuckDB can only read in its lenient mode (a CRLF file whose header holds a quoted line
+        break), which pads, cuts or merges malformed records silently, is checked record by record here."""
+        d = self._dialect
+        assert d is not None
+        if not d.crlf_quoted_header:
+            return
+        bad = _csv_bad_record(self.path, d.delimiter, len(d.names))
+        if bad is not None:
+            raise InputError(
+                f"Cannot read {self.path}: {bad}. Fix the file (--skip-bad-rows cannot skip records in a "
+                "CRLF file whose header holds a line break)."
+            )
 
     def _check_record_count(self, rows: int) -> None:
         """InputError unless DuckDB read as many rows as an independent reader counts records: DuckDB
