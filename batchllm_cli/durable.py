@@ -16,6 +16,8 @@ import re
 import uuid
 from pathlib import Path
 
+from batchllm_cli.errors import UsageError
+
 CRASH_ENV = "BATCHLLM_CRASH_AT"
 CRASH_EXIT_CODE = 137
 CRASH_POINTS = (
@@ -144,3 +146,45 @@ def is_disk_full(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return "no space left on device" in text or "disk quota exceeded" in text
+
+
+def _nearest_existing(directory: Path) -> Path:
+    path = directory.absolute()
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(directory: Path, what: str) -> None:
+    """UsageError unless `directory` exists and a file can be created in it, or it can be created:
+    probed in the nearest existing directory above it, with a file removed at once, so a refused run
+    leaves nothing behind (root ignores mode bits, so only a real write tells a read-only mount apart)."""
+    existing = _nearest_existing(directory)
+    if not existing.is_dir():
+        raise UsageError(f"{what} {directory} is not writable: {existing} is not a directory.")
+    probe = existing / f".batchllm.{uuid.uuid4().hex}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{what} {directory} is not writable: {exc.strerror or exc}.") from exc
+
+
+def make_dirs(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; the ones created, outermost first (for remove_dirs)."""
+    missing = []
+    path = directory.absolute()
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_dirs(created: list[Path]) -> None:
+    """Remove directories make_dirs created, innermost first, as long as they are empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from batchllm_cli.checkpoint import errors_path, marker_path, output_lock_path, rejects_path
-from batchllm_cli.durable import is_temp_of
+from batchllm_cli.durable import check_writable_dir, is_temp_of
 from batchllm_cli.errors import UsageError
-from batchllm_cli.table_io import check_writable_dir
 
 if TYPE_CHECKING:
     from batchllm_cli.job_types import RunSettings

@@ -28,7 +28,7 @@ from batchllm_cli.checkpoint import (
 )
 from batchllm_cli.collector import OutputColumns, ResultCollector
 from batchllm_cli.column_names import check_column_names
-from batchllm_cli.durable import remove_durably
+from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
 from batchllm_cli.errors import (
     BatchLLMError,
     FingerprintMismatch,
@@ -127,6 +127,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
     )
     output_lock: FileLock | None = None
     run_dir: RunDir | None = None
+    made_dirs: list[Path] = []
     try:
         # ---- checks (nothing is written) ----------------------------------------------------------
         check_output_path(settings.output, settings.input)
@@ -170,6 +171,9 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             structured_output=constraint.fingerprint() if constraint is not None else None,
         )
 
+        # Every check has passed: the output's directory may be made (the lock file lives there), and
+        # is removed again if the run stops before writing anything else.
+        made_dirs = make_dirs(settings.output.parent)
         output_lock = FileLock(output_lock_path(settings.output), remove_on_release=True)
         output_lock.acquire(str(settings.output))
         marker, marker_present = _finished_marker(settings, fingerprint, observer)
@@ -268,6 +272,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             run_dir.unlock()
         if output_lock is not None:
             output_lock.release()
+        remove_dirs(made_dirs)
         source.close()
         raise
     return PreparedRun(

@@ -5,13 +5,18 @@ DuckDB treats a file name as a pattern: `*`, `?`, `[...]` and `{a,b}` glob (a de
 prefixes pick a file system. Escaping is not offered. So DuckDB never sees a user's path: each file it
 reads or writes is reached through a symlink with a plain name (`[A-Za-z0-9_.-]`) in a private directory
 (`tempfile.mkdtemp`, mode 0700), and the kernel, not DuckDB, resolves the user's path. The links are
-removed, by name, when the owner closes (or is collected, or the process exits); after a `kill -9` a
-`batchllm-*` directory holding only symlinks (no data) may stay behind in the temp directory.
+removed, by name, when the owner closes (or is collected, or the process exits).
+
+The private directories are named `batchllm-<pid namespace>-<pid>-*`, so one left behind by a
+`kill -9` (links, and DuckDB's spill files: `PlainPaths.spill_dir`) is removed by the next batchllm process that
+starts in the same temp directory and pid namespace once its owner is gone (`remove_stale_dirs`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
 import tempfile
 import weakref
 from pathlib import Path
@@ -22,20 +27,71 @@ from batchllm_cli.errors import UsageError
 # What a path may contain for DuckDB to take it literally: absolute, no pattern or prefix characters.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./-]*")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+SPILL_NAME = "duckdb-spill"
 
 
 def is_plain(path: str) -> bool:
     return _PLAIN_PATH.fullmatch(path) is not None and "/~" not in path
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace (a pid means one process only within it; '0' if unknown)."""
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        return "0"
+
+
+_OWNED_DIR = re.compile(r"batchllm-(\d+)-(\d+)-[A-Za-z0-9_]+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_dirs(base: str) -> list[Path]:
+    """Remove private directories under `base` left by batchllm processes of this pid namespace and
+    this user that no longer run (killed with -9); the ones removed."""
+    ns, removed = _pid_namespace(), []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _OWNED_DIR.fullmatch(entry.name)
+        if not m or m.group(1) != ns or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)  # symlinks are removed, never followed
+        removed.append(Path(entry.path))
+    return removed
+
+
+@functools.lru_cache(maxsize=None)
+def _cleaned(base: str) -> None:
+    remove_stale_dirs(base)
+
+
 def _private_dir() -> Path:
     """A new 0700 directory whose own path is plain: under $TMPDIR, else under /tmp."""
+    prefix = f"batchllm-{_pid_namespace()}-{os.getpid()}-"
     for base in (None, "/tmp"):
         try:
-            made = tempfile.mkdtemp(prefix="batchllm-", dir=base)
+            made = tempfile.mkdtemp(prefix=prefix, dir=base)
         except OSError:
             continue
         if is_plain(made):
+            _cleaned(str(Path(made).parent))  # once per process and temp directory: cheap
             return Path(made)
         os.rmdir(made)
     raise UsageError(
@@ -53,6 +109,8 @@ def _remove(directory: Path | None, links: list[Path]) -> None:
             pass
     links.clear()
     if directory is not None:
+        for spill in directory.glob(SPILL_NAME + "-*"):  # DuckDB's, if it did not remove them
+            shutil.rmtree(spill, ignore_errors=True)
         try:
             directory.rmdir()
         except OSError:
@@ -65,20 +123,33 @@ class PlainPaths:
     def __init__(self) -> None:
         self._dir: Path | None = None
         self._links: list[Path] = []
+        self._spills = 0
         self._finalizer: weakref.finalize | None = None
 
     def link(self, target: str | os.PathLike[str], name: str) -> str:
         """A plain absolute path that opens `target` (taken literally, relative to the cwd now)."""
         assert _PLAIN_NAME.fullmatch(name), name
-        if self._dir is None:
-            self._dir = _private_dir()
-            self._finalizer = weakref.finalize(self, _remove, self._dir, self._links)
+        self._ensure_dir()
+        assert self._dir is not None
         link = self._dir / name
         # absolute() does not fold `..` (the kernel resolves it after any symlinked directory).
         os.symlink(Path(target).absolute(), link)
         self._links.append(link)
         assert is_plain(str(link)), link
         return str(link)
+
+    def spill_dir(self) -> str:
+        """A plain path in this private directory for DuckDB's spill files (its default is `.tmp` in the
+        user's current directory); DuckDB makes it when it first spills and removes it on close."""
+        self._ensure_dir()
+        assert self._dir is not None
+        self._spills += 1  # one per connection: two databases never share spill files
+        return str(self._dir / f"{SPILL_NAME}-{self._spills}")
+
+    def _ensure_dir(self) -> None:
+        if self._dir is None:
+            self._dir = _private_dir()
+            self._finalizer = weakref.finalize(self, _remove, self._dir, self._links)
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -91,3 +162,4 @@ class PlainPaths:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchllm_cli.table_io import ROW_ID, TableSource
-from batchllm_cli.templates import PromptTemplate, RowRenderError
+from batchllm_cli.templates import PromptTemplate, PromptTooLong, RowRenderError
 
 
 class TokenizerLike(Protocol):
@@ -169,7 +169,14 @@ class PromptEncoder:
         failed: list[FailedRow] = []
         for row_id, row in zip(row_ids, rows):
             try:
-                rendered = self.template.render(row)
+                # Without --truncate a prompt past the character bound fails anyway: stop rendering there.
+                rendered = self.template.render(row, self.max_chars if self.truncate is None else None)
+            except PromptTooLong as exc:
+                if self.truncate is None and self.max_chars is not None and self.max_prompt_tokens is not None:
+                    failed.append(_too_many_chars(row_id, exc.chars, self.max_chars, self.max_prompt_tokens))
+                else:
+                    failed.append(FailedRow(row_id, str(exc), exc.kind))
+                continue
             except RowRenderError as exc:
                 failed.append(FailedRow(row_id, str(exc), exc.kind))
                 continue

@@ -7,7 +7,10 @@ is optional: the template author planned for it to be missing.
 Templates come from files and recipes that anyone may have written, and render values that anyone may
 have typed, so they render in Jinja2's immutable sandbox: no attribute escapes (`__class__`,
 `__globals__`), no mutation of row values, `range()` capped at jinja2.sandbox.MAX_RANGE, and `*`/`**`
-bounded so one expression cannot allocate gigabytes. A sandbox violation is a per-row template error.
+bounded so one expression cannot allocate gigabytes; calls, filters and `%` that would build a huge
+string, and loops that would run for ever, are refused before they run (template_limits.py), and the
+rendered prompt is streamed and stopped past a character budget. A sandbox violation is a per-row
+template error.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from batchllm_cli.template_limits import LoopBudget, check_call, check_percent, check_str_format, guarded_filter
+
 import recipes
 from batchllm_cli.errors import UsageError
 
@@ -29,6 +34,9 @@ _OPTIONAL_TESTS = frozenset({"defined", "undefined"})
 # `**`: far above any prompt, far below what exhausts memory or time.
 MAX_REPEAT_LEN = 1 << 24
 MAX_POWER_BITS = 1 << 16
+# Most characters one row's template may render: a prompt longer than this fits no model's context
+# (a --truncate run cuts prompts; without it the limit is the context's own character bound).
+MAX_RENDER_CHARS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -92,13 +100,55 @@ def _finalize_error(value: Any) -> Any:
     return value
 
 
-class _PromptEnvironment(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with `*` and `**` checked before they run (the sandbox only caps range)."""
+class PromptTooLong(RowRenderError):
+    """The rendered prompt passed the character budget it was rendered with (`chars` so far)."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    def __init__(self, chars: int, limit: int) -> None:
+        super().__init__(f"template error: the prompt is longer than {limit} characters")
+        self.chars = chars
+
+
+class _PromptEnvironment(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with `*`, `**`, `%`, calls, filters and loops checked before they run
+    (the sandbox only caps range)."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.filters = {name: guarded_filter(name, f) for name, f in self.filters.items()}
+        self.loop_budget = LoopBudget()
+
+    def _generate(self, source: nodes.Template, *args: Any, **kwargs: Any) -> str:
+        # Every loop's iterable goes through the per-render loop budget.
+        for loop in source.find_all(nodes.For):
+            budget = nodes.Getattr(nodes.EnvironmentAttribute("loop_budget"), "iterate", "load")
+            loop.iter = nodes.Call(budget, [loop.iter], [], None, None)
+        return super()._generate(source, *args, **kwargs)  # type: ignore[misc]
+
+    def wrap_str_format(self, value: Any) -> Any:
+        formatter = super().wrap_str_format(value)
+        if formatter is None:
+            return None
+        text = value.__self__
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if value.__name__ == "format_map":
+                check_str_format(str(text), (), dict(args[0]) if args and isinstance(args[0], Mapping) else {})
+            else:
+                check_str_format(str(text), args, kwargs)
+            return formatter(*args, **kwargs)
+
+        return checked
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        check_call(__obj, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
+        if operator == "%":
+            check_percent(left, right)
+        elif operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_REPEAT_LEN:
                     raise SecurityError(f"a repetition of {len(seq) * times} items is too large (limit {MAX_REPEAT_LEN})")
@@ -156,6 +206,7 @@ class PromptTemplate:
                 del env.globals[name]
             ast = env.parse(source.text)
             self._template = env.from_string(source.text)
+            self._loop_budget = env.loop_budget
         except jinja2.TemplateSyntaxError as exc:
             raise UsageError(
                 f"Template {source.name} has a syntax error on line {exc.lineno}: {exc.message}"
@@ -176,12 +227,24 @@ class PromptTemplate:
                 f"{'are not columns' if plural else 'is not a column'} of the input; available columns: {available}."
             )
 
-    def render(self, row: Mapping[str, Any]) -> str:
-        """The prompt for one row; RowRenderError (one line) when this row cannot be rendered."""
+    def render(self, row: Mapping[str, Any], max_chars: int | None = None) -> str:
+        """The prompt for one row; RowRenderError (one line) when this row cannot be rendered, and
+        PromptTooLong as soon as it passes `max_chars` (MAX_RENDER_CHARS at most)."""
         if self.optional_variables and any(_is_null(row.get(k)) for k in self.optional_variables):
             row = {k: v for k, v in row.items() if not (k in self.optional_variables and _is_null(v))}
+        limit = min(max_chars, MAX_RENDER_CHARS) if max_chars is not None else MAX_RENDER_CHARS
+        self._loop_budget.reset()
+        parts: list[str] = []
+        chars = 0
         try:
-            return self._template.render(row)
+            for part in self._template.generate(row):
+                chars += len(part)
+                if chars > limit:
+                    raise PromptTooLong(chars, limit)
+                parts.append(part)
+            return "".join(parts)
+        except RowRenderError:
+            raise
         except _NullValue:
             names = sorted(k for k in self.required_variables if _is_null(row.get(k, 0)))
             where = f"column {', '.join(names)} is null" if names else "a null value"

@@ -90,11 +90,16 @@ def assert_finished_cleanly(out: Path, rows: int, keep_checkpoints: bool = False
     return marker
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under `directory` with its bytes (to prove a refused run changed nothing)."""
+def snapshot(directory: Path) -> dict[str, bytes | None]:
+    """Every file under `directory` with its bytes, and every directory (None), to prove a refused run
+    changed nothing and created nothing."""
     if not directory.exists():
         return {}
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() or p.is_dir()
+    }
 
 
 def committed_row_ids(run_dir: Path) -> list[int]:

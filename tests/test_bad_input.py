@@ -17,22 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from reliability_utils import (
-    FAST, assert_finished_cleanly, flat, invoke, read_jsonl, read_rows, snapshot, write_template,
+    FAST, assert_finished_cleanly, flat, invoke, one_error_line, read_jsonl, read_rows, snapshot, write_template,
 )
 
 @pytest.fixture(autouse=True)
 def demo_cache(demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(demo_model_dir.parent))
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.llm_engine
-
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("this must be decided before the model loads")
-
-    monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", forbidden)
 
 
 def run(inp: Path, out: Path, tpl: Path, *extra: str):  # noqa: ANN201
@@ -55,12 +45,6 @@ def assert_every_row_once(out: Path, ids: list, id_key: str = "id", position_ids
     rejected_ids = [next(csv.reader(io.StringIO(r["csv_line"])))[0] for r in rejected]
     got = Counter(str(i) for i in answered + in_error + rejected_ids)
     assert got == Counter(str(i) for i in ids), (got, ids)
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if not line.startswith("note:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 # ---- malformed CSV ---------------------------------------------------------------------------------

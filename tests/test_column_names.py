@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.column_names import duckdb_key
 from batchllm_cli.table_io import ROW_ID
-from reliability_utils import FAST, flat, invoke, read_rows, snapshot, write_template
+from reliability_utils import FAST, flat, invoke, one_error_line, read_rows, snapshot, write_template
 
 ANSWER_COLUMNS = ["response", "response_finish_reason", "response_prompt_tokens", "response_completion_tokens", "response_error"]
 
@@ -24,12 +24,6 @@ ANSWER_COLUMNS = ["response", "response_finish_reason", "response_prompt_tokens"
 @pytest.fixture(autouse=True)
 def demo_cache(env: dict[str, str]) -> None:
     """Every test here may run the demo model (found through BATCHLLM_CACHE_DIR)."""
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if not line.startswith("note:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 def write_input(path: Path, names: list[str]) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchllm_cli.errors import UsageError
+from batchllm_cli.errors import InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths, is_plain
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path, read_table, write_output
 from reliability_utils import snapshot
@@ -285,9 +285,9 @@ def test_any_path_characters_round_trip_or_are_refused(
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
         pq.write_table(pa.Table.from_pylist(rows), inp)
-    before = snapshot(root)
     out = root / "out" / (out_name + out_ext)
     out.parent.mkdir()
+    before = snapshot(root)
     try:
         with TableSource(inp) as src:
             write_output(src, results_for(2), out)
@@ -298,3 +298,50 @@ def test_any_path_characters_round_trip_or_are_refused(
     assert {k: v for k, v in snapshot(root).items() if not k.startswith("out/")} == before
     assert [p.name for p in out.parent.iterdir()] == [out.name]
     assert read_table(out).to_pylist() == [{**r, "answer": f"a{i}"} for i, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ['{"text":"a","n":[1,123456789012345678901]}', '{"text":"b","n":[9007199254740993]}'],  # in a list
+        ['{"text":"a","s":{"n":9007199254740993}}', '{"text":"b","s":{"n":1.5}}'],  # in a struct
+        ['{"text":"a","m":9007199254740993}', '{"text":"b","m":1.5}'],  # beside a fraction
+    ],
+)
+def test_json_numbers_a_double_would_round_come_back_exactly(tmp_path: Path, lines: list[str]) -> None:
+    """These came back as 1.2345678901234568e+20 and 9007199254740992.0, with exit 0."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    with TableSource(inp) as src:
+        write_output(src, results_for(2), out)
+    got = [json.loads(line, parse_float=str, parse_int=str) for line in out.read_text().splitlines()]
+    want = [json.loads(line, parse_float=str, parse_int=str) for line in lines]
+    assert [{k: v for k, v in g.items() if k in w} for g, w in zip(got, want)] == want
+
+
+def test_json_float_lists_without_long_numbers_keep_their_types(tmp_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"f":[1.5,2.25],"g":{"x":0.1}}\n')
+    with TableSource(inp) as src:
+        assert [c.type for c in src.columns] == ["DOUBLE[]", "STRUCT(x DOUBLE)"]
+
+
+def test_csv_header_names_keep_their_spaces(tmp_path: Path) -> None:
+    """DuckDB trimmed them (`a, a,a ` came back as a, a_1, a_2 in the output)."""
+    inp = tmp_path / "in.csv"
+    inp.write_text("a, a,a \n1,2,3\n")
+    out = tmp_path / "out.csv"
+    with TableSource(inp) as src:
+        write_output(src, results_for(1), out)
+    assert out.read_text().splitlines()[0].startswith("a, a,a ,")
+
+
+def test_read_errors_name_the_users_file_not_the_private_link(tmp_path: Path) -> None:
+    inp = tmp_path / "dup.jsonl"
+    inp.write_text('{"text":"a","text":"b"}\n')
+    with pytest.raises(InputError) as info:
+        with TableSource(inp) as src:
+            src.validate()
+    assert "duplicate key" in str(info.value) and "batchllm-" not in str(info.value)
+    assert str(inp) in str(info.value)

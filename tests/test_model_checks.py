@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from reliability_utils import FAST, invoke, snapshot, write_rows_csv, write_template
+from reliability_utils import FAST, invoke, one_error_line, snapshot, write_rows_csv, write_template
 
 
 def _edit_config(**changes: object) -> Callable[[Path], str]:
@@ -101,12 +101,6 @@ BROKEN: dict[str, Callable[[Path], str]] = {
 # Weights are not needed by analyze: it must not refuse these.
 WEIGHTS_ONLY = {"empty_weights", "garbage_weights", "truncated_weights", "header_past_the_end", "missing_tensor",
                 "wrong_tensor_shape", "no_weights"}
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if not line.startswith("note:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -2,13 +2,14 @@
 and `**`, and a name like a Jinja global (`range`, `cycler`, ...) is a column like any other."""
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
 import pytest
 
 from batchllm_cli.errors import UsageError
-from batchllm_cli.templates import PromptTemplate, RowRenderError, TemplateSource
+from batchllm_cli.templates import PromptTemplate, PromptTooLong, RowRenderError, TemplateSource
 from reliability_utils import FAST, flat, invoke, read_jsonl, read_rows, write_template
 
 JINJA_GLOBALS = ("range", "dict", "cycler", "joiner", "namespace", "lipsum")
@@ -30,17 +31,66 @@ def template(text: str) -> PromptTemplate:
         "{{ 'a' * 10**10 }}",
         "{{ [text] * 10**9 }}",
         "{{ 7 ** (10**9) }}",
+        # One call or operator building a huge string (refused from its arguments, before it runs).
+        "{{ '%1000000000d' % 1 }}",
+        "{{ '%.1000000000f' % 1 }}",
+        "{{ '%*d' % (10**9, 1) }}",
+        "{{ '%1000000000d' | format(1) }}",
+        "{{ 'x' | center(10**9) }}",
+        "{{ '{:>1000000000}'.format(1) }}",
+        "{{ '{:>{w}}'.format(1, w=10**9) }}",
+        "{{ '{x:>1000000000}'.format_map({'x': 1}) }}",
+        "{{ 'a' | indent(10**9) }}",
+        "{{ ('a\n' * 100000) | indent(1000) }}",
+        "{{ 'a b c' | wordwrap(1, wrapstring='x' * 10**7) }}",
+        "{{ lipsum(10**6) }}",
+        "{{ 'x'.ljust(10**9) }}",
+        "{{ 'x'.zfill(10**9) }}",
+        "{{ ('\t' * 1000).expandtabs(10**7) }}",
+        "{{ (text * 10000).replace('h', 'y' * 10000) }}",
+        "{{ (text * 10000) | replace('h', 'y' * 10000) }}",
+        "{{ range(99999) | map('string') | join('y' * 10000) }}",
+        "{{ ('y' * 10000).join('x' * 99999) }}",
+        "{{ [1] | batch(10**9, 0) | list }}",
+        "{{ [1] | slice(10**9, 0) | list }}",
+        "{{ {'a': [1, [2]]} | tojson(indent=10**9) }}",
+        "{{ ('x' * 1000).translate({120: 'y' * 100000}) }}",
+        # Loops: all of one row's loops together are bounded, with or without output.
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+        "{% for c in 'x' * 16000000 %}{% endfor %}",
+        # Many pieces of allowed size: the rendered prompt itself is bounded.
+        "{% for i in range(3000) %}{{ 'x' * 16000 }}{% endfor %}",
     ],
 )
 def test_unsafe_or_unbounded_expressions_are_row_errors_and_fail_fast(text: str) -> None:
     t = template(text)
     t.check_columns(["text"])
     start = time.monotonic()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(RowRenderError) as info:
         t.render({"text": "hi"})
     assert time.monotonic() - start < 2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 300 * 1024  # KiB: no huge string
     assert info.value.kind == "template_error" and str(info.value).startswith("template error: ")
     assert "\n" not in str(info.value)
+
+
+def test_ordinary_formatting_filters_and_loops_still_render() -> None:
+    t = template(
+        "{{ '%-4s|%5.1f' % (text, 2.25) }}|{{ '{:>5}|{:,}'.format(text, 1234567890) }}|{{ text | center(6) }}|"
+        "{{ 'a\nb' | indent(2) }}|{{ '%03d' | format(7) }}|{{ [1, 2] | join(', ') }}|{{ lipsum(1, false, 3, 5) | length > 0 }}|"
+        "{% for i in range(3) %}{{ loop.index }}/{{ loop.length }}{% endfor %}|{{ text.ljust(4, '.') }}"
+    )
+    assert t.render({"text": "hi"}) == "hi  |  2.2|   hi|1,234,567,890|  hi  |a\n  b|007|1, 2|True|1/32/33/3|hi.."
+
+
+def test_a_render_stops_at_its_character_budget() -> None:
+    t = template("{% for i in range(1000) %}{{ text }}{% endfor %}")
+    assert len(t.render({"text": "abc"})) == 3000
+    with pytest.raises(PromptTooLong) as info:
+        t.render({"text": "abc"}, max_chars=100)
+    assert 100 < info.value.chars <= 103
 
 
 @pytest.mark.parametrize("name", JINJA_GLOBALS)

@@ -205,6 +205,20 @@ def test_side_paths_that_are_links_or_directories_are_refused(files: Files, no_m
     assert precious.read_text() == "mine"
 
 
+def test_a_refused_run_creates_no_directories(files: Files, no_model: None) -> None:
+    """Output and checkpoint directories that do not exist yet are made only once every check has
+    passed, and removed again when a later check (the strict read of the file) refuses the run."""
+    new_out = files.root / "new" / "deeper" / "o.parquet"
+    bad_tpl = write_template(files.root / "bad.j2", "{{ no_such_column }}")
+    refused(job_args(files.inp, bad_tpl, new_out), files.root, "no_such_column")
+    refused(job_args(files.inp, files.tpl, new_out, "--checkpoint-dir", str(files.root / "ck" / "a"),
+                     "--max-tokens", "100000"), files.root, "--max-tokens")
+    broken = files.root / "broken.csv"
+    broken.write_text("text\nok\n\"never closed\n", encoding="utf-8")
+    refused(job_args(broken, files.tpl, new_out), files.root, "broken.csv")
+    assert not (files.root / "new").exists()
+
+
 def test_analyze_report_path_that_is_the_input_is_refused(files: Files, no_model: None) -> None:
     refused(["analyze", str(files.inp), "-t", str(files.tpl), "--json", str(files.inp)], files.root,
             "--json", "the input file")

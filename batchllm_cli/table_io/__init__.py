@@ -1,0 +1,45 @@
+"""All table reading and writing: the one package that talks to DuckDB.
+
+Input rows are streamed as Arrow record batches with an explicit ordinal row id, so the rest of the CLI
+never depends on DuckDB's ordering rules; the output is a DuckDB join of the input (read a second time)
+with the result columns on that row id, written to a temporary file and renamed into place.
+
+CSV input is read strictly (RFC 4180 quoting with `"`, the delimiter agreed by the first records) so that
+a malformed file fails with DuckDB's error naming the line instead of being silently read with another
+dialect; `skip_bad_rows` rejects such lines instead and keeps them (line number, error type, text) for a
+rejects file. Values are never rewritten on the way through:
+- CSV columns are read as text (VARCHAR), exactly as in the file (`00501`, `1.50`, `t`, `01/02/2024`);
+  an empty field is NULL, `""` is empty text, and CSV output writes them back the same way.
+- JSON keeps its own types: strings DuckDB would take for dates, times or UUIDs stay strings, and a
+  top-level number column whose values are all integers is read exactly (DECIMAL(38,0), or the digits
+  as text beyond that) instead of as doubles. JSON output writes NaN/Infinity/-Infinity as the strings
+  "NaN", "Infinity", "-Infinity" (the protobuf JSON convention), so every line is valid JSON.
+- Parquet types (time zones, decimals, dictionaries, nested values) pass through; HUGEINT, which
+  Parquet cannot hold, is written as DECIMAL(38,0), never as a double.
+Every path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob.
+
+The package: common.py (formats, quoting, connections), csv_dialect.py (dialect and record count),
+json_types.py (exact JSON types), source.py (TableSource, reading), writing.py (output). All of
+batchllm's DuckDB calls live in this package.
+"""
+from batchllm_cli.table_io.common import (
+    CSV_MAX_LINE_SIZE,
+    DEFAULT_MAX_REJECTS,
+    INPUT_FORMATS,
+    JSON_KEY_SAMPLE,
+    OUTPUT_FORMATS,
+    ROW_ID,
+    Column,
+    _connect,
+    input_format,
+    output_format,
+)
+from batchllm_cli.table_io.csv_dialect import CsvDialect, _csv_records
+from batchllm_cli.table_io.source import TableSource, check_output_path, read_table
+from batchllm_cli.table_io.writing import write_output, write_query_jsonl, write_table_jsonl
+
+__all__ = [
+    "CSV_MAX_LINE_SIZE", "DEFAULT_MAX_REJECTS", "INPUT_FORMATS", "JSON_KEY_SAMPLE", "OUTPUT_FORMATS", "ROW_ID",
+    "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "input_format",
+    "output_format", "read_table", "write_output", "write_query_jsonl", "write_table_jsonl",
+]

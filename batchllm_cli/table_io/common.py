@@ -1,0 +1,139 @@
+"""Formats, SQL quoting, DuckDB errors and connections shared by reading and writing tables."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from batchllm_cli.durable import is_disk_full
+from batchllm_cli.errors import OutputError, TempFailError, UsageError
+from batchllm_cli.plain_paths import PlainPaths
+
+
+# The ordinal row id travels with every batch and result; the name is unlikely to clash with a user's
+# column, and a clash is refused up front rather than silently shadowed.
+ROW_ID = "__batchllm_row_id"
+
+INPUT_FORMATS: dict[str, str] = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+# `.json` output is newline-delimited JSON too: it streams, and every JSON reader we care about takes it.
+OUTPUT_FORMATS: dict[str, str] = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".json": "json",
+}
+# USE_TMP_FILE false: DuckDB writes into our own temporary file (through its plain-named link) instead of
+# renaming a file of its own over the link; the rename into place is ours (_copy_atomically).
+_COPY_OPTIONS = {
+    "parquet": "FORMAT parquet, USE_TMP_FILE false",
+    "csv": "FORMAT csv, HEADER true, USE_TMP_FILE false",
+    "json": "FORMAT json, USE_TMP_FILE false",
+}
+
+_PARQUET_BATCH_ROWS = 122_880  # DuckDB's row group size: Parquet output keeps the same row groups
+
+# Rows longer than DuckDB's 2 MB default (a long document in one cell) are legitimate input; a prompt
+# that long becomes a per-row "prompt too long" error later instead of failing the whole file.
+CSV_MAX_LINE_SIZE = 64 * 2**20
+_CSV_DELIMITERS = (",", ";", "\t", "|")
+# DuckDB's CSV errors carry the reason on a later line; these start the lines worth quoting.
+_CSV_REASONS = (
+    "Expected Number of Columns",
+    "Value with unterminated quote",
+    "Invalid unicode",
+    "Error when converting column",
+    "Maximum line size",
+)
+_SCALAR_ID_TYPES = ("LIST", "STRUCT", "MAP", "UNION", "[]")
+# --max-rejects: more rejected records than this fail the job (a file that bad is the wrong file, or
+# needs fixing, not a run that quietly drops rows).
+DEFAULT_MAX_REJECTS = 100
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# read_json's default sample_size: the records its schema (and so its column names) comes from.
+JSON_KEY_SAMPLE = 20480
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _one_line(exc: BaseException) -> str:
+    """DuckDB's headline, plus the reason line of a CSV error (the CLI contract is one line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head = lines[0]
+    if "CSV Error on Line" in head:
+        reason = next((line for line in lines[1:] if line.startswith(_CSV_REASONS)), None)
+        if reason:
+            head = f"{head.rstrip('.')}: {reason}"
+    return head
+
+
+def _write_error(path: Path, exc: BaseException) -> Exception:
+    """The error to raise when writing `path` failed: disk full is temporary (75), the rest fatal."""
+    if is_disk_full(exc):
+        return TempFailError(
+            f"Cannot write {path}: no space left on device. Finished rows are kept; free some space and "
+            "run the same command again to resume."
+        )
+    return OutputError(f"Cannot write {path}: {_one_line(exc)}")
+
+
+def input_format(path: Path) -> str:
+    fmt = INPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(
+            f"Cannot read {path}: unknown file type {path.suffix or '(none)'!r}; "
+            f"use one of {', '.join(INPUT_FORMATS)}."
+        )
+    return fmt
+
+
+def output_format(path: Path) -> str:
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(
+            f"Cannot write {path}: unknown file type {path.suffix or '(none)'!r}; "
+            f"use one of {', '.join(OUTPUT_FORMATS)}."
+        )
+    return fmt
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # DuckDB's type name, e.g. VARCHAR, BIGINT, STRUCT(...)
+
+
+def _connect(plain: PlainPaths) -> duckdb.DuckDBPyConnection:
+    """A connection whose spill files go to `plain`'s private directory (close it before `plain`),
+    never to `.tmp` in the user's current directory."""
+    con = duckdb.connect(":memory:", config={"temp_directory": plain.spill_dir()})
+    con.execute("SET enable_progress_bar = false")  # a long read would draw on the user's terminal
+    # The default, set explicitly because row ids and output order rely on it.
+    con.execute("SET preserve_insertion_order = true")
+    return con
+
+
+def _is_blank_file(path: Path) -> bool:
+    """0 bytes, or only whitespace (an 'empty' CSV/JSON file as editors and scripts leave them)."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > 4096:
+        return False
+    return not path.read_bytes().strip(b" \t\r\n\xef\xbb\xbf")

@@ -1,0 +1,183 @@
+"""CSV dialect: header, delimiter, line endings, column names, and an independent record count."""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from batchllm_cli.table_io.common import CSV_MAX_LINE_SIZE, _CSV_DELIMITERS, _LINE_BREAK, _literal
+
+
+_HEAD_BYTES = 1 << 20
+_SAMPLE_RECORDS = 50
+
+
+def _csv_head(path: Path) -> tuple[str, bool]:
+    """The file's first MB as text, and whether that is the whole file."""
+    with path.open("rb") as f:
+        head = f.read(_HEAD_BYTES + 1)
+    return head[:_HEAD_BYTES].decode("utf-8-sig", errors="replace"), len(head) <= _HEAD_BYTES
+
+
+def _header_and_end(text: str) -> str:
+    """The header record with its line break (none at the end of the text)."""
+    in_quotes = False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch in "\r\n" and not in_quotes:
+            return text[: i + 2] if text[i : i + 2] == "\r\n" else text[: i + 1]
+    return text
+
+
+def _csv_header_line(path: Path) -> str:
+    """The header record (a quoted name may hold a line break)."""
+    return _header_and_end(_csv_head(path)[0]).rstrip("\r\n")
+
+
+def _csv_records(path: Path, delimiter: str, single_column: bool) -> int | None:
+    """The data records in a CSV file as Python's csv module counts them (an independent reader), or
+    None when it cannot tell. A blank line is a record (a null) in a one-column file, and nothing in a
+    wider one, as DuckDB reads them. Streams the file: seconds per GB, nothing next to inference."""
+    csv.field_size_limit(CSV_MAX_LINE_SIZE)
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+            records = sum(1 for row in csv.reader(f, delimiter=delimiter) if row or single_column)
+    except (csv.Error, OSError):
+        return None
+    return max(records - 1, 0)
+
+
+def _csv_bad_record(path: Path, delimiter: str, fields: int) -> str | None:
+    """The first record with another number of fields than `fields`, or with a broken quote, as
+    'line N: reason'; None when every record is well formed (Python's strict csv reader decides)."""
+    csv.field_size_limit(CSV_MAX_LINE_SIZE)
+    with path.open("r", encoding="utf-8-sig", errors="strict", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        try:
+            for row in reader:
+                if row and len(row) != fields:
+                    return f"line {reader.line_num}: expected {fields} fields, found {len(row)}"
+        except csv.Error as exc:
+            return f"line {reader.line_num}: {exc}"
+        except UnicodeDecodeError:
+            return "it is not UTF-8"
+    return None
+
+
+def _field_counts(text: str, whole: bool, delimiter: str) -> list[int]:
+    """Fields per record for the first records of `text` (blank lines skipped; a record the cut of a
+    partial head may have split is left out)."""
+    try:
+        rows = [len(r) for r in itertools.islice(csv.reader(io.StringIO(text), delimiter=delimiter), _SAMPLE_RECORDS + 1) if r]
+    except csv.Error:
+        return []
+    if not whole or len(rows) > _SAMPLE_RECORDS:
+        rows = rows[:-1] or rows[:1]
+    return rows
+
+
+def _csv_delimiter(text: str, whole: bool = True) -> str:
+    """The candidate that splits the header and agrees with the most of the first data records on the
+    number of fields (all of them when the file is a header alone); ',' when none splits the header
+    into fields that some data record has too ("semi;colon" over one-field lines is one column). A
+    broken line among good ones does not change the choice, so the strict read names it."""
+    best, best_key = ",", (0, 0, False)
+    for d in _CSV_DELIMITERS:
+        counts = _field_counts(text, whole, d)
+        if not counts or counts[0] < 2:
+            continue
+        matches = sum(n == counts[0] for n in counts[1:])
+        if matches == 0 and len(counts) > 1:
+            continue
+        key = (matches, counts[0], d == ",")
+        if key > best_key:
+            best, best_key = d, key
+    return best
+
+
+def _header_breaks_crlf(header_and_end: str) -> bool:
+    """Whether a CRLF file's header has a line break inside quotes: DuckDB's strict reader takes the
+    file for '\\n'-ended from it and reads no rows at all, without an error."""
+    return header_and_end.endswith("\r\n") and any(ch in header_and_end[:-2] for ch in "\r\n")
+
+
+@dataclass(frozen=True)
+class CsvDialect:
+    delimiter: str
+    names: tuple[str, ...]
+    # DuckDB 2.0 reads such a file right only when told its line ending and not in strict mode.
+    crlf_quoted_header: bool = False
+
+
+def _csv_options(delimiter: str) -> list[str]:
+    return [
+        f"delim={_literal(delimiter)}",
+        "quote='\"'",
+        "escape='\"'",
+        "header=true",
+        f"max_line_size={CSV_MAX_LINE_SIZE}",
+    ]
+
+
+def _sniff_csv(scan_path: str, path: Path, con: duckdb.DuckDBPyConnection) -> CsvDialect:
+    """The delimiter (from the first records) and the column names (DuckDB's, for unique names)."""
+    text, whole = _csv_head(path)
+    delim = _csv_delimiter(text, whole)
+    header_and_end = _header_and_end(text)
+    header = header_and_end.rstrip("\r\n")
+    crlf = _header_breaks_crlf(header_and_end)
+    try:
+        # Every column is read as text, so only the names matter here; ignore_errors keeps a bad line
+        # in the sample from hiding them (the strict read names it).
+        rows = con.execute(
+            f"SELECT Columns FROM sniff_csv({_literal(scan_path)}, {', '.join(_csv_options(delim))}, "
+            "all_varchar=true, ignore_errors=true)"
+        ).fetchall()
+        row = rows[0] if rows else None
+    except duckdb.Error:
+        row = None
+    if row is not None and row[0]:
+        names = tuple(c["name"] for c in row[0])
+        # DuckDB trims spaces from header names (`a, a,a ` reads as a, a_1, a_2): the file's own
+        # names are kept whenever DuckDB can hold them (not empty, distinct as DuckDB compares names).
+        from batchllm_cli.column_names import duckdb_key  # column_names imports this module
+
+        own = next(csv.reader(io.StringIO(header), delimiter=delim), [])
+        if len(own) == len(names) and all(own) and len({duckdb_key(n) for n in own}) == len(own):
+            names = tuple(own)
+        return CsvDialect(delim, names, crlf)
+    # The sniffer gives up on some broken files (an unterminated quote in the sample): take the names
+    # from the header, so the strict read reports the bad line.
+    names = next(csv.reader(io.StringIO(header), delimiter=delim), []) or ["column0"]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
+        seen.setdefault(name, 0)
+        unique.append(name)
+    return CsvDialect(delim, tuple(unique), crlf)
+
+
+def _one_per_record(rejects: pa.Table) -> pa.Table:
+    """One rejects entry per record: a quote that never closes swallows the lines after it into one
+    DuckDB reject, but each of those lines is a record of its own (what a reader of the file counts), so
+    such a reject becomes one entry per line, numbered from its first line. This keeps
+    rows read + rejected = records."""
+    out: list[dict[str, object]] = []
+    for r in rejects.to_pylist():
+        lines = _LINE_BREAK.split(r["csv_line"] or "")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if r["error_type"] != "UNQUOTED VALUE" or len(lines) < 2:
+            out.append(r)
+            continue
+        out += [{**r, "line": r["line"] + k, "csv_line": line} for k, line in enumerate(lines)]
+    return pa.Table.from_pylist(out, schema=rejects.schema)

@@ -1,0 +1,70 @@
+"""JSON types read exactly: strings stay strings, integers and long numbers are not rounded."""
+from __future__ import annotations
+
+from typing import Callable
+
+import duckdb
+
+from batchllm_cli.table_io.common import Column, _ident, _literal
+
+
+# JSON has no dates, times or UUIDs: strings DuckDB's sniffer takes for them stay the strings they are.
+_JSON_STRING_TYPES = frozenset({
+    "date", "time", "time with time zone", "time_ns", "timestamp", "timestamp with time zone",
+    "timestamp_ns", "timestamp_ms", "timestamp_s", "uuid", "interval",
+})
+
+
+def _json_read_type(typ: duckdb.DuckDBPyType) -> str:
+    """The SQL type to read a sniffed JSON value as: the sniffed one, with strings kept strings."""
+    if typ.id in _JSON_STRING_TYPES:
+        return "VARCHAR"
+    if typ.id == "struct":
+        return "STRUCT(" + ", ".join(f"{_ident(n)} {_json_read_type(t)}" for n, t in typ.children) + ")"
+    if typ.id == "list":
+        return _json_read_type(typ.children[0][1]) + "[]"
+    if typ.id == "map":
+        (_, key), (_, value) = typ.children
+        return f"MAP({_json_read_type(key)}, {_json_read_type(value)})"
+    return str(typ)
+
+
+def _exact_json_columns(
+    con: duckdb.DuckDBPyConnection, read_json: Callable[[str], str], rel: duckdb.DuckDBPyRelation
+) -> tuple[Column, ...] | None:
+    """Declared columns for a JSON read that keeps every value exact, or None when the sniffed ones do.
+
+    DuckDB reads a number column as DOUBLE as soon as one value does not fit BIGINT, which rounds every
+    integer beyond 2^53; such a column whose values are all integers is read as DECIMAL(38,0) (exact),
+    or as the digits' text when one has more than 38 digits. Any other column holding doubles (a mixed
+    number column, a list or struct of numbers) in which some number has 16 or more digits in a row
+    (so a double may round it) is read as JSON: its values' own text, exactly.
+    """
+    cols = [Column(n, _json_read_type(t)) for n, t in zip(rel.columns, rel.types)]
+    doubles = [c.name for c in cols if c.type == "DOUBLE"]
+    nested = [c.name for c in cols if c.type != "DOUBLE" and "DOUBLE" in c.type.upper()]
+    if doubles or nested:
+        as_json = ", ".join(
+            f"{_literal(c.name)}: {_literal('JSON' if c.name in doubles or c.name in nested else c.type)}" for c in cols
+        )
+        long_digits = "bool_or(regexp_matches({}::VARCHAR, '[0-9]{{16,}}'))"
+        checks = [
+            f"bool_and(regexp_full_match({_ident(n)}::VARCHAR, '-?[0-9]+')), "
+            f"bool_and({_ident(n)} IS NULL OR try_cast({_ident(n)}::VARCHAR AS DECIMAL(38,0)) IS NOT NULL), "
+            + long_digits.format(_ident(n))
+            for n in doubles
+        ] + [long_digits.format(_ident(n)) for n in nested]
+        found = con.execute(f"SELECT {', '.join(checks)} FROM {read_json(as_json)}").fetchall()[0]
+        exact: dict[str, str] = {}
+        for i, n in enumerate(doubles):
+            whole, fits, long = found[3 * i : 3 * i + 3]
+            if whole:
+                exact[n] = "DECIMAL(38,0)" if fits else "VARCHAR"
+            elif long:
+                exact[n] = "JSON"
+        for n, long in zip(nested, found[3 * len(doubles) :]):
+            if long:
+                exact[n] = "JSON"
+        cols = [Column(c.name, exact.get(c.name, c.type)) for c in cols]
+    sniffed = [Column(n, str(t)) for n, t in zip(rel.columns, rel.types)]
+    return tuple(cols) if cols != sniffed else None

@@ -1,0 +1,250 @@
+"""Output: the input joined with the result columns, written to a temporary file and renamed into place."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchllm_cli.durable import fsync_dir, fsync_file, temp_name
+from batchllm_cli.errors import UsageError
+from batchllm_cli.plain_paths import PlainPaths
+from batchllm_cli.table_io.common import (
+    _COPY_OPTIONS, _PARQUET_BATCH_ROWS, ROW_ID, _connect, _ident, _literal, _write_error, output_format,
+)
+from batchllm_cli.table_io.source import TableSource
+
+
+def _json_safe(expr: str, typ: duckdb.DuckDBPyType, depth: int = 0) -> str | None:
+    """`expr` with every float in it (nested too) as JSON that is valid: NaN/Infinity/-Infinity become
+    the strings "NaN", "Infinity", "-Infinity"; None when `typ` holds no float (nothing to change)."""
+    if typ.id in ("float", "double"):
+        return (
+            f"CASE WHEN {expr} IS NULL THEN NULL WHEN isfinite({expr}) THEN to_json({expr}) "
+            f"""WHEN isnan({expr}) THEN '"NaN"'::JSON WHEN {expr} > 0 THEN '"Infinity"'::JSON """
+            f"""ELSE '"-Infinity"'::JSON END"""
+        )
+    if typ.id in ("list", "array"):
+        var = f"x{depth}"
+        inner = _json_safe(var, typ.children[0][1], depth + 1)
+        return None if inner is None else f"list_transform({expr}, lambda {var}: {inner})"
+    if typ.id == "struct":
+        fields = [(n, _json_safe(f"struct_extract({expr}, {_literal(n)})", t, depth + 1)) for n, t in typ.children]
+        if all(f is None for _, f in fields):
+            return None
+        packed = ", ".join(
+            f"{_ident(n)} := {f if f is not None else f'struct_extract({expr}, {_literal(n)})'}" for n, f in fields
+        )
+        return f"CASE WHEN {expr} IS NULL THEN NULL ELSE struct_pack({packed}) END"
+    if typ.id == "map":
+        var = f"x{depth}"
+        value = _json_safe(f"{var}.value", typ.children[1][1], depth + 1)
+        if value is None:
+            return None
+        return f"map_from_entries(list_transform(map_entries({expr}), lambda {var}: struct_pack(k := {var}.key, v := {value})))"
+    return None
+
+
+def _json_safe_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """`query` with its non-finite floats as valid JSON strings (DuckDB would write bare NaN)."""
+    rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
+    exprs = [(_json_safe(f"q.{_ident(n)}", t), n) for n, t in zip(rel.columns, rel.types)]
+    if all(e is None for e, _ in exprs):
+        return query
+    picked = ", ".join(f"{e if e is not None else f'q.{_ident(n)}'} AS {_ident(n)}" for e, n in exprs)
+    return f"SELECT {picked} FROM ({query}) AS q"
+
+
+def _same_values(original: pa.DataType, read: pa.DataType) -> bool:
+    """Whether `read` (DuckDB's Arrow type for a column) holds the same values as `original` (the input
+    file's), so that casting back only restores the representation: a time zone, a dictionary, large or
+    view strings, list field names. Anything else keeps DuckDB's type rather than risk a failed cast."""
+    if original == read:
+        return True
+    if pa.types.is_dictionary(original):
+        return _same_values(original.value_type, read)
+    if pa.types.is_timestamp(original) and pa.types.is_timestamp(read):
+        return original.unit == read.unit and (original.tz is None) == (read.tz is None)
+    texts = (pa.string(), pa.large_string(), pa.string_view())
+    blobs = (pa.binary(), pa.large_binary(), pa.binary_view())
+    if (original in texts and read in texts) or (original in blobs and read in blobs):
+        return True
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(f(original) for f in lists) and any(f(read) for f in lists):
+        return _same_values(original.value_type, read.value_type)
+    if pa.types.is_struct(original) and pa.types.is_struct(read):
+        return [f.name for f in original] == [f.name for f in read] and all(
+            _same_values(a.type, b.type) for a, b in zip(original, read)
+        )
+    if pa.types.is_map(original) and pa.types.is_map(read):
+        return _same_values(original.key_type, read.key_type) and _same_values(original.item_type, read.item_type)
+    return False
+
+
+def _restored_schema(got: pa.Schema, keep: pa.Schema | None) -> pa.Schema | None:
+    """`got` (DuckDB's Arrow schema of the output) with the input's own types put back where only their
+    representation differs; None when nothing needs putting back."""
+    if keep is None:
+        return None
+    fields = []
+    for f in got:
+        own = keep.field(f.name) if f.name in keep.names else None
+        fields.append(own if own is not None and own.type != f.type and _same_values(own.type, f.type) else f)
+    return pa.schema(fields) if any(a is not b for a, b in zip(fields, got)) else None
+
+
+def _write_parquet(con: duckdb.DuckDBPyConnection, query: str, tmp: Path, keep: pa.Schema | None) -> None:
+    """DuckDB's COPY (parallel), or, when the input has types it would not write back (time zones are
+    written as UTC, dictionaries as plain strings), through Arrow with those types restored. HUGEINT,
+    which Parquet cannot hold and COPY would write as a double, goes as DECIMAL(38,0)."""
+    rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
+    schema = _restored_schema(rel.to_arrow_table().schema, keep)
+    if schema is not None:  # DuckDB's Arrow export gives HUGEINT as decimal128(38, 0) already
+        reader = con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS)
+        with tmp.open("wb") as f, pq.ParquetWriter(f, schema, compression="snappy") as writer:
+            for batch in reader:
+                writer.write_batch(batch.cast(schema))
+        return
+    cols = [
+        f"q.{_ident(n)}::DECIMAL(38,0) AS {_ident(n)}" if t.id in ("hugeint", "uhugeint") else f"q.{_ident(n)}"
+        for n, t in zip(rel.columns, rel.types)
+    ]
+    with PlainPaths() as plain:
+        target = plain.link(tmp, "output.parquet")
+        con.execute(
+            f"COPY (SELECT {', '.join(cols)} FROM ({query}) AS q) TO {_literal(target)} ({_COPY_OPTIONS['parquet']})"
+        )
+
+
+def _copy_atomically(
+    con: duckdb.DuckDBPyConnection,
+    query: str,
+    out: Path,
+    fmt: str,
+    after_write: Callable[[], None] | None = None,
+    after_rename: Callable[[], None] | None = None,
+    keep_types: pa.Schema | None = None,
+) -> None:
+    """COPY `query` to a temporary file beside `out`, fsync, rename into place, fsync the directory.
+
+    The temporary file is created here (O_EXCL: it is ours) and DuckDB writes into it through a plain
+    link, so neither name is ever read as a pattern.
+    """
+    tmp = temp_name(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        if fmt == "parquet":
+            _write_parquet(con, query, tmp, keep_types)
+        else:
+            if fmt == "json":
+                query = _json_safe_query(con, query)
+            with PlainPaths() as plain:
+                target = plain.link(tmp, f"output.{fmt}")
+                con.execute(f"COPY ({query}) TO {_literal(target)} ({_COPY_OPTIONS[fmt]})")
+        fsync_file(tmp)
+        if after_write:
+            after_write()
+        os.replace(tmp, out)
+        fsync_dir(out.parent if str(out.parent) else Path("."))
+    except (duckdb.Error, OSError, pa.ArrowException) as exc:
+        raise _write_error(out, exc) from exc
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+    if after_rename:
+        after_rename()
+
+
+def _results_relation(
+    con: duckdb.DuckDBPyConnection, results: pa.Table | Sequence[Path], plain: PlainPaths
+) -> str:
+    if isinstance(results, pa.Table):
+        con.register("batchllm_results", results)
+        return "batchllm_results"
+    # Shards are read through plain links too: the run directory's path may hold pattern characters.
+    files = ", ".join(_literal(plain.link(p, f"shard-{i}.parquet")) for i, p in enumerate(results))
+    return f"read_parquet([{files}])"
+
+
+def write_output(
+    source: TableSource,
+    results: pa.Table | Sequence[Path],
+    output: str | os.PathLike[str],
+    *,
+    columns: Sequence[tuple[str, str]] | None = None,
+    after_write: Callable[[], None] | None = None,
+    after_rename: Callable[[], None] | None = None,
+) -> Path:
+    """Write input columns (unchanged, in order) + result columns, rows in input order, atomically.
+
+    `results` (an Arrow table, or Parquet files holding one between them) has the ROW_ID column plus
+    the new columns; `columns` picks and renames them as (result column, output name) pairs (default:
+    every result column under its own name). Input rows without a result get nulls.
+    """
+    out = Path(output)
+    fmt = output_format(out)
+    plain = PlainPaths()
+    con = _connect(plain)
+    try:
+        rel = _results_relation(con, results, plain)
+        names = [n for n in con.sql(f"SELECT * FROM {rel} LIMIT 0").columns]
+        if ROW_ID not in names:
+            raise ValueError(f"results need a {ROW_ID} column")
+        pairs = list(columns) if columns is not None else [(n, n) for n in names if n != ROW_ID]
+        clash = set(source.column_names) & {new for _, new in pairs}
+        if clash:
+            raise UsageError(f"Output column(s) {sorted(clash)} already exist in the input; use --column.")
+        rid = _ident(ROW_ID)
+        picked = ", ".join(f"res.{_ident(old)} AS {_ident(new)}" for old, new in pairs)
+        src_cols = "src.* EXCLUDE (" + rid + "), " if source.column_names else ""
+        query = (
+            f"SELECT {src_cols}{picked} "
+            f"FROM {source.numbered_sql()} AS src LEFT JOIN {rel} AS res "
+            f"ON src.{rid} = res.{rid} ORDER BY src.{rid}"
+        )
+        if source.empty:  # no input columns at all: just the (empty, typed) result columns
+            query = f"SELECT {picked} FROM {rel} AS res WHERE false"
+        _copy_atomically(con, query, out, fmt, after_write, after_rename, keep_types=source.arrow_schema)
+    except duckdb.Error as exc:
+        raise _write_error(out, exc) from exc
+    finally:
+        con.close()
+        plain.close()
+    return out
+
+
+def write_query_jsonl(
+    query_for: Callable[[str, str], str],
+    source: TableSource,
+    results: pa.Table | Sequence[Path],
+    out: Path,
+) -> None:
+    """Write `query_for(numbered input subquery, results relation)` to `out` as JSON lines, atomically."""
+    plain = PlainPaths()
+    con = _connect(plain)
+    try:
+        rel = _results_relation(con, results, plain)
+        _copy_atomically(con, query_for(source.numbered_sql(), rel), out, "json")
+    except duckdb.Error as exc:
+        raise _write_error(out, exc) from exc
+    finally:
+        con.close()
+        plain.close()
+
+
+def write_table_jsonl(table: pa.Table, out: Path) -> None:
+    """An Arrow table as JSON lines, written atomically."""
+    plain = PlainPaths()
+    con = _connect(plain)
+    try:
+        con.register("batchllm_table", table)
+        _copy_atomically(con, "SELECT * FROM batchllm_table", out, "json")
+    finally:
+        con.close()
+        plain.close()

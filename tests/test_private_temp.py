@@ -1,0 +1,59 @@
+"""batchllm's own temporary files: DuckDB spills into a private directory (never `.tmp` in the user's
+current directory), and private directories a killed run left behind are removed by the next run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchllm_cli import plain_paths
+from batchllm_cli.plain_paths import PlainPaths
+from batchllm_cli.table_io import _connect
+
+
+def test_duckdb_spills_into_a_private_directory_not_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    plain = PlainPaths()
+    con = _connect(plain)
+    try:
+        spill = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
+        con.execute("SET memory_limit = '30MB'")
+        con.execute("SET threads = 1")
+        rows = con.sql("SELECT count(*) FROM (SELECT i, random() AS r FROM range(3000000) t(i) ORDER BY r)").fetchall()
+        assert rows == [(3000000,)]
+        assert Path(spill).is_dir()  # the sort spilled (DuckDB makes the directory when it does)
+        assert list(tmp_path.iterdir()) == []  # and not into `.tmp` beside the user's files
+    finally:
+        con.close()
+    assert not Path(spill).exists()  # DuckDB removes its spill files on close
+    assert Path(spill).parent.name.startswith(f"batchllm-{plain_paths._pid_namespace()}-{os.getpid()}-")
+    assert oct(Path(spill).parent.stat().st_mode & 0o777) == "0o700"
+    plain.close()
+    assert not Path(spill).parent.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_private_dirs_of_dead_processes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    ns = plain_paths._pid_namespace()
+    target = tmp_path / "user.csv"
+    target.write_text("keep me")
+    stale = tmp_path / f"batchllm-{ns}-{_dead_pid()}-abc123"
+    live = tmp_path / f"batchllm-{ns}-{os.getppid()}-def456"
+    other_ns = tmp_path / f"batchllm-1{ns}-{_dead_pid()}-ghi789"
+    unrelated = tmp_path / "batchllm-analyze-xyz"
+    for d in (stale, live, other_ns, unrelated):
+        d.mkdir()
+        (d / "input.csv").symlink_to(target)
+    (stale / "duckdb-0").mkdir()
+    (stale / "duckdb-0" / "spill.block").write_bytes(b"x" * 10)
+    assert plain_paths.remove_stale_dirs(str(tmp_path)) == [stale]
+    assert not stale.exists()
+    assert live.exists() and other_ns.exists() and unrelated.exists()
+    assert target.read_text() == "keep me"  # links are removed, never followed
