@@ -256,6 +256,17 @@ def _slots(table: torch.Tensor, start: int, end: int, block_size: int) -> torch.
     return table.long()[pos // block_size] * block_size + pos % block_size
 
 
+def decode_output(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: SharedPrefixBatch, out: torch.Tensor | None
+) -> torch.Tensor:
+    """The shape checks every shared-prefix decode path makes, and the tensor it writes its rows into
+    (zeros like q when `out` is None)."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    assert q.dim() == 3 and q.shape[2] == head_dim and q.shape[1] % num_kv_heads == 0
+    assert k_cache.shape == v_cache.shape and k_cache.shape[1] == batch.block_size
+    return torch.zeros_like(q) if out is None else out
+
+
 def shared_prefix_decode_reference(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -272,10 +283,7 @@ def shared_prefix_decode_reference(
     """
     num_kv_heads, head_dim = k_cache.shape[-2:]
     num_heads = q.shape[1]
-    assert q.dim() == 3 and q.shape[2] == head_dim and num_heads % num_kv_heads == 0
-    assert k_cache.shape == v_cache.shape and k_cache.shape[1] == batch.block_size
-    if out is None:
-        out = torch.zeros_like(q)
+    out = decode_output(q, k_cache, v_cache, batch, out)
     num_rows = batch.num_rows
     if num_rows == 0:
         return out

@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 from kernels.paged_attention_torch import GatherBuffers
-from kernels.shared_prefix_attention import SharedPrefixBatch, attention_with_lse_reference, merge_attention_states
+from kernels.shared_prefix_attention import (
+    SharedPrefixBatch,
+    attention_with_lse_reference,
+    decode_output,
+    merge_attention_states,
+)
 
 __all__ = ["PrefixBucket", "TorchSharedPrefixPlan", "plan_shared_prefix_torch", "shared_prefix_decode_torch"]
 
@@ -162,10 +167,7 @@ def shared_prefix_decode_torch(
     batch = plan.batch
     num_kv_heads, head_dim = k_cache.shape[-2:]
     num_heads = q.shape[1]
-    assert q.dim() == 3 and q.shape[2] == head_dim and num_heads % num_kv_heads == 0
-    assert k_cache.shape == v_cache.shape and k_cache.shape[1] == batch.block_size
-    if out is None:
-        out = torch.zeros_like(q)
+    out = decode_output(q, k_cache, v_cache, batch, out)
     num_rows = batch.num_rows
     if num_rows == 0:
         return out

@@ -93,24 +93,21 @@ def _write_error(path: Path, exc: BaseException) -> Exception:
     return OutputError(f"Cannot write {path}: {_one_line(exc)}")
 
 
-def input_format(path: Path) -> str:
-    fmt = INPUT_FORMATS.get(path.suffix.lower())
+def _format_of(path: Path, formats: dict[str, str], verb: str) -> str:
+    fmt = formats.get(path.suffix.lower())
     if fmt is None:
         raise UsageError(
-            f"Cannot read {path}: unknown file type {path.suffix or '(none)'!r}; "
-            f"use one of {', '.join(INPUT_FORMATS)}."
+            f"Cannot {verb} {path}: unknown file type {path.suffix or '(none)'!r}; use one of {', '.join(formats)}."
         )
     return fmt
+
+
+def input_format(path: Path) -> str:
+    return _format_of(path, INPUT_FORMATS, "read")
 
 
 def output_format(path: Path) -> str:
-    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UsageError(
-            f"Cannot write {path}: unknown file type {path.suffix or '(none)'!r}; "
-            f"use one of {', '.join(OUTPUT_FORMATS)}."
-        )
-    return fmt
+    return _format_of(path, OUTPUT_FORMATS, "write")
 
 
 @dataclass(frozen=True)
