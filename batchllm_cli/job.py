@@ -107,6 +107,14 @@ def _finished_marker(
     if marker is None:
         return None, False
     if marker.fingerprint_sha256 != digest_of(fingerprint):
+        # Another job's finished output: this run replaces it (only once its own output is complete).
+        old = marker.fingerprint
+        changed = changed_fields(old, fingerprint) if old is not None else []
+        what = f" (changed: {describe_changes(old, fingerprint, changed)})" if old is not None and changed else ""
+        observer.notice(
+            f"{settings.output} holds the finished output of a different job{what}; this run replaces it when "
+            "it finishes."
+        )
         return None, True
     if not marker.matches_output(settings.output):
         observer.notice(f"{settings.output} no longer matches its completion marker (missing or changed); "

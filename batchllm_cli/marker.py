@@ -52,6 +52,7 @@ class Marker:
     finished_at: float
     errors_file: str | None
     rejects_file: str | None
+    fingerprint: dict[str, Any] | None = None  # the job's fields, to say what a new job changed
 
     def matches_output(self, output: Path) -> bool:
         """The output exists and has the recorded sha256."""
@@ -83,7 +84,8 @@ def parse_marker(data: Any) -> Marker | None:
     files = [data.get(k) for k in ("errors_file", "rejects_file")]
     if any(v is not None and not isinstance(v, str) for v in files):
         return None
-    return Marker(*ints, data["output_sha256"], data["fingerprint_sha256"], float(finished), *files)
+    fingerprint = data.get("fingerprint") if isinstance(data.get("fingerprint"), dict) else None
+    return Marker(*ints, data["output_sha256"], data["fingerprint_sha256"], float(finished), *files, fingerprint)
 
 
 def read_marker(output: Path) -> Marker | None:

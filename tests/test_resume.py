@@ -153,6 +153,8 @@ def test_finished_job_does_nothing_when_run_again(job: Job, monkeypatch: pytest.
     job.tpl.write_text("Repeat: {{ text }}")
     result = invoke(job.args())
     assert result.exit_code == 0, result.output
+    # ... said on stderr, naming what changed, since the old output is replaced
+    assert "holds the finished output of a different job (changed: template text)" in flat(result.stderr)
     assert json.loads(marker.read_text())["fingerprint"]["template"] == "Repeat: {{ text }}"
 
 
