@@ -38,11 +38,17 @@ def check_input_names(file_names: Sequence[str], input_names: Sequence[str]) -> 
 
     `file_names` are the names as the file spells them; `input_names` as DuckDB reads them.
     """
-    for name in file_names:
+    for position, name in enumerate(file_names, start=1):
         if "\x00" in name:
             # DuckDB ends a name at a NUL byte: the output column would come back renamed.
             raise UsageError(f"Input column {name!r} contains a NUL character, which DuckDB cannot keep; rename it.")
-    dup = _first_collision([n for n in file_names if n])
+        if name == "":
+            # DuckDB cannot hold an empty name (it would come back as `column0`).
+            raise UsageError(
+                f"Input column {position} has no name (as pandas writes its index with to_csv()); name it in the "
+                "header, or write the file without it (to_csv(index=False))."
+            )
+    dup = _first_collision(list(file_names))
     if dup is not None:
         a, b = dup
         same = "have the same name" if a == b else "differ only in upper/lower case"

@@ -96,6 +96,18 @@ def test_column_naming_the_row_id_is_refused(tmp_path: Path) -> None:
     assert "internal row id" in one_error_line(result.stderr) and "--column" in flat(result.stderr)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_column_without_a_name_is_refused(tmp_path: Path, suffix: str) -> None:
+    """pandas' to_csv() writes its index under an empty name, which DuckDB reads back as `column0`."""
+    inp = write_input(tmp_path / f"in{suffix}", ["", "text"])
+    tpl = write_template(tmp_path / "t.j2", "{{ text }}")
+    before = snapshot(tmp_path)
+    result = run(inp, tmp_path / "o.csv", tpl)
+    assert result.exit_code == 2, result.output
+    assert "Input column 1 has no name" in one_error_line(result.stderr)
+    assert snapshot(tmp_path) == before
+
+
 def test_non_ascii_case_variants_are_distinct_columns_as_in_duckdb(tmp_path: Path) -> None:
     names = ["É", "é", "Ω", "ω", "RESPONSE\u0130"]  # DuckDB folds ASCII only: these are five columns
     inp = write_input(tmp_path / "in.parquet", names)
@@ -121,7 +133,7 @@ _NAME = st.one_of(st.sampled_from(_SPECIAL), st.text(min_size=1, max_size=8))
 def _expect_refusal(names: list[str], prefix: str) -> bool:
     keys = [duckdb_key(n) for n in names]
     reserved = {duckdb_key(n) for n in OutputColumns(prefix).names + [ROW_ID]}
-    has_nul = any("\x00" in n for n in names)  # DuckDB cuts a name at NUL: refused, never renamed
+    has_nul = any("\x00" in n or n == "" for n in names)  # DuckDB cuts a name at NUL: refused, never renamed
     return has_nul or len(set(keys)) < len(keys) or bool(reserved & set(keys))
 
 
