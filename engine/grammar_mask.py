@@ -9,9 +9,11 @@ EOS is allowed only where the grammar may end, because the grammar's stop tokens
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence as Seq
+from typing import Any, Callable, Sequence as Seq
 
 import torch
 
@@ -33,6 +35,7 @@ class GrammarMasks:
         self._matchers: dict[int, Any] = {}  # seq_id -> xgrammar.GrammarMatcher
         self._buffer: torch.Tensor | None = None
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher, made on first use
+        self._filler: ThreadPoolExecutor | None = None  # one worker: a step's mask fill overlaps its forward pass
 
     def check(self, seq: Sequence) -> None:
         """Compile (or find cached) the sequence's grammar now, so a bad one fails at admission."""
@@ -40,9 +43,19 @@ class GrammarMasks:
         if spec is not None:
             compile_constraint(spec, self.model_dir, self.vocab_size, self.stop_token_ids)
 
+    def begin_step(self, seqs: Seq[Sequence]) -> Callable[[], TokenMask | None]:
+        """Starts filling the step's mask on a worker thread and returns the call that waits for it.
+        xgrammar releases the GIL while it fills, so the fill runs beside the forward pass; the matchers
+        are not touched elsewhere until the step's tokens are accepted, after that wait."""
+        if all(s.params.structured is None for s in seqs):
+            return lambda: None
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        return self._filler.submit(self.step_mask, list(seqs)).result
+
     def step_mask(self, seqs: Seq[Sequence]) -> TokenMask | None:
         """The bitmask for this step's sampling rows, or None when none of them is constrained.
-        Rows are filled in parallel by xgrammar's batch matcher (its threads: half the host's cores)."""
+        Rows are filled in parallel by xgrammar's batch matcher, one thread per host core."""
         rows = [i for i, s in enumerate(seqs) if s.params.structured is not None]
         if not rows:
             return None
@@ -51,7 +64,7 @@ class GrammarMasks:
         if self._batch is None:
             import xgrammar as xgr
 
-            self._batch = xgr.BatchGrammarMatcher()
+            self._batch = xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1)
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
         return TokenMask(bitmask, rows)
 
@@ -88,8 +101,29 @@ class GrammarMasks:
 
 def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> None:
     """logits: [sampling rows, vocab] float32, masked in place (forbidden tokens -> -inf)."""
-    import xgrammar as xgr
+    if logits.device.type != "cpu":
+        import xgrammar as xgr
 
-    bitmask = mask.bitmask.to(logits.device, non_blocking=True)
-    indices = mask.rows if len(mask.rows) < logits.shape[0] else None
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=indices)
+        bitmask = mask.bitmask.to(logits.device, non_blocking=True)
+        indices = mask.rows if len(mask.rows) < logits.shape[0] else None
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=indices)
+        return
+    # On the host, one table lookup per bitmask byte gives its 8 tokens' additive bias (0 or -inf):
+    # 3-5x faster than xgrammar's CPU kernel at a 32k vocabulary (bench/structured_overhead.py).
+    rows = mask.rows
+    vocab = logits.shape[1]
+    packed = mask.bitmask[rows].view(torch.uint8).reshape(-1).int()  # [len(rows) * words * 4]
+    bias = torch.nn.functional.embedding(packed, _BYTE_BIAS).view(len(rows), -1)[:, :vocab]  # [len(rows), vocab]
+    if len(rows) == logits.shape[0]:
+        logits.add_(bias)
+    else:
+        logits[rows] += bias
+
+
+def _byte_bias() -> torch.Tensor:
+    """[256, 8] float32: row b holds 0.0 where bit i of b is set (allowed) and -inf where it is not."""
+    bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # little-endian bits, as xgrammar packs
+    return torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf"))
+
+
+_BYTE_BIAS = _byte_bias()

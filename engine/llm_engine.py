@@ -150,7 +150,7 @@ class LLMEngine:
         assert chunks, "the scheduler made no progress although requests are pending"
         sampling = [c for c in chunks if c.samples]
         seqs = [c.seq for c in sampling]
-        new_tokens = self.runner.run(chunks, self.block_manager.take_pending_copies(), lambda: self.grammar.step_mask(seqs))
+        new_tokens = self.runner.run(chunks, self.block_manager.take_pending_copies(), self.grammar.begin_step(seqs))
         self.scheduler.commit(chunks)
         self._steps += 1
         self._prefill_tokens += sum(c.num_prefill_tokens for c in chunks)

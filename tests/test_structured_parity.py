@@ -102,3 +102,22 @@ def test_constrained_answer_ends_with_its_grammar_even_with_ignore_eos(tiny_mode
     params = SamplingParams(max_tokens=MAX_TOKENS, structured=CHOICES, ignore_eos=True)
     results = run(engine, [(i, p, params) for i, p in enumerate(PROMPTS[:8])])
     assert all(r.finish_reason == "stop" and r.text in CHOICES.labels for r in results.values()), results
+
+
+@pytest.mark.parametrize("vocab", [32000, 259])  # a vocabulary that is a multiple of 32 and one that is not
+def test_host_mask_apply_matches_xgrammars_kernel(vocab: int) -> None:
+    """The host's table-lookup apply forbids exactly the tokens xgrammar's own kernel forbids, for all
+    sampling rows and for a subset of them (rows of unconstrained requests stay untouched)."""
+    import xgrammar as xgr
+
+    from engine.grammar_mask import TokenMask, apply_token_mask
+
+    gen = torch.Generator().manual_seed(0)
+    bitmask = xgr.allocate_token_bitmask(5, vocab)
+    bitmask.copy_(torch.randint(-(2**31), 2**31 - 1, bitmask.shape, generator=gen, dtype=torch.int32))
+    logits = torch.randn(5, vocab, generator=gen)
+    for rows in ([0, 1, 2, 3, 4], [1, 3]):
+        ours, theirs = logits.clone(), logits.clone()
+        apply_token_mask(ours, TokenMask(bitmask, rows))
+        xgr.apply_token_bitmask_inplace(theirs, bitmask, indices=rows if len(rows) < 5 else None)
+        assert torch.equal(ours, theirs)
