@@ -1,11 +1,16 @@
-"""What the GPU benchmarks share: timing, the device's copy bandwidth, provenance, result paths."""
+"""What the benchmarks share: timing, the device's copy bandwidth, provenance, result files, cached model dirs."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -52,3 +57,25 @@ def results_path(bench_name: str, device_name: str) -> Path:
     """bench/results/<bench>_<device name as a slug>.json"""
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
     return REPO / "bench" / "results" / f"{bench_name}_{slug}.json"
+
+
+def write_results(path: Path, result: Any) -> Path:
+    """The results file, JSON; says where it went on stderr."""
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def cached_dir(target: Path, build: Callable[[Path], object], done_file: str = "model.safetensors") -> Path:
+    """`target`, built once by `build(tmp)` in a temporary sibling renamed into place, so an interrupted
+    build is never reused."""
+    if (target / done_file).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

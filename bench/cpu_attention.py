@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import engine  # noqa: E402,F401  (first: the engine's OpenMP policy precedes torch's import)
 import torch  # noqa: E402
 
-from bench_common import git_commit, results_path  # noqa: E402
+from bench_common import git_commit, results_path, write_results  # noqa: E402
 from kernel_cases import make_decode_scenario, make_prefill_scenario  # noqa: E402  (tests/)
 from kernels.paged_attention import build_paged_batch, paged_attention_reference  # noqa: E402
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch  # noqa: E402
@@ -89,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
            "git": git_commit("engine", "kernels"), "rounds": args.rounds, "results": results,
            "note": "shared machine: other processes ran alongside (see load_average)"}
     if not args.no_write:
-        path = results_path("cpu_attention", args.label)
-        path.write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+        write_results(results_path("cpu_attention", args.label), out)
     return 0
 
 

@@ -55,7 +55,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -68,7 +67,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_common import copy_bandwidth, git_commit, results_path, timer  # noqa: E402  (bench/)
+from bench_common import cached_dir, copy_bandwidth, git_commit, results_path, timer  # noqa: E402  (bench/)
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 FIRST_ID = 2  # ids 0 and 1 are BOS/EOS; prompts use only ordinary ids
@@ -199,18 +198,13 @@ def ensure_model_dir(spec: ModelSpec, root: Path, device: torch.device, dtype: t
     into place so an interrupted build is never reused."""
     key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), str(dtype), "v1"]).encode()).hexdigest()[:10]
     target = root / f"e2e-{spec.name}-{key}"
-    if (target / "model.safetensors").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+
+    def build(tmp: Path) -> None:
         start = time.perf_counter()
         write_model_dir(spec, tmp, device, dtype)
         print(f"built {target} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return cached_dir(target, build)
 
 
 # ---------------------------------------------------------------------------- device rates

@@ -39,7 +39,7 @@ import engine  # noqa: E402,F401  (first: its OpenMP thread policy must precede 
 import torch  # noqa: E402
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_common import git_commit, results_path  # noqa: E402
+from bench_common import git_commit, results_path, write_results  # noqa: E402
 from e2e_paper import ModelSpec, Workload, ensure_model_dir  # noqa: E402
 
 CPU_MODEL = ModelSpec("cpu-small", hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64,
@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=1))
     if not args.no_write:
-        out = args.out or results_path("engine_cpu_profile", args.label)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+        write_results(args.out or results_path("engine_cpu_profile", args.label), result)
     tmp.cleanup()
     return 0
 

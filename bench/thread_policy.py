@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_common import git_commit, results_path  # noqa: E402
+from bench_common import git_commit, results_path, write_results  # noqa: E402
 
 SETTINGS = {
     "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary, indent=1))
     if not args.no_write:
-        out = results_path("thread_policy", args.label)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+        write_results(results_path("thread_policy", args.label), result)
     return 0
 
 

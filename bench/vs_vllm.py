@@ -50,7 +50,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -75,18 +74,10 @@ def ensure_model(root: Path) -> Path:
     """The random-weight model, built once (in a temporary sibling, renamed into place)."""
     key = hashlib.sha256(json.dumps([HIDDEN, LAYERS, VOCAB, "v1"]).encode()).hexdigest()[:10]
     target = root / f"vs-vllm-llama-{LAYERS}x{HIDDEN}-{key}"
-    if (target / "model.safetensors").is_file():
-        return target
+    from bench_common import cached_dir
     from engine_vs_transformers import build_model
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
-        build_model(tmp, HIDDEN, LAYERS, VOCAB)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_dir(target, lambda tmp: build_model(tmp, HIDDEN, LAYERS, VOCAB))
 
 
 def kv_bytes_per_token(model_dir: Path) -> int:
