@@ -13,15 +13,7 @@ from typing import Sequence
 
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import UsageError
-from batchllm_cli.table_io import ROW_ID
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def duckdb_key(name: str) -> str:
-    """The name as DuckDB compares it: ASCII letters folded to lower case, everything else as is."""
-    return name.translate(_ASCII_LOWER)
-
+from batchllm_cli.table_io import ROW_ID, duckdb_key
 
 def _first_collision(names: Sequence[str]) -> tuple[str, str] | None:
     seen: dict[str, str] = {}

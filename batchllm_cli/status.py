@@ -22,7 +22,6 @@ from batchllm_cli.checkpoint import (
     default_run_dir,
     lock_is_held,
     lock_owner,
-    marker_path,
     output_lock_path,
     read_commit_records,
 )

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from batchllm_cli.errors import UsageError
-from batchllm_cli.table_io import ROW_ID
+from batchllm_cli.table_io import ROW_ID, duckdb_key
 
 if TYPE_CHECKING:
     import recipes
@@ -172,9 +172,6 @@ def typed_column_names(
 ) -> list[str]:
     """The typed columns' names, `{column}_{property}`; refused when one equals (ignoring case) another
     output column, an input column, or another property's column."""
-    # The one rule for when two names are one column (imported here: column_names -> collector -> this module).
-    from batchllm_cli.column_names import duckdb_key
-
     taken = {duckdb_key(c): f"output column {c}" for c in output_columns}
     taken.update({duckdb_key(c): f"input column {c}" for c in input_columns})
     taken[duckdb_key(ROW_ID)] = f"internal column {ROW_ID}"

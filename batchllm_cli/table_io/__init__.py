@@ -29,6 +29,7 @@ from batchllm_cli.table_io.common import (
     JSON_KEY_SAMPLE,
     OUTPUT_FORMATS,
     ROW_ID,
+    duckdb_key,
     Column,
     _connect,
     input_format,
@@ -40,6 +41,6 @@ from batchllm_cli.table_io.writing import write_output, write_query_jsonl, write
 
 __all__ = [
     "CSV_MAX_LINE_SIZE", "DEFAULT_MAX_REJECTS", "INPUT_FORMATS", "JSON_KEY_SAMPLE", "OUTPUT_FORMATS", "ROW_ID",
-    "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "input_format",
+    "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "duckdb_key", "input_format",
     "output_format", "read_table", "write_output", "write_query_jsonl", "write_table_jsonl",
 ]

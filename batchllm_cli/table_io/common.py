@@ -16,6 +16,13 @@ from batchllm_cli.plain_paths import PlainPaths
 # column, and a clash is refused up front rather than silently shadowed.
 ROW_ID = "__batchllm_row_id"
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def duckdb_key(name: str) -> str:
+    """A column name as DuckDB compares it: ASCII letters folded to lower case, everything else as is."""
+    return name.translate(_ASCII_LOWER)
+
 INPUT_FORMATS: dict[str, str] = {
     ".csv": "csv",
     ".parquet": "parquet",

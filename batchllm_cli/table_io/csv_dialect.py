@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from batchllm_cli.table_io.common import CSV_MAX_LINE_SIZE, _CSV_DELIMITERS, _LINE_BREAK, _literal
+from batchllm_cli.table_io.common import CSV_MAX_LINE_SIZE, _CSV_DELIMITERS, _LINE_BREAK, _literal, duckdb_key
 
 
 _HEAD_BYTES = 1 << 20
@@ -146,7 +146,6 @@ def _sniff_csv(scan_path: str, path: Path, con: duckdb.DuckDBPyConnection) -> Cs
         names = tuple(c["name"] for c in row[0])
         # DuckDB trims spaces from header names (`a, a,a ` reads as a, a_1, a_2): the file's own
         # names are kept whenever DuckDB can hold them (not empty, distinct as DuckDB compares names).
-        from batchllm_cli.column_names import duckdb_key  # column_names imports this module
 
         own = next(csv.reader(io.StringIO(header), delimiter=delim), [])
         if len(own) == len(names) and all(own) and len({duckdb_key(n) for n in own}) == len(own):

@@ -10,10 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchllm_cli.durable import fsync_dir, fsync_file, temp_name
-from batchllm_cli.errors import UsageError
 from batchllm_cli.plain_paths import PlainPaths
 from batchllm_cli.table_io.common import (
-    _COPY_OPTIONS, _PARQUET_BATCH_ROWS, ROW_ID, _connect, _ident, _literal, _write_error, output_format,
+    _COPY_OPTIONS, _PARQUET_BATCH_ROWS, ROW_ID, _connect, _ident, _literal, _write_error, duckdb_key, output_format,
 )
 from batchllm_cli.table_io.source import TableSource
 
@@ -197,9 +196,8 @@ def write_output(
         if ROW_ID not in names:
             raise ValueError(f"results need a {ROW_ID} column")
         pairs = list(columns) if columns is not None else [(n, n) for n in names if n != ROW_ID]
-        clash = set(source.column_names) & {new for _, new in pairs}
-        if clash:
-            raise UsageError(f"Output column(s) {sorted(clash)} already exist in the input; use --column.")
+        # Refused before any model loaded (column_names.check_column_names): here only an invariant.
+        assert not {duckdb_key(n) for n in source.column_names} & {duckdb_key(new) for _, new in pairs}, pairs
         rid = _ident(ROW_ID)
         picked = ", ".join(f"res.{_ident(old)} AS {_ident(new)}" for old, new in pairs)
         src_cols = "src.* EXCLUDE (" + rid + "), " if source.column_names else ""
