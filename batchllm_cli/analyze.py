@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -39,9 +39,15 @@ from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_p
 from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
+from batchllm_cli.token_spool import (
+    OUT_OF_CORE_BATCH_ROWS,
+    OUT_OF_CORE_SORT_MEMORY,
+    TokenSpool,
+    default_memory_budget,
+    estimate_plan_memory,
+)
 
 if TYPE_CHECKING:
-    from engine.packed_sequences import PackedSequences
     from engine.prefix_plan import GroupSizeStats, PrefixPlan
     from engine.tokenizer import Tokenizer
 
@@ -54,42 +60,6 @@ DEFAULT_TOP = 10
 DEFAULT_BATCH_ROWS = 4096
 ICICLE_NODES = 240  # trie nodes drawn in the HTML report (the largest by rows)
 FIRST_ERRORS = 5
-
-# Memory of the in-memory plan, measured on 1M rows (bench/analyze_scale.py): the token array itself
-# (4 bytes per token) plus sort order, LCPs, trie, group tables and temporaries (~0.6 KB per row,
-# rounded up), plus a fixed part for the chunked temporaries of the sort and the LRU walk.
-PLAN_BYTES_PER_TOKEN = 4
-PLAN_BYTES_PER_ROW = 1024
-PLAN_BYTES_FIXED = 256 << 20
-# Memory DuckDB may use for the out-of-core sort before it spills to the temporary directory.
-OUT_OF_CORE_SORT_MEMORY = "1GB"
-OUT_OF_CORE_BATCH_ROWS = 65536
-
-
-def estimate_plan_memory(tokens: int, rows: int) -> int:
-    """Bytes the in-memory plan of `rows` prompts with `tokens` tokens in all needs at its peak."""
-    return PLAN_BYTES_PER_TOKEN * tokens + PLAN_BYTES_PER_ROW * rows + PLAN_BYTES_FIXED
-
-
-def available_memory() -> int:
-    """MemAvailable (Linux), else total physical memory; 4 GiB when neither is known."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
-
-
-def default_memory_budget() -> int:
-    """The in-memory plan is chosen when its estimate fits in half the available memory."""
-    return available_memory() // 2
-
 
 def default_block_size() -> int:
     from engine.config import EngineConfig
@@ -385,70 +355,6 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
         total_rows=total_rows,
         context_tokens=context,
     )
-
-
-class TokenSpool:
-    """Token ids of every planned row, appended batch by batch to a file (int32, row after row),
-    with their lengths and table row ids in memory (16 bytes per row)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "tokens.i32"
-        self._file = self.path.open("wb")
-        self._lengths: list[np.ndarray] = []
-        self._row_ids: list[np.ndarray] = []
-        self.tokens = 0
-        self._offsets: np.ndarray | None = None
-
-    def append(self, row_ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
-        self._lengths.append(lengths)
-        self._row_ids.append(row_ids)
-        self.tokens += len(tokens)
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-
-    @property
-    def row_ids(self) -> np.ndarray:
-        return np.concatenate(self._row_ids) if self._row_ids else np.zeros(0, np.int64)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        if self._offsets is None:
-            lengths = self.lengths
-            off = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=off[1:])
-            self._offsets = off
-        return self._offsets
-
-    def read_all(self) -> np.ndarray:
-        self.close()
-        return np.fromfile(self.path, dtype=np.int32)
-
-    def read_rows(self, start: int, stop: int) -> PackedSequences:
-        """Rows start..stop-1 (plan indices) as packed sequences read from the file."""
-        from engine.packed_sequences import PackedSequences
-
-        self.close()
-        off = self.offsets
-        count = int(off[stop] - off[start])
-        tokens = np.fromfile(self.path, dtype=np.int32, count=count, offset=4 * int(off[start]))
-        return PackedSequences(tokens, off[start : stop + 1] - off[start])
-
-    def iter_batches(self, batch_rows: int) -> Iterator[PackedSequences]:
-        n = len(self.offsets) - 1
-        for start in range(0, n, batch_rows):
-            yield self.read_rows(start, min(start + batch_rows, n))
-
-    def row_prefix(self, row: int, length: int) -> np.ndarray:
-        self.close()
-        start = int(self.offsets[row])
-        return np.fromfile(self.path, dtype=np.int32, count=length, offset=4 * start)
 
 
 class _Failures:

@@ -20,6 +20,7 @@ from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
+from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
 from batchllm_cli.options import (
     AnalyzeJsonOpt,
     AttentionBackend,
@@ -27,6 +28,7 @@ from batchllm_cli.options import (
     BlockSizeOpt,
     ChatOpt,
     CheckpointDirOpt,
+    PlanChunkTokensOpt,
     CheckpointRowsOpt,
     CheckpointSecondsOpt,
     ColumnOpt,
@@ -143,6 +145,13 @@ def _render_report(report: RunReport, console: Console) -> None:
         f"prefix sharing ({report.prefix_sharing}): {report.prefix_hit_tokens} prompt tokens reused{optimum}; "
         f"peak KV blocks {report.peak_kv_blocks}{fallbacks}"
     )
+    if report.plan_chunks:
+        where = "on disk" if report.plan_out_of_core else "in memory"
+        console.print(
+            f"global plan: sorted {where} in {report.plan_s:.1f} s, fed in {report.plan_chunks} chunks "
+            f"({report.plan_boundary_tokens} tokens computed again at chunk cuts); engine waited "
+            f"{report.engine_wait_s:.2f} s for work"
+        )
     if report.rows_resumed:
         console.print(f"resumed: {report.rows_resumed} rows came from the checkpoint of an earlier run")
     if report.rows_truncated:
@@ -197,6 +206,7 @@ def run(
     max_batch_tokens: MaxBatchTokensOpt = None,
     block_size: BlockSizeOpt = None,
     prefix_sharing: PrefixSharingOpt = PrefixSharing.plan,
+    plan_chunk_tokens: PlanChunkTokensOpt = DEFAULT_PLAN_CHUNK_TOKENS,
     attention_backend: AttentionBackendOpt = AttentionBackend.auto,
     gpu_memory_utilization: GpuMemoryUtilizationOpt = 0.9,
     cuda_graphs: CudaGraphsOpt = True,
@@ -245,6 +255,7 @@ def run(
         max_batch_tokens=max_batch_tokens,
         block_size=block_size,
         prefix_sharing=prefix_sharing.value,
+        plan_chunk_tokens=plan_chunk_tokens,
         attention_backend=attention_backend.value,
         gpu_memory_utilization=gpu_memory_utilization,
         cuda_graphs=cuda_graphs,

@@ -56,6 +56,7 @@ from batchllm_cli.model_setup import (
     resolve_chat,
     resolve_model,
 )
+from batchllm_cli.planned_feed import PlannedFeed, PlanStats
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
 from batchllm_cli.structured_output import (
     Constraint,
@@ -448,12 +449,13 @@ def execute_run(
         observer.advance(resumed, 0)
     t1 = time.perf_counter()
     stats_acc: list[Any] = []
+    plan_stats: list[PlanStats] = []
     try:
         batch_tokens = prepared.engine_config.max_batch_tokens if prepared.engine_config else 0
         attempt = 0
         while engine is not None:
             try:
-                _generate(prepared, engine, sink, observer, guard)
+                _generate(prepared, engine, sink, observer, plan_stats)
                 break
             except JobInterrupted:
                 raise
@@ -515,6 +517,16 @@ def execute_run(
         name: sum(getattr(s, name, 0) for s in stats_acc)
         for name in ("unique_prompt_tokens", "prefix_hit_tokens", "sharing_fallbacks")
     }
+    if plan_stats:
+        # The first plan covers every row of this run; a retry after running out of memory re-plans a subset.
+        sharing["unique_prompt_tokens"] = plan_stats[0].unique_prompt_tokens
+    plan_report = dict(
+        plan_boundary_tokens=sum(p.boundary_tokens for p in plan_stats),
+        plan_chunks=sum(p.chunks for p in plan_stats),
+        plan_out_of_core=any(p.out_of_core for p in plan_stats),
+        plan_s=sum(p.plan_s for p in plan_stats),
+        engine_wait_s=sum(p.engine_wait_s for p in plan_stats),
+    )
     last = stats_acc[-1] if stats_acc else None
     model_info: dict[str, Any] = {}
     if engine is not None and dataclasses.is_dataclass(engine.model_info):
@@ -533,6 +545,7 @@ def execute_run(
         prefix_sharing=settings.prefix_sharing,
         peak_kv_blocks=max((getattr(s, "peak_kv_blocks", 0) for s in stats_acc), default=0),
         **sharing,
+        **plan_report,
         load_s=load_s,
         write_s=write_s,
         model=model_info,
@@ -576,11 +589,10 @@ def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: _Shar
 
 
 def _generate(
-    prepared: PreparedRun, engine: Any, sink: _ShardSink, observer: RunObserver, guard: SignalGuard
+    prepared: PreparedRun, engine: Any, sink: _ShardSink, observer: RunObserver, plan_stats: list[PlanStats]
 ) -> None:
-    """One pass of the engine over every row not yet committed."""
-    from engine.errors import EngineError
-
+    """One pass of the engine over every row not yet committed: in plan mode in the order of one
+    global plan of them all (planned_feed), else in table order."""
     settings = prepared.settings
     assert prepared.tokenizer is not None
     encoder = PromptEncoder(
@@ -620,8 +632,24 @@ def _generate(
                 in_flight[key] = (fitted.row_id, fitted.truncated)
                 yield key, fitted.token_ids, prepared.params
 
+    if settings.prefix_sharing == "plan":
+        feed = PlannedFeed(prepared, done, settings.plan_chunk_tokens).start()
+        try:
+            results = engine.generate_planned(feed.chunks(lambda f: fail(f.row_id, f.error, f.kind), in_flight))
+            _collect(results, in_flight, sink, observer)
+        finally:
+            feed.close()
+            plan_stats.append(feed.stats)
+    else:
+        _collect(engine.generate(requests()), in_flight, sink, observer)
+
+
+def _collect(results: Iterator[Any], in_flight: dict[Hashable, tuple[int, bool]], sink: _ShardSink,
+             observer: RunObserver) -> None:
+    from engine.errors import EngineError
+
     try:
-        for result in engine.generate(requests()):
+        for result in results:
             row_id, truncated = in_flight.pop(result.key)
             sink.collector.add_result(result, row_id, truncated)
             observer.advance(1, result.completion_tokens)

@@ -10,6 +10,7 @@ from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
 from batchllm_cli.marker import Marker
+from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
 from batchllm_cli.structured_output import Constraint, TypedField
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import PromptTemplate
@@ -78,6 +79,7 @@ class RunSettings:
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True
     batch_rows: int = 1024  # rows rendered and tokenized per step of the input stream
+    plan_chunk_tokens: int = DEFAULT_PLAN_CHUNK_TOKENS  # plan mode: prompt tokens the engine is fed at a time
     id_column: str | None = None
     skip_bad_rows: bool = False
     max_rejects: int = DEFAULT_MAX_REJECTS
@@ -119,6 +121,11 @@ class RunReport:
     write_s: float
     prefix_sharing: str = "plan"
     unique_prompt_tokens: int = 0  # trie token count of the rows run (plan mode): the least prefill possible
+    plan_boundary_tokens: int = 0  # plan mode: prefill spent again on prefixes that span a chunk cut
+    plan_chunks: int = 0  # plan mode: chunks the global plan was fed to the engine in
+    plan_out_of_core: bool = False  # plan mode: the prompts were sorted on disk (memory was short)
+    plan_s: float = 0.0  # plan mode: tokenizing and sorting every row before the engine's first chunk
+    engine_wait_s: float = 0.0  # plan mode: the engine idle, waiting for its next chunk
     prefix_hit_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
     peak_kv_blocks: int = 0
     sharing_fallbacks: int = 0  # shared prefixes dropped because the KV cache could not hold them

@@ -246,6 +246,18 @@ PrefixSharingOpt = Annotated[
         rich_help_panel=PANEL_ENGINE,
     ),
 ]
+PlanChunkTokensOpt = Annotated[
+    int,
+    typer.Option(
+        "--plan-chunk-tokens",
+        metavar="N",
+        help="plan: the whole job is planned at once and fed to the engine N prompt tokens at a time, cut "
+        "where the fewest tokens are shared (a prefix spanning a cut is computed once more, counted in "
+        "the summary). Lower it to save host memory.",
+        min=1,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
 AttentionBackendOpt = Annotated[
     AttentionBackend,
     typer.Option(

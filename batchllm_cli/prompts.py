@@ -90,6 +90,10 @@ class PackedPrompts:
     tokens: np.ndarray  # int32 (lengths.sum(),)
     lengths: np.ndarray  # int64 (n,)
     failed: list[FailedRow]
+    truncated: np.ndarray | None = None  # bool (n,): cut by `fit_packed`; None: none was
+
+    def truncated_mask(self) -> np.ndarray:
+        return self.truncated if self.truncated is not None else np.zeros(len(self.row_ids), dtype=bool)
 
 
 def fit_packed(
@@ -121,7 +125,7 @@ def fit_packed(
     total = int(new_len.sum())
     within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(new_len) - new_len, new_len)
     tokens = prompts.tokens[np.repeat(starts, new_len) + within]
-    return PackedPrompts(prompts.row_ids[keep], tokens, new_len, failed), cut
+    return PackedPrompts(prompts.row_ids[keep], tokens, new_len, failed, long[keep] if cut else None), cut
 
 
 class PromptEncoder:

@@ -3,6 +3,7 @@ get finished results as they finish."""
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterable, Iterator, Sequence as Seq
@@ -204,18 +205,29 @@ class LLMEngine:
 
     def generate(self, requests: Iterable[Request]) -> Iterator[GenerationResult]:
         """Runs all requests, pulling them lazily so a long stream is never held at once; yields
-        results in finish order (match them by key). In `plan` mode requests are pulled and
-        planned in waves of `plan_wave_rows`; the next wave is pulled when the current one is
-        fully admitted."""
-        pending = iter(requests)
-        exhausted = False
+        results in finish order (match them by key). In `plan` mode requests are planned in waves of
+        `plan_wave_rows` (a prefix shared across waves is computed once per wave): a caller that has
+        the whole job's global order passes its chunks to `generate_planned` instead."""
         plan = self.config.prefix_sharing == "plan"
         wave = self.config.plan_wave_rows if plan else 2 * self.config.max_num_seqs
+        pending = iter(requests)
+        waves = iter(lambda: list(islice(pending, wave)), [])
+        return self._run_waves(waves, planned=plan)
+
+    def generate_planned(self, chunks: Iterable[Seq[Request]]) -> Iterator[GenerationResult]:
+        """Runs a job given as chunks of its rows in global plan order (see plan_chunks): each chunk is
+        planned on its own, and the next one is pulled only once the current one is fully admitted,
+        so the caller can prepare it meanwhile. Results come in finish order."""
+        return self._run_waves(iter(chunks), planned=True)
+
+    def _run_waves(self, waves: Iterator[Seq[Request]], planned: bool) -> Iterator[GenerationResult]:
+        exhausted = False
         while True:
             if not exhausted and not self.scheduler.waiting:
-                batch = [r for _, r in zip(range(wave), pending)]
-                exhausted = len(batch) < wave
-                if plan:
+                batch = next(waves, None)
+                if batch is None:
+                    exhausted = True
+                elif planned:
                     self.add_planned(batch)
                 else:
                     for request in batch:

@@ -300,22 +300,23 @@ def test_id_column_keys_sampling_and_resumes_identically(tmp_path: Path, env: di
 
 # ---- GPU out of memory ---------------------------------------------------------------------------
 def _oom_after(monkeypatch: pytest.MonkeyPatch, after: int, times: int) -> list[int]:
-    """LLMEngine.generate raises CUDA OOM after `after` results, in its first `times` calls."""
+    """The engine's generation loop (every sharing mode) raises CUDA OOM after `after` results, in its
+    first `times` calls."""
     import torch
 
     import engine.llm_engine
 
-    original = engine.llm_engine.LLMEngine.generate
+    original = engine.llm_engine.LLMEngine._run_waves
     calls: list[int] = []
 
-    def generate(self, requests):  # noqa: ANN001, ANN202
+    def run_waves(self, waves, planned):  # noqa: ANN001, ANN202
         calls.append(1)
-        for i, result in enumerate(original(self, requests)):
+        for i, result in enumerate(original(self, waves, planned)):
             if i == after and len(calls) <= times:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             yield result
 
-    monkeypatch.setattr(engine.llm_engine.LLMEngine, "generate", generate)
+    monkeypatch.setattr(engine.llm_engine.LLMEngine, "_run_waves", run_waves)
     return calls
 
 

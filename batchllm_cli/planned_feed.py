@@ -1,0 +1,220 @@
+"""`run --prefix-sharing plan`: the whole job planned at once, fed to the engine chunk by chunk.
+
+BatchLLM's plan is global: a prefix is computed once per job however the table is ordered. So a
+background thread renders and tokenizes every row not yet committed into a token spool on disk,
+sorts the spool (in memory, or out of core with DuckDB when it would not fit), cuts the sorted rows
+into chunks where the fewest tokens are shared across a cut (engine.plan_chunks), and queues each
+chunk's requests while the engine works on the one before. Only a chunk or two of requests is ever
+held as Python lists; the spool is memory-mapped.
+
+The engine's loop runs in the main thread and takes chunks from the queue; the time it spends
+blocked there after the first chunk is its wait for work (reported in the summary). Rows that fail
+to render or do not fit come through the queue too, so only the main thread touches the collector
+and the shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
+
+import numpy as np
+
+from batchllm_cli.prompts import FailedRow, PromptEncoder, fit_packed
+from batchllm_cli.table_io import ROW_ID
+from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool
+
+if TYPE_CHECKING:
+    from batchllm_cli.job_types import PreparedRun
+
+# Prompt tokens per chunk: ~36 bytes each as Python ints while queued, so two chunks in flight cost
+# ~150 MB; a cut costs only the tokens shared across it, so more chunks cost little prefill.
+DEFAULT_PLAN_CHUNK_TOKENS = 1 << 21
+_POLL_S = 0.2
+
+Request = tuple[Hashable, list[int], Any]
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """What the global plan of this run's rows found, and what feeding it cost."""
+
+    rows: int = 0  # rows planned (not committed before, rendered and fitting the context)
+    prompt_tokens: int = 0
+    unique_prompt_tokens: int = 0  # the whole job's prefix-trie tokens: the least prefill possible
+    boundary_tokens: int = 0  # tokens computed again because a shared prefix spans a chunk cut
+    chunks: int = 0
+    out_of_core: bool = False  # sorted by DuckDB, spilling to disk, because memory was short
+    plan_s: float = 0.0  # rendering, tokenizing, spooling and sorting before the first chunk
+    engine_wait_s: float = 0.0  # the engine blocked waiting for its next chunk
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    row_ids: np.ndarray  # int64 (m,), table row ids in plan order
+    truncated: np.ndarray  # bool (m,)
+    requests: list[Request]
+
+
+class PlannedFeed:
+    """Start with `start()`; pull with `chunks()` from the main thread; always `close()`."""
+
+    def __init__(self, prepared: PreparedRun, done: np.ndarray, chunk_tokens: int = DEFAULT_PLAN_CHUNK_TOKENS,
+                 memory_budget: int | None = None) -> None:
+        self._prepared = prepared
+        self._done = done.copy()  # the committed rows when the feed started; the sink's array changes
+        self._chunk_tokens = chunk_tokens
+        self._budget = memory_budget if memory_budget is not None else default_memory_budget()
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="batchllm-plan", daemon=True)
+        self._dir = Path(tempfile.mkdtemp(prefix="batchllm-plan-"))
+        self._t0 = time.perf_counter()
+        self.stats = PlanStats()
+
+    def start(self) -> "PlannedFeed":
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- main thread ------------------------------------------------------------------------------
+    def chunks(
+        self, on_failed: Callable[[FailedRow], None], in_flight: dict[Hashable, tuple[int, bool]]
+    ) -> Iterator[list[Request]]:
+        """The job's requests chunk by chunk in plan order; failures go to `on_failed` as they come and
+        every request's key is entered in `in_flight` (-> row id, truncated) before it is handed out."""
+        first = True
+        wait = 0.0
+        while True:
+            t = time.perf_counter()
+            kind, item = self._get()
+            if not first:
+                wait += time.perf_counter() - t
+            if kind == "failed":
+                for row in item:
+                    on_failed(row)
+            elif kind == "planned":
+                self.stats = item
+            elif kind == "chunk":
+                if first:
+                    self.stats = dataclasses.replace(self.stats, plan_s=time.perf_counter() - self._t0)
+                first = False
+                for (key, _, _), row_id, cut in zip(item.requests, item.row_ids.tolist(), item.truncated.tolist()):
+                    in_flight[key] = (row_id, cut)
+                yield item.requests
+                self.stats = dataclasses.replace(self.stats, engine_wait_s=wait)
+            elif kind == "error":
+                raise item
+            else:
+                assert kind == "end", kind
+                self.stats = dataclasses.replace(self.stats, engine_wait_s=wait)
+                return
+
+    def _get(self) -> tuple[str, Any]:
+        # Polled, not blocking, so a signal reaches the main thread at once.
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    return ("error", RuntimeError("the planning thread stopped without a result"))
+
+    # -- planning thread --------------------------------------------------------------------------
+    def _put(self, kind: str, item: Any = None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put((kind, item), timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _produce(self) -> None:
+        try:
+            spool = TokenSpool(self._dir)
+            truncated, keys = self._tokenize(spool)
+            order, lcp, out_of_core = sort_spool(spool, self._budget, self._dir)
+            self._feed(spool, order, lcp, truncated, keys, out_of_core)
+            self._put("end")
+        except _Stopped:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it
+            try:
+                self._put("error", exc)
+            except _Stopped:
+                return
+
+    def _tokenize(self, spool: TokenSpool) -> tuple[np.ndarray, list[Any] | None]:
+        """Every row not yet committed into the spool: (truncated flags, the id column's values or None),
+        both in spool order."""
+        p = self._prepared
+        s = p.settings
+        assert p.tokenizer is not None
+        encoder = PromptEncoder(p.template, p.tokenizer, p.chat, p.max_prompt_tokens, s.truncate)
+        truncated: list[np.ndarray] = []
+        keys: list[Any] | None = [] if s.id_column else None
+        for batch in p.source.batches(s.batch_rows):
+            if self._stop.is_set():
+                raise _Stopped
+            ids = batch.column(ROW_ID).to_numpy()
+            todo = ~self._done[ids]
+            if not todo.any():
+                continue
+            if not todo.all():
+                batch = batch.filter(todo)
+            packed, _ = fit_packed(encoder.encode_packed(batch), p.max_prompt_tokens, s.truncate)
+            if packed.failed:
+                self._put("failed", packed.failed)
+            if not len(packed.row_ids):
+                continue
+            spool.append(packed.row_ids, packed.tokens, packed.lengths)
+            truncated.append(packed.truncated_mask())
+            if keys is not None:
+                assert s.id_column is not None
+                at = np.searchsorted(batch.column(ROW_ID).to_numpy(), packed.row_ids)
+                keys.extend(batch.column(s.id_column).take(at).to_pylist())
+        return (np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool)), keys
+
+    def _feed(self, spool: TokenSpool, order: np.ndarray, lcp: np.ndarray, truncated: np.ndarray,
+              keys: list[Any] | None, out_of_core: bool) -> None:
+        from engine.plan_chunks import cut_sorted_rows, unique_prompt_tokens
+
+        lengths = spool.lengths
+        lengths_sorted = lengths[order]
+        cuts = cut_sorted_rows(lengths_sorted, lcp, self._chunk_tokens)
+        self._put("planned", PlanStats(
+            rows=len(order), prompt_tokens=int(lengths.sum()),
+            unique_prompt_tokens=unique_prompt_tokens(lengths_sorted, lcp),
+            boundary_tokens=cuts.boundary_tokens, chunks=cuts.num_chunks, out_of_core=out_of_core,
+        ))
+        tokens = spool.tokens_view()
+        offsets = spool.offsets
+        row_ids = spool.row_ids
+        params = self._prepared.params
+        for a, b in zip(cuts.starts[:-1].tolist(), cuts.starts[1:].tolist()):
+            idx = order[a:b]
+            chunk_row_ids = row_ids[idx]
+            # The engine's random stream of a row is keyed by this value: the ordinal row id, or the
+            # user's id, so a resumed run samples every row exactly as an uninterrupted one.
+            chunk_keys = [keys[i] for i in idx.tolist()] if keys is not None else chunk_row_ids.tolist()
+            requests = [
+                (key, tokens[offsets[i] : offsets[i + 1]].tolist(), params)
+                for key, i in zip(chunk_keys, idx.tolist())
+            ]
+            self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], requests))
+
+
+class _Stopped(Exception):
+    """The main thread closed the feed: the planning thread ends quietly."""

@@ -1,0 +1,159 @@
+"""Token ids of a job's prompts on disk, and how much memory planning them in memory takes.
+
+`analyze` and `run` both tokenize every row once, append the ids to a spool file (no Python list of
+ints ever holds more than one batch), and then sort the spooled sequences: in memory (numpy) when the
+estimate fits the budget, else out of core with DuckDB spilling to the spool's directory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from engine.packed_sequences import PackedSequences
+
+# Memory of the in-memory plan, measured on 1M rows (bench/analyze_scale.py): the token array itself
+# (4 bytes per token) plus sort order, LCPs, trie, group tables and temporaries (~0.6 KB per row,
+# rounded up), plus a fixed part for the chunked temporaries of the sort and the LRU walk.
+PLAN_BYTES_PER_TOKEN = 4
+PLAN_BYTES_PER_ROW = 1024
+PLAN_BYTES_FIXED = 256 << 20
+# Memory DuckDB may use for the out-of-core sort before it spills to the temporary directory.
+OUT_OF_CORE_SORT_MEMORY = "1GB"
+OUT_OF_CORE_BATCH_ROWS = 65536
+
+
+def estimate_plan_memory(tokens: int, rows: int) -> int:
+    """Bytes the in-memory plan of `rows` prompts with `tokens` tokens in all needs at its peak."""
+    return PLAN_BYTES_PER_TOKEN * tokens + PLAN_BYTES_PER_ROW * rows + PLAN_BYTES_FIXED
+
+
+def available_memory() -> int:
+    """MemAvailable (Linux), else total physical memory; 4 GiB when neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def default_memory_budget() -> int:
+    """The in-memory plan is chosen when its estimate fits in half the available memory."""
+    return available_memory() // 2
+
+
+class TokenSpool:
+    """Token ids of every planned row, appended batch by batch to a file (int32, row after row),
+    with their lengths and table row ids in memory (16 bytes per row)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "tokens.i32"
+        self._file = self.path.open("wb")
+        self._lengths: list[np.ndarray] = []
+        self._row_ids: list[np.ndarray] = []
+        self.tokens = 0
+        self._offsets: np.ndarray | None = None
+
+    def append(self, row_ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
+        self._lengths.append(lengths)
+        self._row_ids.append(row_ids)
+        self.tokens += len(tokens)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        return np.concatenate(self._row_ids) if self._row_ids else np.zeros(0, np.int64)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            lengths = self.lengths
+            off = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=off[1:])
+            self._offsets = off
+        return self._offsets
+
+    def read_all(self) -> np.ndarray:
+        self.close()
+        return np.fromfile(self.path, dtype=np.int32)
+
+    def read_rows(self, start: int, stop: int) -> PackedSequences:
+        """Rows start..stop-1 (plan indices) as packed sequences read from the file."""
+        from engine.packed_sequences import PackedSequences
+
+        self.close()
+        off = self.offsets
+        count = int(off[stop] - off[start])
+        tokens = np.fromfile(self.path, dtype=np.int32, count=count, offset=4 * int(off[start]))
+        return PackedSequences(tokens, off[start : stop + 1] - off[start])
+
+    def iter_batches(self, batch_rows: int) -> Iterator[PackedSequences]:
+        n = len(self.offsets) - 1
+        for start in range(0, n, batch_rows):
+            yield self.read_rows(start, min(start + batch_rows, n))
+
+    def row_prefix(self, row: int, length: int) -> np.ndarray:
+        self.close()
+        start = int(self.offsets[row])
+        return np.fromfile(self.path, dtype=np.int32, count=length, offset=4 * start)
+
+    def tokens_view(self) -> np.ndarray:
+        """All spooled tokens, memory-mapped: pages are read on demand and the kernel may drop them,
+        so gathering a chunk of rows costs that chunk's tokens, not the whole spool."""
+        self.close()
+        if self.tokens == 0:
+            return np.zeros(0, dtype=np.int32)
+        return np.memmap(self.path, dtype=np.int32, mode="r")
+
+
+def sort_spool(spool: TokenSpool, budget: int, spill_dir: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(order, lcp, out_of_core): the spooled rows' lexicographic order (spool indices, ties by index)
+    and the LCP of each row with the one sorted before it (lcp[0] = 0), both int64 (n,). In memory when
+    `estimate_plan_memory` fits `budget`, else DuckDB's sort spilling to `spill_dir`; the same order
+    either way. Only O(rows) arrays stay in memory afterwards."""
+    from engine.packed_sequences import PackedSequences, neighbor_lcp, pair_lcp
+    from engine.prefix_sort import sort_sequences
+
+    n = len(spool.offsets) - 1
+    if estimate_plan_memory(spool.tokens, n) <= budget:
+        seqs = PackedSequences(spool.read_all(), spool.offsets)
+        ordered = sort_sequences(seqs)
+        return ordered.order, ordered.lcp, False
+
+    from engine.prefix_sort_duckdb import sort_sequences_out_of_core
+
+    orders: list[np.ndarray] = []
+    lcps: list[np.ndarray] = []
+    previous: PackedSequences | None = None
+    for rows, batch in sort_sequences_out_of_core(
+        spool.iter_batches(OUT_OF_CORE_BATCH_ROWS),
+        memory_limit=OUT_OF_CORE_SORT_MEMORY,
+        temp_directory=str(spill_dir),
+        batch_rows=OUT_OF_CORE_BATCH_ROWS,
+    ):
+        lcp = neighbor_lcp(batch)
+        if previous is not None and batch.n:
+            last = np.array([previous.n - 1], dtype=np.int64)
+            lcp[0] = pair_lcp(previous.tokens, previous.offsets, last, batch.tokens, batch.offsets, np.zeros(1, np.int64))[0]
+        orders.append(rows)
+        lcps.append(lcp)
+        previous = batch
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(orders) if orders else empty), (np.concatenate(lcps) if lcps else empty), True

@@ -1,0 +1,178 @@
+"""`run --prefix-sharing plan` plans the whole table at once: a prefix is computed once per job however
+the rows are ordered, and the job is fed to the engine in chunks cut where the fewest tokens are shared.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from batchllm_cli.app import app
+from engine.packed_sequences import PackedSequences
+from engine.plan_chunks import cut_sorted_rows, unique_prompt_tokens
+from engine.prefix_sort import sort_sequences
+
+
+def _naive_trie_tokens(prompts: list[list[int]]) -> int:
+    return len({tuple(p[:i]) for p in prompts for i in range(1, len(p) + 1)})
+
+
+@st.composite
+def _prompt_sets(draw: st.DrawFn) -> list[list[int]]:
+    """Prompts built from a few shared openings and documents, so the trie has depth and duplicates."""
+    alphabet = st.integers(1, 6)
+    heads = draw(st.lists(st.lists(alphabet, min_size=0, max_size=5), min_size=1, max_size=3))
+    docs = draw(st.lists(st.lists(alphabet, min_size=0, max_size=12), min_size=1, max_size=4))
+    n = draw(st.integers(1, 40))
+    out = []
+    for _ in range(n):
+        tail = draw(st.lists(alphabet, min_size=0, max_size=4))
+        p = draw(st.sampled_from(heads)) + draw(st.sampled_from(docs)) + tail
+        out.append(p or [1])
+    return out
+
+
+@given(prompts=_prompt_sets(), budget=st.integers(1, 80))
+@settings(max_examples=100, deadline=None)
+def test_cuts_cover_the_sorted_rows_within_budget_and_count_what_spans_them(prompts, budget) -> None:
+    ordered = sort_sequences(PackedSequences.from_lists(prompts))
+    lengths = np.array([len(prompts[i]) for i in ordered.order], dtype=np.int64)
+    cuts = cut_sorted_rows(lengths, ordered.lcp, budget)
+    starts = cuts.starts.tolist()
+    assert starts[0] == 0 and starts[-1] == len(prompts) and all(a < b for a, b in zip(starts, starts[1:]))
+    for a, b in zip(starts, starts[1:]):
+        assert b - a == 1 or int(lengths[a:b].sum()) <= budget
+    assert cuts.boundary_tokens == sum(int(ordered.lcp[p]) for p in starts[1:-1])
+    assert unique_prompt_tokens(lengths, ordered.lcp) == _naive_trie_tokens(prompts)
+    # the chunks' own tries add up to the whole trie plus exactly what spans the cuts
+    per_chunk = sum(_naive_trie_tokens([prompts[i] for i in ordered.order[a:b]]) for a, b in zip(starts, starts[1:]))
+    assert per_chunk == _naive_trie_tokens(prompts) + cuts.boundary_tokens
+
+
+@pytest.fixture(scope="module")
+def plan_engine(tmp_path_factory: pytest.TempPathFactory):
+    from engine.config import EngineConfig
+    from engine.demo_model import ensure_demo_model
+    from engine.llm_engine import LLMEngine
+
+    model_dir = ensure_demo_model(tmp_path_factory.mktemp("demo"))
+    config = EngineConfig(str(model_dir), device="cpu", dtype="float32", max_batch_tokens=64,
+                          kv_cache_tokens=4096, prefix_sharing="plan")
+    return LLMEngine(config)
+
+
+@given(prompts=_prompt_sets(), budget=st.integers(1, 120))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_engine_prefill_is_the_trie_count_plus_what_spans_cuts(plan_engine, prompts, budget) -> None:
+    from engine.sampling_params import SamplingParams
+
+    prompts = [[t + 40 for t in p] for p in prompts]  # printable bytes for the demo tokenizer
+    ordered = sort_sequences(PackedSequences.from_lists(prompts))
+    lengths = np.array([len(prompts[i]) for i in ordered.order], dtype=np.int64)
+    cuts = cut_sorted_rows(lengths, ordered.lcp, budget)
+    params = SamplingParams(max_tokens=2)
+    chunks = [[(int(i), prompts[i], params) for i in ordered.order[a:b]]
+              for a, b in zip(cuts.starts[:-1].tolist(), cuts.starts[1:].tolist())]
+    before = plan_engine.stats().prefill_tokens
+    results = {r.key: r.token_ids for r in plan_engine.generate_planned(chunks)}
+    assert plan_engine.stats().prefill_tokens - before == _naive_trie_tokens(prompts) + cuts.boundary_tokens
+    # the same answers as in table order, in one wave
+    whole = {r.key: r.token_ids for r in plan_engine.generate_planned([[(i, p, params) for i, p in enumerate(prompts)]])}
+    assert results == whole
+
+
+QUESTIONS = ["What is the main topic?", "Who is involved?", "When did it happen?", "Where was it?",
+             "Why does it matter?", "What comes next?"]
+
+
+def _doc_qa_table(tmp_path: Path, docs: int = 6) -> tuple[Path, Path]:
+    rng = random.Random(7)
+    words = ["river", "market", "engine", "harvest", "council", "signal", "orbit", "ledger", "canyon", "festival"]
+    rows = []
+    for d in range(docs):
+        text = f"#{d}: " + " ".join(rng.choice(words) for _ in range(40))
+        rows += [{"doc": text, "question": q} for q in QUESTIONS]
+    rng.shuffle(rows)  # every document's rows spread over the table
+    table = tmp_path / "qa.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = tmp_path / "qa.j2"
+    template.write_text("Document {{ doc }}\nAnswer from the document above. Question: {{ question }}\nAnswer:")
+    return table, template
+
+
+def _run(tmp_path: Path, table: Path, template: Path, model: Path, name: str, *flags: str) -> tuple[list, dict]:
+    out = tmp_path / f"{name}.parquet"
+    summary = tmp_path / f"{name}.json"
+    result = CliRunner().invoke(app, [
+        "run", str(table), "--template", str(template), "--output", str(out), "--model", str(model),
+        "--max-tokens", "3", "--kv-cache-tokens", "8192", "--max-batch-tokens", "256",
+        "--summary", str(summary), *flags,
+    ])
+    assert result.exit_code == 0, result.output
+    return pq.read_table(out).column("response").to_pylist(), json.loads(summary.read_text())
+
+
+def test_shuffled_table_computes_each_document_once_across_chunks(tmp_path, demo_model_dir) -> None:
+    table, template = _doc_qa_table(tmp_path)
+    report = tmp_path / "analyze.json"
+    result = CliRunner().invoke(app, [
+        "analyze", str(table), "--template", str(template), "--model", str(demo_model_dir), "--json", str(report),
+    ])
+    assert result.exit_code == 0, result.output
+    analyzed = json.loads(report.read_text())
+
+    # about two documents' rows per chunk: several chunks, each cut between documents
+    answers, plan = _run(tmp_path, table, template, demo_model_dir, "plan", "--plan-chunk-tokens", "4000")
+    assert plan["plan_chunks"] >= 3
+    assert plan["unique_prompt_tokens"] == analyzed["unique_prompt_tokens"]
+    assert plan["prefill_tokens"] == plan["unique_prompt_tokens"] + plan["plan_boundary_tokens"]
+    # every cut fell between two documents: only the opening (chat turn + "Document #", under 20 byte
+    # tokens) is computed again, never a document (~250)
+    assert plan["plan_boundary_tokens"] <= 20 * (plan["plan_chunks"] - 1)
+    assert plan["engine_wait_s"] >= 0 and plan["plan_s"] > 0
+
+    # planning the table in table-order waves instead computes documents again (the old behaviour)
+    baseline, none = _run(tmp_path, table, template, demo_model_dir, "none", "--prefix-sharing", "none")
+    assert answers == baseline
+    assert none["plan_chunks"] == 0 and none["prefill_tokens"] == none["prompt_tokens"]
+
+
+def test_resume_plans_only_the_rows_not_committed(tmp_path, demo_model_dir, monkeypatch) -> None:
+    import torch
+
+    import engine.llm_engine
+
+    table, template = _doc_qa_table(tmp_path)
+    original = engine.llm_engine.LLMEngine._run_waves
+
+    def fails_after_ten(self, waves, planned):  # noqa: ANN001, ANN202
+        for i, result in enumerate(original(self, waves, planned)):
+            if i == 10:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            yield result
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine.llm_engine.LLMEngine, "_run_waves", fails_after_ten)
+        out = tmp_path / "resumed.parquet"
+        args = ["run", str(table), "--template", str(template), "--output", str(out), "--model",
+                str(demo_model_dir), "--max-tokens", "3", "--kv-cache-tokens", "8192", "--max-batch-tokens", "256",
+                "--checkpoint-rows", "1", "--plan-chunk-tokens", "4000"]
+        first = CliRunner().invoke(app, args)
+    assert first.exit_code == 75, first.output
+    summary = tmp_path / "resumed.json"
+    second = CliRunner().invoke(app, [*args, "--summary", str(summary)])
+    assert second.exit_code == 0, second.output
+    report = json.loads(summary.read_text())
+    assert report["rows_resumed"] >= 10
+    # the second attempt planned only its own rows: fewer than the whole job, each prefix once
+    _, full = _run(tmp_path, table, template, demo_model_dir, "full", "--plan-chunk-tokens", "4000")
+    assert report["unique_prompt_tokens"] < full["unique_prompt_tokens"]
+    assert report["prefill_tokens"] == report["unique_prompt_tokens"] + report["plan_boundary_tokens"]
+    assert pq.read_table(out).column("response").to_pylist() == pq.read_table(tmp_path / "full.parquet").column("response").to_pylist()
