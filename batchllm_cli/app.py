@@ -17,6 +17,7 @@ from batchllm_cli import __version__
 from batchllm_cli.durable import atomic_write_bytes
 from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, OutputError, UsageError
 from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
+from batchllm_cli.help_format import SectionedHelpCommand
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
@@ -85,6 +86,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Plain click help: typer's rich tables cut option names to fit the terminal (help_format.py).
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -174,7 +177,7 @@ def _fail(exc: BatchLLMError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-@app.command(epilog=EXIT_CODES_EPILOG, no_args_is_help=True)
+@app.command(epilog=EXIT_CODES_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
 def run(
     input: InputArg,
     template: TemplateOpt,
@@ -302,7 +305,7 @@ ANALYZE_EPILOG = (
 )
 
 
-@app.command("analyze", epilog=ANALYZE_EPILOG, no_args_is_help=True)
+@app.command("analyze", epilog=ANALYZE_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
 def analyze_command(
     input: InputArg,
     template: TemplateOpt,
@@ -409,7 +412,7 @@ def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | No
     check_job_paths(reads, writes)
 
 
-@app.command("status", epilog=EXIT_CODES_EPILOG)
+@app.command("status", epilog=EXIT_CODES_EPILOG, cls=SectionedHelpCommand)
 def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> None:
     """Show how far a run is: rows done of total, rows in error, speed and ETA, state.
 
@@ -428,7 +431,7 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
         typer.echo(format_status(st))
 
 
-@app.command("recipes")
+@app.command("recipes", cls=SectionedHelpCommand)
 def list_recipes_command() -> None:
     """List the bundled prompt recipes (use a name as --template)."""
     rows: list[dict[str, Any]] = []

@@ -328,6 +328,7 @@ MaxRejectsOpt = Annotated[
     int,
     typer.Option(
         "--max-rejects",
+        metavar="N",
         min=0,
         help="With --skip-bad-rows: fail before the model loads (exit 2) when more than N records are "
         "malformed (0: none may be).",
