@@ -36,6 +36,34 @@ def shorten(text: str, width: int = 72) -> str:
     return f"{flat[:head].rstrip()} … {flat[-tail:].lstrip()}"
 
 
+INHERITED_CONTEXT = 32  # characters shown of the prefix a top prefix extends
+
+
+def branch_text(text: str, new_text: str, width: int) -> tuple[str, str]:
+    """A shared prefix on one line in about `width` characters, as (inherited, new): `new` is its own
+    text past the shorter shared prefix it extends, `inherited` the end of that shorter prefix. Cut
+    from the front, never the new part's start or end: prefixes nested in one another all open
+    alike, siblings differ where their new text starts, and the rows under a prefix branch where
+    it ends."""
+    flat = one_line(text)
+    inherited = one_line(text[: len(text) - len(new_text)]) if new_text and text.endswith(new_text) else ""
+    if not flat.startswith(inherited):
+        inherited = ""
+    new = flat[len(inherited):]
+    if len(flat) <= width:
+        return inherited, new
+    room = width - 1  # the leading "…"
+    if len(new) <= room:
+        # A little of what is inherited says where the new part goes on; more would only repeat
+        # the same words on every line of siblings.
+        context = min(room - len(new), INHERITED_CONTEXT)
+        return "…" + inherited[len(inherited) - context:].lstrip(), new
+    lead = "…" if inherited else ""
+    head = max(8, (width - len(lead) - 3) // 3)
+    tail = max(8, width - len(lead) - 3 - head)
+    return lead, f"{new[:head].rstrip()} … {new[-tail:].lstrip()}"
+
+
 def pct(x: float) -> str:
     return f"{100.0 * x:.1f}%"
 
@@ -78,8 +106,14 @@ def _histogram_line(stats: Any) -> str:
 
 
 # ---- human report ---------------------------------------------------------------------------------
+DEMO_TOKENIZER_NOTE = (
+    "note: token counts are the built-in demo model's tokenizer's, not your model's; "
+    "pass --model DIR or --tokenizer DIR."
+)
+
+
 def render_text(r: AnalyzeReport, console: Console) -> None:
-    """The report on `console` (stderr): rich tables on a terminal, plain aligned lines otherwise."""
+    """The report on `console`: rich tables on a terminal, plain aligned lines otherwise."""
     tty = console.is_terminal
     table_box = box.SIMPLE_HEAD if tty else None
     bold = "bold" if tty else ""
@@ -88,6 +122,8 @@ def render_text(r: AnalyzeReport, console: Console) -> None:
     console.print(Text(
         f"analyze: {r.input} with template {r.template}; tokenizer {r.tokenizer_dir} (chat template {chat})"
     ))
+    if r.demo_model:
+        console.print(Text(DEMO_TOKENIZER_NOTE, style="yellow" if tty else ""))
     facts = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
     facts.add_column(style=bold)
     facts.add_column(justify="right")
@@ -115,17 +151,7 @@ def render_text(r: AnalyzeReport, console: Console) -> None:
     console.print(cmp)
 
     if r.top_prefixes:
-        top = Table(
-            title=f"Top {len(r.top_prefixes)} shared prefixes", title_justify="left", box=table_box,
-            title_style=bold, header_style=bold, pad_edge=False,
-        )
-        for name in ("#", "rows", "tokens", "saved"):
-            top.add_column(name, justify="right", no_wrap=True)
-        top.add_column("text", overflow="ellipsis", no_wrap=True, ratio=1)
-        width = max(24, min(100, console.width - 36))
-        for i, p in enumerate(r.top_prefixes, 1):
-            top.add_row(str(i), f"{p.rows:,}", f"{p.tokens:,}", f"{p.saved_tokens:,}", Text(shorten(p.text, width)))
-        console.print(top)
+        _render_top_prefixes(r, console)
     for e in r.first_errors:
         who = f"row {e.row}" + (f" (id {e.id})" if r.has_ids else "")
         console.print(Text(f"  {who}: {e.error}", style="red" if tty else ""))
@@ -139,6 +165,33 @@ def render_text(r: AnalyzeReport, console: Console) -> None:
         f"planned {r.rows_planned:,} rows {r.plan_mode} in {r.total_s:.1f} s (tokenize {r.tokenize_s:.1f} s, "
         f"of which LRU simulation {r.lru_s:.1f} s; plan {r.plan_s:.1f} s; report {r.report_s:.1f} s)"
     ))
+
+
+def _render_top_prefixes(r: AnalyzeReport, console: Console) -> None:
+    """One line per prefix, laid out here rather than by a rich Table, which fits a narrow console by
+    cutting the text's end: where prefixes differ. Each text keeps its new part whole where it can
+    (bold on a terminal) after the end of what it inherits (dim)."""
+    tty = console.is_terminal
+    heads = ("#", "rows", "tokens", "new", "saved")
+    cells = [(str(i), f"{p.rows:,}", f"{p.tokens:,}", f"{p.new_tokens:,}", f"{p.saved_tokens:,}")
+             for i, p in enumerate(r.top_prefixes, 1)]
+    widths = [max(len(h), *(len(c[k]) for c in cells)) for k, h in enumerate(heads)]
+
+    def numbers(values: tuple[str, ...]) -> str:
+        return "  ".join(v.rjust(w) for v, w in zip(values, widths)) + "  "
+
+    # Off a terminal (a file, a pipe) the console's width is a guess: give the text room anyway.
+    used = len(numbers(heads))
+    width = max(console.width - used, 20 if tty else 100)
+    console.print(Text(
+        f"Top {len(r.top_prefixes)} shared prefixes (text: the end of the shorter prefix each extends, "
+        "then its own new part; … marks text left out)", style="bold" if tty else "",
+    ))
+    console.print(Text(numbers(heads) + "text", style="bold" if tty else ""), no_wrap=True, overflow="ignore")
+    for p, values in zip(r.top_prefixes, cells):
+        inherited, new = branch_text(p.text, p.new_text, width)
+        line = Text(numbers(values)) + Text(inherited, style="dim" if tty else "") + Text(new, style="bold" if tty else "")
+        console.print(line, no_wrap=True, overflow="ignore", crop=False)  # never cut off the end
 
 
 def report_json(r: AnalyzeReport) -> str:
@@ -458,8 +511,9 @@ def render_html(r: AnalyzeReport) -> str:
     if r.rows_failed:
         items = "".join(f"<li>row {x.row}{f' (id {e(str(x.id))})' if r.has_ids else ''}: {e(x.error)}</li>" for x in r.first_errors)
         errors_html = f'<h2>Rows without a prompt</h2><p class="warn">{e(_failures_line(r))}</p><ul>{items}</ul>'
+    demo = " (the built-in demo model's, not your model's: pass --model or --tokenizer)" if r.demo_model else ""
     sub = (
-        f"{r.input} · template {r.template} · tokenizer {r.tokenizer_dir} · chat template {'on' if r.chat else 'off'} · "
+        f"{r.input} · template {r.template} · tokenizer {r.tokenizer_dir}{demo} · chat template {'on' if r.chat else 'off'} · "
         f"KV block {r.block_size} tokens · LRU cache {r.kv_cache_tokens:,} tokens · max tokens {r.max_tokens:,}"
     )
     return f"""<!DOCTYPE html>

@@ -335,7 +335,8 @@ def analyze_command(
 
     Renders and tokenizes every row exactly as `run` would (no model weights are loaded), builds the
     global prefix tree, and compares the prefill tokens of no sharing, an LRU prefix cache in table
-    order, BatchLLM's single-level plan, batchllm's plan and the optimum.
+    order, BatchLLM's single-level plan, batchllm's plan and the optimum. The report goes to stdout,
+    progress and notes to stderr.
     """
     from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze, run_analyze
     from batchllm_cli.analyze_report import (
@@ -381,7 +382,9 @@ def analyze_command(
         finally:
             prepared.close()
         guard.draining = True  # from here on only the reports are written; let them finish
-        render_text(report, err_console)
+        # The report is the command's output (`> report.txt`), unless --json - or --html - takes stdout.
+        machine_on_stdout = json_out == "-" or (html_out is not None and str(html_out) == "-")
+        render_text(report, err_console if machine_on_stdout else Console(highlight=False, soft_wrap=True))
         if html_out is not None:
             write_report_file(str(html_out), render_html(report))
             err_console.print(Text(f"html: {html_out}"))
