@@ -339,10 +339,10 @@ def analyze_command(
     progress and notes to stderr.
     """
     from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze, run_analyze
+    from batchllm_cli.analyze_html import render_html
     from batchllm_cli.analyze_report import (
         AnalyzeProgress,
         check_report_path,
-        render_html,
         render_text,
         report_json,
         write_report_file,
