@@ -34,7 +34,14 @@ import numpy as np
 
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.errors import UsageError
-from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
+from batchllm_cli.model_setup import (
+    DEFAULT_MAX_TOKENS,
+    declared_context_length,
+    load_tokenizer,
+    model_context_length,
+    resolve_chat,
+    resolve_model,
+)
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
 from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
@@ -293,6 +300,13 @@ def _check_settings(s: AnalyzeSettings) -> None:
         raise UsageError("batch_rows must be at least 1.")
 
 
+# `run`'s demo notice speaks of answers; here the demo matters because its tokenizer is not the user's.
+DEMO_TOKENIZER_NOTICE = (
+    "No --model or --tokenizer given: counting tokens with the built-in demo model's tokenizer ({path}), "
+    "not your model's; pass --model DIR or --tokenizer DIR for your model's counts."
+)
+
+
 def _tokenizer_dir(settings: AnalyzeSettings, observer: AnalyzeObserver) -> tuple[Path, bool]:
     if settings.tokenizer is not None:
         path = settings.tokenizer
@@ -301,7 +315,10 @@ def _tokenizer_dir(settings: AnalyzeSettings, observer: AnalyzeObserver) -> tupl
         if not path.is_dir():
             raise UsageError(f"--tokenizer must be a directory, not a file: {path}")
         return path, False
-    return resolve_model(settings.model, observer)
+    path, demo = resolve_model(settings.model, _SilentObserver())
+    if demo:
+        observer.notice(DEMO_TOKENIZER_NOTICE.format(path=path))
+    return path, demo
 
 
 def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None = None) -> PreparedAnalyze:
@@ -325,19 +342,23 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
         if settings.id_column is not None:
             source.check_id_column(settings.id_column)
         tok_dir, demo = _tokenizer_dir(settings, observer)
-        # The model's context bounds a prompt (as in `run`); a tokenizer-only directory may not say.
-        context: int | None = None
-        if settings.tokenizer is None or (tok_dir / "config.json").is_file():
-            context = model_context_length(tok_dir)
-            if context - max_tokens < 1:
-                raise UsageError(
-                    f"--max-tokens {max_tokens} leaves no room for a prompt in the model's context of "
-                    f"{context} tokens; lower --max-tokens."
-                )
+        # The model's context bounds a prompt (as in `run`). A tokenizer-only directory is not checked
+        # as a model `run` can load (any architecture will do); its config.json may still say the context.
+        if settings.tokenizer is None:
+            context: int | None = model_context_length(tok_dir)
+        else:
+            context = declared_context_length(tok_dir)
+        if context is not None and context - max_tokens < 1:
+            raise UsageError(
+                f"--max-tokens {max_tokens} leaves no room for a prompt in the model's context of "
+                f"{context} tokens; lower --max-tokens."
+            )
         tokenizer = load_tokenizer(tok_dir)
         chat = resolve_chat(settings.chat, tokenizer, tok_dir)
-        if constraint is not None and (tok_dir / "config.json").is_file():
-            check_constraint_compiles(constraint, tok_dir, tokenizer)
+        if constraint is not None:
+            # With --tokenizer there is no model config to take the vocabulary size from.
+            vocab = None if settings.tokenizer is None else tokenizer.vocab_size
+            check_constraint_compiles(constraint, tok_dir, tokenizer, vocab_size=vocab)
     except BaseException:
         source.close()
         raise

@@ -17,6 +17,7 @@ from batchllm_cli import __version__
 from batchllm_cli.durable import atomic_write_bytes
 from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, OutputError, UsageError
 from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
+from batchllm_cli.help_format import SectionedHelpCommand
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
@@ -87,6 +88,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Plain click help: typer's rich tables cut option names to fit the terminal (help_format.py).
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -183,7 +186,7 @@ def _fail(exc: BatchLLMError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-@app.command(epilog=EXIT_CODES_EPILOG, no_args_is_help=True)
+@app.command(epilog=EXIT_CODES_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
 def run(
     input: InputArg,
     template: TemplateOpt,
@@ -313,7 +316,7 @@ ANALYZE_EPILOG = (
 )
 
 
-@app.command("analyze", epilog=ANALYZE_EPILOG, no_args_is_help=True)
+@app.command("analyze", epilog=ANALYZE_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
 def analyze_command(
     input: InputArg,
     template: TemplateOpt,
@@ -343,13 +346,14 @@ def analyze_command(
 
     Renders and tokenizes every row exactly as `run` would (no model weights are loaded), builds the
     global prefix tree, and compares the prefill tokens of no sharing, an LRU prefix cache in table
-    order, BatchLLM's single-level plan, batchllm's plan and the optimum.
+    order, BatchLLM's single-level plan, batchllm's plan and the optimum. The report goes to stdout,
+    progress and notes to stderr.
     """
     from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze, run_analyze
+    from batchllm_cli.analyze_html import render_html
     from batchllm_cli.analyze_report import (
         AnalyzeProgress,
         check_report_path,
-        render_html,
         render_text,
         report_json,
         write_report_file,
@@ -389,7 +393,9 @@ def analyze_command(
         finally:
             prepared.close()
         guard.draining = True  # from here on only the reports are written; let them finish
-        render_text(report, err_console)
+        # The report is the command's output (`> report.txt`), unless --json - or --html - takes stdout.
+        machine_on_stdout = json_out == "-" or (html_out is not None and str(html_out) == "-")
+        render_text(report, err_console if machine_on_stdout else Console(highlight=False, soft_wrap=True))
         if html_out is not None:
             write_report_file(str(html_out), render_html(report))
             err_console.print(Text(f"html: {html_out}"))
@@ -420,7 +426,7 @@ def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | No
     check_job_paths(reads, writes)
 
 
-@app.command("status", epilog=EXIT_CODES_EPILOG)
+@app.command("status", epilog=EXIT_CODES_EPILOG, cls=SectionedHelpCommand)
 def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> None:
     """Show how far a run is: rows done of total, rows in error, speed and ETA, state.
 
@@ -439,7 +445,7 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
         typer.echo(format_status(st))
 
 
-@app.command("recipes")
+@app.command("recipes", cls=SectionedHelpCommand)
 def list_recipes_command() -> None:
     """List the bundled prompt recipes (use a name as --template)."""
     rows: list[dict[str, Any]] = []

@@ -58,6 +58,29 @@ def model_context_length(model_dir: Path) -> int:
         raise UsageError(f"Cannot read the model's config.json in {model_dir}: {exc}") from exc
 
 
+def declared_context_length(directory: Path) -> int | None:
+    """The context length a tokenizer directory's config.json states, of any architecture (None when
+    it has no config.json or states none): `analyze --tokenizer` needs no model batchllm can run."""
+    import json
+
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"Cannot read {path}: {exc}; fix it or remove it (--tokenizer needs only the tokenizer files).") from exc
+    if not isinstance(raw, dict):
+        return None
+    text_config = raw.get("text_config")
+    for config in (raw, text_config if isinstance(text_config, dict) else {}):
+        for key in ("max_position_embeddings", "n_positions"):  # n_positions: GPT-2 and its kin
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
 def load_tokenizer(model_dir: Path) -> Tokenizer:
     from engine.errors import EngineError
     from engine.tokenizer import Tokenizer

@@ -340,6 +340,7 @@ MaxRejectsOpt = Annotated[
     int,
     typer.Option(
         "--max-rejects",
+        metavar="N",
         min=0,
         help="With --skip-bad-rows: fail before the model loads (exit 2) when more than N records are "
         "malformed (0: none may be).",
@@ -433,8 +434,9 @@ TokenizerOpt = Annotated[
     typer.Option(
         "--tokenizer",
         metavar="DIR",
-        help="Directory with only the tokenizer files (tokenizer.json, tokenizer_config.json): no weights "
-        "needed. Instead of --model.",
+        help="Directory with only the tokenizer files (tokenizer.json, tokenizer_config.json) of any model, "
+        "also one run cannot load: no weights needed. Instead of --model; with neither, tokens are counted "
+        "with the demo model's tokenizer.",
         show_default=False,
     ),
 ]
@@ -460,7 +462,7 @@ AnalyzeJsonOpt = Annotated[
     typer.Option(
         "--json",
         metavar="FILE|-",
-        help="Write the report as JSON to FILE, or to stdout with '-'.",
+        help="Write the report as JSON to FILE, or to stdout with '-' (the text report then goes to stderr).",
         show_default=False,
         rich_help_panel=PANEL_REPORT,
     ),

@@ -235,14 +235,18 @@ def typed_columns(texts: Sequence[str | None], fields: list[TypedField], nested_
     return arrays
 
 
-def check_constraint_compiles(constraint: Constraint, model_dir: Path, tokenizer: Any) -> None:
-    """Compile the grammar for this model now (before its weights load); the engine reuses it."""
+def check_constraint_compiles(
+    constraint: Constraint, model_dir: Path, tokenizer: Any, vocab_size: int | None = None
+) -> None:
+    """Compile the grammar for this model now (before its weights load); the engine reuses it.
+    `vocab_size`: the model's, from its config.json when not given."""
     from engine.errors import EngineError
     from engine.grammar import compile_constraint
     from engine.model_config import load_model_config
 
     try:
-        vocab_size = load_model_config(model_dir).vocab_size
+        if vocab_size is None:
+            vocab_size = load_model_config(model_dir).vocab_size
         compile_constraint(constraint.to_engine(), model_dir, vocab_size, tokenizer.eos_token_ids)
     except EngineError as exc:
         raise UsageError(str(exc)) from exc

@@ -148,3 +148,28 @@ def test_bad_gpu_memory_utilization(no_model: None, table: Path, tmp_path: Path)
     result = invoke(["run", str(table), "-t", "classify", "-o", out, "--gpu-memory-utilization", "1.5"])
     assert result.exit_code == 2
     assert "--gpu-memory-utilization" in flat(result.output)
+
+
+def test_piped_help_on_a_narrow_terminal_keeps_every_option_name() -> None:
+    """`batchllm run --help | grep gpu-memory-utilization` on a 40-column terminal finds the flag:
+    names are never cut to fit, and boolean flags read as flags (--chat / --no-chat), not <bool>."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, COLUMNS="40", PYTHONPATH=str(root))
+    env.pop("TERMINAL_WIDTH", None)
+    group = get_command(app)
+    for name in ("run", "analyze"):
+        proc = subprocess.run([sys.executable, "-m", "batchllm_cli", name, "--help"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout
+        assert "<bool>" not in text and "…" not in text
+        assert "--chat / --no-chat" in text
+        assert name != "run" or "--gpu-memory-utilization" in text.split()
+        for param in group.commands[name].params:
+            for opt in param.opts + param.secondary_opts:
+                if opt.startswith("--"):
+                    assert opt in text.split(), f"{opt} is not whole in piped `batchllm {name} --help`"

@@ -29,3 +29,15 @@ def test_demo_example_table_exists() -> None:
     setup = _top_commands()[0]
     example = setup.split("batchllm run ", 1)[1].split()[0]
     assert (ROOT / example).is_file()
+
+
+def test_readme_cites_the_paper_and_speaks_to_users() -> None:
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "2412.03594" in text  # the BatchLLM paper, where the plan is explained
+    assert "0-based" in text  # what `row` in the errors file counts from
+    # Words from how the project was built, not from how it is used.
+    for pattern in (r"\bgoal\b", r"\bsessions?\b", r"\bissue #?\d+", r"(?<![\w/])#\d+\b", r"\bour shared\b",
+                    r"\bthis project's\b"):
+        assert not re.search(pattern, text, re.IGNORECASE), pattern
