@@ -183,11 +183,9 @@ class LLMEngine:
         return self._result(seq, reason)
 
     def _hits_stop_string(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.completion_token_ids)
-        hits = [i for i in (text.find(s) for s in seq.params.stop if s) if i >= 0]
-        if hits:
-            seq.stop_text_end = min(hits)
-        return bool(hits)
+        assert seq.stop_watch is not None  # a sequence whose params have stop strings has one
+        seq.stop_text_end = seq.stop_watch.find(self.tokenizer.decode, seq.token_ids)
+        return seq.stop_text_end is not None
 
     def _result(self, seq: Sequence, reason: str) -> GenerationResult:
         ids = seq.completion_token_ids
