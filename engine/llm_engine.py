@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import Sequence
 from engine.shared_prefix import SharedPrefixState
+from engine.stop_strings import first_stop
 from engine.tokenizer import Tokenizer
 
 Request = tuple[Hashable, Seq[int], SamplingParams]
@@ -194,7 +195,9 @@ class LLMEngine:
             shown = ids[:-1]  # the EOS / stop token is not part of the answer
         text = self.tokenizer.decode(shown)
         if seq.stop_text_end is not None:
-            text = text[: seq.stop_text_end]
+            # the watch's index, unless a byte-fallback run it had committed was re-decoded (stop_strings.py)
+            cut = first_stop(text, seq.params.stop)
+            text = text[: seq.stop_text_end if cut is None else cut]
         self._finished += 1
         self._prompt_tokens += seq.num_prompt_tokens
         self._completion_tokens += len(ids)

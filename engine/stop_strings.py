@@ -2,11 +2,14 @@
 character boundary and searches only the text a new match could end in, so a step costs the same
 at token 5 as at token 5000 (decoding the whole completion every step was quadratic).
 
-The text searched is always the same as `decode(completion tokens)` (incremental detokenization as
-in vLLM and transformers' TextStreamer): text is committed only up to a token boundary where the
-decoded text does not end in U+FFFD, because a token may end inside a UTF-8 character (byte-level
-BPE, byte-fallback tokens) that the next token completes. The undecided rest is searched too, so a
-stop string containing U+FFFD matches exactly when it would in the full decode.
+Incremental detokenization as in vLLM and transformers' TextStreamer: text is committed only up to
+a token boundary where the decoded text does not end in U+FFFD, because a token may end inside a
+UTF-8 character that the next token completes. The undecided rest is searched too, so with a
+byte-level BPE tokenizer (Llama 3, Qwen) the text searched is exactly `decode(completion tokens)`
+at every step, U+FFFD included. A byte-fallback tokenizer (Llama 2, Mistral) re-decodes a whole run
+of byte tokens as U+FFFDs when a later byte makes the run invalid UTF-8, rewriting text already
+committed; a stop string is still found at the same token unless it contains U+FFFD itself, and the
+engine cuts the answer where the full decode has its earliest stop string.
 """
 from __future__ import annotations
 
@@ -18,6 +21,12 @@ _REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a w
 # A held (undecided) tail longer than twice this many tokens is cut this many tokens from its end:
 # more than 3 characters after a cut leave no UTF-8 sequence (at most 4 bytes) open across it.
 _CUT_LOOKAHEAD = 4
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest of the (non-empty) stop strings starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
 
 
 class StopStringWatch:
@@ -51,9 +60,8 @@ class StopStringWatch:
         else:
             committed = self._cut_held_tail(decode, token_ids, context, window)
             pending = new[len(committed) :]
-        searched = self._committed_tail + committed + pending
-        hits = [i for i in (searched.find(s) for s in self.stops) if i >= 0]
-        first = self._committed_chars - len(self._committed_tail) + min(hits) if hits else None
+        hit = first_stop(self._committed_tail + committed + pending, self.stops)
+        first = None if hit is None else self._committed_chars - len(self._committed_tail) + hit
         self._committed_chars += len(committed)
         tail = self._committed_tail + committed
         self._committed_tail = tail[max(0, len(tail) - self._keep) :] if self._keep else ""

@@ -3,6 +3,7 @@ every step (the engine's former rule), including characters split across byte to
 strings spanning token boundaries, and a step's decoding cost does not grow with the completion."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -36,9 +37,19 @@ class CountingTokenizer(Tokenizer):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> CountingTokenizer:
+    """The byte-level BPE tokenizer of the test models (as Llama 3's and Qwen's)."""
     out = tmp_path_factory.mktemp("tokenizer")
     model_factory.write_tokenizer(out, chat_template_file=True)
     return CountingTokenizer(out)
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    out = tmp_path_factory.mktemp("byte-fallback-tokenizer")
+    (out / "tokenizer.json").write_text(model_factory.byte_fallback_tokenizer_json(), encoding="utf-8")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return Tokenizer(out)
 
 
 def full_decode_stop(tokenizer: Tokenizer, completion: Sequence[int], stops: Sequence[str]) -> int | None:
@@ -46,6 +57,15 @@ def full_decode_stop(tokenizer: Tokenizer, completion: Sequence[int], stops: Seq
     text = tokenizer.decode(completion)
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+@st.composite
+def stop_strings(draw: st.DrawFn, text: str) -> list[str]:
+    """Stop strings cut from the final text (so they often match, across token boundaries and inside
+    split characters, U+FFFD included) plus arbitrary ones."""
+    cut = st.tuples(st.integers(0, len(text)), st.integers(1, 6)).map(lambda ab: text[ab[0] : ab[0] + ab[1]])
+    return draw(st.lists(st.one_of(cut, st.sampled_from(MULTIBYTE + ASCII), st.text(max_size=3)),
+                         min_size=1, max_size=3))
 
 
 @st.composite
@@ -64,18 +84,31 @@ def token_streams(draw: st.DrawFn, tokenizer: Tokenizer) -> list[int]:
 def test_incremental_equals_full_decode_at_every_step(tokenizer: Tokenizer, data: st.DataObject) -> None:
     prompt = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=4), label="prompt")
     completion = data.draw(token_streams(tokenizer), label="completion")
-    text = tokenizer.decode(completion)
-    # stop strings cut from the final text (so they often match, across token boundaries and inside
-    # split characters, U+FFFD included) plus arbitrary ones
-    cut = st.tuples(st.integers(0, len(text)), st.integers(1, 6)).map(lambda ab: text[ab[0] : ab[0] + ab[1]])
-    stops = data.draw(st.lists(st.one_of(cut, st.sampled_from(MULTIBYTE + ASCII), st.text(max_size=3)),
-                               min_size=1, max_size=3), label="stops")
+    stops = data.draw(stop_strings(tokenizer.decode(completion)), label="stops")
     watch = StopStringWatch(stops, len(prompt))
     token_ids = list(prompt)
     for k, token in enumerate(completion, 1):
         token_ids.append(token)
         expected = full_decode_stop(tokenizer, completion[:k], stops)
         assert watch.find(tokenizer.decode, token_ids) == expected, (k, completion, stops)
+        if expected is not None:
+            break
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_byte_fallback_stops_at_the_same_token(byte_fallback_tokenizer: Tokenizer, data: st.DataObject) -> None:
+    """A byte-fallback decoder turns a whole run of byte tokens into U+FFFDs once one byte makes it
+    invalid, so earlier text can change; stop strings without U+FFFD still end the row at the token
+    where the full decode first holds one (the engine cuts the answer on the full decode)."""
+    tokenizer = byte_fallback_tokenizer
+    completion = data.draw(token_streams(tokenizer), label="completion")
+    stops = [s for s in data.draw(stop_strings(tokenizer.decode(completion)), label="stops") if "\ufffd" not in s]
+    watch = StopStringWatch(stops, 0)
+    for k in range(1, len(completion) + 1):
+        expected = full_decode_stop(tokenizer, completion[:k], stops)
+        found = watch.find(tokenizer.decode, completion[:k])
+        assert (found is None) == (expected is None), (k, completion, stops)
         if expected is not None:
             break
 
