@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 Decode = Callable[[Sequence[int]], str]
 
 _REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a whole UTF-8 character
-# A held (undecided) tail longer than twice this many tokens is cut this many tokens from its end:
+# A held (undecided) tail of at least twice this many tokens is cut this many tokens from its end:
 # more than 3 characters after a cut leave no UTF-8 sequence (at most 4 bytes) open across it.
 _CUT_LOOKAHEAD = 4
 
