@@ -116,24 +116,30 @@ class BlockManager:
         if content is not None and self._block_by_hash.get(content[0]) == block:
             del self._block_by_hash[content[0]]
 
-    def _block_hashes(self, token_ids: Seq[int], num_blocks: int) -> list[tuple[int, int, tuple[int, ...]]]:
-        out, parent, bs = [], 0, self.block_size
-        for i in range(num_blocks):
-            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
-            h = hash((parent, tokens))
-            out.append((h, parent, tokens))
-            parent = h
-        return out
+    def _hash_chain(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The chained hashes of `seq`'s first `num_blocks` full blocks (at least). They are kept on
+        the sequence and extended here, so filling block k hashes block_size tokens, not k of them."""
+        hashes, bs = seq.block_hashes, self.block_size
+        for i in range(len(hashes), num_blocks):
+            hashes.append(block_hash(hashes[i - 1] if i else 0, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+        return hashes
 
-    def cached_prefix(self, token_ids: Seq[int]) -> list[int]:
-        """Cached blocks holding the longest run of leading full blocks of `token_ids`, leaving at
-        least the last token to compute (its logits are needed)."""
+    def _block_entry(self, seq: Sequence, i: int) -> tuple[int, int, tuple[int, ...]]:
+        """(hash, parent hash, tokens) of block i: what `_content` keeps to tell a hash collision."""
+        hashes, bs = seq.block_hashes, self.block_size
+        return hashes[i], hashes[i - 1] if i else 0, tuple(seq.token_ids[i * bs : (i + 1) * bs])
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest run of leading full blocks of `seq`, leaving at least
+        the last token to compute (its logits are needed)."""
         if not self.prefix_cache:
             return []
         hits: list[int] = []
-        for entry in self._block_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
-            block = self._block_by_hash.get(entry[0])
-            if block is None or self._content.get(block) != entry:  # a hash collision is a miss
+        num_blocks = (len(seq) - 1) // self.block_size
+        for i, h in enumerate(self._hash_chain(seq, num_blocks)[:num_blocks]):
+            block = self._block_by_hash.get(h)
+            # a hash collision is a miss
+            if block is None or self._content.get(block) != self._block_entry(seq, i):
                 break
             hits.append(block)
         return hits
@@ -145,10 +151,15 @@ class BlockManager:
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full <= seq.num_registered_blocks:
             return
-        entries = self._block_hashes(seq.token_ids, num_full)
+        hashes = self._hash_chain(seq, num_full)
         for i in range(seq.num_registered_blocks, num_full):
             block = seq.block_table[i]
-            if entries[i][0] not in self._block_by_hash and block not in self._content:
-                self._content[block] = entries[i]
-                self._block_by_hash[entries[i][0]] = block
+            if hashes[i] not in self._block_by_hash and block not in self._content:
+                self._content[block] = self._block_entry(seq, i)
+                self._block_by_hash[hashes[i]] = block
         seq.num_registered_blocks = num_full
+
+
+def block_hash(parent: int, tokens: tuple[int, ...]) -> int:
+    """The name of a full block: its tokens, chained to the name of the block before it (0 first)."""
+    return hash((parent, tokens))

@@ -20,6 +20,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import Sequence
 from engine.shared_prefix import SharedPrefixState
+from engine.stop_strings import first_stop
 from engine.tokenizer import Tokenizer
 
 Request = tuple[Hashable, Seq[int], SamplingParams]
@@ -184,11 +185,9 @@ class LLMEngine:
         return self._result(seq, reason)
 
     def _hits_stop_string(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.completion_token_ids)
-        hits = [i for i in (text.find(s) for s in seq.params.stop if s) if i >= 0]
-        if hits:
-            seq.stop_text_end = min(hits)
-        return bool(hits)
+        assert seq.stop_watch is not None  # a sequence whose params have stop strings has one
+        seq.stop_text_end = seq.stop_watch.find(self.tokenizer.decode, seq.token_ids)
+        return seq.stop_text_end is not None
 
     def _result(self, seq: Sequence, reason: str) -> GenerationResult:
         ids = seq.completion_token_ids
@@ -197,7 +196,9 @@ class LLMEngine:
             shown = ids[:-1]  # the EOS / stop token is not part of the answer
         text = self.tokenizer.decode(shown)
         if seq.stop_text_end is not None:
-            text = text[: seq.stop_text_end]
+            # the watch's index, unless a byte-fallback run it had committed was re-decoded (stop_strings.py)
+            cut = first_stop(text, seq.params.stop)
+            text = text[: seq.stop_text_end if cut is None else cut]
         self._finished += 1
         self._prompt_tokens += seq.num_prompt_tokens
         self._completion_tokens += len(ids)

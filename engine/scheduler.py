@@ -131,7 +131,7 @@ class Scheduler:
                 return None
             new_blocks = total - seq.start_len // bm.block_size  # full prefix blocks are shared
         else:
-            hits = bm.cached_prefix(seq.token_ids)
+            hits = bm.cached_prefix(seq)
             # a cached block nobody holds sits in the free list and leaves it when reused
             new_blocks = total - len(hits) + sum(1 for b in hits if bm.ref_counts[b] == 0)
         return new_blocks + self._growth_blocks(seq, total), hits

@@ -7,6 +7,7 @@ from itertools import count
 from typing import TYPE_CHECKING, Hashable, Sequence as Seq
 
 from engine.sampling_params import SamplingParams
+from engine.stop_strings import StopStringWatch
 
 if TYPE_CHECKING:
     from engine.shared_prefix import SharedPrefixState
@@ -40,10 +41,13 @@ class Sequence:
         self.prefill_len = 0  # tokens to prefill since the last admission (the rest are decodes)
         self.block_table: list[int] = []
         self.num_registered_blocks = 0  # full blocks already named in the automatic prefix cache
+        # chained hashes of leading full blocks, extended as blocks fill (engine/block_manager.py)
+        self.block_hashes: list[int] = []
         self.status = SequenceStatus.WAITING
         self.sampling_key = sampling_key(params.seed, key)
         self.finish_reason: str | None = None
         self.stop_text_end: int | None = None  # where a stop string starts in the decoded text
+        self.stop_watch = StopStringWatch(params.stop, self.num_prompt_tokens) if params.stop else None
         self.is_prefix = False  # a prefill-only sequence computing a shared prefix
         self.prefix_state: SharedPrefixState | None = None  # set on prefix sequences
         self.start_prefix: SharedPrefixState | None = None  # the computed prefix it begins on
@@ -74,7 +78,8 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def reset_for_recompute(self) -> None:
-        """After preemption: the KV is gone; prompt and generated tokens are prefilled again."""
+        """After preemption: the KV is gone; prompt and generated tokens are prefilled again.
+        The tokens stay, so their block hashes and the stop-string watch stay valid."""
         self.num_computed_tokens = 0
         self.block_table = []
         self.num_registered_blocks = 0

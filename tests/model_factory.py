@@ -150,6 +150,27 @@ def qwen_tokenizer_json() -> str:
     return tok.to_str()
 
 
+@functools.lru_cache(maxsize=1)
+def byte_fallback_tokenizer_json() -> str:
+    """A Llama-2-style tokenizer.json (a SentencePiece BPE): spaces become "▁", characters outside the
+    vocabulary become <0xNN> byte tokens, and decoding drops the text's leading space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # ordinary vocabulary entries, as in SentencePiece models, not special tokens
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    return json.dumps(spec)
+
+
 def tokenizer_size() -> int:
     from tokenizers import Tokenizer
 

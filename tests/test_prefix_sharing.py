@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import model_factory
+from engine import block_manager
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -122,14 +123,53 @@ def test_block_manager_lru_cache_hits_and_evicts_least_recent() -> None:
     bm.grow(a, 5)
     a.num_computed_tokens = 5
     bm.register_full_blocks(a)
-    assert bm.cached_prefix([1, 2, 3, 4, 9]) == a.block_table[:2]
-    assert bm.cached_prefix([1, 2, 3, 4]) == a.block_table[:1]  # the last token is always computed
-    assert bm.cached_prefix([1, 7, 3, 4, 5]) == []
+    assert bm.cached_prefix(_seq([1, 2, 3, 4, 9])) == a.block_table[:2]
+    assert bm.cached_prefix(_seq([1, 2, 3, 4])) == a.block_table[:1]  # the last token is always computed
+    assert bm.cached_prefix(_seq([1, 7, 3, 4, 5])) == []
     a_blocks = list(a.block_table)
     bm.free(a)  # freed blocks keep their content until reused
-    assert bm.cached_prefix([1, 2, 3, 4, 9]) == a_blocks[:2]
+    assert bm.cached_prefix(_seq([1, 2, 3, 4, 9])) == a_blocks[:2]
     b = _seq([8, 8, 8, 8, 8, 8])
     # takes 3 of 4 free blocks: the never-used one, then a's blocks tail first (freed in reverse,
     # so a prefix's head, the part most likely shared, is evicted last)
     bm.grow(b, 6)
-    assert bm.cached_prefix([1, 2, 3, 4, 9]) == a_blocks[:1]
+    assert bm.cached_prefix(_seq([1, 2, 3, 4, 9])) == a_blocks[:1]
+
+
+def test_lru_filling_a_block_hashes_only_that_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks are named by a hash chain kept on the sequence: filling block k hashes its block_size
+    tokens, not the k blocks before it again; a recompute after preemption hashes nothing."""
+    real_hash = block_manager.block_hash
+    hashed: list[int] = []
+
+    def counting_hash(parent: int, tokens: tuple[int, ...]) -> int:
+        hashed.append(len(tokens))
+        return real_hash(parent, tokens)
+
+    monkeypatch.setattr(block_manager, "block_hash", counting_hash)
+    bs = 4
+    bm = BlockManager(num_blocks=64, block_size=bs, prefix_cache=True)
+    seq = _seq(list(range(10, 20)))  # a 10-token prompt, then one decoded token per step
+    bm.grow(seq, len(seq))
+    seq.num_computed_tokens = len(seq)
+    bm.register_full_blocks(seq)
+    assert hashed == [bs, bs]
+    for token in range(200):
+        hashed.clear()
+        seq.token_ids.append(token)
+        bm.grow(seq, len(seq))
+        seq.num_computed_tokens = len(seq)
+        bm.register_full_blocks(seq)
+        assert hashed == ([bs] if len(seq) % bs == 0 else []), len(seq)
+    chain, parent = [], 0
+    for i in range(len(seq) // bs):
+        parent = real_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+        chain.append(parent)
+    assert seq.block_hashes == chain
+    blocks = list(seq.block_table)
+    bm.free(seq)
+    seq.reset_for_recompute()
+    hashed.clear()
+    assert bm.cached_prefix(seq) == blocks[: (len(seq) - 1) // bs]
+    assert hashed == []
+    assert bm.cached_prefix(_seq(seq.token_ids + [1])) == blocks[: len(seq) // bs]
