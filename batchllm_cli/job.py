@@ -521,7 +521,9 @@ def execute_run(
         # The first plan covers every row of this run; a retry after running out of memory re-plans a subset.
         sharing["unique_prompt_tokens"] = plan_stats[0].unique_prompt_tokens
     plan_report = dict(
-        plan_boundary_tokens=sum(p.boundary_tokens for p in plan_stats),
+        # shared across a cut but not carried over (the carried prefix was dropped for lack of memory)
+        plan_boundary_tokens=max(0, sum(p.boundary_tokens for p in plan_stats)
+                                 - sum(getattr(s, "carried_prefix_tokens", 0) for s in stats_acc)),
         plan_chunks=sum(p.chunks for p in plan_stats),
         plan_out_of_core=any(p.out_of_core for p in plan_stats),
         plan_s=sum(p.plan_s for p in plan_stats),

@@ -48,7 +48,7 @@ class PlanStats:
     rows: int = 0  # rows planned (not committed before, rendered and fitting the context)
     prompt_tokens: int = 0
     unique_prompt_tokens: int = 0  # the whole job's prefix-trie tokens: the least prefill possible
-    boundary_tokens: int = 0  # tokens computed again because a shared prefix spans a chunk cut
+    boundary_tokens: int = 0  # tokens shared across chunk cuts (the engine carries them over, see plan_carry)
     chunks: int = 0
     out_of_core: bool = False  # sorted by DuckDB, spilling to disk, because memory was short
     plan_s: float = 0.0  # rendering, tokenizing, spooling and sorting before the first chunk
@@ -60,6 +60,7 @@ class _Chunk:
     row_ids: np.ndarray  # int64 (m,), table row ids in plan order
     truncated: np.ndarray  # bool (m,)
     requests: list[Request]
+    shared_with_next: int  # leading tokens the chunk's last row shares with the next chunk's first
 
 
 class PlannedFeed:
@@ -92,8 +93,8 @@ class PlannedFeed:
     # -- main thread ------------------------------------------------------------------------------
     def chunks(
         self, on_failed: Callable[[FailedRow], None], in_flight: dict[Hashable, tuple[int, bool]]
-    ) -> Iterator[list[Request]]:
-        """The job's requests chunk by chunk in plan order; failures go to `on_failed` as they come and
+    ) -> Iterator[Any]:
+        """The job's requests as engine.plan_chunks.PlanChunk, in plan order; failures go to `on_failed` as they come and
         every request's key is entered in `in_flight` (-> row id, truncated) before it is handed out."""
         first = True
         wait = 0.0
@@ -111,9 +112,11 @@ class PlannedFeed:
                 if first:
                     self.stats = dataclasses.replace(self.stats, plan_s=time.perf_counter() - self._t0)
                 first = False
+                from engine.plan_chunks import PlanChunk
+
                 for (key, _, _), row_id, cut in zip(item.requests, item.row_ids.tolist(), item.truncated.tolist()):
                     in_flight[key] = (row_id, cut)
-                yield item.requests
+                yield PlanChunk(item.requests, item.shared_with_next)
                 self.stats = dataclasses.replace(self.stats, engine_wait_s=wait)
             elif kind == "error":
                 raise item
@@ -203,7 +206,8 @@ class PlannedFeed:
         offsets = spool.offsets
         row_ids = spool.row_ids
         params = self._prepared.params
-        for a, b in zip(cuts.starts[:-1].tolist(), cuts.starts[1:].tolist()):
+        starts = cuts.starts.tolist()
+        for a, b in zip(starts[:-1], starts[1:]):
             idx = order[a:b]
             chunk_row_ids = row_ids[idx]
             # The engine's random stream of a row is keyed by this value: the ordinal row id, or the
@@ -213,7 +217,8 @@ class PlannedFeed:
                 (key, tokens[offsets[i] : offsets[i + 1]].tolist(), params)
                 for key, i in zip(chunk_keys, idx.tolist())
             ]
-            self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], requests))
+            shared = int(lcp[b]) if b < len(order) else 0
+            self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], requests, shared))
 
 
 class _Stopped(Exception):

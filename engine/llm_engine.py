@@ -15,6 +15,8 @@ from engine.execution_plan import build_plan
 from engine.grammar_mask import GrammarMasks
 from engine.model_config import ModelConfig, load_model_config
 from engine.model_runner import ModelRunner
+from engine.plan_carry import Carry, adopt_carry, choose_carry, split_for_carry
+from engine.plan_chunks import PlanChunk
 from engine.results import EngineStats, GenerationResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
@@ -80,6 +82,9 @@ class LLMEngine:
         self._steps = 0
         self._unique_prompt_tokens = 0
         self._planned_prompt_tokens = 0
+        self._carried_prefix_tokens = 0  # prompt tokens a plan wave reused from the one before (plan_carry)
+        self._carry: Carry | None = None
+        self._carry_prefixes = 0  # prefix states inserted to carry a cut (split_for_carry), for their ids
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, key: Hashable, token_ids: Seq[int], params: SamplingParams) -> None:
@@ -99,14 +104,22 @@ class LLMEngine:
         self.grammar.check(seq)
         return seq
 
-    def add_planned(self, requests: Seq[Request]) -> None:
-        """Queue a wave of requests in the order of their global prefix plan: every shared prefix
-        is computed once, just before the rows that start on it."""
+    def add_planned(self, requests: Seq[Request], shared_with_next: int = 0) -> None:
+        """Queue a wave of requests in the order of their prefix plan: every shared prefix is computed
+        once, just before the rows that start on it. With `shared_with_next` (requests in sorted order,
+        the last sharing that many leading tokens with the next wave's first), a prefix state covering
+        them is kept for the next wave (plan_carry), so a prefix spanning the cut is computed once."""
+        carry, self._carry = self._carry, None
         seqs = [s for s in (self._new_sequence(*r) for r in requests) if s is not None]
         if not seqs:
+            if carry is not None:
+                self.scheduler.drop_dependent(carry.state)
             return
         plan = build_plan([s.token_ids for s in seqs], [s.max_tokens for s in seqs])
-        self._unique_prompt_tokens += plan.unique_prompt_tokens
+        adoption = adopt_carry(carry, plan.prefixes, plan.items, seqs) if carry is not None else None
+        covered = adoption.covered_tokens if adoption is not None else 0
+        self._unique_prompt_tokens += plan.unique_prompt_tokens - covered
+        self._carried_prefix_tokens += covered
         self._planned_prompt_tokens += sum(len(s) for s in seqs)
         states: list[SharedPrefixState] = []
         for prefix in plan.prefixes:
@@ -116,11 +129,35 @@ class LLMEngine:
             states.append(SharedPrefixState(prefix.prefix_id, seq, prefix.num_dependents, prefix.keeps_logits))
             seq.prefix_state = states[-1]
         for item in plan.items:
+            if adoption is not None and item.is_prefix and item.index in adoption.skipped_prefixes:
+                continue
             seq = states[item.index].seq if item.is_prefix else seqs[item.index]
-            if item.start_prefix >= 0:
+            start = adoption.start_lens.get((item.is_prefix, item.index)) if adoption is not None else None
+            if start is not None:
+                if start > 0:
+                    assert carry is not None
+                    seq.start_prefix, seq.start_len = carry.state, start
+                    carry.state.dependents_left += 1
+            elif item.start_prefix >= 0:
                 seq.start_prefix = states[item.start_prefix]
                 seq.start_len = item.start_len
             self.scheduler.add(seq)
+        if carry is not None:
+            self.scheduler.drop_dependent(carry.state)  # the placeholder: its real dependents hold it now
+        self._carry = self._keep_for_next(seqs[-1], shared_with_next)
+
+    def _keep_for_next(self, last_row: Sequence, shared_with_next: int) -> Carry | None:
+        shared = min(shared_with_next, len(last_row))
+        if shared <= 0:
+            return None
+        carry = choose_carry(last_row, shared)
+        if carry is None or carry.length < shared:
+            self._carry_prefixes += 1
+            state = split_for_carry(last_row, shared, -self._carry_prefixes)
+            self.scheduler.add_before(state.seq, last_row)
+            carry = Carry(state, shared)
+        carry.state.dependents_left += 1  # a placeholder for the next chunk's items
+        return carry
 
     def _check_request(self, prompt_len: int, params: SamplingParams) -> str | None:
         if prompt_len == 0:
@@ -212,26 +249,30 @@ class LLMEngine:
         plan = self.config.prefix_sharing == "plan"
         wave = self.config.plan_wave_rows if plan else 2 * self.config.max_num_seqs
         pending = iter(requests)
-        waves = iter(lambda: list(islice(pending, wave)), [])
+        waves = ((batch, 0) for batch in iter(lambda: list(islice(pending, wave)), []))
         return self._run_waves(waves, planned=plan)
 
-    def generate_planned(self, chunks: Iterable[Seq[Request]]) -> Iterator[GenerationResult]:
-        """Runs a job given as chunks of its rows in global plan order (see plan_chunks): each chunk is
-        planned on its own, and the next one is pulled only once the current one is fully admitted,
-        so the caller can prepare it meanwhile. Results come in finish order."""
-        return self._run_waves(iter(chunks), planned=True)
+    def generate_planned(self, chunks: Iterable[PlanChunk]) -> Iterator[GenerationResult]:
+        """Runs a job given as chunks of its rows in global sorted order (see plan_chunks): each chunk
+        is planned on its own, the prefix spanning a cut is carried over (plan_carry), and the next
+        chunk is pulled only once the current one is fully admitted, so the caller can prepare it
+        meanwhile. Results come in finish order."""
+        return self._run_waves(((c.requests, c.shared_with_next) for c in chunks), planned=True)
 
-    def _run_waves(self, waves: Iterator[Seq[Request]], planned: bool) -> Iterator[GenerationResult]:
+    def _run_waves(self, waves: Iterator[tuple[Seq[Request], int]], planned: bool) -> Iterator[GenerationResult]:
         exhausted = False
         while True:
             if not exhausted and not self.scheduler.waiting:
-                batch = next(waves, None)
-                if batch is None:
+                wave = next(waves, None)
+                if wave is None:
                     exhausted = True
+                    if self._carry is not None:  # the last chunk said more would come: nothing did
+                        self.scheduler.drop_dependent(self._carry.state)
+                        self._carry = None
                 elif planned:
-                    self.add_planned(batch)
+                    self.add_planned(*wave)
                 else:
-                    for request in batch:
+                    for request in wave[0]:
                         self.add_request(*request)
             if not self.has_unfinished():
                 if exhausted:
@@ -248,6 +289,7 @@ class LLMEngine:
             preemptions=self.scheduler.num_preemptions,
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             unique_prompt_tokens=self._unique_prompt_tokens,
+            carried_prefix_tokens=self._carried_prefix_tokens,
             sharing_fallbacks=self.scheduler.num_sharing_fallbacks,
             peak_kv_blocks=self.block_manager.peak_used_blocks,
             kv_blocks_total=self.block_manager.num_blocks,

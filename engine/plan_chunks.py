@@ -11,8 +11,18 @@ document-QA table that is between two documents, and only the template's opening
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class PlanChunk:
+    """Requests (key, token ids, params) of consecutive rows in sorted order, and how many leading
+    tokens the last of them shares with the next chunk's first (0 for the last chunk)."""
+
+    requests: Sequence[Any]
+    shared_with_next: int = 0
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,10 @@ class EngineStats:
     completion_tokens: int
     preemptions: int
     prefix_hit_tokens: int  # prompt tokens whose KV was reused instead of computed
-    unique_prompt_tokens: int  # trie token count of the planned requests (plan mode)
+    unique_prompt_tokens: int  # trie token count of the planned requests (plan mode), less what waves carried over
     sharing_fallbacks: int  # shared prefixes dropped because memory could not hold them
     peak_kv_blocks: int
     kv_blocks_total: int
     steps: int
-    graph_steps: int = 0  # decode steps replayed from CUDA graphs (or run on their static buffers)
+    graph_steps: int = 0
+    carried_prefix_tokens: int = 0  # plan mode: prompt tokens a wave started on from the wave before  # decode steps replayed from CUDA graphs (or run on their static buffers)

@@ -72,6 +72,11 @@ class Scheduler:
         assert seq.status is SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def add_before(self, seq: Sequence, waiting: Sequence) -> None:
+        """Queue `seq` just ahead of the waiting sequence `waiting` (a prefix it now starts on)."""
+        assert seq.status is SequenceStatus.WAITING
+        self.waiting.insert(self.waiting.index(waiting), seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -184,6 +189,10 @@ class Scheduler:
         self.running.append(seq)
 
     # -- shared prefix lifetimes ------------------------------------------------------------------
+    def drop_dependent(self, prefix: SharedPrefixState) -> None:
+        """A dependent counted in `prefix.dependents_left` will never start (a placeholder)."""
+        self._dependent_started(prefix)
+
     def _dependent_started(self, prefix: SharedPrefixState) -> None:
         prefix.dependents_left -= 1
         if prefix.dependents_left == 0:

@@ -70,21 +70,28 @@ def plan_engine(tmp_path_factory: pytest.TempPathFactory):
 
 @given(prompts=_prompt_sets(), budget=st.integers(1, 120))
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_engine_prefill_is_the_trie_count_plus_what_spans_cuts(plan_engine, prompts, budget) -> None:
+def test_engine_computes_each_prefix_once_across_chunk_cuts(plan_engine, prompts, budget) -> None:
+    from engine.plan_chunks import PlanChunk
     from engine.sampling_params import SamplingParams
 
     prompts = [[t + 40 for t in p] for p in prompts]  # printable bytes for the demo tokenizer
     ordered = sort_sequences(PackedSequences.from_lists(prompts))
-    lengths = np.array([len(prompts[i]) for i in ordered.order], dtype=np.int64)
-    cuts = cut_sorted_rows(lengths, ordered.lcp, budget)
+    order = ordered.order.tolist()
+    lengths = np.array([len(prompts[i]) for i in order], dtype=np.int64)
+    cuts = cut_sorted_rows(lengths, ordered.lcp, budget).starts.tolist()
     params = SamplingParams(max_tokens=2)
-    chunks = [[(int(i), prompts[i], params) for i in ordered.order[a:b]]
-              for a, b in zip(cuts.starts[:-1].tolist(), cuts.starts[1:].tolist())]
-    before = plan_engine.stats().prefill_tokens
+    chunks = [PlanChunk([(i, prompts[i], params) for i in order[a:b]], int(ordered.lcp[b]) if b < len(order) else 0)
+              for a, b in zip(cuts[:-1], cuts[1:])]
+    # a row equal to the last row of the chunk before computes its last token again, for its logits
+    duplicates_at_cuts = sum(1 for p in cuts[1:-1] if prompts[order[p]] == prompts[order[p - 1]])
+    before = plan_engine.stats()
     results = {r.key: r.token_ids for r in plan_engine.generate_planned(chunks)}
-    assert plan_engine.stats().prefill_tokens - before == _naive_trie_tokens(prompts) + cuts.boundary_tokens
-    # the same answers as in table order, in one wave
-    whole = {r.key: r.token_ids for r in plan_engine.generate_planned([[(i, p, params) for i, p in enumerate(prompts)]])}
+    after = plan_engine.stats()
+    assert after.prefill_tokens - before.prefill_tokens == _naive_trie_tokens(prompts) + duplicates_at_cuts
+    assert after.unique_prompt_tokens - before.unique_prompt_tokens == _naive_trie_tokens(prompts) + duplicates_at_cuts
+    assert not plan_engine.scheduler.pinned and plan_engine.block_manager.num_free_blocks == plan_engine.block_manager.num_blocks
+    # the same answers as in one wave
+    whole = {r.key: r.token_ids for r in plan_engine.generate_planned([PlanChunk([(i, p, params) for i, p in enumerate(prompts)])])}
     assert results == whole
 
 
@@ -132,10 +139,8 @@ def test_shuffled_table_computes_each_document_once_across_chunks(tmp_path, demo
     answers, plan = _run(tmp_path, table, template, demo_model_dir, "plan", "--plan-chunk-tokens", "4000")
     assert plan["plan_chunks"] >= 3
     assert plan["unique_prompt_tokens"] == analyzed["unique_prompt_tokens"]
-    assert plan["prefill_tokens"] == plan["unique_prompt_tokens"] + plan["plan_boundary_tokens"]
-    # every cut fell between two documents: only the opening (chat turn + "Document #", under 20 byte
-    # tokens) is computed again, never a document (~250)
-    assert plan["plan_boundary_tokens"] <= 20 * (plan["plan_chunks"] - 1)
+    # each prefix computed once, also those that span a cut (carried from one chunk to the next)
+    assert plan["prefill_tokens"] == plan["unique_prompt_tokens"] and plan["plan_boundary_tokens"] == 0
     assert plan["engine_wait_s"] >= 0 and plan["plan_s"] > 0
 
     # planning the table in table-order waves instead computes documents again (the old behaviour)
@@ -174,5 +179,5 @@ def test_resume_plans_only_the_rows_not_committed(tmp_path, demo_model_dir, monk
     # the second attempt planned only its own rows: fewer than the whole job, each prefix once
     _, full = _run(tmp_path, table, template, demo_model_dir, "full", "--plan-chunk-tokens", "4000")
     assert report["unique_prompt_tokens"] < full["unique_prompt_tokens"]
-    assert report["prefill_tokens"] == report["unique_prompt_tokens"] + report["plan_boundary_tokens"]
+    assert report["prefill_tokens"] == report["unique_prompt_tokens"]
     assert pq.read_table(out).column("response").to_pylist() == pq.read_table(tmp_path / "full.parquet").column("response").to_pylist()
