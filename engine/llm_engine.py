@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterable, Iterator, Sequence as Seq
 
+import numpy as np
+
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
-from engine.execution_plan import build_plan
 from engine.grammar_mask import GrammarMasks
 from engine.model_config import ModelConfig, load_model_config
 from engine.model_runner import ModelRunner
+from engine.planning import PackedSequences, plan_execution
 from engine.results import EngineStats, GenerationResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
@@ -103,21 +105,36 @@ class LLMEngine:
         seqs = [s for s in (self._new_sequence(*r) for r in requests) if s is not None]
         if not seqs:
             return
-        plan = build_plan([s.token_ids for s in seqs], [s.max_tokens for s in seqs])
+        plan = plan_execution(
+            PackedSequences.from_lists([s.token_ids for s in seqs]), np.array([s.max_tokens for s in seqs])
+        )
         self._unique_prompt_tokens += plan.unique_prompt_tokens
         self._planned_prompt_tokens += sum(len(s) for s in seqs)
         states: list[SharedPrefixState] = []
-        for prefix in plan.prefixes:
-            source = seqs[prefix.source_row]
-            seq = Sequence(("prefix", prefix.prefix_id), source.token_ids[: prefix.length], source.params, 0)
+        for prefix_id, (length, source_row, dependents, keeps_logits) in enumerate(
+            zip(
+                plan.prefix_length.tolist(),
+                plan.prefix_source_row.tolist(),
+                plan.prefix_dependents.tolist(),
+                plan.prefix_keeps_logits.tolist(),
+            )
+        ):
+            source = seqs[source_row]
+            seq = Sequence(("prefix", prefix_id), source.token_ids[:length], source.params, 0)
             seq.is_prefix = True
-            states.append(SharedPrefixState(prefix.prefix_id, seq, prefix.num_dependents, prefix.keeps_logits))
+            states.append(SharedPrefixState(prefix_id, seq, dependents, keeps_logits))
             seq.prefix_state = states[-1]
-        for item in plan.items:
-            seq = states[item.index].seq if item.is_prefix else seqs[item.index]
-            if item.start_prefix >= 0:
-                seq.start_prefix = states[item.start_prefix]
-                seq.start_len = item.start_len
+        prefix_start = plan.prefix_parent.tolist()
+        prefix_start_len = [plan.prefix_length[p] if p >= 0 else 0 for p in prefix_start]
+        row_start, row_start_len = plan.row_start_prefix.tolist(), plan.row_start_len.tolist()
+        for is_prefix, index in zip(plan.item_is_prefix.tolist(), plan.item_index.tolist()):
+            if is_prefix:
+                seq, start, start_len = states[index].seq, prefix_start[index], prefix_start_len[index]
+            else:
+                seq, start, start_len = seqs[index], row_start[index], row_start_len[index]
+            if start >= 0:
+                seq.start_prefix = states[start]
+                seq.start_len = int(start_len)
             self.scheduler.add(seq)
 
     def _check_request(self, prompt_len: int, params: SamplingParams) -> str | None:
