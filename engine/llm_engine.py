@@ -124,17 +124,15 @@ class LLMEngine:
             seq.is_prefix = True
             states.append(SharedPrefixState(prefix_id, seq, dependents, keeps_logits))
             seq.prefix_state = states[-1]
-        prefix_start = plan.prefix_parent.tolist()
-        prefix_start_len = [plan.prefix_length[p] if p >= 0 else 0 for p in prefix_start]
-        row_start, row_start_len = plan.row_start_prefix.tolist(), plan.row_start_len.tolist()
+        # Where each item starts: (prefix id or -1, tokens of it reused), per prefix and per row.
+        prefix_start = list(zip(plan.prefix_parent.tolist(), plan.prefix_start_len.tolist()))
+        row_start = list(zip(plan.row_start_prefix.tolist(), plan.row_start_len.tolist()))
         for is_prefix, index in zip(plan.item_is_prefix.tolist(), plan.item_index.tolist()):
-            if is_prefix:
-                seq, start, start_len = states[index].seq, prefix_start[index], prefix_start_len[index]
-            else:
-                seq, start, start_len = seqs[index], row_start[index], row_start_len[index]
+            seq = states[index].seq if is_prefix else seqs[index]
+            start, start_len = prefix_start[index] if is_prefix else row_start[index]
             if start >= 0:
                 seq.start_prefix = states[start]
-                seq.start_len = int(start_len)
+                seq.start_len = start_len
             self.scheduler.add(seq)
 
     def _check_request(self, prompt_len: int, params: SamplingParams) -> str | None:

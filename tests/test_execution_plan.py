@@ -26,8 +26,7 @@ def items(plan) -> list[tuple[bool, int, int, int]]:
     out = []
     for is_prefix, index in zip(plan.item_is_prefix.tolist(), plan.item_index.tolist()):
         if is_prefix:
-            start = int(plan.prefix_parent[index])
-            start_len = int(plan.prefix_length[start]) if start >= 0 else 0
+            start, start_len = int(plan.prefix_parent[index]), int(plan.prefix_start_len[index])
         else:
             start, start_len = int(plan.row_start_prefix[index]), int(plan.row_start_len[index])
         out.append((is_prefix, index, start, start_len))

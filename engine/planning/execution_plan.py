@@ -69,10 +69,14 @@ class ExecutionPlan:
         return int(self.trie.span.sum())
 
     @property
+    def prefix_start_len(self) -> np.ndarray:
+        """(p,): tokens each prefix reuses from the prefix it starts on (0: none)."""
+        return np.append(self.prefix_length, 0)[self.prefix_parent]  # parent -1 -> the appended 0
+
+    @property
     def prefill_tokens(self) -> int:
         """Tokens the plan computes: each prefix past its parent, each row past its start prefix."""
-        parent_len = np.where(self.prefix_parent >= 0, self.prefix_length[np.maximum(self.prefix_parent, 0)], 0)
-        return int((self.prefix_length - parent_len).sum() + (self.lengths - self.row_start_len).sum())
+        return int((self.prefix_length - self.prefix_start_len).sum() + (self.lengths - self.row_start_len).sum())
 
     @property
     def row_order(self) -> np.ndarray:
