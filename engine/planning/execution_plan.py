@@ -103,13 +103,12 @@ def build_execution_plan(
     decode_csum = np.zeros(n + 1)
     np.cumsum(decode, out=decode_csum[1:])
     sub_tokens = trie.subtree_tokens()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        node_ratio = (decode_csum[trie.hi] - decode_csum[trie.lo]) / np.maximum(sub_tokens, 1)
+    node_ratio = (decode_csum[trie.hi] - decode_csum[trie.lo]) / np.maximum(sub_tokens, 1)
     unit_parent = np.concatenate([parent, end_node])
     unit_ratio = np.concatenate([node_ratio, np.full(n, np.inf)])
     unit_lo = np.concatenate([trie.lo, np.arange(n, dtype=np.int64)])
-    subtree_end = trie.subtree_end()
-    unit_size = np.concatenate([subtree_end - np.arange(m) + trie.rows, np.ones(n, dtype=np.int64)])
+    # A node's subtree holds its trie nodes (pre-order ids v..subtree_end-1) and its rows.
+    unit_size = np.concatenate([trie.subtree_end() - np.arange(m) + trie.rows, np.ones(n, dtype=np.int64)])
     pos = _preorder(unit_parent, unit_ratio, unit_lo, unit_size)
 
     by_pos = np.argsort(pos, kind="stable")
@@ -124,8 +123,7 @@ def build_execution_plan(
 
     # Start prefix: a row's end node if shared, else its parent (a one-row leaf hangs off a prefix or
     # the root); a prefix starts on its parent node, which is a prefix or the root.
-    start_node = np.where(is_prefix[end_node], end_node, parent[end_node]) if n else np.zeros(0, np.int64)
-    start_node = np.where(start_node >= 0, start_node, 0)  # a row ending at the root (empty)
+    start_node = np.where(is_prefix[end_node], end_node, np.maximum(parent[end_node], 0))  # an empty row: root
     row_start_prefix = np.empty(n, dtype=np.int64)
     row_start_prefix[sorted_rows] = prefix_of_node[start_node]
     row_start_len = np.empty(n, dtype=np.int64)
