@@ -13,8 +13,9 @@ batch. Once every row is tokenized the total is known exactly, and the plan is m
 
 - in memory (numpy sort, `plan_prefixes`) when `estimate_plan_memory` fits the budget: the spool is
   read back as one int32 array; or
-- out of core (DuckDB sort spilling to the temporary directory, `plan_prefixes_out_of_core`) when it
-  does not: the spool streams back in batches, and only O(rows) state stays in memory.
+- out of core when it does not: DuckDB (table_io.token_sort) sorts the spool, spilling to the
+  temporary directory, and the sorted batches stream into `plan_prefixes_from_sorted_stream`, which
+  keeps only O(rows) state in memory.
 
 `--in-memory` / `--out-of-core` override the choice. Either way only a few hundred rows are read
 back at the end to decode the reported prefixes to text.
@@ -55,8 +56,7 @@ from batchllm_cli.token_spool import (
 )
 
 if TYPE_CHECKING:
-    from engine.prefix_plan import GroupSizeStats, PrefixPlan
-    from engine.tokenizer import Tokenizer
+    from engine import GroupSizeStats, PrefixPlan, Tokenizer
 
 # The LRU cache simulated for comparison when --kv-cache-tokens is not given. The engine sizes its
 # cache from the GPU's free memory at load time, which analyze (no GPU, no weights) cannot know;
@@ -69,7 +69,7 @@ ICICLE_NODES = 240  # trie nodes drawn in the HTML report (the largest by rows)
 FIRST_ERRORS = 5
 
 def default_block_size() -> int:
-    from engine.config import EngineConfig
+    from engine import EngineConfig
 
     return int(EngineConfig.__dataclass_fields__["block_size"].default)
 
@@ -444,8 +444,7 @@ def _tokenize(
     prepared: PreparedAnalyze, spool: TokenSpool, observer: AnalyzeObserver
 ) -> tuple[_Failures, int, list[Any], Any, float]:
     """One pass over the table: render, batch-encode, fit to the context, spool, simulate LRU."""
-    from engine.lru_simulation import LruPrefixCache
-    from engine.packed_sequences import PackedSequences
+    from engine import LruPrefixCache, PackedSequences
 
     s = prepared.settings
     max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
@@ -481,8 +480,8 @@ def _tokenize(
 def _plan(
     prepared: PreparedAnalyze, spool: TokenSpool, tmp: Path, observer: AnalyzeObserver
 ) -> tuple[PrefixPlan, str, int]:
-    from engine.packed_sequences import PackedSequences
-    from engine.prefix_plan import plan_prefixes, plan_prefixes_out_of_core
+    from batchllm_cli.table_io.token_sort import sort_sequences_out_of_core  # imports the engine
+    from engine import PackedSequences, plan_prefixes, plan_prefixes_from_sorted_stream
 
     s = prepared.settings
     row_ids = spool.row_ids
@@ -498,22 +497,22 @@ def _plan(
             )
     else:
         out_of_core = s.out_of_core
-    common = dict(keys=row_ids, block_size=prepared.block_size, max_tokens=prepared.max_tokens, simulate_lru=False)
+    common = dict(keys=row_ids, block_size=prepared.block_size, max_tokens=prepared.max_tokens)
     if out_of_core:
         observer.phase("plan (out of core)")
         spill = tmp / "duckdb"
         spill.mkdir()
-        plan = plan_prefixes_out_of_core(
+        sorted_batches = sort_sequences_out_of_core(
             spool.iter_batches(OUT_OF_CORE_BATCH_ROWS),
             memory_limit=OUT_OF_CORE_SORT_MEMORY,
             temp_directory=str(spill),
             threads=os.cpu_count(),
-            **common,
         )
+        plan = plan_prefixes_from_sorted_stream(sorted_batches, **common)
     else:
         observer.phase("plan (in memory)")
         seqs = PackedSequences(spool.read_all(), spool.offsets)
-        plan = plan_prefixes(seqs, **common)
+        plan = plan_prefixes(seqs, simulate_lru=False, **common)
     return plan, "out-of-core" if out_of_core else "in-memory", estimate
 
 

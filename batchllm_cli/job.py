@@ -70,8 +70,7 @@ from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
 
 if TYPE_CHECKING:
-    from engine.config import EngineConfig
-    from engine.sampling_params import SamplingParams
+    from engine import EngineConfig, SamplingParams
 
 # Out of GPU memory: retry this many times, halving the step's token budget each time, then exit 75.
 OOM_RETRIES = 2
@@ -322,7 +321,7 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: Marker) -> None:
 def _sampling_params(
     settings: RunSettings, template: PromptTemplate, constraint: Constraint | None = None
 ) -> SamplingParams:
-    from engine.sampling_params import SamplingParams
+    from engine import SamplingParams
 
     recipe = template.source.recipe
     max_tokens = settings.max_tokens
@@ -344,7 +343,7 @@ def _sampling_params(
 
 
 def _engine_config(settings: RunSettings, model_dir: Path, max_batch_tokens: int | None = None) -> EngineConfig:
-    from engine.config import EngineConfig
+    from engine import EngineConfig
 
     optional = {
         "kv_cache_memory": settings.kv_cache_memory,
@@ -573,8 +572,7 @@ def _interrupted(guard: SignalGuard, exc: BaseException, what: str) -> Interrupt
 
 
 def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: _ShardSink) -> Any:
-    from engine.errors import ConfigError, ModelLoadError
-    from engine.llm_engine import LLMEngine
+    from engine import ConfigError, LLMEngine, ModelLoadError
 
     assert config is not None
     try:
@@ -648,7 +646,7 @@ def _generate(
 
 def _collect(results: Iterator[Any], in_flight: dict[Hashable, tuple[int, bool]], sink: _ShardSink,
              observer: RunObserver) -> None:
-    from engine.errors import EngineError
+    from engine import EngineError
 
     try:
         for result in results:

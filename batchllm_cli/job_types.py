@@ -16,9 +16,7 @@ from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import PromptTemplate
 
 if TYPE_CHECKING:
-    from engine.config import EngineConfig
-    from engine.sampling_params import SamplingParams
-    from engine.tokenizer import Tokenizer
+    from engine import EngineConfig, SamplingParams, Tokenizer
 
 DEFAULT_CHECKPOINT_ROWS = 1000
 DEFAULT_CHECKPOINT_SECONDS = 60.0

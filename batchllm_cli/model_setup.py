@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 from batchllm_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from engine.tokenizer import Tokenizer
+    from engine import Tokenizer
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -38,7 +38,7 @@ def resolve_model(model: Path | None, observer: Notifier) -> tuple[Path, bool]:
     if model is not None:
         _check_model_dir(model)
         return model, False
-    from engine.demo_model import ensure_demo_model
+    from engine import ensure_demo_model
 
     path = ensure_demo_model()
     observer.notice(DEMO_NOTICE.format(path=path))
@@ -47,8 +47,7 @@ def resolve_model(model: Path | None, observer: Notifier) -> tuple[Path, bool]:
 
 def model_context_length(model_dir: Path) -> int:
     """The model's context in tokens, from config.json (no torch, no weights)."""
-    from engine.errors import EngineError
-    from engine.model_config import load_model_config
+    from engine import EngineError, load_model_config
 
     try:
         return int(load_model_config(str(model_dir)).max_position_embeddings)
@@ -82,8 +81,7 @@ def declared_context_length(directory: Path) -> int | None:
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
-    from engine.errors import EngineError
-    from engine.tokenizer import Tokenizer
+    from engine import EngineError, Tokenizer
 
     try:
         return Tokenizer(model_dir)
@@ -99,7 +97,7 @@ def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path) 
     elif requested and not tokenizer.has_chat_template:
         raise UsageError(f"--chat: the model in {model_dir} has no chat template; use --no-chat.")
     if requested:
-        from engine.errors import EngineError
+        from engine import EngineError
 
         try:
             tokenizer.check_chat_template()
@@ -112,10 +110,7 @@ def check_model_files(model_dir: Path, device: str) -> None:
     """What `run` can find wrong with the model before anything is written or loaded: config.json,
     the weight files (safetensors headers: format, byte ranges, tensor names and shapes against the
     config; no weight is read) and --device cuda without CUDA. One UsageError naming the culprit."""
-    from engine.devices import check_device
-    from engine.errors import EngineError
-    from engine.loader import check_weights
-    from engine.model_config import load_model_config
+    from engine import EngineError, check_device, check_weights, load_model_config
 
     try:
         check_weights(model_dir, load_model_config(model_dir))

@@ -3,7 +3,7 @@
 BatchLLM's plan is global: a prefix is computed once per job however the table is ordered. So a
 background thread renders and tokenizes every row not yet committed into a token spool on disk,
 sorts the spool (in memory, or out of core with DuckDB when it would not fit), cuts the sorted rows
-into chunks where the fewest tokens are shared across a cut (engine.plan_chunks), and queues each
+into chunks where the fewest tokens are shared across a cut (engine.planning.chunks), and queues each
 chunk's requests while the engine works on the one before. Only a chunk or two of requests is ever
 held as Python lists; the spool is memory-mapped.
 
@@ -94,7 +94,7 @@ class PlannedFeed:
     def chunks(
         self, on_failed: Callable[[FailedRow], None], in_flight: dict[Hashable, tuple[int, bool]]
     ) -> Iterator[Any]:
-        """The job's requests as engine.plan_chunks.PlanChunk, in plan order; failures go to `on_failed` as they come and
+        """The job's requests as engine.PlanChunk, in plan order; failures go to `on_failed` as they come and
         every request's key is entered in `in_flight` (-> row id, truncated) before it is handed out."""
         first = True
         wait = 0.0
@@ -109,11 +109,11 @@ class PlannedFeed:
             elif kind == "planned":
                 self.stats = item
             elif kind == "chunk":
+                from engine import PlanChunk
+
                 if first:
                     self.stats = dataclasses.replace(self.stats, plan_s=time.perf_counter() - self._t0)
                 first = False
-                from engine.plan_chunks import PlanChunk
-
                 for (key, _, _), row_id, cut in zip(item.requests, item.row_ids.tolist(), item.truncated.tolist()):
                     in_flight[key] = (row_id, cut)
                 yield PlanChunk(item.requests, item.shared_with_next)
@@ -192,7 +192,7 @@ class PlannedFeed:
 
     def _feed(self, spool: TokenSpool, order: np.ndarray, lcp: np.ndarray, truncated: np.ndarray,
               keys: list[Any] | None, out_of_core: bool) -> None:
-        from engine.plan_chunks import cut_sorted_rows, unique_prompt_tokens
+        from engine import cut_sorted_rows, unique_prompt_tokens
 
         lengths = spool.lengths
         lengths_sorted = lengths[order]

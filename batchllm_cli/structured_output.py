@@ -20,7 +20,7 @@ from batchllm_cli.table_io import ROW_ID, duckdb_key
 
 if TYPE_CHECKING:
     import recipes
-    from engine.grammar import StructuredOutput
+    from engine import StructuredOutput
 
 INCOMPLETE = "incomplete_structured_output"
 _SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -46,7 +46,7 @@ class Constraint:
         return {"kind": self.kind, "value": self.value}
 
     def to_engine(self) -> StructuredOutput:
-        from engine.grammar import StructuredOutput
+        from engine import StructuredOutput
 
         return StructuredOutput(self.kind, self.value)  # type: ignore[arg-type]
 
@@ -240,9 +240,7 @@ def check_constraint_compiles(
 ) -> None:
     """Compile the grammar for this model now (before its weights load); the engine reuses it.
     `vocab_size`: the model's, from its config.json when not given."""
-    from engine.errors import EngineError
-    from engine.grammar import compile_constraint
-    from engine.model_config import load_model_config
+    from engine import EngineError, compile_constraint, load_model_config
 
     try:
         if vocab_size is None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 if TYPE_CHECKING:
-    from engine.packed_sequences import PackedSequences
+    from engine import PackedSequences
 
 # Memory of the in-memory plan, measured on 1M rows (bench/analyze_scale.py): the token array itself
 # (4 bytes per token) plus sort order, LCPs, trie, group tables and temporaries (~0.6 KB per row,
@@ -96,7 +96,7 @@ class TokenSpool:
 
     def read_rows(self, start: int, stop: int) -> PackedSequences:
         """Rows start..stop-1 (plan indices) as packed sequences read from the file."""
-        from engine.packed_sequences import PackedSequences
+        from engine import PackedSequences
 
         self.close()
         off = self.offsets
@@ -128,32 +128,22 @@ def sort_spool(spool: TokenSpool, budget: int, spill_dir: Path) -> tuple[np.ndar
     and the LCP of each row with the one sorted before it (lcp[0] = 0), both int64 (n,). In memory when
     `estimate_plan_memory` fits `budget`, else DuckDB's sort spilling to `spill_dir`; the same order
     either way. Only O(rows) arrays stay in memory afterwards."""
-    from engine.packed_sequences import PackedSequences, neighbor_lcp, pair_lcp
-    from engine.prefix_sort import sort_sequences
+    from engine import PackedSequences, SortedStreamPlanner, sort_sequences
 
     n = len(spool.offsets) - 1
     if estimate_plan_memory(spool.tokens, n) <= budget:
-        seqs = PackedSequences(spool.read_all(), spool.offsets)
-        ordered = sort_sequences(seqs)
+        ordered = sort_sequences(PackedSequences(spool.read_all(), spool.offsets))
         return ordered.order, ordered.lcp, False
 
-    from engine.prefix_sort_duckdb import sort_sequences_out_of_core
+    from batchllm_cli.table_io.token_sort import sort_sequences_out_of_core
 
-    orders: list[np.ndarray] = []
-    lcps: list[np.ndarray] = []
-    previous: PackedSequences | None = None
+    planner = SortedStreamPlanner()  # neighbour LCPs across the sorted batches, O(rows) state
     for rows, batch in sort_sequences_out_of_core(
         spool.iter_batches(OUT_OF_CORE_BATCH_ROWS),
         memory_limit=OUT_OF_CORE_SORT_MEMORY,
         temp_directory=str(spill_dir),
         batch_rows=OUT_OF_CORE_BATCH_ROWS,
     ):
-        lcp = neighbor_lcp(batch)
-        if previous is not None and batch.n:
-            last = np.array([previous.n - 1], dtype=np.int64)
-            lcp[0] = pair_lcp(previous.tokens, previous.offsets, last, batch.tokens, batch.offsets, np.zeros(1, np.int64))[0]
-        orders.append(rows)
-        lcps.append(lcp)
-        previous = batch
-    empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(orders) if orders else empty), (np.concatenate(lcps) if lcps else empty), True
+        planner.feed(rows, batch)
+    ordered, _, _ = planner.finish()
+    return ordered.order, ordered.lcp, True

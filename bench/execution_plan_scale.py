@@ -1,4 +1,5 @@
-"""Time of the engine's per-wave prefix plan (`engine.execution_plan.build_plan`) on paper-shaped
+"""Time of the engine's per-wave prefix plan (`engine.planning.plan_execution`, as `LLMEngine.add_planned`
+calls it: token lists packed, sorted, trie, plan) on paper-shaped
 waves: `groups` x `degree` rows, each a shared random prefix + its own random suffix, shuffled.
 The plan runs on the host before a wave starts, so on a GPU it is time the device waits.
 
@@ -19,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_common import git_commit  # noqa: E402  (bench/)
-from engine.execution_plan import build_plan  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine.planning import PackedSequences, plan_execution  # noqa: E402
 
 
 def paper_rows(rows: int, degree: int, prefix: int, suffix: int, seed: int) -> list[list[int]]:
@@ -47,15 +50,15 @@ def main() -> None:
         times = []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            plan = build_plan(rows, [100] * n)
+            plan = plan_execution(PackedSequences.from_lists(rows), np.full(n, 100))
             times.append(time.perf_counter() - t)
         results.append({"rows": n, "prompt_tokens": sum(map(len, rows)), "unique_prompt_tokens": plan.unique_prompt_tokens,
-                        "shared_prefixes": len(plan.prefixes), "seconds_min": round(min(times), 3),
+                        "shared_prefixes": plan.num_prefixes, "seconds_min": round(min(times), 3),
                         "seconds_all": [round(x, 3) for x in times]})
-        print(f"rows {n:>6}: build_plan {min(times):.3f} s (min of {args.repeat}), {len(plan.prefixes)} shared prefixes")
+        print(f"rows {n:>6}: plan_execution {min(times):.3f} s (min of {args.repeat}), {plan.num_prefixes} shared prefixes")
     report = {"bench": "execution_plan_scale", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-              "python": platform.python_version(), "git": git_commit("engine/execution_plan.py"),
+              "python": platform.python_version(), "git": git_commit("engine/planning"),
               "params": {"degree": args.degree, "prefix": args.prefix, "suffix": args.suffix}, "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

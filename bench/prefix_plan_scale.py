@@ -2,8 +2,10 @@
 
 Synthesizes N prompts of ~300 tokens as packed int32 arrays with realistic sharing, rows in random
 table order: "templates" (default) = a few system prompts x a few few-shot variants each, then a
-unique row tail; "documents" = one instruction + one of N/20 documents + a unique question. Times sort+LCP, trie, groups+order, LRU simulation (and optionally the
-DuckDB out-of-core path); each size runs in its own process so peak RSS is per size.
+unique row tail; "documents" = one instruction + one of N/20 documents + a unique question. Times
+sort+LCP, trie, BatchLLM groups, execution plan + decode groups, LRU simulation (and optionally the
+DuckDB out-of-core sort of batchllm_cli.table_io.token_sort); each size runs in its own process so
+peak RSS is per size.
 
     python bench/prefix_plan_scale.py                      # 100k and 1M rows
     python bench/prefix_plan_scale.py --rows 100000 --duckdb
@@ -23,12 +25,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from engine.lru_simulation import LruPrefixCache  # noqa: E402
-from engine.packed_sequences import PackedSequences  # noqa: E402
-from engine.prefix_groups import batchllm_groups, decode_group_table, decode_groups, plan_order  # noqa: E402
-from engine.prefix_plan import plan_from_sorted, plan_prefixes_out_of_core  # noqa: E402
-from engine.prefix_sort import sort_sequences  # noqa: E402
-from engine.prefix_trie import TrieBuilder  # noqa: E402
+from engine.planning.batchllm_baseline import batchllm_groups  # noqa: E402
+from engine.planning.execution_plan import build_execution_plan, decode_groups  # noqa: E402
+from engine.planning.lru_simulation import LruPrefixCache  # noqa: E402
+from engine.planning.packed import PackedSequences  # noqa: E402
+from engine.planning.prefix_plan import plan_from_sorted, plan_prefixes_from_sorted_stream  # noqa: E402
+from engine.planning.sort import sort_sequences  # noqa: E402
+from engine.planning.trie import TrieBuilder  # noqa: E402
 
 
 def synthesize(
@@ -113,10 +116,8 @@ def run_one(n: int, block_size: int, kv_cache_tokens: int, duckdb: bool, scenari
     bl = batchllm_groups(trie, seqs.lengths[srt.order], block_size)
     out["batchllm_groups_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    dg = decode_groups(trie, block_size)
-    seq = plan_order(trie, dg, 256)
-    decode_group_table(trie, dg, seq, block_size)
-    out["decode_groups_order_s"] = round(time.perf_counter() - t, 3)
+    decode_groups(build_execution_plan(trie, srt.order, seqs.lengths, 256), block_size)
+    out["execution_plan_decode_groups_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     sim = LruPrefixCache(block_size, kv_cache_tokens)
     sim.feed(seqs)
@@ -144,7 +145,11 @@ def run_one(n: int, block_size: int, kv_cache_tokens: int, duckdb: bool, scenari
         t = time.perf_counter()
         step = 65536
         parts = (seqs.take(np.arange(i, min(i + step, n))) for i in range(0, n, step))
-        ooc = plan_prefixes_out_of_core(parts, block_size=block_size, kv_cache_tokens=kv_cache_tokens, simulate_lru=False)
+        from batchllm_cli.table_io.token_sort import sort_sequences_out_of_core
+
+        ooc = plan_prefixes_from_sorted_stream(
+            sort_sequences_out_of_core(parts), block_size=block_size, kv_cache_tokens=kv_cache_tokens
+        )
         out["duckdb_out_of_core_total_s"] = round(time.perf_counter() - t, 3)
         out["duckdb_unique_prompt_tokens"] = ooc.unique_prompt_tokens
         out["peak_rss_after_duckdb_mb"] = round(peak_rss_mb(), 1)

@@ -1,19 +1,90 @@
-"""batchllm's inference engine: models, paged KV cache, scheduler, sampler. Knows no tables."""
+"""batchllm's inference engine: models, paged KV cache, global prefix planning, scheduler, sampler.
+Knows no tables.
+
+The public API is exported lazily (PEP 562): `import engine` and `from engine import PackedSequences`
+do not import torch; only names whose module needs it (LLMEngine, check_weights, ensure_demo_model)
+load it, on first use. The CLI imports the engine only through these names.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from engine.threads import configure_openmp_env
 
 configure_openmp_env()  # before anything imports torch: OpenMP reads its settings once, at load
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.errors import ConfigError, EngineError, ModelLoadError  # noqa: E402
-from engine.results import EngineStats, GenerationResult  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+# name -> module that defines it
+_EXPORTS = {
+    "LLMEngine": "engine.llm_engine",
+    "EngineConfig": "engine.config",
+    "SamplingParams": "engine.sampling_params",
+    "EngineStats": "engine.results",
+    "GenerationResult": "engine.results",
+    "Tokenizer": "engine.tokenizer",
+    "EngineError": "engine.errors",
+    "ConfigError": "engine.errors",
+    "ModelLoadError": "engine.errors",
+    "load_model_config": "engine.model_config",
+    "check_weights": "engine.loader",
+    "check_device": "engine.devices",
+    "ensure_demo_model": "engine.demo_model",
+    "StructuredOutput": "engine.grammar",
+    "compile_constraint": "engine.grammar",
+    "PackedSequences": "engine.planning",
+    "LruPrefixCache": "engine.planning",
+    "GroupSizeStats": "engine.planning",
+    "PrefixPlan": "engine.planning",
+    "ExecutionPlan": "engine.planning",
+    "plan_execution": "engine.planning",
+    "plan_prefixes": "engine.planning",
+    "plan_prefixes_from_sorted_stream": "engine.planning",
+    "sort_sequences": "engine.planning",
+    "SortedStreamPlanner": "engine.planning",
+    "PlanChunk": "engine.planning",
+    "cut_sorted_rows": "engine.planning",
+    "unique_prompt_tokens": "engine.planning",
+}
 
-__all__ = [
-    "ConfigError",
-    "EngineConfig",
-    "EngineError",
-    "EngineStats",
-    "GenerationResult",
-    "ModelLoadError",
-    "SamplingParams",
-]
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.demo_model import ensure_demo_model
+    from engine.devices import check_device
+    from engine.errors import ConfigError, EngineError, ModelLoadError
+    from engine.grammar import StructuredOutput, compile_constraint
+    from engine.llm_engine import LLMEngine
+    from engine.loader import check_weights
+    from engine.model_config import load_model_config
+    from engine.planning import (
+        ExecutionPlan,
+        GroupSizeStats,
+        LruPrefixCache,
+        PackedSequences,
+        PlanChunk,
+        PrefixPlan,
+        SortedStreamPlanner,
+        cut_sorted_rows,
+        plan_execution,
+        plan_prefixes,
+        plan_prefixes_from_sorted_stream,
+        sort_sequences,
+        unique_prompt_tokens,
+    )
+    from engine.results import EngineStats, GenerationResult
+    from engine.sampling_params import SamplingParams
+    from engine.tokenizer import Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -3,20 +3,21 @@ get finished results as they finish."""
 from __future__ import annotations
 
 from collections import deque
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Hashable, Iterable, Iterator, Sequence as Seq
+
+import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
-from engine.execution_plan import build_plan
 from engine.grammar_mask import GrammarMasks
 from engine.model_config import ModelConfig, load_model_config
 from engine.model_runner import ModelRunner
 from engine.plan_carry import Carry, adopt_carry, choose_carry, split_for_carry
-from engine.plan_chunks import PlanChunk
+from engine.planning import PackedSequences, PlanChunk, plan_execution
 from engine.results import EngineStats, GenerationResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
@@ -115,32 +116,48 @@ class LLMEngine:
             if carry is not None:
                 self.scheduler.drop_dependent(carry.state)
             return
-        plan = build_plan([s.token_ids for s in seqs], [s.max_tokens for s in seqs])
-        adoption = adopt_carry(carry, plan.prefixes, plan.items, seqs) if carry is not None else None
+        plan = plan_execution(
+            PackedSequences.from_lists([s.token_ids for s in seqs]), np.array([s.max_tokens for s in seqs])
+        )
+        # Where each item starts: (prefix id or -1, tokens of it reused), per prefix and per row.
+        prefix_start = list(zip(plan.prefix_parent.tolist(), plan.prefix_start_len.tolist()))
+        row_start = list(zip(plan.row_start_prefix.tolist(), plan.row_start_len.tolist()))
+        items = [(is_prefix, index, *(prefix_start[index] if is_prefix else row_start[index]))
+                 for is_prefix, index in zip(plan.item_is_prefix.tolist(), plan.item_index.tolist())]
+        adoption = None
+        if carry is not None:
+            adoption = adopt_carry(carry, items, plan.prefix_length.tolist(), plan.prefix_source_row.tolist(), seqs)
         covered = adoption.covered_tokens if adoption is not None else 0
         self._unique_prompt_tokens += plan.unique_prompt_tokens - covered
         self._carried_prefix_tokens += covered
         self._planned_prompt_tokens += sum(len(s) for s in seqs)
         states: list[SharedPrefixState] = []
-        for prefix in plan.prefixes:
-            source = seqs[prefix.source_row]
-            seq = Sequence(("prefix", prefix.prefix_id), source.token_ids[: prefix.length], source.params, 0)
+        for prefix_id, (length, source_row, dependents, keeps_logits) in enumerate(
+            zip(
+                plan.prefix_length.tolist(),
+                plan.prefix_source_row.tolist(),
+                plan.prefix_dependents.tolist(),
+                plan.prefix_keeps_logits.tolist(),
+            )
+        ):
+            source = seqs[source_row]
+            seq = Sequence(("prefix", prefix_id), source.token_ids[:length], source.params, 0)
             seq.is_prefix = True
-            states.append(SharedPrefixState(prefix.prefix_id, seq, prefix.num_dependents, prefix.keeps_logits))
+            states.append(SharedPrefixState(prefix_id, seq, dependents, keeps_logits))
             seq.prefix_state = states[-1]
-        for item in plan.items:
-            if adoption is not None and item.is_prefix and item.index in adoption.skipped_prefixes:
+        for is_prefix, index, start, start_len in items:
+            if adoption is not None and is_prefix and index in adoption.skipped_prefixes:
                 continue
-            seq = states[item.index].seq if item.is_prefix else seqs[item.index]
-            start = adoption.start_lens.get((item.is_prefix, item.index)) if adoption is not None else None
-            if start is not None:
-                if start > 0:
+            seq = states[index].seq if is_prefix else seqs[index]
+            carried = adoption.start_lens.get((is_prefix, index)) if adoption is not None else None
+            if carried is not None:
+                if carried > 0:
                     assert carry is not None
-                    seq.start_prefix, seq.start_len = carry.state, start
+                    seq.start_prefix, seq.start_len = carry.state, carried
                     carry.state.dependents_left += 1
-            elif item.start_prefix >= 0:
-                seq.start_prefix = states[item.start_prefix]
-                seq.start_len = item.start_len
+            elif start >= 0:
+                seq.start_prefix = states[start]
+                seq.start_len = start_len
             self.scheduler.add(seq)
         if carry is not None:
             self.scheduler.drop_dependent(carry.state)  # the placeholder: its real dependents hold it now

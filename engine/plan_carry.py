@@ -13,7 +13,7 @@ across the cut) still computes its last token, for its logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence as Seq
+from typing import Sequence as Seq
 
 from engine.sequence import Sequence, SequenceStatus
 from engine.shared_prefix import SharedPrefixState
@@ -25,16 +25,9 @@ class Carry:
     length: int  # its leading tokens the next chunk may start on
 
 
-class _PlanPrefix(Protocol):
-    length: int
-    source_row: int
-
-
-class _PlanItem(Protocol):
-    is_prefix: bool
-    index: int
-    start_prefix: int
-    start_len: int
+# One plan item in run order (parents before dependents): (is a prefix, prefix id or row index, the
+# prefix it starts on or -1, tokens of that prefix it reuses).
+PlanItem = tuple[bool, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -76,10 +69,11 @@ def split_for_carry(last_row: Sequence, length: int, prefix_id: int) -> SharedPr
     return state
 
 
-def adopt_carry(carry: Carry, prefixes: Seq[_PlanPrefix], items: Seq[_PlanItem], seqs: Seq[Sequence]) -> Adoption:
-    """Which of the plan's items (parents before dependents) start on the carried prefix, and at what
-    length. Only items that start from nothing, or on a prefix the carry makes unnecessary, move; an
-    item on a prefix that branches off the carried tokens cannot share more of them than its prefix."""
+def adopt_carry(carry: Carry, items: Seq[PlanItem], prefix_length: Seq[int], prefix_source_row: Seq[int],
+                seqs: Seq[Sequence]) -> Adoption:
+    """Which of the plan's items start on the carried prefix, and at what length. Only items that start
+    from nothing, or on a prefix the carry makes unnecessary, move; an item on a prefix that branches
+    off the carried tokens cannot share more of them than its prefix."""
     carried = carry.state.seq.token_ids[: carry.length]
 
     def shared(tokens: Seq[int], cap: int) -> int:
@@ -92,19 +86,19 @@ def adopt_carry(carry: Carry, prefixes: Seq[_PlanPrefix], items: Seq[_PlanItem],
     skipped: set[int] = set()
     starts: dict[tuple[bool, int], int] = {}
     covered = 0
-    for item in items:
-        if item.start_prefix >= 0 and item.start_prefix not in skipped:
+    for is_prefix, index, start_prefix, _ in items:
+        if start_prefix >= 0 and start_prefix not in skipped:
             continue
-        if item.is_prefix:
-            prefix = prefixes[item.index]
-            c = shared(seqs[prefix.source_row].token_ids, prefix.length)
-            if c >= prefix.length:
-                skipped.add(item.index)
+        if is_prefix:
+            length = prefix_length[index]
+            c = shared(seqs[prefix_source_row[index]].token_ids, length)
+            if c >= length:
+                skipped.add(index)
                 covered = max(covered, c)
                 continue
         else:
-            tokens = seqs[item.index].token_ids
+            tokens = seqs[index].token_ids
             c = shared(tokens, len(tokens) - 1)  # at least one token computed, for the row's logits
-        starts[(item.is_prefix, item.index)] = c
+        starts[(is_prefix, index)] = c
         covered = max(covered, c)
     return Adoption(frozenset(skipped), starts, covered)

@@ -15,9 +15,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from batchllm_cli.app import app
-from engine.packed_sequences import PackedSequences
-from engine.plan_chunks import cut_sorted_rows, unique_prompt_tokens
-from engine.prefix_sort import sort_sequences
+from engine import PackedSequences, PlanChunk, cut_sorted_rows, sort_sequences, unique_prompt_tokens
 
 
 def _naive_trie_tokens(prompts: list[list[int]]) -> int:
@@ -71,8 +69,7 @@ def plan_engine(tmp_path_factory: pytest.TempPathFactory):
 @given(prompts=_prompt_sets(), budget=st.integers(1, 120))
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_engine_computes_each_prefix_once_across_chunk_cuts(plan_engine, prompts, budget) -> None:
-    from engine.plan_chunks import PlanChunk
-    from engine.sampling_params import SamplingParams
+    from engine import SamplingParams
 
     prompts = [[t + 40 for t in p] for p in prompts]  # printable bytes for the demo tokenizer
     ordered = sort_sequences(PackedSequences.from_lists(prompts))

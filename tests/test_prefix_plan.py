@@ -1,7 +1,6 @@
-"""Prefix plan (engine/prefix_*.py, engine/lru_simulation.py) against brute force on small inputs."""
+"""Whole-input prefix plan and its baselines (engine/planning/) against brute force on small inputs."""
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -9,16 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.lru_simulation import LruPrefixCache, block_hashes, lru_prefill_tokens
-from engine.packed_sequences import PackedSequences, neighbor_lcp
-from engine.prefix_plan import (
-    PrefixPlan,
-    plan_prefixes,
-    plan_prefixes_from_sorted_stream,
-    plan_prefixes_out_of_core,
-)
-from engine.prefix_sort import sort_sequences
-from engine.prefix_trie import build_trie
+from batchllm_cli.table_io.token_sort import sort_sequences_out_of_core
+from engine.planning.lru_simulation import LruPrefixCache, block_hashes, lru_prefill_tokens
+from engine.planning.packed import PackedSequences, neighbor_lcp
+from engine.planning.prefix_plan import PrefixPlan, plan_prefixes, plan_prefixes_from_sorted_stream
+from engine.planning.sort import sort_sequences
+from engine.planning.trie import build_trie
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -135,25 +130,22 @@ def test_groups_partition_rows_and_costs(rows: list[list[int]], block: int) -> N
     keys = [f"k{i}" for i in range(len(rows))]
     p = plan(rows, block_size=block, keys=keys)
     n = len(rows)
-    for table in (p.groups, p.batchllm):
-        assert sorted(table.rows.tolist()) == list(range(n))
-        assert int(table.row_offsets[-1]) == n and (table.sizes >= 1).all()
+    assert sorted(p.batchllm.rows.tolist()) == list(range(n))
+    assert int(p.batchllm.row_offsets[-1]) == n and (p.batchllm.sizes >= 1).all()
     unique = naive_trie_tokens(rows)
     assert p.plan_prefill_tokens == p.unique_prompt_tokens == unique
     assert p.batchllm_prefill_tokens >= unique
     assert p.batchllm_prefill_tokens == brute_batchllm_cost(p, rows, block)
-    # Our groups: members share the group's prefix, whose whole blocks are what decode shares.
+    # Decode groups: disjoint, of >= 2 rows sharing the group's whole blocks; the rest plain.
+    grouped = p.groups.rows.tolist()
+    assert len(set(grouped)) == len(grouped) and p.groups.plain_rows == n - len(grouped)
     for k in range(p.groups.num_groups):
         members = p.groups.members(k).tolist()
-        plen = int(p.groups.prefix_len[k])
-        assert all(rows[m][:plen] == rows[members[0]][:plen] and len(rows[m]) >= plen for m in members)
-        assert p.groups.shared_len[k] == plen // block * block
-        if p.groups.shared_len[k] == 0:
-            assert len(members) == 1
-    # Row order: a permutation; groups are listed in run order and their rows are consecutive in it.
+        shared = int(p.groups.shared_len[k])
+        assert len(members) >= 2 and shared > 0 and shared % block == 0
+        assert all(rows[m][:shared] == rows[members[0]][:shared] and len(rows[m]) >= shared for m in members)
+    assert p.decode_saved_reads == sum((int(s) - 1) * int(sl) for s, sl in zip(p.groups.sizes, p.groups.shared_len))
     assert sorted(p.row_order.tolist()) == list(range(n))
-    assert p.groups.rows.tolist() == p.row_order.tolist()
-    assert p.key_order.tolist() == [keys[i] for i in p.row_order]
 
 
 @FAST
@@ -176,53 +168,6 @@ def test_order_prefers_high_decode_to_prefill_ratio() -> None:
     # Rows that end where a prefix ends need no more prefill and lead their node.
     p2 = plan([[3, 3, 3, 4], [3, 3, 3]], block_size=1)
     assert p2.row_order.tolist() == [1, 0]
-
-
-def all_partitions(items: list[int]):
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for part in all_partitions(rest):
-        for i in range(len(part)):
-            yield part[:i] + [[first] + part[i]] + part[i + 1 :]
-        yield [[first]] + part
-
-
-def shaped(rows: list[list[int]], group: list[int]) -> tuple[bool, int]:
-    """(is the group a trie node's rows minus whole child subtrees?, its common prefix length)."""
-    common = min(len(rows[g]) for g in group)
-    for a, b in itertools.combinations(group, 2):
-        common = min(common, lcp(rows[a], rows[b]))
-    inside = set(group)
-    for g in group:
-        if len(rows[g]) > common:  # g lies in a child subtree of the group node: all of it must join
-            branch = rows[g][: common + 1]
-            if any(r[: common + 1] == branch and i not in inside for i, r in enumerate(rows)):
-                return False, common
-    return True, common
-
-
-@settings(max_examples=80, deadline=None)
-@given(token_sets(max_rows=6), st.integers(1, 3))
-def test_decode_groups_maximize_shared_reads(rows: list[list[int]], block: int) -> None:
-    """Exhaustive over all partitions of the rows into groups of BatchLLM's shape."""
-    rows = rows[:7]
-    p = plan(rows, block_size=block)
-    best = 0
-    for part in all_partitions(list(range(len(rows)))):
-        total = 0
-        for g in part:
-            if len(g) >= 2:
-                ok, common = shaped(rows, g)
-                if not ok:
-                    break
-                total += (len(g) - 1) * (common // block * block)
-        else:
-            best = max(best, total)
-    assert p.decode_saved_reads == best
-    got = sum((int(s) - 1) * int(sl) for s, sl in zip(p.groups.sizes, p.groups.shared_len))
-    assert got == best
 
 
 # ---- BatchLLM against a port of the reference clustering ---------------------------------------
@@ -363,7 +308,7 @@ def test_lru_in_sorted_order_is_the_block_optimum(rows: list[list[int]], block: 
 
 
 def test_lru_streaming_equals_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.lru_simulation as lru_mod
+    import engine.planning.lru_simulation as lru_mod
 
     monkeypatch.setattr(lru_mod, "_ROWS_PER_CHUNK", 7)  # walk in chunks that split the batches
     rng = np.random.default_rng(0)
@@ -395,9 +340,10 @@ def assert_same_plan(a: PrefixPlan, b: PrefixPlan) -> None:
     for name in ("parent", "depth_start", "depth_end", "lo", "hi", "ends", "child_offsets", "children"):
         assert np.array_equal(getattr(a.trie, name), getattr(b.trie, name)), name
     assert np.array_equal(a.row_order, b.row_order)
-    for ta, tb in ((a.groups, b.groups), (a.batchllm, b.batchllm)):
-        for name in ("prefix_len", "shared_len", "node", "row_offsets", "rows"):
-            assert np.array_equal(getattr(ta, name), getattr(tb, name)), name
+    for name in ("shared_len", "row_offsets", "rows"):
+        assert np.array_equal(getattr(a.groups, name), getattr(b.groups, name)), name
+    for name in ("prefix_len", "shared_len", "node", "row_offsets", "rows"):
+        assert np.array_equal(getattr(a.batchllm, name), getattr(b.batchllm, name)), name
     assert a.report() == b.report()
 
 
@@ -421,11 +367,9 @@ def test_duckdb_out_of_core_equals_in_memory(rows: list[list[int]], in_batch: in
     keys = [f"row-{i}" for i in range(len(rows))]
     mem = plan_prefixes(seqs, keys=keys, block_size=2, kv_cache_tokens=6)
     parts = (seqs.take(np.arange(i, min(i + in_batch, seqs.n))) for i in range(0, seqs.n, in_batch))
-    ooc = plan_prefixes_out_of_core(
-        parts, keys=keys, block_size=2, kv_cache_tokens=6, sort_batch_rows=out_batch, threads=1
-    )
+    sorted_batches = sort_sequences_out_of_core(parts, batch_rows=out_batch, threads=1)
+    ooc = plan_prefixes_from_sorted_stream(sorted_batches, keys=keys, block_size=2, lru=mem.lru, kv_cache_tokens=6)
     assert_same_plan(mem, ooc)
-    assert ooc.lru == mem.lru
 
 
 def test_large_token_ids_and_empty_input() -> None:
@@ -439,11 +383,10 @@ def test_large_token_ids_and_empty_input() -> None:
         PackedSequences.from_lists([[-1]])
 
 
-def test_iter_groups_carry_keys() -> None:
+def test_decode_groups_follow_the_run_order() -> None:
     rows = [[1, 1, 1, 1, 2], [1, 1, 1, 1, 3], [4]]
     p = plan(rows, block_size=2, keys=["a", "b", "c"])
-    groups = list(p.iter_groups())
     # "c" first: 1 row over 1 prefill token beats 2 rows over 6.
-    assert [g.keys.tolist() for g in groups] == [["c"], ["a", "b"]]
-    assert (groups[1].prefix_len, groups[1].shared_len, groups[0].node) == (4, 4, -1)
-    assert [g.id for g in p.iter_groups(batchllm=True)] == [0, 1]
+    assert p.keys[p.row_order].tolist() == ["c", "a", "b"]
+    assert p.groups.num_groups == 1 and p.groups.members(0).tolist() == [0, 1]
+    assert (int(p.groups.shared_len[0]), p.groups.plain_rows, p.decode_saved_reads) == (4, 1, 4)

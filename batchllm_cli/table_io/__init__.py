@@ -19,7 +19,8 @@ rejects file. Values are never rewritten on the way through:
 Every path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob.
 
 The package: common.py (formats, quoting, connections), csv_dialect.py (dialect and record count),
-json_types.py (exact JSON types), source.py (TableSource, reading), writing.py (output). All of
+json_types.py (exact JSON types), source.py (TableSource, reading), writing.py (output),
+token_sort.py (out-of-core sort of token sequences for `analyze`; imported on demand). All of
 batchllm's DuckDB calls live in this package.
 """
 from batchllm_cli.table_io.common import (

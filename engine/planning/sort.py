@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.packed_sequences import PackedSequences, token_windows, window_mismatch
+from engine.planning.packed import PackedSequences, token_windows, window_mismatch
 
 _MIN_WINDOW = 8
 _MAX_WINDOW = 256

@@ -1,10 +1,11 @@
-"""Out-of-core lexicographic sort of token sequences with DuckDB (the engine's only DuckDB module).
+"""Out-of-core lexicographic sort of token sequences with DuckDB, for `analyze`'s out-of-core plan.
 
 DuckDB orders LIST<INTEGER> lexicographically with a list before its extensions, and its sort
 spills to `temp_directory` when the data exceed `memory_limit`, so prompt sets larger than memory
 can be planned. Rows go in as Arrow list arrays built zero-copy from the packed arrays, and come back
 as Arrow batches converted to PackedSequences. Ties (identical sequences) are ordered by row index,
-the same order as the in-memory sort (engine.prefix_sort), so both paths give identical plans.
+the same order as the engine's in-memory sort (engine/planning/sort.py), so both paths give
+identical plans: the sorted batches go to `engine.plan_prefixes_from_sorted_stream`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from engine.packed_sequences import PackedSequences
+from engine import PackedSequences
 
 
 def _to_arrow(rows: np.ndarray, batch: PackedSequences) -> pa.Table:

@@ -23,7 +23,7 @@ from itertools import repeat, starmap, takewhile
 
 import numpy as np
 
-from engine.packed_sequences import PackedSequences, token_windows
+from engine.planning.packed import PackedSequences, token_windows
 
 _U64 = np.uint64
 _SEED = _U64(0x243F6A8885A308D3)

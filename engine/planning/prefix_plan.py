@@ -1,33 +1,30 @@
-"""The prefix plan: token trie -> groups -> run order, and the numbers `batchllm analyze` reports.
+"""The prefix plan of a whole input and the numbers `batchllm analyze` reports, all read off the
+one execution plan `run` follows (execution_plan.py), plus simulated baselines for comparison.
 
-Input is token ids and row keys only (no tables): the CLI tokenizes, calls `plan_prefixes` (or
-`plan_prefixes_out_of_core` when the tokens do not fit in memory), decodes the token spans named in
-the report back to text and renders them.
+Input is token ids and row keys only (no tables): the CLI tokenizes, calls `plan_prefixes` (in
+memory) or sorts out of core itself and calls `plan_prefixes_from_sorted_stream`, decodes the token
+spans named in the report back to text and renders them.
 
 Pipeline (see DESIGN.md "The prefix plan"):
-  sort + neighbour LCP (prefix_sort, or DuckDB out of core: prefix_sort_duckdb)
-  -> compact trie, one streaming pass (prefix_trie)
-  -> BatchLLM single-level groups and our decode groups + run order (prefix_groups)
-  -> LRU prefix-cache simulation in table order for comparison (lru_simulation)
+  sort + neighbour LCP (sort.py in memory; out of core the CLI's DuckDB sort streams sorted batches)
+  -> compact trie, one streaming pass (trie.py)
+  -> execution plan: shared prefixes, run order, decode groups (execution_plan.py)
+  -> baselines: BatchLLM's single-level groups (batchllm_baseline.py) and an LRU prefix cache in
+     table order (lru_simulation.py)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Sequence
 
 import numpy as np
 
-from engine.lru_simulation import LruPrefixCache, LruResult
-from engine.packed_sequences import PackedSequences, neighbor_lcp, pair_lcp
-from engine.prefix_groups import (
-    GroupTable,
-    batchllm_groups,
-    decode_group_table,
-    decode_groups,
-    plan_order,
-)
-from engine.prefix_sort import SortedSequences, sort_sequences
-from engine.prefix_trie import PrefixTrie, TrieBuilder
+from engine.planning.batchllm_baseline import GroupTable, batchllm_groups
+from engine.planning.execution_plan import DecodeGroups, ExecutionPlan, build_execution_plan, decode_groups
+from engine.planning.lru_simulation import LruPrefixCache, LruResult
+from engine.planning.packed import PackedSequences, neighbor_lcp, pair_lcp
+from engine.planning.sort import SortedSequences, sort_sequences
+from engine.planning.trie import PrefixTrie, TrieBuilder
 
 
 @dataclass(frozen=True)
@@ -44,9 +41,9 @@ class GroupSizeStats:
     histogram: tuple[tuple[int, int, int], ...]
 
     @classmethod
-    def of(cls, table: GroupTable) -> "GroupSizeStats":
-        sizes = table.sizes
-        shared = sizes[(table.shared_len > 0) & (sizes >= 2)]
+    def of(cls, sizes: np.ndarray, shared_len: np.ndarray, rows: int) -> "GroupSizeStats":
+        """From group sizes and shared lengths (plain rows may be listed as groups of one or left out)."""
+        shared = sizes[(shared_len > 0) & (sizes >= 2)]
         hist: list[tuple[int, int, int]] = []
         if len(shared):
             bucket = np.floor(np.log2(shared)).astype(np.int64)
@@ -55,7 +52,7 @@ class GroupSizeStats:
         return cls(
             shared_groups=int(len(shared)),
             rows_in_shared_groups=int(shared.sum()),
-            plain_rows=int(sizes.sum() - shared.sum()),
+            plain_rows=int(rows - shared.sum()),
             min_size=int(shared.min()) if len(shared) else 0,
             median_size=float(np.median(shared)) if len(shared) else 0.0,
             max_size=int(shared.max()) if len(shared) else 0,
@@ -98,12 +95,12 @@ class PrefixPlanReport:
     sharing_ratio: float  # 1 - unique / prompt
     block_size: int
     kv_cache_tokens: int | None
-    plan_prefill_tokens: int  # ours: every trie node once (== unique_prompt_tokens)
+    plan_prefill_tokens: int  # what the execution plan computes: every trie node once
     batchllm_prefill_tokens: int  # BatchLLM single-level, block-aligned prefixes
     lru_prefill_tokens: int | None  # LRU prefix cache of kv_cache_tokens, table order
-    groups: GroupSizeStats  # ours (decode groups)
+    groups: GroupSizeStats  # the decode groups `run` forms
     batchllm_groups: GroupSizeStats
-    decode_saved_reads: int  # prefix KV token reads one decode step saves with our groups
+    decode_saved_reads: int  # prefix KV token reads one decode step saves when each group decodes together
     top_prefixes: tuple[SharedPrefix, ...]
     icicle: tuple[IcicleNode, ...]
 
@@ -115,75 +112,57 @@ class PrefixPlanReport:
 
 
 @dataclass(frozen=True)
-class PlanGroup:
-    """One group for the scheduler: `rows` (row indices) and their `keys` decode together against
-    the shared prefix of trie node `node` (the first `prefix_len` tokens of every member; its first
-    `shared_len` tokens are whole KV blocks). A plain row has node -1 and prefix_len 0."""
-
-    id: int
-    prefix_len: int
-    shared_len: int
-    node: int
-    rows: np.ndarray
-    keys: np.ndarray
-
-
-@dataclass(frozen=True)
 class PrefixPlan:
-    """The full plan. Row indices are input positions 0..n-1; keys[i] is row i's key.
+    """The execution plan `run` follows plus what `analyze` compares it with. Row indices are input
+    positions 0..n-1; keys[i] is row i's key.
 
-    row_order: row indices in the order the scheduler should run them (a permutation).
-    groups: our groups in run order (rows = row indices; consecutive in row_order).
-    batchllm: BatchLLM's groups in sorted order (rows = row indices).
+    execution: the plan (shared prefixes, run order, start prefixes), built from `sorted`'s trie.
+    groups: the decode groups the model runner forms for it (row indices, run order).
+    batchllm: BatchLLM's groups in sorted order (rows = row indices), simulated for comparison.
     """
 
     keys: np.ndarray
-    lengths: np.ndarray
     sorted: SortedSequences
-    trie: PrefixTrie
-    row_order: np.ndarray
-    groups: GroupTable
+    execution: ExecutionPlan
+    groups: DecodeGroups
     batchllm: GroupTable
     batchllm_prefill_tokens: int
-    decode_saved_reads: int
     block_size: int
     max_tokens: int
     lru: LruResult | None = None
     kv_cache_tokens: int | None = None
-    prompt_tokens: int = field(init=False)
-    unique_prompt_tokens: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "prompt_tokens", int(self.lengths.sum()))
-        object.__setattr__(self, "unique_prompt_tokens", int(self.trie.span.sum()))
+    @property
+    def trie(self) -> PrefixTrie:
+        return self.execution.trie
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.execution.lengths
 
     @property
     def rows(self) -> int:
-        return len(self.lengths)
+        return self.execution.rows
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def unique_prompt_tokens(self) -> int:
+        return self.execution.unique_prompt_tokens
 
     @property
     def plan_prefill_tokens(self) -> int:
-        # Every trie node is computed exactly once; a row ending inside a node's span reads its
-        # logits from that node's prefill, so nothing is recomputed.
-        return self.unique_prompt_tokens
+        return self.execution.prefill_tokens
 
     @property
-    def key_order(self) -> np.ndarray:
-        return self.keys[self.row_order]
+    def row_order(self) -> np.ndarray:
+        return self.execution.row_order
 
-    def iter_groups(self, batchllm: bool = False) -> Iterator[PlanGroup]:
-        """Our groups in run order (or BatchLLM's, in sorted order)."""
-        table = self.batchllm if batchllm else self.groups
-        for k in range(table.num_groups):
-            rows = table.members(k)
-            yield PlanGroup(
-                id=k,
-                prefix_len=int(table.prefix_len[k]),
-                shared_len=int(table.shared_len[k]),
-                node=int(table.node[k]),
-                rows=rows,
-                keys=self.keys[rows],
-            )
+    @property
+    def decode_saved_reads(self) -> int:
+        return self.groups.saved_reads
 
     def _key(self, row: int) -> Hashable:
         k = self.keys[row]
@@ -234,8 +213,8 @@ class PrefixPlan:
             plan_prefill_tokens=self.plan_prefill_tokens,
             batchllm_prefill_tokens=self.batchllm_prefill_tokens,
             lru_prefill_tokens=None if self.lru is None else self.lru.computed_tokens,
-            groups=GroupSizeStats.of(self.groups),
-            batchllm_groups=GroupSizeStats.of(self.batchllm),
+            groups=GroupSizeStats.of(self.groups.sizes, self.groups.shared_len, self.rows),
+            batchllm_groups=GroupSizeStats.of(self.batchllm.sizes, self.batchllm.shared_len, self.rows),
             decode_saved_reads=self.decode_saved_reads,
             top_prefixes=top,
             icicle=icicle,
@@ -265,23 +244,17 @@ def plan_from_sorted(
     lru: LruResult | None,
     kv_cache_tokens: int | None,
 ) -> PrefixPlan:
-    """Groups and order from a sorted set and its trie (shared by the in-memory and streaming paths)."""
+    """The plan from a sorted set and its trie (shared by the in-memory and streaming paths)."""
     order = srt.order
-    lengths_sorted = lengths[order]
-    bl = batchllm_groups(trie, lengths_sorted, block_size)
-    dg = decode_groups(trie, block_size)
-    sequence = plan_order(trie, dg, max_tokens)
-    ours = decode_group_table(trie, dg, sequence, block_size)
+    execution = build_execution_plan(trie, order, lengths, max_tokens)
+    bl = batchllm_groups(trie, lengths[order], block_size)
     return PrefixPlan(
         keys=keys,
-        lengths=lengths,
         sorted=srt,
-        trie=trie,
-        row_order=order[sequence],
-        groups=ours.map_rows(order),
+        execution=execution,
+        groups=decode_groups(execution, block_size),
         batchllm=bl.groups.map_rows(order),
         batchllm_prefill_tokens=bl.prefill_tokens,
-        decode_saved_reads=dg.saved_reads,
         block_size=block_size,
         max_tokens=max_tokens,
         lru=lru,
@@ -395,52 +368,5 @@ def plan_prefixes_from_sorted_stream(
         block_size=block_size,
         max_tokens=max_tokens,
         lru=lru,
-        kv_cache_tokens=kv_cache_tokens,
-    )
-
-
-def plan_prefixes_out_of_core(
-    batches: Iterable[PackedSequences],
-    *,
-    keys: Sequence[Hashable] | np.ndarray | None = None,
-    block_size: int = 16,
-    kv_cache_tokens: int | None = None,
-    max_tokens: int = 256,
-    simulate_lru: bool = True,
-    memory_limit: str | None = None,
-    temp_directory: str | None = None,
-    threads: int | None = None,
-    sort_batch_rows: int = 65536,
-) -> PrefixPlan:
-    """Plan batches (in table order) whose tokens need not fit in memory together.
-
-    One pass over `batches` feeds DuckDB (which sorts, spilling to `temp_directory` beyond
-    `memory_limit`, using `threads` threads) and the LRU simulation; the sorted result streams back
-    through the trie builder. Memory: O(rows) for the plan, plus one batch of tokens at a time.
-    """
-    from engine.prefix_sort_duckdb import sort_sequences_out_of_core  # the only DuckDB user
-
-    _check(block_size, max_tokens)
-    sim = LruPrefixCache(block_size, kv_cache_tokens) if simulate_lru else None
-
-    def table_order() -> Iterator[PackedSequences]:
-        for batch in batches:
-            if sim is not None:
-                sim.feed(batch)
-            yield batch
-
-    sorted_batches = sort_sequences_out_of_core(
-        table_order(),
-        memory_limit=memory_limit,
-        temp_directory=temp_directory,
-        threads=threads,
-        batch_rows=sort_batch_rows,
-    )
-    return plan_prefixes_from_sorted_stream(
-        sorted_batches,
-        keys=keys,
-        block_size=block_size,
-        max_tokens=max_tokens,
-        lru=None if sim is None else sim.result(),
         kv_cache_tokens=kv_cache_tokens,
     )
