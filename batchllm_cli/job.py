@@ -12,7 +12,6 @@ from the shards by DuckDB, renamed into place, and a completion marker is writte
 from __future__ import annotations
 
 import dataclasses
-import gc
 import signal
 import time
 from pathlib import Path
@@ -374,17 +373,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _free_accelerator_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # best effort: freeing memory must not hide the original failure
-        pass
-
-
 class _ShardSink:
     """Buffers results and commits a shard every N rows or T seconds."""
 
@@ -464,7 +452,9 @@ def execute_run(
                 sink.salvage()
                 stats_acc.append(engine.stats())
                 engine = None
-                _free_accelerator_memory()
+                from engine import release_accelerator_memory
+
+                release_accelerator_memory()
                 attempt += 1
                 batch_tokens //= 2
                 if attempt > OOM_RETRIES or batch_tokens < 16:

@@ -28,6 +28,7 @@ _EXPORTS = {
     "load_model_config": "engine.model_config",
     "check_weights": "engine.loader",
     "check_device": "engine.devices",
+    "release_accelerator_memory": "engine.devices",
     "ensure_demo_model": "engine.demo_model",
     "StructuredOutput": "engine.grammar",
     "compile_constraint": "engine.grammar",
@@ -51,7 +52,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.demo_model import ensure_demo_model
-    from engine.devices import check_device
+    from engine.devices import check_device, release_accelerator_memory
     from engine.errors import ConfigError, EngineError, ModelLoadError
     from engine.grammar import StructuredOutput, compile_constraint
     from engine.llm_engine import LLMEngine

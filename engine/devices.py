@@ -13,3 +13,18 @@ def check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(NO_CUDA)
+
+
+def release_accelerator_memory() -> None:
+    """After an engine is dropped (out of memory): collect it and hand its cached CUDA blocks back, so
+    the next, smaller engine can use them. Best effort: it must not hide the original failure."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
