@@ -427,9 +427,20 @@ def execute_run(
 
     engine = None
     load_s = elapsed_s = 0.0
+    feed: PlannedFeed | None = None
+    first_feed: PlannedFeed | None = None
     if remaining > 0:
+        if settings.prefix_sharing == "plan":
+            # the whole job is tokenized and sorted while the weights load
+            feed = PlannedFeed(prepared, committed.done, settings.plan_chunk_tokens).start()
+        first_feed = feed
         t0 = time.perf_counter()
-        engine = _load_engine(prepared, prepared.engine_config, sink)
+        try:
+            engine = _load_engine(prepared, prepared.engine_config, sink)
+        except BaseException:
+            if feed is not None:
+                feed.close()
+            raise
         load_s = time.perf_counter() - t0
     observer.start(prepared.total_rows)
     if resumed:
@@ -442,11 +453,12 @@ def execute_run(
         attempt = 0
         while engine is not None:
             try:
-                _generate(prepared, engine, sink, observer, plan_stats)
+                _generate(prepared, engine, sink, observer, plan_stats, feed)
                 break
             except JobInterrupted:
                 raise
             except BaseException as exc:
+                feed = None  # closed by _generate; a retry plans the rows left again
                 if not is_out_of_memory(exc):
                     raise
                 sink.salvage()
@@ -478,6 +490,8 @@ def execute_run(
             )) from None
         raise
     finally:
+        if first_feed is not None:
+            first_feed.close()  # closed already unless the run stopped before the engine pulled from it
         observer.finish()
     elapsed_s = time.perf_counter() - t1
     if engine is not None:
@@ -579,10 +593,11 @@ def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: _Shar
 
 
 def _generate(
-    prepared: PreparedRun, engine: Any, sink: _ShardSink, observer: RunObserver, plan_stats: list[PlanStats]
+    prepared: PreparedRun, engine: Any, sink: _ShardSink, observer: RunObserver, plan_stats: list[PlanStats],
+    feed: PlannedFeed | None = None,
 ) -> None:
     """One pass of the engine over every row not yet committed: in plan mode in the order of one
-    global plan of them all (planned_feed), else in table order."""
+    global plan of them all (`feed`, started already, or a new one; closed here), else in table order."""
     settings = prepared.settings
     assert prepared.tokenizer is not None
     encoder = PromptEncoder(
@@ -623,7 +638,7 @@ def _generate(
                 yield key, fitted.token_ids, prepared.params
 
     if settings.prefix_sharing == "plan":
-        feed = PlannedFeed(prepared, done, settings.plan_chunk_tokens).start()
+        feed = feed or PlannedFeed(prepared, done, settings.plan_chunk_tokens).start()
         try:
             results = engine.generate_planned(feed.chunks(lambda f: fail(f.row_id, f.error, f.kind), in_flight))
             _collect(results, in_flight, sink, observer)

@@ -21,6 +21,8 @@ _REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that are not (yet) a w
 # A held (undecided) tail of at least twice this many tokens is cut this many tokens from its end:
 # more than 3 characters after a cut leave no UTF-8 sequence (at most 4 bytes) open across it.
 _CUT_LOOKAHEAD = 4
+# Tokens the context may lag behind the committed end while they decode to no text.
+_MAX_CONTEXT = 8
 
 
 def first_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -56,7 +58,7 @@ class StopStringWatch:
         new = window[len(context) :]
         if not new.endswith(_REPLACEMENT):
             committed, pending = new, ""
-            self._context_start, self._committed_end = self._committed_end, end
+            self._advance(end, visible=bool(committed))
         else:
             committed = self._cut_held_tail(decode, token_ids, context, window)
             pending = new[len(committed) :]
@@ -79,5 +81,14 @@ class StopStringWatch:
         # the text splits at `cut` (no character spans it), with enough bytes after it to be final
         if len(after) <= 3 or window != before + after or not before.startswith(context):
             return ""
-        self._context_start, self._committed_end = self._committed_end, cut
+        self._advance(cut, visible=len(before) > len(context))
         return before[len(context) :]
+
+    def _advance(self, committed_end: int, visible: bool) -> None:
+        """Commit tokens up to `committed_end`. The context moves up to the newly committed tokens only
+        when they show text: a token that decodes to nothing (an unknown or special token) cannot stand
+        in front of the next token, whose leading space a decoder would then drop as if it began the
+        text; a context that has lagged _MAX_CONTEXT tokens moves anyway, to keep steps bounded."""
+        if visible or committed_end - self._context_start > _MAX_CONTEXT:
+            self._context_start = self._committed_end
+        self._committed_end = committed_end

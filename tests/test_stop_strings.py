@@ -161,3 +161,15 @@ def test_engine_decodes_a_bounded_window_per_token(tiny_model_dir, tmp_path: Pat
     decoded_during_generation = sum(tokenizer.decoded) - len(result.token_ids)  # less the answer's decode
     assert decoded_during_generation <= 32 * 300, decoded_during_generation
     assert result.text == Tokenizer(model_dir).decode(result.token_ids)
+
+
+def test_a_space_after_a_token_that_shows_no_text_is_not_lost(byte_fallback_tokenizer: Tokenizer) -> None:
+    """'!', <unk> (no text), then a piece whose text is its leading space: decoded after <unk> alone the
+    space looks like the start of the text and is dropped, which hid the stop string '! '."""
+    tokenizer = byte_fallback_tokenizer
+    unk = tokenizer.encode("<unk>", add_special_tokens=False)
+    completion = [3, *unk, 41]
+    assert tokenizer.decode(completion) == "! " and tokenizer.decode(unk) == "" and tokenizer.decode([41]) == ""
+    watch = StopStringWatch(["! "], 0)
+    found = [watch.find(tokenizer.decode, completion[:k]) for k in range(1, len(completion) + 1)]
+    assert found == [None, None, 0]
