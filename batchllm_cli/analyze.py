@@ -35,10 +35,11 @@ import numpy as np
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import DEFAULT_MAX_TOKENS, load_tokenizer, model_context_length, resolve_chat, resolve_model
+from batchllm_cli.prompt_options import PromptOptions, check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
 from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
-from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
+from batchllm_cli.templates import NULL_POLICIES, PromptTemplate
 
 if TYPE_CHECKING:
     from engine.packed_sequences import PackedSequences
@@ -155,6 +156,7 @@ class AnalyzeSettings:
     choices: str | None = None  # structured output flags: checked as `run` checks them, prompts unchanged
     regex: str | None = None
     json_schema: Path | None = None
+    prompt: PromptOptions = PromptOptions()  # --var, --param, --system, --truncate-column
 
 
 @dataclass(frozen=True)
@@ -343,12 +345,13 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
     )
     try:
         check_column_names(source.file_column_names(), source.column_names, None)
-        template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
+        template = load_template(settings.template, settings.nulls, settings.prompt)
         if not source.empty:
-            template.check_columns(source.column_names)
+            check_prompt_columns(template, settings.prompt, source.column_names)
         recipe = template.source.recipe
         constraint = resolve_constraint(
-            ConstraintFlags(settings.choices, settings.regex, settings.json_schema), recipe, source.column_names
+            ConstraintFlags(settings.choices, settings.regex, settings.json_schema), recipe,
+            template.given_variables(source.column_names),
         )
         max_tokens = settings.max_tokens or (recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS)
         total_rows = source.validate()  # a malformed file fails here, naming the line
@@ -365,7 +368,7 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
                     f"{context} tokens; lower --max-tokens."
                 )
         tokenizer = load_tokenizer(tok_dir)
-        chat = resolve_chat(settings.chat, tokenizer, tok_dir)
+        chat = resolve_chat(settings.chat, tokenizer, tok_dir, settings.prompt.system)
         if constraint is not None and (tok_dir / "config.json").is_file():
             check_constraint_compiles(constraint, tok_dir, tokenizer)
     except BaseException:
@@ -522,7 +525,8 @@ def _tokenize(
 
     s = prepared.settings
     max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
-    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate)
+    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate,
+                            system=s.prompt.system, truncate_columns=s.prompt.truncate_columns)
     sim = LruPrefixCache(prepared.block_size, prepared.kv_cache_tokens)
     failures = _Failures()
     truncated = 0

@@ -10,6 +10,7 @@ from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
 from batchllm_cli.marker import Marker
+from batchllm_cli.prompt_options import PromptOptions
 from batchllm_cli.structured_output import Constraint, TypedField
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import PromptTemplate
@@ -93,6 +94,7 @@ class RunSettings:
     choices: str | None = None  # --choices A,B,C or @FILE
     regex: str | None = None
     json_schema: Path | None = None
+    prompt: PromptOptions = PromptOptions()  # --var, --param, --system, --truncate-column
 
 
 @dataclass(frozen=True)
