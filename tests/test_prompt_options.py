@@ -101,7 +101,9 @@ def test_render_prints_prompts_and_tokens_without_loading_weights(
     assert result.exit_code == 2, result.output
 
 
-def test_system_message_goes_into_the_chat_template(tmp_path: Path, env: dict, no_model: None) -> None:
+def test_system_message_goes_into_the_chat_template(
+    tmp_path: Path, demo_model_dir: Path, env: dict, no_model: None
+) -> None:
     inp = write_csv(tmp_path / "in.csv", ["text"], [["hello"]])
     tpl = write_template(tmp_path / "t.j2", "Say: {{ text }}")
     (tmp_path / "system.txt").write_text("Answer in French.", encoding="utf-8")
@@ -113,6 +115,13 @@ def test_system_message_goes_into_the_chat_template(tmp_path: Path, env: dict, n
         )
     result = invoke(["render", str(inp), "-t", str(tpl), "--system", "x", "--no-chat"])
     assert result.exit_code == 2 and "--no-chat" in one_error_line(result.stderr)
+    no_chat_model = tmp_path / "model"
+    shutil.copytree(demo_model_dir, no_chat_model)
+    config = json.loads((no_chat_model / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (no_chat_model / "tokenizer_config.json").write_text(json.dumps(config))
+    result = invoke(["render", str(inp), "-t", str(tpl), "--system", "x", "--model", str(no_chat_model)])
+    assert result.exit_code == 2 and "has no chat template" in one_error_line(result.stderr)
     result = invoke(["render", str(inp), "-t", str(tpl), "--system", f"@{tmp_path / 'missing.txt'}"])
     assert result.exit_code == 2 and "cannot read" in one_error_line(result.stderr)
 
@@ -175,3 +184,36 @@ def test_changed_param_changes_the_job_fingerprint(tmp_path: Path, env: dict) ->
     message = flat(result.stderr)
     assert "different job (changed: --param" in message and "calmly" in message and "loudly" in message
     assert "already finished" not in message  # it ran again
+
+
+def test_truncate_column_fits_tightly_with_merging_tokenizers(tmp_path: Path, demo_model_dir: Path) -> None:
+    """Cutting a cell by its own tokens lands on a prompt that fits and wastes at most a few tokens, also
+    with a BPE tokenizer whose merges cross the cut and with multi-byte characters."""
+    import random
+
+    import model_factory
+    from batchllm_cli.prompts import PromptEncoder, PromptRow
+    from batchllm_cli.table_io import ROW_ID
+    from batchllm_cli.templates import PromptTemplate, TemplateSource
+
+    trained = tmp_path / "tok"
+    trained.mkdir()
+    model_factory.write_tokenizer(trained, chat_template_file=True)
+    rng = random.Random(5)
+    words = ["the", "cat", "naïve", "完璧", "😀", "tokens", "a", "über", "line\n", "  "]
+    cells = ["".join(rng.choice(words) + rng.choice([" ", "", ","]) for _ in range(rng.randint(50, 400)))
+             for _ in range(12)]
+    batch = pa.record_batch({ROW_ID: pa.array(range(len(cells)), pa.int64()), "doc": cells,
+                             "q": [f"question {i}?" for i in range(len(cells))]})
+    template = PromptTemplate(TemplateSource("t.j2", "Read the document.\n{{ doc }}\nAnswer: {{ q }}"))
+    for model_dir in (demo_model_dir, trained):
+        tokenizer = Tokenizer(model_dir)
+        for limit in (64, 97, 250):
+            encoder = PromptEncoder(template, tokenizer, chat=True, max_prompt_tokens=limit, truncate_columns=("doc",))
+            for cell, item in zip(cells, encoder.encode(batch)):
+                assert isinstance(item, PromptRow)
+                assert limit - 4 <= len(item.token_ids) <= limit or not item.truncated
+                assert item.token_ids == tokenizer.encode(item.text, add_special_tokens=False)
+                kept = item.text.split("Read the document.\n", 1)[1].rsplit("\nAnswer: question", 1)[0]
+                assert cell.startswith(kept)
+                assert item.truncated == (kept != cell)
