@@ -513,8 +513,9 @@ def render_command(
     try:
         prepared = prepare_analyze(settings, AnalyzeProgress(err_console))
         try:
+            with_id = id_column is not None
             for row in render_rows(prepared):
-                sys.stdout.write((row.to_json(id_column is not None) + "\n") if as_json else row.to_text(id_column is not None))
+                sys.stdout.write(row.to_json(with_id) + "\n" if as_json else row.to_text(with_id))
             sys.stdout.flush()
         finally:
             prepared.close()

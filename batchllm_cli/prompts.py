@@ -26,8 +26,9 @@ class TokenizerLike(Protocol):
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]: ...
 
+    def token_ends(self, text: str) -> list[int]: ...  # used by --truncate-column only
+
     # engine.tokenizer.Tokenizer.max_chars_per_token (optional): no token covers more characters.
-    # engine.tokenizer.Tokenizer.token_ends (needed by --truncate-column): where each token of a text ends.
 
 
 TRUNCATE_SIDES = ("left", "right")
@@ -175,18 +176,22 @@ class PromptEncoder:
     def prompt_text(self, rendered: str) -> str:
         return self.tokenizer.apply_chat_template(rendered, system=self.system) if self.chat else rendered
 
-    def _rows(self, batch: pa.RecordBatch) -> tuple[list[int], list[dict[str, Any]]]:
+    def _rows(self, batch: pa.RecordBatch) -> tuple[list[int], list[dict[str, Any]], set[int]]:
+        """(row ids, the columns each row's template reads, ids of rows whose --truncate-column cells
+        were cut to the character bound)."""
         row_ids = batch.column(ROW_ID).to_pylist()
         # Only the columns the template reads are converted to Python objects: wide tables stay cheap.
         used = self.template.columns_read([name for name in batch.schema.names if name != ROW_ID])
         rows = batch.select(used).to_pylist(maps_as_pydicts="lossy") if used else [{} for _ in row_ids]
+        cut: set[int] = set()
         if self.truncate_columns and self.max_chars is not None:
-            for row in rows:
+            for row_id, row in zip(row_ids, rows):
                 for name in self.truncate_columns:
                     value = row.get(name)
                     if isinstance(value, str) and len(value) > self.max_chars:
                         row[name] = value[: self.max_chars]
-        return row_ids, rows
+                        cut.add(row_id)
+        return row_ids, rows, cut
 
     def _prompt(self, row_id: int, row: dict[str, Any]) -> str | FailedRow:
         """The prompt text of one row, or why it has none."""
@@ -212,8 +217,10 @@ class PromptEncoder:
             text = text[-keep:] if self.truncate == "left" else text[:keep]
         return text
 
-    def _render(self, batch: pa.RecordBatch) -> tuple[list[int], list[str], list[dict[str, Any]], list[FailedRow]]:
-        row_ids, rows = self._rows(batch)
+    def _render(
+        self, batch: pa.RecordBatch
+    ) -> tuple[list[int], list[str], list[dict[str, Any]], list[FailedRow], set[int]]:
+        row_ids, rows, cut = self._rows(batch)
         text_ids: list[int] = []
         texts: list[str] = []
         kept: list[dict[str, Any]] = []
@@ -226,11 +233,11 @@ class PromptEncoder:
             text_ids.append(row_id)
             texts.append(prompt)
             kept.append(row)
-        return text_ids, texts, kept, failed
+        return text_ids, texts, kept, failed, cut
 
     def render(self, batch: pa.RecordBatch) -> tuple[list[int], list[str], list[FailedRow]]:
         """(row ids, prompt texts) of the rows that render, in the batch's order, and the failures."""
-        text_ids, texts, _, failed = self._render(batch)
+        text_ids, texts, _, failed, _ = self._render(batch)
         return text_ids, texts, failed
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -238,10 +245,10 @@ class PromptEncoder:
 
     def encode(self, batch: pa.RecordBatch) -> list[PromptRow | FailedRow]:
         """One item per row of `batch`, in the batch's order."""
-        text_ids, texts, rows, failed = self._render(batch)
+        text_ids, texts, rows, failed, cut = self._render(batch)
         out: list[PromptRow | FailedRow] = list(failed)
         for row_id, text, row, ids in zip(text_ids, texts, rows, self._encode(texts)):
-            if self.truncate_columns and len(ids) > (self.max_prompt_tokens or 0):
+            if self.truncate_columns and (len(ids) > (self.max_prompt_tokens or 0) or row_id in cut):
                 out.append(self._fit_columns(row_id, row, ids, text))
             else:
                 out.append(PromptRow(row_id, ids, text=text))
@@ -254,7 +261,7 @@ class PromptEncoder:
         assert limit is not None
         cells = {name: row[name] for name in self.truncate_columns if isinstance(row.get(name), str) and row[name]}
         # Where each token of a cell ends (a running max: a character split over tokens ends once).
-        ends = {name: list(accumulate(self.tokenizer.token_ends(cell), max)) for name, cell in cells.items()}  # type: ignore[attr-defined]
+        ends = {name: list(accumulate(self.tokenizer.token_ends(cell), max)) for name, cell in cells.items()}
         keep = {name: len(e) for name, e in ends.items()}
         row = dict(row)
         while len(ids) > limit:

@@ -68,7 +68,8 @@ def test_lists_structs_and_maps_render_as_json(tmp_path: Path, env: dict) -> Non
         "m": pa.array([[("k", 1)], [("a", 2), ("b", 3)]], pa.map_(pa.string(), pa.int64())),
     })
     pq.write_table(table, tmp_path / "in.parquet")
-    tpl = write_template(tmp_path / "t.j2", "{{ tags }}|{{ meta }}|{{ m }}|{{ meta.n }}|{% for t in tags %}{{ t }};{% endfor %}")
+    tpl = write_template(tmp_path / "t.j2",
+                         "{{ tags }}|{{ meta }}|{{ m }}|{{ meta.n }}|{% for t in tags %}{{ t }};{% endfor %}")
     rows = render_json(str(tmp_path / "in.parquet"), "-t", str(tpl), "--no-chat")
     assert [r["prompt"] for r in rows] == [
         '["red", "é"]|{"n": 1, "xs": [0.5, null]}|{"k": 1}|1|red;é;',
