@@ -123,6 +123,14 @@ def test_system_message_goes_into_the_chat_template(
     (no_chat_model / "tokenizer_config.json").write_text(json.dumps(config))
     result = invoke(["render", str(inp), "-t", str(tpl), "--system", "x", "--model", str(no_chat_model)])
     assert result.exit_code == 2 and "has no chat template" in one_error_line(result.stderr)
+    # A chat template without a system role (Gemma's raises) is refused before any row, naming the fix.
+    config["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}{{ messages[-1]['content'] }}")
+    (no_chat_model / "tokenizer_config.json").write_text(json.dumps(config))
+    result = invoke(["render", str(inp), "-t", str(tpl), "--system", "x", "--model", str(no_chat_model)])
+    assert result.exit_code == 2
+    assert "System role not supported; drop --system" in one_error_line(result.stderr)
+    assert render_json(str(inp), "-t", str(tpl), "--model", str(no_chat_model))[0]["prompt"] == "Say: hello"
     result = invoke(["render", str(inp), "-t", str(tpl), "--system", f"@{tmp_path / 'missing.txt'}"])
     assert result.exit_code == 2 and "cannot read" in one_error_line(result.stderr)
 
