@@ -464,7 +464,7 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
 RENDER_EPILOG = (
     "Exit codes: 0 prompts printed (a row whose template fails or whose prompt does not fit is printed with "
     "its error); 1 fatal error; 2 usage error (bad flag, missing or malformed input, unknown template "
-    "variable, unusable model or tokenizer; found before any row is rendered); 130 interrupted."
+    "variable, unusable model or tokenizer; found before any row is rendered); 130 interrupted by Ctrl-C."
 )
 
 
@@ -524,6 +524,8 @@ def render_command(
     except BrokenPipeError:  # `batchllm render ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command("recipes")

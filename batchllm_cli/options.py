@@ -94,7 +94,7 @@ TemplateOpt = Annotated[
         "-t",
         metavar="FILE|RECIPE",
         help="Jinja2 prompt template file, or a recipe name (see `batchllm recipes`). "
-        "Variables are input columns.",
+        "Variables are input columns (see also --var, --param).",
         show_default=False,
     ),
 ]
