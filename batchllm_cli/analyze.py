@@ -43,10 +43,11 @@ from batchllm_cli.model_setup import (
     resolve_chat,
     resolve_model,
 )
+from batchllm_cli.prompt_options import PromptOptions, check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
 from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
-from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
+from batchllm_cli.templates import NULL_POLICIES, PromptTemplate
 from batchllm_cli.token_spool import (
     OUT_OF_CORE_BATCH_ROWS,
     OUT_OF_CORE_SORT_MEMORY,
@@ -132,6 +133,7 @@ class AnalyzeSettings:
     choices: str | None = None  # structured output flags: checked as `run` checks them, prompts unchanged
     regex: str | None = None
     json_schema: Path | None = None
+    prompt: PromptOptions = PromptOptions()  # --var, --param, --system, --truncate-column
 
 
 @dataclass(frozen=True)
@@ -330,12 +332,13 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
     )
     try:
         check_column_names(source.file_column_names(), source.column_names, None)
-        template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
+        template = load_template(settings.template, settings.nulls, settings.prompt)
         if not source.empty:
-            template.check_columns(source.column_names)
+            check_prompt_columns(template, settings.prompt, source.column_names)
         recipe = template.source.recipe
         constraint = resolve_constraint(
-            ConstraintFlags(settings.choices, settings.regex, settings.json_schema), recipe, source.column_names
+            ConstraintFlags(settings.choices, settings.regex, settings.json_schema), recipe,
+            template.given_variables(source.column_names),
         )
         max_tokens = settings.max_tokens or (recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS)
         total_rows = source.validate()  # a malformed file fails here, naming the line
@@ -354,7 +357,7 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
                 f"{context} tokens; lower --max-tokens."
             )
         tokenizer = load_tokenizer(tok_dir)
-        chat = resolve_chat(settings.chat, tokenizer, tok_dir)
+        chat = resolve_chat(settings.chat, tokenizer, tok_dir, settings.prompt.system)
         if constraint is not None:
             # With --tokenizer there is no model config to take the vocabulary size from.
             vocab = None if settings.tokenizer is None else tokenizer.vocab_size
@@ -448,7 +451,8 @@ def _tokenize(
 
     s = prepared.settings
     max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
-    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate)
+    encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate,
+                            system=s.prompt.system, truncate_columns=s.prompt.truncate_columns)
     sim = LruPrefixCache(prepared.block_size, prepared.kv_cache_tokens)
     failures = _Failures()
     truncated = 0

@@ -75,7 +75,14 @@ from batchllm_cli.options import (
     ChoicesOpt,
     RegexOpt,
     JsonSchemaOpt,
+    ParamOpt,
+    RecipeNameArg,
+    RenderJsonOpt,
+    SystemOpt,
+    TruncateColumnOpt,
+    VarOpt,
 )
+from batchllm_cli.prompt_options import PromptOptions, parse_assignments, read_system
 from batchllm_cli.progress import err_console, make_progress, print_error
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
 
@@ -186,6 +193,21 @@ def _fail(exc: BatchLLMError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _prompt_options(
+    var: list[str] | None, param: list[str] | None, system: str | None, truncate_column: list[str] | None
+) -> PromptOptions:
+    """--var, --param, --system and --truncate-column as run, analyze and render all read them."""
+    try:
+        return PromptOptions(
+            variables=parse_assignments(var, "--var", "COLUMN"),
+            params=parse_assignments(param, "--param"),
+            system=read_system(system),
+            truncate_columns=tuple(dict.fromkeys(truncate_column or ())),
+        )
+    except BatchLLMError as exc:
+        raise _fail(exc) from None
+
+
 @app.command(epilog=EXIT_CODES_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
 def run(
     input: InputArg,
@@ -228,6 +250,10 @@ def run(
     choices: ChoicesOpt = None,
     regex: RegexOpt = None,
     json_schema: JsonSchemaOpt = None,
+    var: VarOpt = None,
+    param: ParamOpt = None,
+    system: SystemOpt = None,
+    truncate_column: TruncateColumnOpt = None,
 ) -> None:
     """Run the model over every row of INPUT and write OUTPUT = input columns + answer columns.
 
@@ -236,6 +262,7 @@ def run(
     Finished rows are committed to a checkpoint as the run goes; if it is killed, the same command
     again resumes where it stopped, and once the job is finished it does nothing.
     """
+    prompt = _prompt_options(var, param, system, truncate_column)
     settings = RunSettings(
         input=input,
         template=template,
@@ -277,6 +304,7 @@ def run(
         choices=choices,
         regex=regex,
         json_schema=json_schema,
+        prompt=prompt,
     )
     progress = make_progress(err_console)
     guard = SignalGuard()
@@ -339,6 +367,10 @@ def analyze_command(
     choices: ChoicesOpt = None,
     regex: RegexOpt = None,
     json_schema: JsonSchemaOpt = None,
+    var: VarOpt = None,
+    param: ParamOpt = None,
+    system: SystemOpt = None,
+    truncate_column: TruncateColumnOpt = None,
 ) -> None:
     """Report how much prompt work the rows share and what batchllm saves, before any GPU time.
 
@@ -379,6 +411,7 @@ def analyze_command(
         choices=choices,
         regex=regex,
         json_schema=json_schema,
+        prompt=_prompt_options(var, param, system, truncate_column),
     )
     progress = AnalyzeProgress(err_console)
     guard = SignalGuard()
@@ -445,9 +478,85 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
         typer.echo(format_status(st))
 
 
+RENDER_EPILOG = (
+    "Exit codes: 0 prompts printed (a row whose template fails or whose prompt does not fit is printed with "
+    "its error); 1 fatal error; 2 usage error (bad flag, missing or malformed input, unknown template "
+    "variable, unusable model or tokenizer; found before any row is rendered); 130 interrupted by Ctrl-C."
+)
+
+
+@app.command("render", epilog=RENDER_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
+def render_command(
+    input: InputArg,
+    template: TemplateOpt,
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
+    chat: ChatOpt = None,
+    limit: LimitOpt = None,
+    id_column: IdColumnOpt = None,
+    nulls: NullsOpt = NullPolicy.error,
+    truncate: TruncateOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    var: VarOpt = None,
+    param: ParamOpt = None,
+    system: SystemOpt = None,
+    truncate_column: TruncateColumnOpt = None,
+    as_json: RenderJsonOpt = False,
+) -> None:
+    """Print the prompts a run would send (chat template applied) and their token counts.
+
+    Example: batchllm render examples/reviews.csv --template classify --limit 3
+
+    Takes the same prompt options as `run` and `analyze`; loads the tokenizer and config.json only,
+    never the model weights. Output goes to stdout, messages to stderr.
+    """
+    from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze
+    from batchllm_cli.analyze_report import AnalyzeProgress
+    from batchllm_cli.render import render_rows
+
+    settings = AnalyzeSettings(
+        input=input,
+        template=template,
+        model=model,
+        tokenizer=tokenizer,
+        chat=chat,
+        limit=limit,
+        id_column=id_column,
+        nulls=nulls.value,
+        truncate=truncate.value if truncate is not None else None,
+        max_tokens=max_tokens,
+        prompt=_prompt_options(var, param, system, truncate_column),
+    )
+    try:
+        prepared = prepare_analyze(settings, AnalyzeProgress(err_console))
+        try:
+            with_id = id_column is not None
+            for row in render_rows(prepared):
+                sys.stdout.write(row.to_json(with_id) + "\n" if as_json else row.to_text(with_id))
+            sys.stdout.flush()
+        finally:
+            prepared.close()
+    except BatchLLMError as exc:
+        raise _fail(exc) from None
+    except BrokenPipeError:  # `batchllm render ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
 @app.command("recipes", cls=SectionedHelpCommand)
-def list_recipes_command() -> None:
-    """List the bundled prompt recipes (use a name as --template)."""
+def recipes_command(name: RecipeNameArg = None) -> None:
+    """List the bundled prompt recipes (use a name as --template), or print one: recipes NAME."""
+    if name is not None:
+        try:
+            recipe = recipes.load_recipe(name)
+        except LookupError:
+            raise _fail(UsageError(
+                f"No recipe {name!r}; recipes: {', '.join(recipes.recipe_names())}."
+            )) from None
+        typer.echo(_describe_recipe(recipe))
+        return
     rows: list[dict[str, Any]] = []
     for recipe in recipes.list_recipes():
         optional = ", ".join(f"[{name}]" for name in recipe.optional_columns)
@@ -457,6 +566,20 @@ def list_recipes_command() -> None:
     for r in rows:
         # Plain stdout lines: this list is the command's output and should pipe cleanly.
         typer.echo(f"{r['name']:<{width}}  {r['description']} Columns: {r['columns']}.")
+
+
+def _describe_recipe(recipe: recipes.Recipe) -> str:
+    lines = [f"{recipe.name}: {recipe.description}", "variables:"]
+    lines += [f"  {var}: {what} (required)" for var, what in recipe.required_columns.items()]
+    lines += [f"  {var}: {what} (optional)" for var, what in recipe.optional_columns.items()]
+    lines.append("  (a column of that name, or --var NAME=COLUMN for another column, or -p NAME=VALUE for a constant)")
+    lines.append(f"max tokens: {recipe.max_tokens} (default of --max-tokens)")
+    if recipe.choices:
+        lines.append(f"choices: {', '.join(recipe.choices)} (default of --choices)")
+    if recipe.json_schema is not None:
+        lines.append(f"json schema (default of --json-schema): {json.dumps(recipe.json_schema, ensure_ascii=False)}")
+    lines += ["template:", recipe.text.rstrip("\n")]
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -47,6 +47,10 @@ FIELD_LABELS = {
     "dtype": "--dtype",
     "batchllm_version": "batchllm version",
     "structured_output": "structured output (--choices/--regex/--json-schema)",
+    "template.variables": "--var",
+    "template.params": "--param",
+    "system": "--system",
+    "truncate_columns": "--truncate-column",
 }
 
 # Files of a model directory that change what the model or its tokenizer does. Weights are identified
@@ -137,6 +141,7 @@ def build_fingerprint(
     truncate: str | None,
     dtype: str,
     structured_output: Mapping[str, Any] | None = None,
+    prompt: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     before = settled_identity(input_path)
     content = file_digest(input_path)
@@ -169,6 +174,7 @@ def build_fingerprint(
         fp["ignore_eos"] = True
     if structured_output is not None:  # absent when unconstrained, so older checkpoints still match
         fp["structured_output"] = dict(structured_output)
+    fp.update(prompt or {})  # --var, --param, --system, --truncate-column: only those set (PromptOptions)
     return fp
 
 

@@ -56,7 +56,8 @@ from batchllm_cli.model_setup import (
     resolve_model,
 )
 from batchllm_cli.planned_feed import PlannedFeed, PlanStats
-from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_prompt
+from batchllm_cli.prompt_options import check_prompt_columns, load_template
+from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, fit_prompt
 from batchllm_cli.structured_output import (
     Constraint,
     ConstraintFlags,
@@ -66,7 +67,7 @@ from batchllm_cli.structured_output import (
     typed_fields,
 )
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path
-from batchllm_cli.templates import NULL_POLICIES, PromptTemplate, resolve_template
+from batchllm_cli.templates import NULL_POLICIES, PromptTemplate
 
 if TYPE_CHECKING:
     from engine import EngineConfig, SamplingParams
@@ -141,13 +142,13 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         run_dir = RunDir(settings.checkpoint_dir or default_run_dir(settings.output))
         columns = OutputColumns(settings.column)
         check_column_names(source.file_column_names(), source.column_names, columns)
-        template = PromptTemplate(resolve_template(settings.template), nulls=settings.nulls)
+        template = load_template(settings.template, settings.nulls, settings.prompt)
         if not source.empty:  # a blank file has no columns to check (and no rows to render)
-            template.check_columns(source.column_names)
+            check_prompt_columns(template, settings.prompt, source.column_names)
         constraint = resolve_constraint(
             ConstraintFlags(settings.choices, settings.regex, settings.json_schema),
             template.source.recipe,
-            source.column_names,
+            template.given_variables(source.column_names),
         )
         fields = typed_fields(constraint)
         typed_column_names(settings.column, fields, columns.names, source.column_names)
@@ -176,6 +177,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             truncate=settings.truncate,
             dtype=settings.dtype,
             structured_output=constraint.fingerprint() if constraint is not None else None,
+            prompt=settings.prompt.fingerprint(),
         )
 
         # Every check has passed: the output's directory may be made (the lock file lives there), and
@@ -224,7 +226,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         if retry_finished and manifest is None:  # its answers will be read back from the output
             check_output_for_retry(settings.output, columns, total_rows)
         tokenizer = load_tokenizer(model_dir)
-        chat = resolve_chat(settings.chat, tokenizer, model_dir)
+        chat = resolve_chat(settings.chat, tokenizer, model_dir, settings.prompt.system)
         if constraint is not None:
             check_constraint_compiles(constraint, model_dir, tokenizer)
         engine_config = _engine_config(settings, model_dir)
@@ -600,9 +602,7 @@ def _generate(
     global plan of them all (`feed`, started already, or a new one; closed here), else in table order."""
     settings = prepared.settings
     assert prepared.tokenizer is not None
-    encoder = PromptEncoder(
-        prepared.template, prepared.tokenizer, prepared.chat, prepared.max_prompt_tokens, settings.truncate
-    )
+    encoder = prepared.prompt_encoder()
     done = sink.committed.done
     in_flight: dict[Hashable, tuple[int, bool]] = {}
     id_column = settings.id_column

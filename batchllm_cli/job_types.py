@@ -11,6 +11,8 @@ from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
 from batchllm_cli.marker import Marker
 from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
+from batchllm_cli.prompt_options import PromptOptions
+from batchllm_cli.prompts import PromptEncoder
 from batchllm_cli.structured_output import Constraint, TypedField
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
 from batchllm_cli.templates import PromptTemplate
@@ -93,6 +95,7 @@ class RunSettings:
     choices: str | None = None  # --choices A,B,C or @FILE
     regex: str | None = None
     json_schema: Path | None = None
+    prompt: PromptOptions = PromptOptions()  # --var, --param, --system, --truncate-column
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,13 @@ class PreparedRun:
         s = self.settings
         return dict(input=str(s.input), output=str(s.output), template=self.template.source.name,
                     model_dir=str(self.model_dir), demo_model=self.demo_model, chat=self.chat)
+
+    def prompt_encoder(self) -> PromptEncoder:
+        """Rows -> token ids exactly as this run sends them to the engine."""
+        s = self.settings
+        assert self.tokenizer is not None
+        return PromptEncoder(self.template, self.tokenizer, self.chat, self.max_prompt_tokens, s.truncate,
+                             system=s.prompt.system, truncate_columns=s.prompt.truncate_columns)
 
     def close(self) -> None:
         """Release the locks (run directory, then output) and the input."""

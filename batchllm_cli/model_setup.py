@@ -89,9 +89,15 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
         raise UsageError(str(exc)) from exc
 
 
-def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path) -> bool:
+def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path, system: str | None = None) -> bool:
     """Whether prompts go through the model's chat template; a template that is used is tried on one
-    message now, so a broken one is refused before anything runs."""
+    message (after the --system turn) now, so a broken one is refused before anything runs."""
+    if system is not None and requested is False:
+        raise UsageError("--system adds a system turn to the chat template, which --no-chat turns off; drop "
+                         "one of them (or put the system text in the prompt template).")
+    if system is not None and not tokenizer.has_chat_template:
+        raise UsageError(f"--system: the model in {model_dir} has no chat template, so there is no system turn "
+                         "to put it in; put the text in the prompt template instead.")
     if requested is None:
         requested = tokenizer.has_chat_template
     elif requested and not tokenizer.has_chat_template:
@@ -100,7 +106,7 @@ def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path) 
         from engine import EngineError
 
         try:
-            tokenizer.check_chat_template()
+            tokenizer.check_chat_template(system)
         except EngineError as exc:
             raise UsageError(str(exc)) from exc
     return requested

@@ -94,7 +94,7 @@ TemplateOpt = Annotated[
         "-t",
         metavar="FILE|RECIPE",
         help="Jinja2 prompt template file, or a recipe name (see `batchllm recipes`). "
-        "Variables are input columns.",
+        "Variables are input columns (see also --var, --param).",
         show_default=False,
     ),
 ]
@@ -361,8 +361,9 @@ TruncateOpt = Annotated[
     Optional[TruncateSide],
     typer.Option(
         "--truncate",
-        help="Cut a prompt longer than the model's context minus --max-tokens ('left' drops its start, "
-        "'right' its end) instead of making the row an error row.",
+        help="Cut a whole prompt longer than the model's context minus --max-tokens ('left' drops its start, "
+        "instructions and chat turn included; 'right' its end) instead of making the row an error row. "
+        "To shorten one long column instead, use --truncate-column.",
         case_sensitive=False,
         show_default=False,
         rich_help_panel=PANEL_INPUT,
@@ -536,4 +537,64 @@ JsonSchemaOpt = Annotated[
         show_default=False,
         rich_help_panel=PANEL_STRUCTURED,
     ),
+]
+
+# ---- prompt building (run, analyze and render) -----------------------------------------------------
+PANEL_PROMPT = "Prompt"
+VarOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--var",
+        metavar="NAME=COLUMN",
+        help="The template variable NAME reads the column COLUMN (repeatable), e.g. --var text=body to use "
+        "a recipe on a table without a text column.",
+        show_default=False,
+        rich_help_panel=PANEL_PROMPT,
+    ),
+]
+ParamOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--param",
+        "-p",
+        metavar="NAME=VALUE",
+        help="The template variable NAME is the text VALUE in every row (repeatable), e.g. "
+        "-p labels='spam, ham'. Every row is also the variable row: {{ row[\"customer-name\"] }}.",
+        show_default=False,
+        rich_help_panel=PANEL_PROMPT,
+    ),
+]
+SystemOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--system",
+        metavar="TEXT|@FILE",
+        help="A system message before each prompt in the model's chat template (@FILE: a file's text). "
+        "Needs a model with a chat template and --chat on.",
+        show_default=False,
+        rich_help_panel=PANEL_PROMPT,
+    ),
+]
+TruncateColumnOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--truncate-column",
+        metavar="COL",
+        help="When a prompt does not fit the model's context minus --max-tokens, cut this column's text (by "
+        "tokens, from its end) until it fits; the rest of the prompt stays whole (repeatable; the longest "
+        "column is cut first).",
+        show_default=False,
+        rich_help_panel=PANEL_PROMPT,
+    ),
+]
+
+# ---- render ----------------------------------------------------------------------------------------
+RenderJsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON object per row (row, prompt, tokens) instead of text."),
+]
+RecipeNameArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Print this recipe: its metadata and template. Without it: list the recipes.",
+                   metavar="[NAME]", show_default=False),
 ]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
 
 import numpy as np
 
-from batchllm_cli.prompts import FailedRow, PromptEncoder, fit_packed
+from batchllm_cli.prompts import FailedRow, fit_packed
 from batchllm_cli.table_io import ROW_ID
 from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool
 
@@ -164,8 +164,7 @@ class PlannedFeed:
         both in spool order."""
         p = self._prepared
         s = p.settings
-        assert p.tokenizer is not None
-        encoder = PromptEncoder(p.template, p.tokenizer, p.chat, p.max_prompt_tokens, s.truncate)
+        encoder = p.prompt_encoder()
         truncated: list[np.ndarray] = []
         keys: list[Any] | None = [] if s.id_column else None
         for batch in p.source.batches(s.batch_rows):

@@ -5,9 +5,9 @@ template or not, special tokens or not) live here once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import chain
-from typing import Iterator, Protocol, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate, chain
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,9 +22,11 @@ class TokenizerLike(Protocol):
     @property
     def has_chat_template(self) -> bool: ...
 
-    def apply_chat_template(self, user_message: str) -> str: ...
+    def apply_chat_template(self, user_message: str, system: str | None = None) -> str: ...
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]: ...
+
+    def token_ends(self, text: str) -> list[int]: ...  # used by --truncate-column only
 
     # engine.tokenizer.Tokenizer.max_chars_per_token (optional): no token covers more characters.
 
@@ -37,6 +39,7 @@ class PromptRow:
     row_id: int
     token_ids: list[int]
     truncated: bool = False
+    text: str = field(default="", compare=False, repr=False)  # the prompt text the ids encode
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def fit_prompt(item: PromptRow, max_prompt_tokens: int, truncate: str | None) ->
     return _too_long(item.row_id, n, max_prompt_tokens)
 
 
-_TOO_LONG_FIX = "shorten the row, lower --max-tokens, or pass --truncate left|right."
+_TOO_LONG_FIX = "shorten the row, lower --max-tokens, or pass --truncate-column COL or --truncate left|right."
 
 
 def _too_long(row_id: int, n: int, max_prompt_tokens: int) -> FailedRow:
@@ -90,7 +93,7 @@ class PackedPrompts:
     tokens: np.ndarray  # int32 (lengths.sum(),)
     lengths: np.ndarray  # int64 (n,)
     failed: list[FailedRow]
-    truncated: np.ndarray | None = None  # bool (n,): cut by `fit_packed`; None: none was
+    truncated: np.ndarray | None = None  # bool (n,): cut (--truncate-column, or --truncate by fit_packed)
 
     def truncated_mask(self) -> np.ndarray:
         return self.truncated if self.truncated is not None else np.zeros(len(self.row_ids), dtype=bool)
@@ -103,8 +106,9 @@ def fit_packed(
     number of rows cut)."""
     lengths = prompts.lengths
     long = lengths > max_prompt_tokens
+    columns_cut = prompts.truncated if prompts.truncated is not None else np.zeros(len(lengths), dtype=bool)
     if not long.any():
-        return prompts, 0
+        return prompts, int(columns_cut.sum())
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     failed = list(prompts.failed)
@@ -113,31 +117,39 @@ def fit_packed(
         new_len = np.minimum(lengths, max_prompt_tokens)
         if truncate == "left":
             starts = starts + (lengths - new_len)
-        cut = int(long.sum())
+        cut = int((long | columns_cut).sum())
     else:
         keep = ~long
         new_len = lengths
         failed.extend(_too_long(int(r), int(n), max_prompt_tokens) for r, n in zip(prompts.row_ids[long], lengths[long]))
         failed.sort(key=lambda f: f.row_id)
-        cut = 0
+        cut = int((columns_cut & keep).sum())
     starts, new_len = starts[keep], new_len[keep]
     # Source index of every kept token: its row's (new) start plus its index within the row.
     total = int(new_len.sum())
     within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(new_len) - new_len, new_len)
     tokens = prompts.tokens[np.repeat(starts, new_len) + within]
-    return PackedPrompts(prompts.row_ids[keep], tokens, new_len, failed, long[keep] if cut else None), cut
+    cut_rows = (long | columns_cut) if truncate in TRUNCATE_SIDES else columns_cut
+    return PackedPrompts(prompts.row_ids[keep], tokens, new_len, failed, cut_rows[keep]), cut
 
 
 class PromptEncoder:
     """Renders a template per row and tokenizes a whole batch of prompts in one tokenizer call.
 
-    With `chat`, the rendered text becomes one user turn of the model's chat template, whose text
-    already carries BOS and role markers, so it is encoded without adding special tokens again.
+    With `chat`, the rendered text becomes one user turn of the model's chat template (after a system
+    turn holding `system`, when given), whose text already carries BOS and role markers, so it is
+    encoded without adding special tokens again.
 
     With `max_prompt_tokens`, a prompt too long in characters to fit that many tokens (by the
     tokenizer's max_chars_per_token) is never tokenized, so one huge cell costs no more than its text:
     it fails as too long, or with `truncate` is cut to one character more than can fit (still too
     long in tokens, so `fit_prompt`/`fit_packed` then cut its tokens and count it as truncated).
+
+    With `truncate_columns`, a prompt longer than `max_prompt_tokens` is rendered again with the text
+    of those columns cut (by tokens, from the end, the longest column first) until it fits, so the
+    instructions and the chat turn stay whole. Their cells are first cut to the character bound (no
+    longer text could fit). A prompt still too long once they are empty fails as too long, or with
+    `truncate` is left for `fit_prompt`/`fit_packed` to cut.
     """
 
     def __init__(
@@ -147,77 +159,157 @@ class PromptEncoder:
         chat: bool,
         max_prompt_tokens: int | None = None,
         truncate: str | None = None,
+        *,
+        system: str | None = None,
+        truncate_columns: Sequence[str] = (),
     ) -> None:
         if chat and not tokenizer.has_chat_template:
             raise ValueError("chat=True needs a tokenizer with a chat template")
+        if system is not None and not chat:
+            raise ValueError("a system message needs chat=True")
         self.template = template
         self.tokenizer = tokenizer
         self.chat = chat
+        self.system = system
         self.truncate = truncate
         self.max_prompt_tokens = max_prompt_tokens
+        self.truncate_columns = tuple(truncate_columns) if max_prompt_tokens is not None else ()
         per_token = getattr(tokenizer, "max_chars_per_token", None)
         self.max_chars = per_token * max_prompt_tokens if per_token and max_prompt_tokens else None
-        self._variables = template.required_variables | template.optional_variables
 
     def prompt_text(self, rendered: str) -> str:
-        return self.tokenizer.apply_chat_template(rendered) if self.chat else rendered
+        return self.tokenizer.apply_chat_template(rendered, system=self.system) if self.chat else rendered
+
+    def _rows(self, batch: pa.RecordBatch) -> tuple[list[int], list[dict[str, Any]], set[int]]:
+        """(row ids, the columns each row's template reads, ids of rows whose --truncate-column cells
+        were cut to the character bound)."""
+        row_ids = batch.column(ROW_ID).to_pylist()
+        # Only the columns the template reads are converted to Python objects: wide tables stay cheap.
+        used = self.template.columns_read([name for name in batch.schema.names if name != ROW_ID])
+        rows = batch.select(used).to_pylist(maps_as_pydicts="lossy") if used else [{} for _ in row_ids]
+        cut: set[int] = set()
+        if self.truncate_columns and self.max_chars is not None:
+            for row_id, row in zip(row_ids, rows):
+                for name in self.truncate_columns:
+                    value = row.get(name)
+                    if isinstance(value, str) and len(value) > self.max_chars:
+                        row[name] = value[: self.max_chars]
+                        cut.add(row_id)
+        return row_ids, rows, cut
+
+    def _prompt(self, row_id: int, row: dict[str, Any]) -> str | FailedRow:
+        """The prompt text of one row, or why it has none."""
+        # Without a way to cut, a prompt past the character bound fails anyway: stop rendering there.
+        cuts = self.truncate is not None or bool(self.truncate_columns)
+        try:
+            rendered = self.template.render(row, None if cuts else self.max_chars)
+        except PromptTooLong as exc:
+            if not cuts and self.max_chars is not None and self.max_prompt_tokens is not None:
+                return _too_many_chars(row_id, exc.chars, self.max_chars, self.max_prompt_tokens)
+            return FailedRow(row_id, str(exc), exc.kind)
+        except RowRenderError as exc:
+            return FailedRow(row_id, str(exc), exc.kind)
+        try:
+            text = self.prompt_text(rendered)
+        except Exception as exc:  # the model's chat template failed on this row's text
+            return FailedRow(row_id, f"chat template error: {' '.join(str(exc).split()) or type(exc).__name__}")
+        if self.max_chars is not None and len(text) > self.max_chars and not self.truncate_columns:
+            if self.truncate is None:
+                assert self.max_prompt_tokens is not None
+                return _too_many_chars(row_id, len(text), self.max_chars, self.max_prompt_tokens)
+            keep = self.max_chars + 1
+            text = text[-keep:] if self.truncate == "left" else text[:keep]
+        return text
+
+    def _render(
+        self, batch: pa.RecordBatch
+    ) -> tuple[list[int], list[str], list[dict[str, Any]], list[FailedRow], set[int]]:
+        row_ids, rows, cut = self._rows(batch)
+        text_ids: list[int] = []
+        texts: list[str] = []
+        kept: list[dict[str, Any]] = []
+        failed: list[FailedRow] = []
+        for row_id, row in zip(row_ids, rows):
+            prompt = self._prompt(row_id, row)
+            if isinstance(prompt, FailedRow):
+                failed.append(prompt)
+                continue
+            text_ids.append(row_id)
+            texts.append(prompt)
+            kept.append(row)
+        return text_ids, texts, kept, failed, cut
 
     def render(self, batch: pa.RecordBatch) -> tuple[list[int], list[str], list[FailedRow]]:
         """(row ids, prompt texts) of the rows that render, in the batch's order, and the failures."""
-        row_ids = batch.column(ROW_ID).to_pylist()
-        # Only the columns the template reads are converted to Python objects: wide tables stay cheap.
-        used = [name for name in batch.schema.names if name in self._variables]
-        rows = batch.select(used).to_pylist() if used else [{} for _ in row_ids]
-        texts: list[str] = []
-        text_ids: list[int] = []
-        failed: list[FailedRow] = []
-        for row_id, row in zip(row_ids, rows):
-            try:
-                # Without --truncate a prompt past the character bound fails anyway: stop rendering there.
-                rendered = self.template.render(row, self.max_chars if self.truncate is None else None)
-            except PromptTooLong as exc:
-                if self.truncate is None and self.max_chars is not None and self.max_prompt_tokens is not None:
-                    failed.append(_too_many_chars(row_id, exc.chars, self.max_chars, self.max_prompt_tokens))
-                else:
-                    failed.append(FailedRow(row_id, str(exc), exc.kind))
-                continue
-            except RowRenderError as exc:
-                failed.append(FailedRow(row_id, str(exc), exc.kind))
-                continue
-            try:
-                text = self.prompt_text(rendered)
-            except Exception as exc:  # the model's chat template failed on this row's text
-                failed.append(FailedRow(row_id, f"chat template error: {' '.join(str(exc).split()) or type(exc).__name__}"))
-                continue
-            if self.max_chars is not None and len(text) > self.max_chars:
-                if self.truncate is None:
-                    assert self.max_prompt_tokens is not None
-                    failed.append(_too_many_chars(row_id, len(text), self.max_chars, self.max_prompt_tokens))
-                    continue
-                keep = self.max_chars + 1
-                text = text[-keep:] if self.truncate == "left" else text[:keep]
-            texts.append(text)
-            text_ids.append(row_id)
+        text_ids, texts, _, failed, _ = self._render(batch)
         return text_ids, texts, failed
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.encode_batch(texts, add_special_tokens=not self.chat) if texts else []
 
     def encode(self, batch: pa.RecordBatch) -> list[PromptRow | FailedRow]:
         """One item per row of `batch`, in the batch's order."""
-        text_ids, texts, failed = self.render(batch)
+        text_ids, texts, rows, failed, cut = self._render(batch)
         out: list[PromptRow | FailedRow] = list(failed)
-        encoded = self.tokenizer.encode_batch(texts, add_special_tokens=not self.chat) if texts else []
-        out.extend(PromptRow(rid, ids) for rid, ids in zip(text_ids, encoded))
+        for row_id, text, row, ids in zip(text_ids, texts, rows, self._encode(texts)):
+            if self.truncate_columns and (len(ids) > (self.max_prompt_tokens or 0) or row_id in cut):
+                out.append(self._fit_columns(row_id, row, ids, text))
+            else:
+                out.append(PromptRow(row_id, ids, text=text))
         out.sort(key=lambda item: item.row_id)
         return out
 
+    def _fit_columns(self, row_id: int, row: dict[str, Any], ids: list[int], text: str) -> PromptRow | FailedRow:
+        """The row rendered again with its --truncate-column cells cut until the prompt fits."""
+        limit = self.max_prompt_tokens
+        assert limit is not None
+        cells = {name: row[name] for name in self.truncate_columns if isinstance(row.get(name), str) and row[name]}
+        # Where each token of a cell ends (a running max: a character split over tokens ends once).
+        ends = {name: list(accumulate(self.tokenizer.token_ends(cell), max)) for name, cell in cells.items()}
+        keep = {name: len(e) for name, e in ends.items()}
+        row = dict(row)
+        while len(ids) > limit:
+            name = max((n for n in keep if keep[n] > 0), key=lambda n: keep[n], default=None)
+            if name is None:
+                break
+            # A cell's tokens alone are about its tokens in the prompt; the loop corrects the difference.
+            keep[name] = max(0, keep[name] - (len(ids) - limit))
+            row[name] = cells[name][: ends[name][keep[name] - 1]] if keep[name] else ""
+            prompt = self._prompt(row_id, row)
+            if isinstance(prompt, FailedRow):
+                return prompt
+            text, ids = prompt, self._encode([prompt])[0]
+        if len(ids) > limit and self.truncate is None:
+            emptied = ", ".join(self.truncate_columns)
+            return FailedRow(
+                row_id,
+                f"prompt too long: {len(ids)} tokens with --truncate-column {emptied} emptied, but at most {limit} "
+                "fit (the model's context minus --max-tokens); shorten the template or the other columns, lower "
+                "--max-tokens, or pass --truncate left|right.",
+                kind="prompt_too_long",
+            )
+        return PromptRow(row_id, ids, truncated=True, text=text)
+
     def encode_packed(self, batch: pa.RecordBatch) -> PackedPrompts:
         """The rows of `batch` as packed token arrays (the same ids as `encode`) plus the failures."""
+        if self.truncate_columns:
+            items = self.encode(batch)
+            rows = [item for item in items if isinstance(item, PromptRow)]
+            lengths = np.fromiter((len(r.token_ids) for r in rows), dtype=np.int64, count=len(rows))
+            tokens = np.fromiter(chain.from_iterable(r.token_ids for r in rows), dtype=np.int32,
+                                 count=int(lengths.sum()))
+            return PackedPrompts(
+                np.fromiter((r.row_id for r in rows), dtype=np.int64, count=len(rows)), tokens, lengths,
+                [item for item in items if isinstance(item, FailedRow)],
+                np.fromiter((r.truncated for r in rows), dtype=bool, count=len(rows)),
+            )
         text_ids, texts, failed = self.render(batch)
         special = not self.chat
         packed = getattr(self.tokenizer, "encode_batch_packed", None)
         if packed is not None:
             tokens, lengths = packed(texts, add_special_tokens=special)
         else:
-            ids = self.tokenizer.encode_batch(texts, add_special_tokens=special) if texts else []
+            ids = self._encode(texts)
             lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
             tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
         return PackedPrompts(np.asarray(text_ids, dtype=np.int64), tokens, lengths, failed)

@@ -14,6 +14,7 @@ template error.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ class TemplateSource:
 
 
 NULL_POLICIES = ("error", "empty")
+# Every row is also the variable `row` (unless a column, --var or --param is itself called row), so a
+# column whose name is no Python name is still reachable: {{ row["customer-name"] }}.
+ROW_VARIABLE = "row"
 
 
 class RowRenderError(Exception):
@@ -88,16 +92,24 @@ def resolve_template(arg: str) -> TemplateSource:
     return TemplateSource(name=f"recipe:{recipe.name}", text=recipe.text, recipe=recipe)
 
 
+def _as_text(value: Any) -> Any:
+    # A list, struct or map column (or a nested value) prints as JSON, the form models read best,
+    # never as Python's repr (single quotes, None, True).
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
+
+
 def _finalize_empty(value: Any) -> Any:
     # --nulls empty: a null cell renders as an empty string, never the word "None" or "nan".
-    return "" if _is_null(value) else value
+    return "" if _is_null(value) else _as_text(value)
 
 
 def _finalize_error(value: Any) -> Any:
     # --nulls error (the default): printing a null into a prompt makes the row an error row.
     if _is_null(value):
         raise _NullValue()
-    return value
+    return _as_text(value)
 
 
 class PromptTooLong(RowRenderError):
@@ -173,6 +185,32 @@ def _value_names(ast: nodes.Template) -> set[str]:
     return {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load" and id(n) not in called}
 
 
+# `row.items`, `row.get(...)`: the mapping's own methods, not a column.
+_MAPPING_ATTRS = frozenset(dir(dict))
+
+
+def _row_keys(ast: nodes.Template) -> set[str] | None:
+    """The columns read through the whole-row variable (`row["customer-name"]`, `row.text`), or None
+    when `row` is also used in another way (printed, indexed by a variable, iterated): then every
+    column may be read."""
+    keys: set[str] = set()
+    keyed: set[int] = set()
+    for node in ast.find_all((nodes.Getitem, nodes.Getattr)):
+        if not (isinstance(node.node, nodes.Name) and node.node.name == ROW_VARIABLE):
+            continue
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            keys.add(node.arg.value)
+        elif isinstance(node, nodes.Getattr) and node.attr not in _MAPPING_ATTRS:
+            keys.add(node.attr)
+        else:
+            continue
+        keyed.add(id(node.node))
+    for name in ast.find_all(nodes.Name):
+        if name.name == ROW_VARIABLE and name.ctx == "load" and id(name) not in keyed:
+            return None
+    return keys
+
+
 def _optional_names(ast: nodes.Template) -> set[str]:
     """Names that appear at least once under `| default(...)` or `is defined` / `is undefined`."""
     names: set[str] = set()
@@ -191,11 +229,19 @@ class PromptTemplate:
     `default` or `is defined`) counts as missing, so the template's default applies.
     """
 
-    def __init__(self, source: TemplateSource, nulls: str = "error") -> None:
+    def __init__(
+        self,
+        source: TemplateSource,
+        nulls: str = "error",
+        variables: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> None:
         if nulls not in NULL_POLICIES:
             raise ValueError(f"nulls must be one of {NULL_POLICIES}")
         self.source = source
         self.nulls = nulls
+        self.variables: dict[str, str] = dict(variables or {})  # template variable -> column (--var)
+        self.params: dict[str, str] = dict(params or {})  # template variable -> constant text (-p)
         env = _make_environment(nulls)
         try:
             ast = env.parse(source.text)
@@ -215,21 +261,67 @@ class PromptTemplate:
         optional = _optional_names(ast) & variables
         self.required_variables: frozenset[str] = frozenset(variables - optional)
         self.optional_variables: frozenset[str] = frozenset(optional)
+        self._row_keys = _row_keys(ast) if ROW_VARIABLE in variables else set()
+        for flag, names in (("--var", self.variables), ("--param", self.params)):
+            unused = sorted(set(names) - variables)
+            if unused:
+                raise UsageError(
+                    f"{flag} {', '.join(unused)}: template {source.name} has no such variable; its variables: "
+                    f"{', '.join(sorted(variables)) or '(none)'}."
+                )
+
+    def _row_is_variable(self, columns: Sequence[str]) -> bool:
+        return ROW_VARIABLE not in columns and ROW_VARIABLE not in self.variables and ROW_VARIABLE not in self.params
+
+    def given_variables(self, columns: Sequence[str]) -> set[str]:
+        """The variables rows supply: the columns, and those set by --var and --param."""
+        return set(columns) | set(self.variables) | set(self.params)
+
+    def columns_read(self, columns: Sequence[str]) -> list[str]:
+        """The columns (of `columns`, in their order) that rendering may read."""
+        if self._row_is_variable(columns) and self._row_keys is None:
+            return list(columns)
+        wanted = {self.variables.get(v, v) for v in self.required_variables | self.optional_variables
+                  if v not in self.params}
+        if self._row_is_variable(columns):
+            wanted |= self._row_keys
+        return [c for c in columns if c in wanted]
 
     def check_columns(self, columns: Sequence[str]) -> None:
-        """UsageError naming every required variable that is not a column, and the columns there are."""
-        missing = sorted(self.required_variables - set(columns))
+        """UsageError naming every required variable that is not a column (nor set by --var/--param),
+        every --var column and row["..."] key that is not a column, and the columns there are."""
+        available = ", ".join(columns) if columns else "(none)"
+        bad = sorted({c for c in self.variables.values() if c not in columns})
+        if bad:
+            raise UsageError(f"--var: {', '.join(bad)} {'are not columns' if len(bad) > 1 else 'is not a column'} "
+                             f"of the input; available columns: {available}.")
+        needed = self.required_variables - set(self.params) - set(self.variables)
+        if self._row_is_variable(columns):
+            needed = (needed - {ROW_VARIABLE}) | {f'row["{k}"]' for k in self._row_keys if k not in columns}
+        missing = sorted(needed - set(columns))
         if missing:
             plural = "s" if len(missing) > 1 else ""
-            available = ", ".join(columns) if columns else "(none)"
             raise UsageError(
                 f"Template {self.source.name} uses variable{plural} {', '.join(missing)} that "
-                f"{'are not columns' if plural else 'is not a column'} of the input; available columns: {available}."
+                f"{'are not columns' if plural else 'is not a column'} of the input; available columns: {available}. "
+                "Map a variable to a column with --var NAME=COLUMN, or set it with --param NAME=VALUE."
             )
+
+    def context(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The template's variables for one row: its columns, the whole row as `row`, --var columns
+        and --param constants (the flags win over a column of the same name)."""
+        ctx = dict(row)
+        if self._row_is_variable(list(row)):
+            ctx[ROW_VARIABLE] = row
+        ctx.update(self.params)
+        for name, column in self.variables.items():
+            ctx[name] = row.get(column)
+        return ctx
 
     def render(self, row: Mapping[str, Any], max_chars: int | None = None) -> str:
         """The prompt for one row; RowRenderError (one line) when this row cannot be rendered, and
         PromptTooLong as soon as it passes `max_chars` (MAX_RENDER_CHARS at most)."""
+        row = self.context(row)
         if self.optional_variables and any(_is_null(row.get(k)) for k in self.optional_variables):
             row = {k: v for k, v in row.items() if not (k in self.optional_variables and _is_null(v))}
         limit = min(max_chars, MAX_RENDER_CHARS) if max_chars is not None else MAX_RENDER_CHARS
@@ -246,7 +338,9 @@ class PromptTemplate:
         except RowRenderError:
             raise
         except _NullValue:
-            names = sorted(k for k in self.required_variables if _is_null(row.get(k, 0)))
+            whole = row.get(ROW_VARIABLE) if isinstance(row.get(ROW_VARIABLE), Mapping) else {}
+            names = sorted({self.variables.get(k, k) for k in self.required_variables if _is_null(row.get(k, 0))}
+                           | {k for k in self._row_keys or () if _is_null(whole.get(k, 0))})
             where = f"column {', '.join(names)} is null" if names else "a null value"
             raise RowRenderError(
                 f"null value: {where} in this row; fix the input, or pass --nulls empty to render nulls "

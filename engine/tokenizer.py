@@ -212,30 +212,40 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
 
-    def apply_chat_template(self, user_message: str) -> str:
-        """The prompt text for one user turn, ending where the assistant's answer starts."""
+    def apply_chat_template(self, user_message: str, system: str | None = None) -> str:
+        """The prompt text for one user turn (after a system turn, when `system` is given), ending
+        where the assistant's answer starts."""
         from engine.chat_template import render_chat
 
         assert self.chat_template is not None
-        return render_chat(self.chat_template, [{"role": "user", "content": user_message}], self.special_tokens,
-                           add_generation_prompt=True)
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": user_message})
+        return render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt=True)
+
+    def token_ends(self, text: str) -> list[int]:
+        """The character offset in `text` where each of its tokens ends (encoded alone, without
+        special tokens): its first k tokens cover text[:max(ends[:k])]."""
+        return [end for _, end in self._tok.encode(text, add_special_tokens=False).offsets]
 
     def _encode_ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         # tokenizers >= 0.21 has encode_batch_fast: parallel, no character offsets
         encode = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
         return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
-    def check_chat_template(self) -> None:
+    def check_chat_template(self, system: str | None = None) -> None:
         """ModelLoadError naming the template's file when the chat template cannot render one user turn
-        (a Jinja syntax error, or an error the template raises itself): found before any row runs."""
+        (after `system`, when given; a Jinja syntax error, or an error the template raises itself, such
+        as a template without a system role): found before any row runs."""
         try:
-            self.apply_chat_template("Hello")
+            self.apply_chat_template("Hello", system=system)
         except Exception as exc:  # jinja2 errors, transformers' raise_exception, type errors in the template
             reason = " ".join(str(exc).split()) or type(exc).__name__
             line = getattr(exc, "lineno", None)
             where = f" (line {line})" if isinstance(line, int) else ""
+            fix = "drop --system (put its text in the template)" if system is not None else "fix it"
             raise ModelLoadError(
-                f"The chat template in {self.chat_template_origin}{where} cannot be used: {reason}; fix it, "
+                f"The chat template in {self.chat_template_origin}{where} cannot be used"
+                f"{' with a system message' if system is not None else ''}: {reason}; {fix}, "
                 "or pass --no-chat to send prompts without it."
             ) from exc
 

@@ -102,8 +102,8 @@ class FakeTokenizer:
 
     has_chat_template = True
 
-    def apply_chat_template(self, user_message: str) -> str:
-        return f"<u>{user_message}</u><a>"
+    def apply_chat_template(self, user_message: str, system: str | None = None) -> str:
+        return (f"<s>{system}</s>" if system is not None else "") + f"<u>{user_message}</u><a>"
 
     def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[int]]:
         prefix = [0] if add_special_tokens else []

@@ -74,6 +74,9 @@ def test_tokenizer_matches_transformers(name: str, model_dirs: dict[str, Path]) 
             messages = [{"role": "user", "content": text}]
             assert ours.apply_chat_template(text) == hf.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True)
+            system = [{"role": "system", "content": "Be brief."}]  # --system
+            assert ours.apply_chat_template(text, system="Be brief.") == hf.apply_chat_template(
+                system + messages, tokenize=False, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("generation_prompt", [True, False])
