@@ -126,7 +126,8 @@ class LLMEngine:
                  for is_prefix, index in zip(plan.item_is_prefix.tolist(), plan.item_index.tolist())]
         adoption = None
         if carry is not None:
-            adoption = adopt_carry(carry, items, plan.prefix_length.tolist(), plan.prefix_source_row.tolist(), seqs)
+            adoption = adopt_carry(carry, items, plan.prefix_length.tolist(), plan.prefix_source_row.tolist(),
+                                   plan.prefix_keeps_logits.tolist(), seqs)
         covered = adoption.covered_tokens if adoption is not None else 0
         self._unique_prompt_tokens += plan.unique_prompt_tokens - covered
         self._carried_prefix_tokens += covered

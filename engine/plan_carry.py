@@ -6,9 +6,10 @@ next chunk computes them again. Instead, the chunk before a cut keeps one of its
 (one extra, placeholder dependent): the shallowest on its last row's path that covers the shared
 tokens. When the next chunk is planned, its items that begin with those tokens start on the carried
 state (their start length is their LCP with it), prefixes lying wholly inside it are not computed at
-all, and then the placeholder is dropped. When no state on the last row's path covers the shared
-tokens, one is inserted on it (`split_for_carry`), which costs no extra work. A row ending inside the carried tokens (an exact duplicate
-across the cut) still computes its last token, for its logits.
+all (unless rows end exactly there: then it computes its last token, for their logits), and then the
+placeholder is dropped. When no state on the last row's path covers the shared
+tokens, one is inserted on it (`split_for_carry`), which costs no extra work. Rows equal to the
+carried tokens (exact duplicates across the cut) cost one token in all, for their logits.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def split_for_carry(last_row: Sequence, length: int, prefix_id: int) -> SharedPr
 
 
 def adopt_carry(carry: Carry, items: Seq[PlanItem], prefix_length: Seq[int], prefix_source_row: Seq[int],
-                seqs: Seq[Sequence]) -> Adoption:
+                prefix_keeps_logits: Seq[bool], seqs: Seq[Sequence]) -> Adoption:
     """Which of the plan's items start on the carried prefix, and at what length. Only items that start
     from nothing, or on a prefix the carry makes unnecessary, move; an item on a prefix that branches
     off the carried tokens cannot share more of them than its prefix."""
@@ -92,10 +93,12 @@ def adopt_carry(carry: Carry, items: Seq[PlanItem], prefix_length: Seq[int], pre
         if is_prefix:
             length = prefix_length[index]
             c = shared(seqs[prefix_source_row[index]].token_ids, length)
-            if c >= length:
+            if c >= length and not prefix_keeps_logits[index]:
                 skipped.add(index)
                 covered = max(covered, c)
                 continue
+            # rows ending exactly here sample from its logits: it computes its last token
+            c = min(c, length - 1)
         else:
             tokens = seqs[index].token_ids
             c = shared(tokens, len(tokens) - 1)  # at least one token computed, for the row's logits

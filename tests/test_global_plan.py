@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -67,6 +67,7 @@ def plan_engine(tmp_path_factory: pytest.TempPathFactory):
 
 
 @given(prompts=_prompt_sets(), budget=st.integers(1, 120))
+@example(prompts=[[1, 1, 1]] * 4, budget=6)  # a cut between duplicates: the next chunk's copies share one token
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_engine_computes_each_prefix_once_across_chunk_cuts(plan_engine, prompts, budget) -> None:
     from engine import SamplingParams
