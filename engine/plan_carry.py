@@ -1,6 +1,6 @@
 """Carrying a shared prefix's KV from one plan chunk to the next, so a cut costs no prefill.
 
-A job is fed to the engine in chunks of its globally sorted rows (plan_chunks), each planned on its
+A job is fed to the engine in chunks of its globally sorted rows (planning.chunks), each planned on its
 own. The rows on both sides of a cut share `shared_with_next` leading tokens, and without help the
 next chunk computes them again. Instead, the chunk before a cut keeps one of its prefix states pinned
 (one extra, placeholder dependent): the shallowest on its last row's path that covers the shared
