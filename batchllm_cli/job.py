@@ -30,6 +30,9 @@ from batchllm_cli.collector import OutputColumns, ResultCollector
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
 from batchllm_cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
     BatchLLMError,
     FingerprintMismatch,
     Interrupted,
@@ -46,7 +49,18 @@ from batchllm_cli.job_output import (
     seed_from_output,
     write_final,
 )
-from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
+from batchllm_cli.job_types import (
+    AttemptCounts,
+    JobCounts,
+    PreparedRun,
+    RunObserver,
+    RunReport,
+    RunSettings,
+    SilentObserver,
+    WorkDone,
+    engine_summary,
+    finished_state,
+)
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
     DEFAULT_MAX_TOKENS,
@@ -385,8 +399,13 @@ def _free_accelerator_memory() -> None:
         pass
 
 
+# The first shard of an attempt is committed after this fraction of --checkpoint-seconds of results
+# (5 s of the default 60), so `status` has a rate and a count to show early; then every N rows or T s.
+FIRST_SHARD_FRACTION = 1 / 12
+
+
 class _ShardSink:
-    """Buffers results and commits a shard every N rows or T seconds."""
+    """Buffers results and commits a shard every N rows or T seconds (the first one sooner)."""
 
     def __init__(self, prepared: PreparedRun, guard: SignalGuard) -> None:
         assert prepared.run_dir is not None
@@ -396,11 +415,18 @@ class _ShardSink:
         self.guard = guard
         self.every_rows = prepared.settings.checkpoint_rows
         self.every_s = prepared.settings.checkpoint_seconds
-        self._last = time.monotonic()
+        self._last: float | None = None  # the last commit; before the first one, the first result
+        self._first = True
 
     def maybe_commit(self) -> None:
         pending = self.collector.pending
-        if pending and (pending >= self.every_rows or time.monotonic() - self._last >= self.every_s):
+        if not pending:
+            return
+        now = time.monotonic()
+        if self._last is None:
+            self._last = now
+        due_s = self.every_s * FIRST_SHARD_FRACTION if self._first else self.every_s
+        if pending >= self.every_rows or now - self._last >= due_s:
             self.commit()
 
     def commit(self) -> None:
@@ -413,6 +439,7 @@ class _ShardSink:
             self.committed.shards.append(info)
             self.committed.done[table.column(ROW_ID).to_numpy()] = True
         self._last = time.monotonic()
+        self._first = False
 
     def salvage(self) -> None:
         """Commit what finished before a failure; a second failure (disk full) loses only those rows."""
@@ -422,38 +449,136 @@ class _ShardSink:
             pass
 
 
+class _AttemptWork:
+    """This attempt's counters: its results (the sink's collector) and the engine's, summed over every
+    engine it loaded (a fresh one after running out of memory). `snapshot` is what progress reads."""
+
+    def __init__(self, sink: _ShardSink) -> None:
+        self.collector = sink.collector
+        self.engine: Any = None
+        self._retired: list[Any] = []  # stats of engines dropped after running out of memory
+
+    def retire(self) -> None:
+        if self.engine is not None:
+            self._retired.append(self.engine.stats())
+            self.engine = None
+
+    def total(self, name: str) -> int:
+        stats = self._retired + ([self.engine.stats()] if self.engine is not None else [])
+        return sum(getattr(s, name, 0) for s in stats)
+
+    def snapshot(self) -> WorkDone:
+        c = self.collector
+        processed = self.total("prefill_tokens") + self.total("prefix_hit_tokens") - self.total("shared_prefix_tokens")
+        return WorkDone(
+            rows=c.rows, rows_failed=c.rows_failed, rows_run=c.rows_run, prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens, prompt_tokens_processed=max(processed, 0),
+            output_tokens=self.total("sampled_tokens"),
+        )
+
+    def counts(self, elapsed_s: float, load_s: float, write_s: float) -> AttemptCounts:
+        c = self.collector
+        prefill, hits, shared = (self.total(n) for n in ("prefill_tokens", "prefix_hit_tokens", "shared_prefix_tokens"))
+        stats = self._retired + ([self.engine.stats()] if self.engine is not None else [])
+        return AttemptCounts(
+            rows=c.rows, rows_ok=c.rows_ok, rows_failed=c.rows_failed, rows_truncated=c.rows_truncated,
+            prompt_tokens=c.prompt_tokens, prefix_hit_tokens=hits, prefill_tokens=prefill,
+            shared_prefix_tokens=shared, recomputed_tokens=prefill - shared - (c.prompt_tokens - hits),
+            unique_prompt_tokens=self.total("unique_prompt_tokens"), completion_tokens=c.completion_tokens,
+            preemptions=self.total("preemptions"), sharing_fallbacks=self.total("sharing_fallbacks"),
+            peak_kv_blocks=max((getattr(s, "peak_kv_blocks", 0) for s in stats), default=0),
+            elapsed_s=elapsed_s, load_s=load_s, write_s=write_s,
+        )
+
+
+def job_counts(prepared: PreparedRun, resumed: int) -> JobCounts:
+    committed = prepared.committed
+    return JobCounts(
+        rows_total=prepared.total_rows, rows=committed.rows, rows_ok=committed.rows - committed.errors,
+        rows_failed=committed.errors, rows_rejected=rejected_rows(prepared.source), rows_resumed=resumed,
+        prompt_tokens=sum(s.prompt_tokens for s in committed.shards),
+        completion_tokens=sum(s.completion_tokens for s in committed.shards),
+    )
+
+
+def _model_info(engine: Any) -> dict[str, Any]:
+    if engine is not None and dataclasses.is_dataclass(engine.model_info):
+        return dataclasses.asdict(engine.model_info)
+    return {}
+
+
+_REPORT_ATTR = "batchllm_report"
+
+
+def report_of(exc: BaseException) -> RunReport | None:
+    """The report of the attempt that `exc` stopped (interrupted or failed), if the job made one."""
+    report = getattr(exc, _REPORT_ATTR, None)
+    return report if isinstance(report, RunReport) else None
+
+
+def _stopped(exc: BaseException, report: RunReport) -> BaseException:
+    try:
+        setattr(exc, _REPORT_ATTR, report)
+    except AttributeError:  # an exception type without a __dict__: no summary beyond the error line
+        pass
+    return exc
+
+
 def execute_run(
     prepared: PreparedRun, observer: RunObserver | None = None, guard: SignalGuard | None = None
 ) -> RunReport:
-    """Load the model, run every row not yet committed, write the output; the report says how it went."""
+    """Load the model, run every row not yet committed, write the output; the report says how it went.
+    An exception that stops the attempt carries the attempt's report too (`report_of`)."""
     observer = observer or SilentObserver()
     guard = guard or null_guard()
     settings = prepared.settings
+    started_at = time.time()
     if prepared.done_marker is not None:
-        return already_done_report(prepared)
+        return already_done_report(prepared, started_at)
     assert prepared.run_dir is not None
     committed = prepared.committed
     sink = _ShardSink(prepared, guard)
+    work = _AttemptWork(sink)
     resumed = committed.rows
     remaining = prepared.total_rows - resumed
-
-    engine = None
-    load_s = elapsed_s = 0.0
-    if remaining > 0:
-        t0 = time.perf_counter()
-        engine = _load_engine(prepared, prepared.engine_config, sink)
-        load_s = time.perf_counter() - t0
-    observer.start(prepared.total_rows)
-    if resumed:
-        observer.advance(resumed, 0)
+    load_s = 0.0
     t1 = time.perf_counter()
-    stats_acc: list[Any] = []
+
+    def report(state: str, exit_code: int, write_s: float = 0.0, files: dict[str, Any] | None = None,
+               error: str | None = None) -> RunReport:
+        last = work.engine.stats() if work.engine is not None else None
+        return RunReport(
+            state=state, exit_code=exit_code, started_at=started_at, finished_at=time.time(),
+            **prepared.report_identity(),
+            attempt=work.counts(time.perf_counter() - t1 - write_s, load_s, write_s),
+            job=job_counts(prepared, resumed),
+            model=_model_info(work.engine),
+            engine=engine_summary(last, prepared.params.max_tokens),
+            first_errors=tuple(sink.collector.first_errors),
+            run_dir=str(prepared.run_dir.path) if prepared.run_dir is not None else None,
+            error=error,
+            **(files or {}),
+        )
+
+    def stopped(exc: BaseException) -> BaseException:
+        exit_code = exc.exit_code if isinstance(exc, BatchLLMError) else EXIT_INTERNAL
+        state = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        return _stopped(exc, report(state, exit_code, error=" ".join(str(exc).split()) or type(exc).__name__))
+
+    try:
+        if remaining > 0:
+            work.engine = _load_engine(prepared, prepared.engine_config, sink)
+            load_s = time.perf_counter() - t1
+    except BaseException as exc:
+        raise stopped(exc)
+    observer.start(prepared.total_rows, resumed, work.snapshot)
+    t1 = time.perf_counter()
     try:
         batch_tokens = prepared.engine_config.max_batch_tokens if prepared.engine_config else 0
         attempt = 0
-        while engine is not None:
+        while work.engine is not None:
             try:
-                _generate(prepared, engine, sink, observer, guard)
+                _generate(prepared, work.engine, sink, observer, guard)
                 break
             except JobInterrupted:
                 raise
@@ -461,8 +586,7 @@ def execute_run(
                 if not is_out_of_memory(exc):
                     raise
                 sink.salvage()
-                stats_acc.append(engine.stats())
-                engine = None
+                work.retire()
                 _free_accelerator_memory()
                 attempt += 1
                 batch_tokens //= 2
@@ -474,82 +598,41 @@ def execute_run(
                     ) from exc
                 observer.notice(f"Out of GPU memory; retrying the remaining rows with --max-batch-tokens {batch_tokens}.")
                 config = _engine_config(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
-                engine = _load_engine(prepared, config, sink)
+                work.engine = _load_engine(prepared, config, sink)
         sink.commit()
     except BaseException as exc:
         guard.draining = True
         sink.salvage()
         # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
-            raise _interrupted(guard, exc, (
+            raise stopped(_interrupted(guard, exc, (
                 f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
                 f"{prepared.run_dir.path}; run the same command again to resume."
-            )) from None
-        raise
+            ))) from None
+        raise stopped(exc)
     finally:
         observer.finish()
-    elapsed_s = time.perf_counter() - t1
-    if engine is not None:
-        stats_acc.append(engine.stats())
 
     if not committed.done.all():
         missing = int((~committed.done).sum())
-        raise BatchLLMError(f"Internal error: {missing} rows have no committed result; run the same command again.")
+        raise stopped(BatchLLMError(
+            f"Internal error: {missing} rows have no committed result; run the same command again."))
 
     t2 = time.perf_counter()
     try:
-        report_files = write_final(prepared)
+        report_files = write_final(prepared, _model_info(work.engine))
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True
-            raise _interrupted(guard, exc, (
+            raise stopped(_interrupted(guard, exc, (
                 f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
                 "written yet; run the same command again to write it."
-            )) from None
-        raise
+            ))) from None
+        raise stopped(exc)
     write_s = time.perf_counter() - t2
-
-    prefill = sum(getattr(s, "prefill_tokens", 0) for s in stats_acc)
-    preemptions = sum(getattr(s, "preemptions", 0) for s in stats_acc)
-    sharing = {
-        name: sum(getattr(s, name, 0) for s in stats_acc)
-        for name in ("unique_prompt_tokens", "prefix_hit_tokens", "sharing_fallbacks")
-    }
-    last = stats_acc[-1] if stats_acc else None
-    model_info: dict[str, Any] = {}
-    if engine is not None and dataclasses.is_dataclass(engine.model_info):
-        model_info = dataclasses.asdict(engine.model_info)
-    c = sink.collector
-    return RunReport(
-        **prepared.report_identity(),
-        rows=committed.rows,
-        rows_ok=committed.rows - committed.errors,
-        rows_failed=committed.errors,
-        prompt_tokens=sum(s.prompt_tokens for s in committed.shards),
-        prefill_tokens=prefill,
-        completion_tokens=sum(s.completion_tokens for s in committed.shards),
-        preemptions=preemptions,
-        elapsed_s=elapsed_s,
-        prefix_sharing=settings.prefix_sharing,
-        peak_kv_blocks=max((getattr(s, "peak_kv_blocks", 0) for s in stats_acc), default=0),
-        **sharing,
-        load_s=load_s,
-        write_s=write_s,
-        model=model_info,
-        engine={
-            "steps": getattr(last, "steps", 0),
-            "cuda_graph_steps": getattr(last, "graph_steps", 0),
-            "peak_kv_blocks": getattr(last, "peak_kv_blocks", 0),
-            "kv_blocks_total": getattr(last, "kv_blocks_total", 0),
-            "max_tokens": prepared.params.max_tokens,
-        },
-        first_errors=tuple(c.first_errors),
-        rows_resumed=resumed,
-        rows_rejected=rejected_rows(prepared.source),
-        rows_truncated=c.rows_truncated,
-        run_dir=str(prepared.run_dir.path),
-        **report_files,
-    )
+    jobc = job_counts(prepared, resumed)
+    state = finished_state(jobc.rows_failed, jobc.rows_rejected)
+    return report(state, EXIT_ROWS_FAILED if state == "finished_with_errors" else EXIT_OK, write_s, report_files)
 
 
 def _interrupted(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:
