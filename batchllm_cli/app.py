@@ -1,6 +1,7 @@
 """The `batchllm` command: parses flags, calls the job, renders its report. No job logic lives here."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -28,7 +29,8 @@ from batchllm_cli.errors import (
 )
 from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
-from batchllm_cli.job import execute_run, prepare_run, report_of
+from batchllm_cli.job import execute_run, prepare_run
+from batchllm_cli.job_report import report_of
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
 from batchllm_cli.options import (
     AnalyzeJsonOpt,
@@ -178,16 +180,13 @@ def _render_report(report: RunReport, console: Console) -> None:
 
 
 def _write_summary(report: RunReport, summary: str) -> None:
-    """One line of JSON: `| tail -1` in a script or Airflow's XCom gets all of it."""
+    """One line of JSON: `| tail -1` in a script or Airflow's XCom gets all of it. Raises OSError."""
     text = json.dumps(report.to_dict(), ensure_ascii=False) + "\n"
     if summary == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        try:
-            atomic_write_bytes(Path(summary), text.encode("utf-8"))
-        except OSError as exc:
-            raise _fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
+        atomic_write_bytes(Path(summary), text.encode("utf-8"))
 
 
 def _stopped_summary(settings: RunSettings, summary: str, started_at: float, exc: BaseException,
@@ -197,7 +196,9 @@ def _stopped_summary(settings: RunSettings, summary: str, started_at: float, exc
     if summary != "-" and not checked:
         return
     report = report_of(exc) or (report_of(error) if error is not None else None)
-    if report is None:
+    if report is not None:
+        report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
+    else:
         exit_code = error.exit_code if error is not None else EXIT_INTERNAL
         report = RunReport(
             state="interrupted" if isinstance(error, Interrupted) else "failed", exit_code=exit_code,
@@ -207,7 +208,7 @@ def _stopped_summary(settings: RunSettings, summary: str, started_at: float, exc
         )
     try:
         _write_summary(report, summary)
-    except typer.Exit:
+    except OSError:
         pass  # the error that stopped the run is the one to report
 
 
@@ -339,9 +340,13 @@ def run(
         raise
     finally:
         guard.restore()
+    report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
     _render_report(report, err_console)
     if summary is not None:
-        _write_summary(report, summary)
+        try:
+            _write_summary(report, summary)
+        except OSError as exc:
+            raise _fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
     raise typer.Exit(report.exit_code)
 
 

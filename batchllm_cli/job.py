@@ -30,9 +30,6 @@ from batchllm_cli.collector import OutputColumns, ResultCollector
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
 from batchllm_cli.errors import (
-    EXIT_INTERNAL,
-    EXIT_OK,
-    EXIT_ROWS_FAILED,
     BatchLLMError,
     FingerprintMismatch,
     Interrupted,
@@ -49,18 +46,8 @@ from batchllm_cli.job_output import (
     seed_from_output,
     write_final,
 )
-from batchllm_cli.job_types import (
-    AttemptCounts,
-    JobCounts,
-    PreparedRun,
-    RunObserver,
-    RunReport,
-    RunSettings,
-    SilentObserver,
-    WorkDone,
-    engine_summary,
-    finished_state,
-)
+from batchllm_cli.job_report import AttemptTracker, model_info
+from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
     DEFAULT_MAX_TOKENS,
@@ -449,136 +436,36 @@ class _ShardSink:
             pass
 
 
-class _AttemptWork:
-    """This attempt's counters: its results (the sink's collector) and the engine's, summed over every
-    engine it loaded (a fresh one after running out of memory). `snapshot` is what progress reads."""
-
-    def __init__(self, sink: _ShardSink) -> None:
-        self.collector = sink.collector
-        self.engine: Any = None
-        self._retired: list[Any] = []  # stats of engines dropped after running out of memory
-
-    def retire(self) -> None:
-        if self.engine is not None:
-            self._retired.append(self.engine.stats())
-            self.engine = None
-
-    def total(self, name: str) -> int:
-        stats = self._retired + ([self.engine.stats()] if self.engine is not None else [])
-        return sum(getattr(s, name, 0) for s in stats)
-
-    def snapshot(self) -> WorkDone:
-        c = self.collector
-        processed = self.total("prefill_tokens") + self.total("prefix_hit_tokens") - self.total("shared_prefix_tokens")
-        return WorkDone(
-            rows=c.rows, rows_failed=c.rows_failed, rows_run=c.rows_run, prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens, prompt_tokens_processed=max(processed, 0),
-            output_tokens=self.total("sampled_tokens"),
-        )
-
-    def counts(self, elapsed_s: float, load_s: float, write_s: float) -> AttemptCounts:
-        c = self.collector
-        prefill, hits, shared = (self.total(n) for n in ("prefill_tokens", "prefix_hit_tokens", "shared_prefix_tokens"))
-        stats = self._retired + ([self.engine.stats()] if self.engine is not None else [])
-        return AttemptCounts(
-            rows=c.rows, rows_ok=c.rows_ok, rows_failed=c.rows_failed, rows_truncated=c.rows_truncated,
-            prompt_tokens=c.prompt_tokens, prefix_hit_tokens=hits, prefill_tokens=prefill,
-            shared_prefix_tokens=shared, recomputed_tokens=prefill - shared - (c.prompt_tokens - hits),
-            unique_prompt_tokens=self.total("unique_prompt_tokens"), completion_tokens=c.completion_tokens,
-            preemptions=self.total("preemptions"), sharing_fallbacks=self.total("sharing_fallbacks"),
-            peak_kv_blocks=max((getattr(s, "peak_kv_blocks", 0) for s in stats), default=0),
-            elapsed_s=elapsed_s, load_s=load_s, write_s=write_s,
-        )
-
-
-def job_counts(prepared: PreparedRun, resumed: int) -> JobCounts:
-    committed = prepared.committed
-    return JobCounts(
-        rows_total=prepared.total_rows, rows=committed.rows, rows_ok=committed.rows - committed.errors,
-        rows_failed=committed.errors, rows_rejected=rejected_rows(prepared.source), rows_resumed=resumed,
-        prompt_tokens=sum(s.prompt_tokens for s in committed.shards),
-        completion_tokens=sum(s.completion_tokens for s in committed.shards),
-    )
-
-
-def _model_info(engine: Any) -> dict[str, Any]:
-    if engine is not None and dataclasses.is_dataclass(engine.model_info):
-        return dataclasses.asdict(engine.model_info)
-    return {}
-
-
-_REPORT_ATTR = "batchllm_report"
-
-
-def report_of(exc: BaseException) -> RunReport | None:
-    """The report of the attempt that `exc` stopped (interrupted or failed), if the job made one."""
-    report = getattr(exc, _REPORT_ATTR, None)
-    return report if isinstance(report, RunReport) else None
-
-
-def _stopped(exc: BaseException, report: RunReport) -> BaseException:
-    try:
-        setattr(exc, _REPORT_ATTR, report)
-    except AttributeError:  # an exception type without a __dict__: no summary beyond the error line
-        pass
-    return exc
-
-
 def execute_run(
     prepared: PreparedRun, observer: RunObserver | None = None, guard: SignalGuard | None = None
 ) -> RunReport:
     """Load the model, run every row not yet committed, write the output; the report says how it went.
-    An exception that stops the attempt carries the attempt's report too (`report_of`)."""
+    An exception that stops the attempt carries the attempt's report too (job_report.report_of)."""
     observer = observer or SilentObserver()
     guard = guard or null_guard()
     settings = prepared.settings
-    started_at = time.time()
     if prepared.done_marker is not None:
-        return already_done_report(prepared, started_at)
+        return already_done_report(prepared, time.time())
     assert prepared.run_dir is not None
     committed = prepared.committed
     sink = _ShardSink(prepared, guard)
-    work = _AttemptWork(sink)
-    resumed = committed.rows
-    remaining = prepared.total_rows - resumed
-    load_s = 0.0
-    t1 = time.perf_counter()
-
-    def report(state: str, exit_code: int, write_s: float = 0.0, files: dict[str, Any] | None = None,
-               error: str | None = None) -> RunReport:
-        last = work.engine.stats() if work.engine is not None else None
-        return RunReport(
-            state=state, exit_code=exit_code, started_at=started_at, finished_at=time.time(),
-            **prepared.report_identity(),
-            attempt=work.counts(time.perf_counter() - t1 - write_s, load_s, write_s),
-            job=job_counts(prepared, resumed),
-            model=_model_info(work.engine),
-            engine=engine_summary(last, prepared.params.max_tokens),
-            first_errors=tuple(sink.collector.first_errors),
-            run_dir=str(prepared.run_dir.path) if prepared.run_dir is not None else None,
-            error=error,
-            **(files or {}),
-        )
-
-    def stopped(exc: BaseException) -> BaseException:
-        exit_code = exc.exit_code if isinstance(exc, BatchLLMError) else EXIT_INTERNAL
-        state = "interrupted" if isinstance(exc, Interrupted) else "failed"
-        return _stopped(exc, report(state, exit_code, error=" ".join(str(exc).split()) or type(exc).__name__))
-
+    tracker = AttemptTracker(prepared, sink.collector)
+    remaining = prepared.total_rows - committed.rows
     try:
         if remaining > 0:
-            work.engine = _load_engine(prepared, prepared.engine_config, sink)
-            load_s = time.perf_counter() - t1
+            t0 = time.perf_counter()
+            tracker.engine = _load_engine(prepared, prepared.engine_config, sink)
+            tracker.load_s = time.perf_counter() - t0
     except BaseException as exc:
-        raise stopped(exc)
-    observer.start(prepared.total_rows, resumed, work.snapshot)
-    t1 = time.perf_counter()
+        raise tracker.stopped(exc)
+    observer.start(prepared.total_rows, committed.rows, tracker.snapshot)
+    tracker.begin_generation()
     try:
         batch_tokens = prepared.engine_config.max_batch_tokens if prepared.engine_config else 0
         attempt = 0
-        while work.engine is not None:
+        while tracker.engine is not None:
             try:
-                _generate(prepared, work.engine, sink, observer, guard)
+                _generate(prepared, tracker.engine, sink, observer, guard)
                 break
             except JobInterrupted:
                 raise
@@ -586,7 +473,7 @@ def execute_run(
                 if not is_out_of_memory(exc):
                     raise
                 sink.salvage()
-                work.retire()
+                tracker.retire()
                 _free_accelerator_memory()
                 attempt += 1
                 batch_tokens //= 2
@@ -598,41 +485,38 @@ def execute_run(
                     ) from exc
                 observer.notice(f"Out of GPU memory; retrying the remaining rows with --max-batch-tokens {batch_tokens}.")
                 config = _engine_config(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
-                work.engine = _load_engine(prepared, config, sink)
+                tracker.engine = _load_engine(prepared, config, sink)
         sink.commit()
     except BaseException as exc:
         guard.draining = True
         sink.salvage()
         # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
-            raise stopped(_interrupted(guard, exc, (
+            raise tracker.stopped(_interrupted(guard, exc, (
                 f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
                 f"{prepared.run_dir.path}; run the same command again to resume."
             ))) from None
-        raise stopped(exc)
+        raise tracker.stopped(exc)
     finally:
         observer.finish()
 
     if not committed.done.all():
         missing = int((~committed.done).sum())
-        raise stopped(BatchLLMError(
+        raise tracker.stopped(BatchLLMError(
             f"Internal error: {missing} rows have no committed result; run the same command again."))
 
     t2 = time.perf_counter()
     try:
-        report_files = write_final(prepared, _model_info(work.engine))
+        report_files = write_final(prepared, model_info(tracker.engine))
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True
-            raise stopped(_interrupted(guard, exc, (
+            raise tracker.stopped(_interrupted(guard, exc, (
                 f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
                 "written yet; run the same command again to write it."
             ))) from None
-        raise stopped(exc)
-    write_s = time.perf_counter() - t2
-    jobc = job_counts(prepared, resumed)
-    state = finished_state(jobc.rows_failed, jobc.rows_rejected)
-    return report(state, EXIT_ROWS_FAILED if state == "finished_with_errors" else EXIT_OK, write_s, report_files)
+        raise tracker.stopped(exc)
+    return tracker.finished(time.perf_counter() - t2, report_files)
 
 
 def _interrupted(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:

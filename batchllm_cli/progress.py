@@ -60,7 +60,7 @@ class ProgressLine:
     eta_s: float | None  # None until the first row finishes (the work per row is not known before)
 
     def text(self) -> str:
-        errors = f", {self.errors} errors" if self.errors else ""
+        errors = f", {self.errors} error{'s' if self.errors != 1 else ''}" if self.errors else ""
         return (
             f"{self.time} run: {self.rows_done}/{self.rows_total} rows ({self.percent:.0f}%){errors}, "
             f"{self.rows_per_s:.1f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tok/s, "
@@ -230,7 +230,7 @@ class RichProgress:
             return
         line = self._meter.line()
         self._progress.update(
-            self._task, completed=line.rows_done, errors=f"{line.errors} errors" if line.errors else "",
+            self._task, completed=line.rows_done, errors=f"{line.errors} in error" if line.errors else "",
             rates=f"{line.prompt_tokens_per_s:.0f} prompt + {line.output_tokens_per_s:.1f} output tok/s",
             eta=_fmt_eta(line.eta_s),
         )

@@ -115,6 +115,21 @@ def test_rows_in_error_finish_with_errors_and_status_exits_3(tmp_path: Path, env
     assert "3 errors" in line and "prompt tok/s" in line and "output tok/s" in line and line.endswith("ETA 0:00:00")
 
 
+def test_a_run_that_fails_still_prints_its_summary_line(tmp_path: Path, env: dict, no_model: None) -> None:
+    inp = write_rows_csv(tmp_path / "in.csv", 3)
+    tpl = write_template(tmp_path / "t.j2", "{{ missing }}")
+    result = invoke(job_args(inp, tpl, tmp_path / "out.parquet", "--summary", "-"))
+    assert result.exit_code == 2, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert set(summary) == TOP_KEYS and summary["job"]["rows"] == 0
+    assert (summary["state"], summary["exit_code"]) == ("failed", 2) and "missing" in summary["error"]
+    _utc(summary["started_at"])
+    # a summary file is written only once the paths are checked: here it would overwrite the input
+    before = inp.read_bytes()
+    assert invoke(job_args(inp, tpl, tmp_path / "out.parquet", "--summary", str(inp))).exit_code == 2
+    assert inp.read_bytes() == before
+
+
 def test_rerun_of_a_finished_job_reports_the_same_keys_from_the_marker(tmp_path: Path, env: dict) -> None:
     inp = write_rows_csv(tmp_path / "in.csv", 6)
     tpl = write_template(tmp_path / "t.j2")
