@@ -171,7 +171,8 @@ def _render_report(report: RunReport, console: Console) -> None:
         console.print(f"truncated: {att.rows_truncated} prompts were cut to fit the model's context")
     console.print(Text(f"output: {report.output}"))
     if report.rejects_file:
-        console.print(Text(f"rejected: {job.rows_rejected} malformed input records (exit 3), see {report.rejects_file}"))
+        console.print(Text(f"rejected: {job.rows_rejected} malformed input records (exit 3), "
+                           f"see {report.rejects_file}"))
     for row, error in report.first_errors:
         console.print(Text(f"  row {row}: {error}", style="red"))
     if att.rows_failed > len(report.first_errors):

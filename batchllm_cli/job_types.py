@@ -32,7 +32,7 @@ class WorkDone:
     rows_run: int = 0  # of `rows`, those the engine ran (the others failed before it: template, length)
     prompt_tokens: int = 0  # prompt tokens of the rows the engine ran
     completion_tokens: int = 0  # output tokens of the rows the engine ran
-    prompt_tokens_processed: int = 0  # prompt positions the engine has passed (computed or reused), running rows included
+    prompt_tokens_processed: int = 0  # prompt positions passed (computed or reused), running rows included
     output_tokens: int = 0  # tokens generated, running rows included
 
 

@@ -400,7 +400,8 @@ CheckpointSecondsOpt = Annotated[
     typer.Option(
         "--checkpoint-seconds",
         metavar="T",
-        help="... and at least every T seconds (a kill loses at most the rows since the last commit).",
+        help="... and at least every T seconds (a kill loses at most the rows since the last commit); the "
+        "first shard after T/12 seconds of results, so `status` has something to show early.",
         min=0.001,
         rich_help_panel=PANEL_CHECKPOINT,
     ),

@@ -3,8 +3,9 @@
 State is one of: finished (a valid completion marker, and the output has the sha256 it records),
 running (a process holds the output's lock: found by trying to take it, not from the pid written in it),
 interrupted (a checkpoint exists, nobody is working on it: run the same command to resume),
-not started (nothing on disk). The exit code says which (0 or 3 finished, 10, 11, 12). Progress and ETA come from the commit records of the shards: the rate
-is the rows committed over the span of the recent commits.
+not started (nothing on disk); the exit code says which (0 or 3 finished, 10, 11, 12). Progress and
+ETA come from the commit records of the shards: the rate is the rows committed over the span of the
+recent commits.
 """
 from __future__ import annotations
 

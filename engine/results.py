@@ -37,6 +37,6 @@ class EngineStats:
     peak_kv_blocks: int
     kv_blocks_total: int
     steps: int
-    graph_steps: int = 0
+    graph_steps: int = 0  # decode steps replayed from CUDA graphs (or run on their static buffers)
     shared_prefix_tokens: int = 0  # of prefill_tokens: computed once for a shared prefix (plan mode)
-    sampled_tokens: int = 0  # tokens generated, rows not finished yet included  # decode steps replayed from CUDA graphs (or run on their static buffers)
+    sampled_tokens: int = 0  # tokens generated, rows not finished yet included

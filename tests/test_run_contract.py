@@ -172,7 +172,8 @@ def test_resumed_run_counts_this_attempt_apart_from_the_job(tmp_path: Path, env:
     # the human report says the same, with this attempt's numbers
     text = flat(result.stderr)
     assert f"done: 120 rows (120 ok); this run: 60 rows in {att['elapsed_s']:.1f} s" in text
-    assert f"tokens: {att['prompt_tokens']} prompt ({att['prefix_hit_tokens']} reused), {att['prefill_tokens']} prefilled" in text
+    assert (f"tokens: {att['prompt_tokens']} prompt ({att['prefix_hit_tokens']} reused), "
+            f"{att['prefill_tokens']} prefilled") in text
     assert "resumed: 60 rows came from the checkpoint of an earlier run" in text
 
 
