@@ -1,10 +1,12 @@
 """The `batchllm` command: parses flags, calls the job, renders its report. No job logic lives here."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,21 @@ from rich.text import Text
 import recipes
 from batchllm_cli import __version__
 from batchllm_cli.durable import atomic_write_bytes
-from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, OutputError, UsageError
+from batchllm_cli.errors import (
+    EXIT_CODES_HELP,
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+    STATUS_EXIT_CODES_HELP,
+    BatchLLMError,
+    Interrupted,
+    OutputError,
+    UsageError,
+)
 from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
 from batchllm_cli.help_format import SectionedHelpCommand
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
+from batchllm_cli.job_report import report_of
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
 from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
 from batchllm_cli.options import (
@@ -47,9 +59,12 @@ from batchllm_cli.options import (
     KVCacheMemoryOpt,
     KVCacheTokensOpt,
     LimitOpt,
+    LogFormat,
+    LogFormatOpt,
     MaxBatchTokensOpt,
     PrefixSharing,
     PrefixSharingOpt,
+    QuietOpt,
     MaxRejectsOpt,
     MaxTokensOpt,
     ModelOpt,
@@ -127,65 +142,94 @@ def _check_summary_path(summary: str | None) -> None:
 
 
 def _render_report(report: RunReport, console: Console) -> None:
+    job, att = report.job, report.attempt
     if report.already_done:
-        failed = f", {report.rows_failed} in error" if report.rows_failed else ""
+        failed = f", {job.rows_failed} in error" if job.rows_failed else ""
         console.print(Text(
-            f"already finished: {report.output} has all {report.rows} rows{failed} "
+            f"already finished: {report.output} has all {job.rows} rows{failed} "
             f"(marker {report.marker}); nothing to do."
         ))
         return
-    failed = f", {report.rows_failed} failed" if report.rows_failed else ""
+    failed = f", {job.rows_failed} failed" if job.rows_failed else ""
+    rates = att.to_dict()
     console.print(
-        f"done: {report.rows} rows ({report.rows_ok} ok{failed}) in {report.elapsed_s:.1f} s: "
-        f"{report.rows_per_s:.2f} rows/s, {report.output_tokens_per_s:.1f} output tok/s "
-        f"(model load {report.load_s:.1f} s, write {report.write_s:.1f} s)"
+        f"done: {job.rows} rows ({job.rows_ok} ok{failed}); this run: {att.rows} rows in {att.elapsed_s:.1f} s, "
+        f"{rates['rows_per_s']:.2f} rows/s, {rates['prompt_tokens_per_s']:.0f} prompt tok/s, "
+        f"{rates['output_tokens_per_s']:.1f} output tok/s (model load {att.load_s:.1f} s, write {att.write_s:.1f} s)"
     )
-    saved = report.prompt_tokens - report.prefill_tokens
-    share = f" ({100.0 * saved / report.prompt_tokens:.0f}% of prompt tokens not recomputed)" if saved > 0 else ""
+    # Every count here is this run's: rows resumed from a checkpoint cost nothing now.
+    saved = att.prompt_tokens - att.prefill_tokens
+    share = f"; {100.0 * saved / att.prompt_tokens:.0f}% less prefill than the prompts" if saved > 0 else ""
+    extra = [f"{n} {what}" for n, what in ((att.shared_prefix_tokens, "for shared prefixes"),
+                                            (att.recomputed_tokens, "recomputed")) if n]
     console.print(
-        f"tokens: {report.prompt_tokens} prompt, {report.prefill_tokens} prefilled{share}, "
-        f"{report.completion_tokens} generated; {report.preemptions} preemptions"
+        f"tokens: {att.prompt_tokens} prompt ({att.prefix_hit_tokens} reused), {att.prefill_tokens} prefilled"
+        f"{' (' + ', '.join(extra) + ')' if extra else ''}{share}, {att.completion_tokens} generated; "
+        f"{att.preemptions} preemptions"
     )
-    optimum = f", least possible {report.unique_prompt_tokens}" if report.unique_prompt_tokens else ""
+    optimum = f", least possible {att.unique_prompt_tokens}" if att.unique_prompt_tokens else ""
     fallbacks = (
-        f"; {report.sharing_fallbacks} shared prefixes dropped for lack of KV memory (raise --kv-cache-memory)"
-        if report.sharing_fallbacks else ""
+        f"; {att.sharing_fallbacks} shared prefixes dropped for lack of KV memory (raise --kv-cache-memory)"
+        if att.sharing_fallbacks else ""
     )
     console.print(
-        f"prefix sharing ({report.prefix_sharing}): {report.prefix_hit_tokens} prompt tokens reused{optimum}; "
-        f"peak KV blocks {report.peak_kv_blocks}{fallbacks}"
+        f"prefix sharing ({report.prefix_sharing}): {att.prefix_hit_tokens} prompt tokens reused{optimum}; "
+        f"peak KV blocks {att.peak_kv_blocks}{fallbacks}"
     )
-    if report.plan_chunks:
-        where = "on disk" if report.plan_out_of_core else "in memory"
+    if att.plan_chunks:
+        where = "on disk" if att.plan_out_of_core else "in memory"
         console.print(
-            f"global plan: sorted {where} in {report.plan_s:.1f} s, fed in {report.plan_chunks} chunks "
-            f"({report.plan_boundary_tokens} tokens computed again at chunk cuts); engine waited "
-            f"{report.engine_wait_s:.2f} s for work"
+            f"global plan: sorted {where} in {att.plan_s:.1f} s, fed in {att.plan_chunks} chunks "
+            f"({att.plan_boundary_tokens} tokens computed again at chunk cuts); engine waited "
+            f"{att.engine_wait_s:.2f} s for work"
         )
-    if report.rows_resumed:
-        console.print(f"resumed: {report.rows_resumed} rows came from the checkpoint of an earlier run")
-    if report.rows_truncated:
-        console.print(f"truncated: {report.rows_truncated} prompts were cut to fit the model's context")
+    if job.rows_resumed:
+        console.print(f"resumed: {job.rows_resumed} rows came from the checkpoint of an earlier run "
+                      "(the counts of this run leave them out)")
+    if att.rows_truncated:
+        console.print(f"truncated: {att.rows_truncated} prompts were cut to fit the model's context")
     console.print(Text(f"output: {report.output}"))
     if report.rejects_file:
-        console.print(Text(f"rejected: {report.rows_rejected} malformed input records (exit 3), see {report.rejects_file}"))
+        console.print(Text(f"rejected: {job.rows_rejected} malformed input records (exit 3), "
+                           f"see {report.rejects_file}"))
     for row, error in report.first_errors:
         console.print(Text(f"  row {row}: {error}", style="red"))
-    if report.rows_failed > len(report.first_errors):
-        more = report.rows_failed - len(report.first_errors)
+    if att.rows_failed > len(report.first_errors):
+        more = att.rows_failed - len(report.first_errors)
         console.print(Text(f"  ... and {more} more (see the error column and {report.errors_file})"))
 
 
 def _write_summary(report: RunReport, summary: str) -> None:
-    text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    """One line of JSON: `| tail -1` in a script or Airflow's XCom gets all of it. Raises OSError."""
+    text = json.dumps(report.to_dict(), ensure_ascii=False) + "\n"
     if summary == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        try:
-            atomic_write_bytes(Path(summary), text.encode("utf-8"))
-        except OSError as exc:
-            raise _fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
+        atomic_write_bytes(Path(summary), text.encode("utf-8"))
+
+
+def _stopped_summary(settings: RunSettings, summary: str, started_at: float, exc: BaseException,
+                     error: BatchLLMError | None, checked: bool) -> None:
+    """The summary of a run that stopped: the job's report when it made one, else what is known. A
+    summary file is written only once every path check has passed (it may name the input)."""
+    if summary != "-" and not checked:
+        return
+    report = report_of(exc) or (report_of(error) if error is not None else None)
+    if report is not None:
+        report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
+    else:
+        exit_code = error.exit_code if error is not None else EXIT_INTERNAL
+        report = RunReport(
+            state="interrupted" if isinstance(error, Interrupted) else "failed", exit_code=exit_code,
+            started_at=started_at, finished_at=time.time(), input=str(settings.input),
+            output=str(settings.output), template=settings.template, prefix_sharing=settings.prefix_sharing,
+            error=" ".join(str(error or exc).split()) or type(exc).__name__,
+        )
+    try:
+        _write_summary(report, summary)
+    except OSError:
+        pass  # the error that stopped the run is the one to report
 
 
 def _fail(exc: BatchLLMError) -> typer.Exit:
@@ -254,6 +298,8 @@ def run(
     param: ParamOpt = None,
     system: SystemOpt = None,
     truncate_column: TruncateColumnOpt = None,
+    quiet: QuietOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Run the model over every row of INPUT and write OUTPUT = input columns + answer columns.
 
@@ -306,33 +352,44 @@ def run(
         json_schema=json_schema,
         prompt=prompt,
     )
-    progress = make_progress(err_console)
+    progress = make_progress(err_console, quiet=quiet, log_format=log_format.value)
+    started_at = time.time()
+    checked = False  # every path check passed: a --summary file may be written
     guard = SignalGuard()
     guard.install()  # SIGINT/SIGTERM: commit finished rows, then exit 130/143
     try:
         _check_summary_path(summary)
         prepared = prepare_run(settings, progress)
+        checked = True
         try:
             report = execute_run(prepared, progress, guard)
         finally:
             guard.draining = True  # releasing the locks must not be interrupted half-way
             prepared.close()
     except BaseException as exc:
+        error: BatchLLMError | None = None
         if isinstance(exc, Interrupted):
-            raise _fail(exc) from None
+            error = exc
         # A signal during preparation (DuckDB reports it as "Query interrupted", i.e. another error).
-        if guard.pending is not None or isinstance(exc, (JobInterrupted, KeyboardInterrupt)):
+        elif guard.pending is not None or isinstance(exc, (JobInterrupted, KeyboardInterrupt)):
             stop = JobInterrupted(guard.pending or signal.SIGINT)
-            raise _fail(Interrupted(f"Interrupted by {stop} before any row ran; nothing was committed.",
-                                    stop.exit_code)) from None
-        if isinstance(exc, BatchLLMError):
-            raise _fail(exc) from None
+            error = Interrupted(f"Interrupted by {stop} before any row ran; nothing was committed.", stop.exit_code)
+        elif isinstance(exc, BatchLLMError):
+            error = exc
+        if summary is not None:
+            _stopped_summary(settings, summary, started_at, exc, error, checked)
+        if error is not None:
+            raise _fail(error) from None
         raise
     finally:
         guard.restore()
+    report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
     _render_report(report, err_console)
     if summary is not None:
-        _write_summary(report, summary)
+        try:
+            _write_summary(report, summary)
+        except OSError as exc:
+            raise _fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
     raise typer.Exit(report.exit_code)
 
 
@@ -459,11 +516,12 @@ def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | No
     check_job_paths(reads, writes)
 
 
-@app.command("status", epilog=EXIT_CODES_EPILOG, cls=SectionedHelpCommand)
+@app.command("status", epilog=STATUS_EXIT_CODES_HELP, cls=SectionedHelpCommand)
 def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> None:
     """Show how far a run is: rows done of total, rows in error, speed and ETA, state.
 
-    Reads the output's completion marker and checkpoint only (safe while the run is working).
+    Reads the output's completion marker and checkpoint only (safe while the run is working). The exit
+    code says the state, for scripts and sensors.
     """
     from batchllm_cli.status import format_status, read_status, status_json
 
@@ -476,6 +534,7 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
         sys.stdout.flush()
     else:
         typer.echo(format_status(st))
+    raise typer.Exit(st.exit_code)
 
 
 RENDER_EPILOG = (

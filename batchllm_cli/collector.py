@@ -94,7 +94,8 @@ class ResultCollector:
         self.rows_ok = 0
         self.rows_failed = 0
         self.rows_truncated = 0
-        self.prompt_tokens = 0
+        self.rows_run = 0  # rows the engine ran (not those it refused, nor those failed before it)
+        self.prompt_tokens = 0  # of the rows the engine ran (not those it refused)
         self.completion_tokens = 0
         self.first_errors: list[tuple[int, str]] = []
 
@@ -124,7 +125,9 @@ class ResultCollector:
         if row_id is None:
             row_id = int(result.key)  # type: ignore[call-overload]  # ordinal keys
         completion = result.completion_tokens
-        self.prompt_tokens += result.prompt_tokens
+        if result.finish_reason != "error":  # a row the engine refused was never computed
+            self.rows_run += 1
+            self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += completion
         if result.finish_reason == "error":
             error = result.error or "the engine could not run this row"

@@ -11,6 +11,18 @@ EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: out of GPU memory, disk full, another run hol
 EXIT_SIGINT = 130  # 128 + SIGINT: interrupted; committed rows are kept, the same command resumes
 EXIT_SIGTERM = 143  # 128 + SIGTERM: terminated; committed rows are kept, the same command resumes
 
+# `batchllm status` (a sensor branches on these): 0 finished, 3 finished with errors, as for `run`.
+EXIT_STATUS_RUNNING = 10
+EXIT_STATUS_INTERRUPTED = 11
+EXIT_STATUS_NOT_STARTED = 12
+
+STATUS_EXIT_CODES_HELP = (
+    "Exit codes: 0 finished, every row ok; 3 finished, but some rows are in error or some CSV records were "
+    "rejected; 10 running (a process holds the output's lock); 11 interrupted: a checkpoint is there and "
+    "nobody works on it, the same run command resumes; 12 not started (no checkpoint, no valid "
+    "output); 1 fatal error; 2 usage error (the target is neither an output nor a run directory)."
+)
+
 EXIT_CODES_HELP = (
     "Exit codes: 0 all rows done (or the job had already finished); 1 fatal error; 2 usage error "
     "(bad flag, missing or malformed input, unknown template variable, unusable model or output; found "

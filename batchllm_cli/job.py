@@ -45,6 +45,7 @@ from batchllm_cli.job_output import (
     seed_from_output,
     write_final,
 )
+from batchllm_cli.job_report import AttemptTracker, model_info
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
@@ -375,8 +376,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+# The first shard of an attempt is committed after this fraction of --checkpoint-seconds of results
+# (5 s of the default 60), so `status` has a rate and a count to show early; then every N rows or T s.
+FIRST_SHARD_FRACTION = 1 / 12
+
+
 class _ShardSink:
-    """Buffers results and commits a shard every N rows or T seconds."""
+    """Buffers results and commits a shard every N rows or T seconds (the first one sooner)."""
 
     def __init__(self, prepared: PreparedRun, guard: SignalGuard) -> None:
         assert prepared.run_dir is not None
@@ -386,11 +392,18 @@ class _ShardSink:
         self.guard = guard
         self.every_rows = prepared.settings.checkpoint_rows
         self.every_s = prepared.settings.checkpoint_seconds
-        self._last = time.monotonic()
+        self._last: float | None = None  # the last commit; before the first one, the first result
+        self._first = True
 
     def maybe_commit(self) -> None:
         pending = self.collector.pending
-        if pending and (pending >= self.every_rows or time.monotonic() - self._last >= self.every_s):
+        if not pending:
+            return
+        now = time.monotonic()
+        if self._last is None:
+            self._last = now
+        due_s = self.every_s * FIRST_SHARD_FRACTION if self._first else self.every_s
+        if pending >= self.every_rows or now - self._last >= due_s:
             self.commit()
 
     def commit(self) -> None:
@@ -403,6 +416,7 @@ class _ShardSink:
             self.committed.shards.append(info)
             self.committed.done[table.column(ROW_ID).to_numpy()] = True
         self._last = time.monotonic()
+        self._first = False
 
     def salvage(self) -> None:
         """Commit what finished before a failure; a second failure (disk full) loses only those rows."""
@@ -415,47 +429,40 @@ class _ShardSink:
 def execute_run(
     prepared: PreparedRun, observer: RunObserver | None = None, guard: SignalGuard | None = None
 ) -> RunReport:
-    """Load the model, run every row not yet committed, write the output; the report says how it went."""
+    """Load the model, run every row not yet committed, write the output; the report says how it went.
+    An exception that stops the attempt carries the attempt's report too (job_report.report_of)."""
     observer = observer or SilentObserver()
     guard = guard or null_guard()
     settings = prepared.settings
     if prepared.done_marker is not None:
-        return already_done_report(prepared)
+        return already_done_report(prepared, time.time())
     assert prepared.run_dir is not None
     committed = prepared.committed
     sink = _ShardSink(prepared, guard)
-    resumed = committed.rows
-    remaining = prepared.total_rows - resumed
-
-    engine = None
-    load_s = elapsed_s = 0.0
+    tracker = AttemptTracker(prepared, sink.collector)
+    remaining = prepared.total_rows - committed.rows
     feed: PlannedFeed | None = None
-    first_feed: PlannedFeed | None = None
-    if remaining > 0:
-        if settings.prefix_sharing == "plan":
-            # the whole job is tokenized and sorted while the weights load
-            feed = PlannedFeed(prepared, committed.done, settings.plan_chunk_tokens).start()
-        first_feed = feed
-        t0 = time.perf_counter()
-        try:
-            engine = _load_engine(prepared, prepared.engine_config, sink)
-        except BaseException:
-            if feed is not None:
-                feed.close()
-            raise
-        load_s = time.perf_counter() - t0
-    observer.start(prepared.total_rows)
-    if resumed:
-        observer.advance(resumed, 0)
-    t1 = time.perf_counter()
-    stats_acc: list[Any] = []
-    plan_stats: list[PlanStats] = []
+    try:
+        if remaining > 0:
+            if settings.prefix_sharing == "plan":
+                # the whole job is tokenized and sorted while the weights load
+                feed = PlannedFeed(prepared, committed.done, settings.plan_chunk_tokens).start()
+            t0 = time.perf_counter()
+            tracker.engine = _load_engine(prepared, prepared.engine_config, sink)
+            tracker.load_s = time.perf_counter() - t0
+    except BaseException as exc:
+        if feed is not None:
+            feed.close()
+        raise tracker.stopped(exc)
+    first_feed = feed
+    observer.start(prepared.total_rows, committed.rows, tracker.snapshot)
+    tracker.begin_generation()
     try:
         batch_tokens = prepared.engine_config.max_batch_tokens if prepared.engine_config else 0
         attempt = 0
-        while engine is not None:
+        while tracker.engine is not None:
             try:
-                _generate(prepared, engine, sink, observer, plan_stats, feed)
+                _generate(prepared, tracker.engine, sink, observer, tracker.plan_stats, feed)
                 break
             except JobInterrupted:
                 raise
@@ -464,8 +471,7 @@ def execute_run(
                 if not is_out_of_memory(exc):
                     raise
                 sink.salvage()
-                stats_acc.append(engine.stats())
-                engine = None
+                tracker.retire()
                 from engine import release_accelerator_memory
 
                 release_accelerator_memory()
@@ -479,97 +485,40 @@ def execute_run(
                     ) from exc
                 observer.notice(f"Out of GPU memory; retrying the remaining rows with --max-batch-tokens {batch_tokens}.")
                 config = _engine_config(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
-                engine = _load_engine(prepared, config, sink)
+                tracker.engine = _load_engine(prepared, config, sink)
         sink.commit()
     except BaseException as exc:
         guard.draining = True
         sink.salvage()
         # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
-            raise _interrupted(guard, exc, (
+            raise tracker.stopped(_interrupted(guard, exc, (
                 f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
                 f"{prepared.run_dir.path}; run the same command again to resume."
-            )) from None
-        raise
+            ))) from None
+        raise tracker.stopped(exc)
     finally:
         if first_feed is not None:
             first_feed.close()  # closed already unless the run stopped before the engine pulled from it
         observer.finish()
-    elapsed_s = time.perf_counter() - t1
-    if engine is not None:
-        stats_acc.append(engine.stats())
 
     if not committed.done.all():
         missing = int((~committed.done).sum())
-        raise BatchLLMError(f"Internal error: {missing} rows have no committed result; run the same command again.")
+        raise tracker.stopped(BatchLLMError(
+            f"Internal error: {missing} rows have no committed result; run the same command again."))
 
     t2 = time.perf_counter()
     try:
-        report_files = write_final(prepared)
+        report_files = write_final(prepared, model_info(tracker.engine))
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True
-            raise _interrupted(guard, exc, (
+            raise tracker.stopped(_interrupted(guard, exc, (
                 f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
                 "written yet; run the same command again to write it."
-            )) from None
-        raise
-    write_s = time.perf_counter() - t2
-
-    prefill = sum(getattr(s, "prefill_tokens", 0) for s in stats_acc)
-    preemptions = sum(getattr(s, "preemptions", 0) for s in stats_acc)
-    sharing = {
-        name: sum(getattr(s, name, 0) for s in stats_acc)
-        for name in ("unique_prompt_tokens", "prefix_hit_tokens", "sharing_fallbacks")
-    }
-    if plan_stats:
-        # The first plan covers every row of this run; a retry after running out of memory re-plans a subset.
-        sharing["unique_prompt_tokens"] = plan_stats[0].unique_prompt_tokens
-    plan_report = dict(
-        # shared across a cut but not carried over (the carried prefix was dropped for lack of memory)
-        plan_boundary_tokens=max(0, sum(p.boundary_tokens for p in plan_stats)
-                                 - sum(getattr(s, "carried_prefix_tokens", 0) for s in stats_acc)),
-        plan_chunks=sum(p.chunks for p in plan_stats),
-        plan_out_of_core=any(p.out_of_core for p in plan_stats),
-        plan_s=sum(p.plan_s for p in plan_stats),
-        engine_wait_s=sum(p.engine_wait_s for p in plan_stats),
-    )
-    last = stats_acc[-1] if stats_acc else None
-    model_info: dict[str, Any] = {}
-    if engine is not None and dataclasses.is_dataclass(engine.model_info):
-        model_info = dataclasses.asdict(engine.model_info)
-    c = sink.collector
-    return RunReport(
-        **prepared.report_identity(),
-        rows=committed.rows,
-        rows_ok=committed.rows - committed.errors,
-        rows_failed=committed.errors,
-        prompt_tokens=sum(s.prompt_tokens for s in committed.shards),
-        prefill_tokens=prefill,
-        completion_tokens=sum(s.completion_tokens for s in committed.shards),
-        preemptions=preemptions,
-        elapsed_s=elapsed_s,
-        prefix_sharing=settings.prefix_sharing,
-        peak_kv_blocks=max((getattr(s, "peak_kv_blocks", 0) for s in stats_acc), default=0),
-        **sharing,
-        **plan_report,
-        load_s=load_s,
-        write_s=write_s,
-        model=model_info,
-        engine={
-            "steps": getattr(last, "steps", 0),
-            "cuda_graph_steps": getattr(last, "graph_steps", 0),
-            "peak_kv_blocks": getattr(last, "peak_kv_blocks", 0),
-            "kv_blocks_total": getattr(last, "kv_blocks_total", 0),
-            "max_tokens": prepared.params.max_tokens,
-        },
-        first_errors=tuple(c.first_errors),
-        rows_resumed=resumed,
-        rows_rejected=rejected_rows(prepared.source),
-        rows_truncated=c.rows_truncated,
-        run_dir=str(prepared.run_dir.path),
-        **report_files,
-    )
+            ))) from None
+        raise tracker.stopped(exc)
+    return tracker.finished(time.perf_counter() - t2, report_files)
 
 
 def _interrupted(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:

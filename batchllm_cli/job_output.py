@@ -10,9 +10,9 @@ from batchllm_cli import __version__
 from batchllm_cli.checkpoint import Committed, RunDir, errors_path, marker_path, rejects_path
 from batchllm_cli.collector import SHARD_SCHEMA, OutputColumns
 from batchllm_cli.durable import crash_point, remove_durably
-from batchllm_cli.errors import InputChanged, UsageError
+from batchllm_cli.errors import EXIT_OK, InputChanged, UsageError
 from batchllm_cli.fingerprint import digest_of, input_change
-from batchllm_cli.job_types import PreparedRun, RunReport
+from batchllm_cli.job_types import JobCounts, PreparedRun, RunReport, engine_summary, finished_state
 from batchllm_cli.marker import hash_output, write_marker
 from batchllm_cli.structured_output import typed_column_names, with_typed_columns
 from batchllm_cli.table_io import ROW_ID, TableSource, output_format, write_output, write_query_jsonl, write_table_jsonl
@@ -40,10 +40,10 @@ def check_input_unchanged(prepared: PreparedRun) -> None:
     )
 
 
-def write_final(prepared: PreparedRun) -> dict[str, Any]:
+def write_final(prepared: PreparedRun, model_info: dict[str, Any]) -> dict[str, Any]:
     """Output, errors file, rejects file, then the completion marker; then the run dir goes. The input is
     checked against its snapshot before anything is written and again before the output is renamed
-    into place."""
+    into place. The marker also keeps what a later re-run's summary reports (chat, model, tokens)."""
     check_input_unchanged(prepared)
     settings = prepared.settings
     run_dir = prepared.run_dir
@@ -107,6 +107,10 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
         "rejects_file": str(rej_file) if rejected else None,
         "fingerprint_sha256": digest_of(prepared.fingerprint),
         "fingerprint": prepared.fingerprint,
+        "chat": prepared.chat,
+        "model": model_info,
+        "prompt_tokens": sum(s.prompt_tokens for s in committed.shards),
+        "completion_tokens": sum(s.completion_tokens for s in committed.shards),
     }
     write_marker(output, marker)
     if not settings.keep_checkpoints:
@@ -116,6 +120,7 @@ def write_final(prepared: PreparedRun) -> dict[str, Any]:
         "errors_file": marker["errors_file"],
         "rejects_file": marker["rejects_file"],
         "marker": str(marker_path(output)),
+        "job_finished_at": marker["finished_at"],
     }
 
 
@@ -179,23 +184,28 @@ def _typed_results(prepared: PreparedRun, results: Any) -> tuple[Any, list[tuple
     return with_typed_columns(table, prepared.typed_fields, names, nested_as_json)
 
 
-def already_done_report(prepared: PreparedRun) -> RunReport:
+def already_done_report(prepared: PreparedRun, started_at: float) -> RunReport:
+    """The report of a re-run of a finished job: nothing done now, the job's counts from its marker."""
     m = prepared.done_marker
     assert m is not None
+    identity = prepared.report_identity()
+    if m.chat is not None:  # older markers lack it: then the flag as given
+        identity["chat"] = m.chat
+    state = finished_state(m.rows_failed, m.rows_rejected)
     return RunReport(
-        **prepared.report_identity(),
-        rows=m.rows,
-        rows_ok=m.rows_ok,
-        rows_failed=m.rows_failed,
-        prompt_tokens=0,
-        prefill_tokens=0,
-        completion_tokens=0,
-        preemptions=0,
-        elapsed_s=0.0,
-        load_s=0.0,
-        write_s=0.0,
-        rows_resumed=m.rows,
-        rows_rejected=m.rows_rejected,
+        state=state,
+        exit_code=EXIT_OK,  # nothing to do is success, whatever the job's rows
+        started_at=started_at,
+        finished_at=time.time(),
+        **identity,
+        job=JobCounts(
+            rows_total=m.rows, rows=m.rows, rows_ok=m.rows_ok, rows_failed=m.rows_failed,
+            rows_rejected=m.rows_rejected, rows_resumed=m.rows, prompt_tokens=m.prompt_tokens or 0,
+            completion_tokens=m.completion_tokens or 0,
+        ),
+        job_finished_at=m.finished_at,
+        model=dict(m.model or {}),
+        engine=engine_summary(None, prepared.params.max_tokens),
         already_done=True,
         errors_file=m.errors_file,
         rejects_file=m.rejects_file,

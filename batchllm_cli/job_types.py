@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
-from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
 from batchllm_cli.marker import Marker
 from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
 from batchllm_cli.prompt_options import PromptOptions
@@ -24,12 +24,26 @@ DEFAULT_CHECKPOINT_ROWS = 1000
 DEFAULT_CHECKPOINT_SECONDS = 60.0
 
 
+@dataclass(frozen=True)
+class WorkDone:
+    """This attempt's progress so far, for progress lines (plain counters, read between engine steps)."""
+
+    rows: int = 0  # rows finished (answered or failed)
+    rows_failed: int = 0
+    rows_run: int = 0  # of `rows`, those the engine ran (the others failed before it: template, length)
+    prompt_tokens: int = 0  # prompt tokens of the rows the engine ran
+    completion_tokens: int = 0  # output tokens of the rows the engine ran
+    prompt_tokens_processed: int = 0  # prompt positions passed (computed or reused), running rows included
+    output_tokens: int = 0  # tokens generated, running rows included
+
+
 class RunObserver(Protocol):
-    """What the job tells its caller while it runs (the CLI draws progress from this)."""
+    """What the job tells its caller while it runs (the CLI draws progress from this). `work` may be
+    called at any time, from another thread, until `finish`."""
 
     def notice(self, message: str) -> None: ...
 
-    def start(self, total_rows: int) -> None: ...
+    def start(self, total_rows: int, resumed_rows: int, work: Callable[[], WorkDone]) -> None: ...
 
     def advance(self, rows: int, completion_tokens: int) -> None: ...
 
@@ -40,7 +54,7 @@ class SilentObserver:
     def notice(self, message: str) -> None:
         pass
 
-    def start(self, total_rows: int) -> None:
+    def start(self, total_rows: int, resumed_rows: int, work: Callable[[], WorkDone]) -> None:
         pass
 
     def advance(self, rows: int, completion_tokens: int) -> None:
@@ -98,72 +112,122 @@ class RunSettings:
     prompt: PromptOptions = PromptOptions()  # --var, --param, --system, --truncate-column
 
 
+def iso_utc(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 in UTC, e.g. 2026-01-31T08:00:00.123Z."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _per_s(count: int, seconds: float) -> float:
+    return round(count / seconds, 3) if seconds > 0 else 0.0
+
+
 @dataclass(frozen=True)
-class RunReport:
-    """What a finished run did. `elapsed_s` is the generation phase (first row read to last result);
-    model loading and output writing are reported separately. Row counts cover the whole job (rows
-    committed by earlier, interrupted runs included); token counts from the engine cover this run."""
+class AttemptCounts:
+    """What this invocation did; rows committed by earlier attempts are not in it. Token identity:
+    prefill_tokens = prompt_tokens - prefix_hit_tokens + shared_prefix_tokens + recomputed_tokens."""
 
-    input: str
-    output: str
-    template: str
-    model_dir: str
-    demo_model: bool
-    chat: bool
-    rows: int
-    rows_ok: int
-    rows_failed: int
-    prompt_tokens: int
-    prefill_tokens: int
-    completion_tokens: int
-    preemptions: int
-    elapsed_s: float
-    load_s: float
-    write_s: float
-    prefix_sharing: str = "plan"
+    rows: int = 0  # rows finished (answered or failed)
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_truncated: int = 0  # prompts cut with --truncate
+    prompt_tokens: int = 0  # prompt tokens of the rows the engine ran
+    prefix_hit_tokens: int = 0  # of those, tokens whose KV was reused (shared prefix, cached block), not computed
+    prefill_tokens: int = 0  # tokens computed in prefill, of every kind
+    shared_prefix_tokens: int = 0  # of prefill_tokens: shared prefixes, each computed once (plan mode)
+    recomputed_tokens: int = 0  # of prefill_tokens: recomputed after preemption, or of rows cut off unfinished
     unique_prompt_tokens: int = 0  # trie token count of the rows run (plan mode): the least prefill possible
-    plan_boundary_tokens: int = 0  # plan mode: prefill spent again on prefixes that span a chunk cut
-    plan_chunks: int = 0  # plan mode: chunks the global plan was fed to the engine in
-    plan_out_of_core: bool = False  # plan mode: the prompts were sorted on disk (memory was short)
-    plan_s: float = 0.0  # plan mode: tokenizing and sorting every row before the engine's first chunk
-    engine_wait_s: float = 0.0  # plan mode: the engine idle, waiting for its next chunk
-    prefix_hit_tokens: int = 0  # prompt tokens whose KV was reused instead of computed
-    peak_kv_blocks: int = 0
+    completion_tokens: int = 0
+    preemptions: int = 0
     sharing_fallbacks: int = 0  # shared prefixes dropped because the KV cache could not hold them
-    model: dict[str, Any] = field(default_factory=dict)
-    engine: dict[str, Any] = field(default_factory=dict)
-    first_errors: tuple[tuple[int, str], ...] = ()
-    rows_resumed: int = 0  # rows committed by earlier runs of this job
-    rows_rejected: int = 0  # malformed CSV records skipped with --skip-bad-rows (any: exit 3)
-    rows_truncated: int = 0  # prompts cut with --truncate (this run)
-    already_done: bool = False  # the job had finished before: nothing was done
-    run_dir: str = ""
-    errors_file: str | None = None
-    rejects_file: str | None = None
-    marker: str = ""
-
-    @property
-    def rows_per_s(self) -> float:
-        done_now = self.rows - self.rows_resumed
-        return done_now / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        if self.already_done:
-            return EXIT_OK
-        return EXIT_ROWS_FAILED if self.rows_failed or self.rows_rejected else EXIT_OK
+    peak_kv_blocks: int = 0
+    elapsed_s: float = 0.0  # generation: first row read to last result (model loading and writing apart)
+    load_s: float = 0.0
+    write_s: float = 0.0
+    # plan mode (the whole table planned at once, fed to the engine in chunks: planned_feed)
+    plan_chunks: int = 0
+    plan_boundary_tokens: int = 0  # tokens computed again because a prefix spanned a chunk cut (0 normally)
+    plan_out_of_core: bool = False  # the prompts were sorted on disk (memory was short)
+    plan_s: float = 0.0  # tokenizing and sorting every row, before the engine's first chunk
+    engine_wait_s: float = 0.0  # the engine idle, waiting for its next chunk
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["first_errors"] = [{"row": row, "error": err} for row, err in self.first_errors]
-        data["rows_per_s"] = round(self.rows_per_s, 3)
-        data["output_tokens_per_s"] = round(self.output_tokens_per_s, 3)
-        for key in ("elapsed_s", "load_s", "write_s"):
+        for key in ("elapsed_s", "load_s", "write_s", "plan_s", "engine_wait_s"):
             data[key] = round(data[key], 3)
+        data["rows_per_s"] = _per_s(self.rows, self.elapsed_s)
+        data["prompt_tokens_per_s"] = _per_s(self.prompt_tokens, self.elapsed_s)
+        data["output_tokens_per_s"] = _per_s(self.completion_tokens, self.elapsed_s)
+        return data
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    """The whole job so far, rows committed by earlier (interrupted) attempts included."""
+
+    rows_total: int = 0  # rows of the input (after --limit, rejected records left out)
+    rows: int = 0  # rows done and committed
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_rejected: int = 0  # malformed CSV records skipped with --skip-bad-rows
+    rows_resumed: int = 0  # rows committed before this attempt started
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def engine_summary(stats: Any, max_tokens: int) -> dict[str, Any]:
+    """The summary's `engine` part from the last engine's stats (None: no engine ran, all zeros)."""
+    return {
+        "steps": getattr(stats, "steps", 0),
+        "cuda_graph_steps": getattr(stats, "graph_steps", 0),
+        "peak_kv_blocks": getattr(stats, "peak_kv_blocks", 0),
+        "kv_blocks_total": getattr(stats, "kv_blocks_total", 0),
+        "max_tokens": max_tokens,
+    }
+
+
+def finished_state(rows_failed: int, rows_rejected: int) -> str:
+    return "finished_with_errors" if rows_failed or rows_rejected else "finished"
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one `run` invocation did, and where the job stands: the machine summary (`to_dict`) and
+    the human rendering are both made from it. Also made for an interrupted or failed attempt, as far
+    as it got (state interrupted or failed, with `error`)."""
+
+    state: str  # finished | finished_with_errors | interrupted | failed
+    exit_code: int
+    started_at: float  # this invocation (Unix time)
+    finished_at: float
+    input: str
+    output: str
+    template: str | None = None
+    model_dir: str | None = None
+    demo_model: bool | None = None
+    chat: bool | None = None
+    prefix_sharing: str | None = None
+    attempt: AttemptCounts = field(default_factory=AttemptCounts)
+    job: JobCounts = field(default_factory=JobCounts)
+    job_finished_at: float | None = None  # when the output was completed (this or an earlier attempt)
+    model: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    first_errors: tuple[tuple[int, str], ...] = ()
+    already_done: bool = False  # the job had finished before: nothing was done
+    run_dir: str | None = None
+    errors_file: str | None = None
+    rejects_file: str | None = None
+    marker: str | None = None
+    error: str | None = None  # why an interrupted or failed attempt stopped
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["attempt"] = self.attempt.to_dict()
+        data["first_errors"] = [{"row": row, "error": err} for row, err in self.first_errors]
+        for key in ("started_at", "finished_at"):
+            data[key] = iso_utc(data[key])
+        data["job"]["finished_at"] = iso_utc(data.pop("job_finished_at"))
         return data
 
 
@@ -195,7 +259,8 @@ class PreparedRun:
         """The RunReport fields that name the job (the same whether it ran now or had finished)."""
         s = self.settings
         return dict(input=str(s.input), output=str(s.output), template=self.template.source.name,
-                    model_dir=str(self.model_dir), demo_model=self.demo_model, chat=self.chat)
+                    model_dir=str(self.model_dir), demo_model=self.demo_model, chat=self.chat,
+                    prefix_sharing=s.prefix_sharing)
 
     def prompt_encoder(self) -> PromptEncoder:
         """Rows -> token ids exactly as this run sends them to the engine."""

@@ -53,6 +53,11 @@ class Marker:
     errors_file: str | None
     rejects_file: str | None
     fingerprint: dict[str, Any] | None = None  # the job's fields, to say what a new job changed
+    # For the summary of a re-run (absent from markers written before they were recorded):
+    chat: bool | None = None
+    model: dict[str, Any] | None = None  # the engine's model info (attention backend, CUDA graphs, ...)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
     def matches_output(self, output: Path) -> bool:
         """The output exists and has the recorded sha256."""
@@ -85,7 +90,12 @@ def parse_marker(data: Any) -> Marker | None:
     if any(v is not None and not isinstance(v, str) for v in files):
         return None
     fingerprint = data.get("fingerprint") if isinstance(data.get("fingerprint"), dict) else None
-    return Marker(*ints, data["output_sha256"], data["fingerprint_sha256"], float(finished), *files, fingerprint)
+    chat = data.get("chat") if isinstance(data.get("chat"), bool) else None
+    model = data.get("model") if isinstance(data.get("model"), dict) else None
+    tokens = [data.get(k) for k in ("prompt_tokens", "completion_tokens")]
+    tokens = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None for v in tokens]
+    return Marker(*ints, data["output_sha256"], data["fingerprint_sha256"], float(finished), *files, fingerprint,
+                  chat, model, *tokens)
 
 
 def read_marker(output: Path) -> Marker | None:

@@ -148,9 +148,29 @@ SummaryOpt = Annotated[
     Optional[str],
     typer.Option(
         "--summary",
-        help="Write a JSON summary of the run to FILE, or to stdout with '-'.",
+        help="Write the run's summary as one line of JSON to FILE, or to stdout with '-' (also when the run "
+        "is interrupted or fails): state, exit_code, times, this attempt's and the whole job's counts.",
         metavar="FILE|-",
         show_default=False,
+        rich_help_panel=PANEL_JOB,
+    ),
+]
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress lines or bar on stderr (notes, errors and the final "
+                 "report still go there).", rich_help_panel=PANEL_JOB),
+]
+LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        help="Progress on stderr: 'text' (a bar on a terminal, timestamped lines elsewhere) or 'json' (one "
+        "JSON object per line, for log pipelines).",
         rich_help_panel=PANEL_JOB,
     ),
 ]
@@ -394,7 +414,8 @@ CheckpointSecondsOpt = Annotated[
     typer.Option(
         "--checkpoint-seconds",
         metavar="T",
-        help="... and at least every T seconds (a kill loses at most the rows since the last commit).",
+        help="... and at least every T seconds (a kill loses at most the rows since the last commit); the "
+        "first shard after T/12 seconds of results, so `status` has something to show early.",
         min=0.001,
         rich_help_panel=PANEL_CHECKPOINT,
     ),

@@ -3,8 +3,9 @@
 State is one of: finished (a valid completion marker, and the output has the sha256 it records),
 running (a process holds the output's lock: found by trying to take it, not from the pid written in it),
 interrupted (a checkpoint exists, nobody is working on it: run the same command to resume),
-not started (nothing on disk). Progress and ETA come from the commit records of the shards: the rate
-is the rows committed over the span of the recent commits.
+not started (nothing on disk); the exit code says which (0 or 3 finished, 10, 11, 12). Progress and
+ETA come from the commit records of the shards: the rate is the rows committed over the span of the
+recent commits.
 """
 from __future__ import annotations
 
@@ -25,7 +26,14 @@ from batchllm_cli.checkpoint import (
     output_lock_path,
     read_commit_records,
 )
-from batchllm_cli.errors import UsageError
+from batchllm_cli.errors import (
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    EXIT_STATUS_INTERRUPTED,
+    EXIT_STATUS_NOT_STARTED,
+    EXIT_STATUS_RUNNING,
+    UsageError,
+)
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 
 _RATE_WINDOW = 20  # commits used for the rate (recent speed, not the average since the start)
@@ -50,9 +58,18 @@ class RunStatus:
     pid: int | None
     problems: tuple[str, ...] = ()  # malformed or stale files, one line each
 
+    @property
+    def exit_code(self) -> int:
+        """What `status` exits with: a sensor branches on it (errors.STATUS_EXIT_CODES_HELP)."""
+        if self.state == "finished":
+            return EXIT_ROWS_FAILED if self.rows_failed or self.rows_rejected else EXIT_OK
+        return {"running": EXIT_STATUS_RUNNING, "interrupted": EXIT_STATUS_INTERRUPTED}.get(
+            self.state, EXIT_STATUS_NOT_STARTED)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["problems"] = list(self.problems)
+        data["exit_code"] = self.exit_code
         return data
 
 

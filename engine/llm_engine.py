@@ -78,6 +78,8 @@ class LLMEngine:
         self._ready: deque[GenerationResult] = deque()
         self._prompt_tokens = 0
         self._prefill_tokens = 0
+        self._shared_prefix_tokens = 0  # of _prefill_tokens: computed for shared prefixes (plan mode)
+        self._sampled_tokens = 0  # tokens generated so far, rows still running included (for progress)
         self._completion_tokens = 0
         self._finished = 0
         self._steps = 0
@@ -211,6 +213,8 @@ class LLMEngine:
         self.scheduler.commit(chunks)
         self._steps += 1
         self._prefill_tokens += sum(c.num_prefill_tokens for c in chunks)
+        self._shared_prefix_tokens += sum(c.num_prefill_tokens for c in chunks if c.seq.is_prefix)
+        self._sampled_tokens += len(sampling)
         for chunk, token in zip(sampling, new_tokens, strict=True):
             result = self._append_token(chunk, token)
             if result is not None:
@@ -303,6 +307,8 @@ class LLMEngine:
             requests_finished=self._finished,
             prompt_tokens=self._prompt_tokens,
             prefill_tokens=self._prefill_tokens,
+            shared_prefix_tokens=self._shared_prefix_tokens,
+            sampled_tokens=self._sampled_tokens,
             completion_tokens=self._completion_tokens,
             preemptions=self.scheduler.num_preemptions,
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,

@@ -37,5 +37,7 @@ class EngineStats:
     peak_kv_blocks: int
     kv_blocks_total: int
     steps: int
-    graph_steps: int = 0
-    carried_prefix_tokens: int = 0  # plan mode: prompt tokens a wave started on from the wave before  # decode steps replayed from CUDA graphs (or run on their static buffers)
+    graph_steps: int = 0  # decode steps replayed from CUDA graphs (or run on their static buffers)
+    shared_prefix_tokens: int = 0  # of prefill_tokens: computed once for a shared prefix (plan mode)
+    sampled_tokens: int = 0  # tokens generated, rows not finished yet included
+    carried_prefix_tokens: int = 0  # plan mode: prompt tokens a wave started on from the wave before

@@ -40,6 +40,14 @@ def test_exit_codes_are_documented() -> None:
             assert phrase in text
 
 
+def test_status_help_shows_its_own_exit_codes() -> None:
+    text = flat(invoke(["status", "--help"]).output)
+    for phrase in ("0 finished", "3 finished, but some rows are in error", "10 running", "11 interrupted",
+                   "12 not started", "2 usage error"):
+        assert phrase in text
+    assert "0 all rows done" not in text and "130/143" not in text  # run's codes are not status's
+
+
 def test_recipes_command_lists_recipes() -> None:
     result = invoke(["recipes"])
     assert result.exit_code == 0

@@ -33,7 +33,8 @@ def _run(tmp_path: Path, table: Path, template: Path, model: Path, name: str, *f
         "--summary", str(summary), *flags,
     ])
     assert result.exit_code == 0, result.output
-    return pq.read_table(out).column("response").to_pylist(), json.loads(summary.read_text())
+    data = json.loads(summary.read_text())
+    return pq.read_table(out).column("response").to_pylist(), {**data, **data["attempt"]}
 
 
 def test_sharing_modes_same_answers_plan_computes_least(tmp_path, shared_table, demo_model_dir) -> None:

@@ -97,16 +97,18 @@ def test_column_name_csv_output_and_summary_on_stdout(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     for key in ("rows", "rows_ok", "rows_failed", "prompt_tokens", "prefill_tokens", "completion_tokens",
-                "elapsed_s", "rows_per_s", "output_tokens_per_s", "model", "preemptions"):
-        assert key in summary
-    assert (summary["rows"], summary["rows_ok"], summary["rows_failed"]) == (5, 5, 0)
-    assert summary["prefill_tokens"] >= 1 and summary["completion_tokens"] >= 5
+                "elapsed_s", "rows_per_s", "output_tokens_per_s", "preemptions"):
+        assert key in summary["attempt"]
+    assert "model" in summary
+    job = summary["job"]
+    assert (job["rows"], job["rows_ok"], job["rows_failed"]) == (5, 5, 0)
+    assert summary["attempt"]["prefill_tokens"] >= 1 and job["completion_tokens"] >= 5
     table = read_table(out)
     assert table.column_names == ["id", "text", "answer", "answer_finish_reason", "answer_prompt_tokens",
                                   "answer_completion_tokens", "answer_error"]
     assert table.column("text").to_pylist() == [r["text"] for r in ROWS]
     # CSV has no types: batchllm reads every CSV column (its own output's too) as the text written.
-    assert summary["prompt_tokens"] == sum(int(n) for n in table.column("answer_prompt_tokens").to_pylist())
+    assert job["prompt_tokens"] == sum(int(n) for n in table.column("answer_prompt_tokens").to_pylist())
 
 
 def test_row_errors_exit_3_and_fill_the_error_column(tmp_path: Path) -> None:
@@ -126,8 +128,8 @@ def test_row_errors_exit_3_and_fill_the_error_column(tmp_path: Path) -> None:
     assert "template error" in errors[1]
     assert "context" in errors[2]
     assert table.column("response").to_pylist()[1:3] == [None, None]
-    summary = json.loads(summary_path.read_text())
-    assert (summary["rows"], summary["rows_ok"], summary["rows_failed"]) == (4, 2, 2)
+    job = json.loads(summary_path.read_text())["job"]
+    assert (job["rows"], job["rows_ok"], job["rows_failed"]) == (4, 2, 2)
     assert "row 1: template error" in " ".join(result.stderr.split())
 
 

@@ -121,7 +121,7 @@ def _run(tmp_path: Path, table: Path, template: Path, model: Path, name: str, *f
         "--summary", str(summary), *flags,
     ])
     assert result.exit_code == 0, result.output
-    return pq.read_table(out).column("response").to_pylist(), json.loads(summary.read_text())
+    return pq.read_table(out).column("response").to_pylist(), json.loads(summary.read_text())["attempt"]
 
 
 def test_shuffled_table_computes_each_document_once_across_chunks(tmp_path, demo_model_dir) -> None:
@@ -172,8 +172,9 @@ def test_resume_plans_only_the_rows_not_committed(tmp_path, demo_model_dir, monk
     summary = tmp_path / "resumed.json"
     second = CliRunner().invoke(app, [*args, "--summary", str(summary)])
     assert second.exit_code == 0, second.output
-    report = json.loads(summary.read_text())
-    assert report["rows_resumed"] >= 10
+    summary_json = json.loads(summary.read_text())
+    report = summary_json["attempt"]
+    assert summary_json["job"]["rows_resumed"] >= 10
     # the second attempt planned only its own rows: fewer than the whole job, each prefix once
     _, full = _run(tmp_path, table, template, demo_model_dir, "full", "--plan-chunk-tokens", "4000")
     assert report["unique_prompt_tokens"] < full["unique_prompt_tokens"]

@@ -203,7 +203,7 @@ def test_second_run_is_refused_while_the_first_works_and_a_dead_ones_lock_is_tak
     assert first.running, first.output
 
     status = invoke(["status", str(out), "--json"])
-    assert status.exit_code == 0, status.output
+    assert status.exit_code == 10, status.output  # running
     st = json.loads(status.stdout)
     assert st["state"] == "running" and st["pid"] == first.pid and st["rows_total"] == 4000
 
@@ -225,7 +225,7 @@ def test_second_run_is_refused_while_the_first_works_and_a_dead_ones_lock_is_tak
 def test_status_of_an_interrupted_and_a_finished_run(job: Job) -> None:
     job.crash_after_commits(2)
     text = invoke(["status", str(job.out)])
-    assert text.exit_code == 0, text.output
+    assert text.exit_code == 11, text.output  # interrupted
     assert "state: interrupted" in text.stdout and f"rows: {2 * EVERY}/{ROWS} done" in text.stdout
     assert "run the same `batchllm run` command again" in text.stdout
     for target in (job.out, job.run_dir):

@@ -237,7 +237,7 @@ class _ChangeInput:
     def notice(self, message: str) -> None:
         pass
 
-    def start(self, total_rows: int) -> None:
+    def start(self, total_rows: int, resumed_rows: int, work: object) -> None:
         pass
 
     def advance(self, rows: int, completion_tokens: int) -> None:
@@ -475,7 +475,7 @@ def test_malformed_marker_is_one_line_in_status_and_run(files: Files, kind: str)
     else:
         files.marker.write_bytes(MALFORMED_MARKERS[kind])
     status = invoke(["status", str(files.out)])
-    assert status.exit_code == 0, status.output
+    assert status.exit_code == 12, status.output  # not started: the marker does not count
     problems = [line for line in status.stdout.splitlines() if line.startswith("problem:")]
     assert len(problems) == 1 and "not a valid batchllm marker" in problems[0]
     assert "state: finished" not in status.stdout
@@ -491,7 +491,7 @@ def test_malformed_commit_records_are_reported_and_their_rows_rerun(files: Files
     record = files.run_dir / "shard-000002.json"
     record.write_text(json.dumps(json.loads(record.read_text()) | {"rows": "4", "committed_at": "soon"}))
     status = invoke(["status", str(files.out)])
-    assert status.exit_code == 0, status.output
+    assert status.exit_code == 11, status.output  # interrupted
     assert "problem: 1 commit record(s)" in status.stdout and "rows: 4/12 done" in status.stdout
     result = invoke(files.args())
     assert result.exit_code == 0, result.output
