@@ -35,7 +35,7 @@ ATTEMPT_KEYS = {
     "rows", "rows_ok", "rows_failed", "rows_truncated", "prompt_tokens", "prefix_hit_tokens", "prefill_tokens",
     "shared_prefix_tokens", "recomputed_tokens", "unique_prompt_tokens", "completion_tokens", "preemptions",
     "sharing_fallbacks", "peak_kv_blocks", "elapsed_s", "load_s", "write_s", "rows_per_s", "prompt_tokens_per_s",
-    "output_tokens_per_s",
+    "output_tokens_per_s", "plan_chunks", "plan_boundary_tokens", "plan_out_of_core", "plan_s", "engine_wait_s",
 }
 JOB_KEYS = {
     "rows_total", "rows", "rows_ok", "rows_failed", "rows_rejected", "rows_resumed", "prompt_tokens",
