@@ -171,7 +171,7 @@ def test_truncate_column_keeps_the_instructions_and_fits(tmp_path: Path, env: di
     result = invoke(["run", str(inp), *common, "--truncate-column", "body", "-o", str(out),
                      "--kv-cache-memory", "16MiB", "--summary", "-"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["rows_truncated"] == 1
+    assert json.loads(result.stdout)["attempt"]["rows_truncated"] == 1
     assert [r["response_prompt_tokens"] for r in read_rows(out)] == [r["tokens"] for r in rows]
     # analyze counts the same rows as truncated.
     result = invoke(["analyze", str(inp), *common, "--truncate-column", "body", "--json", "-"])
