@@ -16,7 +16,7 @@ import recipes
 from batchllm_cli import __version__
 from batchllm_cli.durable import atomic_write_bytes
 from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, OutputError, UsageError
-from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
+from batchllm_cli.file_safety import JobPath, check_job_paths, input_reads, model_files
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
@@ -39,7 +39,13 @@ from batchllm_cli.options import (
     HtmlOpt,
     IdColumnOpt,
     IgnoreEosOpt,
+    ColumnsOpt,
+    EncodingOpt,
     InputArg,
+    InputFormatOpt,
+    InputGlobOpt,
+    WhereOpt,
+    input_options,
     KeepCheckpointsOpt,
     KVCacheMemoryOpt,
     KVCacheTokensOpt,
@@ -75,6 +81,7 @@ from batchllm_cli.options import (
 )
 from batchllm_cli.progress import err_console, make_progress, print_error
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
+from batchllm_cli.table_io.inputs import STDIN, input_args, resolve_input
 
 EXIT_CODES_EPILOG = EXIT_CODES_HELP
 
@@ -190,6 +197,11 @@ def run(
     ignore_eos: IgnoreEosOpt = False,
     chat: ChatOpt = None,
     limit: LimitOpt = None,
+    input_glob: InputGlobOpt = False,
+    input_format: InputFormatOpt = None,
+    encoding: EncodingOpt = None,
+    where: WhereOpt = None,
+    columns: ColumnsOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     kv_cache_memory: KVCacheMemoryOpt = None,
@@ -224,7 +236,8 @@ def run(
     again resumes where it stopped, and once the job is finished it does nothing.
     """
     settings = RunSettings(
-        input=input,
+        input=tuple(input),
+        reading=input_options(input_glob, input_format, encoding, where, columns),
         template=template,
         output=output,
         model=model,
@@ -310,6 +323,11 @@ def analyze_command(
     tokenizer: TokenizerOpt = None,
     chat: ChatOpt = None,
     limit: LimitOpt = None,
+    input_glob: InputGlobOpt = False,
+    input_format: InputFormatOpt = None,
+    encoding: EncodingOpt = None,
+    where: WhereOpt = None,
+    columns: ColumnsOpt = None,
     id_column: IdColumnOpt = None,
     skip_bad_rows: SkipBadRowsOpt = False,
     max_rejects: MaxRejectsOpt = DEFAULT_MAX_REJECTS,
@@ -345,7 +363,8 @@ def analyze_command(
     )
 
     settings = AnalyzeSettings(
-        input=input,
+        input=tuple(input),
+        reading=input_options(input_glob, input_format, encoding, where, columns),
         template=template,
         model=model,
         tokenizer=tokenizer,
@@ -398,7 +417,7 @@ def analyze_command(
 
 def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | None) -> None:
     """analyze's report files must not overwrite its input, template, model files or each other."""
-    reads = [JobPath("the input file", settings.input)]
+    reads = [] if STDIN in input_args(settings.input) else input_reads(resolve_input(settings.input, settings.reading, None))
     if Path(settings.template).is_file():
         reads.append(JobPath("the template", Path(settings.template)))
     for directory in (settings.model, settings.tokenizer):

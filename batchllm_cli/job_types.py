@@ -11,7 +11,7 @@ from batchllm_cli.collector import OutputColumns
 from batchllm_cli.errors import EXIT_OK, EXIT_ROWS_FAILED
 from batchllm_cli.marker import Marker
 from batchllm_cli.structured_output import Constraint, TypedField
-from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
+from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, InputOptions, TableSource
 from batchllm_cli.templates import PromptTemplate
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class SilentObserver:
 class RunSettings:
     """One `run` invocation. None means "the default" (of the recipe, the model or the engine)."""
 
-    input: Path
+    input: Path | str | tuple[str, ...]  # INPUT: one or several paths, a directory, a pattern, `-`, URLs
     template: str
     output: Path
     model: Path | None = None
@@ -93,6 +93,7 @@ class RunSettings:
     choices: str | None = None  # --choices A,B,C or @FILE
     regex: str | None = None
     json_schema: Path | None = None
+    reading: InputOptions = InputOptions()  # --input-glob, --input-format, --encoding, --where, --columns
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class PreparedRun:
     def report_identity(self) -> dict[str, Any]:
         """The RunReport fields that name the job (the same whether it ran now or had finished)."""
         s = self.settings
-        return dict(input=str(s.input), output=str(s.output), template=self.template.source.name,
+        return dict(input=self.source.path, output=str(s.output), template=self.template.source.name,
                     model_dir=str(self.model_dir), demo_model=self.demo_model, chat=self.chat)
 
     def close(self) -> None:
