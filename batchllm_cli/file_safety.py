@@ -4,6 +4,8 @@ symlink or a hard link) a file it reads, or another path it writes.
 A write target is compared with every read file and every other write target by resolved path and, when
 both exist, by inode (os.path.samefile). A directory target (the run directory) must not contain any other
 path of the job, and a file target must not be named like the temporary files batchllm cleans up beside it.
+Nothing written may land inside a directory input or match an --input-glob pattern: the next run of the
+same command would read it as one of its input files.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class JobPath:
     what: str  # how the user knows it: "the input file", "--summary", ...
     path: Path
     is_dir: bool = False  # a directory batchllm owns whole (nothing else of the job may live inside)
+    input_dir: bool = False  # a directory input: nothing written may land inside it
     pattern: bool = False  # an --input-glob pattern (absolute): nothing written may match it
 
 
@@ -51,7 +54,7 @@ def _clash(w: JobPath, other: JobPath) -> str | None:
         if fnmatch.fnmatchcase(str(w.path.absolute()), str(other.path)):
             return f"{w.what} {w.path} matches {other.what} {other.path}{_READ_AGAIN}"
         return None
-    if other.is_dir and _inside(w.path, other.path):
+    if other.input_dir and _inside(w.path, other.path):
         return f"{w.what} {w.path} is inside {other.what} {other.path}{_READ_AGAIN}"
     if _same(w.path, other.path):
         return f"{w.what} {w.path} is {other.what} {other.path}"
@@ -98,7 +101,7 @@ def input_reads(inp: ResolvedInput) -> list[JobPath]:
     a later run would read it as an input file) and its --input-glob patterns (nothing written may
     match one). stdin and URLs have none."""
     reads = [JobPath("the input file", f.path) for f in inp.files if not f.is_url and not inp.stdin]
-    reads += [JobPath("the input directory", d, is_dir=True) for d in inp.directories]
+    reads += [JobPath("the input directory", d, input_dir=True) for d in inp.directories]
     reads += [JobPath("the --input-glob pattern", Path(p), pattern=True) for p in inp.patterns]
     return reads
 

@@ -156,6 +156,39 @@ def test_gzip_csv_and_tsv(tmp_path: Path, tpl: Path) -> None:
     assert input_columns(tmp_path / "tsv.parquet", "id", "text") == tsv_rows
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_compressed_json_lines(tmp_path: Path, tpl: Path, compression: str) -> None:
+    path = tmp_path / ("in.jsonl.gz" if compression == "gzip" else "in.jsonl.zst")
+    duckdb.connect().execute(
+        f"COPY (SELECT range AS id, 'row ' || range AS text FROM range(3)) TO '{path}' "
+        f"(FORMAT json, COMPRESSION {compression})"
+    )
+    out = tmp_path / "out.parquet"
+    ok(run([path], out, tpl))
+    assert input_columns(out, "id", "text") == [{"id": i, "text": f"row {i}"} for i in range(3)]
+
+
+def test_inputs_that_cannot_be_one_table_are_refused_before_the_model(tmp_path: Path, tpl: Path, no_model: None) -> None:
+    csv_file = write_csv(tmp_path / "a.csv", rows(1))
+    (tmp_path / "b.jsonl").write_text('{"id": "1", "text": "x"}\n')
+    (tmp_path / "c.csv.zst").write_bytes(b"")
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "d.parquet")
+    cases = [
+        ([csv_file, tmp_path / "b.jsonl"], [], "a.csv is csv, "),
+        ([tmp_path / "c.csv.zst"], [], "zstd-compressed CSV is not supported"),
+        (["-", csv_file], [], "cannot be combined"),
+        ([tmp_path / "d.parquet"], ["--encoding", "latin-1"], "--encoding applies to CSV/TSV input only"),
+        ([csv_file], ["--encoding", "klingon"], "not an encoding Python knows"),
+        (["ftp://host/a.csv"], [], "unknown URL scheme 'ftp'"),
+        (["https://host/a*.csv"], [], "add --input-glob"),
+    ]
+    for inputs, flags, message in cases:
+        result = run(inputs, tmp_path / "out.parquet", tpl, *flags, stdin=b"")
+        assert result.exit_code == 2, (inputs, result.output)
+        assert message in one_error_line(result.stderr), (inputs, result.stderr)
+    assert not (tmp_path / "out.parquet").exists()
+
+
 # ---- URLs ---------------------------------------------------------------------------------------------
 def _httpfs_loads() -> bool:
     try:
