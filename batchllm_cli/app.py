@@ -17,6 +17,7 @@ from batchllm_cli import __version__
 from batchllm_cli.durable import atomic_write_bytes
 from batchllm_cli.errors import EXIT_CODES_HELP, EXIT_USAGE, BatchLLMError, Interrupted, OutputError, UsageError
 from batchllm_cli.file_safety import JobPath, check_job_paths, input_reads, model_files
+from batchllm_cli.input_options import ColumnsOpt, EncodingOpt, InputFormatOpt, InputGlobOpt, WhereOpt, input_options
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
@@ -39,13 +40,7 @@ from batchllm_cli.options import (
     HtmlOpt,
     IdColumnOpt,
     IgnoreEosOpt,
-    ColumnsOpt,
-    EncodingOpt,
     InputArg,
-    InputFormatOpt,
-    InputGlobOpt,
-    WhereOpt,
-    input_options,
     KeepCheckpointsOpt,
     KVCacheMemoryOpt,
     KVCacheTokensOpt,

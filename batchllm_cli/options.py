@@ -1,6 +1,6 @@
 """Command-line options defined once and shared by every command that means the same thing by them.
 
-`run` uses most of them; `analyze` reuses INPUT, --template, --model, --chat/--no-chat, --limit,
+`run` uses most of them; `analyze` reuses INPUT (and the reading options of input_options.py), --template, --model, --chat/--no-chat, --limit,
 --max-tokens, --block-size, --id-column, --skip-bad-rows, --nulls and --truncate, so the flags cannot
 drift apart between commands.
 """
@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
-from batchllm_cli.table_io.inputs import InputOptions
 
 # Help panels group the long option list of `run` in --help.
 PANEL_JOB = "Job"
@@ -87,82 +85,12 @@ InputArg = Annotated[
         help="Input table: one or more .csv, .tsv, .parquet, .json (array or lines), .jsonl or .ndjson files "
         "(CSV/TSV/JSON may be .gz), a directory of them (hive key=value directories become columns), "
         "'-' for stdin, or an s3://, gs:// or https:// URL.",
-        metavar="INPUT...",
+        metavar="INPUT",
         show_default=False,
     ),
 ]
 
 
-class InputFormat(str, Enum):
-    csv = "csv"
-    tsv = "tsv"
-    json = "json"
-    jsonl = "jsonl"
-    parquet = "parquet"
-
-
-PANEL_READING = "Reading the input"
-InputGlobOpt = Annotated[
-    bool,
-    typer.Option(
-        "--input-glob",
-        help="Read INPUT as a pattern (*, ?, [...], ** for any depth), files in sorted order. Without it a "
-        "path is taken literally (a file named a*.csv is read as itself).",
-        rich_help_panel=PANEL_READING,
-    ),
-]
-InputFormatOpt = Annotated[
-    Optional[InputFormat],
-    typer.Option(
-        "--input-format",
-        help="The input's format, instead of the file extension (stdin: sniffed, CSV unless it starts "
-        "with '{' or '[').",
-        case_sensitive=False,
-        show_default=False,
-        rich_help_panel=PANEL_READING,
-    ),
-]
-EncodingOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--encoding",
-        metavar="NAME",
-        help="CSV/TSV text encoding, e.g. latin-1, utf-16, cp1252. Default: utf-8.",
-        show_default=False,
-        rich_help_panel=PANEL_READING,
-    ),
-]
-WhereOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--where",
-        metavar="SQL",
-        help="Use only the rows for which this DuckDB condition is true, e.g. \"lang = 'en'\" (CSV "
-        "columns are text: CAST(n AS INTEGER) > 3). Row numbers count the rows kept, from 0.",
-        show_default=False,
-        rich_help_panel=PANEL_READING,
-    ),
-]
-ColumnsOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--columns",
-        metavar="A,B,C",
-        help="Keep only these input columns, in this order (the template sees, and the output holds, only "
-        "these; --where may use any column).",
-        show_default=False,
-        rich_help_panel=PANEL_READING,
-    ),
-]
-
-
-def input_options(
-    glob: bool, fmt: InputFormat | None, encoding: str | None, where: str | None, columns: str | None
-) -> InputOptions:
-    """The reading flags as the one value every table-reading command passes to TableSource."""
-    picked = tuple(c.strip() for c in columns.split(",")) if columns is not None else None
-    return InputOptions(glob=glob, format=fmt.value if fmt is not None else None, encoding=encoding,
-                        where=where, columns=picked)
 TemplateOpt = Annotated[
     str,
     typer.Option(

@@ -312,3 +312,14 @@ def test_analyze_reads_inputs_the_same_way(tmp_path: Path, tpl: Path) -> None:
                      "--json", "-"])
     ok(result)
     assert json.loads(result.stdout)["rows"] == 5
+
+
+def test_rejected_lines_of_several_files_are_one_per_file_and_line(tmp_path: Path) -> None:
+    from batchllm_cli.table_io import TableSource
+
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text('id,text\n1,ok\n2,"broken\n3,ok\n' if name == "a.csv" else "id,text\n4,ok\n5,x,y\n")
+    with TableSource([tmp_path / "a.csv", tmp_path / "b.csv"], skip_bad_rows=True) as src:
+        assert src.validate() == 2
+        rejects = src.rejects.to_pylist()
+    assert [(Path(r["file"]).name, r["line"]) for r in rejects] == [("a.csv", 3), ("a.csv", 4), ("b.csv", 3)]

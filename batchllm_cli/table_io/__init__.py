@@ -34,7 +34,6 @@ from batchllm_cli.table_io.common import (
     duckdb_key,
     Column,
     _connect,
-    input_format,
     output_format,
 )
 from batchllm_cli.table_io.csv_dialect import CsvDialect, _csv_records
@@ -44,6 +43,6 @@ from batchllm_cli.table_io.writing import write_output, write_query_jsonl, write
 
 __all__ = [
     "CSV_MAX_LINE_SIZE", "DEFAULT_MAX_REJECTS", "INPUT_FORMATS", "JSON_KEY_SAMPLE", "OUTPUT_FORMATS", "ROW_ID",
-    "FORMAT_CHOICES", "InputOptions", "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "duckdb_key", "input_format",
+    "FORMAT_CHOICES", "InputOptions", "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "duckdb_key",
     "output_format", "read_table", "write_output", "write_query_jsonl", "write_table_jsonl",
 ]

@@ -6,10 +6,12 @@ import io
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import duckdb
 import pyarrow as pa
 
+from batchllm_cli.errors import InputError
 from batchllm_cli.table_io.common import CSV_MAX_LINE_SIZE, _CSV_DELIMITERS, _LINE_BREAK, _literal, duckdb_key
 from batchllm_cli.table_io.inputs import open_text
 
@@ -194,3 +196,35 @@ def _one_per_record(rejects: pa.Table) -> pa.Table:
             continue
         out += [{**r, "line": r["line"] + k, "csv_line": line} for k, line in enumerate(lines)]
     return pa.Table.from_pylist(out, schema=rejects.schema)
+
+
+def check_lenient_read(files: Sequence[tuple[str, Path, CsvText]], dialect: CsvDialect) -> None:
+    """Files DuckDB can only read in its lenient mode (a CRLF file whose header holds a quoted line
+    break), which pads, cuts or merges malformed records silently, are checked record by record here.
+    `files` are (name for messages, local path, how to read it as text)."""
+    if not dialect.crlf_quoted_header:
+        return
+    for name, path, text in files:
+        bad = _csv_bad_record(path, dialect.delimiter, len(dialect.names), text)
+        if bad is not None:
+            raise InputError(
+                f"Cannot read {name}: {bad}. Fix the file (--skip-bad-rows cannot skip records in a "
+                "CRLF file whose header holds a line break)."
+            )
+
+
+def check_record_count(label: str, files: Sequence[tuple[str, Path, CsvText]], dialect: CsvDialect, rows: int) -> None:
+    """InputError unless DuckDB read as many rows as an independent reader counts records in `files`:
+    DuckDB has read some valid files (a quoted line break in a CRLF header) as 0 rows without an error."""
+    records = 0
+    for _, path, text in files:
+        counted = _csv_records(path, dialect.delimiter, len(dialect.names) == 1, text)
+        if counted is None:
+            return
+        records += counted
+    if records != rows:
+        raise InputError(
+            f"Cannot read {label}: it has {records} records but only {rows} were read; the file's "
+            "layout (line endings, quoted line breaks) is not read reliably. Save it with plain '\\n' "
+            "line endings, or convert it to Parquet or JSON lines."
+        )

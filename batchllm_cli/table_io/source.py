@@ -11,7 +11,6 @@ from typing import Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchllm_cli.durable import check_writable_dir
 from batchllm_cli.errors import InputError, UsageError
@@ -21,29 +20,17 @@ from batchllm_cli.table_io.common import (
     _one_line, output_format,
 )
 from batchllm_cli.table_io.csv_dialect import (
-    CsvDialect, CsvText, _csv_bad_record, _csv_header_line, _csv_options, _csv_records, _one_per_record, _sniff_csv,
+    CsvDialect, CsvText, _csv_header_line, _csv_options, _one_per_record, check_lenient_read, check_record_count,
 )
 from batchllm_cli.table_io.inputs import (
     DUCKDB_ENCODINGS, InputFile, InputOptions, ResolvedInput, input_args, is_blank, is_url, python_encoding, resolve_input,
     transcode,
 )
+from batchllm_cli.table_io.file_set import (
+    FILE_COLUMN, check_json_files, check_partition_keys, csv_dialect, load_httpfs, parquet_schema, with_partitions,
+)
 from batchllm_cli.table_io.json_types import _exact_json_columns
-
-# The file each row came from, while hive partition values are attached to it (never in a result).
-_FILE_COLUMN = "__batchllm_file"
-
-
-def _load_httpfs(con: duckdb.DuckDBPyConnection, url: str) -> None:
-    """httpfs reads s3://, gs:// and https:// URLs; it is an extension DuckDB downloads once (INSTALL)."""
-    try:
-        con.execute("LOAD httpfs")
-    except duckdb.Error:
-        raise UsageError(
-            f"Cannot read {url}: DuckDB's httpfs extension is not installed here (it is downloaded once, with "
-            "network access: python -c \"import duckdb; duckdb.sql('INSTALL httpfs')\"); or download the file "
-            "and give its local path."
-        ) from None
-
+from batchllm_cli.table_io.selection import checked_where, selected_columns
 
 class TableSource:
     """An input table: its columns (known without reading the data) and its rows as Arrow batches.
@@ -131,7 +118,7 @@ class TableSource:
         self._scan_paths: list[str] = []
         for i, f in enumerate(self.files):
             if f.is_url:
-                _load_httpfs(self._con, f.name)
+                load_httpfs(self._con, f.name)
                 scan = f.location
             else:
                 # DuckDB only ever sees this plain name; the kernel resolves the user's path literally.
@@ -147,108 +134,30 @@ class TableSource:
         """The columns every file agrees on (refused when they differ), then hive partition columns,
         then --columns and --where checked against them."""
         if self.format == "parquet":
-            self._check_parquet_files()
+            self.arrow_schema = parquet_schema(self.files)
         if self.is_csv:
-            self._dialect = self._csv_dialect()
+            delimiter = "\t" if self.format == "tsv" else None
+            self._dialect = csv_dialect(self._con, self.files, self._scan_paths, self._text, delimiter,
+                                        self._duckdb_encoding)
         # Binding the query only sniffs a sample (JSON) or reads the footer (Parquet).
         rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
         if self.format in ("json", "jsonl"):
-            self._check_json_files(rel.columns)
+            check_json_files(self._con, self.files, self._scan_paths, lambda one: self._read_json(paths=[one]),
+                             rel.columns)
             self._json_columns = _exact_json_columns(self._con, self._read_json, rel)
             if self._json_columns is not None:
                 rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
-        names = [n for n in rel.columns if n != _FILE_COLUMN]
+        names = [n for n in rel.columns if n != FILE_COLUMN]
         if ROW_ID in names:
             raise UsageError(f"Input column {ROW_ID!r} is reserved by batchllm; rename it.")
-        clash = [k for k in self.input.partition_keys if k.lower() in {n.lower() for n in names}]
-        if clash:
-            raise UsageError(f"The hive partition directory {clash[0]}=... of {self.path} is also a column of its "
-                             "files; rename one of them.")
+        check_partition_keys(self.input.partition_keys, names, self.path)
         table = self._con.sql(f"SELECT * FROM ({self._table_sql()}) LIMIT 0")
         columns = self._table_columns = tuple(Column(n, str(t)) for n, t in zip(table.columns, table.types))
         if self.options.columns is not None:
-            columns = self._selected(columns, self.options.columns)
+            columns = selected_columns(columns, self.options.columns)
         if self.options.where is not None:
-            self._where = self._checked_where(self.options.where)
+            self._where = checked_where(self._con, self.options.where, self._table_sql(), self._reason, self.is_csv)
         return columns
-
-    def _selected(self, columns: tuple[Column, ...], wanted: tuple[str, ...]) -> tuple[Column, ...]:
-        by_name = {c.name: c for c in columns}
-        missing = [w for w in wanted if w not in by_name]
-        if missing or not wanted:
-            available = ", ".join(by_name) or "(none)"
-            what = f"{missing[0]!r} is not a column of the input" if missing else "no column given"
-            raise UsageError(f"--columns: {what}; available columns: {available}.")
-        if len(set(wanted)) != len(wanted):
-            raise UsageError("--columns names a column twice; name each once.")
-        return tuple(by_name[w] for w in wanted)
-
-    def _checked_where(self, where: str) -> str:
-        """--where as one parsed expression (so it cannot reach outside its WHERE clause), bound against
-        the input's columns and of type BOOLEAN; a UsageError otherwise, before any model loads."""
-        try:
-            expr = str(duckdb.SQLExpression(where))
-            rel = self._con.sql(f"SELECT ({expr}) AS w FROM ({self._table_sql()}) LIMIT 0")
-        except duckdb.Error as exc:
-            hint = " (CSV columns are text: compare with CAST(col AS INTEGER) or col::DOUBLE)" if (
-                self.is_csv and "explicit cast" in str(exc)) else ""
-            raise UsageError(f"--where {where!r}: {self._reason(exc)}{hint}") from None
-        if str(rel.types[0]) != "BOOLEAN":
-            raise UsageError(f"--where {where!r} is {rel.types[0]}, not true/false; give a condition such as "
-                             "\"lang = 'en' AND length(text) > 10\".")
-        return expr
-
-    def _csv_dialect(self) -> CsvDialect:
-        """The dialect of the first file, which every other file must share (same columns in the same order)."""
-        delimiter = "\t" if self.format == "tsv" else None
-        first: CsvDialect | None = None
-        for f, scan in zip(self.files, self._scan_paths):
-            if f.is_url:
-                d = self._url_csv_dialect(scan, delimiter)
-            else:
-                d = _sniff_csv(scan, f.path, self._con, self._text(f), delimiter=delimiter,
-                               duckdb_encoding=self._duckdb_encoding)
-            if first is None:
-                first = d
-            elif (d.delimiter, d.names) != (first.delimiter, first.names):
-                self._refuse_different(self.files[0].name, first.names, f.name, d.names)
-        assert first is not None
-        return first
-
-    def _url_csv_dialect(self, url: str, delimiter: str | None) -> CsvDialect:
-        delim = f", delim={_literal(delimiter)}" if delimiter else ""
-        row = self._con.execute(
-            f"SELECT Delimiter, Columns FROM sniff_csv({_literal(url)}, header=true, all_varchar=true{delim}, "
-            f"encoding={_literal(self._duckdb_encoding)})"
-        ).fetchall()[0]
-        return CsvDialect(row[0], tuple(c["name"] for c in row[1]))
-
-    def _check_parquet_files(self) -> None:
-        first: list[str] | None = None
-        for f in self.files:
-            if f.is_url:
-                continue
-            with f.path.open("rb") as data:  # a file object: pyarrow would parse a path as a URI
-                schema = pq.read_schema(data)
-            if first is None:
-                first, self.arrow_schema = list(schema.names), schema
-            elif list(schema.names) != first:
-                self._refuse_different(self.files[0].name, first, f.name, schema.names)
-
-    def _check_json_files(self, names: Sequence[str]) -> None:
-        if len(self.files) < 2:
-            return
-        want = set(names) - {_FILE_COLUMN}
-        for f, scan in zip(self.files, self._scan_paths):
-            own = self._con.sql(f"SELECT * FROM {self._read_json(paths=[scan])} LIMIT 0").columns
-            if set(own) != want:
-                self._refuse_different(self.files[0].name, sorted(want), f.name, sorted(own))
-
-    def _refuse_different(self, a: str, a_names: Sequence[str], b: str, b_names: Sequence[str]) -> None:
-        raise UsageError(
-            f"The input files have different columns: {a} has ({', '.join(a_names)}) but {b} has "
-            f"({', '.join(b_names)}); give files with the same columns in the same order."
-        )
 
     def _reason(self, exc: BaseException) -> str:
         """DuckDB's one line, naming the user's files instead of the private links DuckDB opened."""
@@ -268,7 +177,7 @@ class TableSource:
         return "[" + ", ".join(_literal(p) for p in (self._scan_paths if paths is None else paths)) + "]"
 
     def _file_option(self) -> str:
-        return f", filename={_literal(_FILE_COLUMN)}" if self.input.partition_keys else ""
+        return f", filename={_literal(FILE_COLUMN)}" if self.input.partition_keys else ""
 
     def _read_json(self, columns: str | None = None, *, paths: Sequence[str] | None = None) -> str:
         fmt = "newline_delimited" if self.format == "jsonl" else "auto"
@@ -337,18 +246,7 @@ class TableSource:
 
     def _table_sql(self, **kw: str | None) -> str:
         """Every column of the input: the files' own, then the hive partition values (as text)."""
-        scan = self.scan_sql(**kw)  # type: ignore[arg-type]
-        keys = self.input.partition_keys
-        if not keys:
-            return f"SELECT * FROM {scan}"
-        parts = []
-        for i, key in enumerate(keys):
-            cases = " ".join(
-                f"WHEN {_literal(link)} THEN {'NULL' if f.partitions[i][1] is None else _literal(f.partitions[i][1])}"
-                for link, f in zip(self._scan_paths, self.files)
-            )
-            parts.append(f"CAST(CASE {_ident(_FILE_COLUMN)} {cases} END AS VARCHAR) AS {_ident(key)}")
-        return f"SELECT * EXCLUDE ({_ident(_FILE_COLUMN)}), {', '.join(parts)} FROM {scan}"
+        return with_partitions(self.scan_sql(**kw), self.input.partition_keys, self.files, self._scan_paths)  # type: ignore[arg-type]
 
     def _limited_sql(self, **kw: str | None) -> str:
         """The rows jobs see: --where applied, --columns picked, at most `limit` rows."""
@@ -401,15 +299,26 @@ class TableSource:
             self._rows = int(rows[0][0]) if rows else 0
             read = rows[0][1] if rows else 0
             if self.is_csv:
-                self._check_lenient_read()
-            if self.is_csv and not self.skip_bad_rows:
-                self._check_record_count(self._rows if read is None else int(read))
+                assert self._dialect is not None
+                local = [(f.name, f.path, self._text(f)) for f in self.files if not f.is_url]
+                check_lenient_read(local, self._dialect)
+                # Rows before --where; with a limit, only a read that ended before it is the whole file.
+                whole = int(read) if read is not None else (
+                    self._rows if self.options.where is None and self._rows < (self.limit or 0) else None)
+                if whole is not None and not self.skip_bad_rows and len(local) == len(self.files):
+                    check_record_count(self.path, local, self._dialect, whole)
             if self.skip_bad_rows:
-                # One entry per rejected line (DuckDB may list several errors for one line).
+                # One entry per rejected line (DuckDB may list several errors for one line); with
+                # several files, lines are per file and each entry names its file.
+                file_name = ""
+                if len(self.files) > 1:
+                    cases = " ".join(f"WHEN {_literal(link)} THEN {_literal(name)}" for link, name in self._links.items())
+                    file_name = f"any_value(CASE s.file_path {cases} END) AS file, "
                 self.rejects = _one_per_record(con.sql(
-                    f"SELECT line, arg_min(error_type, column_idx) AS error_type, "
-                    f"arg_min(error_message, column_idx) AS error, arg_min(csv_line, column_idx) AS csv_line "
-                    f"FROM {table} GROUP BY line ORDER BY line"
+                    f"SELECT {file_name}r.line, arg_min(r.error_type, r.column_idx) AS error_type, "
+                    f"arg_min(r.error_message, r.column_idx) AS error, arg_min(r.csv_line, r.column_idx) AS csv_line "
+                    f"FROM {table} AS r JOIN {table}_scan AS s USING (scan_id, file_id) "
+                    f"GROUP BY r.file_id, r.line ORDER BY r.file_id, r.line"
                 ).to_arrow_table())
         except duckdb.Error as exc:
             hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.is_csv else ""
@@ -426,42 +335,6 @@ class TableSource:
                 "or raise --max-rejects if skipping them is right."
             )
         return self._rows
-
-    def _check_lenient_read(self) -> None:
-        """A file DuckDB can only read in its lenient mode (a CRLF file whose header holds a quoted line
-        break), which pads, cuts or merges malformed records silently, is checked record by record here."""
-        d = self._dialect
-        assert d is not None
-        if not d.crlf_quoted_header:
-            return
-        for f in self.files:
-            bad = None if f.is_url else _csv_bad_record(f.path, d.delimiter, len(d.names), self._text(f))
-            if bad is not None:
-                raise InputError(
-                    f"Cannot read {f.name}: {bad}. Fix the file (--skip-bad-rows cannot skip records in a "
-                    "CRLF file whose header holds a line break)."
-                )
-
-    def _check_record_count(self, rows: int) -> None:
-        """InputError unless DuckDB read as many rows (before --where) as an independent reader counts
-        records: DuckDB has read some valid files (a quoted line break in a CRLF header) as 0 rows
-        without an error. `rows` is the filtered count when a limit cut the read short."""
-        if self.limit is not None and (rows >= self.limit or self.options.where is not None):
-            return
-        d = self._dialect
-        assert d is not None
-        records = 0
-        for f in self.files:
-            counted = None if f.is_url else _csv_records(f.path, d.delimiter, len(d.names) == 1, self._text(f))
-            if counted is None:
-                return
-            records += counted
-        if records != rows:
-            raise InputError(
-                f"Cannot read {self.path}: it has {records} records but only {rows} were read; the file's "
-                "layout (line endings, quoted line breaks) is not read reliably. Save it with plain '\\n' "
-                "line endings, or convert it to Parquet or JSON lines."
-            )
 
     def count_rows(self) -> int:
         return self.validate()
