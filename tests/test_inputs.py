@@ -180,7 +180,7 @@ def test_inputs_that_cannot_be_one_table_are_refused_before_the_model(tmp_path: 
         ([tmp_path / "d.parquet"], ["--encoding", "latin-1"], "--encoding applies to CSV/TSV input only"),
         ([csv_file], ["--encoding", "klingon"], "not an encoding Python knows"),
         (["ftp://host/a.csv"], [], "unknown URL scheme 'ftp'"),
-        (["https://host/a*.csv"], [], "add --input-glob"),
+        (["s3://bucket/a*.csv"], [], "add --input-glob"),
     ]
     for inputs, flags, message in cases:
         result = run(inputs, tmp_path / "out.parquet", tpl, *flags, stdin=b"")
@@ -323,3 +323,20 @@ def test_rejected_lines_of_several_files_are_one_per_file_and_line(tmp_path: Pat
         assert src.validate() == 2
         rejects = src.rejects.to_pylist()
     assert [(Path(r["file"]).name, r["line"]) for r in rejects] == [("a.csv", 3), ("a.csv", 4), ("b.csv", 3)]
+
+
+def test_hive_values_are_decoded_and_utf16_is_read(tmp_path: Path) -> None:
+    from batchllm_cli.table_io import InputOptions, TableSource
+
+    for part, ident in (("city=S%C3%A3o Paulo", "1"), ("city=__HIVE_DEFAULT_PARTITION__", "2")):
+        write_csv(tmp_path / "hv" / part / "a.csv", [{"id": ident}])
+    with TableSource(tmp_path / "hv", options=InputOptions(where="city IS NULL OR city LIKE 'S%'")) as src:
+        assert src.validate() == 2
+        assert [r for b in src.batches() for r in b.to_pylist()] == [
+            {"__batchllm_row_id": 0, "id": "1", "city": "São Paulo"},  # percent-encoded, as Spark writes it
+            {"__batchllm_row_id": 1, "id": "2", "city": None},  # Hive's null partition
+        ]
+    text = [{"id": "1", "text": "café 完璧"}]
+    write_csv(tmp_path / "u16.csv", text, encoding="utf-16")
+    with TableSource(tmp_path / "u16.csv", options=InputOptions(encoding="utf-16")) as src:
+        assert [{k: r[k] for k in ("id", "text")} for b in src.batches() for r in b.to_pylist()] == text

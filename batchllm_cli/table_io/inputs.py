@@ -17,7 +17,7 @@ import re
 import shutil
 import stat
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 from urllib.parse import unquote
@@ -87,7 +87,7 @@ class ResolvedInput:
     directories: tuple[Path, ...] = ()  # directory inputs: nothing the job writes may be inside one
     patterns: tuple[str, ...] = ()  # --input-glob patterns: nothing the job writes may match one
     stdin: bool = False
-    partition_keys: tuple[str, ...] = field(default=())
+    partition_keys: tuple[str, ...] = ()
 
 
 def input_args(inp: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
@@ -106,7 +106,6 @@ def python_encoding(name: str) -> str:
         return codecs.lookup(name).name
     except LookupError:
         raise UsageError(f"--encoding {name!r} is not an encoding Python knows; use e.g. utf-8, latin-1, cp1252.") from None
-
 
 def split_format(name: str) -> tuple[str | None, str | None]:
     """(format, compression) from a file name: `a.csv.gz` is (csv, gzip); (None, None) if unknown."""
@@ -195,9 +194,9 @@ def _glob_files(pattern: str) -> list[InputFile]:
 def _spool_stdin(spool: Path, fmt: str | None) -> tuple[InputFile, str]:
     """stdin copied into a private file (its rows are read several times; a run resumed later needs
     the same stdin again), with its format: --input-format, else sniffed from the first byte."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("INPUT '-' reads the table from stdin, but stdin is a terminal or closed; pipe a file in.")
     stream: IO[bytes] = sys.stdin.buffer
-    if sys.stdin.isatty():
-        raise UsageError("INPUT '-' reads the table from stdin, but stdin is a terminal; pipe a file in.")
     fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(stream, out, 1 << 20)
@@ -248,7 +247,8 @@ def resolve_input(
             scheme = _URL.match(arg).group(1).lower()  # type: ignore[union-attr]
             if scheme not in URL_SCHEMES:
                 raise UsageError(f"Cannot read {arg}: unknown URL scheme {scheme!r}; use one of {', '.join(URL_SCHEMES)}.")
-            if not options.glob and _PATTERN_CHARS & set(arg):
+            # DuckDB globs object-store keys (not http paths, whose `?` starts a query string).
+            if not options.glob and scheme not in ("http", "https") and _PATTERN_CHARS & set(arg):
                 raise UsageError(f"{arg} has pattern characters (*?[{{); add --input-glob to read it as a pattern.")
             files.append(InputFile(arg, arg, is_url=True, compression=split_format(arg.split("?")[0])[1]))
         elif options.glob:
@@ -259,7 +259,7 @@ def resolve_input(
             files += _directory_files(Path(arg))
         else:
             files.append(_local_file(Path(arg)))
-    fmt = _checked_format(None if options.format is None else options.format, files)
+    fmt = _checked_format(options.format, files)
     keys = {tuple(k for k, _ in f.partitions) for f in files}
     if len(keys) > 1:
         raise UsageError(f"The inputs {label} have different hive partition directories; read one partitioned directory at a time.")
