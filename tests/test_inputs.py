@@ -340,3 +340,37 @@ def test_hive_values_are_decoded_and_utf16_is_read(tmp_path: Path) -> None:
     write_csv(tmp_path / "u16.csv", text, encoding="utf-16")
     with TableSource(tmp_path / "u16.csv", options=InputOptions(encoding="utf-16")) as src:
         assert [{k: r[k] for k in ("id", "text")} for b in src.batches() for r in b.to_pylist()] == text
+
+
+def test_a_killed_directory_job_with_where_resumes_and_a_changed_one_is_refused(tmp_path: Path, env: dict) -> None:
+    import cli_process
+    from reliability_utils import SEEDED, flat, invoke as invoke_wide, write_rows_csv
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows_csv(data / "b.csv", 60, start=60)
+    write_rows_csv(data / "a.csv", 60)
+    tpl = tmp_path / "t.j2"
+    tpl.write_text("Say: {{ text }}")
+    out = tmp_path / "out" / "result.parquet"
+    flags = [*FAST, *SEEDED, "--checkpoint-rows", "20", "--checkpoint-seconds", "1000",
+             "--where", "CAST(id AS INTEGER) % 3 <> 0"]
+
+    def args(output: Path, *more: str) -> list[str]:
+        return ["run", str(data), "-t", str(tpl), "-o", str(output), *flags, *more]
+
+    code, log = cli_process.run(args(out), {**env, "BATCHLLM_CRASH_AT": "manifest_update:2"})
+    assert code == 137, log
+    result = invoke_wide(args(out, "--where", "CAST(id AS INTEGER) % 3 <> 1"))
+    assert result.exit_code == 4 and "changed --where" in flat(result.stderr)
+    (data / "c.csv").write_text("id,text\n999,new\n")  # a file added to the input directory
+    result = invoke_wide(args(out))
+    assert result.exit_code == 4 and "input files" in flat(result.stderr)
+    (data / "c.csv").unlink()
+    result = invoke_wide(args(out))
+    assert result.exit_code == 0, result.output
+    assert "Resuming" in result.stderr
+    reference = tmp_path / "ref.parquet"
+    assert invoke_wide(args(reference)).exit_code == 0
+    assert read_table(out).to_pylist() == read_table(reference).to_pylist()
+    assert [int(r["id"]) for r in input_columns(out, "id")] == [i for i in range(120) if i % 3]
