@@ -32,6 +32,7 @@ from batchllm_cli.table_io.file_set import (
 from batchllm_cli.table_io.json_types import _exact_json_columns
 from batchllm_cli.table_io.selection import checked_where, selected_columns
 
+
 class TableSource:
     """An input table: its columns (known without reading the data) and its rows as Arrow batches.
 
