@@ -119,6 +119,8 @@ def test_a_pattern_needs_input_glob_and_a_literal_name_stays_literal(tmp_path: P
     assert [r["id"] for r in input_columns(out, "id")] == ["10", "11", "20", "21"]
     result = run([tmp_path / "zz*.csv"], tmp_path / "out" / "none.parquet", tpl, "--input-glob")
     assert result.exit_code == 2 and "no file matches" in one_error_line(result.stderr)
+    result = run([tmp_path / "zz*.csv"], tmp_path / "out" / "none.parquet", tpl)  # literal: no such file
+    assert result.exit_code == 2 and "not found" in one_error_line(result.stderr) and "--input-glob" in result.stderr
     # An output the pattern would match is refused.
     result = run([tmp_path / "a*.csv"], tmp_path / "a9.csv", tpl, "--input-glob")
     assert result.exit_code == 2 and "matches the --input-glob pattern" in one_error_line(result.stderr)

@@ -129,7 +129,8 @@ def _check_readable_file(path: Path) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise UsageError(f"Input file not found: {path}") from None
+        hint = " (to read it as a pattern, add --input-glob)" if _PATTERN_CHARS & set(str(path)) else ""
+        raise UsageError(f"Input file not found: {path}{hint}") from None
     except OSError as exc:
         raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
     if not stat.S_ISREG(mode):
