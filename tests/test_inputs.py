@@ -175,7 +175,9 @@ def test_inputs_that_cannot_be_one_table_are_refused_before_the_model(tmp_path: 
     (tmp_path / "b.jsonl").write_text('{"id": "1", "text": "x"}\n')
     (tmp_path / "c.csv.zst").write_bytes(b"")
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "d.parquet")
+    semicolons = write_csv(tmp_path / "e.csv", rows(1), delimiter=";")
     cases = [
+        ([csv_file, semicolons], [], "different delimiters: "),
         ([csv_file, tmp_path / "b.jsonl"], [], "a.csv is csv, "),
         ([tmp_path / "c.csv.zst"], [], "zstd-compressed CSV is not supported"),
         (["-", csv_file], [], "cannot be combined"),

@@ -58,8 +58,11 @@ def csv_dialect(
             d = _sniff_csv(scan, f.path, con, text_of(f), delimiter=delimiter, duckdb_encoding=duckdb_encoding)
         if first is None:
             first = d
-        elif (d.delimiter, d.names) != (first.delimiter, first.names):
+        elif d.names != first.names:
             refuse_different(files[0].name, first.names, f.name, d.names)
+        elif d.delimiter != first.delimiter:
+            raise UsageError(f"The input files have different delimiters: {files[0].name} uses {first.delimiter!r} "
+                             f"but {f.name} uses {d.delimiter!r}; give files of one dialect.")
     assert first is not None
     return first
 
