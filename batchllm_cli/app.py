@@ -412,7 +412,8 @@ def analyze_command(
 
 def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | None) -> None:
     """analyze's report files must not overwrite its input, template, model files or each other."""
-    reads = [] if STDIN in input_args(settings.input) else input_reads(resolve_input(settings.input, settings.reading, None))
+    stdin = STDIN in input_args(settings.input)
+    reads = [] if stdin else input_reads(resolve_input(settings.input, settings.reading, None))
     if Path(settings.template).is_file():
         reads.append(JobPath("the template", Path(settings.template)))
     for directory in (settings.model, settings.tokenizer):

@@ -27,7 +27,6 @@ def rejected_rows(source: TableSource) -> int:
 def check_input_unchanged(prepared: PreparedRun) -> None:
     """InputChanged (exit 4) when the input is no longer the snapshot the job fingerprinted: answers are
     joined to input rows by position, so they must never be joined to a different input."""
-    settings = prepared.settings
     what = input_change(prepared.source.snapshot_files(relist=True), prepared.fingerprint)
     if what is None:
         return

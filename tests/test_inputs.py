@@ -378,3 +378,50 @@ def test_a_killed_directory_job_with_where_resumes_and_a_changed_one_is_refused(
     assert invoke_wide(args(reference)).exit_code == 0
     assert read_table(out).to_pylist() == read_table(reference).to_pylist()
     assert [int(r["id"]) for r in input_columns(out, "id")] == [i for i in range(120) if i % 3]
+
+
+class _OnFirstRow:
+    """A RunObserver that does `act` when the first row finishes (another program touching the input)."""
+
+    def __init__(self, act) -> None:  # noqa: ANN001
+        self.act, self.done = act, False
+
+    def notice(self, message: str) -> None:
+        pass
+
+    def start(self, total_rows: int) -> None:
+        pass
+
+    def advance(self, rows: int, completion_tokens: int) -> None:
+        if not self.done:
+            self.done = True
+            self.act()
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("how", ["file_added", "file_removed", "directory_removed"])
+def test_a_directory_input_changed_during_the_run_stops_with_exit_4(tmp_path: Path, tpl: Path, how: str) -> None:
+    import shutil
+
+    from batchllm_cli.errors import InputChanged
+    from batchllm_cli.job import run_job
+    from batchllm_cli.job_types import RunSettings
+
+    data = tmp_path / "data"
+    write_csv(data / "a.csv", rows(4))
+    write_csv(data / "b.csv", rows(4, 4))
+    act = {
+        "file_added": lambda: write_csv(data / "c.csv", rows(1, 8)),
+        "file_removed": lambda: (data / "b.csv").unlink(),
+        "directory_removed": lambda: shutil.rmtree(data),
+    }[how]
+    settings = RunSettings(input=(str(data),), template=str(tpl), output=tmp_path / "out.parquet", max_tokens=2,
+                           kv_cache_memory=16 << 20, chat=False, checkpoint_rows=2)
+    with pytest.raises(InputChanged) as info:
+        run_job(settings, _OnFirstRow(act))
+    expect = {"file_added": "2 file(s) before, 3 now", "file_removed": "2 file(s) before, 1 now",
+              "directory_removed": "removed or cannot be read"}[how]
+    assert info.value.exit_code == 4 and expect in str(info.value)
+    assert not (tmp_path / "out.parquet").exists()

@@ -421,7 +421,10 @@ class TableSource:
         if any(f.is_url for f in self.input.files):
             return None
         if relist and not self.input.stdin:
-            return [f.path for f in resolve_input(self._arg, self.options, None).files]
+            try:
+                return [f.path for f in resolve_input(self._arg, self.options, None).files]
+            except UsageError:
+                pass  # gone or unreadable now: the files listed before say so (fingerprint.input_change)
         return [f.path for f in self.input.files]
 
     def close(self) -> None:
