@@ -46,7 +46,7 @@ from batchllm_cli.model_setup import (
 from batchllm_cli.prompt_options import PromptOptions, check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
 from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
-from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
+from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, InputOptions, TableSource
 from batchllm_cli.templates import NULL_POLICIES, PromptTemplate
 from batchllm_cli.token_spool import (
     OUT_OF_CORE_BATCH_ROWS,
@@ -110,7 +110,7 @@ class _SilentObserver:
 class AnalyzeSettings:
     """One `analyze` invocation. None means "the default" (of the recipe, the model or the engine)."""
 
-    input: Path
+    input: Path | str | tuple[str, ...]  # INPUT as `run` takes it
     template: str
     model: Path | None = None
     tokenizer: Path | None = None  # a tokenizer-only directory, instead of `model`
@@ -134,6 +134,7 @@ class AnalyzeSettings:
     regex: str | None = None
     json_schema: Path | None = None
     prompt: PromptOptions = PromptOptions()  # --var, --param, --system, --truncate-column
+    reading: InputOptions = InputOptions()  # --input-glob, --input-format, --encoding, --where, --columns
 
 
 @dataclass(frozen=True)
@@ -328,7 +329,8 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
     observer = observer or _SilentObserver()
     _check_settings(settings)
     source = TableSource(
-        settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects
+        settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects,
+        options=settings.reading,
     )
     try:
         check_column_names(source.file_column_names(), source.column_names, None)
@@ -580,7 +582,7 @@ def _report(
     first = tuple(RowError(f.row_id, id_of(f.row_id), f.kind, f.error) for f in failures.first)
     lengths = plan.lengths
     return AnalyzeReport(
-        input=str(s.input),
+        input=prepared.source.path,
         template=prepared.template.source.name,
         tokenizer_dir=str(prepared.tokenizer_dir),
         demo_model=prepared.demo_model,

@@ -27,8 +27,9 @@ from batchllm_cli.errors import (
     OutputError,
     UsageError,
 )
-from batchllm_cli.file_safety import JobPath, check_job_paths, model_files
+from batchllm_cli.file_safety import JobPath, check_job_paths, input_reads, model_files
 from batchllm_cli.help_format import SectionedHelpCommand
+from batchllm_cli.input_options import ColumnsOpt, EncodingOpt, InputFormatOpt, InputGlobOpt, WhereOpt, input_options
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.job import execute_run, prepare_run
 from batchllm_cli.job_report import report_of
@@ -100,6 +101,7 @@ from batchllm_cli.options import (
 from batchllm_cli.prompt_options import PromptOptions, parse_assignments, read_system
 from batchllm_cli.progress import err_console, make_progress, print_error
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
+from batchllm_cli.table_io.inputs import STDIN, input_args, resolve_input
 
 EXIT_CODES_EPILOG = EXIT_CODES_HELP
 
@@ -268,6 +270,11 @@ def run(
     ignore_eos: IgnoreEosOpt = False,
     chat: ChatOpt = None,
     limit: LimitOpt = None,
+    input_glob: InputGlobOpt = False,
+    input_format: InputFormatOpt = None,
+    encoding: EncodingOpt = None,
+    where: WhereOpt = None,
+    columns: ColumnsOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     kv_cache_memory: KVCacheMemoryOpt = None,
@@ -310,7 +317,8 @@ def run(
     """
     prompt = _prompt_options(var, param, system, truncate_column)
     settings = RunSettings(
-        input=input,
+        input=tuple(input),
+        reading=input_options(input_glob, input_format, encoding, where, columns),
         template=template,
         output=output,
         model=model,
@@ -409,6 +417,11 @@ def analyze_command(
     tokenizer: TokenizerOpt = None,
     chat: ChatOpt = None,
     limit: LimitOpt = None,
+    input_glob: InputGlobOpt = False,
+    input_format: InputFormatOpt = None,
+    encoding: EncodingOpt = None,
+    where: WhereOpt = None,
+    columns: ColumnsOpt = None,
     id_column: IdColumnOpt = None,
     skip_bad_rows: SkipBadRowsOpt = False,
     max_rejects: MaxRejectsOpt = DEFAULT_MAX_REJECTS,
@@ -449,7 +462,8 @@ def analyze_command(
     )
 
     settings = AnalyzeSettings(
-        input=input,
+        input=tuple(input),
+        reading=input_options(input_glob, input_format, encoding, where, columns),
         template=template,
         model=model,
         tokenizer=tokenizer,
@@ -505,7 +519,8 @@ def analyze_command(
 
 def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | None) -> None:
     """analyze's report files must not overwrite its input, template, model files or each other."""
-    reads = [JobPath("the input file", settings.input)]
+    stdin = STDIN in input_args(settings.input)
+    reads = [] if stdin else input_reads(resolve_input(settings.input, settings.reading, None))
     if Path(settings.template).is_file():
         reads.append(JobPath("the template", Path(settings.template)))
     for directory in (settings.model, settings.tokenizer):
@@ -552,6 +567,11 @@ def render_command(
     tokenizer: TokenizerOpt = None,
     chat: ChatOpt = None,
     limit: LimitOpt = None,
+    input_glob: InputGlobOpt = False,
+    input_format: InputFormatOpt = None,
+    encoding: EncodingOpt = None,
+    where: WhereOpt = None,
+    columns: ColumnsOpt = None,
     id_column: IdColumnOpt = None,
     nulls: NullsOpt = NullPolicy.error,
     truncate: TruncateOpt = None,
@@ -574,7 +594,8 @@ def render_command(
     from batchllm_cli.render import render_rows
 
     settings = AnalyzeSettings(
-        input=input,
+        input=tuple(input),
+        reading=input_options(input_glob, input_format, encoding, where, columns),
         template=template,
         model=model,
         tokenizer=tokenizer,

@@ -4,9 +4,12 @@ symlink or a hard link) a file it reads, or another path it writes.
 A write target is compared with every read file and every other write target by resolved path and, when
 both exist, by inode (os.path.samefile). A directory target (the run directory) must not contain any other
 path of the job, and a file target must not be named like the temporary files batchllm cleans up beside it.
+Nothing written may land inside a directory input or match an --input-glob pattern: the next run of the
+same command would read it as one of its input files.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from batchllm_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from batchllm_cli.job_types import RunSettings
+    from batchllm_cli.table_io.inputs import ResolvedInput
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class JobPath:
     what: str  # how the user knows it: "the input file", "--summary", ...
     path: Path
     is_dir: bool = False  # a directory batchllm owns whole (nothing else of the job may live inside)
+    input_dir: bool = False  # a directory input: nothing written may land inside it
+    pattern: bool = False  # an --input-glob pattern (absolute): nothing written may match it
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -40,7 +46,16 @@ def _inside(p: Path, directory: Path) -> bool:
     return p.resolve().is_relative_to(directory.resolve())
 
 
+_READ_AGAIN = ", so the next run would read it as input"
+
+
 def _clash(w: JobPath, other: JobPath) -> str | None:
+    if other.pattern:
+        if fnmatch.fnmatchcase(str(w.path.absolute()), str(other.path)):
+            return f"{w.what} {w.path} matches {other.what} {other.path}{_READ_AGAIN}"
+        return None
+    if other.input_dir and _inside(w.path, other.path):
+        return f"{w.what} {w.path} is inside {other.what} {other.path}{_READ_AGAIN}"
     if _same(w.path, other.path):
         return f"{w.what} {w.path} is {other.what} {other.path}"
     if w.is_dir and _inside(other.path, w.path):
@@ -61,6 +76,8 @@ def check_job_paths(reads: Iterable[JobPath], writes: Sequence[JobPath]) -> None
     for i, w in enumerate(writes):
         for other in reads + [x for j, x in enumerate(writes) if j != i]:
             clash = _clash(w, other)
+            if clash and clash.endswith(_READ_AGAIN):
+                raise UsageError(f"{clash}; write it outside the input.")
             if clash:
                 raise UsageError(f"{clash}; batchllm would overwrite it. Give each path a name of its own.")
 
@@ -79,11 +96,22 @@ def model_files(model_dir: Path) -> list[JobPath]:
     return out
 
 
-def check_run_paths(settings: RunSettings, run_dir: Path, model_dir: Path) -> None:
+def input_reads(inp: ResolvedInput) -> list[JobPath]:
+    """The input as read paths: its local files, its directories (nothing written may land inside one:
+    a later run would read it as an input file) and its --input-glob patterns (nothing written may
+    match one). stdin and URLs have none."""
+    reads = [JobPath("the input file", f.path) for f in inp.files if not f.is_url and not inp.stdin]
+    reads += [JobPath("the input directory", d, input_dir=True) for d in inp.directories]
+    reads += [JobPath("the --input-glob pattern", Path(p), pattern=True) for p in inp.patterns]
+    return reads
+
+
+def check_run_paths(settings: RunSettings, run_dir: Path, model_dir: Path, inputs: list[JobPath]) -> None:
     """`run`'s paths: nothing the job writes may be, or resolve to, a file it reads or another file it
-    writes; the run directory's parent must be writable."""
+    writes, or land where a directory or pattern input would read it; the run directory's parent must be
+    writable."""
     out = settings.output
-    reads = [JobPath("the input file", settings.input)]
+    reads = list(inputs)
     if Path(settings.template).is_file():  # else a bundled recipe
         reads.append(JobPath("the template", Path(settings.template)))
     reads += model_files(model_dir)

@@ -15,19 +15,27 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from batchllm_cli import __version__
 
 # Fields recorded for information only (shown by `status`), never a reason to refuse a resume: an
 # input copied without -p gets a new mtime but the same content.
 INFO_FIELDS = frozenset({"input.mtime", "input.identity"})
+# The input's own fields: what `input_change` re-checks before the output is written.
+_INPUT_SNAPSHOT = ("input.size", "input.mtime", "input.identity", "input.content", "input.files")
 
 # Human names of the fields, for the refusal message.
 FIELD_LABELS = {
     "input.path": "input file path",
     "input.size": "input file size",
     "input.content": "input content",
+    "input.files": "input files",
+    "input.glob": "--input-glob",
+    "input.format": "--input-format",
+    "input.encoding": "--encoding",
+    "input.where": "--where",
+    "input.columns": "--columns",
     "input.limit": "--limit",
     "input.skip_bad_rows": "--skip-bad-rows",
     "input.id_column": "--id-column",
@@ -127,9 +135,35 @@ def model_files_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+def input_snapshot(files: Sequence[Path] | None) -> dict[str, Any]:
+    """The fingerprint fields of the input's bytes. One file keeps the fields it always had (a
+    checkpoint made before several files were accepted still matches); several files add their paths
+    and combine their hashes in order; a URL input (None) has no bytes to check here."""
+    if files is None:
+        return {"input.size": None, "input.mtime": None, "input.identity": None, "input.content": None}
+    sizes, mtimes, identities, digests = 0, 0, [], []
+    for path in files:
+        before = settled_identity(path)
+        digests.append(file_digest(path))
+        after = file_identity(path)
+        st = path.stat()
+        sizes += st.st_size
+        mtimes = max(mtimes, st.st_mtime_ns)
+        # the identity the content hash belongs to (None if the file changed while it was hashed)
+        identities.append(list(after) if after is not None and after == before else None)
+    if len(files) == 1:
+        return {"input.size": sizes, "input.mtime": mtimes, "input.identity": identities[0], "input.content": digests[0]}
+    combined = hashlib.blake2b(digest_size=32)
+    for path, digest in zip(files, digests):
+        combined.update(f"{path.name}\0{digest}\0".encode())
+    return {"input.size": sizes, "input.mtime": mtimes, "input.identity": identities,
+            "input.content": combined.hexdigest(), "input.files": [str(p.resolve()) for p in files]}
+
+
 def build_fingerprint(
     *,
-    input_path: Path,
+    input_id: str,
+    input_files: Sequence[Path] | None,
     limit: int | None,
     skip_bad_rows: bool,
     id_column: str | None,
@@ -142,18 +176,14 @@ def build_fingerprint(
     dtype: str,
     structured_output: Mapping[str, Any] | None = None,
     prompt: Mapping[str, Any] | None = None,
+    reading: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    before = settled_identity(input_path)
-    content = file_digest(input_path)
-    after = file_identity(input_path)
-    st = input_path.stat()
+    """`input_id` names the input (a resolved path, `-`, a URL); `input_files` are the files whose bytes
+    the job reads (stdin's spool included; None for a URL); `reading` the --where/--columns/... fields."""
     fp: dict[str, Any] = {
-        "input.path": str(input_path.resolve()),
-        "input.size": st.st_size,
-        "input.mtime": st.st_mtime_ns,
-        # the identity the content hash belongs to (None if the file changed while it was hashed)
-        "input.identity": list(after) if after is not None and after == before else None,
-        "input.content": content,
+        "input.path": input_id,
+        **input_snapshot(input_files),
+        **dict(reading or {}),  # each absent when default, so older checkpoints still match
         "input.limit": limit,
         "input.skip_bad_rows": skip_bad_rows,
         "input.id_column": id_column,
@@ -214,21 +244,33 @@ def digest_of(fp: Mapping[str, Any]) -> str:
 
 
 
-def input_change(input_path: Path, fp: Mapping[str, Any]) -> str | None:
-    """What changed in the input since `fp` was taken (None: the same bytes). A changed mtime alone is
-    no change (the content hash decides); a changed size needs no hashing, an unchanged identity none
-    either."""
+def input_change(input_files: Path | Sequence[Path] | None, fp: Mapping[str, Any]) -> str | None:
+    """What changed in the input since `fp` was taken (None: the same bytes). `input_files` is the input
+    listed again now (a file added to a directory input is a change). A changed mtime alone is no change
+    (the content hash decides); a changed size needs no hashing, an unchanged identity none either."""
+    if isinstance(input_files, (str, os.PathLike)):
+        input_files = [Path(input_files)]
+    if input_files is None or fp.get("input.content") is None:
+        return None  # a URL: its bytes were never hashed
+    names = [str(p.resolve()) for p in input_files]
+    if len(input_files) != 1 or "input.files" in fp:
+        before = fp.get("input.files") or []
+        if names != before:
+            return f"its files changed ({len(before)} file(s) before, {len(names)} now)"
     try:
-        size = input_path.stat().st_size
+        size = sum(p.stat().st_size for p in input_files)
     except OSError:
         return "it was removed or cannot be read"
     if size != fp["input.size"]:
         return f"its size went from {fp['input.size']} to {size} bytes"
-    ident = file_identity(input_path)
-    if ident is not None and fp.get("input.identity") == list(ident):
-        return None  # unchanged since it was hashed (see file_identity): no need to read it again
+    idents = [file_identity(p) for p in input_files]
+    known = fp.get("input.identity")
+    if len(input_files) == 1:
+        known = [known]
+    if known is not None and all(i is not None and k == list(i) for i, k in zip(idents, known)):
+        return None  # unchanged since hashed (see file_identity): no need to read them again
     try:
-        if file_digest(input_path) != fp["input.content"]:
+        if input_snapshot(input_files)["input.content"] != fp["input.content"]:
             return "its content was rewritten (same size)"
     except OSError:
         return "it cannot be read any more"

@@ -35,7 +35,7 @@ from batchllm_cli.errors import (
     TempFailError,
     UsageError,
 )
-from batchllm_cli.file_safety import check_run_paths
+from batchllm_cli.file_safety import check_run_paths, input_reads
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job_output import (
@@ -132,14 +132,15 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
     _check_settings(settings)
     _check_retry_flags(settings)
     source = TableSource(
-        settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects
+        settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects,
+        options=settings.reading,
     )
     output_lock: FileLock | None = None
     run_dir: RunDir | None = None
     made_dirs: list[Path] = []
     try:
         # ---- checks (nothing is written) ----------------------------------------------------------
-        check_output_path(settings.output, settings.input)
+        check_output_path(settings.output, source.local_files)
         run_dir = RunDir(settings.checkpoint_dir or default_run_dir(settings.output))
         columns = OutputColumns(settings.column)
         check_column_names(source.file_column_names(), source.column_names, columns)
@@ -163,10 +164,12 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 f"--max-tokens {params.max_tokens} leaves no room for a prompt in the model's context of "
                 f"{context} tokens; lower --max-tokens."
             )
-        check_run_paths(settings, run_dir.path, model_dir)
+        check_run_paths(settings, run_dir.path, model_dir, input_reads(source.input))
         run_dir.check_owned()
         fingerprint = build_fingerprint(
-            input_path=settings.input,
+            input_id=source.identity(),
+            input_files=source.snapshot_files(),
+            reading=settings.reading.fingerprint(),
             limit=settings.limit,
             skip_bad_rows=settings.skip_bad_rows,
             id_column=settings.id_column,
@@ -252,7 +255,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             run_dir.create(
                 fingerprint,
                 {
-                    "input": str(settings.input),
+                    "input": source.path,
                     "output": str(settings.output.resolve()),
                     "template_name": template.source.name,
                     "total_rows": total_rows,

@@ -27,13 +27,12 @@ def rejected_rows(source: TableSource) -> int:
 def check_input_unchanged(prepared: PreparedRun) -> None:
     """InputChanged (exit 4) when the input is no longer the snapshot the job fingerprinted: answers are
     joined to input rows by position, so they must never be joined to a different input."""
-    settings = prepared.settings
-    what = input_change(settings.input, prepared.fingerprint)
+    what = input_change(prepared.source.snapshot_files(relist=True), prepared.fingerprint)
     if what is None:
         return
     assert prepared.run_dir is not None
     raise InputChanged(
-        f"The input {settings.input} changed while the job ran ({what}); no output was written and the "
+        f"The input {prepared.source.path} changed while the job ran ({what}); no output was written and the "
         f"{prepared.committed.rows} finished rows stay in the checkpoint {prepared.run_dir.path}. Put the "
         "original input back and run the same command to write the output, or add --restart to start over "
         "on the new input."

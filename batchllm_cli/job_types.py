@@ -14,7 +14,7 @@ from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
 from batchllm_cli.prompt_options import PromptOptions
 from batchllm_cli.prompts import PromptEncoder
 from batchllm_cli.structured_output import Constraint, TypedField
-from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, TableSource
+from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, InputOptions, TableSource
 from batchllm_cli.templates import PromptTemplate
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class SilentObserver:
 class RunSettings:
     """One `run` invocation. None means "the default" (of the recipe, the model or the engine)."""
 
-    input: Path
+    input: Path | str | tuple[str, ...]  # INPUT: one or several paths, a directory, a pattern, `-`, URLs
     template: str
     output: Path
     model: Path | None = None
@@ -110,6 +110,7 @@ class RunSettings:
     regex: str | None = None
     json_schema: Path | None = None
     prompt: PromptOptions = PromptOptions()  # --var, --param, --system, --truncate-column
+    reading: InputOptions = InputOptions()  # --input-glob, --input-format, --encoding, --where, --columns
 
 
 def iso_utc(ts: float | None) -> str | None:
@@ -258,7 +259,7 @@ class PreparedRun:
     def report_identity(self) -> dict[str, Any]:
         """The RunReport fields that name the job (the same whether it ran now or had finished)."""
         s = self.settings
-        return dict(input=str(s.input), output=str(s.output), template=self.template.source.name,
+        return dict(input=self.source.path, output=str(s.output), template=self.template.source.name,
                     model_dir=str(self.model_dir), demo_model=self.demo_model, chat=self.chat,
                     prefix_sharing=s.prefix_sharing)
 

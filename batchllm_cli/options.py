@@ -1,6 +1,6 @@
 """Command-line options defined once and shared by every command that means the same thing by them.
 
-`run` uses most of them; `analyze` reuses INPUT, --template, --model, --chat/--no-chat, --limit,
+`run` uses most of them; `analyze` reuses INPUT (and the reading options of input_options.py), --template, --model, --chat/--no-chat, --limit,
 --max-tokens, --block-size, --id-column, --skip-bad-rows, --nulls and --truncate, so the flags cannot
 drift apart between commands.
 """
@@ -80,13 +80,17 @@ def parse_size(value: str | int) -> int:
 
 # ---- shared by run and analyze ------------------------------------------------------------------
 InputArg = Annotated[
-    Path,
+    list[str],  # str, not Path: pathlib would fold s3://bucket to s3:/bucket
     typer.Argument(
-        help="Input table: .csv, .parquet, .json (array or lines), .jsonl or .ndjson.",
+        help="Input table: one or more .csv, .tsv, .parquet, .json (array or lines), .jsonl or .ndjson files "
+        "(CSV/TSV/JSON may be .gz), a directory of them (hive key=value directories become columns), "
+        "'-' for stdin, or an s3://, gs:// or https:// URL.",
         metavar="INPUT",
         show_default=False,
     ),
 ]
+
+
 TemplateOpt = Annotated[
     str,
     typer.Option(

@@ -138,6 +138,16 @@ class PlainPaths:
         assert is_plain(str(link)), link
         return str(link)
 
+    def private_file(self, name: str) -> Path:
+        """A path in this private directory for a file of ours (a spooled stdin, a transcoded input),
+        removed on close like the links; the caller creates it."""
+        assert _PLAIN_NAME.fullmatch(name), name
+        self._ensure_dir()
+        assert self._dir is not None
+        path = self._dir / name
+        self._links.append(path)
+        return path
+
     def spill_dir(self) -> str:
         """A plain path in this private directory for DuckDB's spill files (its default is `.tmp` in the
         user's current directory); DuckDB makes it when it first spills and removes it on close."""

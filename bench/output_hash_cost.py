@@ -49,7 +49,8 @@ def main() -> None:
         hash_output(path)  # warm the page cache
         sha = [_timed(lambda: hash_output(path)) for _ in range(3)]
         blake = [_timed(lambda: file_digest(path)) for _ in range(2)]
-        fp = build_fingerprint(input_path=path, limit=None, skip_bad_rows=False, id_column=None, template_text="",
+        fp = build_fingerprint(input_id=str(path.resolve()), input_files=[path], limit=None, skip_bad_rows=False,
+                               id_column=None, template_text="",
                                model_dir=path.parent, chat=False, sampling={k: None for k in (
                                    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")},
                                nulls="error", truncate=None, dtype="auto")

@@ -139,8 +139,11 @@ def test_missing_and_unknown_inputs_are_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "data.xlsx").write_text("x")
     with pytest.raises(UsageError, match="unknown file type"):
         TableSource(tmp_path / "data.xlsx")
-    with pytest.raises(UsageError, match="not a file"):
+    # A directory is an input of its files: one of an unknown type is refused, not skipped.
+    with pytest.raises(UsageError, match="data.xlsx: unknown file type"):
         TableSource(tmp_path)
+    with pytest.raises(UsageError, match="holds no files"):
+        TableSource((tmp_path / "empty").mkdir() or tmp_path / "empty")
 
 
 def test_broken_input_is_an_input_error(tmp_path: Path) -> None:

@@ -16,11 +16,13 @@ rejects file. Values are never rewritten on the way through:
   "NaN", "Infinity", "-Infinity" (the protobuf JSON convention), so every line is valid JSON.
 - Parquet types (time zones, decimals, dictionaries, nested values) pass through; HUGEINT, which
   Parquet cannot hold, is written as DECIMAL(38,0), never as a double.
-Every path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob.
+Every local path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob
+(--input-glob patterns are expanded by Python, in sorted order). URLs go to DuckDB as given.
 
-The package: common.py (formats, quoting, connections), csv_dialect.py (dialect and record count),
-json_types.py (exact JSON types), source.py (TableSource, reading), writing.py (output),
-token_sort.py (out-of-core sort of token sequences for `analyze`; imported on demand). All of
+The package: common.py (formats, quoting, connections), inputs.py (what INPUT names: files, a directory,
+a pattern, stdin, URLs), csv_dialect.py (dialect and record count), json_types.py (exact JSON types),
+source.py (TableSource, reading), writing.py (output), token_sort.py (out-of-core sort of token
+sequences for `analyze` and `run`'s global plan; imported on demand). All of
 batchllm's DuckDB calls live in this package.
 """
 from batchllm_cli.table_io.common import (
@@ -33,15 +35,15 @@ from batchllm_cli.table_io.common import (
     duckdb_key,
     Column,
     _connect,
-    input_format,
     output_format,
 )
 from batchllm_cli.table_io.csv_dialect import CsvDialect, _csv_records
+from batchllm_cli.table_io.inputs import FORMAT_CHOICES, InputOptions
 from batchllm_cli.table_io.source import TableSource, check_output_path, read_table
 from batchllm_cli.table_io.writing import write_output, write_query_jsonl, write_table_jsonl
 
 __all__ = [
     "CSV_MAX_LINE_SIZE", "DEFAULT_MAX_REJECTS", "INPUT_FORMATS", "JSON_KEY_SAMPLE", "OUTPUT_FORMATS", "ROW_ID",
-    "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "duckdb_key", "input_format",
+    "FORMAT_CHOICES", "InputOptions", "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "duckdb_key",
     "output_format", "read_table", "write_output", "write_query_jsonl", "write_table_jsonl",
 ]

@@ -109,10 +109,6 @@ def _format_of(path: Path, formats: dict[str, str], verb: str) -> str:
     return fmt
 
 
-def input_format(path: Path) -> str:
-    return _format_of(path, INPUT_FORMATS, "read")
-
-
 def output_format(path: Path) -> str:
     return _format_of(path, OUTPUT_FORMATS, "write")
 
@@ -128,16 +124,8 @@ def _connect(plain: PlainPaths) -> duckdb.DuckDBPyConnection:
     never to `.tmp` in the user's current directory."""
     con = duckdb.connect(":memory:", config={"temp_directory": plain.spill_dir()})
     con.execute("SET enable_progress_bar = false")  # a long read would draw on the user's terminal
+    # A URL input needs httpfs: loaded if installed, never downloaded behind the user's back.
+    con.execute("SET autoinstall_known_extensions = false")
     # The default, set explicitly because row ids and output order rely on it.
     con.execute("SET preserve_insertion_order = true")
     return con
-
-
-def _is_blank_file(path: Path) -> bool:
-    """0 bytes, or only whitespace (an 'empty' CSV/JSON file as editors and scripts leave them)."""
-    size = path.stat().st_size
-    if size == 0:
-        return True
-    if size > 4096:
-        return False
-    return not path.read_bytes().strip(b" \t\r\n\xef\xbb\xbf")

@@ -6,22 +6,33 @@ import io
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import duckdb
 import pyarrow as pa
 
+from batchllm_cli.errors import InputError
 from batchllm_cli.table_io.common import CSV_MAX_LINE_SIZE, _CSV_DELIMITERS, _LINE_BREAK, _literal, duckdb_key
+from batchllm_cli.table_io.inputs import open_text
 
 
 _HEAD_BYTES = 1 << 20
 _SAMPLE_RECORDS = 50
 
 
-def _csv_head(path: Path) -> tuple[str, bool]:
-    """The file's first MB as text, and whether that is the whole file."""
-    with path.open("rb") as f:
+@dataclass(frozen=True)
+class CsvText:
+    """How Python reads a local CSV file as text: its encoding (Python's name) and compression."""
+
+    encoding: str = "utf-8-sig"
+    compression: str | None = None
+
+
+def _csv_head(path: Path, text: CsvText = CsvText()) -> tuple[str, bool]:
+    """The file's first million characters, and whether that is the whole file."""
+    with open_text(path, text.encoding, text.compression) as f:
         head = f.read(_HEAD_BYTES + 1)
-    return head[:_HEAD_BYTES].decode("utf-8-sig", errors="replace"), len(head) <= _HEAD_BYTES
+    return head[:_HEAD_BYTES], len(head) <= _HEAD_BYTES
 
 
 def _header_and_end(text: str) -> str:
@@ -35,29 +46,29 @@ def _header_and_end(text: str) -> str:
     return text
 
 
-def _csv_header_line(path: Path) -> str:
+def _csv_header_line(path: Path, text: CsvText = CsvText()) -> str:
     """The header record (a quoted name may hold a line break)."""
-    return _header_and_end(_csv_head(path)[0]).rstrip("\r\n")
+    return _header_and_end(_csv_head(path, text)[0]).rstrip("\r\n")
 
 
-def _csv_records(path: Path, delimiter: str, single_column: bool) -> int | None:
+def _csv_records(path: Path, delimiter: str, single_column: bool, text: CsvText = CsvText()) -> int | None:
     """The data records in a CSV file as Python's csv module counts them (an independent reader), or
     None when it cannot tell. A blank line is a record (a null) in a one-column file, and nothing in a
     wider one, as DuckDB reads them. Streams the file: seconds per GB, nothing next to inference."""
     csv.field_size_limit(CSV_MAX_LINE_SIZE)
     try:
-        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+        with open_text(path, text.encoding, text.compression) as f:
             records = sum(1 for row in csv.reader(f, delimiter=delimiter) if row or single_column)
     except (csv.Error, OSError):
         return None
     return max(records - 1, 0)
 
 
-def _csv_bad_record(path: Path, delimiter: str, fields: int) -> str | None:
+def _csv_bad_record(path: Path, delimiter: str, fields: int, text: CsvText = CsvText()) -> str | None:
     """The first record with another number of fields than `fields`, or with a broken quote, as
     'line N: reason'; None when every record is well formed (Python's strict csv reader decides)."""
     csv.field_size_limit(CSV_MAX_LINE_SIZE)
-    with path.open("r", encoding="utf-8-sig", errors="strict", newline="") as f:
+    with open_text(path, text.encoding, text.compression, errors="strict") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         try:
             for row in reader:
@@ -66,7 +77,7 @@ def _csv_bad_record(path: Path, delimiter: str, fields: int) -> str | None:
         except csv.Error as exc:
             return f"line {reader.line_num}: {exc}"
         except UnicodeDecodeError:
-            return "it is not UTF-8"
+            return "it is not UTF-8" if text.encoding.startswith("utf-8") else f"it is not {text.encoding}"
     return None
 
 
@@ -115,9 +126,10 @@ class CsvDialect:
     crlf_quoted_header: bool = False
 
 
-def _csv_options(delimiter: str) -> list[str]:
+def _csv_options(delimiter: str, encoding: str = "utf-8") -> list[str]:
     return [
         f"delim={_literal(delimiter)}",
+        f"encoding={_literal(encoding)}",
         "quote='\"'",
         "escape='\"'",
         "header=true",
@@ -125,10 +137,14 @@ def _csv_options(delimiter: str) -> list[str]:
     ]
 
 
-def _sniff_csv(scan_path: str, path: Path, con: duckdb.DuckDBPyConnection) -> CsvDialect:
-    """The delimiter (from the first records) and the column names (DuckDB's, for unique names)."""
-    text, whole = _csv_head(path)
-    delim = _csv_delimiter(text, whole)
+def _sniff_csv(
+    scan_path: str, path: Path, con: duckdb.DuckDBPyConnection, text_of: CsvText = CsvText(),
+    *, delimiter: str | None = None, duckdb_encoding: str = "utf-8",
+) -> CsvDialect:
+    """The delimiter (`delimiter`, else from the first records) and the column names (DuckDB's, for
+    unique names)."""
+    text, whole = _csv_head(path, text_of)
+    delim = delimiter or _csv_delimiter(text, whole)
     header_and_end = _header_and_end(text)
     header = header_and_end.rstrip("\r\n")
     crlf = _header_breaks_crlf(header_and_end)
@@ -136,7 +152,7 @@ def _sniff_csv(scan_path: str, path: Path, con: duckdb.DuckDBPyConnection) -> Cs
         # Every column is read as text, so only the names matter here; ignore_errors keeps a bad line
         # in the sample from hiding them (the strict read names it).
         rows = con.execute(
-            f"SELECT Columns FROM sniff_csv({_literal(scan_path)}, {', '.join(_csv_options(delim))}, "
+            f"SELECT Columns FROM sniff_csv({_literal(scan_path)}, {', '.join(_csv_options(delim, duckdb_encoding))}, "
             "all_varchar=true, ignore_errors=true)"
         ).fetchall()
         row = rows[0] if rows else None
@@ -180,3 +196,35 @@ def _one_per_record(rejects: pa.Table) -> pa.Table:
             continue
         out += [{**r, "line": r["line"] + k, "csv_line": line} for k, line in enumerate(lines)]
     return pa.Table.from_pylist(out, schema=rejects.schema)
+
+
+def check_lenient_read(files: Sequence[tuple[str, Path, CsvText]], dialect: CsvDialect) -> None:
+    """Files DuckDB can only read in its lenient mode (a CRLF file whose header holds a quoted line
+    break), which pads, cuts or merges malformed records silently, are checked record by record here.
+    `files` are (name for messages, local path, how to read it as text)."""
+    if not dialect.crlf_quoted_header:
+        return
+    for name, path, text in files:
+        bad = _csv_bad_record(path, dialect.delimiter, len(dialect.names), text)
+        if bad is not None:
+            raise InputError(
+                f"Cannot read {name}: {bad}. Fix the file (--skip-bad-rows cannot skip records in a "
+                "CRLF file whose header holds a line break)."
+            )
+
+
+def check_record_count(label: str, files: Sequence[tuple[str, Path, CsvText]], dialect: CsvDialect, rows: int) -> None:
+    """InputError unless DuckDB read as many rows as an independent reader counts records in `files`:
+    DuckDB has read some valid files (a quoted line break in a CRLF header) as 0 rows without an error."""
+    records = 0
+    for _, path, text in files:
+        counted = _csv_records(path, dialect.delimiter, len(dialect.names) == 1, text)
+        if counted is None:
+            return
+        records += counted
+    if records != rows:
+        raise InputError(
+            f"Cannot read {label}: it has {records} records but only {rows} were read; the file's "
+            "layout (line endings, quoted line breaks) is not read reliably. Save it with plain '\\n' "
+            "line endings, or convert it to Parquet or JSON lines."
+        )

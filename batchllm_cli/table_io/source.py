@@ -4,98 +4,89 @@ from __future__ import annotations
 import csv
 import io
 import os
-import stat
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchllm_cli.durable import check_writable_dir
 from batchllm_cli.errors import InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths
 from batchllm_cli.table_io.common import (
     DEFAULT_MAX_REJECTS, JSON_KEY_SAMPLE, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
-    _is_blank_file, _one_line, input_format, output_format,
+    _one_line, output_format,
 )
 from batchllm_cli.table_io.csv_dialect import (
-    CsvDialect, _csv_bad_record, _csv_header_line, _csv_options, _csv_records, _one_per_record, _sniff_csv,
+    CsvDialect, CsvText, _csv_header_line, _csv_options, _one_per_record, check_lenient_read, check_record_count,
+)
+from batchllm_cli.table_io.inputs import (
+    DUCKDB_ENCODINGS, InputFile, InputOptions, ResolvedInput, input_args, is_blank, is_url, python_encoding, resolve_input,
+    transcode,
+)
+from batchllm_cli.table_io.file_set import (
+    FILE_COLUMN, check_json_files, check_partition_keys, csv_dialect, load_httpfs, parquet_schema, with_partitions,
 )
 from batchllm_cli.table_io.json_types import _exact_json_columns
-
-
-def _check_input_file(path: Path) -> None:
-    """UsageError unless `path`, taken literally, is one existing regular file (a symlink to one is)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise UsageError(f"Input file not found: {path}") from None
-    except OSError as exc:
-        raise UsageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
-    if not stat.S_ISREG(mode):
-        raise UsageError(f"Input is not a file: {path} is a directory or a special file; give one regular file.")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"Cannot read {path}: permission denied.")
+from batchllm_cli.table_io.selection import checked_where, selected_columns
 
 
 class TableSource:
     """An input table: its columns (known without reading the data) and its rows as Arrow batches.
 
-    `limit` keeps only the first N rows everywhere (stream, count and output join), so a --limit run
-    is a consistent prefix of the table. `skip_bad_rows` (CSV only) drops malformed lines instead of
-    failing; `validate()` reads the whole table once, counts the rows and collects the rejected lines.
-    A blank file (0 bytes or only whitespace) is an empty table with no columns.
+    `path` is INPUT (inputs.py: one or several files, a directory, a pattern, `-`, a URL); `options`
+    say how to read it, including --where and --columns, which apply before anything else sees a row:
+    row ids number the rows that pass --where (from 0), and `limit` keeps only the first N of them
+    everywhere (stream, count and output join), so a --limit run is a consistent prefix of the table.
+    `skip_bad_rows` (CSV only) drops malformed lines instead of failing; `validate()` reads the whole
+    table once, counts the rows and collects the rejected lines. Blank files (0 bytes or only
+    whitespace) hold no rows; an input of only blank files is an empty table with no columns.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         limit: int | None = None,
         *,
         skip_bad_rows: bool = False,
         max_rejects: int = DEFAULT_MAX_REJECTS,
+        options: InputOptions = InputOptions(),
     ) -> None:
-        self.path = Path(path)
-        _check_input_file(self.path)
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 or more.")
-        self.format = input_format(self.path)
-        if skip_bad_rows and self.format != "csv":
-            raise UsageError(f"--skip-bad-rows applies to CSV input only; {self.path} is {self.format}.")
         if max_rejects < 0:
             raise UsageError("--max-rejects must be 0 or more.")
+        self.options = options
         self.limit = limit
         self.skip_bad_rows = skip_bad_rows
         self.max_rejects = max_rejects
-        self.empty = self.format != "parquet" and _is_blank_file(self.path)
         self._rows: int | None = None
         self.rejects: pa.Table | None = None  # line, error_type, error, csv_line (after validate())
         self._dialect: CsvDialect | None = None
         self._json_columns: tuple[Column, ...] | None = None
+        self._where: str | None = None  # --where, parsed
+        self._table_columns: tuple[Column, ...] = ()  # every column, before --columns
+        self._links: dict[str, str] = {}  # the plain name DuckDB opens -> the user's name for it
         self.arrow_schema: pa.Schema | None = None  # a Parquet input's own types, kept in Parquet output
+        self._arg = path
         self._plain = PlainPaths()
         self._con = _connect(self._plain)
+        try:
+            self.input: ResolvedInput = resolve_input(path, options, self._plain.private_file("stdin.data"))
+            self.path = self.input.label  # how messages name the input
+            self.format = self.input.format
+            self._open_files()
+        except BaseException:
+            self.close()
+            raise
+        self.empty = not self.files
         if self.empty:
             self.columns: tuple[Column, ...] = ()
             return
         try:
-            # DuckDB only ever sees this plain name; the kernel resolves the user's path literally.
-            self._scan_path = self._plain.link(self.path, "input" + self.path.suffix.lower())
-            if self.format == "parquet":
-                with self.path.open("rb") as f:  # a file object: pyarrow would parse a path as a URI
-                    self.arrow_schema = pq.read_schema(f)
-            if self.format == "csv":
-                self._dialect = _sniff_csv(self._scan_path, self.path, self._con)
-            # Binding the query only sniffs a sample (JSON) or reads the footer (Parquet).
-            rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
-            if self.format in ("json", "jsonl"):
-                self._json_columns = _exact_json_columns(self._con, self._read_json, rel)
-                if self._json_columns is not None:
-                    rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
-            self.columns = tuple(Column(name, str(typ)) for name, typ in zip(rel.columns, rel.types))
+            self.columns = self._read_columns()
         except (duckdb.Error, pa.ArrowException, OSError) as exc:
             self.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else self._reason(exc)
@@ -103,15 +94,78 @@ class TableSource:
         except BaseException:
             self.close()
             raise
-        if ROW_ID in self.column_names:
-            self.close()
+
+    @property
+    def is_csv(self) -> bool:
+        return self.format in ("csv", "tsv")
+
+    def _open_files(self) -> None:
+        """Check the flags against the format, decode what DuckDB cannot, drop blank files, link the rest."""
+        if self.skip_bad_rows and not self.is_csv:
+            raise UsageError(f"--skip-bad-rows applies to CSV input only; {self.path} is {self.format}.")
+        if self.options.encoding is not None and not self.is_csv:
+            raise UsageError(f"--encoding applies to CSV/TSV input only; {self.path} is {self.format}.")
+        encoding = python_encoding(self.options.encoding or "utf-8")
+        files = list(self.input.files)
+        if self.is_csv and encoding not in DUCKDB_ENCODINGS:
+            if any(f.is_url for f in files):
+                raise UsageError(f"--encoding {self.options.encoding}: a URL can only be read as "
+                                 f"{', '.join(DUCKDB_ENCODINGS.values())}; download the file first.")
+            files = [transcode(f, encoding, self._plain.private_file(f"utf8-{i}.csv")) for i, f in enumerate(files)]
+            encoding = "utf-8"
+        self._duckdb_encoding = DUCKDB_ENCODINGS[encoding]
+        self._text_encoding = "utf-8-sig" if encoding == "utf-8" else encoding
+        self.files: tuple[InputFile, ...] = tuple(f for f in files if self.format == "parquet" or not is_blank(f))
+        self._scan_paths: list[str] = []
+        for i, f in enumerate(self.files):
+            if f.is_url:
+                load_httpfs(self._con, f.name)
+                scan = f.location
+            else:
+                # DuckDB only ever sees this plain name; the kernel resolves the user's path literally.
+                ext = {"gzip": ".gz", "zstd": ".zst"}.get(f.compression or "", "")
+                scan = self._plain.link(f.path, f"input-{i}.{self.format}{ext}")
+            self._links[scan] = f.name
+            self._scan_paths.append(scan)
+
+    def _text(self, f: InputFile) -> CsvText:
+        return CsvText(self._text_encoding, f.compression)
+
+    def _read_columns(self) -> tuple[Column, ...]:
+        """The columns every file agrees on (refused when they differ), then hive partition columns,
+        then --columns and --where checked against them."""
+        if self.format == "parquet":
+            self.arrow_schema = parquet_schema(self.files)
+        if self.is_csv:
+            delimiter = "\t" if self.format == "tsv" else None
+            self._dialect = csv_dialect(self._con, self.files, self._scan_paths, self._text, delimiter,
+                                        self._duckdb_encoding)
+        # Binding the query only sniffs a sample (JSON) or reads the footer (Parquet).
+        rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
+        if self.format in ("json", "jsonl"):
+            check_json_files(self._con, self.files, self._scan_paths, lambda one: self._read_json(paths=[one]),
+                             rel.columns)
+            self._json_columns = _exact_json_columns(self._con, self._read_json, rel)
+            if self._json_columns is not None:
+                rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
+        names = [n for n in rel.columns if n != FILE_COLUMN]
+        if ROW_ID in names:
             raise UsageError(f"Input column {ROW_ID!r} is reserved by batchllm; rename it.")
+        check_partition_keys(self.input.partition_keys, names, self.path)
+        table = self._con.sql(f"SELECT * FROM ({self._table_sql()}) LIMIT 0")
+        columns = self._table_columns = tuple(Column(n, str(t)) for n, t in zip(table.columns, table.types))
+        if self.options.columns is not None:
+            columns = selected_columns(columns, self.options.columns)
+        if self.options.where is not None:
+            self._where = checked_where(self._con, self.options.where, self._table_sql(), self._reason, self.is_csv)
+        return columns
 
     def _reason(self, exc: BaseException) -> str:
-        """DuckDB's one line, naming the user's file instead of the private link DuckDB opened."""
-        link = getattr(self, "_scan_path", None)
+        """DuckDB's one line, naming the user's files instead of the private links DuckDB opened."""
         line = _one_line(exc)
-        return line.replace(link, str(self.path)) if link else line
+        for link, name in getattr(self, "_links", {}).items():
+            line = line.replace(link, name)
+        return line
 
     @property
     def column_names(self) -> list[str]:
@@ -120,44 +174,60 @@ class TableSource:
     def column_type(self, name: str) -> str:
         return next(c.type for c in self.columns if c.name == name)
 
-    def _read_json(self, columns: str | None = None) -> str:
+    def _files_sql(self, paths: Sequence[str] | None = None) -> str:
+        return "[" + ", ".join(_literal(p) for p in (self._scan_paths if paths is None else paths)) + "]"
+
+    def _file_option(self) -> str:
+        return f", filename={_literal(FILE_COLUMN)}" if self.input.partition_keys else ""
+
+    def _read_json(self, columns: str | None = None, *, paths: Sequence[str] | None = None) -> str:
         fmt = "newline_delimited" if self.format == "jsonl" else "auto"
         cols = f", columns={{{columns}}}" if columns else ""
-        return f"read_json({_literal(self._scan_path)}, format = {_literal(fmt)}{cols})"
+        extra = self._file_option() if paths is None else ""
+        return f"read_json({self._files_sql(paths)}, format = {_literal(fmt)}{cols}{extra})"
 
     def file_column_names(self) -> list[str]:
-        """The column names as the file spells them, before DuckDB makes duplicates unique (`Text,text`
-        reads as `Text`, `text_1`): what column_names.check_input_names needs to see a collision.
-        JSON keys (in no particular order) come from the first JSON_KEY_SAMPLE records, the sample
-        DuckDB's schema comes from; the file is named exactly as in scan_sql."""
+        """The column names as the first file spells them, before DuckDB makes duplicates unique
+        (`Text,text` reads as `Text`, `text_1`), then the partition keys: what
+        column_names.check_input_names needs to see a collision. JSON keys (in no particular order)
+        come from the first JSON_KEY_SAMPLE records, the sample DuckDB's schema comes from."""
         if self.empty:
             return []
-        if self.format == "csv":
+        return self._first_file_names() + list(self.input.partition_keys)
+
+    def _first_file_names(self) -> list[str]:
+        first = self.files[0]
+        if self.is_csv:
             assert self._dialect is not None
-            return next(csv.reader(io.StringIO(_csv_header_line(self.path)), delimiter=self._dialect.delimiter), [])
-        if self.format == "parquet":
-            assert self.arrow_schema is not None
+            if first.is_url:
+                return list(self._dialect.names)
+            header = _csv_header_line(first.path, self._text(first))
+            return next(csv.reader(io.StringIO(header), delimiter=self._dialect.delimiter), [])
+        if self.format == "parquet" and self.arrow_schema is not None:
             return list(self.arrow_schema.names)
+        if self.format == "parquet":
+            return [n for n in self.column_names if n not in self.input.partition_keys]
         fmt = "newline_delimited" if self.format == "jsonl" else "auto"
         cur = self._con.cursor()
         try:
             rows = cur.execute(
                 f"SELECT DISTINCT k FROM (SELECT unnest(json_keys(json)) AS k FROM (SELECT json FROM "
-                f"read_json_objects({_literal(self._scan_path)}, format={_literal(fmt)}) LIMIT {JSON_KEY_SAMPLE}))"
+                f"read_json_objects({_literal(self._scan_paths[0])}, format={_literal(fmt)}) LIMIT {JSON_KEY_SAMPLE}))"
             ).fetchall()
         except duckdb.Error:
-            return self.column_names  # the strict read reports what is wrong with the file
+            return [n for n in self.column_names if n not in self.input.partition_keys]
         finally:
             cur.close()
         return [r[0] for r in rows]
 
     def scan_sql(self, *, rejects_table: str | None = None) -> str:
-        """The DuckDB table function that reads the file (no row id, no limit)."""
-        if self.format == "csv":
+        """The DuckDB table function that reads the files (no row id, no limit; with the file name
+        column when hive partitions are attached by _table_sql)."""
+        if self.is_csv:
             d = self._dialect
             assert d is not None
             cols = ", ".join(f"{_literal(name)}: 'VARCHAR'" for name in d.names)
-            opts = _csv_options(d.delimiter) + [
+            opts = _csv_options(d.delimiter, self._duckdb_encoding) + [
                 "auto_detect=false",
                 f"columns={{{cols}}}",
                 "strict_mode=false, new_line='\\r\\n'" if d.crlf_quoted_header else "strict_mode=true",
@@ -169,14 +239,22 @@ class TableSource:
                 table = rejects_table or f"batchllm_rejects_{uuid.uuid4().hex[:12]}"
                 opts += ["store_rejects=true", f"rejects_table={_literal(table)}",
                          f"rejects_scan={_literal(table + '_scan')}"]
-            return f"read_csv({_literal(self._scan_path)}, {', '.join(opts)})"
+            return f"read_csv({self._files_sql()}, {', '.join(opts)}{self._file_option()})"
         if self.format == "parquet":
-            return f"read_parquet({_literal(self._scan_path)})"
+            return f"read_parquet({self._files_sql()}{self._file_option()})"
         cols = self._json_columns
         return self._read_json(", ".join(f"{_literal(c.name)}: {_literal(c.type)}" for c in cols) if cols else None)
 
+    def _table_sql(self, **kw: str | None) -> str:
+        """Every column of the input: the files' own, then the hive partition values (as text)."""
+        return with_partitions(self.scan_sql(**kw), self.input.partition_keys, self.files, self._scan_paths)  # type: ignore[arg-type]
+
     def _limited_sql(self, **kw: str | None) -> str:
-        inner = f"SELECT * FROM {self.scan_sql(**kw)}"  # type: ignore[arg-type]
+        """The rows jobs see: --where applied, --columns picked, at most `limit` rows."""
+        cols = ", ".join(_ident(c.name) for c in self.columns) if self.options.columns is not None else "*"
+        inner = f"SELECT {cols} FROM ({self._table_sql(**kw)})"
+        if self.options.where is not None:
+            inner += f" WHERE ({self._where})"
         if self.limit is not None:
             inner += f" LIMIT {int(self.limit)}"
         return inner
@@ -185,8 +263,9 @@ class TableSource:
         """A subquery with the row id first, then every input column, in file order.
 
         row_number() OVER () is a streaming window in DuckDB that numbers rows in scan order (which
-        preserve_insertion_order keeps equal to file order, even with parallel CSV reading); the limit
-        sits inside so only the first N rows are read at all.
+        preserve_insertion_order keeps equal to file order, files in the listed order, even with
+        parallel CSV reading); the filter and limit sit inside, so ids count the rows that pass
+        --where and only the first N rows are read at all.
         """
         if self.empty:
             return f"(SELECT 0::BIGINT AS {_ident(ROW_ID)} WHERE false)"
@@ -207,26 +286,43 @@ class TableSource:
         table = f"batchllm_rejects_{uuid.uuid4().hex[:8]}"
         try:
             # count(col) for every column makes DuckDB parse and convert every value (count(*) alone
-            # can skip them), so a bad value later in the file is found now.
-            counts = ", ".join(f"count({_ident(c.name)})" for c in self.columns)
+            # can skip them), so a bad value later in the file is found now. Without a limit every
+            # row is read, and the rows before --where are counted too (for the record count check).
             rejects_table = table if self.skip_bad_rows else None
-            rows = con.execute(
-                f"SELECT count(*), {counts} FROM ({self._limited_sql(rejects_table=rejects_table)})"
-            ).fetchall()
+            if self.limit is None:
+                passed = f"count(*) FILTER (WHERE {self._where})" if self.options.where is not None else "count(*)"
+                selects = [passed, "count(*)"] + [f"count({_ident(c.name)})" for c in self._table_columns]
+                rows_sql = self._table_sql(rejects_table=rejects_table)
+            else:
+                selects = ["count(*)", "NULL"] + [f"count({_ident(c.name)})" for c in self.columns]
+                rows_sql = self._limited_sql(rejects_table=rejects_table)
+            rows = con.execute(f"SELECT {', '.join(selects)} FROM ({rows_sql}) AS t").fetchall()
             self._rows = int(rows[0][0]) if rows else 0
-            if self.format == "csv":
-                self._check_lenient_read()
-            if self.format == "csv" and not self.skip_bad_rows:
-                self._check_record_count(self._rows)
+            read = rows[0][1] if rows else 0
+            if self.is_csv:
+                assert self._dialect is not None
+                local = [(f.name, f.path, self._text(f)) for f in self.files if not f.is_url]
+                check_lenient_read(local, self._dialect)
+                # Rows before --where; with a limit, only a read that ended before it is the whole file.
+                whole = int(read) if read is not None else (
+                    self._rows if self.options.where is None and self._rows < (self.limit or 0) else None)
+                if whole is not None and not self.skip_bad_rows and len(local) == len(self.files):
+                    check_record_count(self.path, local, self._dialect, whole)
             if self.skip_bad_rows:
-                # One entry per rejected line (DuckDB may list several errors for one line).
+                # One entry per rejected line (DuckDB may list several errors for one line); with
+                # several files, lines are per file and each entry names its file.
+                file_name = ""
+                if len(self.files) > 1:
+                    cases = " ".join(f"WHEN {_literal(link)} THEN {_literal(name)}" for link, name in self._links.items())
+                    file_name = f"any_value(CASE s.file_path {cases} END) AS file, "
                 self.rejects = _one_per_record(con.sql(
-                    f"SELECT line, arg_min(error_type, column_idx) AS error_type, "
-                    f"arg_min(error_message, column_idx) AS error, arg_min(csv_line, column_idx) AS csv_line "
-                    f"FROM {table} GROUP BY line ORDER BY line"
+                    f"SELECT {file_name}r.line, arg_min(r.error_type, r.column_idx) AS error_type, "
+                    f"arg_min(r.error_message, r.column_idx) AS error, arg_min(r.csv_line, r.column_idx) AS csv_line "
+                    f"FROM {table} AS r JOIN {table}_scan AS s USING (scan_id, file_id) "
+                    f"GROUP BY r.file_id, r.line ORDER BY r.file_id, r.line"
                 ).to_arrow_table())
         except duckdb.Error as exc:
-            hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.format == "csv" else ""
+            hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.is_csv else ""
             raise InputError(f"Cannot read {self.path}: {self._reason(exc).rstrip('.')}.{hint}") from exc
         finally:
             con.close()
@@ -240,35 +336,6 @@ class TableSource:
                 "or raise --max-rejects if skipping them is right."
             )
         return self._rows
-
-    def _check_lenient_read(self) -> None:
-        """A file DuckDB can only read in its lenient mode (a CRLF file whose header holds a quoted line
-        break), which pads, cuts or merges malformed records silently, is checked record by record here."""
-        d = self._dialect
-        assert d is not None
-        if not d.crlf_quoted_header:
-            return
-        bad = _csv_bad_record(self.path, d.delimiter, len(d.names))
-        if bad is not None:
-            raise InputError(
-                f"Cannot read {self.path}: {bad}. Fix the file (--skip-bad-rows cannot skip records in a "
-                "CRLF file whose header holds a line break)."
-            )
-
-    def _check_record_count(self, rows: int) -> None:
-        """InputError unless DuckDB read as many rows as an independent reader counts records: DuckDB
-        has read some valid files (a quoted line break in a CRLF header) as 0 rows without an error."""
-        if self.limit is not None and rows >= self.limit:
-            return
-        d = self._dialect
-        assert d is not None
-        records = _csv_records(self.path, d.delimiter, len(d.names) == 1)
-        if records is not None and records != rows:
-            raise InputError(
-                f"Cannot read {self.path}: it has {records} records but only {rows} were read; the file's "
-                "layout (line endings, quoted line breaks) is not read reliably. Save it with plain '\\n' "
-                "line endings, or convert it to Parquet or JSON lines."
-            )
 
     def count_rows(self) -> int:
         return self.validate()
@@ -333,6 +400,33 @@ class TableSource:
                 "was it changed during the run? Run the same command again."
             )
 
+    @property
+    def local_files(self) -> tuple[Path, ...]:
+        """The user's local files this input reads (blank ones included; not stdin's spool, not URLs)."""
+        if self.input.stdin:
+            return ()
+        return tuple(f.path for f in self.input.files if not f.is_url)
+
+    def identity(self) -> str:
+        """INPUT for the fingerprint: resolved local paths (one file: as before), URLs as given, `-`."""
+        if self.input.stdin:
+            return "-"
+        args = input_args(self._arg)
+        return " ".join(a if is_url(a) else os.path.abspath(a) if self.options.glob else str(Path(a).resolve())
+                        for a in args)
+
+    def snapshot_files(self, *, relist: bool = False) -> list[Path] | None:
+        """The files whose bytes the job reads, stdin's spool included (None when a URL is read);
+        `relist` lists a directory or pattern again, to see files added or removed since."""
+        if any(f.is_url for f in self.input.files):
+            return None
+        if relist and not self.input.stdin:
+            try:
+                return [f.path for f in resolve_input(self._arg, self.options, None).files]
+            except UsageError:
+                pass  # gone or unreadable now: the files listed before say so (fingerprint.input_change)
+        return [f.path for f in self.input.files]
+
     def close(self) -> None:
         self._con.close()
         self._plain.close()
@@ -346,16 +440,20 @@ class TableSource:
         self.close()
 
 
-def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathLike[str]) -> Path:
-    """Refuse an output that cannot be written, before any model loads; creates nothing."""
+def check_output_path(
+    output: str | os.PathLike[str], inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+) -> Path:
+    """Refuse an output that cannot be written, before any model loads; creates nothing. `inputs` are
+    the local input files (a URL is never the output)."""
     out = Path(output)
     output_format(out)
-    inp = Path(input_path)
-    same = out.resolve() == inp.resolve()
-    if not same and out.exists() and inp.exists():
-        same = os.path.samefile(out, inp)
-    if same:
-        raise UsageError(f"Output {out} is the input file; write the results to a new file.")
+    for input_path in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        inp = Path(input_path)
+        same = out.resolve() == inp.resolve()
+        if not same and out.exists() and inp.exists():
+            same = os.path.samefile(out, inp)
+        if same:
+            raise UsageError(f"Output {out} is the input file; write the results to a new file.")
     if out.is_dir():
         raise UsageError(f"Output {out} is a directory; give a file name such as {out / 'out.parquet'}.")
     if out.exists() and not out.is_file():
@@ -370,6 +468,6 @@ def read_table(path: str | os.PathLike[str]) -> pa.Table:
         if src.empty:
             return pa.table({})
         try:
-            return src._con.sql(f"SELECT * FROM {src.scan_sql()}").to_arrow_table()
+            return src._con.sql(src._limited_sql()).to_arrow_table()
         except duckdb.Error as exc:
             raise InputError(f"Cannot read {path}: {_one_line(exc)}") from exc

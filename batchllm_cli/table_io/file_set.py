@@ -1,0 +1,133 @@
+"""Several input files read as one table: the columns they must share, and hive partition values.
+
+Files are never unioned by name: a file whose columns differ from the first file's (names and order
+for CSV and Parquet, the set of keys for JSON) is refused, naming both, so no column is silently
+filled with nulls. Hive `key=value` directories become text columns after the files' own, attached
+by the file each row came from (DuckDB's own hive parsing would read our private link names).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchllm_cli.errors import UsageError
+from batchllm_cli.table_io.common import _ident, _literal, duckdb_key
+from batchllm_cli.table_io.csv_dialect import CsvDialect, CsvText, _sniff_csv
+from batchllm_cli.table_io.inputs import InputFile
+
+# The file each row came from, while hive partition values are attached to it (never in a result).
+FILE_COLUMN = "__batchllm_file"
+
+
+def load_httpfs(con: duckdb.DuckDBPyConnection, url: str) -> None:
+    """httpfs reads s3://, gs:// and https:// URLs; it is an extension DuckDB downloads once (INSTALL)."""
+    try:
+        con.execute("LOAD httpfs")
+    except duckdb.Error:
+        raise UsageError(
+            f"Cannot read {url}: DuckDB's httpfs extension is not installed here (it is downloaded once, with "
+            "network access: python -c \"import duckdb; duckdb.sql('INSTALL httpfs')\"); or download the file "
+            "and give its local path."
+        ) from None
+
+
+def refuse_different(a: str, a_names: Sequence[str], b: str, b_names: Sequence[str]) -> None:
+    raise UsageError(
+        f"The input files have different columns: {a} has ({', '.join(a_names)}) but {b} has "
+        f"({', '.join(b_names)}); give files with the same columns in the same order."
+    )
+
+
+def csv_dialect(
+    con: duckdb.DuckDBPyConnection,
+    files: Sequence[InputFile],
+    scan_paths: Sequence[str],
+    text_of: Callable[[InputFile], CsvText],
+    delimiter: str | None,
+    duckdb_encoding: str,
+) -> CsvDialect:
+    """The dialect of the first file, which every other file must share (same columns in the same order)."""
+    first: CsvDialect | None = None
+    for f, scan in zip(files, scan_paths):
+        if f.is_url:
+            d = _url_csv_dialect(con, scan, delimiter, duckdb_encoding)
+        else:
+            d = _sniff_csv(scan, f.path, con, text_of(f), delimiter=delimiter, duckdb_encoding=duckdb_encoding)
+        if first is None:
+            first = d
+        elif d.names != first.names:
+            refuse_different(files[0].name, first.names, f.name, d.names)
+        elif d.delimiter != first.delimiter:
+            raise UsageError(f"The input files have different delimiters: {files[0].name} uses {first.delimiter!r} "
+                             f"but {f.name} uses {d.delimiter!r}; give files of one dialect.")
+    assert first is not None
+    return first
+
+
+def _url_csv_dialect(con: duckdb.DuckDBPyConnection, url: str, delimiter: str | None, encoding: str) -> CsvDialect:
+    """A remote CSV's dialect from DuckDB's sniffer (the Python checks read local files only)."""
+    delim = f", delim={_literal(delimiter)}" if delimiter else ""
+    row = con.execute(
+        f"SELECT Delimiter, Columns FROM sniff_csv({_literal(url)}, header=true, all_varchar=true{delim}, "
+        f"encoding={_literal(encoding)})"
+    ).fetchall()[0]
+    return CsvDialect(row[0], tuple(c["name"] for c in row[1]))
+
+
+def parquet_schema(files: Sequence[InputFile]) -> pa.Schema | None:
+    """The first local file's Arrow schema (its own types, kept in Parquet output); every local file
+    must have the same column names in the same order."""
+    first: pa.Schema | None = None
+    for f in files:
+        if f.is_url:
+            continue
+        with f.path.open("rb") as data:  # a file object: pyarrow would parse a path as a URI
+            schema = pq.read_schema(data)
+        if first is None:
+            first = schema
+        elif list(schema.names) != list(first.names):
+            refuse_different(files[0].name, first.names, f.name, schema.names)
+    return first
+
+
+def check_json_files(
+    con: duckdb.DuckDBPyConnection,
+    files: Sequence[InputFile],
+    scan_paths: Sequence[str],
+    read_one: Callable[[str], str],
+    names: Sequence[str],
+) -> None:
+    """Every JSON file has the keys the whole input was sniffed with (`read_one(path)` reads one file)."""
+    if len(files) < 2:
+        return
+    want = set(names) - {FILE_COLUMN}
+    for f, scan in zip(files, scan_paths):
+        own = con.sql(f"SELECT * FROM {read_one(scan)} LIMIT 0").columns
+        if set(own) != want:
+            refuse_different(files[0].name, sorted(want), f.name, sorted(own))
+
+
+def check_partition_keys(keys: Sequence[str], names: Sequence[str], label: str) -> None:
+    taken = {duckdb_key(n) for n in names}
+    clash = [k for k in keys if duckdb_key(k) in taken]
+    if clash:
+        raise UsageError(
+            f"The hive partition directory {clash[0]}=... of {label} is also a column of its files; rename one."
+        )
+
+
+def with_partitions(scan: str, keys: Sequence[str], files: Sequence[InputFile], scan_paths: Sequence[str]) -> str:
+    """SELECT every column of `scan` (read with FILE_COLUMN), then each hive key as a text column."""
+    if not keys:
+        return f"SELECT * FROM {scan}"
+    parts = []
+    for i, key in enumerate(keys):
+        cases = " ".join(
+            f"WHEN {_literal(link)} THEN {'NULL' if f.partitions[i][1] is None else _literal(f.partitions[i][1])}"
+            for link, f in zip(scan_paths, files)
+        )
+        parts.append(f"CAST(CASE {_ident(FILE_COLUMN)} {cases} END AS VARCHAR) AS {_ident(key)}")
+    return f"SELECT * EXCLUDE ({_ident(FILE_COLUMN)}), {', '.join(parts)} FROM {scan}"
