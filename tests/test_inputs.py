@@ -389,7 +389,7 @@ class _OnFirstRow:
     def notice(self, message: str) -> None:
         pass
 
-    def start(self, total_rows: int) -> None:
+    def start(self, total_rows: int, resumed_rows: int, work) -> None:  # noqa: ANN001
         pass
 
     def advance(self, rows: int, completion_tokens: int) -> None:
