@@ -306,9 +306,10 @@ def rewrite_config_keys(path: Path, style: KeyStyle) -> None:
     rope = dict(rope)
     dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None) or "float32"
     if style == "v5":
-        raw.pop("rope_theta", None)
-        rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+        rope.setdefault("rope_theta", raw.pop("rope_theta", 10000.0))
         rope.setdefault("rope_type", "default")
+        if "partial_rotary_factor" in raw:
+            rope.setdefault("partial_rotary_factor", raw.pop("partial_rotary_factor"))
         raw["rope_parameters"] = rope
         raw["dtype"] = dtype
     else:
