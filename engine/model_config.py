@@ -252,6 +252,9 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     if raw.get("use_sliding_window") and architecture == "Qwen2ForCausalLM":
         raise ModelLoadError(f"{path} enables sliding-window attention, which batchllm does not support.")
     arch = SUPPORTED_ARCHITECTURES[architecture]
+    activation = raw.get("hidden_act", "silu")
+    if activation not in ("silu", "swish"):  # the same function under two names
+        raise ModelLoadError(f"{path} sets hidden_act {activation!r}; batchllm runs SiLU-gated MLPs only.")
     max_positions = f.whole("max_position_embeddings", 4096)
     window = raw.get("sliding_window")
     if architecture == "Phi3ForCausalLM" and window is not None and f.whole("sliding_window") < max_positions:

@@ -130,6 +130,11 @@ def test_phi3_sliding_window_shorter_than_the_context_is_refused(tiny_model_dir,
     assert load_model_config(_edited(src, tmp_path / "whole", sliding_window=1024)).architecture == "Phi3ForCausalLM"
 
 
+def test_other_mlp_activations_are_refused(tiny_model_dir, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="hidden_act 'gelu'"):
+        load_model_config(_edited(tiny_model_dir("granite"), tmp_path / "gelu", hidden_act="gelu"))
+
+
 def test_longrope_factor_count_must_match_the_rotary_dims(tiny_model_dir, tmp_path: Path) -> None:
     src = tiny_model_dir("phi3")
     scaling = json.loads((src / "config.json").read_text())["rope_scaling"]
