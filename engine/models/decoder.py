@@ -75,7 +75,8 @@ class Attention(nn.Module):
         # q/k RMSNorm per head (weights [head_dim]) or over the whole projection ([q_size], [kv_size])
         self.qk_norm = cfg.family.qk_norm
         whole = self.qk_norm == "whole"
-        self.q_norm = self.k_norm = None
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
         if self.qk_norm != "none":
             self.q_norm = RMSNorm(self.q_size if whole else cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_size if whole else cfg.head_dim, cfg.rms_norm_eps)
