@@ -17,7 +17,8 @@ from engine.model_config import ModelConfig
 from engine.models.decoder import DecoderForCausalLM
 from engine.safetensors_header import read_header, weight_files
 
-# Hugging Face projection name -> (our fused projection, which part)
+# Hugging Face projection name -> (our fused projection, which part). Checkpoints that are fused
+# already (Phi-3's qkv_proj, gate_up_proj: q|k|v and gate|up rows, our order) load as they are.
 _FUSED_PARTS = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),

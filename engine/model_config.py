@@ -5,19 +5,41 @@ transformers 5 (`rope_parameters`, `dtype`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from engine.errors import ModelLoadError
 
-# architecture name in config.json -> (attention bias on q/k/v, per-head q/k RMSNorm)
-SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
-    "LlamaForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (False, True),
+QkNorm = Literal["none", "per_head", "whole"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a family's config.json does not say about its layer (the defaults: Llama)."""
+
+    qkv_bias: bool = False  # q/k/v biased whatever attention_bias says (Qwen2)
+    qk_norm: QkNorm = "none"  # RMSNorm of q and k: per head (Qwen3) or over the whole projection (OLMo 2)
+    post_norm: bool = False  # OLMo 2's layer, see FamilyOptions.post_norm
+    partial_rotary: bool = False  # reads partial_rotary_factor (transformers ignores it for the others)
+    multipliers: bool = False  # reads Granite's embedding/residual/attention multipliers and logits_scaling
+    rope_type_aliases: tuple[tuple[str, str], ...] = ()  # old rope type names transformers renames
+    default_original_max_positions: int | None = None  # the config class's original_max_position_embeddings
+
+
+SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture(),
+    "Qwen2ForCausalLM": Architecture(qkv_bias=True),
+    "Qwen3ForCausalLM": Architecture(qk_norm="per_head"),
+    "Phi3ForCausalLM": Architecture(partial_rotary=True, rope_type_aliases=(("su", "longrope"), ("yarn", "longrope")),
+                                    default_original_max_positions=4096),
+    "GraniteForCausalLM": Architecture(multipliers=True),
+    "Olmo2ForCausalLM": Architecture(qk_norm="whole", post_norm=True),
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -28,6 +50,29 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3): per-frequency divisors of the inverse frequencies for a context up to
+    # original_max_position_embeddings (short) or beyond it (long); cos and sin are multiplied by
+    # attention_factor (given, or transformers' default from the context growth `factor`)
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim * this) dims of each head
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    """The decoder's variations on the Llama layer (the defaults); engine/models/decoder.py reads them."""
+
+    qk_norm: QkNorm = "none"
+    # OLMo 2: no norm before attention or the MLP; their outputs are normed before the residual add
+    # (post_attention_layernorm, post_feedforward_layernorm)
+    post_norm: bool = False
+    # Granite: embeddings times embedding_multiplier, attention and MLP outputs times
+    # residual_multiplier before the residual add, logits divided by logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    attention_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5 (Granite: attention_multiplier)
 
 
 @dataclass(frozen=True)
@@ -45,10 +90,15 @@ class ModelConfig:
     rope: RopeConfig
     qkv_bias: bool
     o_bias: bool
-    qk_norm: bool
     mlp_bias: bool
     tie_word_embeddings: bool
     torch_dtype: str | None
+    family: FamilyOptions = field(default_factory=FamilyOptions)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.rope.partial_rotary_factor)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -87,6 +137,14 @@ class _Fields:
             raise self.error(f"{key} is {value!r}, not a number")
         return float(value)
 
+    def numbers(self, key: str, raw: dict) -> tuple[float, ...]:
+        value = raw.get(key)
+        if not isinstance(value, list) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise self.error(f"{key} is {value!r}, not a list of numbers")
+        return tuple(float(v) for v in value)
+
     def mapping(self, key: str) -> dict:
         value = self.raw.get(key)
         if value is None:
@@ -96,7 +154,7 @@ class _Fields:
         return value
 
 
-def _rope_config(f: _Fields) -> RopeConfig:
+def _rope_config(f: _Fields, arch: Architecture, head_dim: int, max_positions: int) -> RopeConfig:
     # transformers 5 keeps theta inside rope_parameters; transformers 4 keeps it top level and the
     # scaling (if any) in rope_scaling, whose type key was once "type".
     params = f.mapping("rope_parameters")
@@ -106,21 +164,51 @@ def _rope_config(f: _Fields) -> RopeConfig:
         scaling = f.mapping("rope_scaling")
     theta = f.number("rope_theta", f.number("rope_theta", 10000.0), raw=scaling)
     rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
+    rope_type = dict(arch.rope_type_aliases).get(rope_type, rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(
             f"RoPE scaling type '{rope_type}' is not supported; batchllm supports "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}."
         )
-    return RopeConfig(
+    # transformers prefers a top-level original_max_position_embeddings (Phi-3 writes it there and
+    # Phi3Config defaults it) to the one inside the scaling
+    if f.raw.get("original_max_position_embeddings") is not None:
+        original = f.whole("original_max_position_embeddings")
+    elif arch.default_original_max_positions is not None:
+        original = arch.default_original_max_positions
+    else:
+        original = f.whole("original_max_position_embeddings", max_positions, raw=scaling)
+    partial = 1.0
+    if arch.partial_rotary:  # the scaling's value wins over the top-level one, as in transformers
+        partial = f.number("partial_rotary_factor", f.number("partial_rotary_factor", 1.0), raw=scaling)
+        rotary_dim = int(head_dim * partial)
+        if not 0 < partial <= 1 or rotary_dim < 2 or rotary_dim % 2:
+            raise f.error(f"partial_rotary_factor {partial} of head_dim {head_dim} is not an even number of dims")
+    rope = RopeConfig(
         rope_type=rope_type,
         theta=theta,
         factor=f.number("factor", 1.0, raw=scaling),
         low_freq_factor=f.number("low_freq_factor", 1.0, raw=scaling),
         high_freq_factor=f.number("high_freq_factor", 4.0, raw=scaling),
-        original_max_position_embeddings=f.whole(
-            "original_max_position_embeddings", f.whole("max_position_embeddings", 8192), raw=scaling
-        ),
+        original_max_position_embeddings=original,
+        partial_rotary_factor=partial,
     )
+    return _with_longrope(f, rope, scaling, head_dim, max_positions) if rope_type == "longrope" else rope
+
+
+def _with_longrope(f: _Fields, rope: RopeConfig, scaling: dict, head_dim: int, max_positions: int) -> RopeConfig:
+    """transformers' _compute_longrope_parameters: the factor defaults to the context growth and
+    the attention factor to sqrt(1 + ln(factor) / ln(original context))."""
+    short, long = f.numbers("short_factor", scaling), f.numbers("long_factor", scaling)
+    frequencies = int(head_dim * rope.partial_rotary_factor) // 2
+    for key, factors in (("short_factor", short), ("long_factor", long)):
+        if len(factors) != frequencies:
+            raise f.error(f"{key} has {len(factors)} numbers; the rotary dims need {frequencies}")
+    original = rope.original_max_position_embeddings
+    factor = f.number("factor", max_positions / original, raw=scaling)
+    default_attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    attention = f.number("attention_factor", default_attention, raw=scaling)
+    return dataclasses.replace(rope, factor=factor, short_factor=short, long_factor=long, attention_factor=attention)
 
 
 def _read_json_object(path: Path) -> dict:
@@ -163,7 +251,14 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         )
     if raw.get("use_sliding_window") and architecture == "Qwen2ForCausalLM":
         raise ModelLoadError(f"{path} enables sliding-window attention, which batchllm does not support.")
-    qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[architecture]
+    arch = SUPPORTED_ARCHITECTURES[architecture]
+    activation = raw.get("hidden_act", "silu")
+    if activation not in ("silu", "swish"):  # the same function under two names
+        raise ModelLoadError(f"{path} sets hidden_act {activation!r}; batchllm runs SiLU-gated MLPs only.")
+    max_positions = f.whole("max_position_embeddings", 4096)
+    window = raw.get("sliding_window")
+    if architecture == "Phi3ForCausalLM" and window is not None and f.whole("sliding_window") < max_positions:
+        raise ModelLoadError(f"{path} sets a sliding_window of {window} tokens, which batchllm does not support.")
     hidden = f.whole("hidden_size")
     num_heads = f.whole("num_attention_heads")
     num_kv_heads = f.whole("num_key_value_heads", num_heads)
@@ -171,6 +266,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise f.error(f"num_key_value_heads ({num_kv_heads}) does not divide num_attention_heads ({num_heads})")
     if raw.get("head_dim") is None and hidden % num_heads:
         raise f.error(f"num_attention_heads ({num_heads}) does not divide hidden_size ({hidden}) and no head_dim is given")
+    head_dim = f.whole("head_dim", hidden // num_heads)
     return ModelConfig(
         architecture=architecture,
         vocab_size=f.whole("vocab_size"),
@@ -179,15 +275,31 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         num_layers=f.whole("num_hidden_layers"),
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=f.whole("head_dim", hidden // num_heads),
+        head_dim=head_dim,
         rms_norm_eps=f.number("rms_norm_eps", 1e-6),
-        max_position_embeddings=f.whole("max_position_embeddings", 4096),
-        rope=_rope_config(f),
-        qkv_bias=qkv_bias or bool(raw.get("attention_bias", False)),
-        # Qwen2 has q/k/v bias but never an o_proj bias; Llama and Qwen3 tie both to attention_bias.
-        o_bias=bool(raw.get("attention_bias", False)) and not qkv_bias,
-        qk_norm=qk_norm,
+        max_position_embeddings=max_positions,
+        rope=_rope_config(f, arch, head_dim, max_positions),
+        qkv_bias=arch.qkv_bias or bool(raw.get("attention_bias", False)),
+        # Qwen2 has q/k/v bias but never an o_proj bias; the others tie both to attention_bias.
+        o_bias=bool(raw.get("attention_bias", False)) and not arch.qkv_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        family=_family_options(f, arch),
+    )
+
+
+def _family_options(f: _Fields, arch: Architecture) -> FamilyOptions:
+    if not arch.multipliers:
+        return FamilyOptions(qk_norm=arch.qk_norm, post_norm=arch.post_norm)
+    # GraniteConfig's defaults: all 1.0, so a Granite without attention_multiplier scales q.k by 1
+    if f.number("logits_scaling", 1.0) == 0:
+        raise f.error("logits_scaling is 0; logits are divided by it")
+    return FamilyOptions(
+        qk_norm=arch.qk_norm,
+        post_norm=arch.post_norm,
+        embedding_multiplier=f.number("embedding_multiplier", 1.0),
+        residual_multiplier=f.number("residual_multiplier", 1.0),
+        logits_scaling=f.number("logits_scaling", 1.0),
+        attention_scale=f.number("attention_multiplier", 1.0),
     )

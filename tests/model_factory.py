@@ -31,7 +31,9 @@ CHAT_TEMPLATE = (
 )
 MAX_POSITIONS = 512
 
-Family = Literal["llama", "qwen2", "qwen3"]
+Family = Literal["llama", "qwen2", "qwen3", "phi3", "granite", "olmo2"]
+ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                 "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 KeyStyle = Literal["v4", "v5"]  # transformers-4 keys (rope_theta, rope_scaling, torch_dtype) or 5
 
 
@@ -46,6 +48,7 @@ class Variant:
     # Seeds are chosen so HF's greedy top-2 logit margin stays above 5e-4 on the parity prompts
     # (test_reference_has_no_near_ties); a near tie would make parity depend on float rounding.
     seed: int = 0
+    max_model_len: int | None = None  # the engine's context in parity runs (None: max_position_embeddings)
 
 
 _LLAMA3_ROPE = {
@@ -55,6 +58,15 @@ _LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     # Small, so positions used by the tests (up to a few hundred) fall in the scaled range.
     "original_max_position_embeddings": 32,
+}
+
+# Phi-3 LongRoPE: 6 factors for rotary_dim 12 (head_dim 16, partial_rotary_factor 0.75). The model's
+# context (1024) is twice the original (512), so cos/sin carry transformers' attention factor
+# sqrt(1 + ln 2 / ln 512); the short set applies to sequences up to 512 tokens, the long one beyond.
+_PHI3_ROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.2, 1.9, 3.1, 4.6, 7.5],
+    "long_factor": [1.1, 2.3, 4.4, 9.0, 17.0, 31.0],
 }
 
 VARIANTS: dict[str, Variant] = {
@@ -78,6 +90,20 @@ VARIANTS: dict[str, Variant] = {
                 {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
                  "tie_word_embeddings": True},
                 sharded=True, seed=10),
+        # sliding_window None: the engine does not have sliding-window attention yet
+        Variant("phi3", "phi3", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "partial_rotary_factor": 0.75,
+                 "max_position_embeddings": 1024, "original_max_position_embeddings": 512,
+                 "rope_scaling": dict(_PHI3_ROPE), "sliding_window": None},
+                max_model_len=512, seed=20),
+        Variant("granite", "granite", "v5",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                 "attention_bias": True, "mlp_bias": True, "embedding_multiplier": 6.0,
+                 "residual_multiplier": 0.3, "attention_multiplier": 0.0625, "logits_scaling": 4.0},
+                seed=34),
+        Variant("olmo2", "olmo2", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 500000.0},
+                sharded=True, seed=40),
     )
 }
 
@@ -209,9 +235,10 @@ def write_tokenizer(out: Path, *, chat_template_file: bool, family: Family = "ll
 # ---------------------------------------------------------------- models
 
 def _hf_config(variant: Variant):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import GraniteConfig, LlamaConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[variant.family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "phi3": Phi3Config,
+           "granite": GraniteConfig, "olmo2": Olmo2Config}[variant.family]
     kwargs = dict(
         vocab_size=tokenizer_size(),
         hidden_size=64,
@@ -229,8 +256,7 @@ def _hf_config(variant: Variant):
     if variant.family == "qwen2":
         kwargs.update(use_sliding_window=False)
     cfg = cls(**kwargs)
-    cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                          "qwen3": "Qwen3ForCausalLM"}[variant.family]]
+    cfg.architectures = [ARCHITECTURES[variant.family]]
     return cfg
 
 
@@ -280,13 +306,16 @@ def rewrite_config_keys(path: Path, style: KeyStyle) -> None:
     rope = dict(rope)
     dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None) or "float32"
     if style == "v5":
-        raw.pop("rope_theta", None)
-        rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+        rope.setdefault("rope_theta", raw.pop("rope_theta", 10000.0))
         rope.setdefault("rope_type", "default")
+        if "partial_rotary_factor" in raw:
+            rope.setdefault("partial_rotary_factor", raw.pop("partial_rotary_factor"))
         raw["rope_parameters"] = rope
         raw["dtype"] = dtype
     else:
         raw["rope_theta"] = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+        if "partial_rotary_factor" in rope:  # top level in transformers-4 checkpoints (Phi-3, Phi-4)
+            raw["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
         raw["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
         raw["torch_dtype"] = dtype
     path.write_text(json.dumps(raw, indent=2, sort_keys=True))

@@ -102,14 +102,23 @@ def test_reference_has_no_near_ties(variant: str, reference) -> None:
     assert worst > 1e-4, f"{variant}: HF greedy top-2 logit margin {worst:.1e} is a near tie"
 
 
-PARITY_CASES = [(v, "plan") for v in model_factory.VARIANTS] + [("llama_gqa", "lru"), ("llama_gqa", "none")]
+# Every variant in plan mode; the other sharing modes once per family beyond Llama's, where the
+# tight cache (chunked prefill, preemption) exercises them hardest.
+NEW_FAMILIES = ("phi3", "granite", "olmo2")
+PARITY_CASES = (
+    [(v, "plan", s) for v in model_factory.VARIANTS for s in ("roomy", "tight")]
+    + [("llama_gqa", m, s) for m in ("lru", "none") for s in ("roomy", "tight")]
+    + [(v, m, "tight") for v in NEW_FAMILIES for m in ("lru", "none")]
+)
 
 
-@pytest.mark.parametrize("setting", ["roomy", "tight"])
-@pytest.mark.parametrize(("variant", "sharing"), PARITY_CASES)
+@pytest.mark.parametrize(("variant", "sharing", "setting"), PARITY_CASES)
 def test_greedy_parity(variant: str, sharing: str, setting: str, tiny_model_dir, reference) -> None:
     refs = reference(variant)
     config = dict(TIGHT if setting == "tight" else ROOMY, prefix_sharing=sharing)
+    max_model_len = model_factory.VARIANTS[variant].max_model_len
+    if max_model_len is not None:
+        config["max_model_len"] = max_model_len
     engine = make_engine(tiny_model_dir(variant), **config)
     results = run(engine, [(i, p, GREEDY) for i, p in enumerate(PROMPTS)])
     bad = divergences(results, refs, f"{variant}/{sharing}/{setting}")
@@ -177,7 +186,8 @@ def test_unknown_architecture_names_supported_ones(tiny_model_dir, tmp_path: Pat
     with pytest.raises(ModelLoadError) as info:
         make_engine(model_dir)
     message = str(info.value)
-    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                 "GraniteForCausalLM", "Olmo2ForCausalLM"):
         assert name in message, message
 
 

@@ -46,9 +46,15 @@ def test_weights_files_and_values(name: str, tiny_model_dir) -> None:
     biases = [t for k, t in tensors.items() if k.endswith(".bias")]
     assert norms and all((t != 1).all() and (t != 0).all() for t in norms)
     assert all(t.abs().min() > 0 for t in biases)
-    assert bool(biases) == (VARIANTS[name].family == "qwen2")
-    if VARIANTS[name].family == "qwen3":
+    config = VARIANTS[name].config
+    assert bool(biases) == (VARIANTS[name].family == "qwen2" or bool(config.get("attention_bias")))
+    if VARIANTS[name].family in ("qwen3", "olmo2"):
         assert "model.layers.0.self_attn.q_norm.weight" in tensors
+    if VARIANTS[name].family == "olmo2":  # post-norm layer: no input norm
+        assert "model.layers.0.post_feedforward_layernorm.weight" in tensors
+        assert "model.layers.0.input_layernorm.weight" not in tensors
+    if VARIANTS[name].family == "phi3":  # fused in the checkpoint already
+        assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(tensors)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_mha", "qwen2"])

@@ -1,6 +1,8 @@
-"""One decoder-only transformer covering the Llama, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm)
-families. Projections are fused (qkv, gate+up) so each layer runs few large matmuls; the loader
-splits Hugging Face weights into them."""
+"""One decoder-only transformer covering the Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm),
+Phi-3 (partial rotary, LongRoPE), Granite (multipliers) and OLMo 2 (post-norm layer, q/k RMSNorm over
+the whole projection) families; where they differ is named in `ModelConfig.family`. Projections are
+fused (qkv, gate+up) so each layer runs few large matmuls; the loader splits Hugging Face weights
+into them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,8 +53,8 @@ class RotaryInputs:
     """One step's rotary inputs, shared by every layer."""
 
     positions: torch.Tensor  # [num_tokens] int64
-    table: torch.Tensor  # [max_positions, 2, head_dim] float32 cos/sin (the fused kernel reads it)
-    cos: torch.Tensor | None  # [num_tokens, 1, head_dim] in the model dtype; None when fused
+    table: torch.Tensor  # [max_positions, 2, rotary_dim] float32 cos/sin (the fused kernel reads it)
+    cos: torch.Tensor | None  # [num_tokens, 1, rotary_dim] in the model dtype; None when fused
     sin: torch.Tensor | None
 
 
@@ -65,26 +67,38 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.rotary_dim = cfg.rotary_dim
+        scale = cfg.family.attention_scale
+        self.scale = cfg.head_dim**-0.5 if scale is None else scale
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # q/k RMSNorm per head (weights [head_dim]) or over the whole projection ([q_size], [kv_size])
+        self.qk_norm = cfg.family.qk_norm
+        whole = self.qk_norm == "whole"
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if self.qk_norm != "none":
+            self.q_norm = RMSNorm(self.q_size if whole else cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size if whole else cfg.head_dim, cfg.rms_norm_eps)
         self.fused = False  # RoPE by the Triton kernel (kernels.rotary), in place
 
     def forward(self, x: torch.Tensor, rope: RotaryInputs, ctx: StepContext) -> torch.Tensor:
         # x: [num_tokens, hidden]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "whole":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.fused:
             from kernels.rotary import rotary_embedding  # lazy: Triton only once fused kernels are enabled
 
-            q, k = rotary_embedding(q, k, rope.positions, rope.table)  # in place (qkv or the q/k norm output)
+            # in place (qkv or the q/k norm output); views of the rotated dims under partial rotary
+            d = self.rotary_dim
+            rotary_embedding(q[..., :d], k[..., :d], rope.positions, rope.table)
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
@@ -107,23 +121,44 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = cfg.family.post_norm
+        self.residual_multiplier = cfg.family.residual_multiplier
+        # the pre-norm layer norms before attention (input_) and before the MLP (post_attention_);
+        # the post-norm layer (OLMo 2) norms the attention (post_attention_) and MLP (post_feedforward_) outputs
+        self.input_layernorm = None if self.post_norm else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.post_norm else None
         self.mlp = MLP(cfg)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [num_tokens, hidden], the previous layer's MLP output (or the embeddings, residual None);
-        # the residual stream is carried separately so each norm can fuse the add before it
+        # the residual stream is carried separately (the hidden state is residual + x) so each norm
+        # can fuse the add before it
+        if self.post_norm:
+            return self._post_norm_forward(x, residual, rope, ctx)
+        assert self.input_layernorm is not None
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, ctx)
+        x = self._scaled(self.self_attn(x, rope, ctx))
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self._scaled(self.mlp(x)), residual
+
+    def _post_norm_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.post_feedforward_layernorm is not None
+        hidden = x if residual is None else residual + x
+        hidden = hidden + self.post_attention_layernorm(self.self_attn(hidden, rope, ctx))
+        return self.post_feedforward_layernorm(self.mlp(hidden)), hidden
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        # Granite's residual_multiplier scales each branch before the residual add
+        return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
 
 
 class DecoderBody(nn.Module):
@@ -148,7 +183,7 @@ class DecoderForCausalLM(nn.Module):
     def init_rope(self, max_positions: int) -> None:
         """Fills the [max_positions, 2, head_dim] cos/sin table (float32, on the model's device)."""
         device = self.model.embed_tokens.weight.device
-        self.rope = rope_cache(self.config.rope, self.config.head_dim, max_positions).to(device)
+        self.rope = rope_cache(self.config.rope, self.config.rotary_dim, max_positions).to(device)
 
     def use_fused_kernels(self, enabled: bool) -> None:
         """Run add+RMSNorm and RoPE as Triton kernels (kernels.rms_norm, kernels.rotary) instead of
@@ -169,9 +204,11 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]
         x = self.model.embed_tokens(input_ids)
+        if self.config.family.embedding_multiplier != 1.0:
+            x = x * self.config.family.embedding_multiplier
         cos = sin = None
         if not self.fused_kernels:
-            cos_sin = self.rope[positions].to(x.dtype)  # [num_tokens, 2, head_dim]
+            cos_sin = self.rope[positions].to(x.dtype)  # [num_tokens, 2, rotary_dim]
             cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
         rope = RotaryInputs(positions, self.rope, cos, sin)
         residual = None
@@ -183,4 +220,6 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)
+        scaling = self.config.family.logits_scaling
+        return logits if scaling == 1.0 else logits / scaling

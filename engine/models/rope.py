@@ -8,8 +8,22 @@ import torch
 from engine.model_config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
-    """[rotary_dim // 2] float32 inverse frequencies, with Llama-3 or linear scaling applied."""
+def uses_long_factors(rope: RopeConfig, max_positions: int) -> bool:
+    """LongRoPE's factor set for a table of `max_positions`. transformers picks it per forward pass:
+    long once the sequence is longer than original_max_position_embeddings (recomputing the cache
+    when a generation crosses it), short before. The engine has one table for every sequence, so it
+    picks the set transformers uses for a sequence of the engine's whole context: long when that
+    exceeds the original context. Sequences shorter than the original context then differ from
+    transformers (which would use the short set); limit the context to the original one to get it."""
+    return max_positions > rope.original_max_position_embeddings
+
+
+def inverse_frequencies(rope: RopeConfig, rotary_dim: int, max_positions: int) -> torch.Tensor:
+    """[rotary_dim // 2] float32 inverse frequencies, with Llama-3, linear or LongRoPE scaling applied."""
+    if rope.rope_type == "longrope":
+        factors = rope.long_factor if uses_long_factors(rope, max_positions) else rope.short_factor
+        shape = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * rope.theta**shape)  # transformers' exact order
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float) / rotary_dim
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "linear":
@@ -28,11 +42,13 @@ def inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
 
 
 def rope_cache(rope: RopeConfig, rotary_dim: int, max_positions: int) -> torch.Tensor:
-    """[max_positions, 2, rotary_dim] float32: cos and sin per position (both halves repeated)."""
-    inv_freq = inverse_frequencies(rope, rotary_dim)
+    """[max_positions, 2, rotary_dim] float32: cos and sin per position (both halves repeated), times
+    LongRoPE's attention factor."""
+    inv_freq = inverse_frequencies(rope, rotary_dim, max_positions)
     freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return torch.stack((emb.cos(), emb.sin()), dim=1)
+    table = torch.stack((emb.cos(), emb.sin()), dim=1)
+    return table * rope.attention_factor if rope.attention_factor != 1.0 else table
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -41,5 +57,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, 1, head_dim] in x's dtype
+    # x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, 1, rotary_dim] in x's dtype;
+    # dims past rotary_dim (partial rotary) pass through
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
     return x * cos + _rotate_half(x) * sin
