@@ -16,7 +16,13 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "LlamaForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    "MistralForCausalLM": (False, False),
 }
+# model_type -> architecture, for a config.json without `architectures`
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM"}
+# architectures whose `sliding_window` key (null: full attention) applies to every layer
+_SLIDING_WINDOW_ARCHITECTURES = ("MistralForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -49,6 +55,20 @@ class ModelConfig:
     mlp_bias: bool
     tie_word_embeddings: bool
     torch_dtype: str | None
+    # keys each layer's queries see, themselves included (a token at position p sees keys at
+    # positions > p - window, as transformers); None: full causal attention
+    sliding_window: int | None = None
+
+    def layer_window(self, layer_index: int) -> int | None:
+        """The sliding window of one layer (None: full attention)."""
+        return self.sliding_window
+
+    @property
+    def attention_reach(self) -> int | None:
+        """The largest window of any layer (None when some layer attends to its whole context): keys
+        further back than this are never read."""
+        windows = [self.layer_window(i) for i in range(self.num_layers)]
+        return None if not windows or None in windows else max(w for w in windows if w is not None)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -123,6 +143,11 @@ def _rope_config(f: _Fields) -> RopeConfig:
     )
 
 
+def _sliding_window(f: _Fields) -> int | None:
+    value = f.raw.get("sliding_window")
+    return None if value is None else f.whole("sliding_window")
+
+
 def _read_json_object(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
@@ -155,6 +180,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     architectures = raw.get("architectures") or []
     if not isinstance(architectures, list):
         architectures = [architectures]
+    if not architectures and raw.get("model_type") in _MODEL_TYPES:
+        architectures = [_MODEL_TYPES[raw["model_type"]]]
     architecture = next((a for a in architectures if isinstance(a, str) and a in SUPPORTED_ARCHITECTURES), None)
     if architecture is None:
         raise ModelLoadError(
@@ -190,4 +217,5 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         mlp_bias=bool(raw.get("mlp_bias", False)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        sliding_window=_sliding_window(f) if architecture in _SLIDING_WINDOW_ARCHITECTURES else None,
     )

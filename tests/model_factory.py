@@ -1,6 +1,6 @@
 """Tiny random-weight Hugging Face model directories for engine tests (test-only helper).
 
-Each variant is a real transformers model (Llama, Qwen2, Qwen3) saved with save_pretrained as
+Each variant is a real transformers model (Llama, Mistral, Qwen2, Qwen3) saved with save_pretrained as
 safetensors, plus a byte-level BPE tokenizer trained offline on a generated corpus. Weights use a
 large init range, random biases and random RMSNorm weights, because a default-initialised random
 model has near-tied logits and greedy parity would then test float rounding, not the engine.
@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
 )
 MAX_POSITIONS = 512
 
-Family = Literal["llama", "qwen2", "qwen3"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3"]
 KeyStyle = Literal["v4", "v5"]  # transformers-4 keys (rope_theta, rope_scaling, torch_dtype) or 5
 
 
@@ -78,6 +78,12 @@ VARIANTS: dict[str, Variant] = {
                 {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
                  "tie_word_embeddings": True},
                 sharded=True, seed=10),
+        # a window shorter than most prompts (and than a 16-token block), so it decides the output
+        Variant("mistral_window", "mistral", "v5",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 13}, seed=20),
+        Variant("mistral_full", "mistral", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24, "sliding_window": None},
+                chat_template_file=False, seed=21),
     )
 }
 
@@ -209,9 +215,9 @@ def write_tokenizer(out: Path, *, chat_template_file: bool, family: Family = "ll
 # ---------------------------------------------------------------- models
 
 def _hf_config(variant: Variant):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[variant.family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[variant.family]
     kwargs = dict(
         vocab_size=tokenizer_size(),
         hidden_size=64,
@@ -229,7 +235,7 @@ def _hf_config(variant: Variant):
     if variant.family == "qwen2":
         kwargs.update(use_sliding_window=False)
     cfg = cls(**kwargs)
-    cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    cfg.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                           "qwen3": "Qwen3ForCausalLM"}[variant.family]]
     return cfg
 

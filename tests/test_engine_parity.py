@@ -102,7 +102,10 @@ def test_reference_has_no_near_ties(variant: str, reference) -> None:
     assert worst > 1e-4, f"{variant}: HF greedy top-2 logit margin {worst:.1e} is a near tie"
 
 
-PARITY_CASES = [(v, "plan") for v in model_factory.VARIANTS] + [("llama_gqa", "lru"), ("llama_gqa", "none")]
+# every variant with the prefix plan; the other sharing modes on a plain and a sliding-window model
+PARITY_CASES = [(v, "plan") for v in model_factory.VARIANTS] + [
+    (v, sharing) for v in ("llama_gqa", "mistral_window") for sharing in ("lru", "none")
+]
 
 
 @pytest.mark.parametrize("setting", ["roomy", "tight"])
@@ -130,6 +133,17 @@ def test_greedy_parity(variant: str, sharing: str, setting: str, tiny_model_dir,
     if setting == "tight":
         # the cache cannot hold every sequence's growth, so some must have been recomputed
         assert stats.preemptions > 0, stats
+
+
+def test_sliding_window_decides_the_output(tiny_model_dir, reference, tmp_path: Path) -> None:
+    """Guards the Mistral parity cases: the same weights without the window must answer differently,
+    so their parity really checks the window (and the config key that sets it)."""
+    model_dir = _copy_dir(tiny_model_dir("mistral_window"), tmp_path / "no-window")
+    _edit_json(model_dir / "config.json", sliding_window=None)
+    results = run(make_engine(model_dir), [(i, p, GREEDY) for i, p in enumerate(PROMPTS)])
+    differ = divergences(results, reference("mistral_window"), "mistral_window without its window")
+    longer = sum(len(p) + MAX_TOKENS > model_factory.VARIANTS["mistral_window"].config["sliding_window"] for p in PROMPTS)
+    assert len(differ) >= longer // 2, f"only {len(differ)} of {longer} prompts longer than the window differ"
 
 
 def test_long_prompt_prefills_in_chunks(tiny_model_dir, reference) -> None:
@@ -177,7 +191,7 @@ def test_unknown_architecture_names_supported_ones(tiny_model_dir, tmp_path: Pat
     with pytest.raises(ModelLoadError) as info:
         make_engine(model_dir)
     message = str(info.value)
-    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert name in message, message
 
 

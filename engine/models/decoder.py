@@ -1,5 +1,5 @@
-"""One decoder-only transformer covering the Llama, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm)
-families. Projections are fused (qkv, gate+up) so each layer runs few large matmuls; the loader
+"""One decoder-only transformer covering the Llama, Mistral (sliding-window attention), Qwen2 (q/k/v
+bias) and Qwen3 (q/k RMSNorm) families. Projections are fused (qkv, gate+up) so each layer runs few large matmuls; the loader
 splits Hugging Face weights into them."""
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        self.window = cfg.layer_window(layer_index)  # None: full causal attention
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
-        out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale)
+        out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
