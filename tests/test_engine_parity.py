@@ -195,6 +195,19 @@ def test_unknown_architecture_names_supported_ones(tiny_model_dir, tmp_path: Pat
         assert name in message, message
 
 
+def test_mistral_config_keys(tiny_model_dir, tmp_path: Path) -> None:
+    """The window comes from `sliding_window` (null: none); a config without `architectures` is
+    recognised by its model_type."""
+    from engine.model_config import load_model_config
+
+    assert load_model_config(tiny_model_dir("mistral_window")).sliding_window == 13
+    assert load_model_config(tiny_model_dir("mistral_full")).sliding_window is None
+    model_dir = _copy_dir(tiny_model_dir("mistral_window"), tmp_path / "no-architectures")
+    _edit_json(model_dir / "config.json", architectures=None)
+    cfg = load_model_config(model_dir)
+    assert (cfg.architecture, cfg.sliding_window, cfg.attention_reach) == ("MistralForCausalLM", 13, 13)
+
+
 def test_eos_ids_come_from_all_sources(tiny_model_dir, tmp_path: Path) -> None:
     from engine.tokenizer import Tokenizer
 

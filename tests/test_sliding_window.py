@@ -30,8 +30,8 @@ SHAPES = [(4, 2, 16, 8), (6, 2, 8, 7), (4, 4, 16, 5), (8, 2, 16, 16)]  # heads, 
 
 def _poison_outside(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], first_positions: list[int],
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of the caches with NaN in every block that lies wholly before `first_positions[i]` in
-    table i and in no table at or after its own first position (shared prefix blocks)."""
+    """Copies of the caches with NaN in every block of table i that lies wholly before
+    `first_positions[i]`, unless a table needs it at or after its own first position."""
     bs = k_cache.shape[1]
     needed = {b for t, p in zip(tables, first_positions) for b in t[p // bs:]}
     dead = [b for t, p in zip(tables, first_positions) for b in t[: p // bs] if b not in needed]
@@ -47,8 +47,19 @@ def _poisoned_prefill(sc: PrefillScenario, window: int) -> tuple[torch.Tensor, t
 
 
 def _poisoned_decode(sc: DecodeScenario, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's own table from its first visible position on is needed, and so is each group's one
+    copy of its prefix (a member's partial last prefix block: the group reads the first member's
+    copy) from its members' earliest visible position on."""
+    batch = _decode_batch(sc)
+    tables = [list(t) for t in sc.block_tables]
     firsts = [first_visible_position(c - 1, window) for c in sc.context_lens]
-    return _poison_outside(sc.k_cache, sc.v_cache, sc.block_tables, firsts)
+    starts = batch.host_group_row_starts
+    for g, plen in enumerate(batch.host_prefix_lens):
+        earliest = min(first_visible_position(c - 1, window) for c in batch.host_context_lens[starts[g]:starts[g + 1]])
+        table = batch.prefix_block_tables[g, : -(-plen // sc.block_size)].tolist()
+        tables.append(table)
+        firsts.append(min(earliest, len(table) * sc.block_size))
+    return _poison_outside(sc.k_cache, sc.v_cache, tables, firsts)
 
 
 def _decode_batch(sc: DecodeScenario):
@@ -118,8 +129,10 @@ def test_a_layer_window_larger_than_the_metadata_is_refused() -> None:
 
 # ---------------------------------------------------------------- Triton kernels (interpreter)
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 16, 8), (6, 2, 8, 7)])
+# (dtype, heads, kv_heads, head_dim, block_size): one float32 and one float16 case per kernel, kept
+# few because the interpreter is slow
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,block_size",
+                         [(torch.float32, 4, 2, 16, 8), (torch.float16, 6, 2, 8, 7)])
 def test_paged_prefill_kernel(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> None:
     from kernels.paged_prefill import build_paged_prefill_metadata, paged_prefill
 
@@ -134,8 +147,8 @@ def test_paged_prefill_kernel(dtype: torch.dtype, heads: int, kv_heads: int, hea
     torch.testing.assert_close(out.float(), dense_prefill(sc, 3).float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 16, 8), (6, 2, 8, 5)])
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,block_size",
+                         [(torch.float32, 4, 2, 16, 8), (torch.float16, 6, 2, 8, 5)])
 def test_shared_prefix_decode_kernel(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
                                      block_size: int) -> None:
     from kernels.shared_prefix_decode import plan_shared_prefix_decode, shared_prefix_decode
@@ -184,6 +197,7 @@ def test_backend_step_with_windows(backend_name: str) -> None:
         num_heads=heads, num_kv_heads=kv_heads, group_ids=[c["gid"] for c in chunks],
         prefix_lens=[c["plen"] for c in chunks], window=largest,
     )
+    assert meta.paged is not None and meta.shared is not None
     whole = PrefillScenario(q, k_cache, v_cache, [c["ql"] for c in chunks], [c["ctx"] for c in chunks],
                             [c["table"] for c in chunks], bs, sc.scale)
     for window in (1, 5, largest):
