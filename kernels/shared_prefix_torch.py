@@ -19,6 +19,12 @@ or one large group never makes every group pay for its padding.
 
 All index tensors are built once per step on the host (`plan_shared_prefix_torch`); every layer
 reuses them and the step's gather buffers.
+
+Sliding windows: the plan is built for the largest window of the layers it serves and gathers
+nothing before it (a group's prefix from the first block its earliest member's window reaches, a
+row's suffix from its window's start; a group no member's window reaches is left out). Each layer's
+window masks every member by its own position; the masks of a window are built at the first layer
+asking for it.
 """
 from __future__ import annotations
 

@@ -184,8 +184,10 @@ def test_backend_step_with_windows(backend_name: str) -> None:
     k_cache, v_cache = torch.cat([sc.k_cache, pre.k_cache]), torch.cat([sc.v_cache, pre.v_cache])
     chunks = [dict(ql=1, ctx=c, table=t, gid=g, plen=p)
               for c, t, g, p in zip(sc.context_lens, sc.block_tables, sc.group_ids, sc.prefix_lens)]
-    # the last member of the first group continues with a 3-token chunk (a group prefill row)
-    chunks[-1]["ql"] = 3 if chunks[-1]["ctx"] - chunks[-1]["plen"] >= 3 else 1
+    # the first group's member with the longest suffix continues with a 3-token chunk (the Triton
+    # backend runs it as group rows, one per query token)
+    longest = max((c for c in chunks if c["gid"] == 0), key=lambda c: c["ctx"])
+    longest["ql"] = 3
     chunks += [dict(ql=ql, ctx=c, table=[b + offset for b in t], gid=None, plen=0)
                for (ql, c), t in zip(spans, pre.block_tables)]
     num_tokens = sum(c["ql"] for c in chunks)
@@ -198,6 +200,8 @@ def test_backend_step_with_windows(backend_name: str) -> None:
         prefix_lens=[c["plen"] for c in chunks], window=largest,
     )
     assert meta.paged is not None and meta.shared is not None
+    if backend_name == "triton":  # every decode row, and the member's chunk as 3 group rows
+        assert meta.shared.batch.num_rows == sum(c["ql"] == 1 for c in chunks) + 3
     whole = PrefillScenario(q, k_cache, v_cache, [c["ql"] for c in chunks], [c["ctx"] for c in chunks],
                             [c["table"] for c in chunks], bs, sc.scale)
     for window in (1, 5, largest):
