@@ -209,10 +209,11 @@ class _StepMixin:
             raise ValueError(f"q has {q.shape[0]} rows; the step metadata covers {meta.num_tokens}")
         out = torch.zeros_like(q) if meta.zero_uncovered else torch.empty_like(q)
         if meta.paged is not None:
-            self.paged_attention(q, k_cache, v_cache, meta.paged, scale, out=out, key=key, value=value,  # type: ignore[attr-defined]
-                                 window=window)
+            self.paged_attention(  # type: ignore[attr-defined]
+                q, k_cache, v_cache, meta.paged, scale, out=out, key=key, value=value, window=window)
         if meta.shared is not None:
-            self.shared_prefix_decode(q, k_cache, v_cache, meta.shared, scale, out=out, window=window)  # type: ignore[attr-defined]
+            self.shared_prefix_decode(  # type: ignore[attr-defined]
+                q, k_cache, v_cache, meta.shared, scale, out=out, window=window)
         return out
 
 

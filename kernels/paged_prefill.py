@@ -4,8 +4,9 @@ Meaning: exactly `kernels.paged_attention.paged_attention_reference`. Queries co
 without padding; sequence i owns q[query_start[i] : query_start[i] + query_len[i]], the last
 query_len[i] tokens of its context of context_len[i] tokens (already stored in the cache), and each
 query attends causally to its context up to and including itself (and, with a sliding window w, to
-no key at or before its position - w: a tile's loop starts at its first row's first visible key). A decode row is a sequence with
-query_len 1, so this kernel serves every row of a step (the non-shared path).
+no key at or before its position - w: a tile's loop starts at its first row's first visible key). A
+decode row is a sequence with query_len 1, so this kernel serves every row of a step (the non-shared
+path).
 
 Work split: the grid is (tiles, num_kv_heads). A tile is up to BLOCK_M rows of one sequence, a row
 being a (query token, query head of this KV head) pair, so GQA shares every K/V load among the query

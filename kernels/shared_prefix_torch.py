@@ -109,7 +109,9 @@ def _bias(valid: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32))
 
 
-def _buckets(batch: SharedPrefixBatch, window: int | None, ratio: int, device: torch.device) -> tuple[PrefixBucket, ...]:
+def _buckets(
+    batch: SharedPrefixBatch, window: int | None, ratio: int, device: torch.device
+) -> tuple[PrefixBucket, ...]:
     starts = np.asarray(batch.host_group_row_starts, dtype=np.int64)
     plens = np.asarray(batch.host_prefix_lens, dtype=np.int64)
     query_pos = np.asarray(batch.host_context_lens, dtype=np.int64) - 1

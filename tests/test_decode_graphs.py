@@ -36,7 +36,8 @@ def test_buckets_cover_every_batch_size() -> None:
 
 # the sliding-window model: the Triton kernels (prefill, eager and graph-path decode) mask by each
 # layer's window as the PyTorch path does
-@pytest.mark.parametrize(("params", "variant"), [(GREEDY, "llama_gqa"), (SAMPLED, "llama_gqa"), (GREEDY, "mistral_window")],
+@pytest.mark.parametrize(("params", "variant"),
+                         [(GREEDY, "llama_gqa"), (SAMPLED, "llama_gqa"), (GREEDY, "mistral_window")],
                          ids=["greedy", "sampled", "greedy-window"])
 def test_graph_path_matches_eager(tiny_model_dir, params, variant: str) -> None:
     prompts = multi_level_prompts()[::3]  # shared prefixes (groups), duplicates, unshared rows

@@ -142,7 +142,8 @@ def test_sliding_window_decides_the_output(tiny_model_dir, reference, tmp_path: 
     _edit_json(model_dir / "config.json", sliding_window=None)
     results = run(make_engine(model_dir), [(i, p, GREEDY) for i, p in enumerate(PROMPTS)])
     differ = divergences(results, reference("mistral_window"), "mistral_window without its window")
-    longer = sum(len(p) + MAX_TOKENS > model_factory.VARIANTS["mistral_window"].config["sliding_window"] for p in PROMPTS)
+    window = model_factory.VARIANTS["mistral_window"].config["sliding_window"]
+    longer = sum(len(p) + MAX_TOKENS > window for p in PROMPTS)
     assert len(differ) >= longer // 2, f"only {len(differ)} of {longer} prompts longer than the window differ"
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import DecodeScenario, PrefillScenario, dense_decode, dense_prefill, make_decode_scenario, make_prefill_scenario
+from kernel_cases import (
+    DecodeScenario,
+    PrefillScenario,
+    dense_decode,
+    dense_prefill,
+    make_decode_scenario,
+    make_prefill_scenario,
+)
 from kernels.attention_backend import select_backend
 from kernels.paged_attention import build_paged_batch, first_visible_position, paged_attention_reference
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch
@@ -129,17 +136,18 @@ def test_a_layer_window_larger_than_the_metadata_is_refused() -> None:
 
 # ---------------------------------------------------------------- Triton kernels (interpreter)
 
-# (dtype, heads, kv_heads, head_dim, block_size): one float32 and one float16 case per kernel, kept
-# few because the interpreter is slow
-@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,block_size",
-                         [(torch.float32, 4, 2, 16, 8), (torch.float16, 6, 2, 8, 7)])
-def test_paged_prefill_kernel(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> None:
+# (dtype, heads, kv_heads, head_dim, block_size, windows): every window in float32, two in float16;
+# kept few because the interpreter is slow
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,block_size,windows",
+                         [(torch.float32, 4, 2, 16, 8, [None, *WINDOWS]), (torch.float16, 6, 2, 8, 7, [3, 13])])
+def test_paged_prefill_kernel(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
+                              windows: list[int | None]) -> None:
     from kernels.paged_prefill import build_paged_prefill_metadata, paged_prefill
 
     sc = make_prefill_scenario(heads + block_size, SPANS, heads, kv_heads, head_dim, block_size, dtype)
     meta = build_paged_prefill_metadata(sc.query_lens, sc.context_lens, sc.block_tables, block_size, "cpu",
                                         heads, kv_heads)
-    for window in [None, *WINDOWS]:
+    for window in windows:
         out = paged_prefill(sc.q, sc.k_cache, sc.v_cache, meta, sc.scale, window=window)
         torch.testing.assert_close(out.float(), dense_prefill(sc, window).float(), **TOL[dtype])
     k, v = _poisoned_prefill(sc, 3)
@@ -147,10 +155,10 @@ def test_paged_prefill_kernel(dtype: torch.dtype, heads: int, kv_heads: int, hea
     torch.testing.assert_close(out.float(), dense_prefill(sc, 3).float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,block_size",
-                         [(torch.float32, 4, 2, 16, 8), (torch.float16, 6, 2, 8, 5)])
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,block_size,windows",
+                         [(torch.float32, 4, 2, 16, 8, [None, *WINDOWS]), (torch.float16, 6, 2, 8, 5, [3, 13])])
 def test_shared_prefix_decode_kernel(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
-                                     block_size: int) -> None:
+                                     block_size: int, windows: list[int | None]) -> None:
     from kernels.shared_prefix_decode import plan_shared_prefix_decode, shared_prefix_decode
 
     sc = make_decode_scenario(heads + head_dim, GROUPS, UNGROUPED, heads, kv_heads, head_dim, block_size, dtype)
@@ -159,11 +167,11 @@ def test_shared_prefix_decode_kernel(dtype: torch.dtype, heads: int, kv_heads: i
     # several tiles per prefix and per row (merged by LSE), and one tile per part (direct writes)
     plans = [plan_shared_prefix_decode(batch, heads, kv_heads, kv_split=16),
              plan_shared_prefix_decode(batch, heads, kv_heads, kv_split=64, block_m=32)]
-    for window in [None, *WINDOWS]:
+    for i, window in enumerate(windows):  # the two plans in turn (the interpreter is slow)
         expected = dense_decode(sc, window).float()[rows]
-        for plan, fused in zip(plans, (True, False)):
-            out = shared_prefix_decode(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, window=window, fused=fused)
-            torch.testing.assert_close(out[rows].float(), expected, **TOL[dtype])
+        out = shared_prefix_decode(sc.q, sc.k_cache, sc.v_cache, plans[i % 2], sc.scale, window=window,
+                                   fused=i % 2 == 0)
+        torch.testing.assert_close(out[rows].float(), expected, **TOL[dtype])
     k, v = _poisoned_decode(sc, 3)
     out = shared_prefix_decode(sc.q, k, v, plans[0], sc.scale, window=3)
     torch.testing.assert_close(out[rows].float(), dense_decode(sc, 3).float()[rows], **TOL[dtype])

@@ -1,6 +1,6 @@
 """One decoder-only transformer covering the Llama, Mistral (sliding-window attention), Qwen2 (q/k/v
-bias) and Qwen3 (q/k RMSNorm) families. Projections are fused (qkv, gate+up) so each layer runs few large matmuls; the loader
-splits Hugging Face weights into them."""
+bias) and Qwen3 (q/k RMSNorm) families. Projections are fused (qkv, gate+up) so each layer runs few
+large matmuls; the loader splits Hugging Face weights into them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
