@@ -189,7 +189,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"batchllm supports {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
     if raw.get("use_sliding_window") and architecture == "Qwen2ForCausalLM":
-        raise ModelLoadError(f"{path} enables sliding-window attention, which batchllm does not support.")
+        raise ModelLoadError(f"{path} enables Qwen2's sliding-window layers (use_sliding_window), which batchllm "
+                             "does not support; batchllm supports sliding windows in Mistral models.")
     qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[architecture]
     hidden = f.whole("hidden_size")
     num_heads = f.whole("num_attention_heads")
