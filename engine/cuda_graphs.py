@@ -102,7 +102,7 @@ class DecodeGraphs:
         meta = self.backend.build_step_metadata(
             [1] * n, [p + 1 for p in positions], block_tables, self.block_size, self.device,
             num_heads=self.model_cfg.num_heads, num_kv_heads=self.model_cfg.num_kv_heads,
-            group_ids=group_ids, prefix_lens=prefix_lens,
+            group_ids=group_ids, prefix_lens=prefix_lens, window=self.model_cfg.attention_reach,
         )
         assert meta.paged is None and meta.shared is not None
         pad = batch - n

@@ -28,17 +28,23 @@ class Architecture:
     multipliers: bool = False  # reads Granite's embedding/residual/attention multipliers and logits_scaling
     rope_type_aliases: tuple[tuple[str, str], ...] = ()  # old rope type names transformers renames
     default_original_max_positions: int | None = None  # the config class's original_max_position_embeddings
+    sliding_window: bool = False  # its `sliding_window` key (null: full attention) applies to every layer
 
 
 SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(),
     "Qwen2ForCausalLM": Architecture(qkv_bias=True),
     "Qwen3ForCausalLM": Architecture(qk_norm="per_head"),
+    "MistralForCausalLM": Architecture(sliding_window=True),
     "Phi3ForCausalLM": Architecture(partial_rotary=True, rope_type_aliases=(("su", "longrope"), ("yarn", "longrope")),
-                                    default_original_max_positions=4096),
+                                    default_original_max_positions=4096, sliding_window=True),
     "GraniteForCausalLM": Architecture(multipliers=True),
     "Olmo2ForCausalLM": Architecture(qk_norm="whole", post_norm=True),
 }
+# model_type -> architecture, for a config.json without `architectures`
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
+                "olmo2": "Olmo2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
@@ -94,11 +100,25 @@ class ModelConfig:
     tie_word_embeddings: bool
     torch_dtype: str | None
     family: FamilyOptions = field(default_factory=FamilyOptions)
+    # keys each layer's queries see, themselves included (a token at position p sees keys at
+    # positions > p - window, as transformers); None: full causal attention
+    sliding_window: int | None = None
 
     @property
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
         return int(self.head_dim * self.rope.partial_rotary_factor)
+
+    def layer_window(self, layer_index: int) -> int | None:
+        """The sliding window of one layer (None: full attention)."""
+        return self.sliding_window
+
+    @property
+    def attention_reach(self) -> int | None:
+        """The largest window of any layer (None when some layer attends to its whole context): keys
+        further back than this are never read."""
+        windows = [self.layer_window(i) for i in range(self.num_layers)]
+        return None if not windows or None in windows else max(w for w in windows if w is not None)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -211,6 +231,11 @@ def _with_longrope(f: _Fields, rope: RopeConfig, scaling: dict, head_dim: int, m
     return dataclasses.replace(rope, factor=factor, short_factor=short, long_factor=long, attention_factor=attention)
 
 
+def _sliding_window(f: _Fields) -> int | None:
+    value = f.raw.get("sliding_window")
+    return None if value is None else f.whole("sliding_window")
+
+
 def _read_json_object(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
@@ -243,6 +268,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     architectures = raw.get("architectures") or []
     if not isinstance(architectures, list):
         architectures = [architectures]
+    if not architectures and raw.get("model_type") in _MODEL_TYPES:
+        architectures = [_MODEL_TYPES[raw["model_type"]]]
     architecture = next((a for a in architectures if isinstance(a, str) and a in SUPPORTED_ARCHITECTURES), None)
     if architecture is None:
         raise ModelLoadError(
@@ -250,15 +277,13 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"batchllm supports {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
     if raw.get("use_sliding_window") and architecture == "Qwen2ForCausalLM":
-        raise ModelLoadError(f"{path} enables sliding-window attention, which batchllm does not support.")
+        raise ModelLoadError(f"{path} enables Qwen2's sliding-window layers (use_sliding_window), which batchllm "
+                             "does not support; batchllm supports sliding windows in Mistral and Phi-3 models.")
     arch = SUPPORTED_ARCHITECTURES[architecture]
     activation = raw.get("hidden_act", "silu")
     if activation not in ("silu", "swish"):  # the same function under two names
         raise ModelLoadError(f"{path} sets hidden_act {activation!r}; batchllm runs SiLU-gated MLPs only.")
     max_positions = f.whole("max_position_embeddings", 4096)
-    window = raw.get("sliding_window")
-    if architecture == "Phi3ForCausalLM" and window is not None and f.whole("sliding_window") < max_positions:
-        raise ModelLoadError(f"{path} sets a sliding_window of {window} tokens, which batchllm does not support.")
     hidden = f.whole("hidden_size")
     num_heads = f.whole("num_attention_heads")
     num_kv_heads = f.whole("num_key_value_heads", num_heads)
@@ -286,6 +311,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         family=_family_options(f, arch),
+        sliding_window=_sliding_window(f) if arch.sliding_window else None,
     )
 
 

@@ -240,6 +240,7 @@ class ModelRunner:
             num_kv_heads=self.model_cfg.num_kv_heads,
             group_ids=[_group_key(c.seq) for c in computed],
             prefix_lens=[n * bs for n in shared],
+            window=self.model_cfg.attention_reach,
         )
         slot_mapping = to_device(slots, torch.int64, device)
         ctx = StepContext(self.attention_backend, self.kv_caches, slot_mapping, meta)

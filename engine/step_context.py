@@ -16,9 +16,11 @@ class StepContext:
     attention_meta: StepAttentionMetadata  # built once per step, reused by every layer
 
     def attention(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
-        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
+        # window: the layer's sliding window (None: full causal attention)
         k_cache, v_cache = self.kv_caches[layer]
         self.backend.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
-        return self.backend.attention(q, k_cache, v_cache, self.attention_meta, scale, key=k, value=v)
+        return self.backend.attention(q, k_cache, v_cache, self.attention_meta, scale, key=k, value=v, window=window)

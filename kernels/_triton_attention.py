@@ -60,6 +60,7 @@ def check_queries(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor | No
 def attend_tile(
     q,  # [BLOCK_M, BLOCK_D] queries of the tile (invalid rows zero)
     row_limit,  # [BLOCK_M] int: last context position each row may see (causal); ignored unless CAUSAL
+    row_first,  # [BLOCK_M] int: first context position each row may see (its sliding window); ignored unless WINDOW
     k_cache_ptr,
     v_cache_ptr,
     stride_cb,
@@ -76,10 +77,13 @@ def attend_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over positions [kv_lo, kv_hi): returns (acc, m, l) with acc unnormalised,
-    m the running max of the base-2 scores and l the sum of exp2(score - m)."""
+    m the running max of the base-2 scores and l the sum of exp2(score - m). With a sliding window
+    the caller starts kv_lo at the tile's first visible position, so earlier blocks are not read.
+    A row that sees no key returns l = 0 and m = -1e30."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     # a finite "minus infinity": exp2(m_i - m_new) never sees inf - inf, even for rows that see no key
@@ -101,6 +105,8 @@ def attend_tile(
         visible = kv_valid[None, :]
         if CAUSAL:
             visible = visible & (pos[None, :] <= row_limit[:, None])
+        if WINDOW:
+            visible = visible & (pos[None, :] >= row_first[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)

@@ -8,7 +8,11 @@ The engine builds the per-step metadata once with the backend's builders and eve
         query_lens, context_lens, block_tables, block_size, device,
         num_heads=..., num_kv_heads=..., group_ids=..., prefix_lens=...)
     backend.store_kv(k, v, k_cache, v_cache, slot_mapping)   # per layer
-    out = backend.attention(q, k_cache, v_cache, meta, scale)  # per layer
+    out = backend.attention(q, k_cache, v_cache, meta, scale, window=layer_window)  # per layer
+
+Sliding windows: `window` of an attention call is that layer's (None: full causal attention); the
+step metadata's `window` is the largest any layer uses (None: some layer has none), so that the
+PyTorch paths never gather blocks before it (the Triton kernels skip them per call).
 
 `build_step_metadata` routes every decode chunk (query_len 1) through `shared_prefix_decode`
 (members of a group share one pass over the group's prefix; rows without a group are plain rows of
@@ -66,12 +70,13 @@ class AttentionBackend(Protocol):
     def build_paged_metadata(
         self, query_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
         block_size: int, device: torch.device | str, *, num_heads: int, num_kv_heads: int,
-        query_starts: Sequence[int] | None = None,
+        query_starts: Sequence[int] | None = None, window: int | None = None,
     ) -> Any: ...
 
     def paged_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float,
         out: torch.Tensor | None = None, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """key / value (optional): the step's new keys and values in q's row order, already stored;
         a backend may read a chunk's own keys from them instead of the cache."""
@@ -80,23 +85,25 @@ class AttentionBackend(Protocol):
     def build_shared_prefix_metadata(
         self, query_rows: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
         group_ids: Sequence[Hashable | None], prefix_lens: Sequence[int], block_size: int,
-        device: torch.device | str, *, num_heads: int, num_kv_heads: int,
+        device: torch.device | str, *, num_heads: int, num_kv_heads: int, window: int | None = None,
     ) -> Any: ...
 
     def shared_prefix_decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float,
-        out: torch.Tensor | None = None,
+        out: torch.Tensor | None = None, window: int | None = None,
     ) -> torch.Tensor: ...
 
     def build_step_metadata(
         self, query_lens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
         block_size: int, device: torch.device | str, *, num_heads: int, num_kv_heads: int,
         group_ids: Sequence[Hashable | None] | None = None, prefix_lens: Sequence[int] | None = None,
+        window: int | None = None,
     ) -> StepAttentionMetadata: ...
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
         scale: float, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> torch.Tensor: ...
 
     def graph_variant(self) -> AttentionBackend | None:
@@ -131,13 +138,15 @@ class _StepMixin:
         num_kv_heads: int,
         group_ids: Sequence[Hashable | None] | None = None,
         prefix_lens: Sequence[int] | None = None,
+        window: int | None = None,
     ) -> StepAttentionMetadata:
         """One entry per scheduled chunk, in q's row order (chunk i owns the next query_lens[i] rows).
 
         group_ids[i] / prefix_lens[i]: the chunk's group and the tokens of that group's shared
         prefix (see `build_shared_prefix_batch`); None / 0 or omitted: no group. A prefill chunk uses
         its group only if the prefix lies wholly before its queries and the chunk is short (see
-        `group_prefill_max_rows`).
+        `group_prefill_max_rows`). window: the largest sliding window of the layers the metadata
+        serves (None: some layer attends to its whole context).
         """
         n = len(query_lens)
         gids = list(group_ids) if group_ids is not None else [None] * n
@@ -177,30 +186,34 @@ class _StepMixin:
             paged = self.build_paged_metadata(  # type: ignore[attr-defined]
                 [query_lens[i] for i in pre], [context_lens[i] for i in pre], [block_tables[i] for i in pre],
                 block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                query_starts=[starts[i] for i in pre],
+                query_starts=[starts[i] for i in pre], window=window,
             )
         if shared_rows:
             chunk = [c for _, _, c in shared_rows]
             shared = self.build_shared_prefix_metadata(  # type: ignore[attr-defined]
                 [r for r, _, _ in shared_rows], [ctx for _, ctx, _ in shared_rows], [block_tables[i] for i in chunk],
                 [gids[i] for i in chunk], [plens[i] if gids[i] is not None else 0 for i in chunk],
-                block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads, window=window,
             )
         return StepAttentionMetadata(paged=paged, shared=shared, num_tokens=row)
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
         scale: float, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """Attention of every row of q (each chunk's queries over its cached context, causal).
-        key / value: the step's new keys and values (already stored), see `paged_attention`."""
+        """Attention of every row of q (each chunk's queries over its cached context, causal, within
+        the layer's sliding `window` when given). key / value: the step's new keys and values
+        (already stored), see `paged_attention`."""
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} rows; the step metadata covers {meta.num_tokens}")
         out = torch.zeros_like(q) if meta.zero_uncovered else torch.empty_like(q)
         if meta.paged is not None:
-            self.paged_attention(q, k_cache, v_cache, meta.paged, scale, out=out, key=key, value=value)  # type: ignore[attr-defined]
+            self.paged_attention(  # type: ignore[attr-defined]
+                q, k_cache, v_cache, meta.paged, scale, out=out, key=key, value=value, window=window)
         if meta.shared is not None:
-            self.shared_prefix_decode(q, k_cache, v_cache, meta.shared, scale, out=out)  # type: ignore[attr-defined]
+            self.shared_prefix_decode(  # type: ignore[attr-defined]
+                q, k_cache, v_cache, meta.shared, scale, out=out, window=window)
         return out
 
 
@@ -216,10 +229,10 @@ class TorchBackend(_StepMixin):
 
     def build_paged_metadata(
         self, query_lens, context_lens, block_tables, block_size, device, *, num_heads: int = 0,
-        num_kv_heads: int = 0, query_starts: Sequence[int] | None = None,
+        num_kv_heads: int = 0, query_starts: Sequence[int] | None = None, window: int | None = None,
     ) -> TorchPagedPlan:
         batch = build_paged_batch(list(query_lens), list(context_lens), [list(t) for t in block_tables],
-                                  block_size, torch.device(device))
+                                  block_size, torch.device(device), window=window)
         if query_starts is not None:
             # build_paged_batch places the chunks back to back from row 0: move them to their rows.
             starts = [int(s) for s in query_starts]
@@ -233,23 +246,24 @@ class TorchBackend(_StepMixin):
         return plan_paged_torch(batch)
 
     def paged_attention(self, q, k_cache, v_cache, meta: TorchPagedPlan, scale: float, out=None,
-                        key=None, value=None) -> torch.Tensor:
+                        key=None, value=None, window: int | None = None) -> torch.Tensor:
         # paged_attention_reference's meaning, computed by its faster CPU form (kernels.paged_attention_torch)
         if out is None:
             out = torch.empty_like(q)
-        return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, key, value)
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, key, value, window=window)
 
     def build_shared_prefix_metadata(
         self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
-        num_heads: int = 0, num_kv_heads: int = 0,
+        num_heads: int = 0, num_kv_heads: int = 0, window: int | None = None,
     ) -> TorchSharedPrefixPlan:
         batch = build_shared_prefix_batch(query_rows, context_lens, block_tables, group_ids, prefix_lens,
                                           block_size, device)
-        return plan_shared_prefix_torch(batch)
+        return plan_shared_prefix_torch(batch, window, heads_per_kv=max(1, num_heads // max(1, num_kv_heads)))
 
-    def shared_prefix_decode(self, q, k_cache, v_cache, meta: TorchSharedPrefixPlan, scale: float, out=None):
+    def shared_prefix_decode(self, q, k_cache, v_cache, meta: TorchSharedPrefixPlan, scale: float, out=None,
+                             window: int | None = None):
         # the batched form of shared_prefix_decode_reference (same meaning; one computation per bucket of groups)
-        return shared_prefix_decode_torch(q, k_cache, v_cache, meta, scale, out=out)
+        return shared_prefix_decode_torch(q, k_cache, v_cache, meta, scale, out=out, window=window)
 
     def graph_variant(self) -> None:
         """The references plan on the host inside attention: they cannot be captured in a graph."""
@@ -277,28 +291,31 @@ class TritonBackend(_StepMixin):
 
     def build_paged_metadata(
         self, query_lens, context_lens, block_tables, block_size, device, *, num_heads: int,
-        num_kv_heads: int, query_starts: Sequence[int] | None = None,
+        num_kv_heads: int, query_starts: Sequence[int] | None = None, window: int | None = None,
     ):
+        # the kernels skip blocks outside each call's window themselves: the metadata is window-free
         return self._prefill.build_paged_prefill_metadata(
             query_lens, context_lens, block_tables, block_size, device, num_heads, num_kv_heads,
             query_starts=query_starts,
         )
 
-    def paged_attention(self, q, k_cache, v_cache, meta, scale: float, out=None, key=None, value=None) -> torch.Tensor:
+    def paged_attention(self, q, k_cache, v_cache, meta, scale: float, out=None, key=None, value=None,
+                        window: int | None = None) -> torch.Tensor:
         # the kernel reads every key from the cache (key / value unused)
-        return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out)
+        return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out, window=window)
 
     def build_shared_prefix_metadata(
         self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
-        num_heads: int, num_kv_heads: int,
+        num_heads: int, num_kv_heads: int, window: int | None = None,
     ):
         batch = build_shared_prefix_batch(query_rows, context_lens, block_tables, group_ids, prefix_lens,
                                           block_size, device)
         return self._decode.plan_shared_prefix_decode(batch, num_heads, num_kv_heads,
                                                       block_m=self.group_block_m, kv_split=self.kv_split)
 
-    def shared_prefix_decode(self, q, k_cache, v_cache, meta, scale: float, out=None) -> torch.Tensor:
-        return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out)
+    def shared_prefix_decode(self, q, k_cache, v_cache, meta, scale: float, out=None,
+                             window: int | None = None) -> torch.Tensor:
+        return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out, window=window)
 
     def graph_variant(self) -> TritonBackend:
         """The same kernels with a fixed group-tile height, so that every decode plan of a CUDA

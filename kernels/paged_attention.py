@@ -5,6 +5,11 @@ Layout shared with the Triton kernels:
   a slot is block_id * block_size + offset; slot -1 means "do not store".
 Queries come as one flat batch without padding; sequence i owns queries
 q[query_start[i]:query_start[i+1]], which are the last tokens of its context of context_lens[i] tokens.
+
+Sliding windows (transformers' rule): with a window of w, the query at position p sees the keys at
+positions p - w < k <= p (itself and the w - 1 before it); window None is plain causal attention.
+The window is an argument of each attention call (a per-layer setting); the batch is built for the
+largest window any layer uses (`build_paged_batch(window=...)`) and does not gather blocks before it.
 """
 from __future__ import annotations
 
@@ -29,6 +34,31 @@ def store_kv_reference(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
+def first_visible_position(query_pos: int, window: int | None) -> int:
+    """The first key position the query at `query_pos` sees."""
+    return 0 if window is None else max(0, query_pos - window + 1)
+
+
+def visible_keys(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """bool [..., q, k] from query positions [..., q] and key positions [..., k]: causal, and within
+    the window when there is one. The one statement of the rule for the PyTorch paths."""
+    q, k = query_pos[..., :, None], key_pos[..., None, :]
+    visible = k <= q
+    return visible if window is None else visible & (k > q - window)
+
+
+def span_mask(
+    ctx_len: int, q_len: int, key_start: int, window: int | None, device: torch.device | str
+) -> torch.Tensor | None:
+    """[q_len, ctx_len - key_start] bool mask of a chunk's queries (the last q_len positions of its
+    context) over its keys from `key_start` on; None when it is plain causal attention from 0 (the
+    chunk is the whole context and no query's window cuts off a key)."""
+    if key_start == 0 and q_len == ctx_len and (window is None or window >= q_len):
+        return None
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+    return visible_keys(q_pos, torch.arange(key_start, ctx_len, device=device), window)
+
+
 @dataclass(frozen=True)
 class PagedBatch:
     """The tensors that describe where each sequence's queries and context live.
@@ -37,6 +67,8 @@ class PagedBatch:
     layer reuses it. Context is gathered a whole block at a time (much cheaper than per slot).
     decode_*: sequences with exactly one query, gathered as a padded batch.
     prefill_*: the others, one entry each (host ints, so slicing needs no device sync).
+    Blocks wholly before the batch's `window` (of every query of the sequence) are not gathered:
+    a sequence's gathered keys start at a block boundary, its key start.
     """
 
     # decode part
@@ -45,7 +77,31 @@ class PagedBatch:
     decode_mask: torch.Tensor  # [num_decode, 1, 1, max_blocks * block_size] bool, True on valid keys
     # prefill part: (query_start, query_len, context_len) per prefill sequence
     prefill_spans: tuple[tuple[int, int, int], ...]
-    prefill_blocks: tuple[torch.Tensor, ...]  # per prefill sequence, [ceil(context_len / block_size)]
+    prefill_blocks: tuple[torch.Tensor, ...]  # per prefill sequence, its blocks from its key start on
+    # where the gathered keys start (a multiple of block_size; 0 without a window)
+    decode_key_starts: torch.Tensor | None = None  # [num_decode] int64; None: all 0
+    prefill_key_starts: tuple[int, ...] = ()  # per prefill sequence; empty: all 0
+    window: int | None = None  # the largest window the batch serves (None: any)
+
+    def decode_visible(self, window: int | None) -> torch.Tensor:
+        """[num_decode, 1, 1, max_blocks * block_size] bool: the valid keys each decode row sees."""
+        if window is None:
+            return self.decode_mask
+        width = self.decode_mask.shape[-1]
+        starts = self.decode_key_starts
+        if starts is None:
+            starts = torch.zeros(self.decode_mask.shape[0], dtype=torch.int64, device=self.decode_mask.device)
+        key_pos = starts[:, None] + torch.arange(width, device=self.decode_mask.device)
+        # the query sits at the row's last valid position
+        query_pos = starts + self.decode_mask.reshape(len(key_pos), width).sum(-1) - 1
+        return self.decode_mask & (key_pos > (query_pos - window)[:, None])[:, None, None, :]
+
+    def prefill_key_start(self, i: int) -> int:
+        return self.prefill_key_starts[i] if self.prefill_key_starts else 0
+
+    def check_window(self, window: int | None) -> None:
+        assert self.window is None or (window is not None and window <= self.window), (
+            f"the batch was built for windows up to {self.window}, not {window}")
 
 
 def build_paged_batch(
@@ -54,24 +110,31 @@ def build_paged_batch(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    window: int | None = None,
 ) -> PagedBatch:
-    """Host-side metadata for `paged_attention_reference` (built once per step)."""
+    """Host-side metadata for `paged_attention_reference` (built once per step). `window`: the
+    largest sliding window of the layers it serves (None: some layer attends to everything)."""
     decode_rows: list[int] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
+    decode_first: list[int] = []
     spans: list[tuple[int, int, int]] = []
     prefill_blocks: list[torch.Tensor] = []
+    prefill_first: list[int] = []
     start = 0
     for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables):
         assert 0 < q_len <= ctx_len <= len(table) * block_size
         num_blocks = -(-ctx_len // block_size)
+        first = first_visible_position(ctx_len - q_len, window) // block_size
         if q_len == 1:
             decode_rows.append(start)
-            decode_tables.append(list(table[:num_blocks]))
-            decode_lens.append(ctx_len)
+            decode_tables.append(list(table[first:num_blocks]))
+            decode_lens.append(ctx_len - first * block_size)
+            decode_first.append(first * block_size)
         else:
             spans.append((start, q_len, ctx_len))
-            prefill_blocks.append(torch.tensor(table[:num_blocks], dtype=torch.int64, device=device))
+            prefill_blocks.append(torch.tensor(table[first:num_blocks], dtype=torch.int64, device=device))
+            prefill_first.append(first * block_size)
         start += q_len
     max_blocks = max((len(t) for t in decode_tables), default=0)
     padded = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.int64)
@@ -83,6 +146,9 @@ def build_paged_batch(
         decode_mask=mask[:, None, None, :].to(device),
         prefill_spans=tuple(spans),
         prefill_blocks=tuple(prefill_blocks),
+        decode_key_starts=None if window is None else torch.tensor(decode_first, dtype=torch.int64, device=device),
+        prefill_key_starts=() if window is None else tuple(prefill_first),
+        window=window,
     )
 
 
@@ -101,11 +167,14 @@ def paged_attention_reference(
     v_cache: torch.Tensor,
     batch: PagedBatch,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of every query to its sequence's cached context (which includes itself).
+    """Causal attention of every query to its sequence's cached context (which includes itself),
+    within the sliding `window` when given (at most the batch's window).
 
     Returns [num_tokens, num_heads, head_dim].
     """
+    batch.check_window(window)
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     out = torch.empty_like(q)
     if batch.decode_query_index.numel():
@@ -121,17 +190,15 @@ def paged_attention_reference(
         k = k.masked_fill_(invalid, 0.0).transpose(1, 2)
         v = v.masked_fill_(invalid, 0.0).transpose(1, 2)
         qd = q[batch.decode_query_index].unsqueeze(2)  # [rows, heads, 1, d]
-        out[batch.decode_query_index] = _attend(qd, k, v, batch.decode_mask, scale).squeeze(2)
-    for (start, q_len, ctx_len), blocks in zip(batch.prefill_spans, batch.prefill_blocks):
-        k = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx_len]
-        v = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:ctx_len]
-        k = k.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, d]
+        out[batch.decode_query_index] = _attend(qd, k, v, batch.decode_visible(window), scale).squeeze(2)
+    for i, ((start, q_len, ctx_len), blocks) in enumerate(zip(batch.prefill_spans, batch.prefill_blocks)):
+        key_start = batch.prefill_key_start(i)
+        k = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[: ctx_len - key_start]
+        v = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[: ctx_len - key_start]
+        k = k.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx - key_start, d]
         v = v.transpose(0, 1).unsqueeze(0)
         qp = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]
-        # query j sits at position ctx_len - q_len + j and sees keys up to that position
-        mask = None
-        if q_len != ctx_len:
-            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-            mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        # query j sits at position ctx_len - q_len + j and sees keys up to that position (in its window)
+        mask = span_mask(ctx_len, q_len, key_start, window, q.device)
         out[start : start + q_len] = _attend(qp, k, v, mask, scale).squeeze(0).transpose(0, 1)
     return out

@@ -8,6 +8,8 @@ the two). What it does differently, all decided once per step on the host (`plan
   - the chunks' causal masks are built once per step, not once per layer;
   - decode rows zero only the gathered key/value slots past each row's context (the reference
     masks the whole gathered copy), and results go straight into `out`.
+Sliding windows: blocks before the batch's window are never gathered (`build_paged_batch`); the masks
+of each window a layer asks for are built once per step.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import PagedBatch
+from kernels.paged_attention import PagedBatch, span_mask
 
 __all__ = ["GatherBuffers", "TorchPagedPlan", "paged_attention_torch", "plan_paged_torch"]
 
@@ -45,21 +47,29 @@ class GatherBuffers:
 class TorchPagedPlan:
     batch: PagedBatch
     decode_invalid: torch.Tensor  # [n] int64: positions of the flat gathered decode keys past each row's context
-    prefill_masks: tuple[torch.Tensor | None, ...]  # per prefill span: [q_len, ctx] bool, None when causal from 0
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
+    # window -> (decode mask [rows, 1, 1, keys] bool, per prefill span [q_len, keys] bool or None
+    # when causal from 0): built at the first layer asking for the window, reused by the others
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def masks(self, window: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        found = self._masks.get(window)
+        if found is None:
+            batch = self.batch
+            batch.check_window(window)
+            device = batch.decode_blocks.device
+            prefill = tuple(
+                span_mask(ctx_len, q_len, batch.prefill_key_start(i), window, device)
+                for i, (_, q_len, ctx_len) in enumerate(batch.prefill_spans)
+            )
+            found = self._masks[window] = (batch.decode_visible(window), prefill)
+        return found
 
 
 def plan_paged_torch(batch: PagedBatch) -> TorchPagedPlan:
     device = batch.decode_blocks.device
     invalid = np.flatnonzero(~batch.decode_mask.cpu().numpy().reshape(-1))
-    masks: list[torch.Tensor | None] = []
-    for _, q_len, ctx_len in batch.prefill_spans:
-        if q_len == ctx_len:
-            masks.append(None)
-            continue
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
-        masks.append(torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None])
-    return TorchPagedPlan(batch, torch.from_numpy(invalid).to(device), tuple(masks))
+    return TorchPagedPlan(batch, torch.from_numpy(invalid).to(device))
 
 
 def paged_attention_torch(
@@ -71,9 +81,11 @@ def paged_attention_torch(
     out: torch.Tensor,
     key: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim]: the step's new keys, q's rows
     value: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """As `paged_attention_reference`, written into the covered rows of `out` (others untouched)."""
     batch = plan.batch
+    decode_mask, prefill_masks = plan.masks(window)
     num_kv_heads, head_dim = k_cache.shape[-2:]
     gqa = q.shape[1] != num_kv_heads
     if batch.decode_query_index.numel():
@@ -87,16 +99,17 @@ def paged_attention_torch(
         k = k.view(rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         v = v.view(rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         qd = q[batch.decode_query_index].unsqueeze(2)  # [rows, heads, 1, d]
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=decode_mask, scale=scale, enable_gqa=gqa)
         out[batch.decode_query_index] = o.squeeze(2)
     for i, ((start, q_len, ctx_len), blocks, mask) in enumerate(
-        zip(batch.prefill_spans, batch.prefill_blocks, plan.prefill_masks)
+        zip(batch.prefill_spans, batch.prefill_blocks, prefill_masks)
     ):
-        if mask is None and key is not None and value is not None:
+        key_start = batch.prefill_key_start(i)
+        if q_len == ctx_len and key is not None and value is not None:
             k, v = key[start : start + q_len], value[start : start + q_len]  # the whole context is this chunk
         else:
-            k = plan.buffers.gather(f"k{i}", k_cache, blocks).view(-1, num_kv_heads, head_dim)[:ctx_len]
-            v = plan.buffers.gather(f"v{i}", v_cache, blocks).view(-1, num_kv_heads, head_dim)[:ctx_len]
+            k = plan.buffers.gather(f"k{i}", k_cache, blocks).view(-1, num_kv_heads, head_dim)[: ctx_len - key_start]
+            v = plan.buffers.gather(f"v{i}", v_cache, blocks).view(-1, num_kv_heads, head_dim)[: ctx_len - key_start]
         k = k.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, d]
         v = v.transpose(0, 1).unsqueeze(0)
         qp = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]

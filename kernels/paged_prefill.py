@@ -3,8 +3,10 @@
 Meaning: exactly `kernels.paged_attention.paged_attention_reference`. Queries come as one flat batch
 without padding; sequence i owns q[query_start[i] : query_start[i] + query_len[i]], the last
 query_len[i] tokens of its context of context_len[i] tokens (already stored in the cache), and each
-query attends causally to its context up to and including itself. A decode row is a sequence with
-query_len 1, so this kernel serves every row of a step (the non-shared path).
+query attends causally to its context up to and including itself (and, with a sliding window w, to
+no key at or before its position - w: a tile's loop starts at its first row's first visible key). A
+decode row is a sequence with query_len 1, so this kernel serves every row of a step (the non-shared
+path).
 
 Work split: the grid is (tiles, num_kv_heads). A tile is up to BLOCK_M rows of one sequence, a row
 being a (query token, query head of this KV head) pair, so GQA shares every K/V load among the query
@@ -161,12 +163,14 @@ def _prefill_tile(
     stride_ch,
     stride_tbl,
     qk_scale,
+    window,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.load(tile_seq_ptr + tile)
@@ -186,10 +190,15 @@ def _prefill_tile(
     pos = ctx_len - q_len + tok  # context position of each row's query token
     last_tok = (tl.minimum(row0 + BLOCK_M, n_rows) - 1) // RATIO
     kv_hi = ctx_len - q_len + last_tok + 1
+    if WINDOW:
+        # the tile's first row sees the earliest keys; blocks before them are not read
+        kv_lo = tl.maximum(ctx_len - q_len + row0 // RATIO - window + 1, 0)
+    else:
+        kv_lo = 0
     acc, m_i, l_i = attend_tile(
-        q, pos, k_cache_ptr, v_cache_ptr, stride_cb, stride_co, stride_ch,
-        table_ptr + seq.to(tl.int64) * stride_tbl, kv_head, 0, kv_hi, BLOCK_SIZE, HEAD_DIM, qk_scale,
-        BLOCK_M, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
+        q, pos, pos - window + 1, k_cache_ptr, v_cache_ptr, stride_cb, stride_co, stride_ch,
+        table_ptr + seq.to(tl.int64) * stride_tbl, kv_head, kv_lo, kv_hi, BLOCK_SIZE, HEAD_DIM, qk_scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, True, WINDOW, DOT_PRECISION,
     )
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -218,6 +227,7 @@ def _paged_prefill_kernel(
     stride_ch,
     stride_tbl,
     qk_scale,
+    window,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -225,6 +235,7 @@ def _paged_prefill_kernel(
     BLOCK_M_SMALL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -233,15 +244,15 @@ def _paged_prefill_kernel(
         _prefill_tile(
             tile, kv_head, q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, q_start_ptr, q_len_ptr, ctx_len_ptr,
             table_ptr, tile_seq_ptr, tile_row0_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale,
-            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale, window,
+            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, DOT_PRECISION,
         )
     else:
         _prefill_tile(
             tile, kv_head, q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, q_start_ptr, q_len_ptr, ctx_len_ptr,
             table_ptr, tile_seq_ptr, tile_row0_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale,
-            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_SMALL, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale, window,
+            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_SMALL, BLOCK_N, BLOCK_D, WINDOW, DOT_PRECISION,
         )
 
 
@@ -253,8 +264,10 @@ def paged_prefill(
     scale: float,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the sequences in `meta` over their cached context (Triton).
+    """Causal attention of the sequences in `meta` over their cached context (Triton), within the
+    sliding `window` when given (None: the whole context).
 
     Writes the rows of q covered by `meta` into `out` (a new uninitialised tensor like q when None;
     rows not covered are left as they are) and returns it.
@@ -270,6 +283,8 @@ def paged_prefill(
         raise ValueError("metadata lives on another device than q")
     if meta.host_query_lens and max(s + n for s, n in zip(meta.host_query_starts, meta.host_query_lens)) > q.shape[0]:
         raise ValueError("metadata covers rows beyond q")
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must be at least 1 token, not {window}")
     if out is None:
         out = torch.empty_like(q)
     if meta.num_tiles == 0:
@@ -283,6 +298,7 @@ def paged_prefill(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         scale * LOG2E,
+        window or 0,
         RATIO=meta.num_heads // meta.num_kv_heads,
         BLOCK_SIZE=meta.block_size,
         HEAD_DIM=head_dim,
@@ -290,6 +306,7 @@ def paged_prefill(
         BLOCK_M_SMALL=meta.block_m_small,
         BLOCK_N=bn,
         BLOCK_D=block_d,
+        WINDOW=window is not None,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if block_d <= 128 else 8,
         num_stages=2,

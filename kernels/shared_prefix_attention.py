@@ -14,6 +14,10 @@ split in two parts over disjoint key ranges:
 Each part returns its output and log-sum-exp, and `merge_attention_states` combines them. The
 result equals plain attention of the query over its whole context (`paged_attention_reference`).
 
+Sliding windows (`window`, as in `kernels.paged_attention`): both parts mask by the row's own
+position, so a member sees only the prefix keys its window reaches (possibly none: that part is then
+empty and the merge takes the other).
+
 Log-sum-exp convention in this module: NATURAL log of the sum of exp(scale * q.k) over the part's
 keys, float32, -inf for a part without keys (whose output is 0). (The Triton kernels keep base-2
 values internally; they never leak out.)
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 from kernels.host_tensors import to_device
+from kernels.paged_attention import visible_keys
 
 __all__ = [
     "SharedPrefixBatch",
@@ -274,9 +279,11 @@ def shared_prefix_decode_reference(
     batch: SharedPrefixBatch,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of each decode query over its whole context, computed as prefix part (per group,
-    one matrix product against one copy of the prefix KV) + suffix part (per row), merged by LSE.
+    """Attention of each decode query over its whole context (within its sliding `window` when
+    given), computed as prefix part (per group, one matrix product against one copy of the prefix
+    KV) + suffix part (per row), merged by LSE.
 
     Writes rows batch.query_index of `out` (allocated as zeros like q when None) and returns it;
     other rows of `out` are left untouched.
@@ -292,6 +299,7 @@ def shared_prefix_decode_reference(
     k_flat = k_cache.reshape(-1, num_kv_heads, head_dim)
     v_flat = v_cache.reshape(-1, num_kv_heads, head_dim)
     qd = q[batch.query_index]  # [R, H, D]
+    query_pos = torch.tensor(batch.host_context_lens, device=q.device) - 1  # [R]
 
     # Prefix part: per group, rows (member, head in KV group) x prefix positions, one product per KV head.
     pre_out = torch.zeros((num_rows, num_heads, head_dim), dtype=torch.float32, device=q.device)
@@ -305,7 +313,11 @@ def shared_prefix_decode_reference(
         # [n, KVH, ratio, D] -> [1, KVH, n * ratio, D]: member-major rows within each KV head
         qg = qd[r0:r1].reshape(r1 - r0, num_kv_heads, ratio, head_dim).permute(1, 0, 2, 3)
         qg = qg.reshape(1, num_kv_heads, (r1 - r0) * ratio, head_dim)
-        o, lse = attention_with_lse_reference(qg, k, v, scale)
+        visible = None
+        if window is not None:  # [members, P] -> [1, 1, members * ratio, P], member-major as qg's rows
+            keys = visible_keys(query_pos[r0:r1], torch.arange(p, device=q.device), window)
+            visible = keys.repeat_interleave(ratio, dim=0)[None, None]
+        o, lse = attention_with_lse_reference(qg, k, v, scale, mask=visible)
         pre_out[r0:r1] = o.float().reshape(num_kv_heads, r1 - r0, ratio, head_dim).permute(1, 0, 2, 3).reshape(
             r1 - r0, num_heads, head_dim
         )
@@ -318,13 +330,14 @@ def shared_prefix_decode_reference(
         pos = torch.tensor(batch.host_suffix_starts, device=q.device)[:, None] + torch.arange(width, device=q.device)
         valid = torch.arange(width, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
         first = batch.table_starts.long()[:, None]
+        seen = valid & visible_keys(query_pos[:, None], pos, window)[:, 0]  # [R, W]
         pos = torch.where(valid, pos, first * bs)  # padding reads the table's first slot, then is zeroed
         tables = batch.block_tables.long()
         slots = torch.gather(tables, 1, pos // bs - first) * bs + pos % bs
         keep = valid[:, :, None, None]
         k = torch.where(keep, k_flat[slots], 0).transpose(1, 2)  # [R, KVH, W, D]; unwritten slots may hold NaN
         v = torch.where(keep, v_flat[slots], 0).transpose(1, 2)
-        suf_out, suf_lse = attention_with_lse_reference(qd[:, :, None, :], k, v, scale, mask=valid[:, None, None, :])
+        suf_out, suf_lse = attention_with_lse_reference(qd[:, :, None, :], k, v, scale, mask=seen[:, None, None, :])
         suf_out, suf_lse = suf_out[:, :, 0], suf_lse[:, :, 0]
     else:
         suf_out = torch.zeros_like(pre_out)

@@ -18,6 +18,11 @@ Each tile writes its rows' normalised partial output and base-2 log-sum-exp into
 a second (merge) kernel combines the parts of each row. A row whose attention is a single tile
 (e.g. a row without a group whose context fits one split) is written directly to the output and
 skips the merge.
+
+Sliding windows (a launch argument, per layer; the plan does not depend on it): every tile masks
+each of its rows by that row's own position (context_len - 1), group tiles included, and starts its
+loop at the first position any of its rows sees, so blocks before every row's window are not read.
+A tile none of whose rows sees a key yields an empty part (weight 0 in the merge).
 """
 from __future__ import annotations
 
@@ -201,6 +206,7 @@ def _decode_tile(
     k_cache_ptr,
     v_cache_ptr,
     query_index_ptr,
+    context_lens_ptr,
     row_part_start_ptr,
     tile_f0_ptr,
     tile_f1_ptr,
@@ -215,6 +221,7 @@ def _decode_tile(
     stride_co,
     stride_ch,
     qk_scale,
+    window,
     NUM_HEADS: tl.constexpr,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -222,6 +229,7 @@ def _decode_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     f0 = tl.load(tile_f0_ptr + tile)
@@ -237,9 +245,16 @@ def _decode_tile(
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+    if WINDOW:
+        # a row at position context_len - 1 sees positions from context_len - window on; the tile
+        # starts at the earliest of its rows' (rows of different members of a group differ)
+        row_first = tl.load(context_lens_ptr + row) - window
+        kv_lo = tl.maximum(kv_lo, tl.min(tl.where(valid, row_first, kv_hi), 0))
+    else:
+        row_first = f
     acc, m_i, l_i = attend_tile(
-        q, f, k_cache_ptr, v_cache_ptr, stride_cb, stride_co, stride_ch, table_ptr, kv_head, kv_lo, kv_hi,
-        BLOCK_SIZE, HEAD_DIM, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
+        q, f, row_first, k_cache_ptr, v_cache_ptr, stride_cb, stride_co, stride_ch, table_ptr, kv_head, kv_lo, kv_hi,
+        BLOCK_SIZE, HEAD_DIM, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, False, WINDOW, DOT_PRECISION,
     )
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
@@ -261,6 +276,7 @@ def _shared_prefix_decode_kernel(
     k_cache_ptr,
     v_cache_ptr,
     query_index_ptr,
+    context_lens_ptr,
     row_part_start_ptr,
     prefix_table_ptr,
     row_table_ptr,
@@ -283,6 +299,7 @@ def _shared_prefix_decode_kernel(
     stride_ptbl,
     stride_rtbl,
     qk_scale,
+    window,
     NUM_HEADS: tl.constexpr,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -292,6 +309,7 @@ def _shared_prefix_decode_kernel(
     BLOCK_N_GROUP: tl.constexpr,
     BLOCK_N_ROW: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MODE: tl.constexpr,  # 0: group and request tiles (fused launch); 1: group tiles only; 2: request tiles only
 ):
@@ -307,20 +325,20 @@ def _shared_prefix_decode_kernel(
     if is_group:
         _decode_tile(
             tile, kv_head, prefix_table_ptr + table * stride_ptbl, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-            k_cache_ptr, v_cache_ptr, query_index_ptr, row_part_start_ptr,
+            k_cache_ptr, v_cache_ptr, query_index_ptr, context_lens_ptr, row_part_start_ptr,
             tile_f0_ptr, tile_f1_ptr, tile_lo_ptr, tile_hi_ptr, tile_part_ptr,
-            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale,
-            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_GROUP, BLOCK_N_GROUP, BLOCK_D, DOT_PRECISION,
+            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale, window,
+            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_GROUP, BLOCK_N_GROUP, BLOCK_D, WINDOW, DOT_PRECISION,
         )
     else:
         # a row's table starts at block table_starts[row]: shift the pointer so position // block_size indexes it
         first_block = tl.load(table_starts_ptr + table).to(tl.int64)
         _decode_tile(
             tile, kv_head, row_table_ptr + table * stride_rtbl - first_block, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-            k_cache_ptr, v_cache_ptr, query_index_ptr, row_part_start_ptr,
+            k_cache_ptr, v_cache_ptr, query_index_ptr, context_lens_ptr, row_part_start_ptr,
             tile_f0_ptr, tile_f1_ptr, tile_lo_ptr, tile_hi_ptr, tile_part_ptr,
-            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale,
-            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_ROW, BLOCK_N_ROW, BLOCK_D, DOT_PRECISION,
+            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale, window,
+            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_ROW, BLOCK_N_ROW, BLOCK_D, WINDOW, DOT_PRECISION,
         )
 
 
@@ -382,6 +400,7 @@ def shared_prefix_decode(
     block_n_row: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Triton shared-prefix decode attention: writes rows plan.batch.query_index of `out`
     (allocated like q, zero-filled, when None; other rows are left untouched) and returns it.
@@ -389,7 +408,8 @@ def shared_prefix_decode(
     fused=True: group and request tiles in one launch (then the merge); fused=False: two launches,
     each compiled for one kind of tile (lower register/shared-memory footprint for request tiles).
     block_n / block_n_row: context positions per inner step of group / request tiles; num_warps,
-    num_stages: Triton launch options (defaults picked from the tile sizes).
+    num_stages: Triton launch options (defaults picked from the tile sizes). window: the layer's
+    sliding window (None: each query sees its whole context).
     """
     check_cache(k_cache, v_cache)
     check_queries(q, k_cache, out)
@@ -403,6 +423,8 @@ def shared_prefix_decode(
         raise ValueError("plan lives on another device than q")
     if batch.host_query_index and max(batch.host_query_index) >= q.shape[0]:
         raise ValueError("plan covers rows beyond q")
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must be at least 1 token, not {window}")
     if out is None:
         out = torch.zeros_like(q)
     if plan.num_tiles == 0:
@@ -418,14 +440,14 @@ def shared_prefix_decode(
     big_group = plan.block_m_group >= 128 or block_d > 128
     args = (
         q, out, part_out, part_lse, k_cache, v_cache,
-        batch.query_index, plan.row_part_start, batch.prefix_block_tables, batch.block_tables, batch.table_starts,
+        batch.query_index, batch.context_lens, plan.row_part_start, batch.prefix_block_tables, batch.block_tables, batch.table_starts,
         plan.tile_f0, plan.tile_f1, plan.tile_table, plan.tile_kv_lo, plan.tile_kv_hi, plan.tile_part,
     )
     strides = (
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         batch.prefix_block_tables.stride(0), batch.block_tables.stride(0),
-        scale * LOG2E,
+        scale * LOG2E, window or 0,
     )
     consts = dict(
         NUM_HEADS=num_heads,
@@ -437,6 +459,7 @@ def shared_prefix_decode(
         BLOCK_N_GROUP=bn_group,
         BLOCK_N_ROW=bn_row,
         BLOCK_D=block_d,
+        WINDOW=window is not None,
         DOT_PRECISION=dot_precision(q.dtype),
         num_stages=num_stages or 2,
     )

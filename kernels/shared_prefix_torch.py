@@ -19,6 +19,12 @@ or one large group never makes every group pay for its padding.
 
 All index tensors are built once per step on the host (`plan_shared_prefix_torch`); every layer
 reuses them and the step's gather buffers.
+
+Sliding windows: the plan is built for the largest window of the layers it serves and gathers
+nothing before it (a group's prefix from the first block its earliest member's window reaches, a
+row's suffix from its window's start; a group no member's window reaches is left out). Each layer's
+window masks every member by its own position; the masks of a window are built at the first layer
+asking for it.
 """
 from __future__ import annotations
 
@@ -40,15 +46,48 @@ __all__ = ["PrefixBucket", "TorchSharedPrefixPlan", "plan_shared_prefix_torch", 
 PAD_WORK_FACTOR = 2.0  # a bucket's padded work may be at most this many times its real work
 
 
+class _WindowMasks:
+    """Additive masks of one part's padded keys, per sliding window a layer asks for (built at the
+    first layer asking, reused by the others). Host arrays: key_pos [n, L] position of each padded
+    key, valid [n, L] bool (a real key of the part), query_pos [n, M] position of each row's query."""
+
+    def __init__(self, key_pos: np.ndarray, valid: np.ndarray, query_pos: np.ndarray, window: int | None,
+                 device: torch.device, rows_per_query: int = 1) -> None:
+        self.key_pos, self.valid, self.query_pos = key_pos, valid, query_pos
+        self.rows_per_query = rows_per_query  # a windowed bias repeats each query's row this many times
+        self.window = window  # the largest window served: keys before it were not gathered
+        self.device = device
+        self._cache: dict[int | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def get(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(bias, has_key): bias [n, 1, 1, L] (no window) or [n, 1, M * rows_per_query, L] float32, 0 on
+        seen keys and -inf elsewhere; has_key [n, M] bool (False: a query seeing no key), None when
+        every query sees one."""
+        found = self._cache.get(window)
+        if found is None:
+            assert self.window is None or (window is not None and window <= self.window), (self.window, window)
+            if window is None:
+                seen = self.valid[:, None, :]
+            else:
+                seen = self.valid[:, None, :] & (self.key_pos[:, None, :] > self.query_pos[:, :, None] - window)
+            has_key = seen.any(-1)
+            found = self._cache[window] = (
+                _bias(np.repeat(seen, self.rows_per_query if window is not None else 1, axis=1)).to(self.device),
+                None if has_key.all() else torch.from_numpy(has_key).to(self.device),
+            )
+        return found
+
+
 @dataclass(frozen=True)
 class PrefixBucket:
-    """Groups computed as one batch: B groups, each padded to M members and L = width * block_size keys."""
+    """Groups computed as one batch: B groups, each padded to M members and L = width * block_size
+    keys (each group's prefix from the first block its members' windows reach)."""
 
     rows: torch.Tensor  # [n] int64: rows of the batch (group order) of the bucket's members
     slots: torch.Tensor  # [n] int64: each member's place in the padded [B * M] query rows
     blocks: torch.Tensor  # [B * width] int64: the groups' prefix blocks, each group padded to width
     invalid: torch.Tensor  # [k] int64: positions of the gathered [B * L] keys past their group's prefix
-    bias: torch.Tensor  # [B, 1, 1, L] float32: 0 on each group's prefix positions, -inf after
+    masks: _WindowMasks  # per window: bias [B, 1, 1 or M * heads_per_kv, L], has_key [B, M]
     num_groups: int
     members: int  # M
 
@@ -60,76 +99,98 @@ class TorchSharedPrefixPlan:
     # suffix part (None when every row's suffix is empty): W = the longest suffix
     suffix_slots: torch.Tensor | None  # [R, W] int64 cache slot of each row's suffix position
     suffix_invalid: torch.Tensor | None  # [k] int64: positions of the gathered [R * W] keys past each row's context
-    suffix_bias: torch.Tensor | None  # [R, 1, 1, W] float32
-    suffix_has_key: torch.Tensor | None  # [R] bool: the row's suffix is not empty
+    suffix_masks: _WindowMasks | None  # per window: bias [R, 1, 1, W], has_key [R, 1]
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
 
 
 def _bias(valid: np.ndarray) -> torch.Tensor:
-    """[n, L] bool -> [n, 1, 1, L] float32 additive mask."""
-    return torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32)[:, None, None, :])
+    """[n, rows, L] bool -> [n, 1, rows, L] float32 additive mask."""
+    valid = valid.reshape(valid.shape[0], 1, -1, valid.shape[-1])
+    return torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32))
 
 
-def _buckets(batch: SharedPrefixBatch, device: torch.device) -> tuple[PrefixBucket, ...]:
+def _buckets(
+    batch: SharedPrefixBatch, window: int | None, ratio: int, device: torch.device
+) -> tuple[PrefixBucket, ...]:
     starts = np.asarray(batch.host_group_row_starts, dtype=np.int64)
     plens = np.asarray(batch.host_prefix_lens, dtype=np.int64)
+    query_pos = np.asarray(batch.host_context_lens, dtype=np.int64) - 1
     sizes = np.diff(starts)
     bs = batch.block_size
+    # the first block of each group's prefix that some member's window reaches (0 without a window)
+    first_block = np.zeros(len(plens), dtype=np.int64)
+    if window is not None and len(plens):
+        first_block = np.maximum(np.minimum.reduceat(query_pos[: starts[-1]], starts[:-1]) - window + 1, 0) // bs
+    spans = plens - first_block * bs  # keys from the first block on; <= 0: no member sees the prefix
     tables = batch.prefix_block_tables.to("cpu", torch.int64).numpy()
-    order = np.argsort(-plens, kind="stable")
+    order = np.argsort(-spans, kind="stable")
     groups: list[list[int]] = []
     real = padded_max_m = 0
     for g in order.tolist():
+        if spans[g] <= 0:
+            continue  # the prefix lies wholly before every member's window: its part is empty
         if groups:
-            n_groups, longest = len(groups[-1]), int(plens[groups[-1][0]])
+            n_groups, longest = len(groups[-1]), int(spans[groups[-1][0]])
             m = max(padded_max_m, int(sizes[g]))
-            if (n_groups + 1) * longest * m <= PAD_WORK_FACTOR * (real + int(plens[g] * sizes[g])):
+            if (n_groups + 1) * longest * m <= PAD_WORK_FACTOR * (real + int(spans[g] * sizes[g])):
                 groups[-1].append(g)
-                real += int(plens[g] * sizes[g])
+                real += int(spans[g] * sizes[g])
                 padded_max_m = m
                 continue
         groups.append([g])
-        real, padded_max_m = int(plens[g] * sizes[g]), int(sizes[g])
+        real, padded_max_m = int(spans[g] * sizes[g]), int(sizes[g])
     out = []
     for members in groups:
         m = int(sizes[members].max())
-        width = -(-int(plens[members[0]]) // bs)
+        width = -(-int(spans[members[0]]) // bs)
         rows = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in members])
         slots = np.concatenate([b * m + np.arange(sizes[g]) for b, g in enumerate(members)])
-        blocks = tables[members, :width]  # the first (longest) group's width: within the table
-        valid = np.arange(width * bs)[None, :] < plens[members][:, None]
+        # each group's blocks from its first one; columns past a table read block 0, masked below
+        padded_tables = np.pad(tables, ((0, 0), (0, width)))
+        blocks = np.stack([padded_tables[g, first_block[g] : first_block[g] + width] for g in members])
+        key_pos = first_block[members][:, None] * bs + np.arange(width * bs)[None, :]
+        valid = key_pos < plens[members][:, None]
+        member_pos = np.zeros((len(members), m), dtype=np.int64)
+        for b, g in enumerate(members):  # padding members take the group's first member's position
+            member_pos[b] = query_pos[starts[g]]
+            member_pos[b, : sizes[g]] = query_pos[starts[g] : starts[g + 1]]
         out.append(PrefixBucket(
             rows=torch.from_numpy(rows).to(device),
             slots=torch.from_numpy(slots).to(device),
             blocks=torch.from_numpy(np.ascontiguousarray(blocks).reshape(-1)).to(device),
             invalid=torch.from_numpy(np.flatnonzero(~valid)).to(device),
-            bias=_bias(valid).to(device),
+            masks=_WindowMasks(key_pos, valid, member_pos, window, device, rows_per_query=ratio),
             num_groups=len(members),
             members=m,
         ))
     return tuple(out)
 
 
-def plan_shared_prefix_torch(batch: SharedPrefixBatch) -> TorchSharedPrefixPlan:
-    """Per-step index tensors for `shared_prefix_decode_torch` (host work, once per step)."""
+def plan_shared_prefix_torch(
+    batch: SharedPrefixBatch, window: int | None = None, heads_per_kv: int = 1
+) -> TorchSharedPrefixPlan:
+    """Per-step index tensors for `shared_prefix_decode_torch` (host work, once per step). `window`:
+    the largest sliding window of the layers it serves (None: some layer attends to everything);
+    keys before it are not gathered. heads_per_kv: query heads per KV head (needed with a window)."""
     device = batch.query_index.device
     ctx = np.asarray(batch.host_context_lens, dtype=np.int64)
     sstart = np.asarray(batch.host_suffix_starts, dtype=np.int64)
-    lens = ctx - sstart
+    buckets = _buckets(batch, window, heads_per_kv, device)
+    kstart = sstart if window is None else np.maximum(sstart, ctx - window)  # first key each row reads
+    lens = ctx - kstart
     width = int(lens.max()) if len(lens) else 0
-    buckets = _buckets(batch, device)
     if not width:
-        return TorchSharedPrefixPlan(batch, buckets, None, None, None, None)
+        return TorchSharedPrefixPlan(batch, buckets, None, None, None)
     bs = batch.block_size
     offs = np.arange(width, dtype=np.int64)[None, :]
     valid = offs < lens[:, None]
     first = sstart // bs  # == table_starts: column 0 of a row's table is this block
-    pos = np.where(valid, sstart[:, None] + offs, first[:, None] * bs)  # padding reads a slot, then is zeroed
+    pos = np.where(valid, kstart[:, None] + offs, first[:, None] * bs)  # padding reads a slot, then is zeroed
     tables = batch.block_tables.to("cpu", torch.int64).numpy()
     slots = np.take_along_axis(tables, pos // bs - first[:, None], axis=1) * bs + pos % bs
     return TorchSharedPrefixPlan(
         batch, buckets, torch.from_numpy(slots).to(device), torch.from_numpy(np.flatnonzero(~valid)).to(device),
-        _bias(valid).to(device), torch.from_numpy(lens > 0).to(device),
+        _WindowMasks(pos, valid, ctx[:, None] - 1, window, device),
     )
 
 
@@ -161,6 +222,7 @@ def shared_prefix_decode_torch(
     plan: TorchSharedPrefixPlan,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """As `shared_prefix_decode_reference`: writes rows plan.batch.query_index of `out` (zeros like q
     when None; other rows untouched) and returns it."""
@@ -187,16 +249,20 @@ def shared_prefix_decode_torch(
         qp[b.slots] = qd[b.rows]
         # [B, M, KVH, ratio, D] -> [B, KVH, M * ratio, D]: member-major rows within each KV head
         qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
-        o, lse = _attention_lse(qg, k, v, b.bias, scale)
+        bias, has_key = b.masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
+        assert bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
+        o, lse = _attention_lse(qg, k, v, bias, scale)
         o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
         lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)
+        if has_key is not None:  # a member whose window reaches no prefix key: an empty part
+            lse = torch.where(has_key.reshape(g * m, 1), lse, float("-inf"))
         pre_out[b.rows] = o[b.slots]
         pre_lse[b.rows] = lse[b.slots]
 
     if plan.suffix_slots is None:
         merged = pre_out
     else:
-        assert plan.suffix_invalid is not None and plan.suffix_bias is not None and plan.suffix_has_key is not None
+        assert plan.suffix_invalid is not None and plan.suffix_masks is not None
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         flat = plan.suffix_slots.view(-1)
@@ -205,8 +271,10 @@ def shared_prefix_decode_torch(
         k = k.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [R, KVH, W, D]
         v = v.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         qs = qd.view(num_rows, num_kv_heads, ratio, head_dim)  # the heads of a KV head as rows
-        suf_out, suf_lse = _attention_lse(qs, k, v, plan.suffix_bias, scale)
-        suf_lse = torch.where(plan.suffix_has_key[:, None, None], suf_lse, float("-inf"))
+        bias, has_key = plan.suffix_masks.get(window)
+        suf_out, suf_lse = _attention_lse(qs, k, v, bias, scale)
+        if has_key is not None:  # a row with an empty suffix (or none in its window)
+            suf_lse = torch.where(has_key[:, :, None], suf_lse, float("-inf"))
         merged, _ = merge_attention_states(pre_out, pre_lse, suf_out.reshape(num_rows, num_heads, head_dim),
                                            suf_lse.reshape(num_rows, num_heads))
     out[batch.query_index] = merged.to(out.dtype)

@@ -1,6 +1,6 @@
 """Tiny random-weight Hugging Face model directories for engine tests (test-only helper).
 
-Each variant is a real transformers model (Llama, Qwen2, Qwen3) saved with save_pretrained as
+Each variant is a real transformers model (Llama, Mistral, Qwen2, Qwen3) saved with save_pretrained as
 safetensors, plus a byte-level BPE tokenizer trained offline on a generated corpus. Weights use a
 large init range, random biases and random RMSNorm weights, because a default-initialised random
 model has near-tied logits and greedy parity would then test float rounding, not the engine.
@@ -31,9 +31,10 @@ CHAT_TEMPLATE = (
 )
 MAX_POSITIONS = 512
 
-Family = Literal["llama", "qwen2", "qwen3", "phi3", "granite", "olmo2"]
-ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                 "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2"]
+ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
+                                 "olmo2": "Olmo2ForCausalLM"}
 KeyStyle = Literal["v4", "v5"]  # transformers-4 keys (rope_theta, rope_scaling, torch_dtype) or 5
 
 
@@ -90,7 +91,13 @@ VARIANTS: dict[str, Variant] = {
                 {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
                  "tie_word_embeddings": True},
                 sharded=True, seed=10),
-        # sliding_window None: the engine does not have sliding-window attention yet
+        # a window shorter than most prompts (and than a 16-token block), so it decides the output
+        Variant("mistral_window", "mistral", "v5",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 13}, seed=20),
+        Variant("mistral_full", "mistral", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24, "sliding_window": None},
+                chat_template_file=False, seed=21),
+        # full attention; phi3_window below has a window
         Variant("phi3", "phi3", "v4",
                 {"num_attention_heads": 4, "num_key_value_heads": 2, "partial_rotary_factor": 0.75,
                  "max_position_embeddings": 1024, "original_max_position_embeddings": 512,
@@ -104,6 +111,11 @@ VARIANTS: dict[str, Variant] = {
         Variant("olmo2", "olmo2", "v4",
                 {"num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 500000.0},
                 sharded=True, seed=40),
+        Variant("phi3_window", "phi3", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "partial_rotary_factor": 0.75,
+                 "max_position_embeddings": 1024, "original_max_position_embeddings": 512,
+                 "rope_scaling": dict(_PHI3_ROPE), "sliding_window": 13},
+                max_model_len=512, seed=22),
     )
 }
 
@@ -235,10 +247,18 @@ def write_tokenizer(out: Path, *, chat_template_file: bool, family: Family = "ll
 # ---------------------------------------------------------------- models
 
 def _hf_config(variant: Variant):
-    from transformers import GraniteConfig, LlamaConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        GraniteConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "phi3": Phi3Config,
-           "granite": GraniteConfig, "olmo2": Olmo2Config}[variant.family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "phi3": Phi3Config, "granite": GraniteConfig, "olmo2": Olmo2Config}[variant.family]
     kwargs = dict(
         vocab_size=tokenizer_size(),
         hidden_size=64,

@@ -34,10 +34,16 @@ def test_buckets_cover_every_batch_size() -> None:
     assert batch_buckets(1) == (1,)
 
 
-@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_graph_path_matches_eager(tiny_model_dir, params) -> None:
+# the sliding-window model: the Triton kernels (prefill, eager and graph-path decode) mask by each
+# layer's window as the PyTorch path does
+@pytest.mark.parametrize(("params", "variant"),
+                         [(GREEDY, "llama_gqa"), (SAMPLED, "llama_gqa"), (GREEDY, "mistral_window")],
+                         ids=["greedy", "sampled", "greedy-window"])
+def test_graph_path_matches_eager(tiny_model_dir, params, variant: str) -> None:
     prompts = multi_level_prompts()[::3]  # shared prefixes (groups), duplicates, unshared rows
-    model = tiny_model_dir("llama_gqa")
+    if variant == "mistral_window":  # one 37-token system prompt, three few-shot blocks: fewer interpreted steps
+        prompts = multi_level_prompts()[9:18:2]
+    model = tiny_model_dir(variant)
     want, _ = _generate(model, prompts, params, "torch", graphs=False)
     got, graphs = _generate(model, prompts, params, "triton", graphs=True)
     assert got == want

@@ -102,9 +102,9 @@ def test_reference_has_no_near_ties(variant: str, reference) -> None:
     assert worst > 1e-4, f"{variant}: HF greedy top-2 logit margin {worst:.1e} is a near tie"
 
 
-# Every variant in plan mode; the other sharing modes once per family beyond Llama's, where the
-# tight cache (chunked prefill, preemption) exercises them hardest.
-NEW_FAMILIES = ("phi3", "granite", "olmo2")
+# Every variant in plan mode; the other sharing modes once per family beyond Llama's (and on the
+# sliding-window models), where the tight cache (chunked prefill, preemption) exercises them hardest.
+NEW_FAMILIES = ("phi3", "granite", "olmo2", "mistral_window", "phi3_window")
 PARITY_CASES = (
     [(v, "plan", s) for v in model_factory.VARIANTS for s in ("roomy", "tight")]
     + [("llama_gqa", m, s) for m in ("lru", "none") for s in ("roomy", "tight")]
@@ -139,6 +139,18 @@ def test_greedy_parity(variant: str, sharing: str, setting: str, tiny_model_dir,
     if setting == "tight":
         # the cache cannot hold every sequence's growth, so some must have been recomputed
         assert stats.preemptions > 0, stats
+
+
+def test_sliding_window_decides_the_output(tiny_model_dir, reference, tmp_path: Path) -> None:
+    """Guards the Mistral parity cases: the same weights without the window must answer differently,
+    so their parity really checks the window (and the config key that sets it)."""
+    model_dir = _copy_dir(tiny_model_dir("mistral_window"), tmp_path / "no-window")
+    _edit_json(model_dir / "config.json", sliding_window=None)
+    results = run(make_engine(model_dir), [(i, p, GREEDY) for i, p in enumerate(PROMPTS)])
+    differ = divergences(results, reference("mistral_window"), "mistral_window without its window")
+    window = model_factory.VARIANTS["mistral_window"].config["sliding_window"]
+    longer = sum(len(p) + MAX_TOKENS > window for p in PROMPTS)
+    assert len(differ) >= longer // 2, f"only {len(differ)} of {longer} prompts longer than the window differ"
 
 
 def test_long_prompt_prefills_in_chunks(tiny_model_dir, reference) -> None:
@@ -186,9 +198,22 @@ def test_unknown_architecture_names_supported_ones(tiny_model_dir, tmp_path: Pat
     with pytest.raises(ModelLoadError) as info:
         make_engine(model_dir)
     message = str(info.value)
-    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                 "GraniteForCausalLM", "Olmo2ForCausalLM"):
+    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Phi3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM"):
         assert name in message, message
+
+
+def test_mistral_config_keys(tiny_model_dir, tmp_path: Path) -> None:
+    """The window comes from `sliding_window` (null: none); a config without `architectures` is
+    recognised by its model_type."""
+    from engine.model_config import load_model_config
+
+    assert load_model_config(tiny_model_dir("mistral_window")).sliding_window == 13
+    assert load_model_config(tiny_model_dir("mistral_full")).sliding_window is None
+    model_dir = _copy_dir(tiny_model_dir("mistral_window"), tmp_path / "no-architectures")
+    _edit_json(model_dir / "config.json", architectures=None)
+    cfg = load_model_config(model_dir)
+    assert (cfg.architecture, cfg.sliding_window, cfg.attention_reach) == ("MistralForCausalLM", 13, 13)
 
 
 def test_eos_ids_come_from_all_sources(tiny_model_dir, tmp_path: Path) -> None:

@@ -134,7 +134,10 @@ def test_shared_prefix_decode(dtype, case, heads, kv_heads, head_dim) -> None:
 
 @needs_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backend_step(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("window", [None, 1, 17, 333])  # sliding windows: one token, under a block, in between
+def test_backend_step(dtype: torch.dtype, window: int | None) -> None:
+    """A mixed step (group decode rows, plain decode rows, prefill chunks) through the Triton backend;
+    with a window, the group members' prefix tiles mask each member by its own position."""
     from kernels.attention_backend import select_backend
 
     heads, kv_heads = 32, 8
@@ -151,11 +154,13 @@ def test_backend_step(dtype: torch.dtype) -> None:
     meta = backend.build_step_metadata(
         [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks], 16, DEVICE,
         num_heads=heads, num_kv_heads=kv_heads, group_ids=[c[3] for c in chunks], prefix_lens=[c[4] for c in chunks],
+        window=window,
     )
-    out = backend.attention(q, sc.k_cache, sc.v_cache, meta, sc.scale)
+    out = backend.attention(q, sc.k_cache, sc.v_cache, meta, sc.scale, window=window)
     from kernels.paged_attention import build_paged_batch, paged_attention_reference
 
     plain = build_paged_batch([c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks], 16,
                               torch.device("cpu"))
-    want = paged_attention_reference(q.float().cpu(), sc.k_cache.float().cpu(), sc.v_cache.float().cpu(), plain, sc.scale)
+    want = paged_attention_reference(q.float().cpu(), sc.k_cache.float().cpu(), sc.v_cache.float().cpu(), plain, sc.scale,
+                                     window=window)
     _assert_close(out, want, dtype)

@@ -96,6 +96,7 @@ BROKEN: dict[str, Callable[[Path], str]] = {
     "config_string_number": _edit_config(hidden_size="256"),
     "config_missing_key": _edit_config(num_hidden_layers=None),
     "heads_do_not_divide_hidden": _edit_config(num_attention_heads=6, num_key_value_heads=3, head_dim=None),
+    "sliding_window_not_a_number": _edit_config(architectures=["MistralForCausalLM"], sliding_window="4096"),
     "chat_template_syntax_error": _write("chat_template.jinja", b"{% for m in messages %}{{ m.content }"),
 }
 # Weights are not needed by analyze: it must not refuse these.

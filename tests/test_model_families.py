@@ -121,13 +121,12 @@ def test_phi3_old_rope_type_names_mean_longrope(tiny_model_dir, tmp_path: Path) 
         assert load_model_config(_edited(src, tmp_path / old, rope_scaling=renamed)) == load_model_config(src)
 
 
-def test_phi3_sliding_window_shorter_than_the_context_is_refused(tiny_model_dir, tmp_path: Path) -> None:
-    """Until the engine has sliding-window attention: a window the context can exceed would change
-    the output, one as long as the context would not."""
+def test_phi3_reads_its_sliding_window(tiny_model_dir, tmp_path: Path) -> None:
+    """Phi-3 masks attention with `sliding_window` as Mistral does (phi3_window's parity cases check the
+    outputs); null is full attention."""
     src = tiny_model_dir("phi3")
-    with pytest.raises(ModelLoadError, match="sliding_window of 256 tokens"):
-        load_model_config(_edited(src, tmp_path / "window", sliding_window=256))
-    assert load_model_config(_edited(src, tmp_path / "whole", sliding_window=1024)).architecture == "Phi3ForCausalLM"
+    assert load_model_config(_edited(src, tmp_path / "window", sliding_window=256)).sliding_window == 256
+    assert load_model_config(src).sliding_window is None
 
 
 def test_other_mlp_activations_are_refused(tiny_model_dir, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
-"""One decoder-only transformer covering the Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm),
-Phi-3 (partial rotary, LongRoPE), Granite (multipliers) and OLMo 2 (post-norm layer, q/k RMSNorm over
-the whole projection) families; where they differ is named in `ModelConfig.family`. Projections are
-fused (qkv, gate+up) so each layer runs few large matmuls; the loader splits Hugging Face weights
-into them."""
+"""One decoder-only transformer covering the Llama, Mistral (sliding-window attention), Qwen2 (q/k/v
+bias), Qwen3 (per-head q/k RMSNorm), Phi-3 (partial rotary, LongRoPE, sliding window), Granite
+(multipliers) and OLMo 2 (post-norm layer, q/k RMSNorm over the whole projection) families; where they
+differ is named in `ModelConfig.family` (and `ModelConfig.layer_window`). Projections are fused (qkv,
+gate+up) so each layer runs few large matmuls; the loader splits Hugging Face weights into them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,6 +70,7 @@ class Attention(nn.Module):
         self.rotary_dim = cfg.rotary_dim
         scale = cfg.family.attention_scale
         self.scale = cfg.head_dim**-0.5 if scale is None else scale
+        self.window = cfg.layer_window(layer_index)  # None: full causal attention
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         # q/k RMSNorm per head (weights [head_dim]) or over the whole projection ([q_size], [kv_size])
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
-        out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale)
+        out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
