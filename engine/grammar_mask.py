@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence as Seq
 
 import torch
 
-from engine.grammar import compile_constraint
+from engine.grammar import StructuredOutput, compile_constraint, tokenizer_info
+from engine.mask_cache import StateMaskCache
 from engine.sequence import Sequence
 
 
@@ -25,14 +26,22 @@ from engine.sequence import Sequence
 class TokenMask:
     bitmask: torch.Tensor  # [sampling rows, ceil(vocab / 32)] int32 on the host; bit 1 = allowed
     rows: list[int]  # rows of the step's sampling order that are constrained
+    bias: torch.Tensor | None = None  # [len(rows), vocab] float32, 0 or -inf: the bitmask expanded for host logits
 
 
 class GrammarMasks:
-    def __init__(self, model_dir: str | Path, vocab_size: int, stop_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self, model_dir: str | Path, vocab_size: int, stop_token_ids: frozenset[int], *, host_logits: bool
+    ) -> None:
+        """host_logits: the logits are on the host, so the mask is also expanded into an additive bias on
+        the worker thread (beside the forward pass), leaving one add to the sampler."""
         self.model_dir = str(model_dir)
+        self.host_logits = host_logits
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self._matchers: dict[int, Any] = {}  # seq_id -> xgrammar.GrammarMatcher
+        self._caches: dict[StructuredOutput, StateMaskCache | None] = {}  # None: a language not known regular
+        self._dfa_states: dict[int, tuple[int, int]] = {}  # seq_id -> (completion tokens read, DFA state)
         self._buffer: torch.Tensor | None = None
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher, made on first use
         self._filler: ThreadPoolExecutor | None = None  # one worker: a step's mask fill overlaps its forward pass
@@ -55,18 +64,44 @@ class GrammarMasks:
 
     def step_mask(self, seqs: Seq[Sequence]) -> TokenMask | None:
         """The bitmask for this step's sampling rows, or None when none of them is constrained.
-        Rows are filled in parallel by xgrammar's batch matcher, one thread per host core."""
+        A row whose constraint is regular and whose DFA state was filled before copies that mask
+        (engine/mask_cache.py); the others are filled in parallel by xgrammar's batch matcher, one
+        thread per host core."""
         rows = [i for i, s in enumerate(seqs) if s.params.structured is not None]
         if not rows:
             return None
         bitmask = self._rows(len(seqs))
-        matchers = [self._matcher(seqs[i]) for i in rows]
-        if self._batch is None:
-            import xgrammar as xgr
+        fill_rows: list[int] = []
+        fill_matchers: list[Any] = []
+        misses: list[tuple[int, StateMaskCache, int]] = []  # (row, cache, DFA state) to keep once filled
+        hit_rows: list[int] = []
+        hit_masks: list[torch.Tensor] = []
+        for i in rows:
+            seq = seqs[i]
+            matcher = self._matcher(seq)  # every row has one: accept() checks each token against xgrammar
+            cache = self._cache(seq)
+            if cache is not None:
+                state = self._dfa_state(seq, cache)
+                mask = cache.get(state)
+                if mask is not None:
+                    hit_rows.append(i)
+                    hit_masks.append(mask)
+                    continue
+                misses.append((i, cache, state))
+            fill_rows.append(i)
+            fill_matchers.append(matcher)
+        if fill_rows:
+            if self._batch is None:
+                import xgrammar as xgr
 
-            self._batch = xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1)
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        return TokenMask(bitmask, rows)
+                self._batch = xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1)
+            self._batch.batch_fill_next_token_bitmask(fill_matchers, bitmask, fill_rows)
+        for i, cache, state in misses:
+            cache.put(state, bitmask[i])
+        if hit_rows:
+            bitmask[hit_rows] = torch.stack(hit_masks)
+        bias = host_bias(bitmask, rows, self.vocab_size) if self.host_logits else None
+        return TokenMask(bitmask, rows, bias)
 
     def accept(self, seq: Sequence, token: int) -> None:
         matcher = self._matchers.get(seq.seq_id)
@@ -76,6 +111,7 @@ class GrammarMasks:
 
     def release(self, seq: Sequence) -> None:
         self._matchers.pop(seq.seq_id, None)
+        self._dfa_states.pop(seq.seq_id, None)
 
     def _matcher(self, seq: Sequence) -> Any:
         matcher = self._matchers.get(seq.seq_id)
@@ -90,6 +126,23 @@ class GrammarMasks:
                 matcher.accept_token(token)
             self._matchers[seq.seq_id] = matcher
         return matcher
+
+    def _cache(self, seq: Sequence) -> StateMaskCache | None:
+        spec = seq.params.structured
+        assert spec is not None
+        if spec not in self._caches:
+            info = tokenizer_info(self.model_dir, self.vocab_size, tuple(sorted(self.stop_token_ids)))
+            self._caches[spec] = StateMaskCache.of(spec, info)
+        return self._caches[spec]
+
+    def _dfa_state(self, seq: Sequence, cache: StateMaskCache) -> int:
+        """The DFA state after the sequence's completion tokens, advanced from where the last step left it."""
+        read, state = self._dfa_states.get(seq.seq_id, (0, cache.dfa.start))
+        tokens = seq.completion_token_ids
+        if read < len(tokens):
+            state = cache.advance(state, tokens[read:])
+            self._dfa_states[seq.seq_id] = (len(tokens), state)
+        return state
 
     def _rows(self, n: int) -> torch.Tensor:
         if self._buffer is None or self._buffer.shape[0] < n:
@@ -108,16 +161,21 @@ def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> None:
         indices = mask.rows if len(mask.rows) < logits.shape[0] else None
         xgr.apply_token_bitmask_inplace(logits, bitmask, indices=indices)
         return
-    # On the host, one table lookup per bitmask byte gives its 8 tokens' additive bias (0 or -inf):
-    # 3-5x faster than xgrammar's CPU kernel at a 32k vocabulary (bench/structured_overhead.py).
     rows = mask.rows
-    vocab = logits.shape[1]
-    packed = mask.bitmask[rows].view(torch.uint8).reshape(-1).int()  # [len(rows) * words * 4]
-    bias = torch.nn.functional.embedding(packed, _BYTE_BIAS).view(len(rows), -1)[:, :vocab]  # [len(rows), vocab]
+    bias = mask.bias if mask.bias is not None else host_bias(mask.bitmask, rows, logits.shape[1])
+    assert bias.shape == (len(rows), logits.shape[1])
     if len(rows) == logits.shape[0]:
         logits.add_(bias)
     else:
         logits[rows] += bias
+
+
+def host_bias(bitmask: torch.Tensor, rows: list[int], vocab: int) -> torch.Tensor:
+    """[len(rows), vocab] float32 additive mask of the bitmask's rows. One table lookup per bitmask byte
+    gives its 8 tokens' bias (0 or -inf): with the add, 3-5x faster than xgrammar's CPU kernel at a 32k
+    vocabulary (bench/structured_overhead.py)."""
+    packed = bitmask[rows].view(torch.uint8).reshape(-1).int()  # [len(rows) * words * 4]
+    return torch.nn.functional.embedding(packed, _BYTE_BIAS).view(len(rows), -1)[:, :vocab]
 
 
 def _byte_bias() -> torch.Tensor:
