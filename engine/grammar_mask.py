@@ -2,9 +2,9 @@
 per step filled on the host and applied to the logits on their device before sampling.
 
 A matcher follows its sequence's completion tokens: it starts at the first generated token (so with a
-chat template only the assistant's answer is constrained) and advances with each accepted token. A
-preempted sequence keeps its generated tokens and is recomputed, so its matcher stays valid as it is;
-a matcher created late (or for a sequence that already holds completion tokens) first replays them.
+chat template only the assistant's answer is constrained) and, on the mask worker, reads the tokens
+sampled since its last step before it fills. Constraints whose language is regular also follow a DFA
+state, and a mask filled once in a state is reused (engine/mask_cache.py).
 EOS is allowed only where the grammar may end, because the grammar's stop tokens are the engine's EOS ids.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from engine.grammar import StructuredOutput, compile_constraint, tokenizer_info
 from engine.mask_cache import StateMaskCache
+from engine.regex_dfa import DEAD
 from engine.sequence import Sequence
 
 
@@ -27,6 +28,16 @@ class TokenMask:
     bitmask: torch.Tensor  # [sampling rows, ceil(vocab / 32)] int32 on the host; bit 1 = allowed
     rows: list[int]  # rows of the step's sampling order that are constrained
     bias: torch.Tensor | None = None  # [len(rows), vocab] float32, 0 or -inf: the bitmask expanded for host logits
+
+
+@dataclass
+class _Follower:
+    """A constrained sequence's grammar state, touched only by the mask worker: the matcher and the DFA
+    state (DEAD where the constraint has no mask cache) after the first `read` completion tokens."""
+
+    matcher: Any  # xgrammar.GrammarMatcher
+    dfa_state: int
+    read: int = 0
 
 
 class GrammarMasks:
@@ -39,9 +50,8 @@ class GrammarMasks:
         self.host_logits = host_logits
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
-        self._matchers: dict[int, Any] = {}  # seq_id -> xgrammar.GrammarMatcher
+        self._followers: dict[int, _Follower] = {}  # seq_id ->
         self._caches: dict[StructuredOutput, StateMaskCache | None] = {}  # None: a language not known regular
-        self._dfa_states: dict[int, tuple[int, int]] = {}  # seq_id -> (completion tokens read, DFA state)
         self._buffer: torch.Tensor | None = None
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher, made on first use
         self._filler: ThreadPoolExecutor | None = None  # one worker: a step's mask fill overlaps its forward pass
@@ -53,9 +63,10 @@ class GrammarMasks:
             compile_constraint(spec, self.model_dir, self.vocab_size, self.stop_token_ids)
 
     def begin_step(self, seqs: Seq[Sequence]) -> Callable[[], TokenMask | None]:
-        """Starts filling the step's mask on a worker thread and returns the call that waits for it.
-        xgrammar releases the GIL while it fills, so the fill runs beside the forward pass; the matchers
-        are not touched elsewhere until the step's tokens are accepted, after that wait."""
+        """Starts the step's mask on a worker thread and returns the call that waits for it. The worker
+        first advances each row's matcher over the tokens sampled since its last step, then fills; xgrammar
+        releases the GIL while it fills, so all of it runs beside the forward pass. Matchers are touched by
+        nothing else: a sequence's tokens change only after that wait."""
         if all(s.params.structured is None for s in seqs):
             return lambda: None
         if self._filler is None:
@@ -77,19 +88,17 @@ class GrammarMasks:
         hit_rows: list[int] = []
         hit_masks: list[torch.Tensor] = []
         for i in rows:
-            seq = seqs[i]
-            matcher = self._matcher(seq)  # every row has one: accept() checks each token against xgrammar
-            cache = self._cache(seq)
+            cache = self._cache(seqs[i])
+            follower = self._follow(seqs[i], cache)
             if cache is not None:
-                state = self._dfa_state(seq, cache)
-                mask = cache.get(state)
+                mask = cache.get(follower.dfa_state)
                 if mask is not None:
                     hit_rows.append(i)
                     hit_masks.append(mask)
                     continue
-                misses.append((i, cache, state))
+                misses.append((i, cache, follower.dfa_state))
             fill_rows.append(i)
-            fill_matchers.append(matcher)
+            fill_matchers.append(follower.matcher)
         if fill_rows:
             if self._batch is None:
                 import xgrammar as xgr
@@ -103,29 +112,32 @@ class GrammarMasks:
         bias = host_bias(bitmask, rows, self.vocab_size) if self.host_logits else None
         return TokenMask(bitmask, rows, bias)
 
-    def accept(self, seq: Sequence, token: int) -> None:
-        matcher = self._matchers.get(seq.seq_id)
-        if matcher is not None and not matcher.is_terminated():
-            accepted = matcher.accept_token(token)
-            assert accepted, f"token {token} was sampled although the grammar mask forbids it"
-
     def release(self, seq: Sequence) -> None:
-        self._matchers.pop(seq.seq_id, None)
-        self._dfa_states.pop(seq.seq_id, None)
+        self._followers.pop(seq.seq_id, None)
 
-    def _matcher(self, seq: Sequence) -> Any:
-        matcher = self._matchers.get(seq.seq_id)
-        if matcher is None:
+    def _follow(self, seq: Sequence, cache: StateMaskCache | None) -> _Follower:
+        """The sequence's follower, advanced over its completion tokens: a new one (a sequence's first step,
+        or one that already holds completion tokens) reads them all; a preempted sequence keeps its tokens
+        and is recomputed, so its follower stays valid as it is."""
+        follower = self._followers.get(seq.seq_id)
+        if follower is None:
             import xgrammar as xgr
 
             spec = seq.params.structured
             assert spec is not None
             compiled = compile_constraint(spec, self.model_dir, self.vocab_size, self.stop_token_ids)
-            matcher = xgr.GrammarMatcher(compiled)
-            for token in seq.completion_token_ids:
-                matcher.accept_token(token)
-            self._matchers[seq.seq_id] = matcher
-        return matcher
+            follower = _Follower(xgr.GrammarMatcher(compiled), cache.dfa.start if cache is not None else DEAD)
+            self._followers[seq.seq_id] = follower
+        tokens = seq.completion_token_ids
+        if follower.read < len(tokens):
+            new = tokens[follower.read :]
+            for token in new:
+                accepted = follower.matcher.accept_token(token)
+                assert accepted, f"token {token} was sampled although the grammar mask forbids it"
+            if cache is not None:
+                follower.dfa_state = cache.advance(follower.dfa_state, new)
+            follower.read = len(tokens)
+        return follower
 
     def _cache(self, seq: Sequence) -> StateMaskCache | None:
         spec = seq.params.structured
@@ -134,15 +146,6 @@ class GrammarMasks:
             info = tokenizer_info(self.model_dir, self.vocab_size, tuple(sorted(self.stop_token_ids)))
             self._caches[spec] = StateMaskCache.of(spec, info)
         return self._caches[spec]
-
-    def _dfa_state(self, seq: Sequence, cache: StateMaskCache) -> int:
-        """The DFA state after the sequence's completion tokens, advanced from where the last step left it."""
-        read, state = self._dfa_states.get(seq.seq_id, (0, cache.dfa.start))
-        tokens = seq.completion_token_ids
-        if read < len(tokens):
-            state = cache.advance(state, tokens[read:])
-            self._dfa_states[seq.seq_id] = (len(tokens), state)
-        return state
 
     def _rows(self, n: int) -> torch.Tensor:
         if self._buffer is None or self._buffer.shape[0] < n:

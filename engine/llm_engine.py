@@ -222,7 +222,6 @@ class LLMEngine:
     def _append_token(self, chunk: ScheduledChunk, token: int) -> GenerationResult | None:
         seq = chunk.seq
         seq.token_ids.append(token)
-        self.grammar.accept(seq, token)
         params = seq.params
         reason: str | None = None
         if not params.ignore_eos and token in self.eos_token_ids:

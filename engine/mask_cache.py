@@ -44,7 +44,7 @@ class StateMaskCache:
                 data = self._token_bytes[token] if token < len(self._token_bytes) else b""
                 # an empty token is one xgrammar never allows while a constraint is open
                 nxt = self._token_moves[key] = self.dfa.step(state, data) if data else DEAD
-            # xgrammar accepted the token (GrammarMasks.accept asserts it), so the two languages differ
+            # xgrammar's matcher accepted the token (GrammarMasks asserts it): the two languages differ
             assert nxt != DEAD, f"token {token} accepted by the grammar leaves the regex DFA: the cache is unsound"
             state = nxt
         return state
