@@ -85,16 +85,14 @@ class GrammarMasks:
         fill_rows: list[int] = []
         fill_matchers: list[Any] = []
         misses: list[tuple[int, StateMaskCache, int]] = []  # (row, cache, DFA state) to keep once filled
-        hit_rows: list[int] = []
-        hit_masks: list[torch.Tensor] = []
+        hits: list[tuple[int, StateMaskCache, int]] = []  # (row, cache, slot of the kept mask)
         for i in rows:
             cache = self._cache(seqs[i])
             follower = self._follow(seqs[i], cache)
             if cache is not None:
-                mask = cache.get(follower.dfa_state)
-                if mask is not None:
-                    hit_rows.append(i)
-                    hit_masks.append(mask)
+                slot = cache.slot(follower.dfa_state)
+                if slot is not None:
+                    hits.append((i, cache, slot))
                     continue
                 misses.append((i, cache, follower.dfa_state))
             fill_rows.append(i)
@@ -106,10 +104,18 @@ class GrammarMasks:
                 self._batch = xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1)
             self._batch.batch_fill_next_token_bitmask(fill_matchers, bitmask, fill_rows)
         for i, cache, state in misses:
-            cache.put(state, bitmask[i])
-        if hit_rows:
-            bitmask[hit_rows] = torch.stack(hit_masks)
-        bias = host_bias(bitmask, rows, self.vocab_size) if self.host_logits else None
+            cache.put(state, bitmask[i], host_bias(bitmask, [i], self.vocab_size)[0] if self.host_logits else None)
+        bias = None
+        if hits and not fill_rows and all(cache is hits[0][1] for _, cache, _ in hits):
+            # the usual step of a regular constraint: every row copies kept rows from one table
+            slots = [slot for _, _, slot in hits]
+            bitmask[rows] = hits[0][1].masks(slots)
+            bias = hits[0][1].biases(slots) if self.host_logits else None
+        else:
+            for i, cache, slot in hits:
+                bitmask[i] = cache.masks([slot])[0]
+        if self.host_logits and bias is None:
+            bias = host_bias(bitmask, rows, self.vocab_size)
         return TokenMask(bitmask, rows, bias)
 
     def release(self, seq: Sequence) -> None:

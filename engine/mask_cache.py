@@ -16,6 +16,7 @@ from engine.grammar import StructuredOutput
 from engine.regex_dfa import DEAD, RegexDfa
 
 _MAX_STATES = 4096  # masks kept per constraint (4 KB each at a 32k vocabulary); later states are filled each time
+_MAX_BIAS_STATES = 64  # host biases kept (128 KB each at a 32k vocabulary); a step with a later state expands its masks
 
 
 class StateMaskCache:
@@ -23,7 +24,10 @@ class StateMaskCache:
         self.dfa = dfa
         self._token_bytes = token_bytes
         self._token_moves: dict[tuple[int, int], int] = {}  # (state, token) -> state
-        self._masks: dict[int, torch.Tensor] = {}  # state -> bitmask row [ceil(vocab / 32)] int32
+        self._slots: dict[int, int] = {}  # state -> its row in the tables below
+        self._masks: list[torch.Tensor] = []  # per slot: bitmask row [ceil(vocab / 32)] int32
+        self._mask_table: torch.Tensor | None = None  # [slots, ceil(vocab / 32)], stacked when a step needs it
+        self._bias_table: torch.Tensor | None = None  # [up to _MAX_BIAS_STATES, vocab] float32 host biases
 
     @staticmethod
     def of(spec: StructuredOutput, tokenizer_info: Any) -> StateMaskCache | None:
@@ -49,9 +53,30 @@ class StateMaskCache:
             state = nxt
         return state
 
-    def get(self, state: int) -> torch.Tensor | None:
-        return self._masks.get(state)
+    def slot(self, state: int) -> int | None:
+        """Where the state's mask is kept, or None if it was never filled (or the cache is full)."""
+        return self._slots.get(state)
 
-    def put(self, state: int, row: torch.Tensor) -> None:
-        if len(self._masks) < _MAX_STATES:
-            self._masks[state] = row.clone()
+    def put(self, state: int, row: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Keeps the state's bitmask row (and its host bias: [vocab] float32, where the logits are there)."""
+        if state in self._slots or len(self._slots) >= _MAX_STATES:  # rows of one step may share a new state
+            return
+        self._slots[state] = len(self._masks)
+        self._masks.append(row.clone())
+        self._mask_table = None
+        if bias is not None and len(self._masks) <= _MAX_BIAS_STATES:
+            rows = bias.unsqueeze(0)
+            self._bias_table = rows.clone() if self._bias_table is None else torch.cat([self._bias_table, rows])
+
+    def masks(self, slots: list[int]) -> torch.Tensor:
+        """[len(slots), ceil(vocab / 32)] int32 bitmask rows."""
+        if self._mask_table is None:
+            self._mask_table = torch.stack(self._masks)
+        return self._mask_table.index_select(0, torch.tensor(slots))
+
+    def biases(self, slots: list[int]) -> torch.Tensor | None:
+        """[len(slots), vocab] float32 host biases, or None where one of the slots has none kept."""
+        table = self._bias_table
+        if table is None or max(slots) >= table.shape[0]:
+            return None
+        return table.index_select(0, torch.tensor(slots))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.grammar import StructuredOutput, compile_constraint, tokenizer_info
+from engine.grammar_mask import host_bias
 from engine.mask_cache import StateMaskCache
 from engine.model_config import load_model_config
 from engine.regex_dfa import DEAD, RegexDfa
@@ -54,11 +55,13 @@ def test_cached_mask_equals_a_fresh_fill_on_random_paths(spec: StructuredOutput,
         matcher, state = xgr.GrammarMatcher(compiled), cache.dfa.start
         for _ in range(24):
             matcher.fill_next_token_bitmask(fresh, 0)
-            cached = cache.get(state)
-            if cached is None:
-                cache.put(state, fresh[0])
+            slot = cache.slot(state)
+            if slot is None:
+                cache.put(state, fresh[0], host_bias(fresh, [0], vocab_size)[0])
             else:
-                assert torch.equal(cached, fresh[0]), f"state {state}: cached mask differs from xgrammar's"
+                assert torch.equal(cache.masks([slot])[0], fresh[0]), f"state {state}: cached mask differs"
+                bias = cache.biases([slot])
+                assert bias is not None and torch.equal(bias[0], host_bias(fresh, [0], vocab_size)[0])
                 compared += 1
             ids = allowed(fresh[0], vocab_size)
             assert any(t in eos for t in ids) == cache.dfa.accepts_empty(state)  # EOS exactly where it may end
