@@ -62,7 +62,10 @@ class LLMEngine:
             self.block_manager, config.max_batch_tokens, config.max_num_seqs, config.decode_reservation
         )
         self.eos_token_ids = self.tokenizer.eos_token_ids
-        self.grammar = GrammarMasks(config.model_dir, self.model_config.vocab_size, self.eos_token_ids)
+        self.grammar = GrammarMasks(
+            config.model_dir, self.model_config.vocab_size, self.eos_token_ids,
+            host_logits=self.runner.device.type == "cpu",
+        )
         self.model_info = ModelInfo(
             model_dir=str(config.model_dir),
             architecture=self.model_config.architecture,
@@ -224,7 +227,6 @@ class LLMEngine:
     def _append_token(self, chunk: ScheduledChunk, token: int) -> GenerationResult | None:
         seq = chunk.seq
         seq.token_ids.append(token)
-        self.grammar.accept(seq, token)
         params = seq.params
         reason: str | None = None
         if not params.ignore_eos and token in self.eos_token_ids:
