@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from batchllm_cli.job_types import WorkDone, iso_utc
+from batchllm_cli.job_types import SilentObserver, WorkDone, iso_utc
 
 # The single sink for human-readable output; stdout is reserved for machine output (--summary -).
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -127,7 +127,7 @@ class _Ticker:
         self._thread.join()
 
 
-class QuietProgress:
+class QuietProgress(SilentObserver):
     """--quiet: no progress; notes still go to stderr."""
 
     def __init__(self, console: Console) -> None:
@@ -135,15 +135,6 @@ class QuietProgress:
 
     def notice(self, message: str) -> None:
         print_notice(message, self.console)
-
-    def start(self, total_rows: int, resumed_rows: int, work: Callable[[], WorkDone]) -> None:
-        pass
-
-    def advance(self, rows: int, completion_tokens: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 class LogProgress:

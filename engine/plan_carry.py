@@ -6,10 +6,10 @@ next chunk computes them again. Instead, the chunk before a cut keeps one of its
 (one extra, placeholder dependent): the shallowest on its last row's path that covers the shared
 tokens. When the next chunk is planned, its items that begin with those tokens start on the carried
 state (their start length is their LCP with it), prefixes lying wholly inside it are not computed at
-all (unless rows end exactly there: then it computes its last token, for their logits), and then the
-placeholder is dropped. When no state on the last row's path covers the shared
-tokens, one is inserted on it (`split_for_carry`), which costs no extra work. Rows equal to the
-carried tokens (exact duplicates across the cut) cost one token in all, for their logits.
+all, and then the placeholder is dropped. Rows equal to the carried tokens (exact duplicates of the row
+before the cut) sample their first token from the carried state's kept logits. When no state on the
+last row's path covers the shared tokens, one is inserted on it (`split_for_carry`), which costs no
+extra work.
 """
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def adopt_carry(carry: Carry, items: Seq[PlanItem], prefix_length: Seq[int], pre
             i += 1
         return i
 
+    # the carried state's own last logits, kept while it is pinned: rows equal to the carried tokens
+    # (exact duplicates of the last row before the cut) sample from them and compute nothing
+    whole = carry.length == carry.state.length and carry.state.keeps_logits
     skipped: set[int] = set()
     starts: dict[tuple[bool, int], int] = {}
     covered = 0
@@ -93,7 +96,7 @@ def adopt_carry(carry: Carry, items: Seq[PlanItem], prefix_length: Seq[int], pre
         if is_prefix:
             length = prefix_length[index]
             c = shared(seqs[prefix_source_row[index]].token_ids, length)
-            if c >= length and not prefix_keeps_logits[index]:
+            if c >= length and (not prefix_keeps_logits[index] or (whole and length == carry.length)):
                 skipped.add(index)
                 covered = max(covered, c)
                 continue
@@ -101,7 +104,8 @@ def adopt_carry(carry: Carry, items: Seq[PlanItem], prefix_length: Seq[int], pre
             c = min(c, length - 1)
         else:
             tokens = seqs[index].token_ids
-            c = shared(tokens, len(tokens) - 1)  # at least one token computed, for the row's logits
+            # a row computes at least its last token, for its logits, unless the carry has them
+            c = shared(tokens, len(tokens) if whole and len(tokens) == carry.length else len(tokens) - 1)
         starts[(is_prefix, index)] = c
         covered = max(covered, c)
     return Adoption(frozenset(skipped), starts, covered)
