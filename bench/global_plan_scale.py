@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -152,24 +153,62 @@ def which_package() -> str:
     return out
 
 
+def _child_pid(pid: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def timed(args: list[str], log: Path, timeout_s: float) -> dict:
-    """Run `python -m batchllm_cli ARGS` under /usr/bin/time -v: wall, peak RSS, exit code."""
+    """Run `python -m batchllm_cli ARGS` under /usr/bin/time -v: wall, peak RSS, exit code, and the RSS
+    sampled every ~10 s (to see whether the peak is in planning or in the engine). Past `timeout_s`
+    the CLI gets SIGTERM (it commits its finished rows and exits), so /usr/bin/time still reports."""
     tfile = log.with_suffix(".time")
+    tfile.unlink(missing_ok=True)
     cmd = ["/usr/bin/time", "-v", "-o", str(tfile), sys.executable, "-m", "batchllm_cli", *args]
     t = time.perf_counter()
+    trace: list[tuple[float, float]] = []
+    timed_out = False
     with log.open("w") as f:
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        last_sample = -1e9
+        while proc.poll() is None:
+            time.sleep(1.0)
+            now = time.perf_counter() - t
+            kid = _child_pid(proc.pid)
+            if kid is not None and now - last_sample >= 10:
+                rss = _rss_mb(kid)
+                if rss is not None:
+                    trace.append((round(now, 1), round(rss, 1)))
+                    last_sample = now
+            if now > timeout_s and not timed_out and kid is not None:
+                timed_out = True
+                os.kill(kid, signal.SIGTERM)
+        rc = proc.returncode
     wall = time.perf_counter() - t
     info = tfile.read_text() if tfile.is_file() else ""
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", info)
+    status = re.search(r"Exit status: (\d+)", info)
+    signalled = re.search(r"Command terminated by signal (\d+)", info)
     cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", info)]
-    return {"exit_code": rc, "timed_out": rc is None, "wall_s": round(wall, 2),
+    code = int(status.group(1)) if status else (-int(signalled.group(1)) if signalled else rc)
+    return {"exit_code": code, "timed_out": timed_out, "wall_s": round(wall, 2),
             "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
             "cpu_s": round(sum(cpu), 1) if cpu else None, "loadavg_1m_after": round(os.getloadavg()[0], 2),
-            "log_tail": log.read_text()[-600:] if rc != 0 else ""}
+            "rss_trace_s_mb": trace,
+            "log_tail": log.read_text()[-800:].replace("\r", "\n") if code != 0 else ""}
 
 
 def run_job(table: Path, template: Path, model: Path, work: Path, label: str, mode: str,
