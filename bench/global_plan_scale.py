@@ -171,9 +171,18 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
+def _rows_done(log: Path) -> int:
+    """Rows finished so far, from the last progress line of the CLI's log (0 before the first)."""
+    with log.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 300))
+        found = re.findall(rb"run: (\d+)/\d+ rows", f.read())
+    return int(found[-1]) if found else 0
+
+
 def timed(args: list[str], log: Path, timeout_s: float) -> dict:
     """Run `python -m batchllm_cli ARGS` under /usr/bin/time -v: wall, peak RSS, exit code, and the RSS
-    sampled every ~10 s (to see whether the peak is in planning or in the engine). Past `timeout_s`
+    sampled every ~10 s with the rows done so far (to see whether the peak is in planning or in the engine,
+    and when the engine's first rows came out). Past `timeout_s`
     the CLI gets SIGTERM (it commits its finished rows and exits), so /usr/bin/time still reports."""
     tfile = log.with_suffix(".time")
     tfile.unlink(missing_ok=True)
@@ -191,7 +200,7 @@ def timed(args: list[str], log: Path, timeout_s: float) -> dict:
             if kid is not None and now - last_sample >= 10:
                 rss = _rss_mb(kid)
                 if rss is not None:
-                    trace.append((round(now, 1), round(rss, 1)))
+                    trace.append((round(now, 1), round(rss, 1), _rows_done(log)))
                     last_sample = now
             if now > timeout_s and not timed_out and kid is not None:
                 timed_out = True
@@ -207,7 +216,7 @@ def timed(args: list[str], log: Path, timeout_s: float) -> dict:
     return {"exit_code": code, "timed_out": timed_out, "wall_s": round(wall, 2),
             "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
             "cpu_s": round(sum(cpu), 1) if cpu else None, "loadavg_1m_after": round(os.getloadavg()[0], 2),
-            "rss_trace_s_mb": trace,
+            "trace_s_rssmb_rows": trace,
             "log_tail": log.read_text()[-800:].replace("\r", "\n") if code != 0 else ""}
 
 
@@ -300,6 +309,14 @@ def case_scale(ctx: dict, shape: Shape) -> dict:
     r = run_job(table, template_file(ctx["cache"], shape), ctx["model"], ctx["work"], f"scale_{shape.rows}_plan", "plan", None,
                 ctx["timeout"])
     r["prefill_over_unique"] = ratio(r.get("prefill_tokens"), r.get("unique_prompt_tokens"))
+    trace = r["trace_s_rssmb_rows"]
+    started = [(t, rows) for t, _, rows in trace if rows > 0]
+    if started:  # from the trace, so a run stopped at the timeout still says where its time went
+        r["first_rows_by_s"] = started[0][0]  # process start to first rows out: imports, load, plan, first chunk
+        r["peak_rss_mb_before_first_rows"] = max(rss for t, rss, _ in trace if t <= started[0][0])
+        (t0, n0), (t1, n1) = started[0], started[-1]
+        r["engine_rows_per_s_sampled"] = round((n1 - n0) / (t1 - t0), 1) if t1 > t0 else None
+        r["rows_done_at_end"] = n1
     r["meets_rss_goal_4gb"] = (r.get("peak_rss_mb") or 1e9) < 4096
     return {"shape": shape.__dict__ | {"rows": shape.rows}, "table": str(table), "runs": [r]}
 
@@ -308,7 +325,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="*", default=["acceptance", "equality", "scale100k", "scale1m"],
                     choices=["smoke", "acceptance", "equality", "scale100k", "scale1m"])
-    ap.add_argument("--equality-docs", type=int, default=100, help="documents (x70 rows) of the plan-vs-none table")
+    ap.add_argument("--equality-docs", type=int, default=40, help="documents (x70 rows) of the plan-vs-none table")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "batchllm-bench-globalplan")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one CLI run may take before it is killed")
     ap.add_argument("--out", type=Path, default=None, help="merge each finished case into this JSON file")
