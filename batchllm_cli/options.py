@@ -276,8 +276,8 @@ PlanChunkTokensOpt = Annotated[
         "--plan-chunk-tokens",
         metavar="N",
         help="plan: the whole job is planned at once and fed to the engine N prompt tokens at a time, cut "
-        "where the fewest tokens are shared (a prefix spanning a cut is computed once more, counted in "
-        "the summary). Lower it to save host memory.",
+        "where the fewest tokens are shared (the prefix shared across a cut is carried over, not computed "
+        "again). Lower it to save host memory.",
         min=1,
         rich_help_panel=PANEL_ENGINE,
     ),

@@ -2,11 +2,12 @@
 
 The whole job is sorted once (every row's prompt, lexicographically), so rows sharing a prefix are
 contiguous however the table is ordered. The engine then plans a chunk of consecutive sorted rows at
-a time, which bounds the memory of queued requests. A chunk is planned on its own, so a prefix shared
-by rows on both sides of a cut is computed once per side: exactly the LCP of the two rows next to the
-cut, since in sorted order no pair across a cut shares more than that pair. Each cut is therefore
-placed where that LCP is smallest within the second half of the chunk's token budget; in a
-document-QA table that is between two documents, and only the template's opening is computed again.
+a time, which bounds the memory of queued requests. A chunk is planned on its own; what rows on both
+sides of a cut share is exactly the LCP of the two rows next to it (in sorted order no pair across a
+cut shares more), and the engine carries that prefix's KV over the cut (engine/plan_carry.py) instead
+of computing it again. Each cut is placed where that LCP is smallest within the second half of the
+chunk's token budget (in a document-QA table: between two documents, sharing only the template's
+opening), so the state kept pinned across the cut is small.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class PlanChunk:
 @dataclass(frozen=True)
 class ChunkCuts:
     """starts: int64 (k + 1,), sorted positions; chunk i is [starts[i], starts[i + 1]), starts[0] = 0,
-    starts[-1] = n. boundary_tokens: prompt tokens computed again because a prefix spans a cut."""
+    starts[-1] = n. boundary_tokens: prompt tokens shared across the cuts (sum of their LCPs), which the
+    engine carries over rather than computing twice."""
 
     starts: np.ndarray
     boundary_tokens: int
