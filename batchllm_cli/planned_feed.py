@@ -5,7 +5,7 @@ background thread renders and tokenizes every row not yet committed into a token
 sorts the spool (in memory, or out of core with DuckDB when it would not fit), cuts the sorted rows
 into chunks where the fewest tokens are shared across a cut (engine.planning.chunks), and queues each
 chunk's requests while the engine works on the one before. Only a chunk or two of requests is ever
-held as Python lists; the spool is memory-mapped.
+held as Python lists; rows are read from the spool one at a time.
 
 The engine's loop runs in the main thread and takes chunks from the queue; the time it spends
 blocked there after the first chunk is its wait for work (reported in the summary). Rows that fail
@@ -201,23 +201,19 @@ class PlannedFeed:
             unique_prompt_tokens=unique_prompt_tokens(lengths_sorted, lcp),
             boundary_tokens=cuts.boundary_tokens, chunks=cuts.num_chunks, out_of_core=out_of_core,
         ))
-        tokens = spool.tokens_view()
-        offsets = spool.offsets
         row_ids = spool.row_ids
         params = self._prepared.params
         starts = cuts.starts.tolist()
-        for a, b in zip(starts[:-1], starts[1:]):
-            idx = order[a:b]
-            chunk_row_ids = row_ids[idx]
-            # The engine's random stream of a row is keyed by this value: the ordinal row id, or the
-            # user's id, so a resumed run samples every row exactly as an uninterrupted one.
-            chunk_keys = [keys[i] for i in idx.tolist()] if keys is not None else chunk_row_ids.tolist()
-            requests = [
-                (key, tokens[offsets[i] : offsets[i + 1]].tolist(), params)
-                for key, i in zip(chunk_keys, idx.tolist())
-            ]
-            shared = int(lcp[b]) if b < len(order) else 0
-            self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], requests, shared))
+        with spool.row_reader() as tokens_of:
+            for a, b in zip(starts[:-1], starts[1:]):
+                idx = order[a:b]
+                chunk_row_ids = row_ids[idx]
+                # The engine's random stream of a row is keyed by this value: the ordinal row id, or the
+                # user's id, so a resumed run samples every row exactly as an uninterrupted one.
+                chunk_keys = [keys[i] for i in idx.tolist()] if keys is not None else chunk_row_ids.tolist()
+                requests = [(key, tokens_of(i), params) for key, i in zip(chunk_keys, idx.tolist())]
+                shared = int(lcp[b]) if b < len(order) else 0
+                self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], requests, shared))
 
 
 class _Stopped(Exception):

@@ -179,3 +179,18 @@ def test_resume_plans_only_the_rows_not_committed(tmp_path, demo_model_dir, monk
     assert report["unique_prompt_tokens"] < full["unique_prompt_tokens"]
     assert report["prefill_tokens"] == report["unique_prompt_tokens"]
     assert pq.read_table(out).column("response").to_pylist() == pq.read_table(tmp_path / "full.parquet").column("response").to_pylist()
+
+
+def test_spool_rows_read_back_exactly(tmp_path: Path) -> None:
+    from batchllm_cli.token_spool import TokenSpool
+
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 50_000, size=int(n)).tolist() for n in rng.integers(0, 40, size=200)]
+    spool = TokenSpool(tmp_path)
+    for start in range(0, len(rows), 64):  # appended batch by batch, as the feed does
+        batch = rows[start : start + 64]
+        lengths = np.array([len(r) for r in batch], dtype=np.int64)
+        tokens = np.array([t for r in batch for t in r], dtype=np.int32)
+        spool.append(np.arange(start, start + len(batch)), tokens, lengths)
+    with spool.row_reader() as row:
+        assert [row(i) for i in reversed(range(len(rows)))] == rows[::-1]
