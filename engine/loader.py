@@ -5,6 +5,7 @@ shapes, byte ranges) against a model built on the meta device: no weight is read
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,11 @@ _FUSED_PARTS = {
     "up_proj": ("gate_up_proj", 1),
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# One expert's projection in a Qwen3-MoE (mlp.experts.E.gate_proj) or Mixtral (block_sparse_moe.experts.E.w1:
+# gate, w3: up, w2: down) checkpoint -> a slice of our stacked experts.gate_up_proj / experts.down_proj.
+_EXPERT = re.compile(r"(?P<layer>.*\.)(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+                     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_PARTS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1}  # the rest are down projections
 
 
 def _fused_rows(cfg: ModelConfig, fused: str, part: int) -> tuple[int, int]:
@@ -100,7 +106,7 @@ def _wanted(cfg: ModelConfig, name: str) -> bool:
 
 
 def _check_complete(model_dir: Path, cfg: ModelConfig, params: dict, filled: dict[str, int]) -> None:
-    missing = [name for name, rows in filled.items() if rows < params[name].shape[0]]
+    missing = [name for name, count in filled.items() if count < params[name].numel()]
     if missing:
         raise ModelLoadError(
             f"The weights in {model_dir} lack {len(missing)} tensors the {cfg.architecture} config needs "
@@ -111,25 +117,55 @@ def _check_complete(model_dir: Path, cfg: ModelConfig, params: dict, filled: dic
 def _place(
     cfg: ModelConfig, params: dict, filled: dict[str, int], name: str, shape: tuple[int, ...], path: Path
 ) -> torch.Tensor:
-    """The view of our parameter that tensor `name` fills (its rows counted in `filled`)."""
+    """The view of our parameter that tensor `name` fills (its elements counted in `filled`)."""
+    expert = _EXPERT.fullmatch(name)
+    if expert is not None:
+        return _place_expert(cfg, params, filled, name, expert, shape, path)
     parts = name.rsplit(".", 2)  # [..., projection, weight|bias]
     fused = _FUSED_PARTS.get(parts[-2]) if len(parts) == 3 else None
     if fused is not None:
         target = f"{parts[0]}.{fused[0]}.{parts[-1]}"
         start, size = _fused_rows(cfg, *fused)
-    else:
-        target, start, size = name, 0, None
+    else:  # Mixtral's router is block_sparse_moe.gate, ours mlp.gate
+        target, start, size = name.replace(".block_sparse_moe.", ".mlp."), 0, None
+    param = _param(cfg, params, target, name, path)
+    return _filled(filled, target, param.data if size is None else param.data[start : start + size], name, shape, path)
+
+
+def _place_expert(cfg: ModelConfig, params: dict, filled: dict[str, int], name: str, match: re.Match,
+                  shape: tuple[int, ...], path: Path) -> torch.Tensor:
+    part = _EXPERT_PARTS.get(match["proj"])
+    target = f"{match['layer']}mlp.experts.{'down_proj' if part is None else 'gate_up_proj'}"
+    param = _param(cfg, params, target, name, path)
+    expert = int(match["expert"])
+    if expert >= param.shape[0]:
+        raise ModelLoadError(
+            f"Unexpected tensor '{name}' in {path}: the config has {param.shape[0]} experts; the checkpoint "
+            "does not match its config.json."
+        )
+    dest = param.data[expert]
+    if part is not None:
+        size = dest.shape[0] // 2
+        dest = dest[part * size : (part + 1) * size]
+    return _filled(filled, target, dest, name, shape, path)
+
+
+def _param(cfg: ModelConfig, params: dict, target: str, name: str, path: Path) -> torch.nn.Parameter:
     param = params.get(target)
     if param is None:
         raise ModelLoadError(
             f"Unexpected tensor '{name}' in {path}: it does not belong to a {cfg.architecture}; the "
             "checkpoint does not match its config.json."
         )
-    dest = param.data if size is None else param.data[start : start + size]
+    return param
+
+
+def _filled(filled: dict[str, int], target: str, dest: torch.Tensor, name: str, shape: tuple[int, ...],
+            path: Path) -> torch.Tensor:
     if tuple(dest.shape) != tuple(shape):
         raise ModelLoadError(
             f"Tensor '{name}' in {path} has shape {tuple(shape)} but the config implies {tuple(dest.shape)}; "
             "the checkpoint does not match its config.json."
         )
-    filled[target] += dest.shape[0] if dest.dim() else 1
+    filled[target] += dest.numel()
     return dest

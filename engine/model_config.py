@@ -29,6 +29,9 @@ class Architecture:
     rope_type_aliases: tuple[tuple[str, str], ...] = ()  # old rope type names transformers renames
     default_original_max_positions: int | None = None  # the config class's original_max_position_embeddings
     sliding_window: bool = False  # its `sliding_window` key (null: full attention) applies to every layer
+    # mixture-of-experts MLPs: "qwen3_moe" (moe_intermediate_size, norm_topk_prob, dense layers by
+    # decoder_sparse_step and mlp_only_layers) or "mixtral" (experts of intermediate_size, top-k renormalised)
+    experts: Literal["none", "qwen3_moe", "mixtral"] = "none"
 
 
 SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
@@ -40,11 +43,13 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
                                     default_original_max_positions=4096, sliding_window=True),
     "GraniteForCausalLM": Architecture(multipliers=True),
     "Olmo2ForCausalLM": Architecture(qk_norm="whole", post_norm=True),
+    "Qwen3MoeForCausalLM": Architecture(qk_norm="per_head", experts="qwen3_moe"),
+    "MixtralForCausalLM": Architecture(sliding_window=True, experts="mixtral"),
 }
 # model_type -> architecture, for a config.json without `architectures`
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-                "olmo2": "Olmo2ForCausalLM"}
+                "olmo2": "Olmo2ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
@@ -66,6 +71,19 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoeOptions:
+    """A sparse mixture-of-experts MLP: a router picks each token's top `experts_per_token` of
+    `num_experts` SiLU-gated MLPs (softmax over all experts, then top-k) and sums their outputs
+    weighted by the top-k probabilities, renormalised to sum to 1 when `norm_topk_prob`."""
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    dense_layers: tuple[int, ...] = ()  # layers with an ordinary MLP of intermediate_size instead (Qwen3-MoE)
+
+
+@dataclass(frozen=True)
 class FamilyOptions:
     """The decoder's variations on the Llama layer (the defaults); engine/models/decoder.py reads them."""
 
@@ -79,6 +97,7 @@ class FamilyOptions:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     attention_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5 (Granite: attention_multiplier)
+    moe: MoeOptions | None = None  # None: every layer has a dense MLP
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,11 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
         return int(self.head_dim * self.rope.partial_rotary_factor)
+
+    def layer_has_experts(self, layer_index: int) -> bool:
+        """Whether the layer's MLP is the mixture of experts (else the dense MLP)."""
+        moe = self.family.moe
+        return moe is not None and layer_index not in moe.dense_layers
 
     def layer_window(self, layer_index: int) -> int | None:
         """The sliding window of one layer (None: full attention)."""
@@ -276,9 +300,9 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"Model architecture {architectures or '(none given)'} in {path} is not supported; "
             f"batchllm supports {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
-    if raw.get("use_sliding_window") and architecture == "Qwen2ForCausalLM":
-        raise ModelLoadError(f"{path} enables Qwen2's sliding-window layers (use_sliding_window), which batchllm "
-                             "does not support; batchllm supports sliding windows in Mistral and Phi-3 models.")
+    if raw.get("use_sliding_window") and architecture in ("Qwen2ForCausalLM", "Qwen3MoeForCausalLM"):
+        raise ModelLoadError(f"{path} enables Qwen's sliding-window layers (use_sliding_window), which batchllm "
+                             "does not support; batchllm supports sliding windows in Mistral, Mixtral and Phi-3 models.")
     arch = SUPPORTED_ARCHITECTURES[architecture]
     activation = raw.get("hidden_act", "silu")
     if activation not in ("silu", "swish"):  # the same function under two names
@@ -310,7 +334,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         mlp_bias=bool(raw.get("mlp_bias", False)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-        family=_family_options(f, arch),
+        family=dataclasses.replace(_family_options(f, arch), moe=_moe_options(f, arch)),
         sliding_window=_sliding_window(f) if arch.sliding_window else None,
     )
 
@@ -329,3 +353,32 @@ def _family_options(f: _Fields, arch: Architecture) -> FamilyOptions:
         logits_scaling=f.number("logits_scaling", 1.0),
         attention_scale=f.number("attention_multiplier", 1.0),
     )
+
+
+def _moe_options(f: _Fields, arch: Architecture) -> MoeOptions | None:
+    if arch.experts == "none":
+        return None
+    # Qwen3-MoE checkpoints of transformers 4 say num_experts, those of transformers 5 num_local_experts
+    experts_key = "num_local_experts" if f.raw.get("num_local_experts") is not None else "num_experts"
+    qwen = arch.experts == "qwen3_moe"  # the config classes' defaults: Qwen3-MoE 128 experts top-8, Mixtral 8 top-2
+    num_experts = f.whole(experts_key, 128 if qwen else 8, minimum=0)
+    top_k = f.whole("num_experts_per_tok", 8 if qwen else 2)
+    if num_experts and top_k > num_experts:
+        raise f.error(f"num_experts_per_tok ({top_k}) exceeds the {num_experts} experts")
+    if arch.experts == "mixtral":
+        if num_experts == 0:
+            raise f.error("num_local_experts is 0; a Mixtral layer needs experts")
+        return MoeOptions(num_experts, top_k, f.whole("intermediate_size"), norm_topk_prob=True)
+    if num_experts == 0:  # transformers builds every layer with the dense MLP then
+        return None
+    num_layers = f.whole("num_hidden_layers")
+    step = f.whole("decoder_sparse_step", 1)
+    only_dense = f.raw.get("mlp_only_layers") or []
+    if not isinstance(only_dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only_dense):
+        raise f.error(f"mlp_only_layers is {only_dense!r}, not a list of layer numbers")
+    # transformers' Qwen3MoeDecoderLayer: experts where the layer is not listed and (index + 1) % step == 0
+    dense = tuple(i for i in range(num_layers) if i in only_dense or (i + 1) % step)
+    norm = f.raw.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise f.error(f"norm_topk_prob is {norm!r}, not true or false")
+    return MoeOptions(num_experts, top_k, f.whole("moe_intermediate_size"), norm, dense_layers=dense)

@@ -1,6 +1,6 @@
 """Tiny random-weight Hugging Face model directories for engine tests (test-only helper).
 
-Each variant is a real transformers model (Llama, Mistral, Qwen2, Qwen3) saved with save_pretrained as
+Each variant is a real transformers model (Llama, Mistral, Qwen2, Qwen3, ..., Qwen3-MoE, Mixtral) saved with save_pretrained as
 safetensors, plus a byte-level BPE tokenizer trained offline on a generated corpus. Weights use a
 large init range, random biases and random RMSNorm weights, because a default-initialised random
 model has near-tied logits and greedy parity would then test float rounding, not the engine.
@@ -31,10 +31,11 @@ CHAT_TEMPLATE = (
 )
 MAX_POSITIONS = 512
 
-Family = Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "qwen3_moe", "mixtral"]
 ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-                                 "olmo2": "Olmo2ForCausalLM"}
+                                 "olmo2": "Olmo2ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                                 "mixtral": "MixtralForCausalLM"}
 KeyStyle = Literal["v4", "v5"]  # transformers-4 keys (rope_theta, rope_scaling, torch_dtype) or 5
 
 
@@ -116,6 +117,17 @@ VARIANTS: dict[str, Variant] = {
                  "max_position_embeddings": 1024, "original_max_position_embeddings": 512,
                  "rope_scaling": dict(_PHI3_ROPE), "sliding_window": 13},
                 max_model_len=512, seed=29),
+        # mixtures of 4 experts, top-2: Qwen3-MoE's top-2 weights not renormalised (norm_topk_prob false)
+        # and its middle layer dense (mlp_only_layers); Mixtral renormalises and has a window
+        Variant("qwen3_moe", "qwen3_moe", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 3,
+                 "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                 "norm_topk_prob": False, "mlp_only_layers": [1]},
+                seed=50),
+        Variant("mixtral_window", "mixtral", "v5",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+                 "num_experts_per_tok": 2, "intermediate_size": 48, "sliding_window": 13},
+                sharded=True, seed=60),
     )
 }
 
@@ -224,7 +236,7 @@ def special_id(token: str) -> int:
 
 
 def write_tokenizer(out: Path, *, chat_template_file: bool, family: Family = "llama") -> None:
-    text = qwen_tokenizer_json() if family in ("qwen2", "qwen3") else train_tokenizer_json()
+    text = qwen_tokenizer_json() if family in ("qwen2", "qwen3", "qwen3_moe") else train_tokenizer_json()
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
     cfg: dict = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -251,14 +263,17 @@ def _hf_config(variant: Variant):
         GraniteConfig,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Olmo2Config,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-           "phi3": Phi3Config, "granite": GraniteConfig, "olmo2": Olmo2Config}[variant.family]
+           "phi3": Phi3Config, "granite": GraniteConfig, "olmo2": Olmo2Config, "qwen3_moe": Qwen3MoeConfig,
+           "mixtral": MixtralConfig}[variant.family]
     kwargs = dict(
         vocab_size=tokenizer_size(),
         hidden_size=64,

@@ -1,7 +1,8 @@
 """One decoder-only transformer covering the Llama, Mistral (sliding-window attention), Qwen2 (q/k/v
 bias), Qwen3 (per-head q/k RMSNorm), Phi-3 (partial rotary, LongRoPE, sliding window), Granite
-(multipliers) and OLMo 2 (post-norm layer, q/k RMSNorm over the whole projection) families; where they
-differ is named in `ModelConfig.family` (and `ModelConfig.layer_window`). Projections are fused (qkv,
+(multipliers), OLMo 2 (post-norm layer, q/k RMSNorm over the whole projection), Qwen3-MoE and Mixtral
+(mixture-of-experts MLP, engine/models/moe.py) families; where they differ is named in
+`ModelConfig.family` (and `ModelConfig.layer_window`, `ModelConfig.layer_has_experts`). Projections are fused (qkv,
 gate+up) so each layer runs few large matmuls; the loader splits Hugging Face weights into them."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
+from engine.models.moe import SparseMoeBlock
 from engine.models.rope import apply_rope, rope_cache
 from engine.step_context import StepContext
 from kernels import triton_interpreting
@@ -130,7 +132,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.post_norm else None
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.layer_has_experts(layer_index) else MLP(cfg)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, ctx: StepContext
