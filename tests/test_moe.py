@@ -77,6 +77,12 @@ def test_qwen3_moe_dense_layers_follow_sparse_step_and_mlp_only_layers(tiny_mode
     assert load_model_config(_copy(src, tmp_path / "none", num_local_experts=0, num_experts=0)).family.moe is None
 
 
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_a_config_without_architectures_is_known_by_its_model_type(variant: str, tiny_model_dir, tmp_path: Path) -> None:
+    src = tiny_model_dir(variant)
+    assert load_model_config(_copy(src, tmp_path / "typed", architectures=None)) == load_model_config(src)
+
+
 def test_moe_configs_that_cannot_run_are_refused(tiny_model_dir, tmp_path: Path) -> None:
     src = tiny_model_dir("qwen3_moe")
     with pytest.raises(ModelLoadError, match="num_experts_per_tok \\(5\\) exceeds the 4 experts"):
