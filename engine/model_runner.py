@@ -57,9 +57,11 @@ class ModelRunner:
             raise ConfigError(f"--attention-backend {cfg.attention_backend}: {exc}") from exc
         # the Triton path also runs add+RMSNorm and RoPE as kernels (fewer passes over activations)
         self.model.use_fused_kernels(self.attention_backend.name == "triton")
-        # decode steps replay CUDA graphs where the backend can be captured
+        # decode steps replay CUDA graphs where the backend can be captured; not with experts, whose
+        # grouping sizes its buffers from the step's routing on the host, which a graph cannot replay
         self.use_graphs = (
             self.device.type == "cuda" and cfg.cuda_graphs and self.attention_backend.graph_variant() is not None
+            and model_cfg.family.moe is None
         )
         self.num_blocks = self._num_kv_blocks(used_before)
         shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)

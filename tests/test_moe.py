@@ -120,3 +120,16 @@ def test_a_missing_expert_projection_is_refused(tiny_model_dir, tmp_path: Path) 
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"lack 1 tensors .*layers\.2\.mlp\.experts\.gate_up_proj"):
         check_weights(dst, load_model_config(dst))
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_fused_kernels_match_unfused(variant: str, tiny_model_dir) -> None:
+    """The Triton grouped-GEMM experts (interpreter on CPU) in the model, against the PyTorch experts."""
+    engine = _engine(tiny_model_dir(variant))
+    prompt = model_factory.make_prompts([40], seed=3)[0]
+    unfused = _prefill_logits(engine, prompt)
+    engine.runner.model.use_fused_kernels(True)
+    assert any(getattr(m, "fused", False) for m in engine.runner.model.modules() if hasattr(m, "experts"))
+    fused = _prefill_logits(engine, prompt)
+    engine.runner.model.use_fused_kernels(False)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-5)

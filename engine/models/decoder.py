@@ -189,8 +189,8 @@ class DecoderForCausalLM(nn.Module):
         self.rope = rope_cache(self.config.rope, self.config.rotary_dim, max_positions).to(device)
 
     def use_fused_kernels(self, enabled: bool) -> None:
-        """Run add+RMSNorm and RoPE as Triton kernels (kernels.rms_norm, kernels.rotary) instead of
-        PyTorch ops; off by default. Outputs match the PyTorch path up to float rounding. RoPE then
+        """Run add+RMSNorm, RoPE and the mixture of experts as Triton kernels (kernels.rms_norm,
+        kernels.rotary, kernels.fused_moe) instead of PyTorch ops; off by default. Outputs match the PyTorch path up to float rounding. RoPE then
         rotates q/k in place in the qkv buffer, unseen by autograd: for inference only."""
         device = self.model.embed_tokens.weight.device
         if enabled and device.type != "cuda" and not triton_interpreting():
@@ -199,9 +199,11 @@ class DecoderForCausalLM(nn.Module):
         if enabled:
             import kernels.rms_norm  # noqa: F401 - a missing or broken Triton fails here, not mid-forward
             import kernels.rotary  # noqa: F401
+            if self.config.family.moe is not None:
+                import kernels.fused_moe  # noqa: F401
         self.fused_kernels = enabled
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention)):
+            if isinstance(module, (RMSNorm, Attention, SparseMoeBlock)):
                 module.fused = enabled
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -67,8 +67,13 @@ class SparseMoeBlock(nn.Module):
         self.moe = cfg.family.moe
         self.gate = nn.Linear(cfg.hidden_size, self.moe.num_experts, bias=False)  # the router
         self.experts = Experts(self.moe, cfg.hidden_size)
+        self.fused = False  # the experts as Triton grouped GEMMs (kernels.fused_moe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, hidden]
         weights, experts = route(self.gate(x), self.moe, x.dtype)
+        if self.fused:
+            from kernels.fused_moe import fused_moe  # lazy: Triton only once fused kernels are enabled
+
+            return fused_moe(x, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)
         return grouped_experts(x, weights, experts, self.experts.gate_up_proj, self.experts.down_proj)
