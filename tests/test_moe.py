@@ -83,6 +83,26 @@ def test_a_config_without_architectures_is_known_by_its_model_type(variant: str,
     assert load_model_config(_copy(src, tmp_path / "typed", architectures=None)) == load_model_config(src)
 
 
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_both_key_styles_read_alike(variant: str, tiny_model_dir, tmp_path: Path) -> None:
+    src = tiny_model_dir(variant)
+    other = "v5" if model_factory.VARIANTS[variant].key_style == "v4" else "v4"
+    dst = _copy(src, tmp_path / other)
+    model_factory.rewrite_config_keys(dst / "config.json", other)
+    assert (dst / "config.json").read_text() != (src / "config.json").read_text()
+    assert load_model_config(dst) == load_model_config(src)
+
+
+def test_qwen3_moe_reads_the_transformers_4_experts_key(tiny_model_dir, tmp_path: Path) -> None:
+    """transformers 4 wrote Qwen3-MoE's expert count as num_experts, transformers 5 as num_local_experts."""
+    src = tiny_model_dir("qwen3_moe")
+    dst = _copy(src, tmp_path / "v4", num_experts=4)
+    raw = json.loads((dst / "config.json").read_text())
+    del raw["num_local_experts"]
+    (dst / "config.json").write_text(json.dumps(raw))
+    assert load_model_config(dst) == load_model_config(src)
+
+
 def test_moe_configs_that_cannot_run_are_refused(tiny_model_dir, tmp_path: Path) -> None:
     src = tiny_model_dir("qwen3_moe")
     with pytest.raises(ModelLoadError, match="num_experts_per_tok \\(5\\) exceeds the 4 experts"):
