@@ -5,7 +5,8 @@ of wall time on a shared CPU: a third of a one-row job. Everything the CLI write
 synced before its command returns, so the teardown frees memory the OS reclaims anyway. What a
 normal exit does first is done here too: non-daemon threads are waited for (if any is alive the
 normal exit is taken instead), atexit handlers run (temporary directories, weakref finalizers,
-logging), and stdout/stderr are flushed.
+logging), and stdout/stderr are flushed. Under a profiler or tracer (cProfile, coverage, a debugger),
+which writes its results after the program returns, the normal exit is taken.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import NoReturn
 def exit_now(code: int) -> NoReturn:
     """Exit with `code` at once (see the module docstring); the normal exit where that is not safe."""
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if others:
+    if others or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     atexit._run_exitfuncs()  # runs each handler once and clears them
     try:
