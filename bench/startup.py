@@ -5,6 +5,8 @@ only same-round comparisons mean much):
   run:          batchllm run ONE_ROW.csv --template T.j2 --output out.parquet --model DEMO --max-tokens 8
   help:         batchllm --help (the CLI's own start: imports without torch)
   import_torch: python -c "import torch" (the floor of any run that loads a model)
+  baseline:     with --baseline DIR, the same `run` with DIR's code (e.g. a checkout of main), for a
+                before/after in the same rounds
 The `run` process is started through a small driver that times the job's phases from wall-clock
 timestamps (functions of batchllm_cli wrapped in place, nothing else changed): imports of the CLI,
 prepare_run (of it: check_model_files, which imports torch and the engine, and build_fingerprint,
@@ -12,7 +14,7 @@ which hashes the weights), the model load, the global-plan thread (it runs while
 the engine's generation, write_final (DuckDB) and, of it, the completion marker. `total` is the
 parent's wall time from spawn to exit. Min and median per phase are reported.
 
-    python bench/startup.py [--rounds 7] [--no-write]
+    python bench/startup.py [--rounds 7] [--baseline DIR] [--no-write]
 Writes bench/results/startup_cpu.json.
 """
 from __future__ import annotations
@@ -87,18 +89,21 @@ def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
     return wall
 
 
-def one_round(work: Path, model_dir: Path, env: dict[str, str]) -> dict[str, dict[str, float]]:
-    out = work / "out.parquet"
+def _job(work: Path, model_dir: Path, env: dict[str, str]) -> dict[str, float]:
     for p in work.glob("out.parquet*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     marks_file = work / "marks.json"
-    run_args = ["run", "one.csv", "--template", "t.j2", "--output", out.name, "--model", str(model_dir),
+    run_args = ["run", "one.csv", "--template", "t.j2", "--output", "out.parquet", "--model", str(model_dir),
                 "--max-tokens", "8"]
-    runs: dict[str, dict[str, float]] = {}
     total = _timed([sys.executable, "-c", _DRIVER, *run_args], {**env, "STARTUP_BENCH_MARKS": str(marks_file)}, work)
     marks = json.loads(marks_file.read_text())
-    runs["run"] = {"total": total, **{k: b - a for k, (a, b) in marks.items() if k != "exit"},
-                   "exit": total - marks["exit"][0]}
+    return {"total": total, **{k: b - a for k, (a, b) in marks.items() if k != "exit"}, "exit": total - marks["exit"][0]}
+
+
+def one_round(work: Path, model_dir: Path, env: dict[str, str], baseline: Path | None) -> dict[str, dict[str, float]]:
+    runs: dict[str, dict[str, float]] = {"run": _job(work, model_dir, env)}
+    if baseline is not None:
+        runs["baseline"] = _job(work, model_dir, {**env, "PYTHONPATH": str(baseline)})
     runs["help"] = {"total": _timed([sys.executable, "-m", "batchllm_cli", "--help"], env, work)}
     runs["import_torch"] = {"total": _timed([sys.executable, "-c", "import torch"], env, work)}
     return runs
@@ -107,6 +112,7 @@ def one_round(work: Path, model_dir: Path, env: dict[str, str]) -> dict[str, dic
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--baseline", type=Path, help="a checkout whose `run` is timed in the same rounds")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -118,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             env=env, capture_output=True, text=True, check=True).stdout.strip())
         (work / "one.csv").write_text("q\nhello world\n")
         (work / "t.j2").write_text("Say: {{ q }}\n")
+        one_round(work, model_dir, env, args.baseline)  # warm-up, untimed: .pyc files, the page cache
         rounds = []
         for i in range(args.rounds):
-            rounds.append(one_round(work, model_dir, env))
+            rounds.append(one_round(work, model_dir, env, args.baseline))
             r = rounds[-1]
-            print(f"round {i} run {r['run']['total']:.2f}s help {r['help']['total']:.2f}s "
-                  f"import_torch {r['import_torch']['total']:.2f}s", file=sys.stderr)
+            print(f"round {i} " + " ".join(f"{v} {r[v]['total']:.2f}s" for v in r), file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary: dict[str, dict[str, dict[str, float]]] = {}
@@ -148,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                      "load_avg_at_end": os.getloadavg()},
             **git_commit("batchllm_cli", "engine", "kernels"),
             "rounds": args.rounds,
+            "baseline": None if args.baseline is None else {
+                "dir": str(args.baseline),
+                "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.baseline, capture_output=True,
+                                         text=True).stdout.strip()},
             "seconds": summary,
             "phases_note": ("phases overlap: check_model_files and fingerprint are inside prepare_run; marker is inside "
                             "write_final; plan_thread runs while model_load does. interpreter = spawn to the "
