@@ -5,8 +5,8 @@ only same-round comparisons mean much):
   run:          batchllm run ONE_ROW.csv --template T.j2 --output out.parquet --model DEMO --max-tokens 8
   help:         batchllm --help (the CLI's own start: imports without torch)
   import_torch: python -c "import torch" (the floor of any run that loads a model)
-  baseline:     with --baseline DIR, the same `run` with DIR's code (e.g. a checkout of main), for a
-                before/after in the same rounds
+  baseline:     with --baseline COMMIT, the same `run` with that commit's code (`git archive` into a
+                temporary directory), for a before/after in the same rounds
 The `run` process is started through a small driver that times the job's phases from wall-clock
 timestamps (functions of batchllm_cli wrapped in place, nothing else changed): imports of the CLI,
 prepare_run (of it: check_model_files, which imports torch and the engine, and build_fingerprint,
@@ -14,7 +14,7 @@ which hashes the weights), the model load, the global-plan thread (it runs while
 the engine's generation, write_final (DuckDB) and, of it, the completion marker. `total` is the
 parent's wall time from spawn to exit. Min and median per phase are reported.
 
-    python bench/startup.py [--rounds 7] [--baseline DIR] [--no-write]
+    python bench/startup.py [--rounds 7] [--baseline COMMIT] [--no-write]
 Writes bench/results/startup_cpu.json.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def one_round(work: Path, model_dir: Path, env: dict[str, str], baseline: Path |
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--baseline", type=Path, help="a checkout whose `run` is timed in the same rounds")
+    p.add_argument("--baseline", help="a commit whose `run` is timed in the same rounds")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -122,12 +122,18 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-c", "from pathlib import Path; import sys; from engine.demo_model import "
              "ensure_demo_model; print(ensure_demo_model(Path(sys.argv[1])))", str(work / "cache")],
             env=env, capture_output=True, text=True, check=True).stdout.strip())
+        baseline = None
+        if args.baseline:
+            baseline = work / "baseline"
+            baseline.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline], cwd=REPO, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
         (work / "one.csv").write_text("q\nhello world\n")
         (work / "t.j2").write_text("Say: {{ q }}\n")
-        one_round(work, model_dir, env, args.baseline)  # warm-up, untimed: .pyc files, the page cache
+        one_round(work, model_dir, env, baseline)  # warm-up, untimed: .pyc files, the page cache
         rounds = []
         for i in range(args.rounds):
-            rounds.append(one_round(work, model_dir, env, args.baseline))
+            rounds.append(one_round(work, model_dir, env, baseline))
             r = rounds[-1]
             print(f"round {i} " + " ".join(f"{v} {r[v]['total']:.2f}s" for v in r), file=sys.stderr)
     finally:
@@ -154,10 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                      "load_avg_at_end": os.getloadavg()},
             **git_commit("batchllm_cli", "engine", "kernels"),
             "rounds": args.rounds,
-            "baseline": None if args.baseline is None else {
-                "dir": str(args.baseline),
-                "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.baseline, capture_output=True,
-                                         text=True).stdout.strip()},
+            "baseline_commit": None if args.baseline is None else subprocess.run(
+                ["git", "rev-parse", args.baseline], cwd=REPO, capture_output=True, text=True).stdout.strip(),
             "seconds": summary,
             "phases_note": ("phases overlap: check_model_files and fingerprint are inside prepare_run; marker is inside "
                             "write_final; plan_thread runs while model_load does. interpreter = spawn to the "
