@@ -27,6 +27,7 @@ from batchllm_cli.errors import (
     OutputError,
     UsageError,
 )
+from batchllm_cli.fast_exit import exit_now
 from batchllm_cli.file_safety import JobPath, check_job_paths, input_reads, model_files
 from batchllm_cli.help_format import SectionedHelpCommand
 from batchllm_cli.input_options import ColumnsOpt, EncodingOpt, InputFormatOpt, InputGlobOpt, WhereOpt, input_options
@@ -668,7 +669,11 @@ def main() -> None:
         app()
     except BatchLLMError as exc:  # raised outside a command body (should not happen); stay one line
         print_error(str(exc))
-        sys.exit(exc.exit_code)
+        exit_now(exc.exit_code)
+    except SystemExit as exc:  # how the command ends, whatever its outcome
+        if exc.code is None or isinstance(exc.code, int):
+            exit_now(exc.code or 0)
+        raise
 
 
 __all__ = ["app", "main", "EXIT_USAGE"]

@@ -46,7 +46,8 @@ def _fused_rows(cfg: ModelConfig, fused: str, part: int) -> tuple[int, int]:
 
 def check_weights(model_dir: Path, cfg: ModelConfig) -> None:
     """ModelLoadError naming the file and tensor when the weights are unreadable or do not fit `cfg`."""
-    with torch.device("meta"):
+    # Init skipped: meta kernels for the random init import torch._dynamo (seconds of a short job).
+    with _uninitialized(torch.device("meta"), torch.get_default_dtype()):
         params = dict(DecoderForCausalLM(cfg).named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
     for path in weight_files(model_dir):

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
 from engine.devices import check_device
 from engine.errors import ConfigError
 from engine.grammar_mask import TokenMask, apply_token_mask
@@ -21,6 +20,9 @@ from engine.step_context import StepContext
 from engine.threads import apply_thread_count
 from kernels.attention_backend import select_backend
 from kernels.host_tensors import to_device
+
+if TYPE_CHECKING:
+    from engine.cuda_graphs import DecodeGraphs
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,6 +76,9 @@ class ModelRunner:
 
     def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
         """capture=False: the graph path without the capture (static buffers run eagerly), for tests."""
+        # Imported here: its decode plan imports Triton (~0.5 s), which a CPU run never uses.
+        from engine.cuda_graphs import DecodeGraphs
+
         return DecodeGraphs(
             self.model, self.attention_backend, self.kv_caches, self.model_cfg,
             max_rows=self.cfg.max_num_seqs, max_model_len=self.max_model_len, block_size=self.block_size,
