@@ -29,6 +29,14 @@ class Architecture:
     rope_type_aliases: tuple[tuple[str, str], ...] = ()  # old rope type names transformers renames
     default_original_max_positions: int | None = None  # the config class's original_max_position_embeddings
     sliding_window: bool = False  # its `sliding_window` key (null: full attention) applies to every layer
+    # Gemma 2 / 3: `layer_types` names each layer sliding_attention or full_attention (default: every
+    # `sliding_pattern`-th layer full, the others sliding); (1 + weight) RMSNorms; norms before and
+    # after attention and the MLP; embeddings times sqrt(hidden_size); q.k scaled by
+    # query_pre_attn_scalar ** -0.5; tanh soft-capping of attention and final logits; gelu-tanh MLP
+    gemma: bool = False
+    sliding_pattern: int = 2
+    local_rope: bool = False  # Gemma 3: sliding layers use their own RoPE (rope_local_base_freq, unscaled)
+    default_softcaps: tuple[float | None, float | None] = (None, None)  # (attention, final) when the keys are absent
 
 
 SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
@@ -40,11 +48,13 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
                                     default_original_max_positions=4096, sliding_window=True),
     "GraniteForCausalLM": Architecture(multipliers=True),
     "Olmo2ForCausalLM": Architecture(qk_norm="whole", post_norm=True),
+    "Gemma2ForCausalLM": Architecture(gemma=True, default_softcaps=(50.0, 30.0)),
+    "Gemma3ForCausalLM": Architecture(qk_norm="per_head", gemma=True, sliding_pattern=6, local_rope=True),
 }
 # model_type -> architecture, for a config.json without `architectures`
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-                "olmo2": "Olmo2ForCausalLM"}
+                "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
@@ -79,6 +89,14 @@ class FamilyOptions:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     attention_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5 (Granite: attention_multiplier)
+    # Gemma: RMSNorm weights are offsets from one (x * (1 + weight), multiplied in float32); norms
+    # before and after both attention and the MLP (input_, post_attention_, pre_feedforward_,
+    # post_feedforward_layernorm); embeddings times sqrt(hidden_size) rounded to the model dtype
+    gemma_norms: bool = False
+    embedding_scale_in_model_dtype: bool = False  # embedding_multiplier is cast to the model dtype first
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
+    attention_softcap: float | None = None  # scores = cap * tanh(scores / cap) before the softmax
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,9 @@ class ModelConfig:
     # keys each layer's queries see, themselves included (a token at position p sees keys at
     # positions > p - window, as transformers); None: full causal attention
     sliding_window: int | None = None
+    # per layer, whether it uses sliding_window (Gemma's layer_types); None: every layer does
+    sliding_layers: tuple[bool, ...] | None = None
+    local_rope: RopeConfig | None = None  # the sliding layers' RoPE (Gemma 3); None: `rope` for every layer
 
     @property
     def rotary_dim(self) -> int:
@@ -111,7 +132,15 @@ class ModelConfig:
 
     def layer_window(self, layer_index: int) -> int | None:
         """The sliding window of one layer (None: full attention)."""
+        if self.sliding_layers is not None and not self.sliding_layers[layer_index]:
+            return None
         return self.sliding_window
+
+    def layer_rope(self, layer_index: int) -> RopeConfig:
+        """The RoPE of one layer: the local one on Gemma 3's sliding layers, `rope` elsewhere."""
+        if self.local_rope is not None and self.sliding_layers is not None and self.sliding_layers[layer_index]:
+            return self.local_rope
+        return self.rope
 
     @property
     def attention_reach(self) -> int | None:
@@ -174,11 +203,16 @@ class _Fields:
         return value
 
 
-def _rope_config(f: _Fields, arch: Architecture, head_dim: int, max_positions: int) -> RopeConfig:
+def _rope_config(
+    f: _Fields, arch: Architecture, head_dim: int, max_positions: int, scaling: dict | None = None
+) -> RopeConfig:
     # transformers 5 keeps theta inside rope_parameters; transformers 4 keeps it top level and the
-    # scaling (if any) in rope_scaling, whose type key was once "type".
+    # scaling (if any) in rope_scaling, whose type key was once "type". `scaling`: one layer type's
+    # parameters (Gemma 3), theta inside.
     params = f.mapping("rope_parameters")
-    if params and not any(isinstance(v, dict) for v in params.values()):
+    if scaling is not None:
+        pass
+    elif params and not any(isinstance(v, dict) for v in params.values()):
         scaling = params
     else:
         scaling = f.mapping("rope_scaling")
@@ -236,6 +270,47 @@ def _sliding_window(f: _Fields) -> int | None:
     return None if value is None else f.whole("sliding_window")
 
 
+def _gemma_ropes(f: _Fields, arch: Architecture, head_dim: int, max_positions: int) -> tuple[RopeConfig, RopeConfig | None]:
+    """(global RoPE, local RoPE of the sliding layers or None). Gemma 3's transformers-5 config keeps
+    one rope_parameters per layer type; its transformers-4 config has rope_theta and rope_scaling
+    (the full layers') and rope_local_base_freq (the sliding layers', unscaled)."""
+    if not arch.local_rope:
+        return _rope_config(f, arch, head_dim, max_positions), None
+    params = f.mapping("rope_parameters")
+    if any(isinstance(v, dict) for v in params.values()):
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full, local = dict(f.mapping("rope_scaling")), {}
+    full.setdefault("rope_theta", f.number("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", f.number("rope_local_base_freq", 10_000.0))
+    return _rope_config(f, arch, head_dim, max_positions, full), _rope_config(f, arch, head_dim, max_positions, local)
+
+
+def _sliding_layers(f: _Fields, arch: Architecture, num_layers: int) -> tuple[bool, ...]:
+    """Gemma's layer_types as one bool per layer (True: sliding_attention), or transformers' default."""
+    types = f.raw.get("layer_types")
+    if types is None:
+        pattern = f.whole("sliding_window_pattern", arch.sliding_pattern)
+        return tuple(bool((i + 1) % pattern) for i in range(num_layers))
+    kinds = ("sliding_attention", "full_attention")
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in kinds for t in types):
+        raise f.error(f"layer_types must list {' or '.join(kinds)} once per layer ({num_layers})")
+    return tuple(t == "sliding_attention" for t in types)
+
+
+def _softcap(f: _Fields, key: str, default: float | None) -> float | None:
+    # an absent key takes the config class's default; null turns the capping off
+    if key not in f.raw:
+        return default
+    value = f.raw[key]
+    if value is None:
+        return None
+    cap = f.number(key, 0.0)
+    if cap <= 0:
+        raise f.error(f"{key} is {value}, it must be positive (or null for no capping)")
+    return cap
+
+
 def _read_json_object(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
@@ -280,42 +355,72 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise ModelLoadError(f"{path} enables Qwen2's sliding-window layers (use_sliding_window), which batchllm "
                              "does not support; batchllm supports sliding windows in Mistral and Phi-3 models.")
     arch = SUPPORTED_ARCHITECTURES[architecture]
-    activation = raw.get("hidden_act", "silu")
-    if activation not in ("silu", "swish"):  # the same function under two names
-        raise ModelLoadError(f"{path} sets hidden_act {activation!r}; batchllm runs SiLU-gated MLPs only.")
+    if arch.gemma:  # Gemma's MLP reads hidden_activation (its configs may carry a hidden_act too)
+        activation = raw.get("hidden_activation") or "gelu_pytorch_tanh"
+        if activation != "gelu_pytorch_tanh":
+            raise ModelLoadError(f"{path} sets hidden_activation {activation!r}; batchllm runs Gemma models "
+                                 "with gelu_pytorch_tanh only.")
+        if raw.get("use_bidirectional_attention"):
+            raise ModelLoadError(f"{path} sets use_bidirectional_attention (an embedding model); batchllm "
+                                 "runs causal language models only.")
+    else:
+        activation = raw.get("hidden_act", "silu")
+        if activation not in ("silu", "swish"):  # the same function under two names
+            raise ModelLoadError(f"{path} sets hidden_act {activation!r}; batchllm runs SiLU-gated MLPs only.")
     max_positions = f.whole("max_position_embeddings", 4096)
     hidden = f.whole("hidden_size")
     num_heads = f.whole("num_attention_heads")
     num_kv_heads = f.whole("num_key_value_heads", num_heads)
     if num_heads % num_kv_heads:
         raise f.error(f"num_key_value_heads ({num_kv_heads}) does not divide num_attention_heads ({num_heads})")
+    if arch.gemma and "query_pre_attn_scalar" in raw and f.number("query_pre_attn_scalar", 0.0) <= 0:
+        raise f.error("query_pre_attn_scalar must be positive")
     if raw.get("head_dim") is None and hidden % num_heads:
         raise f.error(f"num_attention_heads ({num_heads}) does not divide hidden_size ({hidden}) and no head_dim is given")
     head_dim = f.whole("head_dim", hidden // num_heads)
+    num_layers = f.whole("num_hidden_layers")
+    rope, local_rope = _gemma_ropes(f, arch, head_dim, max_positions)
+    sliding_window = _sliding_window(f) if arch.sliding_window else None
+    if arch.gemma:
+        # the config classes' default when absent; null: full attention on every layer
+        sliding_window = f.whole("sliding_window", 4096) if "sliding_window" not in raw else _sliding_window(f)
     return ModelConfig(
         architecture=architecture,
         vocab_size=f.whole("vocab_size"),
         hidden_size=hidden,
         intermediate_size=f.whole("intermediate_size"),
-        num_layers=f.whole("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=f.number("rms_norm_eps", 1e-6),
         max_position_embeddings=max_positions,
-        rope=_rope_config(f, arch, head_dim, max_positions),
+        rope=rope,
         qkv_bias=arch.qkv_bias or bool(raw.get("attention_bias", False)),
         # Qwen2 has q/k/v bias but never an o_proj bias; the others tie both to attention_bias.
         o_bias=bool(raw.get("attention_bias", False)) and not arch.qkv_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch.gemma)),  # Gemma's configs default to tied
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-        family=_family_options(f, arch),
-        sliding_window=_sliding_window(f) if arch.sliding_window else None,
+        family=_family_options(f, arch, hidden, head_dim),
+        sliding_window=sliding_window,
+        sliding_layers=_sliding_layers(f, arch, num_layers) if arch.gemma else None,
+        local_rope=local_rope,
     )
 
 
-def _family_options(f: _Fields, arch: Architecture) -> FamilyOptions:
+def _family_options(f: _Fields, arch: Architecture, hidden: int, head_dim: int) -> FamilyOptions:
+    if arch.gemma:
+        return FamilyOptions(
+            qk_norm=arch.qk_norm,
+            embedding_multiplier=hidden**0.5,
+            attention_scale=f.number("query_pre_attn_scalar", 256.0) ** -0.5,
+            gemma_norms=True,
+            embedding_scale_in_model_dtype=True,
+            mlp_activation="gelu_tanh",
+            attention_softcap=_softcap(f, "attn_logit_softcapping", arch.default_softcaps[0]),
+            final_logit_softcap=_softcap(f, "final_logit_softcapping", arch.default_softcaps[1]),
+        )
     if not arch.multipliers:
         return FamilyOptions(qk_norm=arch.qk_norm, post_norm=arch.post_norm)
     # GraniteConfig's defaults: all 1.0, so a Granite without attention_multiplier scales q.k by 1
