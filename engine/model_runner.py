@@ -19,7 +19,7 @@ from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 from engine.step_context import StepContext
 from engine.threads import apply_thread_count
-from kernels.attention_backend import TritonBackend, select_backend
+from kernels.attention_backend import select_backend
 from kernels.host_tensors import to_device
 
 
@@ -51,14 +51,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         used_before = self._cuda_used_bytes()
         self.model = load_model(Path(cfg.model_dir), model_cfg, self.device, self.dtype, max_model_len)
-        backend_name = cfg.attention_backend
-        softcap = model_cfg.family.attention_softcap
-        if softcap is not None and backend_name == "auto":
-            backend_name = "torch"  # the Triton kernels do not soft-cap attention scores (Gemma 2)
         try:
-            self.attention_backend = select_backend(backend_name, self.device)
-            if self.attention_backend.name == "triton":
-                TritonBackend.check_softcap(softcap)
+            self.attention_backend = select_backend(cfg.attention_backend, self.device)
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"--attention-backend {cfg.attention_backend}: {exc}") from exc
         # the Triton path also runs add+RMSNorm and RoPE as kernels (fewer passes over activations)

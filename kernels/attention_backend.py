@@ -16,8 +16,7 @@ PyTorch paths never gather blocks before it (the Triton kernels skip them per ca
 
 Soft-capping: `softcap` of an attention call (Gemma 2) caps each scaled score to
 softcap * tanh(score / softcap) before the softmax; None: no capping. The PyTorch paths then run
-their matmul forms (PyTorch's fused attention cannot cap); the Triton kernels do not cap yet and
-refuse it (`TritonBackend.check_softcap`).
+their matmul forms (PyTorch's fused attention cannot cap); the Triton kernels cap in their tiles.
 
 `build_step_metadata` routes every decode chunk (query_len 1) through `shared_prefix_decode`
 (members of a group share one pass over the group's prefix; rows without a group are plain rows of
@@ -306,18 +305,10 @@ class TritonBackend(_StepMixin):
             query_starts=query_starts,
         )
 
-    @staticmethod
-    def check_softcap(softcap: float | None) -> None:
-        """ValueError for soft-capped attention, which the kernels do not compute."""
-        if softcap is not None:
-            raise ValueError("the triton attention backend does not soft-cap attention scores (Gemma 2's "
-                             "attn_logit_softcapping); use --attention-backend torch for this model")
-
     def paged_attention(self, q, k_cache, v_cache, meta, scale: float, out=None, key=None, value=None,
                         window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         # the kernel reads every key from the cache (key / value unused)
-        self.check_softcap(softcap)
-        return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out, window=window)
+        return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out, window=window, softcap=softcap)
 
     def build_shared_prefix_metadata(
         self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
@@ -330,8 +321,8 @@ class TritonBackend(_StepMixin):
 
     def shared_prefix_decode(self, q, k_cache, v_cache, meta, scale: float, out=None,
                              window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-        self.check_softcap(softcap)
-        return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out, window=window)
+        return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out, window=window,
+                                                 softcap=softcap)
 
     def graph_variant(self) -> TritonBackend:
         """The same kernels with a fixed group-tile height, so that every decode plan of a CUDA

@@ -1,7 +1,7 @@
 """Gemma 2 and Gemma 3 (text) beyond greedy parity (tests/test_engine_parity.py runs that): prefill
 logits equal transformers' (the final logit soft-cap never changes a greedy choice), which layers
 slide and which RoPE each layer uses, both config key generations of Gemma 3, the fused kernels, and
-what is refused (the Triton kernels do not soft-cap attention)."""
+the Triton backend, and what is refused."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import model_factory
-from engine.errors import ConfigError, ModelLoadError
+from engine.errors import ModelLoadError
 from engine.model_config import load_model_config
+from engine.sampling_params import SamplingParams
 from test_model_families import _engine, _prefill_logits
 
 VARIANTS = ["gemma2", "gemma3", "gemma3_v4"]
@@ -77,11 +78,17 @@ def test_refusals(tiny_model_dir, tmp_path: Path) -> None:
         load_model_config(_edited(src, tmp_path / "bidi", use_bidirectional_attention=True))
 
 
-def test_softcapped_models_do_not_run_on_the_triton_kernels(tiny_model_dir) -> None:
-    """--attention-backend triton is refused for Gemma 2 (the kernels do not cap); auto picks torch."""
-    with pytest.raises(ConfigError, match="does not soft-cap"):
-        _engine(tiny_model_dir("gemma2"), attention_backend="triton")
-    assert _engine(tiny_model_dir("gemma2"), attention_backend="auto").runner.attention_backend.name == "torch"
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_triton_backend_greedy_equals_transformers(variant: str, tiny_model_dir, hf_model) -> None:
+    """The Triton kernels (interpreter on CPU) soft-cap (Gemma 2) and the fused RoPE reads the sliding
+    layers' own table (Gemma 3): prompts past the window, two sharing a prefix (the shared decode path)."""
+    base = model_factory.make_prompts([30, 24], seed=11)
+    prompts = [base[0], base[0] + base[1][1:9], base[0] + base[1][9:20], base[1]]
+    refs = model_factory.hf_greedy(hf_model(variant), prompts, 6)
+    engine = _engine(tiny_model_dir(variant), attention_backend="triton", prefix_sharing="plan")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results = {r.key: list(r.token_ids) for r in engine.generate(iter((i, p, params) for i, p in enumerate(prompts)))}
+    assert [results[i] for i in range(len(prompts))] == [r.tokens for r in refs]
 
 
 def test_fused_kernels_match_unfused(tiny_model_dir) -> None:
