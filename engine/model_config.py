@@ -6,12 +6,12 @@ transformers 5 (`rope_parameters`, `dtype`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from engine.config_fields import ConfigFields, read_json_object
 from engine.errors import ModelLoadError
 
 QkNorm = Literal["none", "per_head", "whole"]
@@ -155,67 +155,16 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-class _Fields:
-    """Typed reads of config.json values: a wrong type or a missing key is a ModelLoadError naming the
-    file and the key (transformers would otherwise fail later, blaming something else)."""
-
-    def __init__(self, raw: dict, path: Path) -> None:
-        self.raw = raw
-        self.path = path
-
-    def error(self, message: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.path}: {message}; fix config.json (or download the model again).")
-
-    def whole(self, key: str, default: int | None = None, minimum: int = 1, raw: dict | None = None) -> int:
-        value = (self.raw if raw is None else raw).get(key)
-        if value is None:
-            if default is None:
-                raise self.error(f"the required key {key!r} is missing")
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(f"{key} is {value!r}, not a whole number")
-        if value < minimum:
-            raise self.error(f"{key} is {value}, it must be at least {minimum}")
-        return value
-
-    def number(self, key: str, default: float, raw: dict | None = None) -> float:
-        value = (self.raw if raw is None else raw).get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(f"{key} is {value!r}, not a number")
-        return float(value)
-
-    def numbers(self, key: str, raw: dict) -> tuple[float, ...]:
-        value = raw.get(key)
-        if not isinstance(value, list) or not value or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
-            raise self.error(f"{key} is {value!r}, not a list of numbers")
-        return tuple(float(v) for v in value)
-
-    def mapping(self, key: str) -> dict:
-        value = self.raw.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.error(f"{key} is {value!r}, not an object")
-        return value
-
-
 def _rope_config(
-    f: _Fields, arch: Architecture, head_dim: int, max_positions: int, scaling: dict | None = None
+    f: ConfigFields, arch: Architecture, head_dim: int, max_positions: int, scaling: dict | None = None
 ) -> RopeConfig:
     # transformers 5 keeps theta inside rope_parameters; transformers 4 keeps it top level and the
     # scaling (if any) in rope_scaling, whose type key was once "type". `scaling`: one layer type's
     # parameters (Gemma 3), theta inside.
-    params = f.mapping("rope_parameters")
-    if scaling is not None:
-        pass
-    elif params and not any(isinstance(v, dict) for v in params.values()):
-        scaling = params
-    else:
-        scaling = f.mapping("rope_scaling")
+    if scaling is None:
+        params = f.mapping("rope_parameters")
+        flat = params and not any(isinstance(v, dict) for v in params.values())
+        scaling = params if flat else f.mapping("rope_scaling")
     theta = f.number("rope_theta", f.number("rope_theta", 10000.0), raw=scaling)
     rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
     rope_type = dict(arch.rope_type_aliases).get(rope_type, rope_type)
@@ -250,7 +199,7 @@ def _rope_config(
     return _with_longrope(f, rope, scaling, head_dim, max_positions) if rope_type == "longrope" else rope
 
 
-def _with_longrope(f: _Fields, rope: RopeConfig, scaling: dict, head_dim: int, max_positions: int) -> RopeConfig:
+def _with_longrope(f: ConfigFields, rope: RopeConfig, scaling: dict, head_dim: int, max_positions: int) -> RopeConfig:
     """transformers' _compute_longrope_parameters: the factor defaults to the context growth and
     the attention factor to sqrt(1 + ln(factor) / ln(original context))."""
     short, long = f.numbers("short_factor", scaling), f.numbers("long_factor", scaling)
@@ -265,12 +214,12 @@ def _with_longrope(f: _Fields, rope: RopeConfig, scaling: dict, head_dim: int, m
     return dataclasses.replace(rope, factor=factor, short_factor=short, long_factor=long, attention_factor=attention)
 
 
-def _sliding_window(f: _Fields) -> int | None:
+def _sliding_window(f: ConfigFields) -> int | None:
     value = f.raw.get("sliding_window")
     return None if value is None else f.whole("sliding_window")
 
 
-def _gemma_ropes(f: _Fields, arch: Architecture, head_dim: int, max_positions: int) -> tuple[RopeConfig, RopeConfig | None]:
+def _gemma_ropes(f: ConfigFields, arch: Architecture, head_dim: int, max_positions: int) -> tuple[RopeConfig, RopeConfig | None]:
     """(global RoPE, local RoPE of the sliding layers or None). Gemma 3's transformers-5 config keeps
     one rope_parameters per layer type; its transformers-4 config has rope_theta and rope_scaling
     (the full layers') and rope_local_base_freq (the sliding layers', unscaled)."""
@@ -286,7 +235,7 @@ def _gemma_ropes(f: _Fields, arch: Architecture, head_dim: int, max_positions: i
     return _rope_config(f, arch, head_dim, max_positions, full), _rope_config(f, arch, head_dim, max_positions, local)
 
 
-def _sliding_layers(f: _Fields, arch: Architecture, num_layers: int) -> tuple[bool, ...]:
+def _sliding_layers(f: ConfigFields, arch: Architecture, num_layers: int) -> tuple[bool, ...]:
     """Gemma's layer_types as one bool per layer (True: sliding_attention), or transformers' default."""
     types = f.raw.get("layer_types")
     if types is None:
@@ -298,7 +247,7 @@ def _sliding_layers(f: _Fields, arch: Architecture, num_layers: int) -> tuple[bo
     return tuple(t == "sliding_attention" for t in types)
 
 
-def _softcap(f: _Fields, key: str, default: float | None) -> float | None:
+def _softcap(f: ConfigFields, key: str, default: float | None) -> float | None:
     # an absent key takes the config class's default; null turns the capping off
     if key not in f.raw:
         return default
@@ -311,26 +260,6 @@ def _softcap(f: _Fields, key: str, default: float | None) -> float | None:
     return cap
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"Could not read {path}: {exc}.") from exc
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(
-            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix config.json "
-            "(or download the model again)."
-        ) from exc
-    if not isinstance(raw, dict):
-        raise ModelLoadError(
-            f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; fix config.json "
-            "(or download the model again)."
-        )
-    return raw
-
-
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -338,8 +267,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"{model_dir} has no config.json; pass --model a Hugging Face model directory "
             "(config.json, *.safetensors, tokenizer files)."
         )
-    raw = _read_json_object(path)
-    f = _Fields(raw, path)
+    raw = read_json_object(path)
+    f = ConfigFields(raw, path)
     architectures = raw.get("architectures") or []
     if not isinstance(architectures, list):
         architectures = [architectures]
@@ -409,7 +338,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     )
 
 
-def _family_options(f: _Fields, arch: Architecture, hidden: int, head_dim: int) -> FamilyOptions:
+def _family_options(f: ConfigFields, arch: Architecture, hidden: int, head_dim: int) -> FamilyOptions:
     if arch.gemma:
         return FamilyOptions(
             qk_norm=arch.qk_norm,
