@@ -66,6 +66,10 @@ def test_gemma3_key_styles_read_alike(tiny_model_dir, tmp_path: Path) -> None:
                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
                                   "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
     assert load_model_config(v5) == load_model_config(src)
+    from transformers import AutoConfig
+
+    ours, theirs = AutoConfig.from_pretrained(v5), AutoConfig.from_pretrained(src)
+    assert (ours.rope_parameters, ours.layer_types) == (theirs.rope_parameters, theirs.layer_types)
 
 
 def test_refusals(tiny_model_dir, tmp_path: Path) -> None:

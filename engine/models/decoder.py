@@ -220,7 +220,8 @@ class DecoderForCausalLM(nn.Module):
 
     def use_fused_kernels(self, enabled: bool) -> None:
         """Run add+RMSNorm and RoPE as Triton kernels (kernels.rms_norm, kernels.rotary) instead of
-        PyTorch ops; off by default. Outputs match the PyTorch path up to float rounding. RoPE then
+        PyTorch ops (Gemma's (1 + weight) norms stay PyTorch ops); off by default. Outputs match the
+        PyTorch path up to float rounding. RoPE then
         rotates q/k in place in the qkv buffer, unseen by autograd: for inference only."""
         device = self.model.embed_tokens.weight.device
         if enabled and device.type != "cuda" and not triton_interpreting():
