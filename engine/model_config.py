@@ -6,12 +6,12 @@ transformers 5 (`rope_parameters`, `dtype`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from engine.config_fields import ConfigFields, read_json_object
 from engine.errors import ModelLoadError
 
 QkNorm = Literal["none", "per_head", "whole"]
@@ -32,6 +32,14 @@ class Architecture:
     # mixture-of-experts MLPs: "qwen3_moe" (moe_intermediate_size, norm_topk_prob, dense layers by
     # decoder_sparse_step and mlp_only_layers) or "mixtral" (experts of intermediate_size, top-k renormalised)
     experts: Literal["none", "qwen3_moe", "mixtral"] = "none"
+    # Gemma 2 / 3: `layer_types` names each layer sliding_attention or full_attention (default: every
+    # `sliding_pattern`-th layer full, the others sliding); (1 + weight) RMSNorms; norms before and
+    # after attention and the MLP; embeddings times sqrt(hidden_size); q.k scaled by
+    # query_pre_attn_scalar ** -0.5; tanh soft-capping of attention and final logits; gelu-tanh MLP
+    gemma: bool = False
+    sliding_pattern: int = 2
+    local_rope: bool = False  # Gemma 3: sliding layers use their own RoPE (rope_local_base_freq, unscaled)
+    default_softcaps: tuple[float | None, float | None] = (None, None)  # (attention, final) when the keys are absent
 
 
 SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
@@ -45,11 +53,14 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
     "Olmo2ForCausalLM": Architecture(qk_norm="whole", post_norm=True),
     "Qwen3MoeForCausalLM": Architecture(qk_norm="per_head", experts="qwen3_moe"),
     "MixtralForCausalLM": Architecture(sliding_window=True, experts="mixtral"),
+    "Gemma2ForCausalLM": Architecture(gemma=True, default_softcaps=(50.0, 30.0)),
+    "Gemma3ForCausalLM": Architecture(qk_norm="per_head", gemma=True, sliding_pattern=6, local_rope=True),
 }
 # model_type -> architecture, for a config.json without `architectures`
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
-                "olmo2": "Olmo2ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+                "olmo2": "Olmo2ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
@@ -98,6 +109,14 @@ class FamilyOptions:
     logits_scaling: float = 1.0
     attention_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5 (Granite: attention_multiplier)
     moe: MoeOptions | None = None  # None: every layer has a dense MLP
+    # Gemma: RMSNorm weights are offsets from one (x * (1 + weight), multiplied in float32); norms
+    # before and after both attention and the MLP (input_, post_attention_, pre_feedforward_,
+    # post_feedforward_layernorm); embeddings times sqrt(hidden_size) rounded to the model dtype
+    gemma_norms: bool = False
+    embedding_scale_in_model_dtype: bool = False  # embedding_multiplier is cast to the model dtype first
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
+    attention_softcap: float | None = None  # scores = cap * tanh(scores / cap) before the softmax
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,9 @@ class ModelConfig:
     # keys each layer's queries see, themselves included (a token at position p sees keys at
     # positions > p - window, as transformers); None: full causal attention
     sliding_window: int | None = None
+    # per layer, whether it uses sliding_window (Gemma's layer_types); None: every layer does
+    sliding_layers: tuple[bool, ...] | None = None
+    local_rope: RopeConfig | None = None  # the sliding layers' RoPE (Gemma 3); None: `rope` for every layer
 
     @property
     def rotary_dim(self) -> int:
@@ -135,7 +157,15 @@ class ModelConfig:
 
     def layer_window(self, layer_index: int) -> int | None:
         """The sliding window of one layer (None: full attention)."""
+        if self.sliding_layers is not None and not self.sliding_layers[layer_index]:
+            return None
         return self.sliding_window
+
+    def layer_rope(self, layer_index: int) -> RopeConfig:
+        """The RoPE of one layer: the local one on Gemma 3's sliding layers, `rope` elsewhere."""
+        if self.local_rope is not None and self.sliding_layers is not None and self.sliding_layers[layer_index]:
+            return self.local_rope
+        return self.rope
 
     @property
     def attention_reach(self) -> int | None:
@@ -150,62 +180,16 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-class _Fields:
-    """Typed reads of config.json values: a wrong type or a missing key is a ModelLoadError naming the
-    file and the key (transformers would otherwise fail later, blaming something else)."""
-
-    def __init__(self, raw: dict, path: Path) -> None:
-        self.raw = raw
-        self.path = path
-
-    def error(self, message: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.path}: {message}; fix config.json (or download the model again).")
-
-    def whole(self, key: str, default: int | None = None, minimum: int = 1, raw: dict | None = None) -> int:
-        value = (self.raw if raw is None else raw).get(key)
-        if value is None:
-            if default is None:
-                raise self.error(f"the required key {key!r} is missing")
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(f"{key} is {value!r}, not a whole number")
-        if value < minimum:
-            raise self.error(f"{key} is {value}, it must be at least {minimum}")
-        return value
-
-    def number(self, key: str, default: float, raw: dict | None = None) -> float:
-        value = (self.raw if raw is None else raw).get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(f"{key} is {value!r}, not a number")
-        return float(value)
-
-    def numbers(self, key: str, raw: dict) -> tuple[float, ...]:
-        value = raw.get(key)
-        if not isinstance(value, list) or not value or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
-            raise self.error(f"{key} is {value!r}, not a list of numbers")
-        return tuple(float(v) for v in value)
-
-    def mapping(self, key: str) -> dict:
-        value = self.raw.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.error(f"{key} is {value!r}, not an object")
-        return value
-
-
-def _rope_config(f: _Fields, arch: Architecture, head_dim: int, max_positions: int) -> RopeConfig:
+def _rope_config(
+    f: ConfigFields, arch: Architecture, head_dim: int, max_positions: int, scaling: dict | None = None
+) -> RopeConfig:
     # transformers 5 keeps theta inside rope_parameters; transformers 4 keeps it top level and the
-    # scaling (if any) in rope_scaling, whose type key was once "type".
-    params = f.mapping("rope_parameters")
-    if params and not any(isinstance(v, dict) for v in params.values()):
-        scaling = params
-    else:
-        scaling = f.mapping("rope_scaling")
+    # scaling (if any) in rope_scaling, whose type key was once "type". `scaling`: one layer type's
+    # parameters (Gemma 3), theta inside.
+    if scaling is None:
+        params = f.mapping("rope_parameters")
+        flat = params and not any(isinstance(v, dict) for v in params.values())
+        scaling = params if flat else f.mapping("rope_scaling")
     theta = f.number("rope_theta", f.number("rope_theta", 10000.0), raw=scaling)
     rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
     rope_type = dict(arch.rope_type_aliases).get(rope_type, rope_type)
@@ -240,7 +224,7 @@ def _rope_config(f: _Fields, arch: Architecture, head_dim: int, max_positions: i
     return _with_longrope(f, rope, scaling, head_dim, max_positions) if rope_type == "longrope" else rope
 
 
-def _with_longrope(f: _Fields, rope: RopeConfig, scaling: dict, head_dim: int, max_positions: int) -> RopeConfig:
+def _with_longrope(f: ConfigFields, rope: RopeConfig, scaling: dict, head_dim: int, max_positions: int) -> RopeConfig:
     """transformers' _compute_longrope_parameters: the factor defaults to the context growth and
     the attention factor to sqrt(1 + ln(factor) / ln(original context))."""
     short, long = f.numbers("short_factor", scaling), f.numbers("long_factor", scaling)
@@ -255,29 +239,50 @@ def _with_longrope(f: _Fields, rope: RopeConfig, scaling: dict, head_dim: int, m
     return dataclasses.replace(rope, factor=factor, short_factor=short, long_factor=long, attention_factor=attention)
 
 
-def _sliding_window(f: _Fields) -> int | None:
+def _sliding_window(f: ConfigFields) -> int | None:
     value = f.raw.get("sliding_window")
     return None if value is None else f.whole("sliding_window")
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"Could not read {path}: {exc}.") from exc
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(
-            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix config.json "
-            "(or download the model again)."
-        ) from exc
-    if not isinstance(raw, dict):
-        raise ModelLoadError(
-            f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; fix config.json "
-            "(or download the model again)."
-        )
-    return raw
+def _gemma_ropes(f: ConfigFields, arch: Architecture, head_dim: int, max_positions: int) -> tuple[RopeConfig, RopeConfig | None]:
+    """(global RoPE, local RoPE of the sliding layers or None). Gemma 3's transformers-5 config keeps
+    one rope_parameters per layer type; its transformers-4 config has rope_theta and rope_scaling
+    (the full layers') and rope_local_base_freq (the sliding layers', unscaled)."""
+    if not arch.local_rope:
+        return _rope_config(f, arch, head_dim, max_positions), None
+    params = f.mapping("rope_parameters")
+    if any(isinstance(v, dict) for v in params.values()):
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full, local = dict(f.mapping("rope_scaling")), {}
+    full.setdefault("rope_theta", f.number("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", f.number("rope_local_base_freq", 10_000.0))
+    return _rope_config(f, arch, head_dim, max_positions, full), _rope_config(f, arch, head_dim, max_positions, local)
+
+
+def _sliding_layers(f: ConfigFields, arch: Architecture, num_layers: int) -> tuple[bool, ...]:
+    """Gemma's layer_types as one bool per layer (True: sliding_attention), or transformers' default."""
+    types = f.raw.get("layer_types")
+    if types is None:
+        pattern = f.whole("sliding_window_pattern", arch.sliding_pattern)
+        return tuple(bool((i + 1) % pattern) for i in range(num_layers))
+    kinds = ("sliding_attention", "full_attention")
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in kinds for t in types):
+        raise f.error(f"layer_types must list {' or '.join(kinds)} once per layer ({num_layers})")
+    return tuple(t == "sliding_attention" for t in types)
+
+
+def _softcap(f: ConfigFields, key: str, default: float | None) -> float | None:
+    # an absent key takes the config class's default; null turns the capping off
+    if key not in f.raw:
+        return default
+    value = f.raw[key]
+    if value is None:
+        return None
+    cap = f.number(key, 0.0)
+    if cap <= 0:
+        raise f.error(f"{key} is {value}, it must be positive (or null for no capping)")
+    return cap
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
@@ -287,8 +292,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"{model_dir} has no config.json; pass --model a Hugging Face model directory "
             "(config.json, *.safetensors, tokenizer files)."
         )
-    raw = _read_json_object(path)
-    f = _Fields(raw, path)
+    raw = read_json_object(path)
+    f = ConfigFields(raw, path)
     architectures = raw.get("architectures") or []
     if not isinstance(architectures, list):
         architectures = [architectures]
@@ -304,42 +309,72 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise ModelLoadError(f"{path} enables Qwen's sliding-window layers (use_sliding_window), which batchllm "
                              "does not support; batchllm supports sliding windows in Mistral, Mixtral and Phi-3 models.")
     arch = SUPPORTED_ARCHITECTURES[architecture]
-    activation = raw.get("hidden_act", "silu")
-    if activation not in ("silu", "swish"):  # the same function under two names
-        raise ModelLoadError(f"{path} sets hidden_act {activation!r}; batchllm runs SiLU-gated MLPs only.")
+    if arch.gemma:  # Gemma's MLP reads hidden_activation (its configs may carry a hidden_act too)
+        activation = raw.get("hidden_activation") or "gelu_pytorch_tanh"
+        if activation != "gelu_pytorch_tanh":
+            raise ModelLoadError(f"{path} sets hidden_activation {activation!r}; batchllm runs Gemma models "
+                                 "with gelu_pytorch_tanh only.")
+        if raw.get("use_bidirectional_attention"):
+            raise ModelLoadError(f"{path} sets use_bidirectional_attention (an embedding model); batchllm "
+                                 "runs causal language models only.")
+    else:
+        activation = raw.get("hidden_act", "silu")
+        if activation not in ("silu", "swish"):  # the same function under two names
+            raise ModelLoadError(f"{path} sets hidden_act {activation!r}; batchllm runs SiLU-gated MLPs only.")
     max_positions = f.whole("max_position_embeddings", 4096)
     hidden = f.whole("hidden_size")
     num_heads = f.whole("num_attention_heads")
     num_kv_heads = f.whole("num_key_value_heads", num_heads)
     if num_heads % num_kv_heads:
         raise f.error(f"num_key_value_heads ({num_kv_heads}) does not divide num_attention_heads ({num_heads})")
+    if arch.gemma and "query_pre_attn_scalar" in raw and f.number("query_pre_attn_scalar", 0.0) <= 0:
+        raise f.error("query_pre_attn_scalar must be positive")
     if raw.get("head_dim") is None and hidden % num_heads:
         raise f.error(f"num_attention_heads ({num_heads}) does not divide hidden_size ({hidden}) and no head_dim is given")
     head_dim = f.whole("head_dim", hidden // num_heads)
+    num_layers = f.whole("num_hidden_layers")
+    rope, local_rope = _gemma_ropes(f, arch, head_dim, max_positions)
+    sliding_window = _sliding_window(f) if arch.sliding_window else None
+    if arch.gemma:
+        # the config classes' default when absent; null: full attention on every layer
+        sliding_window = f.whole("sliding_window", 4096) if "sliding_window" not in raw else _sliding_window(f)
     return ModelConfig(
         architecture=architecture,
         vocab_size=f.whole("vocab_size"),
         hidden_size=hidden,
         intermediate_size=f.whole("intermediate_size"),
-        num_layers=f.whole("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=f.number("rms_norm_eps", 1e-6),
         max_position_embeddings=max_positions,
-        rope=_rope_config(f, arch, head_dim, max_positions),
+        rope=rope,
         qkv_bias=arch.qkv_bias or bool(raw.get("attention_bias", False)),
         # Qwen2 has q/k/v bias but never an o_proj bias; the others tie both to attention_bias.
         o_bias=bool(raw.get("attention_bias", False)) and not arch.qkv_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch.gemma)),  # Gemma's configs default to tied
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-        family=dataclasses.replace(_family_options(f, arch), moe=_moe_options(f, arch)),
-        sliding_window=_sliding_window(f) if arch.sliding_window else None,
+        family=dataclasses.replace(_family_options(f, arch, hidden, head_dim), moe=_moe_options(f, arch)),
+        sliding_window=sliding_window,
+        sliding_layers=_sliding_layers(f, arch, num_layers) if arch.gemma else None,
+        local_rope=local_rope,
     )
 
 
-def _family_options(f: _Fields, arch: Architecture) -> FamilyOptions:
+def _family_options(f: ConfigFields, arch: Architecture, hidden: int, head_dim: int) -> FamilyOptions:
+    if arch.gemma:
+        return FamilyOptions(
+            qk_norm=arch.qk_norm,
+            embedding_multiplier=hidden**0.5,
+            attention_scale=f.number("query_pre_attn_scalar", 256.0) ** -0.5,
+            gemma_norms=True,
+            embedding_scale_in_model_dtype=True,
+            mlp_activation="gelu_tanh",
+            attention_softcap=_softcap(f, "attn_logit_softcapping", arch.default_softcaps[0]),
+            final_logit_softcap=_softcap(f, "final_logit_softcapping", arch.default_softcaps[1]),
+        )
     if not arch.multipliers:
         return FamilyOptions(qk_norm=arch.qk_norm, post_norm=arch.post_norm)
     # GraniteConfig's defaults: all 1.0, so a Granite without attention_multiplier scales q.k by 1
@@ -355,7 +390,7 @@ def _family_options(f: _Fields, arch: Architecture) -> FamilyOptions:
     )
 
 
-def _moe_options(f: _Fields, arch: Architecture) -> MoeOptions | None:
+def _moe_options(f: ConfigFields, arch: Architecture) -> MoeOptions | None:
     if arch.experts == "none":
         return None
     # Qwen3-MoE checkpoints of transformers 4 say num_experts, those of transformers 5 num_local_experts

@@ -17,10 +17,12 @@ class StepContext:
 
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-        window: int | None = None,
+        window: int | None = None, softcap: float | None = None,
     ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
-        # window: the layer's sliding window (None: full causal attention)
+        # window: the layer's sliding window (None: full causal attention); softcap: the layer's
+        # attention logit soft-capping (None: none)
         k_cache, v_cache = self.kv_caches[layer]
         self.backend.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
-        return self.backend.attention(q, k_cache, v_cache, self.attention_meta, scale, key=k, value=v, window=window)
+        return self.backend.attention(q, k_cache, v_cache, self.attention_meta, scale, key=k, value=v, window=window,
+                                      softcap=softcap)

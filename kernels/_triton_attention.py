@@ -73,11 +73,13 @@ def attend_tile(
     block_size,
     head_dim,
     qk_scale,  # scale * log2(e)
+    softcap,  # soft-cap in base-2 score units (softcap * log2(e)); read only when SOFTCAP
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over positions [kv_lo, kv_hi): returns (acc, m, l) with acc unnormalised,
@@ -102,6 +104,11 @@ def attend_tile(
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            # softcap * tanh(s / softcap), tanh written with exp (inf for large s gives 1, 0 gives -1):
+            # capping the natural-log score and then scaling by log2(e) is the same as capping the
+            # base-2 score at softcap * log2(e)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         visible = kv_valid[None, :]
         if CAUSAL:
             visible = visible & (pos[None, :] <= row_limit[:, None])

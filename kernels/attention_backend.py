@@ -14,6 +14,10 @@ Sliding windows: `window` of an attention call is that layer's (None: full causa
 step metadata's `window` is the largest any layer uses (None: some layer has none), so that the
 PyTorch paths never gather blocks before it (the Triton kernels skip them per call).
 
+Soft-capping: `softcap` of an attention call (Gemma 2) caps each scaled score to
+softcap * tanh(score / softcap) before the softmax; None: no capping. The PyTorch paths then run
+their matmul forms (PyTorch's fused attention cannot cap); the Triton kernels cap in their tiles.
+
 `build_step_metadata` routes every decode chunk (query_len 1) through `shared_prefix_decode`
 (members of a group share one pass over the group's prefix; rows without a group are plain rows of
 the same launch) and every other chunk through `paged_attention` (causal varlen over the cache).
@@ -76,7 +80,7 @@ class AttentionBackend(Protocol):
     def paged_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float,
         out: torch.Tensor | None = None, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-        window: int | None = None,
+        window: int | None = None, softcap: float | None = None,
     ) -> torch.Tensor:
         """key / value (optional): the step's new keys and values in q's row order, already stored;
         a backend may read a chunk's own keys from them instead of the cache."""
@@ -90,7 +94,7 @@ class AttentionBackend(Protocol):
 
     def shared_prefix_decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any, scale: float,
-        out: torch.Tensor | None = None, window: int | None = None,
+        out: torch.Tensor | None = None, window: int | None = None, softcap: float | None = None,
     ) -> torch.Tensor: ...
 
     def build_step_metadata(
@@ -103,7 +107,7 @@ class AttentionBackend(Protocol):
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
         scale: float, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-        window: int | None = None,
+        window: int | None = None, softcap: float | None = None,
     ) -> torch.Tensor: ...
 
     def graph_variant(self) -> AttentionBackend | None:
@@ -200,20 +204,21 @@ class _StepMixin:
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
         scale: float, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-        window: int | None = None,
+        window: int | None = None, softcap: float | None = None,
     ) -> torch.Tensor:
         """Attention of every row of q (each chunk's queries over its cached context, causal, within
-        the layer's sliding `window` when given). key / value: the step's new keys and values
-        (already stored), see `paged_attention`."""
+        the layer's sliding `window` when given, scores soft-capped by `softcap` when given).
+        key / value: the step's new keys and values (already stored), see `paged_attention`."""
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} rows; the step metadata covers {meta.num_tokens}")
         out = torch.zeros_like(q) if meta.zero_uncovered else torch.empty_like(q)
         if meta.paged is not None:
             self.paged_attention(  # type: ignore[attr-defined]
-                q, k_cache, v_cache, meta.paged, scale, out=out, key=key, value=value, window=window)
+                q, k_cache, v_cache, meta.paged, scale, out=out, key=key, value=value, window=window,
+                softcap=softcap)
         if meta.shared is not None:
             self.shared_prefix_decode(  # type: ignore[attr-defined]
-                q, k_cache, v_cache, meta.shared, scale, out=out, window=window)
+                q, k_cache, v_cache, meta.shared, scale, out=out, window=window, softcap=softcap)
         return out
 
 
@@ -246,11 +251,12 @@ class TorchBackend(_StepMixin):
         return plan_paged_torch(batch)
 
     def paged_attention(self, q, k_cache, v_cache, meta: TorchPagedPlan, scale: float, out=None,
-                        key=None, value=None, window: int | None = None) -> torch.Tensor:
+                        key=None, value=None, window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
         # paged_attention_reference's meaning, computed by its faster CPU form (kernels.paged_attention_torch)
         if out is None:
             out = torch.empty_like(q)
-        return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, key, value, window=window)
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale, out, key, value, window=window, softcap=softcap)
 
     def build_shared_prefix_metadata(
         self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
@@ -261,9 +267,9 @@ class TorchBackend(_StepMixin):
         return plan_shared_prefix_torch(batch, window, heads_per_kv=max(1, num_heads // max(1, num_kv_heads)))
 
     def shared_prefix_decode(self, q, k_cache, v_cache, meta: TorchSharedPrefixPlan, scale: float, out=None,
-                             window: int | None = None):
+                             window: int | None = None, softcap: float | None = None):
         # the batched form of shared_prefix_decode_reference (same meaning; one computation per bucket of groups)
-        return shared_prefix_decode_torch(q, k_cache, v_cache, meta, scale, out=out, window=window)
+        return shared_prefix_decode_torch(q, k_cache, v_cache, meta, scale, out=out, window=window, softcap=softcap)
 
     def graph_variant(self) -> None:
         """The references plan on the host inside attention: they cannot be captured in a graph."""
@@ -300,9 +306,9 @@ class TritonBackend(_StepMixin):
         )
 
     def paged_attention(self, q, k_cache, v_cache, meta, scale: float, out=None, key=None, value=None,
-                        window: int | None = None) -> torch.Tensor:
+                        window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         # the kernel reads every key from the cache (key / value unused)
-        return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out, window=window)
+        return self._prefill.paged_prefill(q, k_cache, v_cache, meta, scale, out=out, window=window, softcap=softcap)
 
     def build_shared_prefix_metadata(
         self, query_rows, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
@@ -314,8 +320,9 @@ class TritonBackend(_StepMixin):
                                                       block_m=self.group_block_m, kv_split=self.kv_split)
 
     def shared_prefix_decode(self, q, k_cache, v_cache, meta, scale: float, out=None,
-                             window: int | None = None) -> torch.Tensor:
-        return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out, window=window)
+                             window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        return self._decode.shared_prefix_decode(q, k_cache, v_cache, meta, scale, out=out, window=window,
+                                                 softcap=softcap)
 
     def graph_variant(self) -> TritonBackend:
         """The same kernels with a fixed group-tile height, so that every decode plan of a CUDA

@@ -152,13 +152,33 @@ def build_paged_batch(
     )
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    # q: [b, num_heads, q_len, d]; k, v: [b, num_kv_heads, kv_len, d]; mask broadcastable to [b, h, q, kv]
-    # GQA without copying K/V per query head; no mask when the chunk is the whole causal context
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-capping of scaled scores: softcap * tanh(scores / softcap)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention. q: [b, num_heads, q_len, d]; k, v: [b, num_kv_heads, kv_len, d]; mask: bool
+    broadcastable to [b, h, q_len, kv_len], True where visible, or None: causal with q_len == kv_len.
+    GQA without copying K/V per query head through PyTorch's fused attention; with a `softcap`
+    (which it cannot apply) the matmul form, in float32."""
     gqa = q.shape[1] != k.shape[1]
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    q_len, kv_len = q.shape[2], k.shape[2]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+    ratio = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(ratio, dim=1) if gqa else k.float()
+    vf = v.float().repeat_interleave(ratio, dim=1) if gqa else v.float()
+    scores = soft_cap(torch.matmul(q.float(), kf.transpose(-1, -2)) * scale, softcap)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(weights, vf).to(q.dtype)
 
 
 def paged_attention_reference(
@@ -168,9 +188,11 @@ def paged_attention_reference(
     batch: PagedBatch,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of every query to its sequence's cached context (which includes itself),
-    within the sliding `window` when given (at most the batch's window).
+    within the sliding `window` when given (at most the batch's window), scores soft-capped by
+    `softcap` when given.
 
     Returns [num_tokens, num_heads, head_dim].
     """
@@ -190,7 +212,7 @@ def paged_attention_reference(
         k = k.masked_fill_(invalid, 0.0).transpose(1, 2)
         v = v.masked_fill_(invalid, 0.0).transpose(1, 2)
         qd = q[batch.decode_query_index].unsqueeze(2)  # [rows, heads, 1, d]
-        out[batch.decode_query_index] = _attend(qd, k, v, batch.decode_visible(window), scale).squeeze(2)
+        out[batch.decode_query_index] = attend(qd, k, v, batch.decode_visible(window), scale, softcap).squeeze(2)
     for i, ((start, q_len, ctx_len), blocks) in enumerate(zip(batch.prefill_spans, batch.prefill_blocks)):
         key_start = batch.prefill_key_start(i)
         k = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[: ctx_len - key_start]
@@ -200,5 +222,5 @@ def paged_attention_reference(
         qp = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]
         # query j sits at position ctx_len - q_len + j and sees keys up to that position (in its window)
         mask = span_mask(ctx_len, q_len, key_start, window, q.device)
-        out[start : start + q_len] = _attend(qp, k, v, mask, scale).squeeze(0).transpose(0, 1)
+        out[start : start + q_len] = attend(qp, k, v, mask, scale, softcap).squeeze(0).transpose(0, 1)
     return out

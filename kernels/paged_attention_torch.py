@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kernels.paged_attention import PagedBatch, span_mask
+from kernels.paged_attention import PagedBatch, attend, span_mask
 
 __all__ = ["GatherBuffers", "TorchPagedPlan", "paged_attention_torch", "plan_paged_torch"]
 
@@ -82,12 +81,12 @@ def paged_attention_torch(
     key: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim]: the step's new keys, q's rows
     value: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """As `paged_attention_reference`, written into the covered rows of `out` (others untouched)."""
     batch = plan.batch
     decode_mask, prefill_masks = plan.masks(window)
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    gqa = q.shape[1] != num_kv_heads
     if batch.decode_query_index.numel():
         rows, width = batch.decode_blocks.shape
         flat = batch.decode_blocks.flatten()
@@ -99,7 +98,7 @@ def paged_attention_torch(
         k = k.view(rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         v = v.view(rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         qd = q[batch.decode_query_index].unsqueeze(2)  # [rows, heads, 1, d]
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=decode_mask, scale=scale, enable_gqa=gqa)
+        o = attend(qd, k, v, decode_mask, scale, softcap)
         out[batch.decode_query_index] = o.squeeze(2)
     for i, ((start, q_len, ctx_len), blocks, mask) in enumerate(
         zip(batch.prefill_spans, batch.prefill_blocks, prefill_masks)
@@ -113,9 +112,6 @@ def paged_attention_torch(
         k = k.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, d]
         v = v.transpose(0, 1).unsqueeze(0)
         qp = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]
-        if mask is None:
-            o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = attend(qp, k, v, mask, scale, softcap)
         out[start : start + q_len] = o.squeeze(0).transpose(0, 1)
     return out

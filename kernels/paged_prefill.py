@@ -164,6 +164,7 @@ def _prefill_tile(
     stride_tbl,
     qk_scale,
     window,
+    softcap,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -171,6 +172,7 @@ def _prefill_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.load(tile_seq_ptr + tile)
@@ -198,7 +200,7 @@ def _prefill_tile(
     acc, m_i, l_i = attend_tile(
         q, pos, pos - window + 1, k_cache_ptr, v_cache_ptr, stride_cb, stride_co, stride_ch,
         table_ptr + seq.to(tl.int64) * stride_tbl, kv_head, kv_lo, kv_hi, BLOCK_SIZE, HEAD_DIM, qk_scale,
-        BLOCK_M, BLOCK_N, BLOCK_D, True, WINDOW, DOT_PRECISION,
+        softcap, BLOCK_M, BLOCK_N, BLOCK_D, True, WINDOW, SOFTCAP, DOT_PRECISION,
     )
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -228,6 +230,7 @@ def _paged_prefill_kernel(
     stride_tbl,
     qk_scale,
     window,
+    softcap,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -236,6 +239,7 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -244,15 +248,15 @@ def _paged_prefill_kernel(
         _prefill_tile(
             tile, kv_head, q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, q_start_ptr, q_len_ptr, ctx_len_ptr,
             table_ptr, tile_seq_ptr, tile_row0_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale, window,
-            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, DOT_PRECISION,
+            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale, window, softcap,
+            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, WINDOW, SOFTCAP, DOT_PRECISION,
         )
     else:
         _prefill_tile(
             tile, kv_head, q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, q_start_ptr, q_len_ptr, ctx_len_ptr,
             table_ptr, tile_seq_ptr, tile_row0_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale, window,
-            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_SMALL, BLOCK_N, BLOCK_D, WINDOW, DOT_PRECISION,
+            stride_cb, stride_co, stride_ch, stride_tbl, qk_scale, window, softcap,
+            RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_SMALL, BLOCK_N, BLOCK_D, WINDOW, SOFTCAP, DOT_PRECISION,
         )
 
 
@@ -265,9 +269,11 @@ def paged_prefill(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of the sequences in `meta` over their cached context (Triton), within the
-    sliding `window` when given (None: the whole context).
+    sliding `window` when given (None: the whole context), scores soft-capped to
+    softcap * tanh(score / softcap) when `softcap` is given.
 
     Writes the rows of q covered by `meta` into `out` (a new uninitialised tensor like q when None;
     rows not covered are left as they are) and returns it.
@@ -299,6 +305,7 @@ def paged_prefill(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         scale * LOG2E,
         window or 0,
+        (softcap or 1.0) * LOG2E,
         RATIO=meta.num_heads // meta.num_kv_heads,
         BLOCK_SIZE=meta.block_size,
         HEAD_DIM=head_dim,
@@ -307,6 +314,7 @@ def paged_prefill(
         BLOCK_N=bn,
         BLOCK_D=block_d,
         WINDOW=window is not None,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if block_d <= 128 else 8,
         num_stages=2,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from kernels.host_tensors import to_device
-from kernels.paged_attention import visible_keys
+from kernels.paged_attention import soft_cap, visible_keys
 
 __all__ = [
     "SharedPrefixBatch",
@@ -52,6 +52,7 @@ def attention_with_lse_reference(
     scale: float,
     mask: torch.Tensor | None = None,
     causal_offset: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of each (batch, head, query) row.
 
@@ -62,7 +63,7 @@ def attention_with_lse_reference(
     folded into the rows of one matrix product (no K/V copy).
     Computed in float32. Returns (out [batch, num_heads, q_len, head_dim] in q's dtype,
     lse [batch, num_heads, q_len] float32, natural log). A row with no visible key gets out 0 and
-    lse -inf.
+    lse -inf. `softcap`: scaled scores are soft-capped (`soft_cap`) before the softmax and the lse.
     """
     assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape, (q.shape, k.shape, v.shape)
     b, h, m, d = q.shape
@@ -77,7 +78,7 @@ def attention_with_lse_reference(
         causal = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]
         visible = causal.expand(b, h, m, n) if visible is None else visible & causal
     qf = q.float().reshape(b, hk, r * m, d)  # rows: (head in KV group, query)
-    scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale  # [b, hk, r*m, n]
+    scores = soft_cap(torch.matmul(qf, k.float().transpose(-1, -2)) * scale, softcap)  # [b, hk, r*m, n]
     if visible is not None:
         scores = scores.masked_fill(~visible.reshape(b, hk, r * m, n), float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True) if n else scores.new_full((b, hk, r * m, 1), float("-inf"))
@@ -280,9 +281,10 @@ def shared_prefix_decode_reference(
     scale: float,
     out: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of each decode query over its whole context (within its sliding `window` when
-    given), computed as prefix part (per group, one matrix product against one copy of the prefix
+    given, scores soft-capped by `softcap` when given), computed as prefix part (per group, one matrix product against one copy of the prefix
     KV) + suffix part (per row), merged by LSE.
 
     Writes rows batch.query_index of `out` (allocated as zeros like q when None) and returns it;
@@ -317,7 +319,7 @@ def shared_prefix_decode_reference(
         if window is not None:  # [members, P] -> [1, 1, members * ratio, P], member-major as qg's rows
             keys = visible_keys(query_pos[r0:r1], torch.arange(p, device=q.device), window)
             visible = keys.repeat_interleave(ratio, dim=0)[None, None]
-        o, lse = attention_with_lse_reference(qg, k, v, scale, mask=visible)
+        o, lse = attention_with_lse_reference(qg, k, v, scale, mask=visible, softcap=softcap)
         pre_out[r0:r1] = o.float().reshape(num_kv_heads, r1 - r0, ratio, head_dim).permute(1, 0, 2, 3).reshape(
             r1 - r0, num_heads, head_dim
         )
@@ -337,7 +339,8 @@ def shared_prefix_decode_reference(
         keep = valid[:, :, None, None]
         k = torch.where(keep, k_flat[slots], 0).transpose(1, 2)  # [R, KVH, W, D]; unwritten slots may hold NaN
         v = torch.where(keep, v_flat[slots], 0).transpose(1, 2)
-        suf_out, suf_lse = attention_with_lse_reference(qd[:, :, None, :], k, v, scale, mask=seen[:, None, None, :])
+        suf_out, suf_lse = attention_with_lse_reference(qd[:, :, None, :], k, v, scale, mask=seen[:, None, None, :],
+                                                        softcap=softcap)
         suf_out, suf_lse = suf_out[:, :, 0], suf_lse[:, :, 0]
     else:
         suf_out = torch.zeros_like(pre_out)

@@ -222,6 +222,7 @@ def _decode_tile(
     stride_ch,
     qk_scale,
     window,
+    softcap,
     NUM_HEADS: tl.constexpr,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -230,6 +231,7 @@ def _decode_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     f0 = tl.load(tile_f0_ptr + tile)
@@ -254,7 +256,7 @@ def _decode_tile(
         row_first = f
     acc, m_i, l_i = attend_tile(
         q, f, row_first, k_cache_ptr, v_cache_ptr, stride_cb, stride_co, stride_ch, table_ptr, kv_head, kv_lo, kv_hi,
-        BLOCK_SIZE, HEAD_DIM, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, False, WINDOW, DOT_PRECISION,
+        BLOCK_SIZE, HEAD_DIM, qk_scale, softcap, BLOCK_M, BLOCK_N, BLOCK_D, False, WINDOW, SOFTCAP, DOT_PRECISION,
     )
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
@@ -300,6 +302,7 @@ def _shared_prefix_decode_kernel(
     stride_rtbl,
     qk_scale,
     window,
+    softcap,
     NUM_HEADS: tl.constexpr,
     RATIO: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -310,6 +313,7 @@ def _shared_prefix_decode_kernel(
     BLOCK_N_ROW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MODE: tl.constexpr,  # 0: group and request tiles (fused launch); 1: group tiles only; 2: request tiles only
 ):
@@ -327,8 +331,8 @@ def _shared_prefix_decode_kernel(
             tile, kv_head, prefix_table_ptr + table * stride_ptbl, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
             k_cache_ptr, v_cache_ptr, query_index_ptr, context_lens_ptr, row_part_start_ptr,
             tile_f0_ptr, tile_f1_ptr, tile_lo_ptr, tile_hi_ptr, tile_part_ptr,
-            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale, window,
-            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_GROUP, BLOCK_N_GROUP, BLOCK_D, WINDOW, DOT_PRECISION,
+            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale, window, softcap,
+            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_GROUP, BLOCK_N_GROUP, BLOCK_D, WINDOW, SOFTCAP, DOT_PRECISION,
         )
     else:
         # a row's table starts at block table_starts[row]: shift the pointer so position // block_size indexes it
@@ -337,8 +341,8 @@ def _shared_prefix_decode_kernel(
             tile, kv_head, row_table_ptr + table * stride_rtbl - first_block, q_ptr, out_ptr, part_out_ptr, part_lse_ptr,
             k_cache_ptr, v_cache_ptr, query_index_ptr, context_lens_ptr, row_part_start_ptr,
             tile_f0_ptr, tile_f1_ptr, tile_lo_ptr, tile_hi_ptr, tile_part_ptr,
-            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale, window,
-            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_ROW, BLOCK_N_ROW, BLOCK_D, WINDOW, DOT_PRECISION,
+            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, qk_scale, window, softcap,
+            NUM_HEADS, RATIO, BLOCK_SIZE, HEAD_DIM, BLOCK_M_ROW, BLOCK_N_ROW, BLOCK_D, WINDOW, SOFTCAP, DOT_PRECISION,
         )
 
 
@@ -401,6 +405,7 @@ def shared_prefix_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton shared-prefix decode attention: writes rows plan.batch.query_index of `out`
     (allocated like q, zero-filled, when None; other rows are left untouched) and returns it.
@@ -409,7 +414,8 @@ def shared_prefix_decode(
     each compiled for one kind of tile (lower register/shared-memory footprint for request tiles).
     block_n / block_n_row: context positions per inner step of group / request tiles; num_warps,
     num_stages: Triton launch options (defaults picked from the tile sizes). window: the layer's
-    sliding window (None: each query sees its whole context).
+    sliding window (None: each query sees its whole context). softcap: scores soft-capped to
+    softcap * tanh(score / softcap) (None: not capped).
     """
     check_cache(k_cache, v_cache)
     check_queries(q, k_cache, out)
@@ -447,7 +453,7 @@ def shared_prefix_decode(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         batch.prefix_block_tables.stride(0), batch.block_tables.stride(0),
-        scale * LOG2E, window or 0,
+        scale * LOG2E, window or 0, (softcap or 1.0) * LOG2E,
     )
     consts = dict(
         NUM_HEADS=num_heads,
@@ -460,6 +466,7 @@ def shared_prefix_decode(
         BLOCK_N_ROW=bn_row,
         BLOCK_D=block_d,
         WINDOW=window is not None,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=dot_precision(q.dtype),
         num_stages=num_stages or 2,
     )

@@ -200,13 +200,15 @@ def _attention_lse(
     v: torch.Tensor,
     bias: torch.Tensor,  # [n, 1, 1, L] float32
     scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [n, kv_heads, rows, d] float32, lse [n, kv_heads, rows] natural log); a row without a
-    visible key gets out 0 and lse 0 (the caller marks it -inf)."""
-    if q.device.type == "cpu" and _FLASH_CPU is not None:
+    visible key gets out 0 and lse 0 (the caller marks it -inf). The fused kernel cannot soft-cap:
+    with a `softcap` the matmul form runs."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None and softcap is None:
         out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
         return out.float(), lse.float()
-    out, lse = attention_with_lse_reference(q, k, v, scale, mask=torch.isfinite(bias))
+    out, lse = attention_with_lse_reference(q, k, v, scale, mask=torch.isfinite(bias), softcap=softcap)
     return out.float(), torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
@@ -223,6 +225,7 @@ def shared_prefix_decode_torch(
     scale: float,
     out: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """As `shared_prefix_decode_reference`: writes rows plan.batch.query_index of `out` (zeros like q
     when None; other rows untouched) and returns it."""
@@ -251,7 +254,7 @@ def shared_prefix_decode_torch(
         qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
         bias, has_key = b.masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
         assert bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
-        o, lse = _attention_lse(qg, k, v, bias, scale)
+        o, lse = _attention_lse(qg, k, v, bias, scale, softcap)
         o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
         lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)
         if has_key is not None:  # a member whose window reaches no prefix key: an empty part
@@ -272,7 +275,7 @@ def shared_prefix_decode_torch(
         v = v.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         qs = qd.view(num_rows, num_kv_heads, ratio, head_dim)  # the heads of a KV head as rows
         bias, has_key = plan.suffix_masks.get(window)
-        suf_out, suf_lse = _attention_lse(qs, k, v, bias, scale)
+        suf_out, suf_lse = _attention_lse(qs, k, v, bias, scale, softcap)
         if has_key is not None:  # a row with an empty suffix (or none in its window)
             suf_lse = torch.where(has_key[:, :, None], suf_lse, float("-inf"))
         merged, _ = merge_attention_states(pre_out, pre_lse, suf_out.reshape(num_rows, num_heads, head_dim),

@@ -200,9 +200,11 @@ def dense_attention(
     query_pos: int,
     scale: float,
     window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The definition, one query at a time in float64: the query at `query_pos` attends to the keys
-    at positions k with k <= query_pos and query_pos - k < window (transformers' sliding window)."""
+    at positions k with k <= query_pos and query_pos - k < window (transformers' sliding window);
+    scaled scores soft-capped to softcap * tanh(score / softcap) when `softcap` is given (Gemma 2)."""
     bs, kvh, d = k_cache.shape[1:]
     keys = [k for k in range(query_pos + 1) if window is None or query_pos - k < window]
     slots = torch.tensor([table[k // bs] * bs + k % bs for k in keys], dtype=torch.int64)
@@ -210,24 +212,28 @@ def dense_attention(
     v = v_cache.reshape(-1, kvh, d)[slots].double()
     ratio = q.shape[0] // kvh
     k, v = k.repeat_interleave(ratio, dim=1), v.repeat_interleave(ratio, dim=1)  # [n, heads, d]
-    weights = torch.softmax(torch.einsum("hd,nhd->hn", q.double(), k) * scale, dim=-1)
+    scores = torch.einsum("hd,nhd->hn", q.double(), k) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    weights = torch.softmax(scores, dim=-1)
     return torch.einsum("hn,nhd->hd", weights, v)
 
 
-def dense_prefill(sc: PrefillScenario, window: int | None) -> torch.Tensor:
+def dense_prefill(sc: PrefillScenario, window: int | None, softcap: float | None = None) -> torch.Tensor:
     """`dense_attention` of every query of a prefill scenario, float64, q's row order."""
     out, row = [], 0
     for ql, c, table in zip(sc.query_lens, sc.context_lens, sc.block_tables):
         for j in range(ql):
-            out.append(dense_attention(sc.q[row + j], sc.k_cache, sc.v_cache, table, c - ql + j, sc.scale, window))
+            out.append(dense_attention(sc.q[row + j], sc.k_cache, sc.v_cache, table, c - ql + j, sc.scale, window,
+                                       softcap))
         row += ql
     return torch.stack(out)
 
 
-def dense_decode(sc: DecodeScenario, window: int | None) -> torch.Tensor:
+def dense_decode(sc: DecodeScenario, window: int | None, softcap: float | None = None) -> torch.Tensor:
     """`dense_attention` of every decode row of a decode scenario, float64, rows of q order
     (rows that are not decode rows: zeros)."""
     out = torch.zeros(sc.q.shape, dtype=torch.float64)
     for r, c, table in zip(sc.query_rows, sc.context_lens, sc.block_tables):
-        out[r] = dense_attention(sc.q[r], sc.k_cache, sc.v_cache, table, c - 1, sc.scale, window)
+        out[r] = dense_attention(sc.q[r], sc.k_cache, sc.v_cache, table, c - 1, sc.scale, window, softcap)
     return out

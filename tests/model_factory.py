@@ -31,11 +31,12 @@ CHAT_TEMPLATE = (
 )
 MAX_POSITIONS = 512
 
-Family = Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "qwen3_moe", "mixtral"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "qwen3_moe", "mixtral",
+                 "gemma2", "gemma3"]
 ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM",
                                  "olmo2": "Olmo2ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                                 "mixtral": "MixtralForCausalLM"}
+                                 "mixtral": "MixtralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 KeyStyle = Literal["v4", "v5"]  # transformers-4 keys (rope_theta, rope_scaling, torch_dtype) or 5
 
 
@@ -128,6 +129,29 @@ VARIANTS: dict[str, Variant] = {
                 {"num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
                  "num_experts_per_tok": 2, "intermediate_size": 48, "sliding_window": 13},
                 sharded=True, seed=60),
+        # Gemma 2: layer 0 slides (a window shorter than most prompts), layer 1 attends to all; small
+        # soft-caps so that capping changes the scores and logits; a q.k scale other than head_dim's
+        Variant("gemma2", "gemma2", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 13,
+                 "query_pre_attn_scalar": 24, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 12.0},
+                seed=50),
+        # Gemma 3: sliding, full, sliding layers; the sliding ones rotate by their own (local) RoPE,
+        # the full one by a linearly scaled global RoPE; per-head q/k norms
+        Variant("gemma3", "gemma3", "v5",
+                {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 13,
+                 "num_hidden_layers": 3, "query_pre_attn_scalar": 24,
+                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                 "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+                seed=60),
+        # Gemma 3 with transformers-4 keys: rope_theta, rope_scaling, rope_local_base_freq, no layer_types
+        # (sliding_window_pattern 2: sliding, full)
+        Variant("gemma3_v4", "gemma3", "v4",
+                {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 13,
+                 "query_pre_attn_scalar": 16, "sliding_window_pattern": 2, "final_logit_softcapping": 20.0,
+                 "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}},
+                seed=61),
     )
 }
 
@@ -260,6 +284,8 @@ def write_tokenizer(out: Path, *, chat_template_file: bool, family: Family = "ll
 
 def _hf_config(variant: Variant):
     from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
         GraniteConfig,
         LlamaConfig,
         MistralConfig,
@@ -273,7 +299,7 @@ def _hf_config(variant: Variant):
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
            "phi3": Phi3Config, "granite": GraniteConfig, "olmo2": Olmo2Config, "qwen3_moe": Qwen3MoeConfig,
-           "mixtral": MixtralConfig}[variant.family]
+           "mixtral": MixtralConfig, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}[variant.family]
     kwargs = dict(
         vocab_size=tokenizer_size(),
         hidden_size=64,
@@ -337,6 +363,10 @@ def rewrite_config_keys(path: Path, style: KeyStyle) -> None:
     checkpoints made with 4.x carry `rope_theta` top level, `rope_scaling` (or null) and `torch_dtype`.
     """
     raw = json.loads(path.read_text())
+    if any(isinstance(v, dict) for v in (raw.get("rope_parameters") or {}).values()):
+        _rewrite_layer_type_ropes(raw, style)
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True))
+        return
     rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
     rope = dict(rope)
     dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None) or "float32"
@@ -354,6 +384,22 @@ def rewrite_config_keys(path: Path, style: KeyStyle) -> None:
         raw["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
         raw["torch_dtype"] = dtype
     path.write_text(json.dumps(raw, indent=2, sort_keys=True))
+
+
+def _rewrite_layer_type_ropes(raw: dict, style: KeyStyle) -> None:
+    """Gemma 3 writes one rope_parameters per layer type (transformers 5); its transformers-4 keys are
+    rope_theta and rope_scaling (full layers) and rope_local_base_freq (sliding layers)."""
+    dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None) or "float32"
+    if style == "v5":
+        raw["dtype"] = dtype
+        return
+    params = raw.pop("rope_parameters")
+    full, local = dict(params["full_attention"]), dict(params["sliding_attention"])
+    raw["rope_theta"] = full.pop("rope_theta")
+    raw["rope_local_base_freq"] = local["rope_theta"]
+    raw["rope_scaling"] = full if full.get("rope_type", "default") != "default" else None
+    raw["torch_dtype"] = dtype
+    raw.pop("layer_types", None)  # older configs: sliding_window_pattern alone says which layers slide
 
 
 # ---------------------------------------------------------------- prompts and reference outputs

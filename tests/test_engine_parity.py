@@ -104,7 +104,8 @@ def test_reference_has_no_near_ties(variant: str, reference) -> None:
 
 # Every variant in plan mode; the other sharing modes once per family beyond Llama's (and on the
 # sliding-window models), where the tight cache (chunked prefill, preemption) exercises them hardest.
-NEW_FAMILIES = ("phi3", "granite", "olmo2", "mistral_window", "phi3_window", "qwen3_moe", "mixtral_window")
+NEW_FAMILIES = ("phi3", "granite", "olmo2", "mistral_window", "phi3_window", "qwen3_moe", "mixtral_window", "gemma2",
+                "gemma3", "gemma3_v4")
 PARITY_CASES = (
     [(v, "plan", s) for v in model_factory.VARIANTS for s in ("roomy", "tight")]
     + [("llama_gqa", m, s) for m in ("lru", "none") for s in ("roomy", "tight")]

@@ -1,7 +1,8 @@
 """One decoder-only transformer covering the Llama, Mistral (sliding-window attention), Qwen2 (q/k/v
 bias), Qwen3 (per-head q/k RMSNorm), Phi-3 (partial rotary, LongRoPE, sliding window), Granite
-(multipliers), OLMo 2 (post-norm layer, q/k RMSNorm over the whole projection), Qwen3-MoE and Mixtral
-(mixture-of-experts MLP, engine/models/moe.py) families; where they differ is named in
+(multipliers), OLMo 2 (post-norm layer, q/k RMSNorm over the whole projection), Gemma 2 / 3 (norms
+around attention and the MLP, soft-capping, gelu-tanh, per-layer windows and RoPE), Qwen3-MoE and
+Mixtral (mixture-of-experts MLP, engine/models/moe.py) families; where they differ is named in
 `ModelConfig.family` (and `ModelConfig.layer_window`, `ModelConfig.layer_has_experts`). Projections are fused (qkv,
 gate+up) so each layer runs few large matmuls; the loader splits Hugging Face weights into them."""
 from __future__ import annotations
@@ -20,13 +21,15 @@ from kernels import triton_interpreting
 
 
 class RMSNorm(nn.Module):
-    """norm(x), or with a residual: (norm(residual + x), residual + x) as one fused op when `fused`."""
+    """norm(x), or with a residual: (norm(residual + x), residual + x) as one fused op when `fused`.
+    unit_offset (Gemma): the weight is an offset from one, x * (1 + weight) multiplied in float32."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
-        self.fused = False  # Triton kernel (kernels.rms_norm) instead of the PyTorch ops
+        self.fused = False  # Triton kernel (kernels.rms_norm) instead of the PyTorch ops; never with unit_offset
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -47,6 +50,8 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x32.to(dtype)
 
 
@@ -58,6 +63,7 @@ class RotaryInputs:
     table: torch.Tensor  # [max_positions, 2, rotary_dim] float32 cos/sin (the fused kernel reads it)
     cos: torch.Tensor | None  # [num_tokens, 1, rotary_dim] in the model dtype; None when fused
     sin: torch.Tensor | None
+    local: RotaryInputs | None = None  # the sliding layers' own RoPE (Gemma 3); None: this one
 
 
 class Attention(nn.Module):
@@ -73,6 +79,8 @@ class Attention(nn.Module):
         scale = cfg.family.attention_scale
         self.scale = cfg.head_dim**-0.5 if scale is None else scale
         self.window = cfg.layer_window(layer_index)  # None: full causal attention
+        self.local_rope = cfg.layer_rope(layer_index) is not cfg.rope  # reads RotaryInputs.local
+        self.softcap = cfg.family.attention_softcap
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         # q/k RMSNorm per head (weights [head_dim]) or over the whole projection ([q_size], [kv_size])
@@ -81,12 +89,16 @@ class Attention(nn.Module):
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if self.qk_norm != "none":
-            self.q_norm = RMSNorm(self.q_size if whole else cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.kv_size if whole else cfg.head_dim, cfg.rms_norm_eps)
+            offset = cfg.family.gemma_norms
+            self.q_norm = RMSNorm(self.q_size if whole else cfg.head_dim, cfg.rms_norm_eps, offset)
+            self.k_norm = RMSNorm(self.kv_size if whole else cfg.head_dim, cfg.rms_norm_eps, offset)
         self.fused = False  # RoPE by the Triton kernel (kernels.rotary), in place
 
     def forward(self, x: torch.Tensor, rope: RotaryInputs, ctx: StepContext) -> torch.Tensor:
         # x: [num_tokens, hidden]
+        if self.local_rope:
+            assert rope.local is not None
+            rope = rope.local
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "whole":
@@ -105,7 +117,7 @@ class Attention(nn.Module):
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
-        out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale, self.window)
+        out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -115,23 +127,29 @@ class MLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gelu_tanh = cfg.family.mlp_activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if self.gelu_tanh else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.post_norm = cfg.family.post_norm
+        self.gemma = cfg.family.gemma_norms
         self.residual_multiplier = cfg.family.residual_multiplier
         # the pre-norm layer norms before attention (input_) and before the MLP (post_attention_);
-        # the post-norm layer (OLMo 2) norms the attention (post_attention_) and MLP (post_feedforward_) outputs
-        self.input_layernorm = None if self.post_norm else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # the post-norm layer (OLMo 2) norms the attention (post_attention_) and MLP (post_feedforward_) outputs;
+        # Gemma's layer does both: input_ and pre_feedforward_ before, post_attention_ and post_feedforward_ after
+        hidden, eps, offset = cfg.hidden_size, cfg.rms_norm_eps, self.gemma
+        self.input_layernorm = None if self.post_norm else RMSNorm(hidden, eps, offset)
         self.self_attn = Attention(cfg, layer_index)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.post_norm else None
+        self.post_attention_layernorm = RMSNorm(hidden, eps, offset)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset) if self.gemma else None
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset) if self.post_norm or self.gemma else None
         self.mlp = SparseMoeBlock(cfg) if cfg.layer_has_experts(layer_index) else MLP(cfg)
 
     def forward(
@@ -142,6 +160,8 @@ class DecoderLayer(nn.Module):
         # can fuse the add before it
         if self.post_norm:
             return self._post_norm_forward(x, residual, rope, ctx)
+        if self.gemma:
+            return self._gemma_forward(x, residual, rope, ctx)
         assert self.input_layernorm is not None
         if residual is None:
             residual, x = x, self.input_layernorm(x)
@@ -159,6 +179,15 @@ class DecoderLayer(nn.Module):
         hidden = hidden + self.post_attention_layernorm(self.self_attn(hidden, rope, ctx))
         return self.post_feedforward_layernorm(self.mlp(hidden)), hidden
 
+    def _gemma_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.input_layernorm is not None and self.pre_feedforward_layernorm is not None
+        assert self.post_feedforward_layernorm is not None
+        hidden = x if residual is None else residual + x
+        hidden = hidden + self.post_attention_layernorm(self.self_attn(self.input_layernorm(hidden), rope, ctx))
+        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden))), hidden
+
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         # Granite's residual_multiplier scales each branch before the residual add
         return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
@@ -169,7 +198,7 @@ class DecoderBody(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.gemma_norms)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -181,16 +210,20 @@ class DecoderForCausalLM(nn.Module):
         self.model = DecoderBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope", torch.empty(0), persistent=False)
+        self.register_buffer("local_rope", torch.empty(0), persistent=False)  # Gemma 3's sliding layers'
         self.fused_kernels = False
 
     def init_rope(self, max_positions: int) -> None:
-        """Fills the [max_positions, 2, head_dim] cos/sin table (float32, on the model's device)."""
+        """Fills the [max_positions, 2, head_dim] cos/sin tables (float32, on the model's device)."""
         device = self.model.embed_tokens.weight.device
         self.rope = rope_cache(self.config.rope, self.config.rotary_dim, max_positions).to(device)
+        if self.config.local_rope is not None:
+            self.local_rope = rope_cache(self.config.local_rope, self.config.rotary_dim, max_positions).to(device)
 
     def use_fused_kernels(self, enabled: bool) -> None:
         """Run add+RMSNorm, RoPE and the mixture of experts as Triton kernels (kernels.rms_norm,
-        kernels.rotary, kernels.fused_moe) instead of PyTorch ops; off by default. Outputs match the PyTorch path up to float rounding. RoPE then
+        kernels.rotary, kernels.fused_moe) instead of PyTorch ops (Gemma's (1 + weight) norms stay PyTorch
+        ops); off by default. Outputs match the PyTorch path up to float rounding. RoPE then
         rotates q/k in place in the qkv buffer, unseen by autograd: for inference only."""
         device = self.model.embed_tokens.weight.device
         if enabled and device.type != "cuda" and not triton_interpreting():
@@ -203,19 +236,19 @@ class DecoderForCausalLM(nn.Module):
                 import kernels.fused_moe  # noqa: F401
         self.fused_kernels = enabled
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, SparseMoeBlock)):
+            if isinstance(module, (Attention, SparseMoeBlock)) or (isinstance(module, RMSNorm) and not module.unit_offset):
                 module.fused = enabled
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]
         x = self.model.embed_tokens(input_ids)
-        if self.config.family.embedding_multiplier != 1.0:
-            x = x * self.config.family.embedding_multiplier
-        cos = sin = None
-        if not self.fused_kernels:
-            cos_sin = self.rope[positions].to(x.dtype)  # [num_tokens, 2, rotary_dim]
-            cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
-        rope = RotaryInputs(positions, self.rope, cos, sin)
+        family = self.config.family
+        if family.embedding_scale_in_model_dtype:  # Gemma: the multiplier rounded to the model dtype first
+            x = x * torch.tensor(family.embedding_multiplier, dtype=x.dtype)
+        elif family.embedding_multiplier != 1.0:
+            x = x * family.embedding_multiplier
+        local = None if self.config.local_rope is None else self._rotary_inputs(self.local_rope, positions, x.dtype)
+        rope = self._rotary_inputs(self.rope, positions, x.dtype, local)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, ctx)
@@ -223,8 +256,20 @@ class DecoderForCausalLM(nn.Module):
             return self.model.norm(x)
         return self.model.norm(x, residual)[0]
 
+    def _rotary_inputs(
+        self, table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, local: RotaryInputs | None = None
+    ) -> RotaryInputs:
+        cos = sin = None
+        if not self.fused_kernels:
+            cos_sin = table[positions].to(dtype)  # [num_tokens, 2, rotary_dim]
+            cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
+        return RotaryInputs(positions, table, cos, sin, local)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight)
         scaling = self.config.family.logits_scaling
-        return logits if scaling == 1.0 else logits / scaling
+        if scaling != 1.0:
+            logits = logits / scaling
+        cap = self.config.family.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
