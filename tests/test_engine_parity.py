@@ -200,7 +200,8 @@ def test_unknown_architecture_names_supported_ones(tiny_model_dir, tmp_path: Pat
         make_engine(model_dir)
     message = str(info.value)
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "Phi3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"):
+                 "Phi3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM",
+                 "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         assert name in message, message
 
 
