@@ -22,15 +22,6 @@ from test_model_families import _engine, _prefill_logits
 MOE_VARIANTS = ["qwen3_moe", "mixtral_window"]
 
 
-@pytest.mark.parametrize("variant", MOE_VARIANTS)
-def test_prefill_logits_equal_transformers(variant: str, tiny_model_dir, hf_model) -> None:
-    prompt = model_factory.make_prompts([40], seed=3)[0]
-    ours = _prefill_logits(_engine(tiny_model_dir(variant)), prompt)
-    with torch.no_grad():
-        theirs = hf_model(variant)(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
 def _expert_by_expert(x, weights, experts, gate_up, down):
     inter = down.shape[-1]
     out = torch.zeros_like(x)
