@@ -17,7 +17,6 @@ from engine.model_config import load_model_config
 from engine.sampling_params import SamplingParams
 from test_model_families import _engine, _prefill_logits
 
-VARIANTS = ["gemma2", "gemma3", "gemma3_v4"]
 
 
 def _edited(src: Path, dst: Path, drop: tuple[str, ...] = (), **changes: object) -> Path:
