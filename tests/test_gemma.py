@@ -18,7 +18,6 @@ from engine.sampling_params import SamplingParams
 from test_model_families import _engine, _prefill_logits
 
 
-
 def _edited(src: Path, dst: Path, drop: tuple[str, ...] = (), **changes: object) -> Path:
     dst.mkdir(parents=True)
     shutil.copy(src / "config.json", dst / "config.json")
