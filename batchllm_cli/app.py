@@ -182,7 +182,8 @@ def _render_report(report: RunReport, console: Console) -> None:
     if att.plan_chunks:
         where = "on disk" if att.plan_out_of_core else "in memory"
         console.print(
-            f"global plan: sorted {where} in {att.plan_s:.1f} s, fed in {att.plan_chunks} chunks "
+            f"global plan: sorted {where} in {att.plan_s:.1f} s, fed in {att.plan_chunks} "
+            f"chunk{'s' if att.plan_chunks != 1 else ''} "
             f"({att.plan_boundary_tokens} tokens computed again at chunk cuts); engine waited "
             f"{att.engine_wait_s:.2f} s for work"
         )
