@@ -59,8 +59,7 @@ class PlanStats:
 class _Chunk:
     row_ids: np.ndarray  # int64 (m,), table row ids in plan order
     truncated: np.ndarray  # bool (m,)
-    requests: list[Request]
-    shared_with_next: int  # leading tokens the chunk's last row shares with the next chunk's first
+    work: Any  # engine.PlanChunk: the requests and the tokens shared with the next chunk
 
 
 class PlannedFeed:
@@ -109,14 +108,12 @@ class PlannedFeed:
             elif kind == "planned":
                 self.stats = item
             elif kind == "chunk":
-                from engine import PlanChunk
-
                 if first:
                     self.stats = dataclasses.replace(self.stats, plan_s=time.perf_counter() - self._t0)
                 first = False
-                for (key, _, _), row_id, cut in zip(item.requests, item.row_ids.tolist(), item.truncated.tolist()):
+                for (key, _, _), row_id, cut in zip(item.work.requests, item.row_ids.tolist(), item.truncated.tolist()):
                     in_flight[key] = (row_id, cut)
-                yield PlanChunk(item.requests, item.shared_with_next)
+                yield item.work
                 self.stats = dataclasses.replace(self.stats, engine_wait_s=wait)
             elif kind == "error":
                 raise item
@@ -191,7 +188,7 @@ class PlannedFeed:
 
     def _feed(self, spool: TokenSpool, order: np.ndarray, lcp: np.ndarray, truncated: np.ndarray,
               keys: list[Any] | None, out_of_core: bool) -> None:
-        from engine import cut_sorted_rows, unique_prompt_tokens
+        from engine import PlanChunk, cut_sorted_rows, unique_prompt_tokens
 
         lengths = spool.lengths
         lengths_sorted = lengths[order]
@@ -213,7 +210,7 @@ class PlannedFeed:
                 chunk_keys = [keys[i] for i in idx.tolist()] if keys is not None else chunk_row_ids.tolist()
                 requests = [(key, tokens_of(i), params) for key, i in zip(chunk_keys, idx.tolist())]
                 shared = int(lcp[b]) if b < len(order) else 0
-                self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], requests, shared))
+                self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], PlanChunk(requests, shared)))
 
 
 class _Stopped(Exception):
