@@ -157,9 +157,11 @@ class AttemptCounts:
         data = dataclasses.asdict(self)
         for key in ("elapsed_s", "load_s", "write_s", "plan_s", "engine_wait_s"):
             data[key] = round(data[key], 3)
-        data["rows_per_s"] = _per_s(self.rows, self.elapsed_s)
-        data["prompt_tokens_per_s"] = _per_s(self.prompt_tokens, self.elapsed_s)
-        data["output_tokens_per_s"] = _per_s(self.completion_tokens, self.elapsed_s)
+        # rates over the elapsed time as printed, so a reader dividing the printed numbers gets the same rate
+        elapsed = data["elapsed_s"]
+        data["rows_per_s"] = _per_s(self.rows, elapsed)
+        data["prompt_tokens_per_s"] = _per_s(self.prompt_tokens, elapsed)
+        data["output_tokens_per_s"] = _per_s(self.completion_tokens, elapsed)
         return data
 
 

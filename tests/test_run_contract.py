@@ -246,3 +246,14 @@ def test_eta_counts_token_work_of_rows_still_running() -> None:
     assert line.eta_s == pytest.approx(11.2, abs=0.3)  # (11000 - 5200) / 520 tok/s; by finished rows: 990 s
     assert line.prompt_tokens_per_s == pytest.approx(500, rel=0.05) and line.rows_done == 1
     assert ProgressMeter(100, 0, lambda: WorkDone(prompt_tokens_processed=5000)).line().eta_s is None
+
+
+def test_printed_rates_agree_with_the_printed_elapsed_time_on_short_runs() -> None:
+    from batchllm_cli.job_types import AttemptCounts
+
+    # 9 rows in 30.55 ms: elapsed prints as 0.031; the rate must be 9 / 0.031, not 9 / 0.03055
+    data = AttemptCounts(rows=9, prompt_tokens=90, completion_tokens=27, elapsed_s=0.03055).to_dict()
+    assert data["elapsed_s"] == 0.031
+    assert data["rows_per_s"] == pytest.approx(9 / 0.031, rel=1e-3)
+    assert data["prompt_tokens_per_s"] == pytest.approx(90 / 0.031, rel=1e-3)
+    assert data["output_tokens_per_s"] == pytest.approx(27 / 0.031, rel=1e-3)
