@@ -45,6 +45,9 @@ _EXPORTS = {
     "PlanChunk": "engine.planning",
     "cut_sorted_rows": "engine.planning",
     "unique_prompt_tokens": "engine.planning",
+    "Partition": "engine.planning",
+    "partition_sorted": "engine.planning",
+    "group_starts": "engine.planning",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -63,10 +66,13 @@ if TYPE_CHECKING:
         GroupSizeStats,
         LruPrefixCache,
         PackedSequences,
+        Partition,
         PlanChunk,
         PrefixPlan,
         SortedStreamPlanner,
         cut_sorted_rows,
+        group_starts,
+        partition_sorted,
         plan_execution,
         plan_prefixes,
         plan_prefixes_from_sorted_stream,
