@@ -6,6 +6,7 @@ Layout of a run directory (default `OUTPUT.batchllm/` beside the output):
     lock                      flock()ed by the run working on this directory (empty file)
     shard-000001.parquet      result rows (row id, answer, counts, error), immutable once renamed
     shard-000001.json         its commit record: rows, byte size, sha256, time; written last
+    shard-000001-w002.*       a shard committed by worker 2 of a scale-out run (ray_run.py)
     quarantine/               shards found torn or uncommitted on resume (their rows are recomputed)
 
 The directory is batchllm's alone: a run refuses a directory that holds anything else (`check_owned`),
@@ -58,14 +59,14 @@ MANIFEST = "manifest.json"
 RUN_LOCK = "lock"
 QUARANTINE = "quarantine"
 MANIFEST_FORMAT = 1
-_SHARD_RE = re.compile(r"^shard-(\d{6,})\.(parquet|json)$")
+_SHARD_RE = re.compile(r"^shard-(\d{6,})(?:-w(\d{3,}))?\.(parquet|json)$")
 # Names batchllm gives files in a run directory: the manifest, the lock, shards and their records, and
 # their temporary names (durable.temp_name); in quarantine/, a shard's name plus a stamp.
 _RUN_FILE_RE = re.compile(
-    r"^(manifest\.json|lock|shard-\d{6,}\.(parquet|json)"
-    r"|\.(manifest\.json|shard-\d{6,}\.(parquet|json))\.[0-9a-f]{12}\.tmp)$"
+    r"^(manifest\.json|lock|shard-\d{6,}(-w\d{3,})?\.(parquet|json)"
+    r"|\.(manifest\.json|shard-\d{6,}(-w\d{3,})?\.(parquet|json))\.[0-9a-f]{12}\.tmp)$"
 )
-_QUARANTINED_RE = re.compile(r"^shard-\d{6,}\.(parquet|json)\.\d{8}T\d{6}\.[0-9a-f]{6}$")
+_QUARANTINED_RE = re.compile(r"^shard-\d{6,}(-w\d{3,})?\.(parquet|json)\.\d{8}T\d{6}\.[0-9a-f]{6}$")
 
 
 def default_run_dir(output: Path) -> Path:
@@ -418,8 +419,9 @@ class RunDir:
     def load_committed(self, total_rows: int) -> Committed:
         """Verify every commit record against its shard; quarantine what does not check out."""
         committed = Committed(done=np.zeros(total_rows, dtype=bool))
-        records: dict[int, Path] = {}
-        shards: dict[int, Path] = {}
+        # keyed by (seq, worker): -1 for the single-process run's own shards
+        records: dict[tuple[int, int], Path] = {}
+        shards: dict[tuple[int, int], Path] = {}
         max_seq = 0
         leftovers: list[Path] = []
         for p in self.path.iterdir():
@@ -427,21 +429,22 @@ class RunDir:
             if m:
                 seq = int(m.group(1))
                 max_seq = max(max_seq, seq)
-                (shards if m.group(2) == "parquet" else records)[seq] = p
+                key = (seq, int(m.group(2)) if m.group(2) else -1)
+                (shards if m.group(3) == "parquet" else records)[key] = p
             elif p.name.startswith(".shard-") and _RUN_FILE_RE.match(p.name):
                 leftovers.append(p)  # a shard or record that never got renamed: never committed
         qdir = self.path / QUARANTINE
         if qdir.is_dir():
             for q in qdir.iterdir():
-                m = re.match(r"^shard-(\d{6,})\.", q.name)
+                m = re.match(r"^shard-(\d{6,})[.-]", q.name)
                 if m:
                     max_seq = max(max_seq, int(m.group(1)))
         for p in leftovers:
             p.unlink()
         bad: list[Path] = []
-        for seq in sorted(set(records) | set(shards)):
-            record, shard = records.get(seq), shards.get(seq)
-            info = self._verify(seq, record, shard, committed.done)
+        for key in sorted(set(records) | set(shards)):
+            record, shard = records.get(key), shards.get(key)
+            info = self._verify(key[0], record, shard, committed.done)
             if info is None:
                 bad += [p for p in (record, shard) if p is not None]
             else:
@@ -484,15 +487,17 @@ class RunDir:
             completion_tokens=meta["completion_tokens"],
         )
 
-    def commit_shard(self, table: pa.Table, seq: int) -> ShardInfo:
-        """Make `table` (SHARD_SCHEMA) a committed shard; durable when this returns."""
+    def commit_shard(self, table: pa.Table, seq: int, worker: int | None = None) -> ShardInfo:
+        """Make `table` (SHARD_SCHEMA) a committed shard; durable when this returns. A scale-out
+        worker's shard names carry its number, so workers starting at the same `seq` never collide."""
         assert table.schema.equals(SHARD_SCHEMA), table.schema
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
         digest = hashlib.sha256(data).hexdigest()
-        shard = self.path / f"shard-{seq:06d}.parquet"
-        record = self.path / f"shard-{seq:06d}.json"
+        stem = f"shard-{seq:06d}" + (f"-w{worker:03d}" if worker is not None else "")
+        shard = self.path / f"{stem}.parquet"
+        record = self.path / f"{stem}.json"
         errors = table.num_rows - table.column("error").null_count
         info = ShardInfo(
             seq=seq,
@@ -547,7 +552,7 @@ class RunDir:
             if table.num_rows - info.errors:
                 kept.append(self.commit_shard(table.filter(pc.invert(failed)), committed.next_seq))
                 committed.next_seq += 1
-            remove_durably([self.path / f"shard-{info.seq:06d}.json", self.path / info.name])
+            remove_durably([self.path / Path(info.name).with_suffix(".json").name, self.path / info.name])
             committed.done[table.filter(failed).column(ROW_ID).to_numpy()] = False
             dropped += info.errors
         committed.shards = kept

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Hashable, Iterator
 
 from batchllm_cli.checkpoint import (
+    Committed,
     FileLock,
     RunDir,
     default_run_dir,
@@ -88,6 +89,10 @@ def _check_settings(settings: RunSettings) -> None:
         raise UsageError("--checkpoint-seconds must be positive.")
     if not settings.column:
         raise UsageError("--column must not be empty.")
+    if settings.workers is not None or settings.ray_address is not None:
+        from batchllm_cli.ray_run import check_scale_out
+
+        check_scale_out(settings)
 
 
 def _check_retry_flags(settings: RunSettings) -> None:
@@ -384,19 +389,26 @@ def is_out_of_memory(exc: BaseException) -> bool:
 FIRST_SHARD_FRACTION = 1 / 12
 
 
-class _ShardSink:
+class ShardSink:
     """Buffers results and commits a shard every N rows or T seconds (the first one sooner)."""
 
-    def __init__(self, prepared: PreparedRun, guard: SignalGuard) -> None:
-        assert prepared.run_dir is not None
-        self.run_dir = prepared.run_dir
-        self.committed = prepared.committed
-        self.collector = ResultCollector(prepared.columns, prepared.constraint)
+    def __init__(self, run_dir: RunDir, committed: Committed, collector: ResultCollector, guard: SignalGuard,
+                 every_rows: int, every_s: float, worker: int | None = None) -> None:
+        self.run_dir = run_dir
+        self.committed = committed
+        self.collector = collector
         self.guard = guard
-        self.every_rows = prepared.settings.checkpoint_rows
-        self.every_s = prepared.settings.checkpoint_seconds
+        self.every_rows = every_rows
+        self.every_s = every_s
+        self.worker = worker  # a scale-out worker's number, in its shard names (ray_run.py)
         self._last: float | None = None  # the last commit; before the first one, the first result
         self._first = True
+
+    @classmethod
+    def for_run(cls, prepared: PreparedRun, guard: SignalGuard) -> "ShardSink":
+        assert prepared.run_dir is not None
+        return cls(prepared.run_dir, prepared.committed, ResultCollector(prepared.columns, prepared.constraint),
+                   guard, prepared.settings.checkpoint_rows, prepared.settings.checkpoint_seconds)
 
     def maybe_commit(self) -> None:
         pending = self.collector.pending
@@ -414,7 +426,7 @@ class _ShardSink:
             return
         with self.guard.critical():
             table = self.collector.drain()
-            info = self.run_dir.commit_shard(table, self.committed.next_seq)
+            info = self.run_dir.commit_shard(table, self.committed.next_seq, self.worker)
             self.committed.next_seq += 1
             self.committed.shards.append(info)
             self.committed.done[table.column(ROW_ID).to_numpy()] = True
@@ -439,9 +451,13 @@ def execute_run(
     settings = prepared.settings
     if prepared.done_marker is not None:
         return already_done_report(prepared, time.time())
+    if settings.workers is not None or settings.ray_address is not None:
+        from batchllm_cli.ray_run import execute_ray_run
+
+        return execute_ray_run(prepared, observer, guard)
     assert prepared.run_dir is not None
     committed = prepared.committed
-    sink = _ShardSink(prepared, guard)
+    sink = ShardSink.for_run(prepared, guard)
     tracker = AttemptTracker(prepared, sink.collector)
     remaining = prepared.total_rows - committed.rows
     feed: PlannedFeed | None = None
@@ -529,7 +545,7 @@ def _interrupted(guard: SignalGuard, exc: BaseException, what: str) -> Interrupt
     return Interrupted(f"Interrupted by {stop}: {what}", stop.exit_code)
 
 
-def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: _ShardSink) -> Any:
+def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: ShardSink) -> Any:
     from engine import ConfigError, LLMEngine, ModelLoadError
 
     assert config is not None
@@ -547,7 +563,7 @@ def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: _Shar
 
 
 def _generate(
-    prepared: PreparedRun, engine: Any, sink: _ShardSink, observer: RunObserver, plan_stats: list[PlanStats],
+    prepared: PreparedRun, engine: Any, sink: ShardSink, observer: RunObserver, plan_stats: list[PlanStats],
     feed: PlannedFeed | None = None,
 ) -> None:
     """One pass of the engine over every row not yet committed: in plan mode in the order of one
@@ -593,15 +609,15 @@ def _generate(
         feed = feed or PlannedFeed(prepared, done, settings.plan_chunk_tokens).start()
         try:
             results = engine.generate_planned(feed.chunks(lambda f: fail(f.row_id, f.error, f.kind), in_flight))
-            _collect(results, in_flight, sink, observer)
+            collect_results(results, in_flight, sink, observer)
         finally:
             feed.close()
             plan_stats.append(feed.stats)
     else:
-        _collect(engine.generate(requests()), in_flight, sink, observer)
+        collect_results(engine.generate(requests()), in_flight, sink, observer)
 
 
-def _collect(results: Iterator[Any], in_flight: dict[Hashable, tuple[int, bool]], sink: _ShardSink,
+def collect_results(results: Iterator[Any], in_flight: dict[Hashable, tuple[int, bool]], sink: ShardSink,
              observer: RunObserver) -> None:
     from engine import EngineError
 

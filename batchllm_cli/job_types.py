@@ -92,6 +92,8 @@ class RunSettings:
     attention_backend: str = "auto"
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True
+    workers: int | None = None  # scale out over N engine replicas through Ray (ray_run.py)
+    ray_address: str | None = None  # an existing Ray cluster to join (else a local one is started)
     batch_rows: int = 1024  # rows rendered and tokenized per step of the input stream
     plan_chunk_tokens: int = DEFAULT_PLAN_CHUNK_TOKENS  # plan mode: prompt tokens the engine is fed at a time
     id_column: str | None = None
@@ -223,6 +225,8 @@ class RunReport:
     rejects_file: str | None = None
     marker: str | None = None
     error: str | None = None  # why an interrupted or failed attempt stopped
+    workers: int = 1  # engine replicas this attempt ran on (--workers)
+    scale_out: dict[str, Any] | None = None  # --workers: partition and per-worker counts (ray_run.py)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -304,6 +304,28 @@ GpuMemoryUtilizationOpt = Annotated[
         rich_help_panel=PANEL_ENGINE,
     ),
 ]
+WorkersOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--workers",
+        metavar="N",
+        help="Run the job on N engine replicas through Ray (pip install 'batchllm[ray]'): one per GPU, or a "
+        "share of the CPU cores each. The plan is partitioned by prefix group; each replica commits into the "
+        "one checkpoint, which must be on a filesystem every Ray node sees.",
+        min=1,
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
+RayAddressOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray-address",
+        metavar="ADDR",
+        help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one; "
+        "--workers defaults to its GPU count.",
+        rich_help_panel=PANEL_ENGINE,
+    ),
+]
 CudaGraphsOpt = Annotated[
     bool,
     typer.Option(

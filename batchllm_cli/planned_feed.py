@@ -157,34 +157,12 @@ class PlannedFeed:
                 return
 
     def _tokenize(self, spool: TokenSpool) -> tuple[np.ndarray, list[Any] | None]:
-        """Every row not yet committed into the spool: (truncated flags, the id column's values or None),
-        both in spool order."""
-        p = self._prepared
-        s = p.settings
-        encoder = p.prompt_encoder()
-        truncated: list[np.ndarray] = []
-        keys: list[Any] | None = [] if s.id_column else None
-        for batch in p.source.batches(s.batch_rows):
+        def stopped() -> bool:
             if self._stop.is_set():
                 raise _Stopped
-            ids = batch.column(ROW_ID).to_numpy()
-            todo = ~self._done[ids]
-            if not todo.any():
-                continue
-            if not todo.all():
-                batch = batch.filter(todo)
-            packed, _ = fit_packed(encoder.encode_packed(batch), p.max_prompt_tokens, s.truncate)
-            if packed.failed:
-                self._put("failed", packed.failed)
-            if not len(packed.row_ids):
-                continue
-            spool.append(packed.row_ids, packed.tokens, packed.lengths)
-            truncated.append(packed.truncated_mask())
-            if keys is not None:
-                assert s.id_column is not None
-                at = np.searchsorted(batch.column(ROW_ID).to_numpy(), packed.row_ids)
-                keys.extend(batch.column(s.id_column).take(at).to_pylist())
-        return (np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool)), keys
+            return False
+
+        return tokenize_rows(self._prepared, self._done, spool, lambda rows: self._put("failed", rows), stopped)
 
     def _feed(self, spool: TokenSpool, order: np.ndarray, lcp: np.ndarray, truncated: np.ndarray,
               keys: list[Any] | None, out_of_core: bool) -> None:
@@ -211,6 +189,38 @@ class PlannedFeed:
                 requests = [(key, tokens_of(i), params) for key, i in zip(chunk_keys, idx.tolist())]
                 shared = int(lcp[b]) if b < len(order) else 0
                 self._put("chunk", _Chunk(chunk_row_ids, truncated[idx], PlanChunk(requests, shared)))
+
+
+def tokenize_rows(prepared: PreparedRun, done: np.ndarray, spool: TokenSpool,
+                  on_failed: Callable[[list[FailedRow]], None], stopped: Callable[[], bool] = lambda: False,
+                  ) -> tuple[np.ndarray, list[Any] | None]:
+    """Every row not `done` into the spool, exactly as the engine gets it: (truncated flags, the id
+    column's values or None), both in spool order. Rows that fail to render or fit go to `on_failed`."""
+    s = prepared.settings
+    encoder = prepared.prompt_encoder()
+    truncated: list[np.ndarray] = []
+    keys: list[Any] | None = [] if s.id_column else None
+    for batch in prepared.source.batches(s.batch_rows):
+        if stopped():
+            break
+        ids = batch.column(ROW_ID).to_numpy()
+        todo = ~done[ids]
+        if not todo.any():
+            continue
+        if not todo.all():
+            batch = batch.filter(todo)
+        packed, _ = fit_packed(encoder.encode_packed(batch), prepared.max_prompt_tokens, s.truncate)
+        if packed.failed:
+            on_failed(packed.failed)
+        if not len(packed.row_ids):
+            continue
+        spool.append(packed.row_ids, packed.tokens, packed.lengths)
+        truncated.append(packed.truncated_mask())
+        if keys is not None:
+            assert s.id_column is not None
+            at = np.searchsorted(batch.column(ROW_ID).to_numpy(), packed.row_ids)
+            keys.extend(batch.column(s.id_column).take(at).to_pylist())
+    return (np.concatenate(truncated) if truncated else np.zeros(0, dtype=bool)), keys
 
 
 class _Stopped(Exception):

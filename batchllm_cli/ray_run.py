@@ -1,0 +1,422 @@
+"""`run --workers N` / `--ray-address ADDR`: one job over N engine replicas through Ray, resumable as one.
+
+The driver (this process) does what a single-process run does around the engine: it holds the locks,
+the manifest and the checkpoint, plans the whole job at once (every row not yet committed is rendered,
+tokenized and sorted, planned_feed.tokenize_rows and token_spool.sort_spool), and writes the output
+and the marker. Between planning and writing, the sorted rows are partitioned by top-level prefix group
+into N parts of about equal work (engine.partition_sorted), and each part goes to a replica, a Ray
+actor with its own engine (ray_worker.py), which commits its results into the job's one run directory.
+The run directory must be on a filesystem every replica sees: each replica proves it by reading the
+manifest this run wrote before any model loads.
+
+A replica whose process dies (killed, node lost) is restarted by Ray; its part's committed rows stay,
+and once the other replicas finish, the rows left are planned and partitioned again over the replicas
+that are up, until none is left. A re-run of the command resumes the same way from the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from batchllm_cli.checkpoint import Committed
+from batchllm_cli.errors import BatchLLMError, UsageError
+from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
+from batchllm_cli.job_output import write_final
+from batchllm_cli.job_report import AttemptTracker
+from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver, engine_summary
+from batchllm_cli.planned_feed import PlanStats, tokenize_rows
+from batchllm_cli.ray_worker import ReplicaWorker, WorkerCounts, WorkerPart, WorkerReport, WorkerSetup
+from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool
+
+RAY_MISSING = "--workers and --ray-address need Ray, an optional extra: pip install 'batchllm[ray]'."
+# A round of parts in which no row got committed (every replica died at once, repeatedly) ends the job.
+MAX_FRUITLESS_ROUNDS = 2
+_POLL_S = 0.5
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(RAY_MISSING) from None
+    return ray
+
+
+def check_scale_out(settings: RunSettings) -> None:
+    """UsageError (before anything loads) unless Ray can be imported."""
+    _import_ray()
+    if settings.workers is not None and settings.workers < 1:
+        raise UsageError("--workers must be at least 1.")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    parts: list[WorkerPart]  # one per replica of the round (empty parts left out)
+    replicas: list[int]  # the replica (index into the pool) of each part
+    stats: PlanStats
+    partition: dict[str, Any]
+
+
+class _Pool:
+    """The replicas: Ray actors created once per run; Ray restarts one whose process dies."""
+
+    def __init__(self, ray: Any, prepared: PreparedRun, observer: RunObserver) -> None:
+        settings = prepared.settings
+        self.t0 = time.perf_counter()
+        self.ray = ray
+        self.started_ray = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.ERROR,
+                         log_to_driver=False)
+            except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError, ...
+                where = settings.ray_address or "a local Ray"
+                raise UsageError(f"Cannot start or join {where}: {' '.join(str(exc).split())[:200]}.") from None
+            self.started_ray = True
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+        use_gpu = gpus > 0 and settings.device != "cpu"
+        if settings.device == "cuda" and not gpus:
+            raise UsageError("--device cuda: the Ray cluster has no GPU; drop --device or give a cluster with GPUs.")
+        n = settings.workers or max(gpus if use_gpu else 1, 1)
+        if use_gpu and n > gpus:
+            raise UsageError(f"--workers {n} needs {n} GPUs (one each); the Ray cluster has {gpus}.")
+        self.threads = 0 if use_gpu else max(1, int(cpus // n))
+        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        if not use_gpu:
+            env["BATCHLLM_NUM_THREADS"] = os.environ.get("BATCHLLM_NUM_THREADS") or str(self.threads)
+        assert prepared.run_dir is not None
+        manifest = prepared.run_dir.read_manifest()
+        assert manifest is not None
+        actor = ray.remote(ReplicaWorker).options(
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cpus / n, max_restarts=2, max_task_retries=0,
+            max_concurrency=2,  # `progress` runs while `run` works
+        )
+        s = prepared.settings
+        self.actors = [
+            actor.remote(WorkerSetup(
+                worker=k, run_dir=str(prepared.run_dir.path.resolve()), run_id=manifest["run_id"],
+                model_dir=str(prepared.model_dir), engine_config=prepared.engine_config, params=prepared.params,
+                columns=prepared.columns, constraint=prepared.constraint, total_rows=prepared.total_rows,
+                checkpoint_rows=s.checkpoint_rows, checkpoint_seconds=s.checkpoint_seconds,
+                plan_chunk_tokens=s.plan_chunk_tokens, planned=s.prefix_sharing == "plan", env=env,
+            ))
+            for k in range(n)
+        ]
+        self.alive = list(range(n))
+        self.where = settings.ray_address or "a local Ray"
+        self.use_gpu = use_gpu
+        self.model: dict[str, Any] = {}
+        self._loading: list[Any] = []
+        self.hosts: dict[int, str] = {}
+
+    def check_and_load(self, observer: RunObserver, run_dir: Path) -> None:
+        """Every replica sees the run directory (else UsageError); then their models start loading."""
+        ray = self.ray
+        checks = ray.get([a.check.remote() for a in self.actors])
+        for k, (host, pid, problem) in enumerate(checks):
+            if problem is not None:
+                raise UsageError(
+                    f"The checkpoint directory {run_dir} is not visible from worker {k} on {host}: {problem}; put "
+                    "--output (or --checkpoint-dir) on a filesystem every Ray node mounts at the same path."
+                )
+            self.hosts[k] = host
+            observer.notice(f"worker {k}: pid {pid} on {host}")
+        self._loading = [a.load.remote() for a in self.actors]
+
+    def wait_loaded(self) -> None:
+        if self._loading:
+            self.model = self._get(self._loading)[0]
+            self._loading = []
+
+    def _get(self, refs: Any) -> Any:
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as exc:
+            raise _cause(exc) from None
+
+    def revive(self, dead: list[int]) -> None:
+        """Replicas Ray restarted after their process died load their model again; one that does not
+        come back is left out of later rounds."""
+        for k in dead:
+            try:
+                self._get(self.actors[k].load.remote())
+            except self.ray.exceptions.RayActorError:
+                self.alive.remove(k)
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def _cause(exc: Any) -> BaseException:
+    """The replica's own exception (a BatchLLMError keeps its exit code), else a one-line error."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return cause if isinstance(cause, BatchLLMError) else BatchLLMError(f"A worker failed: {cause!r}")
+    return BatchLLMError(f"A worker failed: {' '.join(str(exc).split())[:300]}")
+
+
+def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int], tmp: Path) -> _Plan:
+    """Tokenize and sort every row not `done`, partition the sorted rows over `replicas`; rows that fail
+    to render or fit are committed by the driver (`sink`)."""
+    from engine import partition_sorted, unique_prompt_tokens
+
+    t0 = time.perf_counter()
+    spool = TokenSpool(tmp)
+
+    def failed(rows: list[Any]) -> None:
+        for row in rows:
+            sink.collector.add_failure(row.row_id, row.error, row.kind)
+
+    truncated, keys = tokenize_rows(prepared, done, spool, failed)
+    sink.commit()
+    order, lcp, out_of_core = sort_spool(spool, default_memory_budget(), tmp)
+    lengths = spool.lengths
+    lengths_sorted = lengths[order]
+    part = partition_sorted(lengths_sorted, lcp, prepared.params.max_tokens, len(replicas))
+    tokens, offsets, row_ids = spool.read_all(), spool.offsets, spool.row_ids
+    parts, owners = [], []
+    for p, replica in enumerate(replicas):
+        idx = order[part.part == p]  # spool indices of this part, in plan order
+        if not len(idx):
+            continue
+        lens = lengths[idx]
+        off = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lens, out=off[1:])
+        gather = np.arange(int(off[-1]), dtype=np.int64) - np.repeat(off[:-1], lens) + np.repeat(offsets[idx], lens)
+        parts.append(WorkerPart(row_ids=row_ids[idx], keys=[keys[i] for i in idx.tolist()] if keys is not None else None,
+                                truncated=truncated[idx], tokens=tokens[gather], offsets=off, seq_start=0))
+        owners.append(replica)
+    stats = PlanStats(rows=len(order), prompt_tokens=int(lengths.sum()),
+                      unique_prompt_tokens=unique_prompt_tokens(lengths_sorted, lcp), out_of_core=out_of_core,
+                      plan_s=time.perf_counter() - t0)
+    summary = {"top_groups": part.top_groups, "split_groups": part.split_groups, "balance": round(part.balance, 4),
+               "work": part.work.tolist()}
+    return _Plan(parts, owners, stats, summary)
+
+
+class _ScaleOutTracker(AttemptTracker):
+    """The attempt's counters summed over the driver's own results (rows failed before any engine) and
+    every replica's: `collector` and `_stats` are views over them, so progress and the report read the
+    same numbers as for one process."""
+
+    def __init__(self, prepared: PreparedRun, driver_collector: Any, workers: int) -> None:
+        super().__init__(prepared, driver_collector)
+        self.driver = driver_collector
+        self.live: dict[int, WorkerCounts] = {}  # replica -> its counters (lifetime of its current process)
+        self.retired: list[WorkerCounts] = []  # replicas' processes that died: what they committed
+        self.workers = workers
+        self.partition: dict[str, Any] | None = None
+        self.rounds = 0
+        self.failures = 0
+        self.hosts: dict[int, str] = {}
+        self.model: dict[str, Any] = {}
+        self.collector = SimpleNamespace()  # replaced by the property below on each read
+        self._refresh()
+
+    def _all(self) -> list[Any]:
+        return [self.driver, *self.live.values(), *self.retired]
+
+    def _refresh(self) -> None:
+        parts = self._all()
+        fields = ("rows", "rows_ok", "rows_failed", "rows_run", "rows_truncated", "prompt_tokens", "completion_tokens")
+        merged = {f: sum(getattr(p, f) for p in parts) for f in fields}
+        errors = [e for p in parts for e in p.first_errors][:5]
+        self.collector = SimpleNamespace(**merged, first_errors=errors)
+
+    def update(self, replica: int, counts: WorkerCounts) -> None:
+        self.live[replica] = counts
+        self._refresh()
+
+    def died(self, replica: int, committed: WorkerCounts) -> None:
+        """The replica's process died: its counters restart; keep what it had committed, and its engine's work."""
+        old = self.live.pop(replica, None)
+        self.retired.append(dataclasses.replace(committed, engine_stats=old.engine_stats if old else None,
+                                                engine_s=old.engine_s if old else 0.0))
+        self.failures += 1
+        self._refresh()
+
+    def snapshot(self) -> Any:
+        self._refresh()
+        return super().snapshot()
+
+    def _stats(self) -> list[Any]:
+        return [c.engine_stats for c in (*self.live.values(), *self.retired) if c.engine_stats is not None]
+
+    def report(self, state: str, exit_code: int, write_s: float = 0.0, files: dict[str, Any] | None = None,
+               error: str | None = None) -> RunReport:
+        self._refresh()
+        base = super().report(state, exit_code, write_s, files, error)
+        stats = self._stats()
+        merged = SimpleNamespace(
+            steps=sum(s.steps for s in stats), graph_steps=sum(s.graph_steps for s in stats),
+            peak_kv_blocks=max((s.peak_kv_blocks for s in stats), default=0),
+            kv_blocks_total=sum(s.kv_blocks_total for s in self._current_stats()),
+        ) if stats else None
+        per_worker = [
+            {"worker": k, "host": self.hosts.get(k), "rows": c.rows, "rows_failed": c.rows_failed,
+             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+             "engine_s": round(c.engine_s, 3)}
+            for k, c in sorted(self.live.items())
+        ]
+        scale_out = {"ray": self.prepared.settings.ray_address or "local", "per_worker": per_worker,
+                     "partition": self.partition, "rounds": self.rounds, "worker_failures": self.failures}
+        return dataclasses.replace(base, workers=self.workers, scale_out=scale_out, model=self.model or base.model,
+                                   engine=engine_summary(merged, self.prepared.params.max_tokens))
+
+    def _current_stats(self) -> list[Any]:
+        return [c.engine_stats for c in self.live.values() if c.engine_stats is not None]
+
+
+def _shard_counts(shards: list[Any]) -> WorkerCounts:
+    """What a dead replica had committed, from its shards' records."""
+    rows, errors = sum(s.rows for s in shards), sum(s.errors for s in shards)
+    return WorkerCounts(rows=rows, rows_ok=rows - errors, rows_failed=errors, rows_run=rows - errors,
+                        prompt_tokens=sum(s.prompt_tokens for s in shards),
+                        completion_tokens=sum(s.completion_tokens for s in shards))
+
+
+def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
+                    guard: SignalGuard | None = None) -> RunReport:
+    """execute_run's scale-out twin: plan, partition, run the parts on the replicas, write the output."""
+    from batchllm_cli.job import ShardSink, _interrupted
+
+    observer = observer or SilentObserver()
+    guard = guard or null_guard()
+    ray = _import_ray()
+    assert prepared.run_dir is not None
+    sink = ShardSink.for_run(prepared, guard)  # the driver's own results: rows failed before any engine
+    tracker = _ScaleOutTracker(prepared, sink.collector, prepared.settings.workers or 0)
+    pool: _Pool | None = None
+    tmp = Path(tempfile.mkdtemp(prefix="batchllm-plan-"))
+    try:
+        if not prepared.committed.done.all():
+            pool = _Pool(ray, prepared, observer)
+            tracker.workers = len(pool.actors)
+            observer.notice(f"Scale-out: {len(pool.actors)} worker(s) on {pool.where}"
+                            + (f", {pool.threads} CPU thread(s) each." if pool.threads else ", one GPU each."))
+            pool.check_and_load(observer, prepared.run_dir.path)
+            tracker.hosts = pool.hosts
+            observer.start(prepared.total_rows, prepared.committed.rows, tracker.snapshot)
+            _run_rounds(prepared, pool, sink, tracker, tmp)
+        sink.commit()
+    except BaseException as exc:
+        guard.draining = True
+        sink.salvage()
+        if pool is not None:
+            pool.close()
+            pool = None
+        if isinstance(exc, JobInterrupted) or guard.pending is not None:
+            raise tracker.stopped(_interrupted(guard, exc, (
+                f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
+            ))) from None
+        raise tracker.stopped(exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        observer.finish()
+        if pool is not None:
+            pool.close()
+    committed = prepared.committed
+    if not committed.done.all():
+        missing = int((~committed.done).sum())
+        raise tracker.stopped(BatchLLMError(
+            f"{missing} rows have no committed result after the workers stopped; run the same command again."))
+    t2 = time.perf_counter()
+    try:
+        files = write_final(prepared, tracker.model)
+    except BaseException as exc:
+        raise tracker.stopped(exc)
+    return tracker.finished(time.perf_counter() - t2, files)
+
+
+def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOutTracker, tmp: Path) -> None:
+    """Plan and partition the rows left over the replicas up, run the parts; again after a replica died."""
+    assert prepared.run_dir is not None
+    fruitless = 0
+    while not prepared.committed.done.all():
+        if not pool.alive:
+            raise BatchLLMError("Every worker died; run the same command again to resume.")
+        before = prepared.committed.rows
+        plan = _plan(prepared, prepared.committed.done, sink, pool.alive, tmp)
+        if tracker.partition is None:
+            tracker.partition = plan.partition
+            tracker.plan_stats.append(plan.stats)
+        pool.wait_loaded()
+        if not tracker.rounds:  # generation starts when every model is loaded (planning overlapped it)
+            tracker.load_s = time.perf_counter() - pool.t0
+            tracker.begin_generation()
+        tracker.model = pool.model
+        tracker.rounds += 1
+        if not plan.parts:
+            break  # every row left failed before the engine (committed by the driver)
+        seq = prepared.committed.next_seq
+        refs = {pool.actors[k].run.remote(dataclasses.replace(part, seq_start=seq)): (k, part)
+                for part, k in zip(plan.parts, plan.replicas)}
+        dead = _wait_round(pool, refs, prepared.committed, tracker)
+        tracker.plan_stats[0] = dataclasses.replace(
+            tracker.plan_stats[0], chunks=sum(c.chunks for c in tracker.live.values()),
+            boundary_tokens=sum(c.boundary_tokens for c in tracker.live.values()))
+        if dead:
+            # Nothing writes to the run directory now: reread it, the dead replicas' shards included.
+            old = {s.name for s in prepared.committed.shards}
+            prepared.committed = prepared.run_dir.load_committed(prepared.total_rows)
+            sink.committed = prepared.committed
+            for k in dead:
+                tag = f"-w{k:03d}."
+                tracker.died(k, _shard_counts([s for s in prepared.committed.shards
+                                               if s.name not in old and tag in s.name]))
+            pool.revive(dead)
+        fruitless = fruitless + 1 if prepared.committed.rows == before else 0
+        if fruitless >= MAX_FRUITLESS_ROUNDS:
+            raise BatchLLMError("The workers died without committing a row twice in a row; run the same command "
+                                "again to resume.")
+
+
+def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed: Committed,
+                tracker: _ScaleOutTracker) -> list[int]:
+    """Wait for every part, reading the replicas' progress meanwhile; the replicas whose process died."""
+    ray = pool.ray
+    dead: list[int] = []
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
+        for ref in ready:
+            k, part = refs[ref]
+            try:
+                report: WorkerReport = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(k)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                raise _cause(exc) from None
+            for info in report.shards:
+                committed.shards.append(info)
+                committed.next_seq = max(committed.next_seq, info.seq + 1)
+            committed.done[part.row_ids] = True  # the replica returns once all of them are committed
+            tracker.update(k, report.counts)
+        running = [refs[r][0] for r in pending]
+        progress = {k: pool.actors[k].progress.remote() for k in running}
+        got, _ = ray.wait(list(progress.values()), num_returns=len(progress), timeout=_POLL_S)
+        for k, ref in progress.items():
+            if ref in got:
+                try:
+                    tracker.update(k, ray.get(ref))
+                except ray.exceptions.RayError:
+                    pass  # the replica died: its `run` says so
+    return dead
