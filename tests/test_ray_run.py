@@ -1,0 +1,152 @@
+"""`run --workers N` on a local Ray (2 CPU workers, demo model): the same output as one process, greedy
+and seeded; every prefix group on one worker; a worker SIGKILLed mid-job and a driver killed with -9
+both end in the same output. One Ray for the whole module (starting one costs seconds); the CLI runs
+in this process (it finds Ray initialized) or, to be killed, in a forked one given --ray-address."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import cli_process
+from batchllm_cli.table_io import ROW_ID
+from reliability_utils import SEEDED, flat, invoke, job_args, one_error_line, read_rows, write_template
+
+DOCS, QUESTIONS = 6, 4
+
+
+def _doc_qa(path: Path, docs: int = DOCS, questions: int = QUESTIONS) -> Path:
+    """Questions on documents, rows shuffled: a document's questions are one prefix group."""
+    rows = [(d, f"document {d}: " + " ".join(f"w{d}x{j}" for j in range(24)), f"question {q}?")
+            for d in range(docs) for q in range(questions)]
+    rows = [rows[(i * 7) % len(rows)] for i in range(len(rows))]  # a permutation: 7 is prime to 24 and 48
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["doc_id", "doc", "q"])
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def job(tmp_path: Path, env: dict) -> tuple[Path, Path]:
+    return _doc_qa(tmp_path / "docs.csv"), write_template(tmp_path / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
+
+
+def test_without_ray_the_flags_fail_with_one_line_naming_the_extra(
+    job: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    inp, tpl = job
+    for flag in (["--workers", "2"], ["--ray-address", "auto"]):
+        out = tmp_path / "out" / "r.parquet"
+        result = invoke(job_args(inp, tpl, out, *flag))
+        assert result.exit_code == 2, result.output
+        assert "pip install 'batchllm[ray]'" in one_error_line(result.stderr)
+        assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    ray = pytest.importorskip("ray")  # in the test extra: CI has it
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _run(inp: Path, tpl: Path, out: Path, *extra: str) -> dict:
+    summary = out.with_suffix(".summary.json")
+    result = invoke(job_args(inp, tpl, out, "--summary", str(summary), *extra))
+    assert result.exit_code == 0, result.output
+    return json.loads(summary.read_text())
+
+
+def _worker_of_rows(run_dir: Path) -> dict[int, int]:
+    """row id -> the worker whose shard committed it (from the kept checkpoint's shard names)."""
+    owner = {}
+    for shard in run_dir.glob("shard-*-w*.parquet"):
+        worker = int(re.search(r"-w(\d+)\.", shard.name).group(1))
+        for row in pq.read_table(shard, columns=[ROW_ID]).column(0).to_pylist():
+            owner[row] = worker
+    return owner
+
+
+@pytest.mark.parametrize("sampling", [[], SEEDED], ids=["greedy", "seeded"])
+def test_two_workers_write_the_output_of_one_process_with_each_document_on_one_worker(
+    ray_address: str, job: tuple[Path, Path], tmp_path: Path, sampling: list[str]
+) -> None:
+    inp, tpl = job
+    _run(inp, tpl, tmp_path / "one.parquet", *sampling)
+    two = tmp_path / "two.parquet"
+    summary = _run(inp, tpl, two, "--workers", "2", "--keep-checkpoints", *sampling)
+    assert read_rows(two) == read_rows(tmp_path / "one.parquet")
+    assert summary["workers"] == 2 and summary["attempt"]["rows"] == DOCS * QUESTIONS
+    scale = summary["scale_out"]
+    assert scale["partition"]["top_groups"] == DOCS and scale["partition"]["split_groups"] == 0
+    assert [w["rows"] for w in scale["per_worker"]] == [DOCS * QUESTIONS // 2] * 2  # equal documents: even halves
+    owner = _worker_of_rows(two.with_name(two.name + ".batchllm"))
+    docs = [r["doc_id"] for r in read_rows(inp)]
+    assert sorted(owner) == list(range(len(docs)))
+    for d in range(DOCS):
+        assert len({owner[i] for i, doc in enumerate(docs) if int(doc) == d}) == 1  # a document's rows on one worker
+
+
+def _wait_for(predicate, what: str, proc: cli_process.CliProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.running, f"the run ended before {what}: {proc.output}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {proc.output}"
+        time.sleep(0.02)
+
+
+# A longer job (each worker's part takes seconds): rows go through a small KV cache a few at a time and
+# commit a shard every two rows, so a kill lands between its first shard and its last.
+SLOW = ["--max-tokens", "12", "--kv-cache-tokens", "384", "--checkpoint-rows", "2"]
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_the_same(
+    ray_address: str, tmp_path: Path, env: dict
+) -> None:
+    inp = _doc_qa(tmp_path / "docs.csv", docs=8, questions=6)
+    tpl = write_template(tmp_path / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
+    _run(inp, tpl, tmp_path / "one.parquet", *SLOW)
+    out = tmp_path / "two.parquet"
+    summary = tmp_path / "two.json"
+    proc = cli_process.start(job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address,
+                                      "--summary", str(summary)), env, tmp_path / "run.log")
+    run_dir = out.with_name(out.name + ".batchllm")
+    pid = lambda: re.search(r"worker 1: pid (\d+)", proc.output)  # noqa: E731
+    _wait_for(lambda: pid() is not None and any(run_dir.glob("shard-*-w001.json")), "worker 1's first shard", proc)
+    os.kill(int(pid().group(1)), signal.SIGKILL)
+    assert proc.wait(120) == 0, proc.output
+    assert read_rows(out) == read_rows(tmp_path / "one.parquet")
+    scale = json.loads(summary.read_text())["scale_out"]
+    assert scale["worker_failures"] == 1 and scale["rounds"] == 2, scale
+
+
+def test_the_driver_killed_with_9_resumes_with_the_same_command(ray_address: str, tmp_path: Path, env: dict) -> None:
+    inp = _doc_qa(tmp_path / "docs.csv", docs=8, questions=6)
+    tpl = write_template(tmp_path / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
+    _run(inp, tpl, tmp_path / "one.parquet", *SLOW)
+    out = tmp_path / "two.parquet"
+    args = job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address)
+    proc = cli_process.start(args, env, tmp_path / "run.log")
+    run_dir = out.with_name(out.name + ".batchllm")
+    _wait_for(lambda: any(run_dir.glob("shard-*-w*.json")), "a worker's first shard", proc)
+    proc.kill(signal.SIGKILL)
+    assert proc.wait(30) == 128 + signal.SIGKILL
+    assert not out.exists()
+    code, log = cli_process.run([*args, "--summary", str(tmp_path / "resume.json")], env, tmp_path / "resume.log")
+    assert code == 0, log
+    summary = json.loads((tmp_path / "resume.json").read_text())
+    assert 0 < summary["job"]["rows_resumed"] < 48 and summary["attempt"]["rows"] == 48 - summary["job"]["rows_resumed"]
+    assert read_rows(out) == read_rows(tmp_path / "one.parquet")
+    assert flat(log).count("worker 1: pid") == 1
