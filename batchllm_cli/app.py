@@ -189,6 +189,14 @@ def _render_report(report: RunReport, console: Console) -> None:
             f"({att.plan_boundary_tokens} tokens computed again at chunk cuts); engine waited "
             f"{att.engine_wait_s:.2f} s for work"
         )
+    if report.scale_out is not None:
+        so, part = report.scale_out, report.scale_out["partition"] or {}
+        per = ", ".join(f"{w['rows']} rows in {w['engine_s']:.1f} s" for w in so["per_worker"])
+        console.print(
+            f"workers: {report.workers} ({per}); partition by prefix group: work balance "
+            f"{part.get('balance', 1.0):.2f} (largest / mean), {part.get('split_groups', 0)} group(s) split; "
+            f"{so['worker_failures']} worker failure(s)"
+        )
     if job.rows_resumed:
         console.print(f"resumed: {job.rows_resumed} rows came from the checkpoint of an earlier run "
                       "(the counts of this run leave them out)")

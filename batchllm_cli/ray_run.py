@@ -31,6 +31,7 @@ import numpy as np
 from batchllm_cli.checkpoint import Committed
 from batchllm_cli.errors import BatchLLMError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
+from batchllm_cli.job import ShardSink, _interrupted
 from batchllm_cli.job_output import write_final
 from batchllm_cli.job_report import AttemptTracker
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver, engine_summary
@@ -227,8 +228,7 @@ class _ScaleOutTracker(AttemptTracker):
         self.failures = 0
         self.hosts: dict[int, str] = {}
         self.model: dict[str, Any] = {}
-        self.collector = SimpleNamespace()  # replaced by the property below on each read
-        self._refresh()
+        self._refresh()  # self.collector: the merged counters, remade on each read
 
     def _all(self) -> list[Any]:
         return [self.driver, *self.live.values(), *self.retired]
@@ -295,54 +295,56 @@ def _shard_counts(shards: list[Any]) -> WorkerCounts:
 def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
                     guard: SignalGuard | None = None) -> RunReport:
     """execute_run's scale-out twin: plan, partition, run the parts on the replicas, write the output."""
-    from batchllm_cli.job import ShardSink, _interrupted
-
     observer = observer or SilentObserver()
     guard = guard or null_guard()
     ray = _import_ray()
     assert prepared.run_dir is not None
     sink = ShardSink.for_run(prepared, guard)  # the driver's own results: rows failed before any engine
-    tracker = _ScaleOutTracker(prepared, sink.collector, prepared.settings.workers or 0)
+    tracker = _ScaleOutTracker(prepared, sink.collector, prepared.settings.workers or 1)
     pool: _Pool | None = None
     tmp = Path(tempfile.mkdtemp(prefix="batchllm-plan-"))
     try:
+        try:
+            if not prepared.committed.done.all():
+                pool = _Pool(ray, prepared, observer)
+                tracker.workers = len(pool.actors)
+                observer.notice(f"Scale-out: {len(pool.actors)} worker(s) on {pool.where}"
+                                + (f", {pool.threads} CPU thread(s) each." if pool.threads else ", one GPU each."))
+                pool.check_and_load(observer, prepared.run_dir.path)
+                tracker.hosts = pool.hosts
+                observer.start(prepared.total_rows, prepared.committed.rows, tracker.snapshot)
+                _run_rounds(prepared, pool, sink, tracker, tmp)
+            sink.commit()
+        except BaseException as exc:
+            guard.draining = True
+            sink.salvage()
+            if isinstance(exc, JobInterrupted) or guard.pending is not None:
+                raise tracker.stopped(_interrupted(guard, exc, (
+                    f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
+                ))) from None
+            raise tracker.stopped(exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            observer.finish()
         if not prepared.committed.done.all():
-            pool = _Pool(ray, prepared, observer)
-            tracker.workers = len(pool.actors)
-            observer.notice(f"Scale-out: {len(pool.actors)} worker(s) on {pool.where}"
-                            + (f", {pool.threads} CPU thread(s) each." if pool.threads else ", one GPU each."))
-            pool.check_and_load(observer, prepared.run_dir.path)
-            tracker.hosts = pool.hosts
-            observer.start(prepared.total_rows, prepared.committed.rows, tracker.snapshot)
-            _run_rounds(prepared, pool, sink, tracker, tmp)
-        sink.commit()
-    except BaseException as exc:
-        guard.draining = True
-        sink.salvage()
-        if pool is not None:
-            pool.close()
-            pool = None
-        if isinstance(exc, JobInterrupted) or guard.pending is not None:
-            raise tracker.stopped(_interrupted(guard, exc, (
-                f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
-            ))) from None
-        raise tracker.stopped(exc)
+            missing = int((~prepared.committed.done).sum())
+            raise tracker.stopped(BatchLLMError(
+                f"{missing} rows have no committed result after the workers stopped; run the same command again."))
+        t2 = time.perf_counter()
+        try:
+            files = write_final(prepared, tracker.model)
+        except BaseException as exc:
+            if isinstance(exc, JobInterrupted) or guard.pending is not None:
+                guard.draining = True
+                raise tracker.stopped(_interrupted(guard, exc, (
+                    f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
+                    "written yet; run the same command again to write it."
+                ))) from None
+            raise tracker.stopped(exc)
+        return tracker.finished(time.perf_counter() - t2, files)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        observer.finish()
         if pool is not None:
-            pool.close()
-    committed = prepared.committed
-    if not committed.done.all():
-        missing = int((~committed.done).sum())
-        raise tracker.stopped(BatchLLMError(
-            f"{missing} rows have no committed result after the workers stopped; run the same command again."))
-    t2 = time.perf_counter()
-    try:
-        files = write_final(prepared, tracker.model)
-    except BaseException as exc:
-        raise tracker.stopped(exc)
-    return tracker.finished(time.perf_counter() - t2, files)
+            pool.close()  # after the report: stopping Ray is no part of the job's time
 
 
 def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOutTracker, tmp: Path) -> None:
@@ -394,8 +396,9 @@ def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed:
     ray = pool.ray
     dead: list[int] = []
     pending = list(refs)
+    asked: dict[Any, int] = {}  # progress calls in flight -> replica
     while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=_POLL_S)
         for ref in ready:
             k, part = refs[ref]
             try:
@@ -410,13 +413,15 @@ def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed:
                 committed.next_seq = max(committed.next_seq, info.seq + 1)
             committed.done[part.row_ids] = True  # the replica returns once all of them are committed
             tracker.update(k, report.counts)
-        running = [refs[r][0] for r in pending]
-        progress = {k: pool.actors[k].progress.remote() for k in running}
-        got, _ = ray.wait(list(progress.values()), num_returns=len(progress), timeout=_POLL_S)
-        for k, ref in progress.items():
-            if ref in got:
-                try:
-                    tracker.update(k, ray.get(ref))
-                except ray.exceptions.RayError:
-                    pass  # the replica died: its `run` says so
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=0) if asked else ([], [])
+        for ref in answered:
+            k = asked.pop(ref)
+            try:
+                counts = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue  # the replica died: its `run` says so
+            if any(refs[r][0] == k for r in pending):  # not finished meanwhile (its report is newer)
+                tracker.update(k, counts)
+        for k in {refs[r][0] for r in pending} - set(asked.values()):
+            asked[pool.actors[k].progress.remote()] = k
     return dead

@@ -21,6 +21,7 @@ import numpy as np
 from batchllm_cli.checkpoint import MANIFEST, Committed, RunDir, ShardInfo
 from batchllm_cli.collector import OutputColumns, ResultCollector
 from batchllm_cli.interrupts import null_guard
+from batchllm_cli.job import ShardSink, collect_results
 from batchllm_cli.job_types import SilentObserver
 from batchllm_cli.structured_output import Constraint
 
@@ -144,8 +145,6 @@ class ReplicaWorker:
 
     def run(self, part: WorkerPart) -> WorkerReport:
         """Run every row of `part` and commit them all; returns the shards committed."""
-        from batchllm_cli.job import ShardSink, collect_results
-
         s = self.setup
         self.load()
         t0 = time.perf_counter()

@@ -112,12 +112,22 @@ def _wait_for(predicate, what: str, proc: cli_process.CliProcess, timeout: float
 SLOW = ["--max-tokens", "12", "--kv-cache-tokens", "384", "--checkpoint-rows", "2"]
 
 
+@pytest.fixture(scope="module")
+def slow_job(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> tuple[Path, Path, Path, dict]:
+    """(input, template, one process's output, env) of a job whose parts take each worker seconds."""
+    d = tmp_path_factory.mktemp("slow")
+    env = {"BATCHLLM_CACHE_DIR": str(demo_model_dir.parent)}
+    inp = _doc_qa(d / "docs.csv", docs=8, questions=6)
+    tpl = write_template(d / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
+    code, log = cli_process.run(job_args(inp, tpl, d / "one.parquet", *SLOW), env, d / "one.log")
+    assert code == 0, log
+    return inp, tpl, d / "one.parquet", env
+
+
 def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_the_same(
-    ray_address: str, tmp_path: Path, env: dict
+    ray_address: str, slow_job: tuple[Path, Path, Path, dict], tmp_path: Path
 ) -> None:
-    inp = _doc_qa(tmp_path / "docs.csv", docs=8, questions=6)
-    tpl = write_template(tmp_path / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
-    _run(inp, tpl, tmp_path / "one.parquet", *SLOW)
+    inp, tpl, one, env = slow_job
     out = tmp_path / "two.parquet"
     summary = tmp_path / "two.json"
     proc = cli_process.start(job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address,
@@ -127,15 +137,15 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_the_same(
     _wait_for(lambda: pid() is not None and any(run_dir.glob("shard-*-w001.json")), "worker 1's first shard", proc)
     os.kill(int(pid().group(1)), signal.SIGKILL)
     assert proc.wait(120) == 0, proc.output
-    assert read_rows(out) == read_rows(tmp_path / "one.parquet")
+    assert read_rows(out) == read_rows(one)
     scale = json.loads(summary.read_text())["scale_out"]
     assert scale["worker_failures"] == 1 and scale["rounds"] == 2, scale
 
 
-def test_the_driver_killed_with_9_resumes_with_the_same_command(ray_address: str, tmp_path: Path, env: dict) -> None:
-    inp = _doc_qa(tmp_path / "docs.csv", docs=8, questions=6)
-    tpl = write_template(tmp_path / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
-    _run(inp, tpl, tmp_path / "one.parquet", *SLOW)
+def test_the_driver_killed_with_9_resumes_with_the_same_command(
+    ray_address: str, slow_job: tuple[Path, Path, Path, dict], tmp_path: Path
+) -> None:
+    inp, tpl, one, env = slow_job
     out = tmp_path / "two.parquet"
     args = job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address)
     proc = cli_process.start(args, env, tmp_path / "run.log")
@@ -148,5 +158,5 @@ def test_the_driver_killed_with_9_resumes_with_the_same_command(ray_address: str
     assert code == 0, log
     summary = json.loads((tmp_path / "resume.json").read_text())
     assert 0 < summary["job"]["rows_resumed"] < 48 and summary["attempt"]["rows"] == 48 - summary["job"]["rows_resumed"]
-    assert read_rows(out) == read_rows(tmp_path / "one.parquet")
+    assert read_rows(out) == read_rows(one)
     assert flat(log).count("worker 1: pid") == 1

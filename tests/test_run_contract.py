@@ -29,7 +29,7 @@ from reliability_utils import (
 TOP_KEYS = {
     "state", "exit_code", "started_at", "finished_at", "input", "output", "template", "model_dir", "demo_model",
     "chat", "prefix_sharing", "attempt", "job", "model", "engine", "first_errors", "already_done", "run_dir",
-    "errors_file", "rejects_file", "marker", "error",
+    "errors_file", "rejects_file", "marker", "error", "workers", "scale_out",
 }
 ATTEMPT_KEYS = {
     "rows", "rows_ok", "rows_failed", "rows_truncated", "prompt_tokens", "prefix_hit_tokens", "prefill_tokens",
