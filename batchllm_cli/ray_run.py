@@ -371,9 +371,10 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOu
         refs = {pool.actors[k].run.remote(dataclasses.replace(part, seq_start=seq)): (k, part)
                 for part, k in zip(plan.parts, plan.replicas)}
         dead = _wait_round(pool, refs, prepared.committed, tracker)
-        tracker.plan_stats[0] = dataclasses.replace(
-            tracker.plan_stats[0], chunks=sum(c.chunks for c in tracker.live.values()),
-            boundary_tokens=sum(c.boundary_tokens for c in tracker.live.values()))
+        if prepared.settings.prefix_sharing == "plan":  # the replicas fed their parts in chunks
+            tracker.plan_stats[0] = dataclasses.replace(
+                tracker.plan_stats[0], chunks=sum(c.chunks for c in tracker.live.values()),
+                boundary_tokens=sum(c.boundary_tokens for c in tracker.live.values()))
         if dead:
             # Nothing writes to the run directory now: reread it, the dead replicas' shards included.
             old = {s.name for s in prepared.committed.shards}
