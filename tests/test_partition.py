@@ -25,8 +25,8 @@ def _doc_qa(docs: list[tuple[int, int]], opening: int = 5) -> list[list[int]]:
     return rows
 
 
-def _groups(lcp: np.ndarray) -> list[tuple[int, int]]:
-    starts = group_starts(lcp).tolist()
+def _groups(lengths: np.ndarray, lcp: np.ndarray, decode: int = 0) -> list[tuple[int, int]]:
+    starts = group_starts(lengths, lcp, decode).tolist()
     return list(zip(starts, starts[1:] + [len(lcp)]))
 
 
@@ -45,12 +45,15 @@ def test_groups_stay_whole_and_parts_are_balanced(docs: list[tuple[int, int]], p
     # the estimate: the job's trie tokens and decode, plus the common prefix once more per extra part
     # (and a split group's prefix once more per piece)
     least = unique_prompt_tokens(lengths, lcp) + n * decode + common * (parts - 1)
-    assert int(p.work.sum()) == least if p.split_groups == 0 else int(p.work.sum()) > least
-    fair = least / parts
-    groups = _groups(lcp)
+    groups = _groups(lengths, lcp, decode)
     assert p.top_groups == len(groups)
-    # a top-level group's rows add their trie tokens below the common prefix, and their decode
-    group_work = [int((lengths[a:b] - lcp[a:b] + decode).sum()) - (common if a == 0 else 0) for a, b in groups]
+    # a group's rows add their trie tokens and decode, and its prefix below the common one is computed
+    # again where it lands (none for the groups that hang off the common prefix itself)
+    group_work = [int((lengths[a:b] - lcp[a:b] + decode).sum()) + (int(lcp[a]) - common if a else -common)
+                  for a, b in groups]
+    again = sum(int(lcp[a]) - common for a, _ in groups if a)
+    assert int(p.work.sum()) == least + again if p.split_groups == 0 else int(p.work.sum()) > least + again
+    fair = least / parts
     for (a, b), w in zip(groups, group_work):
         if w <= fair:  # a group that fits a fair share is never split
             assert len(set(p.part[a:b].tolist())) == 1
@@ -66,7 +69,7 @@ def test_equal_documents_split_evenly_and_whole() -> None:
     lengths, lcp = _sorted(_doc_qa([(30, 4)] * 8))
     p = partition_sorted(lengths, lcp, decode_tokens=8, parts=2)
     assert p.split_groups == 0 and p.top_groups == 8 and p.balance == 1.0
-    for a, b in _groups(lcp):
+    for a, b in _groups(lengths, lcp):
         assert len(set(p.part[a:b].tolist())) == 1
 
 
@@ -78,3 +81,17 @@ def test_a_group_larger_than_a_fair_share_is_split_at_its_children_and_counted()
     p = partition_sorted(lengths, lcp, decode_tokens=4, parts=4)
     assert p.split_groups == 1
     assert p.balance < 1.2  # the big group's questions spread over the four parts
+
+
+def test_documents_are_the_groups_whatever_their_labels_share() -> None:
+    # "[1] ...", "[10] ...", "[100] ...": the labels share a digit below the template's opening, which
+    # makes "[1" a trie node over 111 documents; the groups must still be the documents
+    opening = [ord(c) for c in "Document: ["]
+    rows = []
+    for d in range(200):
+        doc = [ord(c) for c in f"{d}] "] + [(d * 7 + j) % 50 + 100 for j in range(40)]
+        rows += [opening + doc + [ord("Q"), 48 + q] for q in range(5)]
+    lengths, lcp = _sorted(rows)
+    assert len(_groups(lengths, lcp, 8)) == 200
+    p = partition_sorted(lengths, lcp, decode_tokens=8, parts=8)
+    assert p.top_groups == 200 and p.split_groups == 0 and p.balance < 1.05

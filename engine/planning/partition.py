@@ -6,6 +6,13 @@ children are the sub-ranges between the positions where the inner LCP equals its
 top-level groups are the children of the deepest node holding every row (in a table with a common
 template opening: the rows that share more than that opening, e.g. all questions on one document).
 
+A node whose own shared prefix is negligible is no group: rows "[1] ...", "[10] ..." and "[100] ..."
+share one token below the template's opening, and scattering such a node's children over replicas
+recomputes that token a few times, nothing more. So a node is a top-level group only when splitting it
+could cost more than SPLIT_COST_FRACTION of its work ((children - 1) x its depth below the common
+prefix); otherwise its children are considered in its place. In a doc-QA table the groups are then the
+documents, whatever their labels share.
+
 A group that lands on two replicas has its prefix computed on both, so the partition moves whole
 groups; only a group larger than a fair share of the work (total / N) is split, at its own children
 (recursively, until each piece fits or is one row). The pieces are then assigned longest first to the
@@ -19,8 +26,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+
+# A trie node is a group only if scattering its children could recompute more than this share of its work.
+SPLIT_COST_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,7 @@ class Partition:
     work: np.ndarray
     top_groups: int
     split_groups: int
+    groups: tuple[tuple[int, int], ...] = ()  # the top-level groups as [start, stop) of sorted rows
 
     @property
     def balance(self) -> float:
@@ -72,7 +84,7 @@ def partition_sorted(lengths_sorted: np.ndarray, lcp: np.ndarray, decode_tokens:
         return int(cum[b] - cum[a]) + int(lcp[a]) - (common if a > 0 else 0)
 
     fair = (int(cum[n]) + common * parts) / parts
-    top = _children(lcp, 0, n) if n > 1 else [(0, 1)]
+    top = _top_groups(lcp, work, common, n)
     pieces: list[tuple[int, int]] = []
     split = 0
     stack = list(reversed(top))
@@ -97,12 +109,27 @@ def partition_sorted(lengths_sorted: np.ndarray, lcp: np.ndarray, decode_tokens:
     totals = np.zeros(parts, dtype=np.int64)
     for load, p in loads:
         totals[p] = load
-    return Partition(part, totals, len(top), split)
+    return Partition(part, totals, len(top), split, tuple(top))
 
 
-def group_starts(lcp: np.ndarray) -> np.ndarray:
-    """int64 (g,), the sorted positions where each top-level prefix group begins (see the module doc)."""
-    n = len(lcp)
+def _top_groups(lcp: np.ndarray, work: Callable[[int, int], int], common: int, n: int) -> list[tuple[int, int]]:
+    """The top-level groups, as ranges of sorted rows, in order (see the module doc)."""
     if n <= 1:
-        return np.zeros(min(n, 1), dtype=np.int64)
-    return np.asarray([a for a, _ in _children(np.asarray(lcp, dtype=np.int64), 0, n)], dtype=np.int64)
+        return [(0, n)] if n else []
+    groups: list[tuple[int, int]] = []
+    stack = list(reversed(_children(lcp, 0, n)))
+    while stack:
+        a, b = stack.pop()
+        if b - a > 1:
+            children = _children(lcp, a, b)
+            depth = int(lcp[a + 1 : b].min())  # the node's depth: what all its rows share
+            if (len(children) - 1) * (depth - common) <= SPLIT_COST_FRACTION * work(a, b):
+                stack.extend(reversed(children))
+                continue
+        groups.append((a, b))
+    return groups
+
+
+def group_starts(lengths_sorted: np.ndarray, lcp: np.ndarray, decode_tokens: int) -> np.ndarray:
+    """int64 (g,), the sorted positions where each top-level prefix group begins (see the module doc)."""
+    return np.asarray([a for a, _ in partition_sorted(lengths_sorted, lcp, decode_tokens, 1).groups], dtype=np.int64)
