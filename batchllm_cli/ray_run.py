@@ -71,19 +71,27 @@ class _Plan:
 class _Pool:
     """The replicas: Ray actors created once per run; Ray restarts one whose process dies."""
 
-    def __init__(self, ray: Any, prepared: PreparedRun, observer: RunObserver) -> None:
-        settings = prepared.settings
+    def __init__(self, ray: Any, prepared: PreparedRun) -> None:
         self.t0 = time.perf_counter()
         self.ray = ray
         self.started_ray = False
-        if not ray.is_initialized():
+        self.actors: list[Any] = []
+        if not ray.is_initialized():  # (a library caller, or a test, may have connected already)
             try:
-                ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.ERROR,
-                         log_to_driver=False)
+                ray.init(address=prepared.settings.ray_address, include_dashboard=False,
+                         logging_level=logging.ERROR, log_to_driver=False)
             except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError, ...
-                where = settings.ray_address or "a local Ray"
+                where = prepared.settings.ray_address or "a local Ray"
                 raise UsageError(f"Cannot start or join {where}: {' '.join(str(exc).split())[:200]}.") from None
             self.started_ray = True
+        try:
+            self._start(prepared)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, prepared: PreparedRun) -> None:
+        ray, settings = self.ray, prepared.settings
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
         use_gpu = gpus > 0 and settings.device != "cpu"
@@ -104,10 +112,13 @@ class _Pool:
             max_concurrency=2,  # `progress` runs while `run` works
         )
         s = prepared.settings
+        # absolute paths: a replica's working directory is Ray's, not this process's
+        model_dir = str(Path(prepared.model_dir).resolve())
+        config = dataclasses.replace(prepared.engine_config, model_dir=model_dir)
         self.actors = [
             actor.remote(WorkerSetup(
                 worker=k, run_dir=str(prepared.run_dir.path.resolve()), run_id=manifest["run_id"],
-                model_dir=str(prepared.model_dir), engine_config=prepared.engine_config, params=prepared.params,
+                model_dir=model_dir, engine_config=config, params=prepared.params,
                 columns=prepared.columns, constraint=prepared.constraint, total_rows=prepared.total_rows,
                 checkpoint_rows=s.checkpoint_rows, checkpoint_seconds=s.checkpoint_seconds,
                 plan_chunk_tokens=s.plan_chunk_tokens, planned=s.prefix_sharing == "plan", env=env,
@@ -145,15 +156,20 @@ class _Pool:
             return self.ray.get(refs)
         except self.ray.exceptions.RayTaskError as exc:
             raise _cause(exc) from None
+        except self.ray.exceptions.RayActorError as exc:
+            raise BatchLLMError(f"A worker's process died while loading the model ({' '.join(str(exc).split())[:200]}); "
+                                "run the same command again.") from None
 
     def revive(self, dead: list[int]) -> None:
         """Replicas Ray restarted after their process died load their model again; one that does not
         come back is left out of later rounds."""
         for k in dead:
             try:
-                self._get(self.actors[k].load.remote())
+                self.ray.get(self.actors[k].load.remote())
             except self.ray.exceptions.RayActorError:
                 self.alive.remove(k)
+            except self.ray.exceptions.RayTaskError as exc:
+                raise _cause(exc) from None
 
     def close(self) -> None:
         for a in self.actors:
@@ -306,7 +322,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
     try:
         try:
             if not prepared.committed.done.all():
-                pool = _Pool(ray, prepared, observer)
+                pool = _Pool(ray, prepared)
                 tracker.workers = len(pool.actors)
                 observer.notice(f"Scale-out: {len(pool.actors)} worker(s) on {pool.where}"
                                 + (f", {pool.threads} CPU thread(s) each." if pool.threads else ", one GPU each."))

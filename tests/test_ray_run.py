@@ -19,6 +19,7 @@ import pytest
 
 import cli_process
 from batchllm_cli.table_io import ROW_ID
+from test_run_contract import checked_summary
 from reliability_utils import SEEDED, flat, invoke, job_args, one_error_line, read_rows, write_template
 
 DOCS, QUESTIONS = 6, 4
@@ -66,7 +67,7 @@ def _run(inp: Path, tpl: Path, out: Path, *extra: str) -> dict:
     summary = out.with_suffix(".summary.json")
     result = invoke(job_args(inp, tpl, out, "--summary", str(summary), *extra))
     assert result.exit_code == 0, result.output
-    return json.loads(summary.read_text())
+    return checked_summary(summary.read_text())  # the keys and invariants of every run's summary
 
 
 def _worker_of_rows(run_dir: Path) -> dict[int, int]:
@@ -138,7 +139,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_the_same(
     os.kill(int(pid().group(1)), signal.SIGKILL)
     assert proc.wait(120) == 0, proc.output
     assert read_rows(out) == read_rows(one)
-    scale = json.loads(summary.read_text())["scale_out"]
+    scale = checked_summary(summary.read_text())["scale_out"]
     assert scale["worker_failures"] == 1 and scale["rounds"] == 2, scale
 
 
@@ -156,7 +157,7 @@ def test_the_driver_killed_with_9_resumes_with_the_same_command(
     assert not out.exists()
     code, log = cli_process.run([*args, "--summary", str(tmp_path / "resume.json")], env, tmp_path / "resume.log")
     assert code == 0, log
-    summary = json.loads((tmp_path / "resume.json").read_text())
+    summary = checked_summary((tmp_path / "resume.json").read_text())
     assert 0 < summary["job"]["rows_resumed"] < 48 and summary["attempt"]["rows"] == 48 - summary["job"]["rows_resumed"]
     assert read_rows(out) == read_rows(one)
     assert flat(log).count("worker 1: pid") == 1
