@@ -238,6 +238,7 @@ class _ScaleOutTracker(AttemptTracker):
         self.driver = driver_collector
         self.live: dict[int, WorkerCounts] = {}  # replica -> its counters (lifetime of its current process)
         self.retired: list[WorkerCounts] = []  # replicas' processes that died: what they committed
+        self.reported: dict[int, WorkerCounts] = {}  # replica -> its counters when it last finished a part
         self.workers = workers
         self.partition: dict[str, Any] | None = None
         self.rounds = 0
@@ -260,11 +261,21 @@ class _ScaleOutTracker(AttemptTracker):
         self.live[replica] = counts
         self._refresh()
 
+    def finished_part(self, replica: int, counts: WorkerCounts) -> None:
+        self.reported[replica] = counts
+        self.update(replica, counts)
+
     def died(self, replica: int, committed: WorkerCounts) -> None:
-        """The replica's process died: its counters restart; keep what it had committed, and its engine's work."""
-        old = self.live.pop(replica, None)
-        self.retired.append(dataclasses.replace(committed, engine_stats=old.engine_stats if old else None,
-                                                engine_s=old.engine_s if old else 0.0))
+        """The replica's process died (its counters restart with the next one). Its rows are those of
+        the parts it finished plus `committed`, the shards it committed since; its engine's work and
+        prompt tokens come from its last progress report, which read them together (so the token
+        identity of the summary holds), rows it finished but never committed included."""
+        last = self.live.pop(replica, None) or WorkerCounts()
+        done = self.reported.pop(replica, None) or WorkerCounts()
+        rows = {f: getattr(done, f) + getattr(committed, f) for f in _ROW_FIELDS}
+        self.retired.append(WorkerCounts(**rows, rows_truncated=done.rows_truncated, prompt_tokens=last.prompt_tokens,
+                                         first_errors=last.first_errors,
+                                         engine_stats=last.engine_stats, engine_s=last.engine_s))
         self.failures += 1
         self._refresh()
 
@@ -298,6 +309,10 @@ class _ScaleOutTracker(AttemptTracker):
 
     def _current_stats(self) -> list[Any]:
         return [c.engine_stats for c in self.live.values() if c.engine_stats is not None]
+
+
+# WorkerCounts fields a dead replica's shards tell (the rows it committed and their answers' tokens)
+_ROW_FIELDS = ("rows", "rows_ok", "rows_failed", "rows_run", "completion_tokens")
 
 
 def _shard_counts(shards: list[Any]) -> WorkerCounts:
@@ -429,7 +444,7 @@ def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed:
                 committed.shards.append(info)
                 committed.next_seq = max(committed.next_seq, info.seq + 1)
             committed.done[part.row_ids] = True  # the replica returns once all of them are committed
-            tracker.update(k, report.counts)
+            tracker.finished_part(k, report.counts)
         answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=0) if asked else ([], [])
         for ref in answered:
             k = asked.pop(ref)
