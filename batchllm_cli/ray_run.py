@@ -343,8 +343,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
                                 + (f", {pool.threads} CPU thread(s) each." if pool.threads else ", one GPU each."))
                 pool.check_and_load(observer, prepared.run_dir.path)
                 tracker.hosts = pool.hosts
-                observer.start(prepared.total_rows, prepared.committed.rows, tracker.snapshot)
-                _run_rounds(prepared, pool, sink, tracker, tmp)
+                _run_rounds(prepared, pool, sink, tracker, tmp, observer)
             sink.commit()
         except BaseException as exc:
             guard.draining = True
@@ -356,7 +355,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
             raise tracker.stopped(exc)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            observer.finish()
+            observer.finish()  # (also when it never started: then it does nothing)
         if not prepared.committed.done.all():
             missing = int((~prepared.committed.done).sum())
             raise tracker.stopped(BatchLLMError(
@@ -378,7 +377,8 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
             pool.close()  # after the report: stopping Ray is no part of the job's time
 
 
-def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOutTracker, tmp: Path) -> None:
+def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOutTracker, tmp: Path,
+                observer: RunObserver) -> None:
     """Plan and partition the rows left over the replicas up, run the parts; again after a replica died."""
     assert prepared.run_dir is not None
     fruitless = 0
@@ -394,6 +394,7 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOu
         if not tracker.rounds:  # generation starts when every model is loaded (planning overlapped it)
             tracker.load_s = time.perf_counter() - pool.t0
             tracker.begin_generation()
+            observer.start(prepared.total_rows, tracker.resumed, tracker.snapshot)
         tracker.model = pool.model
         tracker.rounds += 1
         if not plan.parts:
