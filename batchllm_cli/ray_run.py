@@ -9,6 +9,8 @@ actor with its own engine (ray_worker.py), which commits its results into the jo
 The run directory must be on a filesystem every replica sees: each replica proves it by reading the
 manifest this run wrote before any model loads.
 
+Progress and the summary sum the driver's and the replicas' counters (ray_report.py).
+
 A replica whose process dies (killed, node lost) is restarted by Ray; its part's committed rows stay,
 and once the other replicas finish, the rows left are planned and partitioned again over the replicas
 that are up, until none is left. A re-run of the command resumes the same way from the checkpoint.
@@ -23,7 +25,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,10 +34,10 @@ from batchllm_cli.errors import BatchLLMError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job import ShardSink, _interrupted
 from batchllm_cli.job_output import write_final
-from batchllm_cli.job_report import AttemptTracker
-from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver, engine_summary
+from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
-from batchllm_cli.ray_worker import ReplicaWorker, WorkerCounts, WorkerPart, WorkerReport, WorkerSetup
+from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
+from batchllm_cli.ray_worker import ReplicaWorker, WorkerPart, WorkerReport, WorkerSetup
 from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool
 
 RAY_MISSING = "--workers and --ray-address need Ray, an optional extra: pip install 'batchllm[ray]'."
@@ -228,101 +229,6 @@ def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int
     return _Plan(parts, owners, stats, summary)
 
 
-class _ScaleOutTracker(AttemptTracker):
-    """The attempt's counters summed over the driver's own results (rows failed before any engine) and
-    every replica's: `collector` and `_stats` are views over them, so progress and the report read the
-    same numbers as for one process."""
-
-    def __init__(self, prepared: PreparedRun, driver_collector: Any, workers: int) -> None:
-        super().__init__(prepared, driver_collector)
-        self.driver = driver_collector
-        self.live: dict[int, WorkerCounts] = {}  # replica -> its counters (lifetime of its current process)
-        self.retired: list[WorkerCounts] = []  # replicas' processes that died: what they committed
-        self.reported: dict[int, WorkerCounts] = {}  # replica -> its counters when it last finished a part
-        self.workers = workers
-        self.partition: dict[str, Any] | None = None
-        self.rounds = 0
-        self.failures = 0
-        self.hosts: dict[int, str] = {}
-        self.model: dict[str, Any] = {}
-        self._refresh()  # self.collector: the merged counters, remade on each read
-
-    def _all(self) -> list[Any]:
-        return [self.driver, *self.live.values(), *self.retired]
-
-    def _refresh(self) -> None:
-        parts = self._all()
-        fields = ("rows", "rows_ok", "rows_failed", "rows_run", "rows_truncated", "prompt_tokens", "completion_tokens")
-        merged = {f: sum(getattr(p, f) for p in parts) for f in fields}
-        errors = [e for p in parts for e in p.first_errors][:5]
-        self.collector = SimpleNamespace(**merged, first_errors=errors)
-
-    def update(self, replica: int, counts: WorkerCounts) -> None:
-        self.live[replica] = counts
-        self._refresh()
-
-    def finished_part(self, replica: int, counts: WorkerCounts) -> None:
-        self.reported[replica] = counts
-        self.update(replica, counts)
-
-    def died(self, replica: int, committed: WorkerCounts) -> None:
-        """The replica's process died (its counters restart with the next one). Its rows are those of
-        the parts it finished plus `committed`, the shards it committed since; its engine's work and
-        prompt tokens come from its last progress report, which read them together (so the token
-        identity of the summary holds), rows it finished but never committed included."""
-        last = self.live.pop(replica, None) or WorkerCounts()
-        done = self.reported.pop(replica, None) or WorkerCounts()
-        rows = {f: getattr(done, f) + getattr(committed, f) for f in _ROW_FIELDS}
-        self.retired.append(WorkerCounts(**rows, rows_truncated=done.rows_truncated, prompt_tokens=last.prompt_tokens,
-                                         first_errors=last.first_errors,
-                                         engine_stats=last.engine_stats, engine_s=last.engine_s))
-        self.failures += 1
-        self._refresh()
-
-    def snapshot(self) -> Any:
-        self._refresh()
-        return super().snapshot()
-
-    def _stats(self) -> list[Any]:
-        return [c.engine_stats for c in (*self.live.values(), *self.retired) if c.engine_stats is not None]
-
-    def report(self, state: str, exit_code: int, write_s: float = 0.0, files: dict[str, Any] | None = None,
-               error: str | None = None) -> RunReport:
-        self._refresh()
-        base = super().report(state, exit_code, write_s, files, error)
-        stats = self._stats()
-        merged = SimpleNamespace(
-            steps=sum(s.steps for s in stats), graph_steps=sum(s.graph_steps for s in stats),
-            peak_kv_blocks=max((s.peak_kv_blocks for s in stats), default=0),
-            kv_blocks_total=sum(s.kv_blocks_total for s in self._current_stats()),
-        ) if stats else None
-        per_worker = [
-            {"worker": k, "host": self.hosts.get(k), "rows": c.rows, "rows_failed": c.rows_failed,
-             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-             "engine_s": round(c.engine_s, 3)}
-            for k, c in sorted(self.live.items())
-        ]
-        scale_out = {"ray": self.prepared.settings.ray_address or "local", "per_worker": per_worker,
-                     "partition": self.partition, "rounds": self.rounds, "worker_failures": self.failures}
-        return dataclasses.replace(base, workers=self.workers, scale_out=scale_out, model=self.model or base.model,
-                                   engine=engine_summary(merged, self.prepared.params.max_tokens))
-
-    def _current_stats(self) -> list[Any]:
-        return [c.engine_stats for c in self.live.values() if c.engine_stats is not None]
-
-
-# WorkerCounts fields a dead replica's shards tell (the rows it committed and their answers' tokens)
-_ROW_FIELDS = ("rows", "rows_ok", "rows_failed", "rows_run", "completion_tokens")
-
-
-def _shard_counts(shards: list[Any]) -> WorkerCounts:
-    """What a dead replica had committed, from its shards' records."""
-    rows, errors = sum(s.rows for s in shards), sum(s.errors for s in shards)
-    return WorkerCounts(rows=rows, rows_ok=rows - errors, rows_failed=errors, rows_run=rows - errors,
-                        prompt_tokens=sum(s.prompt_tokens for s in shards),
-                        completion_tokens=sum(s.completion_tokens for s in shards))
-
-
 def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
                     guard: SignalGuard | None = None) -> RunReport:
     """execute_run's scale-out twin: plan, partition, run the parts on the replicas, write the output."""
@@ -331,7 +237,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
     ray = _import_ray()
     assert prepared.run_dir is not None
     sink = ShardSink.for_run(prepared, guard)  # the driver's own results: rows failed before any engine
-    tracker = _ScaleOutTracker(prepared, sink.collector, prepared.settings.workers or 1)
+    tracker = ScaleOutTracker(prepared, sink.collector, prepared.settings.workers or 1)
     pool: _Pool | None = None
     tmp = Path(tempfile.mkdtemp(prefix="batchllm-plan-"))
     try:
@@ -377,7 +283,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
             pool.close()  # after the report: stopping Ray is no part of the job's time
 
 
-def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOutTracker, tmp: Path,
+def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: ScaleOutTracker, tmp: Path,
                 observer: RunObserver) -> None:
     """Plan and partition the rows left over the replicas up, run the parts; again after a replica died."""
     assert prepared.run_dir is not None
@@ -414,7 +320,7 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOu
             sink.committed = prepared.committed
             for k in dead:
                 tag = f"-w{k:03d}."
-                tracker.died(k, _shard_counts([s for s in prepared.committed.shards
+                tracker.died(k, shard_counts([s for s in prepared.committed.shards
                                                if s.name not in old and tag in s.name]))
             pool.revive(dead)
         fruitless = fruitless + 1 if prepared.committed.rows == before else 0
@@ -424,7 +330,7 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: _ScaleOu
 
 
 def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed: Committed,
-                tracker: _ScaleOutTracker) -> list[int]:
+                tracker: ScaleOutTracker) -> list[int]:
     """Wait for every part, reading the replicas' progress meanwhile; the replicas whose process died."""
     ray = pool.ray
     dead: list[int] = []

@@ -5,7 +5,6 @@ in this process (it finds Ray initialized) or, to be killed, in a forked one giv
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
