@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from batchllm_cli.checkpoint import Committed
-from batchllm_cli.errors import BatchLLMError, UsageError
+from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job import ShardSink, _interrupted
+from batchllm_cli.job import ShardSink, _interrupted, is_out_of_memory
 from batchllm_cli.job_output import write_final
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
@@ -185,6 +185,11 @@ class _Pool:
 def _cause(exc: Any) -> BaseException:
     """The replica's own exception (a BatchLLMError keeps its exit code), else a one-line error."""
     cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and is_out_of_memory(cause):
+        return TempFailError(
+            f"Out of GPU memory on a worker ({' '.join(str(cause).split())[:200]}). Finished rows are kept; run "
+            "again with a smaller --max-batch-tokens or --kv-cache-memory to resume."
+        )
     if isinstance(cause, BaseException):
         return cause if isinstance(cause, BatchLLMError) else BatchLLMError(f"A worker failed: {cause!r}")
     return BatchLLMError(f"A worker failed: {' '.join(str(exc).split())[:300]}")
