@@ -213,6 +213,8 @@ def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int
     lengths = spool.lengths
     lengths_sorted = lengths[order]
     part = partition_sorted(lengths_sorted, lcp, prepared.params.max_tokens, len(replicas))
+    # Every part is gathered from the whole spool in memory (4 bytes a token), also when the sort ran out
+    # of core: reading each part from the spool file instead would keep the driver's memory O(rows).
     tokens, offsets, row_ids = spool.read_all(), spool.offsets, spool.row_ids
     parts, owners = [], []
     for p, replica in enumerate(replicas):

@@ -54,6 +54,28 @@ def test_without_ray_the_flags_fail_with_one_line_naming_the_extra(
         assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_a_worker_sees_the_run_directory_only_through_this_run_s_manifest(tmp_path: Path) -> None:
+    # what each replica checks before any model loads: the manifest the driver wrote, with its run id
+    from batchllm_cli.checkpoint import RunDir
+    from batchllm_cli.collector import OutputColumns
+    from batchllm_cli.ray_worker import ReplicaWorker, WorkerSetup
+
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.ensure()
+
+    def check(run_id: str) -> str | None:
+        setup = WorkerSetup(worker=0, run_dir=str(run_dir.path), run_id=run_id, model_dir="", engine_config=None,
+                            params=None, columns=OutputColumns(), constraint=None, total_rows=1, checkpoint_rows=1,
+                            checkpoint_seconds=1.0, plan_chunk_tokens=1, planned=True)
+        return ReplicaWorker(setup).check()[2]
+
+    assert "cannot read" in check("r1")  # not there (another filesystem): the run says which worker
+    run_dir.create({"x": 1}, {}, dir_created=True)
+    run_id = run_dir.read_manifest()["run_id"]
+    assert check(run_id) is None
+    assert "another run" in check("an older run's id")
+
+
 @pytest.fixture(scope="module")
 def ray_address() -> str:
     ray = pytest.importorskip("ray")  # in the test extra: CI has it
