@@ -511,7 +511,7 @@ def execute_run(
         sink.salvage()
         # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
-            raise tracker.stopped(_interrupted(guard, exc, (
+            raise tracker.stopped(interrupted_by_signal(guard, exc, (
                 f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
                 f"{prepared.run_dir.path}; run the same command again to resume."
             ))) from None
@@ -532,7 +532,7 @@ def execute_run(
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True
-            raise tracker.stopped(_interrupted(guard, exc, (
+            raise tracker.stopped(interrupted_by_signal(guard, exc, (
                 f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
                 "written yet; run the same command again to write it."
             ))) from None
@@ -540,7 +540,8 @@ def execute_run(
     return tracker.finished(time.perf_counter() - t2, report_files)
 
 
-def _interrupted(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:
+def interrupted_by_signal(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:
+    """The Interrupted outcome of a stop by signal (or by JobInterrupted raised in a worker), naming what was kept."""
     stop = exc if isinstance(exc, JobInterrupted) else JobInterrupted(guard.pending or signal.SIGINT)
     return Interrupted(f"Interrupted by {stop}: {what}", stop.exit_code)
 

@@ -32,7 +32,7 @@ import numpy as np
 from batchllm_cli.checkpoint import Committed
 from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job import ShardSink, _interrupted, is_out_of_memory
+from batchllm_cli.job import ShardSink, interrupted_by_signal, is_out_of_memory
 from batchllm_cli.job_output import write_final
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
@@ -262,7 +262,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
             guard.draining = True
             sink.salvage()
             if isinstance(exc, JobInterrupted) or guard.pending is not None:
-                raise tracker.stopped(_interrupted(guard, exc, (
+                raise tracker.stopped(interrupted_by_signal(guard, exc, (
                     f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
                 ))) from None
             raise tracker.stopped(exc)
@@ -279,7 +279,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
         except BaseException as exc:
             if isinstance(exc, JobInterrupted) or guard.pending is not None:
                 guard.draining = True
-                raise tracker.stopped(_interrupted(guard, exc, (
+                raise tracker.stopped(interrupted_by_signal(guard, exc, (
                     f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
                     "written yet; run the same command again to write it."
                 ))) from None
