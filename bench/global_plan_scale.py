@@ -17,10 +17,10 @@ Cases (each picks a table by its shape):
   prompt in full, too slow on 2 shared cores at 70k rows): the `response` columns must be equal.
 - equality70k: the acceptance's equality at full size, made affordable on 2 cores by a smaller model
   (the demo model's recipe and tokenizer at 64 hidden x 2 layers, `tiny` below) and shorter documents:
-  500 docs x 140 questions = 70,000 shuffled rows of ~115 tokens, `--max-tokens 3` (greedy, EOS
+  500 docs x 140 questions = 70,000 shuffled rows of ~124 tokens, `--max-tokens 3` (greedy, EOS
   ignored so every row decodes all 3), plan at a small --plan-chunk-tokens (each document's rows cut
-  into several chunks) vs none (and lru with --with-lru), plus `analyze` of the same table: every output
-  column must be equal row by row, and plan's prefill must be <= 1.02x analyze's unique tokens.
+  into several chunks) and at the default vs none (and lru with --with-lru), plus `analyze` of the same
+  table: every output column must be equal row by row, and plan's prefill <= 1.02x analyze's unique tokens.
   `--equality70k-docs 15` runs the same case on the first 15 documents (2,100 rows) to time it first.
 - scale: 100k and 1M rows of ~300 tokens (200 / 2,000 docs x 500 questions; ~1-2 unique tokens a row,
   so the engine part stays minutes on 2 cores): wall, peak RSS (goal < 4 GB at 1M), plan_s, engine_wait_s, elapsed_s,
@@ -367,18 +367,21 @@ def case_equality70k(ctx: dict, docs: int | None, with_lru: bool) -> dict:
     model = ensure_tiny_model(ctx["cache"] / "models")
     an = analyze(table, template, model, ctx["work"], f"eq70k_{rows}", ctx["timeout"])
 
-    def job(mode: str, chunk: int | None) -> dict:
-        return run_job(table, template, model, ctx["work"], f"eq70k_{rows}_{mode}", mode, chunk, ctx["timeout"],
+    def job(mode: str, chunk: int | None, label: str) -> dict:
+        return run_job(table, template, model, ctx["work"], f"eq70k_{rows}_{label}", mode, chunk, ctx["timeout"],
                        EQUAL_ENGINE_ARGS)
 
-    plan = job("plan", EQUAL_CHUNK_TOKENS)
-    plan["prefill_over_analyze_unique"] = ratio(plan.get("prefill_tokens"), an.get("unique_prompt_tokens"))
-    plan["meets_prefill_goal_1_02"] = (plan["prefill_over_analyze_unique"] or 99) <= 1.02
-    runs = [plan, job("none", None)]
-    compared = {"plan_vs_none": outputs_equal(Path(plan["output"]), Path(runs[1]["output"]))}
+    plan = job("plan", EQUAL_CHUNK_TOKENS, "plan")
+    plan_default = job("plan", None, "plan_default_chunks")
+    for r in (plan, plan_default):
+        r["prefill_over_analyze_unique"] = ratio(r.get("prefill_tokens"), an.get("unique_prompt_tokens"))
+        r["meets_prefill_goal_1_02"] = (r["prefill_over_analyze_unique"] or 99) <= 1.02
+    runs = [plan, plan_default, job("none", None, "none")]
+    compared = {"plan_vs_none": outputs_equal(Path(plan["output"]), Path(runs[2]["output"])),
+                "plan_default_chunks_vs_none": outputs_equal(Path(plan_default["output"]), Path(runs[2]["output"]))}
     if with_lru:
-        runs.append(job("lru", None))
-        compared["plan_vs_lru"] = outputs_equal(Path(plan["output"]), Path(runs[2]["output"]))
+        runs.append(job("lru", None, "lru"))
+        compared["plan_vs_lru"] = outputs_equal(Path(plan["output"]), Path(runs[3]["output"]))
     return {"shape": shape.__dict__ | {"docs": docs or shape.docs, "rows": rows}, "table": str(table),
             "model": f"demo recipe and tokenizer (engine/demo_model.py write_model_dir) at {TINY_SHAPE}, float32",
             "engine_args": EQUAL_ENGINE_ARGS, "analyze": an, "runs": runs, "compared": compared,
