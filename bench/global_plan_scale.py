@@ -452,8 +452,8 @@ def main() -> None:
             "git": git_commit("batchllm_cli", "engine", "kernels"),
             "package_imported_by_children": os.path.relpath(package, ROOT),
             "model": "built-in demo model (engine/demo_model.py): random-weight Llama, 256 hidden x 4 layers, "
-                     "byte-level tokenizer (1 token per byte), float32 on CPU",
-            "engine_args": ENGINE_ARGS,
+                     "byte-level tokenizer (1 token per byte), float32 on CPU; a case with its own 'model' used that",
+            "engine_args": f"{ENGINE_ARGS}; a case with its own 'engine_args' used those",
             "templates": {"acceptance/equality": TEMPLATE, "scale": SCALE_TEMPLATE},
             "machine": {
                 "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
