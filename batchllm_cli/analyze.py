@@ -11,8 +11,8 @@ tokenizer into packed int32 arrays, fed to the LRU simulation (which needs table
 appended to a spool file in a temporary directory. No Python list of ints ever holds more than one
 batch. Once every row is tokenized the total is known exactly, and the plan is made
 
-- in memory (numpy sort, `plan_prefixes`) when `estimate_plan_memory` fits the budget: the spool is
-  read back as one int32 array; or
+- in memory (numpy sort, `plan_prefixes`) when its memory estimate fits the budget (token_spool.choose_sort,
+  the choice `run` makes too): the spool is read back as one int32 array; or
 - out of core when it does not: DuckDB (table_io.token_sort) sorts the spool, spilling to the
   temporary directory, and the sorted batches stream into `plan_prefixes_from_sorted_stream`, which
   keeps only O(rows) state in memory.
@@ -52,8 +52,7 @@ from batchllm_cli.token_spool import (
     OUT_OF_CORE_BATCH_ROWS,
     OUT_OF_CORE_SORT_MEMORY,
     TokenSpool,
-    default_memory_budget,
-    estimate_plan_memory,
+    choose_sort,
 )
 
 if TYPE_CHECKING:
@@ -126,7 +125,7 @@ class AnalyzeSettings:
     kv_cache_tokens: int | None = None
     top: int = DEFAULT_TOP
     icicle_nodes: int = ICICLE_NODES
-    out_of_core: bool | None = None  # None: choose by estimate_plan_memory
+    out_of_core: bool | None = None  # None: token_spool.choose_sort decides by the memory estimate
     memory_budget: int | None = None  # bytes for the in-memory plan; None: half the available memory
     batch_rows: int = DEFAULT_BATCH_ROWS
     temp_dir: Path | None = None  # spool and DuckDB spill; None: the system's ($TMPDIR)
@@ -491,18 +490,14 @@ def _plan(
 
     s = prepared.settings
     row_ids = spool.row_ids
-    estimate = estimate_plan_memory(spool.tokens, len(row_ids))
-    if s.out_of_core is None:
-        budget = s.memory_budget if s.memory_budget is not None else default_memory_budget()
-        out_of_core = estimate > budget
-        if out_of_core:
-            observer.notice(
-                f"Planning out of core: the in-memory plan needs about {estimate / 2**30:.1f} GiB "
-                f"({spool.tokens:,} tokens, {len(row_ids):,} rows), more than the {budget / 2**30:.1f} GiB "
-                f"budget; DuckDB sorts on disk in {tmp}."
-            )
-    else:
-        out_of_core = s.out_of_core
+    choice = choose_sort(spool.tokens, len(row_ids), s.memory_budget, s.out_of_core)
+    out_of_core = choice.out_of_core
+    if out_of_core and not choice.forced:
+        observer.notice(
+            f"Planning out of core: the in-memory plan needs about {choice.estimate / 2**30:.1f} GiB "
+            f"({spool.tokens:,} tokens, {len(row_ids):,} rows), more than the {choice.budget / 2**30:.1f} GiB "
+            f"budget; DuckDB sorts on disk in {tmp}."
+        )
     common = dict(keys=row_ids, block_size=prepared.block_size, max_tokens=prepared.max_tokens)
     if out_of_core:
         observer.phase("plan (out of core)")
@@ -519,7 +514,7 @@ def _plan(
         observer.phase("plan (in memory)")
         seqs = PackedSequences(spool.read_all(), spool.offsets)
         plan = plan_prefixes(seqs, simulate_lru=False, **common)
-    return plan, "out-of-core" if out_of_core else "in-memory", estimate
+    return plan, "out-of-core" if out_of_core else "in-memory", choice.estimate
 
 
 def _decode_prefix(prepared: PreparedAnalyze, spool: TokenSpool, row: int, length: int) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 
 from batchllm_cli.prompts import FailedRow, fit_packed
 from batchllm_cli.table_io import ROW_ID
-from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool
+from batchllm_cli.token_spool import TokenSpool, sort_spool
 
 if TYPE_CHECKING:
     from batchllm_cli.job_types import PreparedRun
@@ -70,7 +70,7 @@ class PlannedFeed:
         self._prepared = prepared
         self._done = done.copy()  # the committed rows when the feed started; the sink's array changes
         self._chunk_tokens = chunk_tokens
-        self._budget = memory_budget if memory_budget is not None else default_memory_budget()
+        self._budget = memory_budget  # None: token_spool.choose_sort's default, when the sort starts
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="batchllm-plan", daemon=True)

@@ -7,8 +7,9 @@ estimate fits the budget, else out of core with DuckDB spilling to the spool's d
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
@@ -50,6 +51,26 @@ def available_memory() -> int:
 def default_memory_budget() -> int:
     """The in-memory plan is chosen when its estimate fits in half the available memory."""
     return available_memory() // 2
+
+
+@dataclass(frozen=True)
+class SortChoice:
+    """How a job's spooled prompts are sorted for its plan, and why."""
+
+    out_of_core: bool  # DuckDB's sort spilling to disk, else numpy in memory
+    estimate: int  # bytes the in-memory plan needs at its peak (estimate_plan_memory)
+    budget: int  # bytes it may take
+    forced: bool = False  # the user chose (analyze --in-memory / --out-of-core), not the estimate
+
+
+def choose_sort(tokens: int, rows: int, budget: int | None = None, out_of_core: bool | None = None) -> SortChoice:
+    """The one decision `analyze` and `run` both make: in memory when the estimate fits `budget` (None:
+    `default_memory_budget()`), unless `out_of_core` forces either way."""
+    estimate = estimate_plan_memory(tokens, rows)
+    budget = default_memory_budget() if budget is None else budget
+    if out_of_core is not None:
+        return SortChoice(out_of_core, estimate, budget, forced=True)
+    return SortChoice(estimate > budget, estimate, budget)
 
 
 class TokenSpool:
@@ -136,15 +157,15 @@ class TokenSpool:
             os.close(fd)
 
 
-def sort_spool(spool: TokenSpool, budget: int, spill_dir: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+def sort_spool(spool: TokenSpool, budget: int | None, spill_dir: Path) -> tuple[np.ndarray, np.ndarray, bool]:
     """(order, lcp, out_of_core): the spooled rows' lexicographic order (spool indices, ties by index)
     and the LCP of each row with the one sorted before it (lcp[0] = 0), both int64 (n,). In memory when
-    `estimate_plan_memory` fits `budget`, else DuckDB's sort spilling to `spill_dir`; the same order
+    `choose_sort` says so for `budget`, else DuckDB's sort spilling to `spill_dir`; the same order
     either way. Only O(rows) arrays stay in memory afterwards."""
     from engine import PackedSequences, SortedStreamPlanner, sort_sequences
 
     n = len(spool.offsets) - 1
-    if estimate_plan_memory(spool.tokens, n) <= budget:
+    if not choose_sort(spool.tokens, n, budget).out_of_core:
         ordered = sort_sequences(PackedSequences(spool.read_all(), spool.offsets))
         return ordered.order, ordered.lcp, False
 

@@ -15,6 +15,13 @@ Cases (each picks a table by its shape):
   tokens. Reports prefill/unique (goal <= 1.02), engine_wait_s/elapsed_s (goal < 1%), plan_chunks.
 - equality: plan vs `--prefix-sharing none` on a smaller table of the same shape (none computes every
   prompt in full, too slow on 2 shared cores at 70k rows): the `response` columns must be equal.
+- equality70k: the acceptance's equality at full size, made affordable on 2 cores by a smaller model
+  (the demo model's recipe and tokenizer at 64 hidden x 2 layers, `tiny` below) and shorter documents:
+  500 docs x 140 questions = 70,000 shuffled rows of ~124 tokens, `--max-tokens 3` (greedy, EOS
+  ignored so every row decodes all 3), plan at a small --plan-chunk-tokens (each document's rows cut
+  into several chunks) and at the default vs none (and lru with --with-lru), plus `analyze` of the same
+  table: every output column must be equal row by row, and plan's prefill <= 1.02x analyze's unique tokens.
+  `--equality70k-docs 15` runs the same case on the first 15 documents (2,100 rows) to time it first.
 - scale: 100k and 1M rows of ~300 tokens (200 / 2,000 docs x 500 questions; ~1-2 unique tokens a row,
   so the engine part stays minutes on 2 cores): wall, peak RSS (goal < 4 GB at 1M), plan_s, engine_wait_s, elapsed_s,
   prefill vs unique, plan_out_of_core.
@@ -22,6 +29,7 @@ Cases (each picks a table by its shape):
     python bench/global_plan_scale.py --out bench/results/global_plan_scale_cpu.json   # all cases
     python bench/global_plan_scale.py --cases acceptance equality scale100k --out FILE
     python bench/global_plan_scale.py --cases smoke        # 7,000 rows, ~2 minutes: checks the script
+    python bench/global_plan_scale.py --cases equality70k --with-lru --out bench/results/global_plan_equality_cpu.json
 
 Results are merged into --out case by case as they finish (a later invocation adds or replaces cases),
 so a long case that is cut short leaves the others written.
@@ -52,7 +60,8 @@ ENGINE_ARGS = ["--no-chat", "--max-tokens", "1", "--kv-cache-tokens", "262144", 
 SUMMARY_FIELDS = (
     "rows", "rows_ok", "rows_failed", "prompt_tokens", "prefill_tokens", "unique_prompt_tokens",
     "plan_boundary_tokens", "plan_chunks", "plan_out_of_core", "plan_s", "engine_wait_s", "elapsed_s",
-    "load_s", "write_s", "preemptions", "sharing_fallbacks", "peak_kv_blocks",
+    "load_s", "write_s", "preemptions", "sharing_fallbacks", "peak_kv_blocks", "completion_tokens",
+    "prefix_hit_tokens",
 )
 SEED = 11
 
@@ -81,6 +90,13 @@ ACCEPT = Shape(1000, 70, 560, TEMPLATE)
 # tokens, ~1.7M unique (2,000 docs x 500 questions rather than 10,000 x 100: 5x fewer document tokens).
 SCALE_100K = Shape(200, 500, 270, SCALE_TEMPLATE)
 SCALE_1M = Shape(2000, 500, 270, SCALE_TEMPLATE)
+# Equality at 70k rows: none computes every prompt in full (~8M tokens here), so the prompts are short and
+# the model small; 140 questions a document, so a document's rows span several small plan chunks.
+EQUAL_70K = Shape(500, 140, 80, TEMPLATE)
+TINY_SHAPE = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 172}
+EQUAL_ENGINE_ARGS = ["--no-chat", "--max-tokens", "3", "--ignore-eos", "--kv-cache-tokens", "262144",
+                     "--max-batch-tokens", "2048"]
+EQUAL_CHUNK_TOKENS = 4096  # ~2,000 chunks of ~35 rows; a document's 140 rows (~16k tokens) span ~4
 
 
 def _words(rng, n: int = 3000) -> list[str]:
@@ -221,13 +237,13 @@ def timed(args: list[str], log: Path, timeout_s: float) -> dict:
 
 
 def run_job(table: Path, template: Path, model: Path, work: Path, label: str, mode: str,
-            chunk_tokens: int | None, timeout_s: float) -> dict:
+            chunk_tokens: int | None, timeout_s: float, engine_args: list[str] = ENGINE_ARGS) -> dict:
     out = work / f"{label}.parquet"
     summary = work / f"{label}.summary.json"
     for p in (out, summary):
         p.unlink(missing_ok=True)
     args = ["run", str(table), "-t", str(template), "-o", str(out), "-m", str(model), "--prefix-sharing", mode,
-            "--summary", str(summary), "--restart", *ENGINE_ARGS]
+            "--summary", str(summary), "--restart", *engine_args]
     if chunk_tokens is not None:
         args += ["--plan-chunk-tokens", str(chunk_tokens)]
     res = {"label": label, "mode": mode, "plan_chunk_tokens": chunk_tokens,
@@ -235,11 +251,16 @@ def run_job(table: Path, template: Path, model: Path, work: Path, label: str, mo
     res.update(timed(args, work / f"{label}.log", timeout_s))
     if summary.is_file():
         s = json.loads(summary.read_text())
+        s = s | s.get("attempt", {})  # the run's counters sit under "attempt" in the summary
         res.update({k: s.get(k) for k in SUMMARY_FIELDS})
         res["engine_steps"] = s.get("engine", {}).get("steps")
         if s.get("elapsed_s"):
             res["engine_wait_share"] = round((s.get("engine_wait_s") or 0) / s["elapsed_s"], 5)
             res["rows_per_s"] = round(s["rows"] / s["elapsed_s"], 1)
+            # elapsed_s: from the model loaded to the last row (writing excluded); less the time the engine
+            # waited for its first chunk (planning that outlasted the load) and for later ones
+            first_wait = max(0.0, (s.get("plan_s") or 0.0) - (s.get("load_s") or 0.0))
+            res["engine_s"] = round(s["elapsed_s"] - first_wait - (s.get("engine_wait_s") or 0.0), 3)
     res["output"] = str(out)
     print(json.dumps({k: v for k, v in res.items() if k not in ("command", "log_tail")}), file=sys.stderr, flush=True)
     return res
@@ -269,6 +290,39 @@ def responses_equal(a: Path, b: Path) -> dict:
     return {"rows": len(ra), "rows_other": len(rb), "rows_differing": differ,
             "equal": len(ra) == len(rb) and differ == 0 and ta.column("id").equals(tb.column("id")),
             "distinct_responses": len(set(ra))}
+
+
+def outputs_equal(a: Path, b: Path) -> dict:
+    """Every column of two run outputs compared row by row (by id): mismatches per column, the first few rows."""
+    import pyarrow.parquet as pq
+
+    ta, tb = pq.read_table(a).sort_by("id"), pq.read_table(b).sort_by("id")
+    same_ids = ta.column("id").equals(tb.column("id"))
+    per_column: dict[str, int] = {}
+    bad_rows: set[int] = set()
+    if ta.column_names == tb.column_names and same_ids:
+        ids = ta.column("id").to_pylist()
+        for name in ta.column_names:
+            ca, cb = ta.column(name).to_pylist(), tb.column(name).to_pylist()
+            differ = [i for i, (x, y) in enumerate(zip(ca, cb)) if x != y]
+            per_column[name] = len(differ)
+            bad_rows.update(ids[i] for i in differ)
+    equal = same_ids and ta.column_names == tb.column_names and not bad_rows
+    return {"rows": ta.num_rows, "rows_other": tb.num_rows, "columns": ta.column_names,
+            "columns_other": tb.column_names, "same_ids": same_ids, "mismatches_per_column": per_column,
+            "rows_mismatching": len(bad_rows), "first_mismatching_ids": sorted(bad_rows)[:20], "equal": equal,
+            "distinct_responses": len(set(ta.column("response").to_pylist()))}
+
+
+def ensure_tiny_model(cache: Path) -> Path:
+    """The demo model's weight recipe and byte-level tokenizer at TINY_SHAPE, built once."""
+    from engine.demo_model import DemoShape, write_model_dir
+
+    from bench.bench_common import cached_dir
+
+    shape = DemoShape(**TINY_SHAPE)
+    name = f"demo-recipe-{shape.layers}x{shape.hidden}-i{shape.intermediate}-h{shape.heads}-kv{shape.kv_heads}"
+    return cached_dir(cache / name, lambda tmp: write_model_dir(tmp, shape))
 
 
 def ratio(a: float | None, b: float | None, digits: int = 4) -> float | None:
@@ -304,6 +358,37 @@ def case_equality(ctx: dict, docs: int) -> dict:
             "runs": [plan, none], "responses": responses_equal(Path(plan["output"]), Path(none["output"]))}
 
 
+def case_equality70k(ctx: dict, docs: int | None, with_lru: bool) -> dict:
+    """plan (many small chunks) vs none (and lru) on EQUAL_70K with the tiny model; analyze for the unique count."""
+    shape = EQUAL_70K
+    table = build_table(ctx["cache"], shape, docs_limit=docs)
+    rows = (docs or shape.docs) * shape.questions
+    template = template_file(ctx["cache"], shape)
+    model = ensure_tiny_model(ctx["cache"] / "models")
+    an = analyze(table, template, model, ctx["work"], f"eq70k_{rows}", ctx["timeout"])
+
+    def job(mode: str, chunk: int | None, label: str) -> dict:
+        return run_job(table, template, model, ctx["work"], f"eq70k_{rows}_{label}", mode, chunk, ctx["timeout"],
+                       EQUAL_ENGINE_ARGS)
+
+    plan = job("plan", EQUAL_CHUNK_TOKENS, "plan")
+    plan_default = job("plan", None, "plan_default_chunks")
+    for r in (plan, plan_default):
+        r["prefill_over_analyze_unique"] = ratio(r.get("prefill_tokens"), an.get("unique_prompt_tokens"))
+        r["meets_prefill_goal_1_02"] = (r["prefill_over_analyze_unique"] or 99) <= 1.02
+    runs = [plan, plan_default, job("none", None, "none")]
+    compared = {"plan_vs_none": outputs_equal(Path(plan["output"]), Path(runs[2]["output"])),
+                "plan_default_chunks_vs_none": outputs_equal(Path(plan_default["output"]), Path(runs[2]["output"]))}
+    if with_lru:
+        runs.append(job("lru", None, "lru"))
+        compared["plan_vs_lru"] = outputs_equal(Path(plan["output"]), Path(runs[3]["output"]))
+    return {"shape": shape.__dict__ | {"docs": docs or shape.docs, "rows": rows}, "table": str(table),
+            "model": f"demo recipe and tokenizer (engine/demo_model.py write_model_dir) at {TINY_SHAPE}, float32",
+            "engine_args": EQUAL_ENGINE_ARGS, "analyze": an, "runs": runs, "compared": compared,
+            "mismatching_rows": {k: v["rows_mismatching"] for k, v in compared.items()},
+            "all_equal": all(v["equal"] for v in compared.values())}
+
+
 def case_scale(ctx: dict, shape: Shape) -> dict:
     table = build_table(ctx["cache"], shape)
     r = run_job(table, template_file(ctx["cache"], shape), ctx["model"], ctx["work"], f"scale_{shape.rows}_plan", "plan", None,
@@ -324,8 +409,11 @@ def case_scale(ctx: dict, shape: Shape) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="*", default=["acceptance", "equality", "scale100k", "scale1m"],
-                    choices=["smoke", "acceptance", "equality", "scale100k", "scale1m"])
+                    choices=["smoke", "acceptance", "equality", "equality70k", "scale100k", "scale1m"])
     ap.add_argument("--equality-docs", type=int, default=40, help="documents (x70 rows) of the plan-vs-none table")
+    ap.add_argument("--equality70k-docs", type=int, default=None,
+                    help="equality70k on the first N documents (x140 rows) only, to time it first")
+    ap.add_argument("--with-lru", action="store_true", help="equality70k: compare with --prefix-sharing lru too")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "batchllm-bench-globalplan")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one CLI run may take before it is killed")
     ap.add_argument("--out", type=Path, default=None, help="merge each finished case into this JSON file")
@@ -348,6 +436,8 @@ def main() -> None:
             result = case_acceptance(ctx)
         elif name == "equality":
             result = case_equality(ctx, args.equality_docs)
+        elif name == "equality70k":
+            result = case_equality70k(ctx, args.equality70k_docs, args.with_lru)
         elif name == "scale100k":
             result = case_scale(ctx, SCALE_100K)
         else:
@@ -362,8 +452,8 @@ def main() -> None:
             "git": git_commit("batchllm_cli", "engine", "kernels"),
             "package_imported_by_children": os.path.relpath(package, ROOT),
             "model": "built-in demo model (engine/demo_model.py): random-weight Llama, 256 hidden x 4 layers, "
-                     "byte-level tokenizer (1 token per byte), float32 on CPU",
-            "engine_args": ENGINE_ARGS,
+                     "byte-level tokenizer (1 token per byte), float32 on CPU; a case with its own 'model' used that",
+            "engine_args": f"{ENGINE_ARGS}; a case with its own 'engine_args' used those",
             "templates": {"acceptance/equality": TEMPLATE, "scale": SCALE_TEMPLATE},
             "machine": {
                 "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

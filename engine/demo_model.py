@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,12 +22,23 @@ import torch
 DEMO_MODEL_NAME = "demo-llama-v1"
 _SEED = 20241203
 
-HIDDEN = 256
-LAYERS = 4
-HEADS = 8
-KV_HEADS = 4
-HEAD_DIM = HIDDEN // HEADS
-INTERMEDIATE = 688
+
+@dataclass(frozen=True)
+class DemoShape:
+    """The random Llama's sizes; benches build smaller ones with the same weight recipe and tokenizer."""
+
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 688
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+DEMO_SHAPE = DemoShape()
 
 BOS, EOS, USER, ASSISTANT, SYSTEM = (
     "<|begin_of_text|>",
@@ -67,7 +79,7 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}.tmp-", dir=root))
     try:
-        _write_model_dir(tmp)
+        write_model_dir(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -86,30 +98,31 @@ def _is_complete(path: Path) -> bool:
     return all((path / n).is_file() for n in names)
 
 
-def _write_model_dir(out: Path) -> None:
+def write_model_dir(out: Path, shape: DemoShape = DEMO_SHAPE) -> None:
+    """The model files into the existing directory `out` (the demo model itself with the default shape)."""
     from safetensors.torch import save_file
 
-    (out / "config.json").write_text(json.dumps(_config(), indent=2) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(_config(shape), indent=2) + "\n", encoding="utf-8")
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}, indent=2)
         + "\n",
         encoding="utf-8",
     )
-    save_file(_weights(), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_weights(shape), str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_tokenizer(out)
 
 
-def _config() -> dict:
+def _config(shape: DemoShape) -> dict:
     # Transformers-4 style keys (rope_theta, torch_dtype): what most published Llama checkpoints use.
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": 2048,
         "rope_theta": 10000.0,
@@ -126,7 +139,7 @@ def _config() -> dict:
     }
 
 
-def _weights() -> dict[str, torch.Tensor]:
+def _weights(shape: DemoShape) -> dict[str, torch.Tensor]:
     """Random weights scaled so that greedy text is varied rather than one repeated token.
 
     Projections use gain/sqrt(fan_in). With unit gains the residual stream is dominated by the
@@ -136,34 +149,34 @@ def _weights() -> dict[str, torch.Tensor]:
     in greedy continuations of a few prompts. The output head favours printable ASCII bytes so demo
     output reads as text rather than broken UTF-8.
     """
+    hidden, heads, kv_heads, head_dim = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim
+    inter = shape.intermediate
     g = torch.Generator(device="cpu").manual_seed(_SEED)
 
-    def normal(*shape: int, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, dtype=torch.float32) * std).contiguous()
+    def normal(*size: int, std: float) -> torch.Tensor:
+        return (torch.randn(*size, generator=g, dtype=torch.float32) * std).contiguous()
 
     def norm_weight() -> torch.Tensor:
-        return (1.0 + normal(HIDDEN, std=0.1)).contiguous()
+        return (1.0 + normal(hidden, std=0.1)).contiguous()
 
     qk_gain, residual_gain, gate_gain = 4.0, 4.0, 2.0
-    residual_scale = residual_gain / math.sqrt(2 * LAYERS)
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(VOCAB_SIZE, HIDDEN, std=1.0)}
-    for i in range(LAYERS):
+    residual_scale = residual_gain / math.sqrt(2 * shape.layers)
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(VOCAB_SIZE, hidden, std=1.0)}
+    for i in range(shape.layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm_weight()
-        w[p + "self_attn.q_proj.weight"] = normal(HEADS * HEAD_DIM, HIDDEN, std=qk_gain / math.sqrt(HIDDEN))
-        w[p + "self_attn.k_proj.weight"] = normal(KV_HEADS * HEAD_DIM, HIDDEN, std=qk_gain / math.sqrt(HIDDEN))
-        w[p + "self_attn.v_proj.weight"] = normal(KV_HEADS * HEAD_DIM, HIDDEN, std=1.0 / math.sqrt(HIDDEN))
+        w[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden, std=qk_gain / math.sqrt(hidden))
+        w[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden, std=qk_gain / math.sqrt(hidden))
+        w[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden, std=1.0 / math.sqrt(hidden))
         w[p + "self_attn.o_proj.weight"] = normal(
-            HIDDEN, HEADS * HEAD_DIM, std=residual_scale / math.sqrt(HEADS * HEAD_DIM)
+            hidden, heads * head_dim, std=residual_scale / math.sqrt(heads * head_dim)
         )
         w[p + "post_attention_layernorm.weight"] = norm_weight()
-        w[p + "mlp.gate_proj.weight"] = normal(INTERMEDIATE, HIDDEN, std=gate_gain / math.sqrt(HIDDEN))
-        w[p + "mlp.up_proj.weight"] = normal(INTERMEDIATE, HIDDEN, std=1.0 / math.sqrt(HIDDEN))
-        w[p + "mlp.down_proj.weight"] = normal(
-            HIDDEN, INTERMEDIATE, std=residual_scale / math.sqrt(INTERMEDIATE)
-        )
+        w[p + "mlp.gate_proj.weight"] = normal(inter, hidden, std=gate_gain / math.sqrt(hidden))
+        w[p + "mlp.up_proj.weight"] = normal(inter, hidden, std=1.0 / math.sqrt(hidden))
+        w[p + "mlp.down_proj.weight"] = normal(hidden, inter, std=residual_scale / math.sqrt(inter))
     w["model.norm.weight"] = norm_weight()
-    head = normal(VOCAB_SIZE, HIDDEN, std=4.0 / math.sqrt(HIDDEN))
+    head = normal(VOCAB_SIZE, hidden, std=4.0 / math.sqrt(hidden))
     row_scale = torch.full((VOCAB_SIZE, 1), 0.1)
     row_scale[32:127] = 1.0  # printable ASCII
     row_scale[ord("\n")] = 0.6

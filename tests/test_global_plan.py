@@ -194,3 +194,33 @@ def test_spool_rows_read_back_exactly(tmp_path: Path) -> None:
         spool.append(np.arange(start, start + len(batch)), tokens, lengths)
     with spool.row_reader() as row:
         assert [row(i) for i in reversed(range(len(rows)))] == rows[::-1]
+
+
+def test_one_memory_estimate_chooses_the_sort_and_both_sorts_agree(tmp_path: Path) -> None:
+    # analyze (analyze._plan) and run (sort_spool) both decide with choose_sort
+    from batchllm_cli.token_spool import TokenSpool, choose_sort, estimate_plan_memory, sort_spool
+
+    rng = np.random.default_rng(5)
+    heads = [rng.integers(0, 9, size=8).tolist() for _ in range(4)]
+    rows = [heads[int(rng.integers(0, 4))] + rng.integers(0, 9, size=int(rng.integers(0, 6))).tolist()
+            for _ in range(300)]
+    spool = TokenSpool(tmp_path)
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    spool.append(np.arange(len(rows)), np.array([t for r in rows for t in r], dtype=np.int32), lengths)
+    estimate = estimate_plan_memory(spool.tokens, len(rows))
+
+    # the estimate decides (in memory up to the budget, inclusive) unless the user forces either way
+    assert not choose_sort(spool.tokens, len(rows), estimate).out_of_core
+    assert choose_sort(spool.tokens, len(rows), estimate - 1).out_of_core
+    assert not choose_sort(spool.tokens, len(rows), 0, out_of_core=False).out_of_core
+    forced = choose_sort(spool.tokens, len(rows), 1 << 60, out_of_core=True)
+    assert forced.out_of_core and forced.forced
+
+    # run's sort takes the same decision, and both sorts give the same order and LCPs
+    in_memory = sort_spool(spool, estimate, tmp_path)
+    on_disk = sort_spool(spool, estimate - 1, tmp_path)
+    assert (in_memory[2], on_disk[2]) == (False, True)
+    assert np.array_equal(in_memory[0], on_disk[0]) and np.array_equal(in_memory[1], on_disk[1])
+    ordered = sort_sequences(PackedSequences(np.array([t for r in rows for t in r], dtype=np.int32),
+                                             np.concatenate([[0], np.cumsum(lengths)])))
+    assert np.array_equal(in_memory[0], ordered.order)
