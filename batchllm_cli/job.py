@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Hashable, Iterator
 
 from batchllm_cli.checkpoint import (
-    Committed,
     FileLock,
     RunDir,
     default_run_dir,
@@ -26,7 +25,7 @@ from batchllm_cli.checkpoint import (
     output_lock_path,
     remove_stale_output_files,
 )
-from batchllm_cli.collector import OutputColumns, ResultCollector
+from batchllm_cli.collector import OutputColumns
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
 from batchllm_cli.errors import (
@@ -60,6 +59,7 @@ from batchllm_cli.model_setup import (
 from batchllm_cli.planned_feed import PlannedFeed, PlanStats
 from batchllm_cli.prompt_options import check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, fit_prompt
+from batchllm_cli.shard_sink import ShardSink
 from batchllm_cli.structured_output import (
     Constraint,
     ConstraintFlags,
@@ -382,63 +382,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-# The first shard of an attempt is committed after this fraction of --checkpoint-seconds of results
-# (5 s of the default 60), so `status` has a rate and a count to show early; then every N rows or T s.
-FIRST_SHARD_FRACTION = 1 / 12
-
-
-class ShardSink:
-    """Buffers results and commits a shard every N rows or T seconds (the first one sooner)."""
-
-    def __init__(self, run_dir: RunDir, committed: Committed, collector: ResultCollector, guard: SignalGuard,
-                 every_rows: int, every_s: float, worker: int | None = None) -> None:
-        self.run_dir = run_dir
-        self.committed = committed
-        self.collector = collector
-        self.guard = guard
-        self.every_rows = every_rows
-        self.every_s = every_s
-        self.worker = worker  # a scale-out worker's number, in its shard names (ray_run.py)
-        self._last: float | None = None  # the last commit; before the first one, the first result
-        self._first = True
-
-    @classmethod
-    def for_run(cls, prepared: PreparedRun, guard: SignalGuard) -> "ShardSink":
-        assert prepared.run_dir is not None
-        return cls(prepared.run_dir, prepared.committed, ResultCollector(prepared.columns, prepared.constraint),
-                   guard, prepared.settings.checkpoint_rows, prepared.settings.checkpoint_seconds)
-
-    def maybe_commit(self) -> None:
-        pending = self.collector.pending
-        if not pending:
-            return
-        now = time.monotonic()
-        if self._last is None:
-            self._last = now
-        due_s = self.every_s * FIRST_SHARD_FRACTION if self._first else self.every_s
-        if pending >= self.every_rows or now - self._last >= due_s:
-            self.commit()
-
-    def commit(self) -> None:
-        if not self.collector.pending:
-            return
-        with self.guard.critical():
-            table = self.collector.drain()
-            info = self.run_dir.commit_shard(table, self.committed.next_seq, self.worker)
-            self.committed.next_seq += 1
-            self.committed.shards.append(info)
-            self.committed.done[table.column(ROW_ID).to_numpy()] = True
-        self._last = time.monotonic()
-        self._first = False
-
-    def salvage(self) -> None:
-        """Commit what finished before a failure; a second failure (disk full) loses only those rows."""
-        try:
-            self.commit()
-        except BaseException:  # noqa: BLE001 - the original error is the one to report
-            pass
 
 
 def execute_run(
