@@ -28,6 +28,7 @@ from batchllm_cli.checkpoint import (
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
+from batchllm_cli.engine_settings import engine_config_of, sampling_params_of
 from batchllm_cli.errors import (
     BatchLLMError,
     FingerprintMismatch,
@@ -49,7 +50,6 @@ from batchllm_cli.job_report import AttemptTracker, model_info
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
-    DEFAULT_MAX_TOKENS,
     check_model_files,
     load_tokenizer,
     model_context_length,
@@ -61,7 +61,6 @@ from batchllm_cli.prompt_options import check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, fit_prompt
 from batchllm_cli.shard_sink import ShardSink
 from batchllm_cli.structured_output import (
-    Constraint,
     ConstraintFlags,
     check_constraint_compiles,
     resolve_constraint,
@@ -69,7 +68,7 @@ from batchllm_cli.structured_output import (
     typed_fields,
 )
 from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path
-from batchllm_cli.templates import NULL_POLICIES, PromptTemplate
+from batchllm_cli.templates import NULL_POLICIES
 
 if TYPE_CHECKING:
     from engine import EngineConfig, SamplingParams
@@ -159,7 +158,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         )
         fields = typed_fields(constraint)
         typed_column_names(settings.column, fields, columns.names, source.column_names)
-        params = _sampling_params(settings, template, constraint)
+        params = sampling_params_of(settings, template, constraint)
         model_dir, demo = resolve_model(settings.model, observer)
         check_model_files(model_dir, settings.device)
         context = model_context_length(model_dir)
@@ -238,7 +237,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         chat = resolve_chat(settings.chat, tokenizer, model_dir, settings.prompt.system)
         if constraint is not None:
             check_constraint_compiles(constraint, model_dir, tokenizer)
-        engine_config = _engine_config(settings, model_dir)
+        engine_config = engine_config_of(settings, model_dir)
 
         # ---- writes: every check has passed ------------------------------------------------------
         # The old marker goes first: its output is about to be replaced (the old output itself stays
@@ -328,54 +327,6 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: Marker) -> None:
         run_dir.unlock()
 
 
-def _sampling_params(
-    settings: RunSettings, template: PromptTemplate, constraint: Constraint | None = None
-) -> SamplingParams:
-    from engine import SamplingParams
-
-    recipe = template.source.recipe
-    max_tokens = settings.max_tokens
-    if max_tokens is None:
-        max_tokens = recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            seed=settings.seed,
-            stop=tuple(settings.stop),
-            ignore_eos=settings.ignore_eos,
-            structured=constraint.to_engine() if constraint is not None else None,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _engine_config(settings: RunSettings, model_dir: Path, max_batch_tokens: int | None = None) -> EngineConfig:
-    from engine import EngineConfig
-
-    optional = {
-        "kv_cache_memory": settings.kv_cache_memory,
-        "kv_cache_tokens": settings.kv_cache_tokens,
-        "max_batch_tokens": max_batch_tokens or settings.max_batch_tokens,
-        "block_size": settings.block_size,
-    }
-    try:
-        return EngineConfig(
-            model_dir=str(model_dir),
-            device=settings.device,  # type: ignore[arg-type]  # validated by the CLI's choices
-            dtype=settings.dtype,  # type: ignore[arg-type]
-            prefix_sharing=settings.prefix_sharing,  # type: ignore[arg-type]
-            attention_backend=settings.attention_backend,  # type: ignore[arg-type]
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            cuda_graphs=settings.cuda_graphs,
-            **{k: v for k, v in optional.items() if v is not None},
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError (or torch.OutOfMemoryError), or a RuntimeError saying "out of
     memory" (CUDA, cuBLAS); recognized without importing torch."""
@@ -446,7 +397,7 @@ def execute_run(
                         "--max-batch-tokens or --kv-cache-memory to resume."
                     ) from exc
                 observer.notice(f"Out of GPU memory; retrying the remaining rows with --max-batch-tokens {batch_tokens}.")
-                config = _engine_config(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
+                config = engine_config_of(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
                 tracker.engine = _load_engine(prepared, config, sink)
         sink.commit()
     except BaseException as exc:
