@@ -32,7 +32,7 @@ from batchllm_cli.file_safety import JobPath, check_job_paths, input_reads, mode
 from batchllm_cli.help_format import SectionedHelpCommand
 from batchllm_cli.input_options import ColumnsOpt, EncodingOpt, InputFormatOpt, InputGlobOpt, WhereOpt, input_options
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
-from batchllm_cli.job import execute_run, prepare_run
+from batchllm_cli.job import execute_run
 from batchllm_cli.job_report import report_of
 from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
 from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
@@ -103,6 +103,7 @@ from batchllm_cli.options import (
 )
 from batchllm_cli.prompt_options import PromptOptions, parse_assignments, read_system
 from batchllm_cli.progress import err_console, make_progress, print_error
+from batchllm_cli.run_prepare import prepare_run
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
 from batchllm_cli.table_io.inputs import STDIN, input_args, resolve_input
 
