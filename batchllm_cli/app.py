@@ -16,6 +16,7 @@ from rich.text import Text
 
 import recipes
 from batchllm_cli import __version__
+from batchllm_cli.command_common import fail, prompt_options_of
 from batchllm_cli.durable import atomic_write_bytes
 from batchllm_cli.errors import (
     EXIT_CODES_HELP,
@@ -101,7 +102,6 @@ from batchllm_cli.options import (
     TruncateColumnOpt,
     VarOpt,
 )
-from batchllm_cli.prompt_options import PromptOptions, parse_assignments, read_system
 from batchllm_cli.progress import err_console, make_progress, print_error
 from batchllm_cli.run_prepare import prepare_run
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
@@ -247,26 +247,6 @@ def _stopped_summary(settings: RunSettings, summary: str, started_at: float, exc
         pass  # the error that stopped the run is the one to report
 
 
-def _fail(exc: BatchLLMError) -> typer.Exit:
-    print_error(str(exc))
-    return typer.Exit(exc.exit_code)
-
-
-def _prompt_options(
-    var: list[str] | None, param: list[str] | None, system: str | None, truncate_column: list[str] | None
-) -> PromptOptions:
-    """--var, --param, --system and --truncate-column as run, analyze and render all read them."""
-    try:
-        return PromptOptions(
-            variables=parse_assignments(var, "--var", "COLUMN"),
-            params=parse_assignments(param, "--param"),
-            system=read_system(system),
-            truncate_columns=tuple(dict.fromkeys(truncate_column or ())),
-        )
-    except BatchLLMError as exc:
-        raise _fail(exc) from None
-
-
 @app.command(epilog=EXIT_CODES_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
 def run(
     input: InputArg,
@@ -330,7 +310,7 @@ def run(
     Finished rows are committed to a checkpoint as the run goes; if it is killed, the same command
     again resumes where it stopped, and once the job is finished it does nothing.
     """
-    prompt = _prompt_options(var, param, system, truncate_column)
+    prompt = prompt_options_of(var, param, system, truncate_column)
     settings = RunSettings(
         input=tuple(input),
         reading=input_options(input_glob, input_format, encoding, where, columns),
@@ -404,7 +384,7 @@ def run(
         if summary is not None:
             _stopped_summary(settings, summary, started_at, exc, error, checked)
         if error is not None:
-            raise _fail(error) from None
+            raise fail(error) from None
         raise
     finally:
         guard.restore()
@@ -414,7 +394,7 @@ def run(
         try:
             _write_summary(report, summary)
         except OSError as exc:
-            raise _fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
+            raise fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
     raise typer.Exit(report.exit_code)
 
 
@@ -499,7 +479,7 @@ def analyze_command(
         choices=choices,
         regex=regex,
         json_schema=json_schema,
-        prompt=_prompt_options(var, param, system, truncate_column),
+        prompt=prompt_options_of(var, param, system, truncate_column),
     )
     progress = AnalyzeProgress(err_console)
     guard = SignalGuard()
@@ -526,9 +506,9 @@ def analyze_command(
         # A signal may also surface as another error (DuckDB reports it as "Query interrupted").
         if guard.pending is not None or isinstance(exc, (JobInterrupted, KeyboardInterrupt)):
             stop = JobInterrupted(guard.pending or signal.SIGINT)
-            raise _fail(Interrupted(f"Interrupted by {stop}; no report was written.", stop.exit_code)) from None
+            raise fail(Interrupted(f"Interrupted by {stop}; no report was written.", stop.exit_code)) from None
         if isinstance(exc, BatchLLMError):
-            raise _fail(exc) from None
+            raise fail(exc) from None
         raise
     finally:
         guard.restore()
@@ -560,7 +540,7 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
     try:
         st = read_status(target)
     except BatchLLMError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         sys.stdout.write(status_json(st))
         sys.stdout.flush()
@@ -622,7 +602,7 @@ def render_command(
         nulls=nulls.value,
         truncate=truncate.value if truncate is not None else None,
         max_tokens=max_tokens,
-        prompt=_prompt_options(var, param, system, truncate_column),
+        prompt=prompt_options_of(var, param, system, truncate_column),
     )
     try:
         prepared = prepare_analyze(settings, AnalyzeProgress(err_console))
@@ -634,7 +614,7 @@ def render_command(
         finally:
             prepared.close()
     except BatchLLMError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except BrokenPipeError:  # `batchllm render ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
@@ -649,7 +629,7 @@ def recipes_command(name: RecipeNameArg = None) -> None:
         try:
             recipe = recipes.load_recipe(name)
         except LookupError:
-            raise _fail(UsageError(
+            raise fail(UsageError(
                 f"No recipe {name!r}; recipes: {', '.join(recipes.recipe_names())}."
             )) from None
         typer.echo(_describe_recipe(recipe))
