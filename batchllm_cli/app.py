@@ -1,43 +1,33 @@
-"""The `batchllm` command: parses flags, calls the job, renders its report. No job logic lives here."""
+"""The `batchllm` command: its `run` (parses flags, calls the job, renders its report), the other commands
+registered from their modules (prompt_commands.py, info_commands.py), and `main`. No job logic lives here."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
-import recipes
 from batchllm_cli import __version__
-from batchllm_cli.durable import atomic_write_bytes
+from batchllm_cli.command_common import fail, prompt_options_of
 from batchllm_cli.errors import (
     EXIT_CODES_HELP,
-    EXIT_INTERNAL,
     EXIT_USAGE,
     STATUS_EXIT_CODES_HELP,
     BatchLLMError,
     Interrupted,
     OutputError,
-    UsageError,
 )
 from batchllm_cli.fast_exit import exit_now
-from batchllm_cli.file_safety import JobPath, check_job_paths, input_reads, model_files
 from batchllm_cli.help_format import SectionedHelpCommand
+from batchllm_cli.info_commands import recipes_command, status_command
 from batchllm_cli.input_options import ColumnsOpt, EncodingOpt, InputFormatOpt, InputGlobOpt, WhereOpt, input_options
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
-from batchllm_cli.job import execute_run, prepare_run
-from batchllm_cli.job_report import report_of
-from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunReport, RunSettings
+from batchllm_cli.job import execute_run
+from batchllm_cli.job_types import DEFAULT_CHECKPOINT_ROWS, DEFAULT_CHECKPOINT_SECONDS, RunSettings
 from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
 from batchllm_cli.options import (
-    AnalyzeJsonOpt,
     AttentionBackend,
     AttentionBackendOpt,
     BlockSizeOpt,
@@ -55,7 +45,6 @@ from batchllm_cli.options import (
     DType,
     DTypeOpt,
     GpuMemoryUtilizationOpt,
-    HtmlOpt,
     IdColumnOpt,
     IgnoreEosOpt,
     InputArg,
@@ -74,37 +63,31 @@ from batchllm_cli.options import (
     ModelOpt,
     NullPolicy,
     NullsOpt,
-    OutOfCoreOpt,
     OutputOpt,
     RestartOpt,
     RetryErrorsOpt,
     SeedOpt,
     SkipBadRowsOpt,
-    StatusJsonOpt,
-    StatusTargetArg,
     StopOpt,
     SummaryOpt,
     TemperatureOpt,
     TemplateOpt,
-    TokenizerOpt,
     TopKOpt,
-    TopOpt,
     TopPOpt,
     TruncateOpt,
     ChoicesOpt,
     RegexOpt,
     JsonSchemaOpt,
     ParamOpt,
-    RecipeNameArg,
-    RenderJsonOpt,
     SystemOpt,
     TruncateColumnOpt,
     VarOpt,
 )
-from batchllm_cli.prompt_options import PromptOptions, parse_assignments, read_system
+from batchllm_cli.prompt_commands import ANALYZE_EPILOG, RENDER_EPILOG, analyze_command, render_command
 from batchllm_cli.progress import err_console, make_progress, print_error
+from batchllm_cli.report_render import check_summary_path, render_report, stopped_summary, write_summary
+from batchllm_cli.run_prepare import prepare_run
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
-from batchllm_cli.table_io.inputs import STDIN, input_args, resolve_input
 
 EXIT_CODES_EPILOG = EXIT_CODES_HELP
 
@@ -134,136 +117,6 @@ def _root(
     ),
 ) -> None:
     """Run an LLM over every row of a table, offline, and write the answers back as new columns."""
-
-
-def _check_summary_path(summary: str | None) -> None:
-    if summary is None or summary == "-":
-        return
-    if Path(summary).is_dir():
-        raise UsageError(f"--summary: {summary} is a directory; give a file name.")
-    parent = Path(summary).parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"--summary: cannot write {summary} (no writable directory {parent}).")
-
-
-def _render_report(report: RunReport, console: Console) -> None:
-    job, att = report.job, report.attempt
-    if report.already_done:
-        failed = f", {job.rows_failed} in error" if job.rows_failed else ""
-        console.print(Text(
-            f"already finished: {report.output} has all {job.rows} rows{failed} "
-            f"(marker {report.marker}); nothing to do."
-        ))
-        return
-    failed = f", {job.rows_failed} failed" if job.rows_failed else ""
-    rates = att.to_dict()
-    console.print(
-        f"done: {job.rows} rows ({job.rows_ok} ok{failed}); this run: {att.rows} rows in {att.elapsed_s:.1f} s, "
-        f"{rates['rows_per_s']:.2f} rows/s, {rates['prompt_tokens_per_s']:.0f} prompt tok/s, "
-        f"{rates['output_tokens_per_s']:.1f} output tok/s (model load {att.load_s:.1f} s, write {att.write_s:.1f} s)"
-    )
-    # Every count here is this run's: rows resumed from a checkpoint cost nothing now.
-    saved = att.prompt_tokens - att.prefill_tokens
-    share = f"; {100.0 * saved / att.prompt_tokens:.0f}% less prefill than the prompts" if saved > 0 else ""
-    extra = [f"{n} {what}" for n, what in ((att.shared_prefix_tokens, "for shared prefixes"),
-                                            (att.recomputed_tokens, "recomputed")) if n]
-    console.print(
-        f"tokens: {att.prompt_tokens} prompt ({att.prefix_hit_tokens} reused), {att.prefill_tokens} prefilled"
-        f"{' (' + ', '.join(extra) + ')' if extra else ''}{share}, {att.completion_tokens} generated; "
-        f"{att.preemptions} preemptions"
-    )
-    optimum = f", least possible {att.unique_prompt_tokens}" if att.unique_prompt_tokens else ""
-    fallbacks = (
-        f"; {att.sharing_fallbacks} shared prefixes dropped for lack of KV memory (raise --kv-cache-memory)"
-        if att.sharing_fallbacks else ""
-    )
-    console.print(
-        f"prefix sharing ({report.prefix_sharing}): {att.prefix_hit_tokens} prompt tokens reused{optimum}; "
-        f"peak KV blocks {att.peak_kv_blocks}{fallbacks}"
-    )
-    if att.plan_chunks:
-        where = "on disk" if att.plan_out_of_core else "in memory"
-        console.print(
-            f"global plan: sorted {where} in {att.plan_s:.1f} s, fed in {att.plan_chunks} "
-            f"chunk{'s' if att.plan_chunks != 1 else ''} "
-            f"({att.plan_boundary_tokens} tokens computed again at chunk cuts); engine waited "
-            f"{att.engine_wait_s:.2f} s for work"
-        )
-    if report.scale_out is not None:
-        so, part = report.scale_out, report.scale_out["partition"] or {}
-        per = ", ".join(f"{w['rows']} rows in {w['engine_s']:.1f} s" for w in so["per_worker"])
-        console.print(
-            f"workers: {report.workers} ({per}); partition by prefix group: work balance "
-            f"{part.get('balance', 1.0):.2f} (largest / mean), {part.get('split_groups', 0)} group(s) split; "
-            f"{so['worker_failures']} worker failure(s)"
-        )
-    if job.rows_resumed:
-        console.print(f"resumed: {job.rows_resumed} rows came from the checkpoint of an earlier run "
-                      "(the counts of this run leave them out)")
-    if att.rows_truncated:
-        console.print(f"truncated: {att.rows_truncated} prompts were cut to fit the model's context")
-    console.print(Text(f"output: {report.output}"))
-    if report.rejects_file:
-        console.print(Text(f"rejected: {job.rows_rejected} malformed input records (exit 3), "
-                           f"see {report.rejects_file}"))
-    for row, error in report.first_errors:
-        console.print(Text(f"  row {row}: {error}", style="red"))
-    if att.rows_failed > len(report.first_errors):
-        more = att.rows_failed - len(report.first_errors)
-        console.print(Text(f"  ... and {more} more (see the error column and {report.errors_file})"))
-
-
-def _write_summary(report: RunReport, summary: str) -> None:
-    """One line of JSON: `| tail -1` in a script or Airflow's XCom gets all of it. Raises OSError."""
-    text = json.dumps(report.to_dict(), ensure_ascii=False) + "\n"
-    if summary == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        atomic_write_bytes(Path(summary), text.encode("utf-8"))
-
-
-def _stopped_summary(settings: RunSettings, summary: str, started_at: float, exc: BaseException,
-                     error: BatchLLMError | None, checked: bool) -> None:
-    """The summary of a run that stopped: the job's report when it made one, else what is known. A
-    summary file is written only once every path check has passed (it may name the input)."""
-    if summary != "-" and not checked:
-        return
-    report = report_of(exc) or (report_of(error) if error is not None else None)
-    if report is not None:
-        report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
-    else:
-        exit_code = error.exit_code if error is not None else EXIT_INTERNAL
-        report = RunReport(
-            state="interrupted" if isinstance(error, Interrupted) else "failed", exit_code=exit_code,
-            started_at=started_at, finished_at=time.time(), input=str(settings.input),
-            output=str(settings.output), template=settings.template, prefix_sharing=settings.prefix_sharing,
-            error=" ".join(str(error or exc).split()) or type(exc).__name__,
-        )
-    try:
-        _write_summary(report, summary)
-    except OSError:
-        pass  # the error that stopped the run is the one to report
-
-
-def _fail(exc: BatchLLMError) -> typer.Exit:
-    print_error(str(exc))
-    return typer.Exit(exc.exit_code)
-
-
-def _prompt_options(
-    var: list[str] | None, param: list[str] | None, system: str | None, truncate_column: list[str] | None
-) -> PromptOptions:
-    """--var, --param, --system and --truncate-column as run, analyze and render all read them."""
-    try:
-        return PromptOptions(
-            variables=parse_assignments(var, "--var", "COLUMN"),
-            params=parse_assignments(param, "--param"),
-            system=read_system(system),
-            truncate_columns=tuple(dict.fromkeys(truncate_column or ())),
-        )
-    except BatchLLMError as exc:
-        raise _fail(exc) from None
 
 
 @app.command(epilog=EXIT_CODES_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
@@ -329,7 +182,7 @@ def run(
     Finished rows are committed to a checkpoint as the run goes; if it is killed, the same command
     again resumes where it stopped, and once the job is finished it does nothing.
     """
-    prompt = _prompt_options(var, param, system, truncate_column)
+    prompt = prompt_options_of(var, param, system, truncate_column)
     settings = RunSettings(
         input=tuple(input),
         reading=input_options(input_glob, input_format, encoding, where, columns),
@@ -382,7 +235,7 @@ def run(
     guard = SignalGuard()
     guard.install()  # SIGINT/SIGTERM: commit finished rows, then exit 130/143
     try:
-        _check_summary_path(summary)
+        check_summary_path(summary)
         prepared = prepare_run(settings, progress)
         checked = True
         try:
@@ -401,281 +254,27 @@ def run(
         elif isinstance(exc, BatchLLMError):
             error = exc
         if summary is not None:
-            _stopped_summary(settings, summary, started_at, exc, error, checked)
+            stopped_summary(settings, summary, started_at, exc, error, checked)
         if error is not None:
-            raise _fail(error) from None
+            raise fail(error) from None
         raise
     finally:
         guard.restore()
     report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
-    _render_report(report, err_console)
+    render_report(report, err_console)
     if summary is not None:
         try:
-            _write_summary(report, summary)
+            write_summary(report, summary)
         except OSError as exc:
-            raise _fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
+            raise fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
     raise typer.Exit(report.exit_code)
 
 
-ANALYZE_EPILOG = (
-    "Exit codes: 0 report written (rows whose template fails or whose prompt does not fit are counted in "
-    "it); 1 fatal error; 2 usage error (bad flag, missing or malformed input, unknown template variable, "
-    "unusable model or tokenizer, report file not writable; found before any row is tokenized); 130/143 "
-    "interrupted by SIGINT/SIGTERM (temporary files are removed, no report is written)."
-)
-
-
-@app.command("analyze", epilog=ANALYZE_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
-def analyze_command(
-    input: InputArg,
-    template: TemplateOpt,
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    chat: ChatOpt = None,
-    limit: LimitOpt = None,
-    input_glob: InputGlobOpt = False,
-    input_format: InputFormatOpt = None,
-    encoding: EncodingOpt = None,
-    where: WhereOpt = None,
-    columns: ColumnsOpt = None,
-    id_column: IdColumnOpt = None,
-    skip_bad_rows: SkipBadRowsOpt = False,
-    max_rejects: MaxRejectsOpt = DEFAULT_MAX_REJECTS,
-    nulls: NullsOpt = NullPolicy.error,
-    truncate: TruncateOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    block_size: BlockSizeOpt = None,
-    kv_cache_tokens: KVCacheTokensOpt = None,
-    out_of_core: OutOfCoreOpt = None,
-    top: TopOpt = 10,
-    json_out: AnalyzeJsonOpt = None,
-    html_out: HtmlOpt = None,
-    choices: ChoicesOpt = None,
-    regex: RegexOpt = None,
-    json_schema: JsonSchemaOpt = None,
-    var: VarOpt = None,
-    param: ParamOpt = None,
-    system: SystemOpt = None,
-    truncate_column: TruncateColumnOpt = None,
-) -> None:
-    """Report how much prompt work the rows share and what batchllm saves, before any GPU time.
-
-    Example: batchllm analyze examples/reviews.csv --template classify --html report.html
-
-    Renders and tokenizes every row exactly as `run` would (no model weights are loaded), builds the
-    global prefix tree, and compares the prefill tokens of no sharing, an LRU prefix cache in table
-    order, BatchLLM's single-level plan, batchllm's plan and the optimum. The report goes to stdout,
-    progress and notes to stderr.
-    """
-    from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze, run_analyze
-    from batchllm_cli.analyze_html import render_html
-    from batchllm_cli.analyze_report import (
-        AnalyzeProgress,
-        check_report_path,
-        render_text,
-        report_json,
-        write_report_file,
-    )
-
-    settings = AnalyzeSettings(
-        input=tuple(input),
-        reading=input_options(input_glob, input_format, encoding, where, columns),
-        template=template,
-        model=model,
-        tokenizer=tokenizer,
-        chat=chat,
-        limit=limit,
-        id_column=id_column,
-        skip_bad_rows=skip_bad_rows,
-        max_rejects=max_rejects,
-        nulls=nulls.value,
-        truncate=truncate.value if truncate is not None else None,
-        max_tokens=max_tokens,
-        block_size=block_size,
-        kv_cache_tokens=kv_cache_tokens,
-        top=top,
-        out_of_core=out_of_core,
-        choices=choices,
-        regex=regex,
-        json_schema=json_schema,
-        prompt=_prompt_options(var, param, system, truncate_column),
-    )
-    progress = AnalyzeProgress(err_console)
-    guard = SignalGuard()
-    guard.install()  # SIGINT/SIGTERM unwind the job, so its temporary token spool is removed
-    try:
-        check_report_path(json_out, "--json")
-        check_report_path(str(html_out) if html_out is not None else None, "--html")
-        _check_report_paths(settings, json_out, html_out)
-        prepared = prepare_analyze(settings, progress)
-        try:
-            report = run_analyze(prepared, progress)
-        finally:
-            prepared.close()
-        guard.draining = True  # from here on only the reports are written; let them finish
-        # The report is the command's output (`> report.txt`), unless --json - or --html - takes stdout.
-        machine_on_stdout = json_out == "-" or (html_out is not None and str(html_out) == "-")
-        render_text(report, err_console if machine_on_stdout else Console(highlight=False, soft_wrap=True))
-        if html_out is not None:
-            write_report_file(str(html_out), render_html(report))
-            err_console.print(Text(f"html: {html_out}"))
-        if json_out is not None:
-            write_report_file(json_out, report_json(report))
-    except BaseException as exc:
-        # A signal may also surface as another error (DuckDB reports it as "Query interrupted").
-        if guard.pending is not None or isinstance(exc, (JobInterrupted, KeyboardInterrupt)):
-            stop = JobInterrupted(guard.pending or signal.SIGINT)
-            raise _fail(Interrupted(f"Interrupted by {stop}; no report was written.", stop.exit_code)) from None
-        if isinstance(exc, BatchLLMError):
-            raise _fail(exc) from None
-        raise
-    finally:
-        guard.restore()
-
-
-def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | None) -> None:
-    """analyze's report files must not overwrite its input, template, model files or each other."""
-    stdin = STDIN in input_args(settings.input)
-    reads = [] if stdin else input_reads(resolve_input(settings.input, settings.reading, None))
-    if Path(settings.template).is_file():
-        reads.append(JobPath("the template", Path(settings.template)))
-    for directory in (settings.model, settings.tokenizer):
-        if directory is not None:
-            reads += model_files(directory)
-    writes = [JobPath(flag, Path(p)) for flag, p in (("--json", json_out), ("--html", html_out))
-              if p is not None and str(p) != "-"]
-    check_job_paths(reads, writes)
-
-
-@app.command("status", epilog=STATUS_EXIT_CODES_HELP, cls=SectionedHelpCommand)
-def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> None:
-    """Show how far a run is: rows done of total, rows in error, speed and ETA, state.
-
-    Reads the output's completion marker and checkpoint only (safe while the run is working). The exit
-    code says the state, for scripts and sensors.
-    """
-    from batchllm_cli.status import format_status, read_status, status_json
-
-    try:
-        st = read_status(target)
-    except BatchLLMError as exc:
-        raise _fail(exc) from None
-    if as_json:
-        sys.stdout.write(status_json(st))
-        sys.stdout.flush()
-    else:
-        typer.echo(format_status(st))
-    raise typer.Exit(st.exit_code)
-
-
-RENDER_EPILOG = (
-    "Exit codes: 0 prompts printed (a row whose template fails or whose prompt does not fit is printed with "
-    "its error); 1 fatal error; 2 usage error (bad flag, missing or malformed input, unknown template "
-    "variable, unusable model or tokenizer; found before any row is rendered); 130 interrupted by Ctrl-C."
-)
-
-
-@app.command("render", epilog=RENDER_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)
-def render_command(
-    input: InputArg,
-    template: TemplateOpt,
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    chat: ChatOpt = None,
-    limit: LimitOpt = None,
-    input_glob: InputGlobOpt = False,
-    input_format: InputFormatOpt = None,
-    encoding: EncodingOpt = None,
-    where: WhereOpt = None,
-    columns: ColumnsOpt = None,
-    id_column: IdColumnOpt = None,
-    nulls: NullsOpt = NullPolicy.error,
-    truncate: TruncateOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    var: VarOpt = None,
-    param: ParamOpt = None,
-    system: SystemOpt = None,
-    truncate_column: TruncateColumnOpt = None,
-    as_json: RenderJsonOpt = False,
-) -> None:
-    """Print the prompts a run would send (chat template applied) and their token counts.
-
-    Example: batchllm render examples/reviews.csv --template classify --limit 3
-
-    Takes the same prompt options as `run` and `analyze`; loads the tokenizer and config.json only,
-    never the model weights. Output goes to stdout, messages to stderr.
-    """
-    from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze
-    from batchllm_cli.analyze_report import AnalyzeProgress
-    from batchllm_cli.render import render_rows
-
-    settings = AnalyzeSettings(
-        input=tuple(input),
-        reading=input_options(input_glob, input_format, encoding, where, columns),
-        template=template,
-        model=model,
-        tokenizer=tokenizer,
-        chat=chat,
-        limit=limit,
-        id_column=id_column,
-        nulls=nulls.value,
-        truncate=truncate.value if truncate is not None else None,
-        max_tokens=max_tokens,
-        prompt=_prompt_options(var, param, system, truncate_column),
-    )
-    try:
-        prepared = prepare_analyze(settings, AnalyzeProgress(err_console))
-        try:
-            with_id = id_column is not None
-            for row in render_rows(prepared):
-                sys.stdout.write(row.to_json(with_id) + "\n" if as_json else row.to_text(with_id))
-            sys.stdout.flush()
-        finally:
-            prepared.close()
-    except BatchLLMError as exc:
-        raise _fail(exc) from None
-    except BrokenPipeError:  # `batchllm render ... | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-@app.command("recipes", cls=SectionedHelpCommand)
-def recipes_command(name: RecipeNameArg = None) -> None:
-    """List the bundled prompt recipes (use a name as --template), or print one: recipes NAME."""
-    if name is not None:
-        try:
-            recipe = recipes.load_recipe(name)
-        except LookupError:
-            raise _fail(UsageError(
-                f"No recipe {name!r}; recipes: {', '.join(recipes.recipe_names())}."
-            )) from None
-        typer.echo(_describe_recipe(recipe))
-        return
-    rows: list[dict[str, Any]] = []
-    for recipe in recipes.list_recipes():
-        optional = ", ".join(f"[{name}]" for name in recipe.optional_columns)
-        needs = ", ".join(list(recipe.required_columns) + ([optional] if optional else []))
-        rows.append({"name": recipe.name, "description": recipe.description, "columns": needs})
-    width = max((len(r["name"]) for r in rows), default=0)
-    for r in rows:
-        # Plain stdout lines: this list is the command's output and should pipe cleanly.
-        typer.echo(f"{r['name']:<{width}}  {r['description']} Columns: {r['columns']}.")
-
-
-def _describe_recipe(recipe: recipes.Recipe) -> str:
-    lines = [f"{recipe.name}: {recipe.description}", "variables:"]
-    lines += [f"  {var}: {what} (required)" for var, what in recipe.required_columns.items()]
-    lines += [f"  {var}: {what} (optional)" for var, what in recipe.optional_columns.items()]
-    lines.append("  (a column of that name, or --var NAME=COLUMN for another column, or -p NAME=VALUE for a constant)")
-    lines.append(f"max tokens: {recipe.max_tokens} (default of --max-tokens)")
-    if recipe.choices:
-        lines.append(f"choices: {', '.join(recipe.choices)} (default of --choices)")
-    if recipe.json_schema is not None:
-        lines.append(f"json schema (default of --json-schema): {json.dumps(recipe.json_schema, ensure_ascii=False)}")
-    lines += ["template:", recipe.text.rstrip("\n")]
-    return "\n".join(lines)
+# The other commands live in their modules; registered here, in the order `batchllm --help` lists them.
+app.command("analyze", epilog=ANALYZE_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)(analyze_command)
+app.command("status", epilog=STATUS_EXIT_CODES_HELP, cls=SectionedHelpCommand)(status_command)
+app.command("render", epilog=RENDER_EPILOG, no_args_is_help=True, cls=SectionedHelpCommand)(render_command)
+app.command("recipes", cls=SectionedHelpCommand)(recipes_command)
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 Everything that can be wrong with an invocation (input, template, output path, model directory,
 settings, a checkpoint of a different job, another run holding the lock) is checked in `prepare_run`
-before any model weights load. The engine is imported lazily, so `batchllm --help` and `batchllm
-recipes` never pay for importing torch.
+(run_prepare.py) before any model weights load; `execute_run` here runs the rows. The engine is
+imported lazily, so `batchllm --help` and `batchllm recipes` never pay for importing torch.
 
 Runs are resumable: results are committed to shards in a run directory as rows finish (see
 checkpoint.py), and the same command again skips every committed row. The final output is assembled
@@ -11,65 +11,21 @@ from the shards by DuckDB, renamed into place, and a completion marker is writte
 """
 from __future__ import annotations
 
-import dataclasses
 import signal
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Hashable, Iterator
 
-from batchllm_cli.checkpoint import (
-    Committed,
-    FileLock,
-    RunDir,
-    default_run_dir,
-    marker_path,
-    output_lock_path,
-    remove_stale_output_files,
-)
-from batchllm_cli.collector import OutputColumns, ResultCollector
-from batchllm_cli.column_names import check_column_names
-from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
-from batchllm_cli.errors import (
-    BatchLLMError,
-    FingerprintMismatch,
-    Interrupted,
-    TempFailError,
-    UsageError,
-)
-from batchllm_cli.file_safety import check_run_paths, input_reads
-from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
+from batchllm_cli.engine_settings import engine_config_of
+from batchllm_cli.errors import BatchLLMError, Interrupted, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job_output import (
-    already_done_report,
-    check_output_for_retry,
-    rejected_rows,
-    seed_from_output,
-    write_final,
-)
+from batchllm_cli.job_output import already_done_report, write_final
 from batchllm_cli.job_report import AttemptTracker, model_info
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
-from batchllm_cli.marker import MalformedMarker, Marker, read_marker
-from batchllm_cli.model_setup import (
-    DEFAULT_MAX_TOKENS,
-    check_model_files,
-    load_tokenizer,
-    model_context_length,
-    resolve_chat,
-    resolve_model,
-)
 from batchllm_cli.planned_feed import PlannedFeed, PlanStats
-from batchllm_cli.prompt_options import check_prompt_columns, load_template
-from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, fit_prompt
-from batchllm_cli.structured_output import (
-    Constraint,
-    ConstraintFlags,
-    check_constraint_compiles,
-    resolve_constraint,
-    typed_column_names,
-    typed_fields,
-)
-from batchllm_cli.table_io import ROW_ID, TableSource, check_output_path
-from batchllm_cli.templates import NULL_POLICIES, PromptTemplate
+from batchllm_cli.prompts import FailedRow, fit_prompt
+from batchllm_cli.run_prepare import prepare_run
+from batchllm_cli.shard_sink import ShardSink
+from batchllm_cli.table_io import ROW_ID
 
 if TYPE_CHECKING:
     from engine import EngineConfig, SamplingParams
@@ -78,367 +34,12 @@ if TYPE_CHECKING:
 OOM_RETRIES = 2
 
 
-def _check_settings(settings: RunSettings) -> None:
-    if settings.nulls not in NULL_POLICIES:
-        raise UsageError(f"--nulls must be one of {', '.join(NULL_POLICIES)}.")
-    if settings.truncate is not None and settings.truncate not in TRUNCATE_SIDES:
-        raise UsageError(f"--truncate must be one of {', '.join(TRUNCATE_SIDES)}.")
-    if settings.checkpoint_rows < 1:
-        raise UsageError("--checkpoint-rows must be at least 1.")
-    if settings.checkpoint_seconds <= 0:
-        raise UsageError("--checkpoint-seconds must be positive.")
-    if not settings.column:
-        raise UsageError("--column must not be empty.")
-    if settings.workers is not None or settings.ray_address is not None:
-        from batchllm_cli.ray_run import check_scale_out
-
-        check_scale_out(settings)
-
-
-def _check_retry_flags(settings: RunSettings) -> None:
-    if settings.restart and settings.retry_errors:
-        raise UsageError("--restart and --retry-errors exclude each other: --restart runs every row again, "
-                         "--retry-errors only the rows in error.")
-
-
-def _finished_marker(
-    settings: RunSettings, fingerprint: dict[str, Any], observer: RunObserver
-) -> tuple[Marker | None, bool]:
-    """(the marker if it is this job's and its output is intact, whether a marker file is present)."""
-    try:
-        marker = read_marker(settings.output)
-    except MalformedMarker as exc:
-        observer.notice(f"{exc}; it is ignored and replaced when this run finishes.")
-        return None, True
-    if marker is None:
-        return None, False
-    if marker.fingerprint_sha256 != digest_of(fingerprint):
-        # Another job's finished output: this run replaces it (only once its own output is complete).
-        old = marker.fingerprint
-        changed = changed_fields(old, fingerprint) if old is not None else []
-        what = f" (changed: {describe_changes(old, fingerprint, changed)})" if old is not None and changed else ""
-        observer.notice(
-            f"{settings.output} holds the finished output of a different job{what}; this run replaces it when "
-            "it finishes."
-        )
-        return None, True
-    if not marker.matches_output(settings.output):
-        observer.notice(f"{settings.output} no longer matches its completion marker (missing or changed); "
-                        "the job runs again.")
-        return None, True
-    return marker, True
-
-
-def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> PreparedRun:
-    """Validate the whole invocation and take the locks; raises before any weights load:
-    UsageError (exit 2), FingerprintMismatch (4), LockHeld (75). Nothing is written (run directory,
-    manifest, marker removal) until every check has passed; only the lock files are taken before."""
-    observer = observer or SilentObserver()
-    _check_settings(settings)
-    _check_retry_flags(settings)
-    source = TableSource(
-        settings.input, limit=settings.limit, skip_bad_rows=settings.skip_bad_rows, max_rejects=settings.max_rejects,
-        options=settings.reading,
-    )
-    output_lock: FileLock | None = None
-    run_dir: RunDir | None = None
-    made_dirs: list[Path] = []
-    try:
-        # ---- checks (nothing is written) ----------------------------------------------------------
-        check_output_path(settings.output, source.local_files)
-        run_dir = RunDir(settings.checkpoint_dir or default_run_dir(settings.output))
-        columns = OutputColumns(settings.column)
-        check_column_names(source.file_column_names(), source.column_names, columns)
-        template = load_template(settings.template, settings.nulls, settings.prompt)
-        if not source.empty:  # a blank file has no columns to check (and no rows to render)
-            check_prompt_columns(template, settings.prompt, source.column_names)
-        constraint = resolve_constraint(
-            ConstraintFlags(settings.choices, settings.regex, settings.json_schema),
-            template.source.recipe,
-            template.given_variables(source.column_names),
-        )
-        fields = typed_fields(constraint)
-        typed_column_names(settings.column, fields, columns.names, source.column_names)
-        params = _sampling_params(settings, template, constraint)
-        model_dir, demo = resolve_model(settings.model, observer)
-        check_model_files(model_dir, settings.device)
-        context = model_context_length(model_dir)
-        max_prompt_tokens = context - params.max_tokens
-        if max_prompt_tokens < 1:
-            raise UsageError(
-                f"--max-tokens {params.max_tokens} leaves no room for a prompt in the model's context of "
-                f"{context} tokens; lower --max-tokens."
-            )
-        check_run_paths(settings, run_dir.path, model_dir, input_reads(source.input))
-        run_dir.check_owned()
-        fingerprint = build_fingerprint(
-            input_id=source.identity(),
-            input_files=source.snapshot_files(),
-            reading=settings.reading.fingerprint(),
-            limit=settings.limit,
-            skip_bad_rows=settings.skip_bad_rows,
-            id_column=settings.id_column,
-            template_text=template.source.text,
-            model_dir=model_dir,
-            chat=settings.chat,  # as requested: the chat template itself is part of the model files
-            sampling=dataclasses.asdict(params),
-            nulls=settings.nulls,
-            truncate=settings.truncate,
-            dtype=settings.dtype,
-            structured_output=constraint.fingerprint() if constraint is not None else None,
-            prompt=settings.prompt.fingerprint(),
-        )
-
-        # Every check has passed: the output's directory may be made (the lock file lives there), and
-        # is removed again if the run stops before writing anything else.
-        made_dirs = make_dirs(settings.output.parent)
-        output_lock = FileLock(output_lock_path(settings.output), remove_on_release=True)
-        output_lock.acquire(str(settings.output))
-        marker, marker_present = _finished_marker(settings, fingerprint, observer)
-        retry_finished = settings.retry_errors and marker is not None and marker.rows_failed > 0
-        if marker is not None and not settings.restart and not retry_finished:
-            # Tidy what a run killed after its marker left (its lock file, temp files, run directory).
-            output_lock.record_owner()
-            remove_stale_output_files(settings.output)
-            if not settings.keep_checkpoints:
-                _remove_finished_run_dir(run_dir, marker)
-            return PreparedRun(
-                settings, source, template, columns, model_dir, demo, None, bool(settings.chat), params, None,
-                fingerprint=fingerprint, done_marker=marker, output_lock=output_lock,
-                constraint=constraint, typed_fields=fields,
-            )
-
-        total_rows = source.validate()  # a malformed file fails here, naming the line
-        if settings.id_column is not None:
-            source.check_id_column(settings.id_column)
-
-        manifest = None
-        had_checkpoint = run_dir.manifest_path.exists()
-        if had_checkpoint:
-            run_dir.lock()
-            manifest = run_dir.read_manifest() if not settings.restart else None
-            if manifest is not None:
-                changed = changed_fields(manifest["fingerprint"], fingerprint)
-                if changed and not run_dir.has_shards():
-                    # Nothing was committed (e.g. the last try failed as the model loaded): nothing to lose.
-                    observer.notice(f"The checkpoint {run_dir.path} holds no finished rows; starting the new job.")
-                    manifest = None
-                elif changed and not (marker_present and _was_finished(settings.output, manifest)):
-                    raise FingerprintMismatch(
-                        f"The checkpoint {run_dir.path} belongs to a different job: changed "
-                        f"{describe_changes(manifest['fingerprint'], fingerprint, changed)}. Run the original "
-                        "command to finish it, or add --restart to discard it and start over."
-                    )
-                elif changed:
-                    manifest = None  # a finished job kept with --keep-checkpoints: start a new one
-
-        if retry_finished and manifest is None:  # its answers will be read back from the output
-            check_output_for_retry(settings.output, columns, total_rows)
-        tokenizer = load_tokenizer(model_dir)
-        chat = resolve_chat(settings.chat, tokenizer, model_dir, settings.prompt.system)
-        if constraint is not None:
-            check_constraint_compiles(constraint, model_dir, tokenizer)
-        engine_config = _engine_config(settings, model_dir)
-
-        # ---- writes: every check has passed ------------------------------------------------------
-        # The old marker goes first: its output is about to be replaced (the old output itself stays
-        # until the new one is complete and renamed over it).
-        output_lock.record_owner()
-        remove_stale_output_files(settings.output)
-        if marker_present:
-            remove_durably([marker_path(settings.output)])
-        if manifest is None:
-            dir_created = run_dir.ensure() or run_dir.created_by_batchllm()
-            if not run_dir._lock.held:
-                run_dir.lock()
-            if settings.restart and had_checkpoint:
-                observer.notice(f"--restart: discarding the checkpoint in {run_dir.path}.")
-            elif settings.restart and marker is not None:
-                observer.notice(f"--restart: running every row of the finished job again; {settings.output} "
-                                "is replaced once the new output is complete.")
-            run_dir.wipe()
-            run_dir.create(
-                fingerprint,
-                {
-                    "input": source.path,
-                    "output": str(settings.output.resolve()),
-                    "template_name": template.source.name,
-                    "total_rows": total_rows,
-                    "rows_rejected": rejected_rows(source),
-                },
-                dir_created=dir_created,
-            )
-        committed = run_dir.load_committed(total_rows)
-        if committed.quarantined:
-            observer.notice(
-                f"Checkpoint: {len(committed.quarantined)} torn or uncommitted file(s) moved to "
-                f"{run_dir.path / 'quarantine'}; their rows will run again."
-            )
-        if settings.retry_errors:
-            dropped = 0
-            if retry_finished and manifest is None:  # the run directory is gone: the output has the answers
-                dropped = total_rows - seed_from_output(settings.output, columns, run_dir, committed, total_rows)
-            dropped += run_dir.drop_error_rows(committed)
-            observer.notice(f"--retry-errors: {dropped} row(s) in error will run again.")
-        if committed.rows:
-            observer.notice(
-                f"Resuming from {run_dir.path}: {committed.rows} of {total_rows} rows already done "
-                f"({len(committed.shards)} shards)."
-            )
-    except BaseException:
-        if run_dir is not None:
-            run_dir.unlock()
-        if output_lock is not None:
-            output_lock.release()
-        remove_dirs(made_dirs)
-        source.close()
-        raise
-    return PreparedRun(
-        settings, source, template, columns, model_dir, demo, tokenizer, chat, params, engine_config,
-        fingerprint=fingerprint, run_dir=run_dir, committed=committed, total_rows=total_rows,
-        max_prompt_tokens=max_prompt_tokens, output_lock=output_lock,
-        constraint=constraint, typed_fields=fields,
-    )
-
-
-def _was_finished(output: Path, manifest: dict[str, Any]) -> bool:
-    """The kept run directory belongs to the job whose marker sits beside the output."""
-    try:
-        marker = read_marker(output)
-    except MalformedMarker:
-        return False
-    return marker is not None and marker.fingerprint_sha256 == digest_of(manifest["fingerprint"])
-
-
-def _remove_finished_run_dir(run_dir: RunDir, marker: Marker) -> None:
-    """A run killed after its marker was written but before its cleanup leaves its run directory."""
-    if not run_dir.manifest_path.is_file():
-        return
-    try:
-        run_dir.lock()
-    except BatchLLMError:
-        return
-    try:
-        manifest = run_dir.read_manifest()
-        if manifest is not None and digest_of(manifest["fingerprint"]) == marker.fingerprint_sha256:
-            run_dir.remove()
-    except BatchLLMError:
-        pass
-    finally:
-        run_dir.unlock()
-
-
-def _sampling_params(
-    settings: RunSettings, template: PromptTemplate, constraint: Constraint | None = None
-) -> SamplingParams:
-    from engine import SamplingParams
-
-    recipe = template.source.recipe
-    max_tokens = settings.max_tokens
-    if max_tokens is None:
-        max_tokens = recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            seed=settings.seed,
-            stop=tuple(settings.stop),
-            ignore_eos=settings.ignore_eos,
-            structured=constraint.to_engine() if constraint is not None else None,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _engine_config(settings: RunSettings, model_dir: Path, max_batch_tokens: int | None = None) -> EngineConfig:
-    from engine import EngineConfig
-
-    optional = {
-        "kv_cache_memory": settings.kv_cache_memory,
-        "kv_cache_tokens": settings.kv_cache_tokens,
-        "max_batch_tokens": max_batch_tokens or settings.max_batch_tokens,
-        "block_size": settings.block_size,
-    }
-    try:
-        return EngineConfig(
-            model_dir=str(model_dir),
-            device=settings.device,  # type: ignore[arg-type]  # validated by the CLI's choices
-            dtype=settings.dtype,  # type: ignore[arg-type]
-            prefix_sharing=settings.prefix_sharing,  # type: ignore[arg-type]
-            attention_backend=settings.attention_backend,  # type: ignore[arg-type]
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            cuda_graphs=settings.cuda_graphs,
-            **{k: v for k, v in optional.items() if v is not None},
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError (or torch.OutOfMemoryError), or a RuntimeError saying "out of
     memory" (CUDA, cuBLAS); recognized without importing torch."""
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-# The first shard of an attempt is committed after this fraction of --checkpoint-seconds of results
-# (5 s of the default 60), so `status` has a rate and a count to show early; then every N rows or T s.
-FIRST_SHARD_FRACTION = 1 / 12
-
-
-class ShardSink:
-    """Buffers results and commits a shard every N rows or T seconds (the first one sooner)."""
-
-    def __init__(self, run_dir: RunDir, committed: Committed, collector: ResultCollector, guard: SignalGuard,
-                 every_rows: int, every_s: float, worker: int | None = None) -> None:
-        self.run_dir = run_dir
-        self.committed = committed
-        self.collector = collector
-        self.guard = guard
-        self.every_rows = every_rows
-        self.every_s = every_s
-        self.worker = worker  # a scale-out worker's number, in its shard names (ray_run.py)
-        self._last: float | None = None  # the last commit; before the first one, the first result
-        self._first = True
-
-    @classmethod
-    def for_run(cls, prepared: PreparedRun, guard: SignalGuard) -> "ShardSink":
-        assert prepared.run_dir is not None
-        return cls(prepared.run_dir, prepared.committed, ResultCollector(prepared.columns, prepared.constraint),
-                   guard, prepared.settings.checkpoint_rows, prepared.settings.checkpoint_seconds)
-
-    def maybe_commit(self) -> None:
-        pending = self.collector.pending
-        if not pending:
-            return
-        now = time.monotonic()
-        if self._last is None:
-            self._last = now
-        due_s = self.every_s * FIRST_SHARD_FRACTION if self._first else self.every_s
-        if pending >= self.every_rows or now - self._last >= due_s:
-            self.commit()
-
-    def commit(self) -> None:
-        if not self.collector.pending:
-            return
-        with self.guard.critical():
-            table = self.collector.drain()
-            info = self.run_dir.commit_shard(table, self.committed.next_seq, self.worker)
-            self.committed.next_seq += 1
-            self.committed.shards.append(info)
-            self.committed.done[table.column(ROW_ID).to_numpy()] = True
-        self._last = time.monotonic()
-        self._first = False
-
-    def salvage(self) -> None:
-        """Commit what finished before a failure; a second failure (disk full) loses only those rows."""
-        try:
-            self.commit()
-        except BaseException:  # noqa: BLE001 - the original error is the one to report
-            pass
 
 
 def execute_run(
@@ -503,7 +104,7 @@ def execute_run(
                         "--max-batch-tokens or --kv-cache-memory to resume."
                     ) from exc
                 observer.notice(f"Out of GPU memory; retrying the remaining rows with --max-batch-tokens {batch_tokens}.")
-                config = _engine_config(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
+                config = engine_config_of(settings, prepared.model_dir, max_batch_tokens=batch_tokens)
                 tracker.engine = _load_engine(prepared, config, sink)
         sink.commit()
     except BaseException as exc:

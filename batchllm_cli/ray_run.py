@@ -32,12 +32,13 @@ import numpy as np
 from batchllm_cli.checkpoint import Committed
 from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job import ShardSink, interrupted_by_signal, is_out_of_memory
+from batchllm_cli.job import interrupted_by_signal, is_out_of_memory
 from batchllm_cli.job_output import write_final
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
 from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
 from batchllm_cli.ray_worker import ReplicaWorker, WorkerPart, WorkerReport, WorkerSetup
+from batchllm_cli.shard_sink import ShardSink
 from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool
 
 RAY_MISSING = "--workers and --ray-address need Ray, an optional extra: pip install 'batchllm[ray]'."

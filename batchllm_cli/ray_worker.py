@@ -21,8 +21,9 @@ import numpy as np
 from batchllm_cli.checkpoint import MANIFEST, Committed, RunDir, ShardInfo
 from batchllm_cli.collector import OutputColumns, ResultCollector
 from batchllm_cli.interrupts import null_guard
-from batchllm_cli.job import ShardSink, collect_results
+from batchllm_cli.job import collect_results
 from batchllm_cli.job_types import SilentObserver
+from batchllm_cli.shard_sink import ShardSink
 from batchllm_cli.structured_output import Constraint
 
 

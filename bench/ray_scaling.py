@@ -141,7 +141,7 @@ def _skewed_table(path: Path, rows: int) -> Path:
 def _real_plan(inp: Path, tpl: Path, tmp: Path):  # noqa: ANN202 - (lengths, lcp, order, spool row ids)
     """The job's plan exactly as `run` makes it: (prompt lengths in sorted order, neighbour LCPs,
     sorted -> table row order)."""
-    from batchllm_cli.job import prepare_run
+    from batchllm_cli.run_prepare import prepare_run
     from batchllm_cli.job_types import RunSettings
     from batchllm_cli.planned_feed import tokenize_rows
     from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool

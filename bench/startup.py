@@ -46,6 +46,7 @@ t = time.time()
 import batchllm_cli.app as app
 marks["cli_imports"] = [t - T0, time.time() - T0]
 import batchllm_cli.job, batchllm_cli.job_output, batchllm_cli.model_setup, batchllm_cli.planned_feed
+import batchllm_cli.run_prepare
 
 def wrap(owner, name, phase):
     fn = getattr(owner, name)
@@ -62,9 +63,9 @@ def wrap(owner, name, phase):
     if isinstance(owner, type):
         setattr(owner, name, timed)
 
-wrap(batchllm_cli.job, "prepare_run", "prepare_run")
+wrap(batchllm_cli.run_prepare, "prepare_run", "prepare_run")
 wrap(batchllm_cli.model_setup, "check_model_files", "check_model_files")
-wrap(batchllm_cli.job, "build_fingerprint", "fingerprint")
+wrap(batchllm_cli.run_prepare, "build_fingerprint", "fingerprint")
 wrap(batchllm_cli.job, "_load_engine", "model_load")
 wrap(batchllm_cli.planned_feed.PlannedFeed, "_produce", "plan_thread")
 wrap(batchllm_cli.job, "_generate", "generate")
