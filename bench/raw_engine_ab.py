@@ -12,6 +12,10 @@ KV cache, default step budget, and times one warm-up `generate` and then one tim
 32 greedy tokens per row. Reported per variant: engine seconds (min, median), the process's CPU
 seconds and minor page faults during the timed call, the seconds in prefill-carrying vs decode-only
 steps, and whether all variants produced the same tokens.
+
+Beware environment variants that set one of glibc's MALLOC_*_ variables: any of them also turns off
+malloc's dynamic mmap threshold (every activation above 128 KiB then gets a fresh mmap), so such a
+variant is not "the default allocator" (raw_engine_ab_cpu.json's first run had one: 1.8M page faults).
 """
 from __future__ import annotations
 

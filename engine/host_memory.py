@@ -2,11 +2,13 @@
 
 A CPU forward pass allocates and frees a few dozen multi-megabyte activations per layer. glibc's
 malloc serves blocks above its mmap threshold with fresh mmaps and unmaps them on free, and trims
-the heap's free top back to the kernel, so every step page-faults its activations in again: on the
-vs-vLLM no-sharing job (bench/raw_engine_ab.py) about 3/4 of a generate call's minor page faults,
-and ~5% of its CPU time. A fixed mmap threshold of 32 MiB (glibc's largest) and a high trim
-threshold keep that memory mapped for the next step; what a step uses stays resident until exit
-(the step's peak, which the process reached anyway).
+the heap's free top back to the kernel, so a step may page-fault its activations in again. glibc
+raises its threshold by itself once it frees a large mmapped block, so how much this costs depends
+on the order of a process's allocations: on the vs-vLLM no-sharing shape, 48 rows, a generate call
+took 105-157k minor page faults (KV cache first touches: 24k) and 5% more CPU time than with the
+thresholds fixed; at 96 rows both had settled (bench/results/raw_engine_ab_cpu.json). A fixed mmap
+threshold of 32 MiB (glibc's largest) and a high trim threshold make the good case certain; what a
+step uses stays resident until exit (the step's peak, which the process reached anyway).
 
 Only glibc has mallopt; elsewhere, or when the user set glibc's malloc variables, nothing changes.
 """

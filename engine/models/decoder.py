@@ -133,7 +133,7 @@ class Attention(nn.Module):
         heads = self.num_heads + self.num_kv_heads
         qk = apply_rope_fast(qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim), rope.cos, rope.sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, self.q_size + self.kv_size :].reshape(-1, self.num_kv_heads, self.head_dim)  # a copy: contiguous
+        v = qkv[:, self.q_size + self.kv_size :].contiguous().view(-1, self.num_kv_heads, self.head_dim)
         out = ctx.attention(self.layer_index, q, k, v, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
