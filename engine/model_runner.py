@@ -10,7 +10,6 @@ from engine.config import EngineConfig
 from engine.devices import check_device
 from engine.errors import ConfigError
 from engine.grammar_mask import TokenMask, apply_token_mask
-from engine.host_memory import keep_freed_memory
 from engine.loader import load_model
 from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budget, profile_step
 from engine.model_config import ModelConfig
@@ -49,7 +48,6 @@ class ModelRunner:
                 apply_thread_count()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
-            keep_freed_memory()  # activations stay mapped from step to step (engine/host_memory.py)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len

@@ -1,10 +1,6 @@
 """The CPU RoPE form (three ops, q and k rotated together in the qkv buffer) against the reference."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 
 from engine.model_config import RopeConfig
@@ -25,16 +21,3 @@ def test_fast_rope_matches_reference_on_a_strided_qk_view() -> None:
     torch.testing.assert_close(got[:, :heads], q_ref, rtol=0, atol=2e-6)
     torch.testing.assert_close(got[:, heads:], k_ref, rtol=0, atol=2e-6)
 
-
-def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_chose() -> None:
-    code = "from engine.host_memory import keep_freed_memory; print(keep_freed_memory())"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-
-    def run(extra: dict[str, str]) -> str:
-        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
-    import platform
-
-    assert run({}) == str(platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
-    assert run({"MALLOC_TRIM_THRESHOLD_": "131072"}) == "False"
