@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from engine.models.moe import SparseMoeBlock
-from engine.models.rope import apply_rope, rope_cache
+from engine.models.rope import apply_rope, apply_rope_fast, rope_cache
 from engine.step_context import StepContext
 from kernels import triton_interpreting
 
@@ -100,6 +100,8 @@ class Attention(nn.Module):
             assert rope.local is not None
             rope = rope.local
         qkv = self.qkv_proj(x)
+        if self._joint_rope(qkv):
+            return self._forward_joint_rope(qkv, rope, ctx)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None and self.qk_norm == "whole":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -118,6 +120,21 @@ class Attention(nn.Module):
             assert rope.cos is not None and rope.sin is not None
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale, self.window, self.softcap)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _joint_rope(self, qkv: torch.Tensor) -> bool:
+        # float32 only: in 16-bit types apply_rope rounds each product as transformers does
+        return (not self.fused and self.qk_norm == "none" and self.rotary_dim == self.head_dim
+                and qkv.dtype == torch.float32)
+
+    def _forward_joint_rope(self, qkv: torch.Tensor, rope: RotaryInputs, ctx: StepContext) -> torch.Tensor:
+        # q and k lie side by side in qkv: one rotation over both ([num_tokens, heads + kv_heads, head_dim])
+        assert rope.cos is not None and rope.sin is not None
+        heads = self.num_heads + self.num_kv_heads
+        qk = apply_rope_fast(qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim), rope.cos, rope.sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].contiguous().view(-1, self.num_kv_heads, self.head_dim)
+        out = ctx.attention(self.layer_index, q, k, v, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
