@@ -29,13 +29,12 @@ import numpy as np
 import torch
 
 from kernels.paged_attention_torch import GatherBuffers
-from kernels.shared_prefix_attention import SharedPrefixBatch, build_shared_prefix_batch
 from kernels.shared_prefix_torch import (
     PrefixBucket,
     _attention_lse,
     _bias,
     merge_with_nonempty,
-    plan_shared_prefix_buckets,
+    plan_prefix_buckets,
     prefix_part,
 )
 
@@ -44,15 +43,13 @@ __all__ = ["TorchGroupPrefillPlan", "group_prefill_torch", "plan_group_prefill_t
 
 @dataclass(frozen=True)
 class TorchGroupPrefillPlan:
-    """One step's grouped prefill chunks: n chunks, T query tokens, padded to Wq queries and Wk
-    suffix keys per chunk."""
+    """One step's grouped prefill chunks, in group order: n chunks, T query tokens, padded to Wq
+    queries and Wk suffix keys per chunk."""
 
-    batch: SharedPrefixBatch  # the prefix part's rows: one per query token, in group order
-    buckets: tuple[PrefixBucket, ...]
-    token_rows: torch.Tensor  # [T] int64: row of q of each query token, chunk order
-    prefix_order: torch.Tensor  # [T] int64: the batch row of each token (token_rows' order)
+    buckets: tuple[PrefixBucket, ...]  # the prefix part: one row per query token
+    token_rows: torch.Tensor  # [T] int64: row of q of each query token (chunks in group order)
     q_index: torch.Tensor  # [n * Wq] int64: row of q of each padded query slot (padding: the chunk's first)
-    q_valid: torch.Tensor  # [T] int64: the real query slots of [n * Wq], chunk order
+    q_valid: torch.Tensor  # [T] int64: the real query slots of [n * Wq], in token_rows' order
     slots: torch.Tensor  # [n * Wk] int64: cache slot of each chunk's suffix key (padding: its first, a written one)
     heads_per_kv: int
     # host arrays of the suffix masks: key_pos / key_ok [n, Wk], query_pos / query_ok [n, Wq]
@@ -93,54 +90,53 @@ def plan_group_prefill_torch(
 ) -> TorchGroupPrefillPlan:
     """Per-step metadata of `group_prefill_torch`: one entry per chunk (its first row of q, query
     tokens, context tokens, block table, group and the group's prefix tokens, which must lie
-    before the chunk's queries). window: the largest sliding window of the layers it serves."""
+    before the chunk's queries; members of a group share the prefix's full blocks).
+    window: the largest sliding window of the layers it serves."""
     device = torch.device(device)
-    n = len(query_lens)
-    assert n and all(0 < p <= c - ql for p, c, ql in zip(prefix_lens, context_lens, query_lens))
-    rows: list[int] = []
-    ctxs: list[int] = []
-    tables: list[Sequence[int]] = []
-    gids: list[Hashable] = []
-    plens: list[int] = []
-    for start, ql, ctx, table, gid, plen in zip(query_starts, query_lens, context_lens, block_tables, group_ids,
-                                                  prefix_lens):
-        rows.extend(range(start, start + ql))
-        ctxs.extend(range(ctx - ql + 1, ctx + 1))  # each query token's context: up to itself
-        tables.extend([table] * ql)
-        gids.extend([gid] * ql)
-        plens.extend([plen] * ql)
-    batch = build_shared_prefix_batch(rows, ctxs, tables, gids, plens, block_size, device)
-    assert batch.num_rows == len(rows) and batch.host_group_row_starts[-1] == len(rows)  # every token grouped
-    buckets = plan_shared_prefix_buckets(batch, window, heads_per_kv, device)
-    where = np.empty(max(rows) + 1, dtype=np.int64)
-    where[np.asarray(batch.host_query_index, dtype=np.int64)] = np.arange(len(rows))
+    bs = block_size
+    by_group: dict[Hashable, list[int]] = {}
+    for i, gid in enumerate(group_ids):
+        by_group.setdefault(gid, []).append(i)
+    order = [i for members in by_group.values() for i in members]
+    qls = np.asarray(query_lens, dtype=np.int64)[order]
+    ctx = np.asarray(context_lens, dtype=np.int64)[order]
+    plen = np.asarray(prefix_lens, dtype=np.int64)[order]
+    starts = np.asarray(query_starts, dtype=np.int64)[order]
+    assert len(order) and (plen > 0).all() and (plen <= ctx - qls).all(), "a prefix must lie before its chunk's queries"
+    n = len(order)
+    width = max(len(block_tables[i]) for i in order)
+    table = np.zeros((n, width), dtype=np.int64)
+    for row, i in enumerate(order):
+        table[row, : len(block_tables[i])] = block_tables[i]
 
-    qls = np.asarray(query_lens, dtype=np.int64)
-    ctx = np.asarray(context_lens, dtype=np.int64)
-    plen = np.asarray(prefix_lens, dtype=np.int64)
-    wq, wk = int(qls.max()), int((ctx - plen).max())
-    j = np.arange(wq)[None, :]
+    # prefix part: every query token a row, groups in order
+    j = np.arange(int(qls.max()))[None, :]
     query_ok = j < qls[:, None]
-    query_pos = ctx[:, None] - qls[:, None] + j
-    starts = np.asarray(query_starts, dtype=np.int64)
+    query_pos = ctx[:, None] - qls[:, None] + j  # [n, Wq]
+    firsts = np.cumsum([0] + [len(m) for m in by_group.values()])[:-1]  # each group's first chunk
+    chunk_tokens = np.concatenate([[0], np.cumsum(qls)])
+    group_starts = np.append(chunk_tokens[firsts], chunk_tokens[-1])
+    group_plens = plen[firsts]
+    prefix_tables = table[firsts, : -(-int(group_plens.max()) // bs)]
+    assert all((table[row, : p // bs] == prefix_tables[g, : p // bs]).all()
+               for g, (row, p) in enumerate(zip(firsts, group_plens))), "members must share their prefix's blocks"
+    buckets = plan_prefix_buckets(group_starts, group_plens, query_pos[query_ok], prefix_tables, bs,
+                                  int(chunk_tokens[-1]), window, heads_per_kv, device)
+
+    # suffix part: each chunk over its keys from its prefix's end, padded
     q_index = np.where(query_ok, starts[:, None] + j, starts[:, None])
-    k = np.arange(wk)[None, :]
+    k = np.arange(int((ctx - plen).max()))[None, :]
     key_ok = k < (ctx - plen)[:, None]
     key_pos = np.where(key_ok, plen[:, None] + k, plen[:, None])  # padding reads the first suffix key, masked
-    width = max(len(t) for t in block_tables)
-    table = np.zeros((n, width), dtype=np.int64)
-    for i, t in enumerate(block_tables):
-        table[i, : len(t)] = t
-    slots = np.take_along_axis(table, key_pos // block_size, axis=1) * block_size + key_pos % block_size
+    slots = np.take_along_axis(table, key_pos // bs, axis=1) * bs + key_pos % bs
 
     def dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
     return TorchGroupPrefillPlan(
-        batch=batch, buckets=buckets, token_rows=dev(np.asarray(rows)), prefix_order=dev(where[rows]),
-        q_index=dev(q_index.reshape(-1)), q_valid=dev(np.flatnonzero(query_ok)), slots=dev(slots.reshape(-1)),
-        heads_per_kv=heads_per_kv, key_pos=key_pos, key_ok=key_ok,
-        query_pos=query_pos, query_ok=query_ok,
+        buckets=buckets, token_rows=dev(q_index[query_ok]), q_index=dev(q_index.reshape(-1)),
+        q_valid=dev(np.flatnonzero(query_ok)), slots=dev(slots.reshape(-1)), heads_per_kv=heads_per_kv,
+        key_pos=key_pos, key_ok=key_ok, query_pos=query_pos, query_ok=query_ok,
     )
 
 
@@ -159,8 +155,9 @@ def group_prefill_torch(
     num_heads = q.shape[1]
     ratio = num_heads // num_kv_heads
     assert ratio == plan.heads_per_kv, "the plan was built for another number of heads per KV head"
-    pre_out, pre_lse = prefix_part(q[plan.batch.query_index], k_cache, v_cache, plan.buckets, plan.buffers, scale,
-                                   window, softcap)
+    # [T, H, D] float32 and [T, H], rows in token_rows' order
+    pre_out, pre_lse = prefix_part(q[plan.token_rows], k_cache, v_cache, plan.buckets, plan.buffers, scale, window,
+                                   softcap)
 
     n, wq = plan.query_ok.shape
     k = plan.buffers.gather("ks", k_cache.view(-1, num_kv_heads, head_dim), plan.slots)
@@ -174,7 +171,6 @@ def group_prefill_torch(
     o = o.view(n, num_kv_heads, wq, ratio, head_dim).transpose(1, 2).reshape(n * wq, num_heads, head_dim)
     lse = lse.view(n, num_kv_heads, wq, ratio).transpose(1, 2).reshape(n * wq, num_heads)
     # every query sees its own key: the suffix part is never empty
-    merged = merge_with_nonempty(pre_out[plan.prefix_order], pre_lse[plan.prefix_order], o[plan.q_valid],
-                                 lse[plan.q_valid])
+    merged = merge_with_nonempty(pre_out, pre_lse, o[plan.q_valid], lse[plan.q_valid])
     out[plan.token_rows] = merged.to(out.dtype)
     return out

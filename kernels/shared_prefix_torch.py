@@ -43,7 +43,7 @@ from kernels.shared_prefix_attention import (
 )
 
 __all__ = [
-    "PrefixBucket", "TorchSharedPrefixPlan", "merge_with_nonempty", "plan_shared_prefix_buckets",
+    "PrefixBucket", "TorchSharedPrefixPlan", "merge_with_nonempty", "plan_prefix_buckets", "plan_shared_prefix_buckets",
     "plan_shared_prefix_torch", "prefix_part", "shared_prefix_decode_torch",
 ]
 
@@ -119,17 +119,30 @@ def _bias(valid: np.ndarray) -> torch.Tensor:
 def plan_shared_prefix_buckets(
     batch: SharedPrefixBatch, window: int | None, ratio: int, device: torch.device
 ) -> tuple[PrefixBucket, ...]:
-    starts = np.asarray(batch.host_group_row_starts, dtype=np.int64)
-    plens = np.asarray(batch.host_prefix_lens, dtype=np.int64)
-    query_pos = np.asarray(batch.host_context_lens, dtype=np.int64) - 1
+    """The prefix part's buckets of a batch's groups (see the module docstring)."""
+    return plan_prefix_buckets(
+        np.asarray(batch.host_group_row_starts, dtype=np.int64), np.asarray(batch.host_prefix_lens, dtype=np.int64),
+        np.asarray(batch.host_context_lens, dtype=np.int64) - 1, batch.prefix_block_tables.to("cpu", torch.int64).numpy(),
+        batch.block_size, batch.num_rows, window, ratio, device)
+
+
+def plan_prefix_buckets(
+    starts: np.ndarray,  # [G + 1] int64: group g owns rows starts[g]:starts[g + 1]
+    plens: np.ndarray,  # [G] int64: tokens of each group's prefix
+    query_pos: np.ndarray,  # [R] int64: position of each row's query
+    tables: np.ndarray,  # [G, >= ceil(max prefix / bs)] int64: each group's prefix blocks
+    bs: int,
+    num_rows: int,  # R (rows past starts[-1] have no group)
+    window: int | None,
+    ratio: int,
+    device: torch.device,
+) -> tuple[PrefixBucket, ...]:
     sizes = np.diff(starts)
-    bs = batch.block_size
     # the first block of each group's prefix that some member's window reaches (0 without a window)
     first_block = np.zeros(len(plens), dtype=np.int64)
     if window is not None and len(plens):
         first_block = np.maximum(np.minimum.reduceat(query_pos[: starts[-1]], starts[:-1]) - window + 1, 0) // bs
     spans = plens - first_block * bs  # keys from the first block on; <= 0: no member sees the prefix
-    tables = batch.prefix_block_tables.to("cpu", torch.int64).numpy()
     order = np.argsort(-spans, kind="stable")
     groups: list[list[int]] = []
     real = padded_max_m = 0
@@ -171,7 +184,7 @@ def plan_shared_prefix_buckets(
             num_groups=len(members),
             members=m,
             slot_of_row=(torch.from_numpy(slots[np.argsort(rows)]).to(device)
-                         if len(groups) == 1 and len(rows) == batch.num_rows else None),
+                         if len(groups) == 1 and len(rows) == num_rows else None),
         ))
     return tuple(out)
 
