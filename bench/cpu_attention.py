@@ -32,11 +32,11 @@ import torch  # noqa: E402
 
 from bench_common import git_commit, results_path, write_results  # noqa: E402
 from kernel_cases import make_decode_scenario, make_prefill_scenario  # noqa: E402  (tests/)
+from kernels.group_prefill_torch import group_prefill_torch, plan_group_prefill_torch  # noqa: E402
 from kernels.paged_attention import build_paged_batch, paged_attention_reference  # noqa: E402
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch  # noqa: E402
 from kernels.shared_prefix_attention import build_shared_prefix_batch, shared_prefix_decode_reference  # noqa: E402
 from kernels.shared_prefix_torch import plan_shared_prefix_torch, shared_prefix_decode_torch  # noqa: E402
-from kernels.group_prefill_torch import group_prefill_torch, plan_group_prefill_torch  # noqa: E402
 
 DECODE_CASES = [(10, 16, 1000, 30), (48, 16, 1200, 30), (4, 64, 2000, 100)]  # (G, M, P, S)
 PREFILL_CASES = [(2, 1024), (8, 256)]  # (N, T)

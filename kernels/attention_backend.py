@@ -35,8 +35,8 @@ from typing import Any, Hashable, Protocol, Sequence
 import torch
 
 from kernels import triton_interpreting
-from kernels.paged_attention import build_paged_batch, store_kv_reference
 from kernels.group_prefill_torch import TorchGroupPrefillPlan, group_prefill_torch, plan_group_prefill_torch
+from kernels.paged_attention import build_paged_batch, store_kv_reference
 from kernels.paged_attention_torch import TorchPagedPlan, paged_attention_torch, plan_paged_torch
 from kernels.shared_prefix_attention import (
     SharedPrefixBatch,

@@ -17,7 +17,7 @@ reads its prefix M times per layer, in M small attention calls; here:
 
 Sliding windows: the prefix part follows the shared-prefix plan's rules (keys before the largest
 window are not gathered, each layer's window masks by position); the suffix part masks keys outside
-each layer's window. Soft-capping: both parts run their matmul forms (`_attention_lse`).
+each layer's window. Soft-capping: both parts run their matmul forms (`attention_lse`).
 All index tensors and masks are built on the host once per step (`plan_group_prefill_torch`).
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 from kernels.paged_attention_torch import GatherBuffers
 from kernels.shared_prefix_torch import (
     PrefixBucket,
-    _attention_lse,
-    _bias,
+    additive_mask,
+    attention_lse,
     merge_with_nonempty,
     plan_prefix_buckets,
     prefix_part,
@@ -71,7 +71,7 @@ class TorchGroupPrefillPlan:
             if window is not None:
                 seen &= k > q - window
             seen[:, :, 0] |= ~self.query_ok
-            bias = _bias(np.repeat(seen, self.heads_per_kv, axis=1))
+            bias = additive_mask(np.repeat(seen, self.heads_per_kv, axis=1))
             found = self._masks[window] = bias.to(self.token_rows.device)
         return found
 
@@ -167,7 +167,7 @@ def group_prefill_torch(
     # [n, Wq, KVH, ratio, D] -> [n, KVH, Wq * ratio, D]: token-major rows within each KV head
     qs = q[plan.q_index].view(n, wq, num_kv_heads, ratio, head_dim).transpose(1, 2)
     qs = qs.reshape(n, num_kv_heads, wq * ratio, head_dim)
-    o, lse = _attention_lse(qs, k, v, plan.suffix_bias(window), scale, softcap)
+    o, lse = attention_lse(qs, k, v, plan.suffix_bias(window), scale, softcap)
     o = o.view(n, num_kv_heads, wq, ratio, head_dim).transpose(1, 2).reshape(n * wq, num_heads, head_dim)
     lse = lse.view(n, num_kv_heads, wq, ratio).transpose(1, 2).reshape(n * wq, num_heads)
     # every query sees its own key: the suffix part is never empty

@@ -43,8 +43,9 @@ from kernels.shared_prefix_attention import (
 )
 
 __all__ = [
-    "PrefixBucket", "TorchSharedPrefixPlan", "merge_with_nonempty", "plan_prefix_buckets", "plan_shared_prefix_buckets",
-    "plan_shared_prefix_torch", "prefix_part", "shared_prefix_decode_torch",
+    "PrefixBucket", "TorchSharedPrefixPlan", "additive_mask", "attention_lse", "merge_with_nonempty",
+    "plan_prefix_buckets", "plan_shared_prefix_buckets", "plan_shared_prefix_torch", "prefix_part",
+    "shared_prefix_decode_torch",
 ]
 
 PAD_WORK_FACTOR = 2.0  # a bucket's padded work may be at most this many times its real work
@@ -75,8 +76,9 @@ class _WindowMasks:
             else:
                 seen = self.valid[:, None, :] & (self.key_pos[:, None, :] > self.query_pos[:, :, None] - window)
             has_key = seen.any(-1)
+            rows = self.rows_per_query if window is not None else 1
             found = self._cache[window] = (
-                _bias(np.repeat(seen, self.rows_per_query if window is not None else 1, axis=1)).to(self.device),
+                additive_mask(np.repeat(seen, rows, axis=1)).to(self.device),
                 None if has_key.all() else torch.from_numpy(has_key).to(self.device),
             )
         return found
@@ -110,7 +112,7 @@ class TorchSharedPrefixPlan:
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
 
 
-def _bias(valid: np.ndarray) -> torch.Tensor:
+def additive_mask(valid: np.ndarray) -> torch.Tensor:
     """[n, rows, L] bool -> [n, 1, rows, L] float32 additive mask."""
     valid = valid.reshape(valid.shape[0], 1, -1, valid.shape[-1])
     return torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32))
@@ -122,8 +124,9 @@ def plan_shared_prefix_buckets(
     """The prefix part's buckets of a batch's groups (see the module docstring)."""
     return plan_prefix_buckets(
         np.asarray(batch.host_group_row_starts, dtype=np.int64), np.asarray(batch.host_prefix_lens, dtype=np.int64),
-        np.asarray(batch.host_context_lens, dtype=np.int64) - 1, batch.prefix_block_tables.to("cpu", torch.int64).numpy(),
-        batch.block_size, batch.num_rows, window, ratio, device)
+        np.asarray(batch.host_context_lens, dtype=np.int64) - 1,
+        batch.prefix_block_tables.to("cpu", torch.int64).numpy(), batch.block_size, batch.num_rows, window, ratio,
+        device)
 
 
 def plan_prefix_buckets(
@@ -216,7 +219,7 @@ def plan_shared_prefix_torch(
                                  _WindowMasks(pos, valid, ctx[:, None] - 1, window, device))
 
 
-def _attention_lse(
+def attention_lse(
     q: torch.Tensor,  # [n, kv_heads, rows, d]: the query heads of each KV head folded into rows
     k: torch.Tensor,  # [n, kv_heads, L, d], zeros where bias is -inf
     v: torch.Tensor,
@@ -267,7 +270,7 @@ def prefix_part(
         qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
         bias, has_key = b.masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
         assert bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
-        o, lse = _attention_lse(qg, k, v, bias, scale, softcap)
+        o, lse = attention_lse(qg, k, v, bias, scale, softcap)
         o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
         lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)
         if has_key is not None:  # a member whose window reaches no prefix key: an empty part (out 0, not NaN)
@@ -329,7 +332,7 @@ def shared_prefix_decode_torch(
         v = v.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         qs = qd.view(num_rows, num_kv_heads, ratio, head_dim)  # the heads of a KV head as rows
         bias, has_key = plan.suffix_masks.get(window)
-        suf_out, suf_lse = _attention_lse(qs, k, v, bias, scale, softcap)
+        suf_out, suf_lse = attention_lse(qs, k, v, bias, scale, softcap)
         suf_out = suf_out.reshape(num_rows, num_heads, head_dim)
         if has_key is None:  # every row sees its own query token (the engine's case): the short merge
             merged = merge_with_nonempty(pre_out, pre_lse, suf_out, suf_lse.reshape(num_rows, num_heads))
