@@ -44,6 +44,7 @@ def test_group_prefill_equals_paged_attention(heads: int, kv_heads: int, bs: int
     grouped_prefill = [c for c in chunks if c["gid"] is not None and c["ql"] > 1]
     assert meta.group_prefill is not None
     assert meta.group_prefill.token_rows.numel() == sum(c["ql"] for c in grouped_prefill)
+    assert len(meta.group_prefill.suffix) >= 2  # chunks of 2 to 21 tokens: not all padded to the longest
     if window is None:  # both groups' prefixes read once, in the prefix part's buckets
         assert sum(b.num_groups for b in meta.group_prefill.buckets) == 2
     out = backend.attention(q, sc.k_cache, sc.v_cache, meta, sc.scale, window=window, softcap=softcap)
@@ -69,3 +70,8 @@ def test_lone_member_chunk_and_chunks_reaching_into_the_prefix_stay_on_paged_att
     both = backend.build_step_metadata([2, 3], sc.context_lens, sc.block_tables, 4, "cpu", num_heads=4,
                                        num_kv_heads=2, group_ids=[gid, gid], prefix_lens=[12, 12])
     assert both.group_prefill is not None and both.paged is None
+    assert len(both.group_prefill.suffix) == 1 and both.group_prefill.suffix_order is None  # no reordering
+    q = torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(2))
+    plain = build_paged_batch([2, 3], sc.context_lens, sc.block_tables, 4, torch.device("cpu"))
+    torch.testing.assert_close(backend.attention(q, sc.k_cache, sc.v_cache, both, sc.scale),
+                               paged_attention_reference(q, sc.k_cache, sc.v_cache, plain, sc.scale), atol=1e-5, rtol=1e-5)
