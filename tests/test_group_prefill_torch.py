@@ -73,5 +73,6 @@ def test_lone_member_chunk_and_chunks_reaching_into_the_prefix_stay_on_paged_att
     assert len(both.group_prefill.suffix) == 1 and both.group_prefill.suffix_order is None  # no reordering
     q = torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(2))
     plain = build_paged_batch([2, 3], sc.context_lens, sc.block_tables, 4, torch.device("cpu"))
-    torch.testing.assert_close(backend.attention(q, sc.k_cache, sc.v_cache, both, sc.scale),
-                               paged_attention_reference(q, sc.k_cache, sc.v_cache, plain, sc.scale), atol=1e-5, rtol=1e-5)
+    expected = paged_attention_reference(q, sc.k_cache, sc.v_cache, plain, sc.scale)
+    torch.testing.assert_close(backend.attention(q, sc.k_cache, sc.v_cache, both, sc.scale), expected,
+                               atol=1e-5, rtol=1e-5)
