@@ -20,7 +20,10 @@ their matmul forms (PyTorch's fused attention cannot cap); the Triton kernels ca
 
 `build_step_metadata` routes every decode chunk (query_len 1) through `shared_prefix_decode`
 (members of a group share one pass over the group's prefix; rows without a group are plain rows of
-the same launch) and every other chunk through `paged_attention` (causal varlen over the cache).
+the same launch) and every other chunk through `paged_attention` (causal varlen over the cache),
+except prefill chunks of a group's members after the group's prefix (see `group_prefill_max_rows`):
+per query token through the shared launch (Triton), or as whole chunks through the backend's group
+prefill (the PyTorch path, `group_prefill_chunks`: kernels.group_prefill_torch).
 The lower-level builders and ops are public too, for callers that route rows themselves.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any, Hashable, Protocol, Sequence
 import torch
 
 from kernels import triton_interpreting
+from kernels.group_prefill_torch import TorchGroupPrefillPlan, group_prefill_torch, plan_group_prefill_torch
 from kernels.paged_attention import build_paged_batch, store_kv_reference
 from kernels.paged_attention_torch import TorchPagedPlan, paged_attention_torch, plan_paged_torch
 from kernels.shared_prefix_attention import (
@@ -61,6 +65,9 @@ class StepAttentionMetadata:
     num_tokens: int  # rows of q
     # rows of q that no part covers (padding of a CUDA-graph batch) come out as zeros, not garbage
     zero_uncovered: bool = False
+    # the backend's group-prefill metadata for whole prefill chunks of group members (backends with
+    # `group_prefill_chunks`), None when none is routed there
+    group_prefill: Any = None
 
 
 class AttentionBackend(Protocol):
@@ -129,6 +136,9 @@ class _StepMixin:
     # under-filled tile reading the whole prefix. Longer chunks fill paged-prefill tiles on their
     # own, and per-token request tiles would re-read a long own context once per token. 0: off.
     group_prefill_max_rows = 64
+    # How those chunks go: False, each query token a row of the shared-prefix launch; True, whole
+    # chunks through the backend's build_group_prefill_metadata / group_prefill_attention.
+    group_prefill_chunks = False
 
     def build_step_metadata(
         self,
@@ -170,6 +180,7 @@ class _StepMixin:
             if m:
                 members[gid] = members.get(gid, 0) + 1
         pre: list[int] = []
+        whole: list[int] = []  # grouped prefill chunks routed whole (group_prefill_chunks)
         starts: list[int] = []
         # the shared launch's rows: (row of q, context length, chunk), one per query token
         shared_rows: list[tuple[int, int, int]] = []
@@ -179,13 +190,21 @@ class _StepMixin:
             grouped = member[i] and members[gids[i]] >= 2
             if ql == 1 and (grouped or self.shared_launch_for_plain_rows):
                 shared_rows.append((row, context_lens[i], i))
+            elif grouped and self.group_prefill_chunks:
+                whole.append(i)
             elif grouped:
                 first_ctx = context_lens[i] - ql + 1
                 shared_rows.extend((row + j, first_ctx + j, i) for j in range(ql))
             else:
                 pre.append(i)
             row += ql
-        paged = shared = None
+        paged = shared = group = None
+        if whole:
+            group = self.build_group_prefill_metadata(  # type: ignore[attr-defined]
+                [starts[i] for i in whole], [query_lens[i] for i in whole], [context_lens[i] for i in whole],
+                [block_tables[i] for i in whole], [gids[i] for i in whole], [plens[i] for i in whole],
+                block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads, window=window,
+            )
         if pre:
             paged = self.build_paged_metadata(  # type: ignore[attr-defined]
                 [query_lens[i] for i in pre], [context_lens[i] for i in pre], [block_tables[i] for i in pre],
@@ -199,7 +218,7 @@ class _StepMixin:
                 [gids[i] for i in chunk], [plens[i] if gids[i] is not None else 0 for i in chunk],
                 block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads, window=window,
             )
-        return StepAttentionMetadata(paged=paged, shared=shared, num_tokens=row)
+        return StepAttentionMetadata(paged=paged, shared=shared, num_tokens=row, group_prefill=group)
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepAttentionMetadata,
@@ -219,6 +238,9 @@ class _StepMixin:
         if meta.shared is not None:
             self.shared_prefix_decode(  # type: ignore[attr-defined]
                 q, k_cache, v_cache, meta.shared, scale, out=out, window=window, softcap=softcap)
+        if meta.group_prefill is not None:
+            self.group_prefill_attention(  # type: ignore[attr-defined]
+                q, k_cache, v_cache, meta.group_prefill, scale, out=out, window=window, softcap=softcap)
         return out
 
 
@@ -227,7 +249,10 @@ class TorchBackend(_StepMixin):
 
     name = "torch"
     shared_launch_for_plain_rows = False
-    group_prefill_max_rows = 0  # the CPU path keeps prefill on paged attention (group prefill is unmeasured there)
+    # Members' prefill chunks of any length go through group prefill (kernels.group_prefill_torch):
+    # the prefix read once per group, all members' queries in one attention call per bucket.
+    group_prefill_max_rows = 1 << 30
+    group_prefill_chunks = True
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
@@ -270,6 +295,18 @@ class TorchBackend(_StepMixin):
                              window: int | None = None, softcap: float | None = None):
         # the batched form of shared_prefix_decode_reference (same meaning; one computation per bucket of groups)
         return shared_prefix_decode_torch(q, k_cache, v_cache, meta, scale, out=out, window=window, softcap=softcap)
+
+    def build_group_prefill_metadata(
+        self, query_starts, query_lens, context_lens, block_tables, group_ids, prefix_lens, block_size, device, *,
+        num_heads: int, num_kv_heads: int, window: int | None = None,
+    ) -> TorchGroupPrefillPlan:
+        return plan_group_prefill_torch(query_starts, query_lens, context_lens, block_tables, group_ids, prefix_lens,
+                                        block_size, device, max(1, num_heads // max(1, num_kv_heads)), window)
+
+    def group_prefill_attention(self, q, k_cache, v_cache, meta: TorchGroupPrefillPlan, scale: float, out,
+                                window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        # paged_attention_reference's meaning for those chunks, the prefix read once per group
+        return group_prefill_torch(q, k_cache, v_cache, meta, scale, out, window=window, softcap=softcap)
 
     def graph_variant(self) -> None:
         """The references plan on the host inside attention: they cannot be captured in a graph."""

@@ -6,12 +6,13 @@ and a scatter per group per layer); here a step's groups are padded into a few b
 bucket is one batched computation, every group's prefix still read once:
 
   prefix part: bucket of B groups, queries padded to M members -> [B, kv_heads, M * heads_per_kv, d]
-               against the prefix KV gathered a block at a time and padded to the bucket's longest
-               prefix -> [B, kv_heads, L, d] (padding masked by an additive -inf bias); one call of
+               against the prefix KV gathered once per group and padded to the bucket's longest
+               prefix -> [B, kv_heads, L, d] (padding re-reads a written key, masked by an additive
+               -inf bias, so an unwritten slot's NaN never reaches the kernel); one call of
                PyTorch's fused CPU attention kernel per bucket (it returns the log-sum-exp too;
                elsewhere, or if a torch lacks it, the matmul form of `attention_with_lse_reference`).
   suffix part: every row over its own positions, padded to the longest suffix (as the reference).
-  merge:       by log-sum-exp (`merge_attention_states`).
+  merge:       by log-sum-exp (`merge_with_nonempty`: a row's suffix holds its query token).
 
 Buckets: groups sorted by prefix length, a group joins the current bucket while the bucket's padded
 work (groups x longest prefix x most members) stays within twice its real work, so one long prefix
@@ -41,7 +42,11 @@ from kernels.shared_prefix_attention import (
     merge_attention_states,
 )
 
-__all__ = ["PrefixBucket", "TorchSharedPrefixPlan", "plan_shared_prefix_torch", "shared_prefix_decode_torch"]
+__all__ = [
+    "PrefixBucket", "TorchSharedPrefixPlan", "additive_mask", "attention_lse", "merge_with_nonempty",
+    "plan_prefix_buckets", "plan_shared_prefix_buckets", "plan_shared_prefix_torch", "prefix_part",
+    "shared_prefix_decode_torch",
+]
 
 PAD_WORK_FACTOR = 2.0  # a bucket's padded work may be at most this many times its real work
 
@@ -71,8 +76,9 @@ class _WindowMasks:
             else:
                 seen = self.valid[:, None, :] & (self.key_pos[:, None, :] > self.query_pos[:, :, None] - window)
             has_key = seen.any(-1)
+            rows = self.rows_per_query if window is not None else 1
             found = self._cache[window] = (
-                _bias(np.repeat(seen, self.rows_per_query if window is not None else 1, axis=1)).to(self.device),
+                additive_mask(np.repeat(seen, rows, axis=1)).to(self.device),
                 None if has_key.all() else torch.from_numpy(has_key).to(self.device),
             )
         return found
@@ -85,11 +91,15 @@ class PrefixBucket:
 
     rows: torch.Tensor  # [n] int64: rows of the batch (group order) of the bucket's members
     slots: torch.Tensor  # [n] int64: each member's place in the padded [B * M] query rows
-    blocks: torch.Tensor  # [B * width] int64: the groups' prefix blocks, each group padded to width
-    invalid: torch.Tensor  # [k] int64: positions of the gathered [B * L] keys past their group's prefix
+    query_rows: torch.Tensor  # [B * M] int64: the batch row of each padded query (padding: its group's first)
+    # [B * L] int64: cache slot of each group's prefix keys, padded with the group's first key (a written
+    # slot, so no NaN of an unwritten one reaches the kernel: the mask hides it)
+    key_slots: torch.Tensor
     masks: _WindowMasks  # per window: bias [B, 1, 1 or M * heads_per_kv, L], has_key [B, M]
     num_groups: int
     members: int  # M
+    # [R] int64: the padded query slot of every row of the batch, when this bucket alone covers them all
+    slot_of_row: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -97,32 +107,45 @@ class TorchSharedPrefixPlan:
     batch: SharedPrefixBatch
     buckets: tuple[PrefixBucket, ...]
     # suffix part (None when every row's suffix is empty): W = the longest suffix
-    suffix_slots: torch.Tensor | None  # [R, W] int64 cache slot of each row's suffix position
-    suffix_invalid: torch.Tensor | None  # [k] int64: positions of the gathered [R * W] keys past each row's context
+    suffix_slots: torch.Tensor | None  # [R, W] int64 cache slot of each row's suffix position (padding: its last)
     suffix_masks: _WindowMasks | None  # per window: bias [R, 1, 1, W], has_key [R, 1]
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
 
 
-def _bias(valid: np.ndarray) -> torch.Tensor:
+def additive_mask(valid: np.ndarray) -> torch.Tensor:
     """[n, rows, L] bool -> [n, 1, rows, L] float32 additive mask."""
     valid = valid.reshape(valid.shape[0], 1, -1, valid.shape[-1])
     return torch.from_numpy(np.where(valid, 0.0, -np.inf).astype(np.float32))
 
 
-def _buckets(
+def plan_shared_prefix_buckets(
     batch: SharedPrefixBatch, window: int | None, ratio: int, device: torch.device
 ) -> tuple[PrefixBucket, ...]:
-    starts = np.asarray(batch.host_group_row_starts, dtype=np.int64)
-    plens = np.asarray(batch.host_prefix_lens, dtype=np.int64)
-    query_pos = np.asarray(batch.host_context_lens, dtype=np.int64) - 1
+    """The prefix part's buckets of a batch's groups (see the module docstring)."""
+    return plan_prefix_buckets(
+        np.asarray(batch.host_group_row_starts, dtype=np.int64), np.asarray(batch.host_prefix_lens, dtype=np.int64),
+        np.asarray(batch.host_context_lens, dtype=np.int64) - 1,
+        batch.prefix_block_tables.to("cpu", torch.int64).numpy(), batch.block_size, batch.num_rows, window, ratio,
+        device)
+
+
+def plan_prefix_buckets(
+    starts: np.ndarray,  # [G + 1] int64: group g owns rows starts[g]:starts[g + 1]
+    plens: np.ndarray,  # [G] int64: tokens of each group's prefix
+    query_pos: np.ndarray,  # [R] int64: position of each row's query
+    tables: np.ndarray,  # [G, >= ceil(max prefix / bs)] int64: each group's prefix blocks
+    bs: int,
+    num_rows: int,  # R (rows past starts[-1] have no group)
+    window: int | None,
+    ratio: int,
+    device: torch.device,
+) -> tuple[PrefixBucket, ...]:
     sizes = np.diff(starts)
-    bs = batch.block_size
     # the first block of each group's prefix that some member's window reaches (0 without a window)
     first_block = np.zeros(len(plens), dtype=np.int64)
     if window is not None and len(plens):
         first_block = np.maximum(np.minimum.reduceat(query_pos[: starts[-1]], starts[:-1]) - window + 1, 0) // bs
     spans = plens - first_block * bs  # keys from the first block on; <= 0: no member sees the prefix
-    tables = batch.prefix_block_tables.to("cpu", torch.int64).numpy()
     order = np.argsort(-spans, kind="stable")
     groups: list[list[int]] = []
     real = padded_max_m = 0
@@ -145,11 +168,12 @@ def _buckets(
         width = -(-int(spans[members[0]]) // bs)
         rows = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in members])
         slots = np.concatenate([b * m + np.arange(sizes[g]) for b, g in enumerate(members)])
-        # each group's blocks from its first one; columns past a table read block 0, masked below
-        padded_tables = np.pad(tables, ((0, 0), (0, width)))
-        blocks = np.stack([padded_tables[g, first_block[g] : first_block[g] + width] for g in members])
+        query_rows = np.repeat(starts[members], m)
+        query_rows[slots] = rows
         key_pos = first_block[members][:, None] * bs + np.arange(width * bs)[None, :]
         valid = key_pos < plens[members][:, None]
+        read = np.where(valid, key_pos, first_block[members][:, None] * bs)  # padding: the first key
+        key_slots = np.take_along_axis(tables[members], read // bs, axis=1) * bs + read % bs
         member_pos = np.zeros((len(members), m), dtype=np.int64)
         for b, g in enumerate(members):  # padding members take the group's first member's position
             member_pos[b] = query_pos[starts[g]]
@@ -157,11 +181,13 @@ def _buckets(
         out.append(PrefixBucket(
             rows=torch.from_numpy(rows).to(device),
             slots=torch.from_numpy(slots).to(device),
-            blocks=torch.from_numpy(np.ascontiguousarray(blocks).reshape(-1)).to(device),
-            invalid=torch.from_numpy(np.flatnonzero(~valid)).to(device),
+            query_rows=torch.from_numpy(query_rows).to(device),
+            key_slots=torch.from_numpy(key_slots.reshape(-1)).to(device),
             masks=_WindowMasks(key_pos, valid, member_pos, window, device, rows_per_query=ratio),
             num_groups=len(members),
             members=m,
+            slot_of_row=(torch.from_numpy(slots[np.argsort(rows)]).to(device)
+                         if len(groups) == 1 and len(rows) == num_rows else None),
         ))
     return tuple(out)
 
@@ -175,26 +201,25 @@ def plan_shared_prefix_torch(
     device = batch.query_index.device
     ctx = np.asarray(batch.host_context_lens, dtype=np.int64)
     sstart = np.asarray(batch.host_suffix_starts, dtype=np.int64)
-    buckets = _buckets(batch, window, heads_per_kv, device)
+    buckets = plan_shared_prefix_buckets(batch, window, heads_per_kv, device)
     kstart = sstart if window is None else np.maximum(sstart, ctx - window)  # first key each row reads
     lens = ctx - kstart
     width = int(lens.max()) if len(lens) else 0
     if not width:
-        return TorchSharedPrefixPlan(batch, buckets, None, None, None)
+        return TorchSharedPrefixPlan(batch, buckets, None, None)
     bs = batch.block_size
     offs = np.arange(width, dtype=np.int64)[None, :]
     valid = offs < lens[:, None]
     first = sstart // bs  # == table_starts: column 0 of a row's table is this block
-    pos = np.where(valid, kstart[:, None] + offs, first[:, None] * bs)  # padding reads a slot, then is zeroed
+    # padding reads the row's query token (written this step, so never an unwritten NaN), masked
+    pos = np.where(valid, kstart[:, None] + offs, ctx[:, None] - 1)
     tables = batch.block_tables.to("cpu", torch.int64).numpy()
     slots = np.take_along_axis(tables, pos // bs - first[:, None], axis=1) * bs + pos % bs
-    return TorchSharedPrefixPlan(
-        batch, buckets, torch.from_numpy(slots).to(device), torch.from_numpy(np.flatnonzero(~valid)).to(device),
-        _WindowMasks(pos, valid, ctx[:, None] - 1, window, device),
-    )
+    return TorchSharedPrefixPlan(batch, buckets, torch.from_numpy(slots).to(device),
+                                 _WindowMasks(pos, valid, ctx[:, None] - 1, window, device))
 
 
-def _attention_lse(
+def attention_lse(
     q: torch.Tensor,  # [n, kv_heads, rows, d]: the query heads of each KV head folded into rows
     k: torch.Tensor,  # [n, kv_heads, L, d], zeros where bias is -inf
     v: torch.Tensor,
@@ -215,6 +240,60 @@ def _attention_lse(
 # PyTorch's fused CPU attention kernel, the one SDPA runs on CPU, which also returns the log-sum-exp
 # (SDPA's public form drops it). Private: without it the matmul reference form runs.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def prefix_part(
+    qd: torch.Tensor,  # [R, H, D]: the query of each row of the batch the buckets were planned for
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    buckets: tuple[PrefixBucket, ...],
+    buffers: GatherBuffers,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every row over its group's prefix, each prefix read once per bucket:
+    (out [R, H, D] float32, lse [R, H]); rows of no bucket get out 0 and lse -inf (an empty part)."""
+    num_rows, num_heads, head_dim = qd.shape
+    num_kv_heads = k_cache.shape[-2]
+    ratio = num_heads // num_kv_heads
+    pre_out = torch.zeros((num_rows, num_heads, head_dim), dtype=torch.float32, device=qd.device)
+    pre_lse = torch.full((num_rows, num_heads), float("-inf"), dtype=torch.float32, device=qd.device)
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    for i, b in enumerate(buckets):
+        g, m = b.num_groups, b.members
+        k = buffers.gather(f"k{i}", k_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = buffers.gather(f"v{i}", v_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
+        qp = qd.index_select(0, b.query_rows)  # [B * M, H, D]
+        # [B, M, KVH, ratio, D] -> [B, KVH, M * ratio, D]: member-major rows within each KV head
+        qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
+        bias, has_key = b.masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
+        assert bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
+        o, lse = attention_lse(qg, k, v, bias, scale, softcap)
+        o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
+        lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)
+        if has_key is not None:  # a member whose window reaches no prefix key: an empty part (out 0, not NaN)
+            lse = torch.where(has_key.reshape(g * m, 1), lse, float("-inf"))
+            o = torch.where(has_key.reshape(g * m, 1, 1), o, 0.0)
+        if b.slot_of_row is not None:  # the only bucket, covering every row: no scatter
+            return o.index_select(0, b.slot_of_row), lse.index_select(0, b.slot_of_row)
+        pre_out[b.rows] = o[b.slots]
+        pre_lse[b.rows] = lse[b.slots]
+    return pre_out, pre_lse
+
+
+def merge_with_nonempty(
+    out_a: torch.Tensor,  # [..., head_dim] float32
+    lse_a: torch.Tensor,  # [...] natural log, -inf for an empty part
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,  # [...] finite: part b always has a visible key
+) -> torch.Tensor:
+    """`merge_attention_states`' output when part b is never empty, in four ops instead of a dozen:
+    out_b + (out_a - out_b) * sigmoid(lse_a - lse_b) (the weight of part a: exp(lse_a) / (exp(lse_a) +
+    exp(lse_b)); 0 when part a is empty)."""
+    weight = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
+    return torch.addcmul(out_b, out_a - out_b, weight)
 
 
 def shared_prefix_decode_torch(
@@ -238,47 +317,28 @@ def shared_prefix_decode_torch(
         return out
     ratio = num_heads // num_kv_heads
     qd = q[batch.query_index]  # [R, H, D]
-
-    pre_out = torch.zeros((num_rows, num_heads, head_dim), dtype=torch.float32, device=q.device)
-    pre_lse = torch.full((num_rows, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for i, b in enumerate(plan.buckets):
-        g, m = b.num_groups, b.members
-        # [B * width, bs, KVH, D] -> [B * L, KVH, D]; slots past a prefix may hold anything (NaN): zeroed
-        k = plan.buffers.gather(f"k{i}", k_cache, b.blocks).view(-1, num_kv_heads, head_dim).index_fill_(0, b.invalid, 0.0)
-        v = plan.buffers.gather(f"v{i}", v_cache, b.blocks).view(-1, num_kv_heads, head_dim).index_fill_(0, b.invalid, 0.0)
-        k = k.view(g, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, KVH, L, D]
-        v = v.view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
-        qp = q.new_zeros((g * m, num_heads, head_dim))
-        qp[b.slots] = qd[b.rows]
-        # [B, M, KVH, ratio, D] -> [B, KVH, M * ratio, D]: member-major rows within each KV head
-        qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
-        bias, has_key = b.masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
-        assert bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
-        o, lse = _attention_lse(qg, k, v, bias, scale, softcap)
-        o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
-        lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)
-        if has_key is not None:  # a member whose window reaches no prefix key: an empty part
-            lse = torch.where(has_key.reshape(g * m, 1), lse, float("-inf"))
-        pre_out[b.rows] = o[b.slots]
-        pre_lse[b.rows] = lse[b.slots]
+    pre_out, pre_lse = prefix_part(qd, k_cache, v_cache, plan.buckets, plan.buffers, scale, window, softcap)
 
     if plan.suffix_slots is None:
         merged = pre_out
     else:
-        assert plan.suffix_invalid is not None and plan.suffix_masks is not None
+        assert plan.suffix_masks is not None
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         flat = plan.suffix_slots.view(-1)
-        k = plan.buffers.gather("ks", k_flat, flat).index_fill_(0, plan.suffix_invalid, 0.0)
-        v = plan.buffers.gather("vs", v_flat, flat).index_fill_(0, plan.suffix_invalid, 0.0)
+        k = plan.buffers.gather("ks", k_flat, flat)
+        v = plan.buffers.gather("vs", v_flat, flat)
         k = k.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [R, KVH, W, D]
         v = v.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)
         qs = qd.view(num_rows, num_kv_heads, ratio, head_dim)  # the heads of a KV head as rows
         bias, has_key = plan.suffix_masks.get(window)
-        suf_out, suf_lse = _attention_lse(qs, k, v, bias, scale, softcap)
-        if has_key is not None:  # a row with an empty suffix (or none in its window)
+        suf_out, suf_lse = attention_lse(qs, k, v, bias, scale, softcap)
+        suf_out = suf_out.reshape(num_rows, num_heads, head_dim)
+        if has_key is None:  # every row sees its own query token (the engine's case): the short merge
+            merged = merge_with_nonempty(pre_out, pre_lse, suf_out, suf_lse.reshape(num_rows, num_heads))
+        else:  # a row whose context ends with the prefix: an empty suffix part (the kernel's output there may be NaN)
+            suf_out = torch.where(has_key[:, :, None], suf_out, 0.0)
             suf_lse = torch.where(has_key[:, :, None], suf_lse, float("-inf"))
-        merged, _ = merge_attention_states(pre_out, pre_lse, suf_out.reshape(num_rows, num_heads, head_dim),
-                                           suf_lse.reshape(num_rows, num_heads))
+            merged, _ = merge_attention_states(pre_out, pre_lse, suf_out, suf_lse.reshape(num_rows, num_heads))
     out[batch.query_index] = merged.to(out.dtype)
     return out

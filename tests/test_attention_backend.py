@@ -105,6 +105,7 @@ def test_short_prefill_chunks_of_a_group_use_its_tiles(backend_name: str, heads:
               for k, i in enumerate(order)]
     backend = select_backend(backend_name, "cpu")
     backend.group_prefill_max_rows = 64  # on for the PyTorch reference too: the meaning is the same
+    backend.group_prefill_chunks = False  # per token through the shared launch (test_group_prefill_torch: whole chunks)
     lists = dict(query_lens=[c["ql"] for c in chunks], context_lens=[c["ctx"] for c in chunks],
                  block_tables=[c["table"] for c in chunks])
     q = torch.randn(sum(lists["query_lens"]), heads, head_dim, generator=torch.Generator().manual_seed(1))
