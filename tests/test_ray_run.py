@@ -8,6 +8,7 @@ import csv
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from test_run_contract import checked_summary
 from reliability_utils import SEEDED, flat, invoke, job_args, one_error_line, read_rows, write_template
 
 DOCS, QUESTIONS = 6, 4
+RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def _doc_qa(path: Path, docs: int = DOCS, questions: int = QUESTIONS) -> Path:
@@ -78,10 +80,22 @@ def test_a_worker_sees_the_run_directory_only_through_this_run_s_manifest(tmp_pa
 
 @pytest.fixture(scope="module")
 def ray_address() -> str:
+    # Ray >= 2.59 authenticates a local cluster with a token, its mode read once when ray is imported.
+    # The forked CLI runs that join this cluster come from a forkserver started earlier, with an earlier
+    # environment: this cluster and they share an explicit mode and token, set before ray is imported.
+    old = {k: os.environ.get(k) for k in RAY_AUTH}
+    os.environ.update(RAY_AUTH)
     ray = pytest.importorskip("ray")  # in the test extra: CI has it
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run(inp: Path, tpl: Path, out: Path, *extra: str) -> dict:
@@ -138,7 +152,7 @@ SLOW = ["--max-tokens", "12", "--kv-cache-tokens", "384", "--checkpoint-rows", "
 def slow_job(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> tuple[Path, Path, Path, dict]:
     """(input, template, one process's output, env) of a job whose parts take each worker seconds."""
     d = tmp_path_factory.mktemp("slow")
-    env = {"BATCHLLM_CACHE_DIR": str(demo_model_dir.parent)}
+    env = {"BATCHLLM_CACHE_DIR": str(demo_model_dir.parent), **RAY_AUTH}
     inp = _doc_qa(d / "docs.csv", docs=8, questions=6)
     tpl = write_template(d / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
     code, log = cli_process.run(job_args(inp, tpl, d / "one.parquet", *SLOW), env, d / "one.log")
