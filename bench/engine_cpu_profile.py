@@ -75,9 +75,9 @@ def timed_runner(engine) -> StepTimes:
     times = StepTimes()
     run = engine.runner.run
 
-    def wrapped(chunks, block_copies=()):
+    def wrapped(chunks, *rest):  # rest: the runner's other arguments (block copies, grammar masks)
         t = time.perf_counter()
-        out = run(chunks, block_copies)
+        out = run(chunks, *rest)
         dt_s = time.perf_counter() - t
         if all(c.num_tokens == 1 for c in chunks):
             times.decode_s += dt_s
