@@ -11,6 +11,7 @@ Settings (environment of the engine process):
   passive:  OMP_WAIT_POLICY=PASSIVE, all cores (the engine's default policy, engine/threads.py)
   one:      BATCHLLM_NUM_THREADS=1 (one intra-op thread)
   pinned:   OMP_WAIT_POLICY=PASSIVE + OMP_PROC_BIND=true (threads bound to cores)
+  spin20k, spin200k: PASSIVE + GOMP_SPINCOUNT=20000 / 200000 (spin that long, then sleep)
 
     python bench/thread_policy.py [--rounds 2] [--hogs 1] [--groups 3]
 Writes bench/results/thread_policy_<label>.json.
@@ -38,12 +39,15 @@ SETTINGS = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "one": {"OMP_WAIT_POLICY": "PASSIVE", "BATCHLLM_NUM_THREADS": "1"},
     "pinned": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_PROC_BIND": "true"},
+    # libgomp: a waiting thread spins this many times, then sleeps (PASSIVE alone: 0, ACTIVE: 3e10)
+    "spin20k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "20000"},
+    "spin200k": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "200000"},
 }
 LINE = re.compile(r"^round \d+ (\w+): engine ([0-9.]+)s")
 
 
 def run_once(setting: str, groups: int) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "BATCHLLM_NUM_THREADS", "OMP_PROC_BIND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "BATCHLLM_NUM_THREADS", "OMP_PROC_BIND", "GOMP_SPINCOUNT")}
     env |= {k: v for k, v in SETTINGS[setting].items() if v}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "engine_cpu_profile.py"), "--groups", str(groups),
