@@ -127,9 +127,16 @@ def execute_run(
         raise tracker.stopped(BatchLLMError(
             f"Internal error: {missing} rows have no committed result; run the same command again."))
 
-    t2 = time.perf_counter()
+    return write_output(prepared, model_info(tracker.engine), guard, tracker)
+
+
+def write_output(prepared: PreparedRun, model: dict[str, Any], guard: SignalGuard, tracker: Any) -> RunReport:
+    """Every row is committed: write the output and the marker, and report (the tracker's `finished`);
+    a signal meanwhile stops the job as interrupted, the rows kept for the next run to write."""
+    assert prepared.run_dir is not None
+    t0 = time.perf_counter()
     try:
-        report_files = write_final(prepared, model_info(tracker.engine))
+        files = write_final(prepared, model)
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True
@@ -138,7 +145,7 @@ def execute_run(
                 "written yet; run the same command again to write it."
             ))) from None
         raise tracker.stopped(exc)
-    return tracker.finished(time.perf_counter() - t2, report_files)
+    return tracker.finished(time.perf_counter() - t0, files)
 
 
 def interrupted_by_signal(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:
@@ -185,13 +192,7 @@ def _generate(
     def requests() -> Iterator[tuple[Hashable, list[int], SamplingParams]]:
         # Pulled lazily by the engine; rows already committed are never rendered again, and rows whose
         # template fails (or whose prompt is too long) never reach it.
-        for batch in prepared.source.batches(settings.batch_rows):
-            ids = batch.column(ROW_ID).to_numpy()
-            todo = ~done[ids]
-            if not todo.any():
-                continue
-            if not todo.all():
-                batch = batch.filter(todo)
+        for batch in prepared.pending_batches(done):
             keys = dict(zip(batch.column(ROW_ID).to_pylist(), batch.column(id_column).to_pylist())) if id_column else None
             for item in encoder.encode(batch):
                 if isinstance(item, FailedRow):

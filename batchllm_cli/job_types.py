@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from batchllm_cli.checkpoint import Committed, FileLock, RunDir
 from batchllm_cli.collector import OutputColumns
@@ -14,10 +14,13 @@ from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS
 from batchllm_cli.prompt_options import PromptOptions
 from batchllm_cli.prompts import PromptEncoder
 from batchllm_cli.structured_output import Constraint, TypedField
-from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, InputOptions, TableSource
+from batchllm_cli.table_io import DEFAULT_MAX_REJECTS, ROW_ID, InputOptions, TableSource
 from batchllm_cli.templates import PromptTemplate
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
     from engine import EngineConfig, SamplingParams, Tokenizer
 
 DEFAULT_CHECKPOINT_ROWS = 1000
@@ -275,6 +278,16 @@ class PreparedRun:
         assert self.tokenizer is not None
         return PromptEncoder(self.template, self.tokenizer, self.chat, self.max_prompt_tokens, s.truncate,
                              system=s.prompt.system, truncate_columns=s.prompt.truncate_columns)
+
+    def pending_batches(self, done: "np.ndarray") -> Iterator["pa.RecordBatch"]:
+        """The input's batches with the rows marked in `done` (bool per row id) left out; batches with
+        no row left are skipped."""
+        for batch in self.source.batches(self.settings.batch_rows):
+            todo = ~done[batch.column(ROW_ID).to_numpy()]
+            if todo.all():
+                yield batch
+            elif todo.any():
+                yield batch.filter(todo)
 
     def close(self) -> None:
         """Release the locks (run directory, then output) and the input."""

@@ -200,15 +200,9 @@ def tokenize_rows(prepared: PreparedRun, done: np.ndarray, spool: TokenSpool,
     encoder = prepared.prompt_encoder()
     truncated: list[np.ndarray] = []
     keys: list[Any] | None = [] if s.id_column else None
-    for batch in prepared.source.batches(s.batch_rows):
+    for batch in prepared.pending_batches(done):
         if stopped():
             break
-        ids = batch.column(ROW_ID).to_numpy()
-        todo = ~done[ids]
-        if not todo.any():
-            continue
-        if not todo.all():
-            batch = batch.filter(todo)
         packed, _ = fit_packed(encoder.encode_packed(batch), prepared.max_prompt_tokens, s.truncate)
         if packed.failed:
             on_failed(packed.failed)

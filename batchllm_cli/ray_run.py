@@ -32,8 +32,7 @@ import numpy as np
 from batchllm_cli.checkpoint import Committed
 from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job import interrupted_by_signal, is_out_of_memory
-from batchllm_cli.job_output import write_final
+from batchllm_cli.job import interrupted_by_signal, is_out_of_memory, write_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
 from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
@@ -274,18 +273,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
             missing = int((~prepared.committed.done).sum())
             raise tracker.stopped(BatchLLMError(
                 f"{missing} rows have no committed result after the workers stopped; run the same command again."))
-        t2 = time.perf_counter()
-        try:
-            files = write_final(prepared, tracker.model)
-        except BaseException as exc:
-            if isinstance(exc, JobInterrupted) or guard.pending is not None:
-                guard.draining = True
-                raise tracker.stopped(interrupted_by_signal(guard, exc, (
-                    f"all {prepared.total_rows} rows are committed in {prepared.run_dir.path}, the output is not "
-                    "written yet; run the same command again to write it."
-                ))) from None
-            raise tracker.stopped(exc)
-        return tracker.finished(time.perf_counter() - t2, files)
+        return write_output(prepared, tracker.model, guard, tracker)
     finally:
         if pool is not None:
             pool.close()  # after the report: stopping Ray is no part of the job's time

@@ -38,10 +38,7 @@ from kernels import triton_interpreting
 from kernels.group_prefill_torch import TorchGroupPrefillPlan, group_prefill_torch, plan_group_prefill_torch
 from kernels.paged_attention import build_paged_batch, store_kv_reference
 from kernels.paged_attention_torch import TorchPagedPlan, paged_attention_torch, plan_paged_torch
-from kernels.shared_prefix_attention import (
-    SharedPrefixBatch,
-    build_shared_prefix_batch,
-)
+from kernels.shared_prefix_attention import build_shared_prefix_batch
 from kernels.shared_prefix_torch import TorchSharedPrefixPlan, plan_shared_prefix_torch, shared_prefix_decode_torch
 
 __all__ = [
