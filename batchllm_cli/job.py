@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Hashable, Iterator
+from typing import TYPE_CHECKING, Any, Hashable, Iterator, NoReturn
 
 from batchllm_cli.engine_settings import engine_config_of
 from batchllm_cli.errors import BatchLLMError, Interrupted, TempFailError, UsageError
@@ -108,15 +108,10 @@ def execute_run(
                 tracker.engine = _load_engine(prepared, config, sink)
         sink.commit()
     except BaseException as exc:
-        guard.draining = True
-        sink.salvage()
-        # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
-        if isinstance(exc, JobInterrupted) or guard.pending is not None:
-            raise tracker.stopped(interrupted_by_signal(guard, exc, (
-                f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
-                f"{prepared.run_dir.path}; run the same command again to resume."
-            ))) from None
-        raise tracker.stopped(exc)
+        raise_stopped(exc, guard, sink, tracker, (
+            f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
+            f"{prepared.run_dir.path}; run the same command again to resume."
+        ))
     finally:
         if first_feed is not None:
             first_feed.close()  # closed already unless the run stopped before the engine pulled from it
@@ -146,6 +141,17 @@ def write_output(prepared: PreparedRun, model: dict[str, Any], guard: SignalGuar
             ))) from None
         raise tracker.stopped(exc)
     return tracker.finished(time.perf_counter() - t0, files)
+
+
+def raise_stopped(exc: BaseException, guard: SignalGuard, sink: ShardSink, tracker: Any, kept: str) -> NoReturn:
+    """End a run that `exc` stopped: results still buffered are committed (salvaged), and the report is
+    interrupted (`kept` says what the next run resumes from) or failed."""
+    guard.draining = True
+    sink.salvage()
+    # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
+    if isinstance(exc, JobInterrupted) or guard.pending is not None:
+        raise tracker.stopped(interrupted_by_signal(guard, exc, kept)) from None
+    raise tracker.stopped(exc)
 
 
 def interrupted_by_signal(guard: SignalGuard, exc: BaseException, what: str) -> Interrupted:

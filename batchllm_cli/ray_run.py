@@ -31,8 +31,8 @@ import numpy as np
 
 from batchllm_cli.checkpoint import Committed
 from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
-from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
-from batchllm_cli.job import interrupted_by_signal, is_out_of_memory, write_output
+from batchllm_cli.interrupts import SignalGuard, null_guard
+from batchllm_cli.job import is_out_of_memory, raise_stopped, write_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
 from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
@@ -259,13 +259,9 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
                 _run_rounds(prepared, pool, sink, tracker, tmp, observer)
             sink.commit()
         except BaseException as exc:
-            guard.draining = True
-            sink.salvage()
-            if isinstance(exc, JobInterrupted) or guard.pending is not None:
-                raise tracker.stopped(interrupted_by_signal(guard, exc, (
-                    f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
-                ))) from None
-            raise tracker.stopped(exc)
+            raise_stopped(exc, guard, sink, tracker, (
+                f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
+            ))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             observer.finish()  # (also when it never started: then it does nothing)
