@@ -37,7 +37,7 @@ import torch
 from kernels import triton_interpreting
 from kernels.group_prefill_torch import TorchGroupPrefillPlan, group_prefill_torch, plan_group_prefill_torch
 from kernels.paged_attention import build_paged_batch, store_kv_reference
-from kernels.paged_attention_torch import TorchPagedPlan, paged_attention_torch, plan_paged_torch
+from kernels.paged_attention_torch import GatherBuffers, TorchPagedPlan, paged_attention_torch, plan_paged_torch
 from kernels.shared_prefix_attention import build_shared_prefix_batch
 from kernels.shared_prefix_torch import TorchSharedPrefixPlan, plan_shared_prefix_torch, shared_prefix_decode_torch
 
@@ -246,6 +246,12 @@ class TorchBackend(_StepMixin):
 
     name = "torch"
     shared_launch_for_plain_rows = False
+
+    def __init__(self) -> None:
+        # one set per kind of plan, reused by every step (see GatherBuffers)
+        self._paged_buffers = GatherBuffers()
+        self._shared_buffers = GatherBuffers()
+        self._group_buffers = GatherBuffers()
     # Members' prefill chunks of any length go through group prefill (kernels.group_prefill_torch):
     # the prefix read once per group, all members' queries in one attention call per bucket.
     group_prefill_max_rows = 1 << 30
@@ -270,7 +276,7 @@ class TorchBackend(_StepMixin):
                 decode_query_index=torch.tensor(decode, dtype=torch.int64, device=batch.decode_query_index.device),
                 prefill_spans=tuple((s, int(ql), int(c)) for s, ql, c in spans),
             )
-        return plan_paged_torch(batch)
+        return plan_paged_torch(batch, self._paged_buffers)
 
     def paged_attention(self, q, k_cache, v_cache, meta: TorchPagedPlan, scale: float, out=None,
                         key=None, value=None, window: int | None = None,
@@ -286,7 +292,8 @@ class TorchBackend(_StepMixin):
     ) -> TorchSharedPrefixPlan:
         batch = build_shared_prefix_batch(query_rows, context_lens, block_tables, group_ids, prefix_lens,
                                           block_size, device)
-        return plan_shared_prefix_torch(batch, window, heads_per_kv=max(1, num_heads // max(1, num_kv_heads)))
+        return plan_shared_prefix_torch(batch, window, heads_per_kv=max(1, num_heads // max(1, num_kv_heads)),
+                                        buffers=self._shared_buffers)
 
     def shared_prefix_decode(self, q, k_cache, v_cache, meta: TorchSharedPrefixPlan, scale: float, out=None,
                              window: int | None = None, softcap: float | None = None):
@@ -298,7 +305,8 @@ class TorchBackend(_StepMixin):
         num_heads: int, num_kv_heads: int, window: int | None = None,
     ) -> TorchGroupPrefillPlan:
         return plan_group_prefill_torch(query_starts, query_lens, context_lens, block_tables, group_ids, prefix_lens,
-                                        block_size, device, max(1, num_heads // max(1, num_kv_heads)), window)
+                                        block_size, device, max(1, num_heads // max(1, num_kv_heads)), window,
+                                        buffers=self._group_buffers)
 
     def group_prefill_attention(self, q, k_cache, v_cache, meta: TorchGroupPrefillPlan, scale: float, out,
                                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:

@@ -118,11 +118,13 @@ def plan_group_prefill_torch(
     device: torch.device | str,
     heads_per_kv: int,
     window: int | None = None,
+    buffers: GatherBuffers | None = None,
 ) -> TorchGroupPrefillPlan:
     """Per-step metadata of `group_prefill_torch`: one entry per chunk (its first row of q, query
     tokens, context tokens, block table, group and the group's prefix tokens, which must lie
     before the chunk's queries; members of a group share the prefix's full blocks).
-    window: the largest sliding window of the layers it serves."""
+    window: the largest sliding window of the layers it serves. buffers: gather buffers to reuse
+    (see `plan_paged_torch`)."""
     device = torch.device(device)
     bs = block_size
     by_group: dict[Hashable, list[int]] = {}
@@ -184,6 +186,7 @@ def plan_group_prefill_torch(
     return TorchGroupPrefillPlan(
         buckets=buckets, token_rows=dev(q_rows[query_ok]), suffix=tuple(suffix),
         suffix_order=None if identity else dev(order_of_token), heads_per_kv=heads_per_kv,
+        buffers=buffers if buffers is not None else GatherBuffers(),
     )
 
 

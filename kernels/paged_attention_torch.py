@@ -6,6 +6,11 @@ the two). What it does differently, all decided once per step on the host (`plan
     it) attends to the step's new keys and values directly, without gathering them back from the
     cache (given `key` / `value`, as `StepContext` passes them);
   - the chunks' causal masks are built once per step, not once per layer;
+  - decode rows go in chunks of rows of similar context length (sorted longest first), each chunk
+    gathered into a buffer of at most DECODE_CHUNK_BYTES and padded only to its own longest row: the
+    gathered keys are still in cache when the attention reads them (one padded batch of every row
+    read them back from memory: 1.5x slower at 192 rows x 528 keys), and one long row no longer pads
+    every other row to its length;
   - decode rows zero only the gathered key/value slots past each row's context (the reference
     masks the whole gathered copy), and results go straight into `out`.
 Sliding windows: blocks before the batch's window are never gathered (`build_paged_batch`); the masks
@@ -20,12 +25,18 @@ import torch
 
 from kernels.paged_attention import PagedBatch, attend, span_mask
 
-__all__ = ["GatherBuffers", "TorchPagedPlan", "paged_attention_torch", "plan_paged_torch"]
+__all__ = ["DECODE_CHUNK_BYTES", "DecodeChunk", "GatherBuffers", "TorchPagedPlan", "paged_attention_torch",
+           "plan_paged_torch"]
+
+# Keys and values gathered per decode chunk: a few MB, so that the attention reads them from cache.
+DECODE_CHUNK_BYTES = 16 << 20
 
 
 class GatherBuffers:
-    """A step's gather buffers, reused by every layer: a fresh large CPU tensor per layer pays its
-    page faults again (a 29 MB gather took 2-3x as long into new memory as into a reused buffer)."""
+    """Gather buffers reused by every layer and chunk of a step, and by the steps of an engine: a
+    fresh large CPU tensor pays its page faults again (a 29 MB gather took 2-3x as long into new
+    memory as into a reused buffer). A buffer grows to the largest gather asked of it; smaller ones
+    use its start. One user at a time: a gather's result is used before the next gather by name."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
@@ -36,17 +47,31 @@ class GatherBuffers:
         if source.requires_grad and torch.is_grad_enabled():
             return source.index_select(0, index)
         shape = (index.shape[0], *source.shape[1:])
+        numel = index.shape[0] * source[0].numel() if source.shape[0] else 0
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != source.dtype or buf.device != source.device:
-            buf = self._buffers[name] = torch.empty(shape, dtype=source.dtype, device=source.device)
-        return torch.index_select(source, 0, index, out=buf)
+        if buf is None or buf.numel() < numel or buf.dtype != source.dtype or buf.device != source.device:
+            buf = self._buffers[name] = torch.empty(numel, dtype=source.dtype, device=source.device)
+        return torch.index_select(source, 0, index, out=buf[:numel].view(shape))
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    """Decode rows gathered and attended together: n rows padded to `width` blocks."""
+
+    rows: torch.Tensor  # [n] int64: the rows' places among the batch's decode rows
+    query_index: torch.Tensor  # [n] int64: their rows of q
+    blocks: torch.Tensor  # [n * width] int64: their blocks, row-major
+    invalid: torch.Tensor  # [k] int64: flat positions of the gathered keys past each row's context
+    width: int
 
 
 @dataclass(frozen=True)
 class TorchPagedPlan:
     batch: PagedBatch
-    decode_invalid: torch.Tensor  # [n] int64: positions of the flat gathered decode keys past each row's context
+    decode_lens: np.ndarray  # [num_decode] int64: gathered keys each decode row uses (host)
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
+    # bytes of one gathered block's keys and values -> the decode chunks (built at the first layer)
+    _chunks: dict = field(default_factory=dict, compare=False, repr=False)
     # window -> (decode mask [rows, 1, 1, keys] bool, per prefill span [q_len, keys] bool or None
     # when causal from 0): built at the first layer asking for the window, reused by the others
     _masks: dict = field(default_factory=dict, compare=False, repr=False)
@@ -64,11 +89,49 @@ class TorchPagedPlan:
             found = self._masks[window] = (batch.decode_visible(window), prefill)
         return found
 
+    def decode_chunks(self, block_bytes: int) -> tuple[DecodeChunk, ...]:
+        """The decode rows in chunks of at most DECODE_CHUNK_BYTES of gathered keys and values (at
+        least one row), longest rows first, each chunk padded to its longest row's blocks."""
+        found = self._chunks.get(block_bytes)
+        if found is None:
+            found = self._chunks[block_bytes] = _chunk_decode_rows(self.batch, self.decode_lens, block_bytes)
+        return found
 
-def plan_paged_torch(batch: PagedBatch) -> TorchPagedPlan:
+
+def _chunk_decode_rows(batch: PagedBatch, lens: np.ndarray, block_bytes: int) -> tuple[DecodeChunk, ...]:
     device = batch.decode_blocks.device
-    invalid = np.flatnonzero(~batch.decode_mask.cpu().numpy().reshape(-1))
-    return TorchPagedPlan(batch, torch.from_numpy(invalid).to(device))
+    block_size = batch.decode_mask.shape[-1] // max(1, batch.decode_blocks.shape[1])
+    blocks = batch.decode_blocks.cpu().numpy()
+    query_index = batch.decode_query_index.cpu().numpy()
+    widths = -(-lens // block_size)
+    longest = int(widths.max(initial=0))
+    one_chunk = len(lens) * longest * block_bytes <= DECODE_CHUNK_BYTES
+    # one chunk: the batch's own order (its mask needs no selection); else longest rows first
+    order = np.arange(len(lens)) if one_chunk else np.argsort(-lens, kind="stable")
+    chunks: list[DecodeChunk] = []
+    start = 0
+    while start < len(order):
+        width = longest if one_chunk else int(widths[order[start]])
+        n = max(1, min(len(order) - start, DECODE_CHUNK_BYTES // max(1, width * block_bytes)))
+        rows = order[start : start + n]
+        valid = np.arange(width * block_size)[None, :] < lens[rows][:, None]
+        chunks.append(DecodeChunk(
+            rows=torch.from_numpy(rows.copy()).to(device),
+            query_index=torch.from_numpy(query_index[rows]).to(device),
+            blocks=torch.from_numpy(np.ascontiguousarray(blocks[rows, :width]).reshape(-1)).to(device),
+            invalid=torch.from_numpy(np.flatnonzero(~valid)).to(device),
+            width=width,
+        ))
+        start += n
+    return tuple(chunks)
+
+
+def plan_paged_torch(batch: PagedBatch, buffers: GatherBuffers | None = None) -> TorchPagedPlan:
+    """buffers: gather buffers to reuse (an engine passes the same ones every step: new large
+    buffers each step pay their page faults again); None: the plan's own."""
+    mask = batch.decode_mask
+    lens = mask.cpu().numpy().reshape(mask.shape[0], mask.shape[-1]).sum(-1).astype(np.int64)
+    return TorchPagedPlan(batch, lens, buffers if buffers is not None else GatherBuffers())
 
 
 def paged_attention_torch(
@@ -88,18 +151,21 @@ def paged_attention_torch(
     decode_mask, prefill_masks = plan.masks(window)
     num_kv_heads, head_dim = k_cache.shape[-2:]
     if batch.decode_query_index.numel():
-        rows, width = batch.decode_blocks.shape
-        flat = batch.decode_blocks.flatten()
-        k = plan.buffers.gather("kd", k_cache, flat).view(-1, num_kv_heads, head_dim)
-        v = plan.buffers.gather("vd", v_cache, flat).view(-1, num_kv_heads, head_dim)
-        # unwritten slots may hold NaN, which a -inf bias or a 0 weight keeps: zero them
-        k.index_fill_(0, plan.decode_invalid, 0.0)
-        v.index_fill_(0, plan.decode_invalid, 0.0)
-        k = k.view(rows, -1, num_kv_heads, head_dim).transpose(1, 2)
-        v = v.view(rows, -1, num_kv_heads, head_dim).transpose(1, 2)
-        qd = q[batch.decode_query_index].unsqueeze(2)  # [rows, heads, 1, d]
-        o = attend(qd, k, v, decode_mask, scale, softcap)
-        out[batch.decode_query_index] = o.squeeze(2)
+        block_size = k_cache.shape[1]
+        chunks = plan.decode_chunks(2 * k_cache[0].numel() * k_cache.element_size())
+        for chunk in chunks:
+            n, keys = chunk.rows.shape[0], chunk.width * block_size
+            k = plan.buffers.gather("kd", k_cache, chunk.blocks).view(-1, num_kv_heads, head_dim)
+            v = plan.buffers.gather("vd", v_cache, chunk.blocks).view(-1, num_kv_heads, head_dim)
+            # unwritten slots may hold NaN, which a -inf bias or a 0 weight keeps: zero them
+            k.index_fill_(0, chunk.invalid, 0.0)
+            v.index_fill_(0, chunk.invalid, 0.0)
+            k = k.view(n, keys, num_kv_heads, head_dim).transpose(1, 2)  # [n, kv_heads, keys, d]
+            v = v.view(n, keys, num_kv_heads, head_dim).transpose(1, 2)
+            mask = decode_mask if len(chunks) == 1 else decode_mask[chunk.rows]
+            qd = q[chunk.query_index].unsqueeze(2)  # [n, heads, 1, d]
+            o = attend(qd, k, v, mask[..., :keys], scale, softcap)
+            out[chunk.query_index] = o.squeeze(2)
     for i, ((start, q_len, ctx_len), blocks, mask) in enumerate(
         zip(batch.prefill_spans, batch.prefill_blocks, prefill_masks)
     ):

@@ -193,11 +193,13 @@ def plan_prefix_buckets(
 
 
 def plan_shared_prefix_torch(
-    batch: SharedPrefixBatch, window: int | None = None, heads_per_kv: int = 1
+    batch: SharedPrefixBatch, window: int | None = None, heads_per_kv: int = 1, buffers: GatherBuffers | None = None
 ) -> TorchSharedPrefixPlan:
     """Per-step index tensors for `shared_prefix_decode_torch` (host work, once per step). `window`:
     the largest sliding window of the layers it serves (None: some layer attends to everything);
-    keys before it are not gathered. heads_per_kv: query heads per KV head (needed with a window)."""
+    keys before it are not gathered. heads_per_kv: query heads per KV head (needed with a window).
+    buffers: gather buffers to reuse (see `plan_paged_torch`)."""
+    buffers = buffers if buffers is not None else GatherBuffers()
     device = batch.query_index.device
     ctx = np.asarray(batch.host_context_lens, dtype=np.int64)
     sstart = np.asarray(batch.host_suffix_starts, dtype=np.int64)
@@ -206,7 +208,7 @@ def plan_shared_prefix_torch(
     lens = ctx - kstart
     width = int(lens.max()) if len(lens) else 0
     if not width:
-        return TorchSharedPrefixPlan(batch, buckets, None, None)
+        return TorchSharedPrefixPlan(batch, buckets, None, None, buffers)
     bs = batch.block_size
     offs = np.arange(width, dtype=np.int64)[None, :]
     valid = offs < lens[:, None]
@@ -216,7 +218,7 @@ def plan_shared_prefix_torch(
     tables = batch.block_tables.to("cpu", torch.int64).numpy()
     slots = np.take_along_axis(tables, pos // bs - first[:, None], axis=1) * bs + pos % bs
     return TorchSharedPrefixPlan(batch, buckets, torch.from_numpy(slots).to(device),
-                                 _WindowMasks(pos, valid, ctx[:, None] - 1, window, device))
+                                 _WindowMasks(pos, valid, ctx[:, None] - 1, window, device), buffers)
 
 
 def attention_lse(

@@ -65,3 +65,29 @@ def test_rows_outside_the_batch_are_untouched() -> None:
     keep[3], keep[6:11] = False, False
     assert (out[keep] == 7.0).all()
     torch.testing.assert_close(out[[3, 6, 7, 8, 9, 10]], sc.expected(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 11])
+@pytest.mark.parametrize("chunk_blocks", [1, 3, 7])
+def test_decode_rows_in_chunks_equal_the_reference(monkeypatch, window: int | None, chunk_blocks: int) -> None:
+    """Decode rows of very different context lengths split over several chunks (longest first, each
+    padded to its own longest row; NaN in every unwritten slot) give the reference's output in q's
+    row order, with and without a sliding window."""
+    import kernels.paged_attention_torch as paged_torch
+    from kernels.paged_attention import paged_attention_reference
+
+    heads, kv_heads, head_dim, block_size = 4, 2, 16, 4
+    spans = [(1, 3), (1, 41), (5, 9), (1, 1), (1, 17), (1, 40), (1, 6), (7, 7), (1, 29), (1, 12)]
+    sc = make_prefill_scenario(5, spans, heads, kv_heads, head_dim, block_size)
+    block_bytes = 2 * block_size * kv_heads * head_dim * 4
+    monkeypatch.setattr(paged_torch, "DECODE_CHUNK_BYTES", chunk_blocks * block_bytes)
+    batch = build_paged_batch(sc.query_lens, sc.context_lens, sc.block_tables, block_size, torch.device("cpu"),
+                              window=window)
+    plan = plan_paged_torch(batch)
+    chunks = plan.decode_chunks(block_bytes)
+    assert len(chunks) > 1
+    assert sorted(torch.cat([c.query_index for c in chunks]).tolist()) == batch.decode_query_index.tolist()
+    expected = paged_attention_reference(sc.q, sc.k_cache, sc.v_cache, batch, sc.scale, window=window)
+    out = paged_attention_torch(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, torch.empty_like(sc.q), window=window)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
