@@ -60,3 +60,48 @@ def test_no_rows_and_no_suffix() -> None:
     out = shared_prefix_decode_torch(q, sc.k_cache, sc.v_cache, plan_shared_prefix_torch(empty), sc.scale,
                                      out=q.clone())
     assert torch.equal(out, q)
+
+
+@pytest.mark.parametrize("window", [None, 3, 13, 40])
+@pytest.mark.parametrize("heads,kv_heads,block_size", [(4, 2, 8), (6, 2, 5)])
+def test_prefixes_in_consecutive_blocks_are_read_in_place(window: int | None, heads: int, kv_heads: int,
+                                                          block_size: int) -> None:
+    """A group whose full prefix blocks are consecutive gets a bucket of its own read as a slice of
+    the cache (no gather; NaN in every unwritten slot around it); groups in scattered blocks still
+    share padded buckets; decode and group prefill both equal the definition, with and without a window."""
+    from kernels.attention_backend import TorchBackend
+    from kernels.paged_attention import build_paged_batch, paged_attention_reference
+    from test_sliding_window import dense_decode
+
+    # whole-block prefixes in consecutive blocks (groups 0 and 3, as the engine's plans have them),
+    # one in scattered blocks, one ending mid-block (its last block is each member's copy: not a run)
+    groups = [(80, [3, 0, 5, 19]), (16, [0, 2]), (11, [4, 1]), (40, [2, 9, 1])]
+    sc = make_decode_scenario(heads + block_size, groups, [1, 9], heads, kv_heads, 16, block_size,
+                              contiguous_groups=(0, 2, 3))
+    batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
+                                      sc.prefix_lens, sc.block_size, "cpu")
+    plan = plan_shared_prefix_torch(batch, window, heads_per_kv=heads // kv_heads)
+    if window is None:
+        assert sum(b.run_start is not None for b in plan.buckets) == 2
+        assert sum(b.num_groups for b in plan.buckets if b.run_start is None) == 2
+    out = torch.full_like(sc.q, 5.0)
+    shared_prefix_decode_torch(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, out=out, window=window)
+    rows = torch.tensor(sc.query_rows)
+    torch.testing.assert_close(out[rows], dense_decode(sc, window).float()[rows], atol=1e-5, rtol=1e-5)
+
+    # the members' prefill chunks after their prefix, through group prefill
+    members = [i for i, gid in enumerate(sc.group_ids) if gid is not None and sc.context_lens[i] - sc.prefix_lens[i] > 1]
+    qls = [sc.context_lens[i] - sc.prefix_lens[i] for i in members]
+    ctxs, tables = [sc.context_lens[i] for i in members], [sc.block_tables[i] for i in members]
+    backend = TorchBackend()
+    meta = backend.build_step_metadata(qls, ctxs, tables, block_size, "cpu", num_heads=heads, num_kv_heads=kv_heads,
+                                       group_ids=[sc.group_ids[i] for i in members],
+                                       prefix_lens=[sc.prefix_lens[i] for i in members], window=window)
+    assert meta.group_prefill is not None
+    if window is None:
+        assert any(b.run_start is not None for b in meta.group_prefill.buckets)
+    q = torch.randn(sum(qls), heads, 16, generator=torch.Generator().manual_seed(1))
+    got = backend.attention(q, sc.k_cache, sc.v_cache, meta, sc.scale, window=window)
+    plain = build_paged_batch(qls, ctxs, tables, block_size, torch.device("cpu"))
+    expected = paged_attention_reference(q, sc.k_cache, sc.v_cache, plain, sc.scale, window=window)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
