@@ -8,15 +8,12 @@ With `prefix_cache=True` it also behaves like an online engine's automatic prefi
 sharing mode): full blocks are named by a hash chained over their tokens, a freed block keeps its
 content and name until it is reused, and free blocks are reused least recently freed first.
 
-With `contiguous_runs=True` (for an attention backend that reads runs in place; never with the
-prefix cache) a grow of CONTIGUOUS_MIN_BLOCKS or more takes the lowest run of consecutive free blocks
-where one exists, and smaller grows take the highest-numbered free blocks: a shared prefix's or a
-whole prompt's keys then lie in one slice of the cache, read in place instead of gathered every layer
-of every step, and the one-block growth of decoding rows stays out of the holes long runs need.
+Without it, a grow of CONTIGUOUS_MIN_BLOCKS or more takes one run of consecutive free blocks where
+one exists (first fit): a whole prompt's or a shared prefix's keys then lie in one slice of the cache,
+which the CPU attention reads in place instead of gathering it every layer of every step.
 """
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from typing import Sequence as Seq
 
@@ -28,19 +25,14 @@ CONTIGUOUS_MIN_BLOCKS = 8
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = False,
-                 contiguous_runs: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_cache: bool = False) -> None:
         assert num_blocks > 0 and block_size > 0
-        assert not (prefix_cache and contiguous_runs), "the prefix cache keeps its own reuse order"
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         # free blocks in LRU order: reuse from the front; a freed block goes to the back
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.contiguous_runs = contiguous_runs
         self._is_free = np.ones(num_blocks, dtype=bool)  # the same set, for finding runs
-        # contiguous_runs: free blocks, highest first (negated ids; taken or duplicate entries are skipped)
-        self._highest_free = [-b for b in range(num_blocks - 1, -1, -1)] if contiguous_runs else []
         self.peak_used_blocks = 0
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies before the next step
         self.prefix_cache = prefix_cache
@@ -68,12 +60,7 @@ class BlockManager:
 
     # -- allocation -----------------------------------------------------------------------------
     def _take_free_block(self) -> int:
-        if not self.contiguous_runs:
-            block, _ = self._free.popitem(last=False)
-            return self._claim(block)
-        while not self._is_free[block := -heapq.heappop(self._highest_free)]:
-            pass
-        del self._free[block]
+        block, _ = self._free.popitem(last=False)
         return self._claim(block)
 
     def _claim(self, block: int) -> int:
@@ -84,30 +71,24 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def _free_run(self, needed: int) -> tuple[int, int]:
-        """(first block, length) of the lowest run of `needed` consecutive free blocks, or of the
-        longest run when none is that long (length 0: no free block)."""
+    def _free_run(self, needed: int) -> int | None:
+        """The first block of the lowest run of `needed` consecutive free blocks; None if none."""
         free = np.flatnonzero(self._is_free)
-        if not len(free):
-            return 0, 0
-        cuts = np.flatnonzero(np.diff(free) != 1) + 1  # where a new run starts
-        firsts = np.concatenate(([0], cuts))
-        lengths = np.diff(np.concatenate((firsts, [len(free)])))
-        fits = np.flatnonzero(lengths >= needed)
-        pick = int(fits[0]) if len(fits) else int(np.argmax(lengths))
-        return int(free[firsts[pick]]), min(int(lengths[pick]), needed)
+        if len(free) < needed:
+            return None
+        ends = free[needed - 1 :] - free[: len(free) - needed + 1]  # == needed - 1 where a run starts
+        starts = np.flatnonzero(ends == needed - 1)
+        return int(free[starts[0]]) if len(starts) else None
 
     def _take_blocks(self, needed: int) -> list[int]:
-        """`needed` free blocks; with contiguous_runs a large grow ends with the longest run it can
-        get (all of it when a run is long enough), the rest taken as small grows are."""
-        run, length = self._free_run(needed) if self.contiguous_runs and needed >= CONTIGUOUS_MIN_BLOCKS else (0, 0)
-        if length < CONTIGUOUS_MIN_BLOCKS:
+        run = None
+        if needed >= CONTIGUOUS_MIN_BLOCKS and not self.prefix_cache:  # lru mode keeps its reuse order
+            run = self._free_run(needed)
+        if run is None:
             return [self._take_free_block() for _ in range(needed)]
-        for block in range(run, run + length):  # out of the free set first: the head must not take them
+        for block in range(run, run + needed):
             del self._free[block]
-            self._is_free[block] = False
-        head = [self._take_free_block() for _ in range(needed - length)]
-        return head + [self._claim(block) for block in range(run, run + length)]
+        return [self._claim(block) for block in range(run, run + needed)]
 
     def _note_peak(self) -> None:
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
@@ -128,15 +109,14 @@ class BlockManager:
         self._note_peak()
 
     def release(self, blocks: Seq[int]) -> None:
-        # lru mode frees a chain's last blocks first (reused first, they are the least likely hits)
-        for block in reversed(blocks):
+        # lru mode frees a chain's last blocks first (reused first, they are the least likely hits);
+        # otherwise in order, so that a freed run is handed out in order again
+        for block in reversed(blocks) if self.prefix_cache else blocks:
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
                 self._free[block] = None
                 self._is_free[block] = True
-                if self.contiguous_runs:
-                    heapq.heappush(self._highest_free, -block)
                 if not self.prefix_cache:
                     self._forget(block)
 

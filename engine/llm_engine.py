@@ -55,10 +55,8 @@ class LLMEngine:
             self.model_config.max_position_embeddings,
         )
         self.runner = ModelRunner(self.model_config, config, self.max_model_len)
-        lru = config.prefix_sharing == "lru"
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, prefix_cache=lru,
-            contiguous_runs=self.runner.attention_backend.reads_runs_in_place and not lru,
+            self.runner.num_blocks, config.block_size, prefix_cache=config.prefix_sharing == "lru"
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_batch_tokens, config.max_num_seqs, config.decode_reservation

@@ -69,7 +69,6 @@ class StepAttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
-    reads_runs_in_place: bool
 
     def store_kv(
         self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -137,9 +136,6 @@ class _StepMixin:
     # How those chunks go: False, each query token a row of the shared-prefix launch; True, whole
     # chunks through the backend's build_group_prefill_metadata / group_prefill_attention.
     group_prefill_chunks = False
-    # Whether a prefix in consecutive cache blocks is read in place (cheaper than gathered): the
-    # engine's block manager then hands long grows runs of consecutive blocks.
-    reads_runs_in_place = False
 
     def build_step_metadata(
         self,
@@ -260,7 +256,6 @@ class TorchBackend(_StepMixin):
     # the prefix read once per group, all members' queries in one attention call per bucket.
     group_prefill_max_rows = 1 << 30
     group_prefill_chunks = True
-    reads_runs_in_place = True
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv_reference(key, value, k_cache, v_cache, slot_mapping)

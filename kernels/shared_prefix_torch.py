@@ -18,10 +18,8 @@ Buckets: groups sorted by prefix length, a group joins the current bucket while 
 work (groups x longest prefix x most members) stays within twice its real work, so one long prefix
 or one large group never makes every group pay for its padding. A group whose prefix keys lie in one
 run of consecutive cache blocks (the block manager hands a prefix such a run when it can) is a bucket
-of its own that reads them in place when it has enough query rows (RUN_MIN_QUERY_ROWS): a slice of
-the cache, no gather, no padding, and no mask without a window. A nested prefix starts on its parent's
-blocks: its last run is read in place and the few blocks before it gathered, the two parts merged by
-log-sum-exp.
+of its own that reads them in place: a slice of the cache, no gather, no padding, and no mask
+without a window.
 
 All index tensors are built once per step on the host (`plan_shared_prefix_torch`); every layer
 reuses them and the step's gather buffers.
@@ -54,14 +52,6 @@ __all__ = [
 ]
 
 PAD_WORK_FACTOR = 2.0  # a bucket's padded work may be at most this many times its real work
-# A prefix in consecutive blocks is read in place when its group has at least this many query rows
-# per KV head (members' query tokens x query heads per KV head): the fused kernel splits its work by
-# batch, head and query tile, and one group with few rows leaves it too little to share between
-# threads (docqa decode, 32 rows per group: one call per group cost more than the gathers it saved).
-RUN_MIN_QUERY_ROWS = 128
-# ... and when at least this share of its prefix blocks form its last run (the blocks before it, a
-# parent prefix's, are gathered and attended apart, merged by log-sum-exp)
-RUN_MIN_SHARE = 0.75
 
 
 class _WindowMasks:
@@ -116,11 +106,8 @@ class PrefixBucket:
     members: int  # M
     # [R] int64: the padded query slot of every row of the batch, when this bucket alone covers them all
     slot_of_row: torch.Tensor | None = None
-    # a group (B = 1, no padding) whose last L prefix keys are cache slots run_start .. run_start + L - 1
-    # (masks: of those L keys), after the keys of head_slots (a parent prefix's blocks; None: none)
+    # a group whose L prefix keys are cache slots run_start .. run_start + L - 1 (B = 1, no padding)
     run_start: int | None = None
-    head_slots: torch.Tensor | None = None  # [H] int64
-    head_masks: _WindowMasks | None = None
 
 
 @dataclass(frozen=True)
@@ -169,18 +156,15 @@ def plan_prefix_buckets(
     spans = plens - first_block * bs  # keys from the first block on; <= 0: no member sees the prefix
     order = np.argsort(-spans, kind="stable")
     groups: list[list[int]] = []
-    runs: list[tuple[int, int]] = []  # (group, blocks before its last run): read in place
+    runs: list[int] = []  # groups read in place
     real = padded_max_m = 0
     for g in order.tolist():
         if spans[g] <= 0:
             continue  # the prefix lies wholly before every member's window: its part is empty
-        if sizes[g] * ratio >= RUN_MIN_QUERY_ROWS:
-            blocks = tables[g, first_block[g] : -(-int(plens[g]) // bs)]
-            breaks = np.flatnonzero(np.diff(blocks) != 1)
-            head = int(breaks[-1]) + 1 if len(breaks) else 0  # blocks before the last run
-            if len(blocks) - head >= RUN_MIN_SHARE * len(blocks):
-                runs.append((g, head))
-                continue
+        blocks = tables[g, first_block[g] : -(-int(plens[g]) // bs)]
+        if (np.diff(blocks) == 1).all():
+            runs.append(g)
+            continue
         if groups:
             n_groups, longest = len(groups[-1]), int(spans[groups[-1][0]])
             m = max(padded_max_m, int(sizes[g]))
@@ -191,9 +175,9 @@ def plan_prefix_buckets(
                 continue
         groups.append([g])
         real, padded_max_m = int(spans[g] * sizes[g]), int(sizes[g])
-    out = [_run_bucket(g, head, starts, plens, query_pos, tables, first_block, bs, num_rows, window, ratio, device,
+    out = [_run_bucket(g, starts, plens, query_pos, tables, first_block, bs, num_rows, window, ratio, device,
                        only=len(runs) == 1 and not groups)
-           for g, head in runs]
+           for g in runs]
     for members in groups:
         m = int(sizes[members].max())
         width = -(-int(spans[members[0]]) // bs)
@@ -223,35 +207,26 @@ def plan_prefix_buckets(
     return tuple(out)
 
 
-def _run_bucket(g: int, head: int, starts: np.ndarray, plens: np.ndarray, query_pos: np.ndarray,
-                tables: np.ndarray, first_block: np.ndarray, bs: int, num_rows: int, window: int | None, ratio: int,
+def _run_bucket(g: int, starts: np.ndarray, plens: np.ndarray, query_pos: np.ndarray, tables: np.ndarray,
+                first_block: np.ndarray, bs: int, num_rows: int, window: int | None, ratio: int,
                 device: torch.device, only: bool) -> PrefixBucket:
-    """Group g's bucket when its prefix keys after its first `head` blocks (from its first block on)
-    are consecutive cache slots."""
-    first = int(first_block[g])
-    run_first = (first + head) * bs  # position of the run's first key
+    """Group g's bucket when its prefix keys from its first block on are consecutive cache slots."""
+    first = int(first_block[g]) * bs
+    keys = int(plens[g]) - first
     rows = np.arange(starts[g], starts[g + 1])
     m = len(rows)
-    member_pos = query_pos[rows][None, :]
-
-    def masks(key_pos: np.ndarray) -> _WindowMasks:
-        return _WindowMasks(key_pos[None, :], np.ones((1, len(key_pos)), dtype=bool), member_pos, window, device,
-                            rows_per_query=ratio)
-
-    head_pos = np.arange(first * bs, run_first)
-    head_slots = (tables[g, head_pos // bs] * bs + head_pos % bs) if head else None
+    key_pos = first + np.arange(keys)[None, :]
     return PrefixBucket(
         rows=torch.from_numpy(rows).to(device),
         slots=torch.arange(m, device=device),
         query_rows=torch.from_numpy(rows).to(device),
         key_slots=None,
-        masks=masks(np.arange(run_first, int(plens[g]))),
+        masks=_WindowMasks(key_pos, np.ones_like(key_pos, dtype=bool), query_pos[rows][None, :], window, device,
+                           rows_per_query=ratio),
         num_groups=1,
         members=m,
         slot_of_row=torch.arange(m, device=device) if only and m == num_rows else None,
-        run_start=int(tables[g, first + head]) * bs,
-        head_slots=None if head_slots is None else torch.from_numpy(head_slots).to(device),
-        head_masks=masks(head_pos) if head else None,
+        run_start=int(tables[g, first_block[g]]) * bs,
     )
 
 
@@ -329,56 +304,30 @@ def prefix_part(
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     for i, b in enumerate(buckets):
         g, m = b.num_groups, b.members
-        qp = qd.index_select(0, b.query_rows)  # [B * M, H, D]
-        # [B, M, KVH, ratio, D] -> [B, KVH, M * ratio, D]: member-major rows within each KV head
-        qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
-        if b.run_start is None:
-            assert b.key_slots is not None
-            k = buffers.gather(f"k{i}", k_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
-            v = buffers.gather(f"v{i}", v_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
-            o, lse = _bucket_attention(qg, k, v, b.masks, g, m, window, scale, softcap)
-        else:  # the run read in place; keys before it (a parent prefix's blocks) gathered, merged by lse
+        if b.run_start is not None:  # read in place
             keys = b.masks.key_pos.shape[1]
             k = k_flat[b.run_start : b.run_start + keys].unsqueeze(0).transpose(1, 2)  # [1, kv_heads, L, d]
             v = v_flat[b.run_start : b.run_start + keys].unsqueeze(0).transpose(1, 2)
-            o, lse = _bucket_attention(qg, k, v, b.masks, g, m, window, scale, softcap)
-            if b.head_slots is not None:
-                assert b.head_masks is not None
-                k = buffers.gather(f"k{i}", k_flat, b.head_slots).view(1, -1, num_kv_heads, head_dim).transpose(1, 2)
-                v = buffers.gather(f"v{i}", v_flat, b.head_slots).view(1, -1, num_kv_heads, head_dim).transpose(1, 2)
-                o_head, lse_head = _bucket_attention(qg, k, v, b.head_masks, g, m, window, scale, softcap)
-                o, lse = merge_attention_states(o, lse, o_head, lse_head)
+        else:
+            assert b.key_slots is not None
+            k = buffers.gather(f"k{i}", k_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
+            v = buffers.gather(f"v{i}", v_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
+        qp = qd.index_select(0, b.query_rows)  # [B * M, H, D]
+        # [B, M, KVH, ratio, D] -> [B, KVH, M * ratio, D]: member-major rows within each KV head
+        qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
+        bias, has_key = b.masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
+        assert bias is None or bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
+        o, lse = attention_lse(qg, k, v, bias, scale, softcap)
+        o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
+        lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)
+        if has_key is not None:  # a member whose window reaches no prefix key: an empty part (out 0, not NaN)
+            lse = torch.where(has_key.reshape(g * m, 1), lse, float("-inf"))
+            o = torch.where(has_key.reshape(g * m, 1, 1), o, 0.0)
         if b.slot_of_row is not None:  # the only bucket, covering every row: no scatter
             return o.index_select(0, b.slot_of_row), lse.index_select(0, b.slot_of_row)
         pre_out[b.rows] = o[b.slots]
         pre_lse[b.rows] = lse[b.slots]
     return pre_out, pre_lse
-
-
-def _bucket_attention(
-    qg: torch.Tensor,  # [B, KVH, M * ratio, D]
-    k: torch.Tensor,  # [B, KVH, L, D]
-    v: torch.Tensor,
-    masks: _WindowMasks,
-    g: int,
-    m: int,
-    window: int | None,
-    scale: float,
-    softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One bucket's attention over some of its prefix keys: (out [B * M, H, D] float32, lse [B * M, H]),
-    a member seeing none of them an empty part (out 0, lse -inf)."""
-    num_kv_heads, rows, head_dim = qg.shape[1:]
-    ratio = rows // m
-    bias, has_key = masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
-    assert bias is None or bias.shape[2] in (1, rows), "the plan was built for another number of heads per KV head"
-    o, lse = attention_lse(qg, k, v, bias, scale, softcap)
-    o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_kv_heads * ratio, head_dim)
-    lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_kv_heads * ratio)
-    if has_key is not None:  # a member whose window reaches none of these keys: an empty part (out 0, not NaN)
-        lse = torch.where(has_key.reshape(g * m, 1), lse, float("-inf"))
-        o = torch.where(has_key.reshape(g * m, 1, 1), o, 0.0)
-    return o, lse
 
 
 def merge_with_nonempty(

@@ -53,11 +53,10 @@ def make_decode_scenario(
     extra_q_rows: int = 3,
     spare_blocks: int = 3,
     contiguous_groups: tuple[int, ...] = (),
-    run_head_blocks: int = 0,
 ) -> DecodeScenario:
     """Groups share their full prefix blocks; the partial last prefix block is copied into each
     member's own block (copy on write); block ids are shuffled, except that the full prefix blocks
-    of the groups in `contiguous_groups` after their first `run_head_blocks` are runs of consecutive ids; decode rows are scattered in q."""
+    of the groups in `contiguous_groups` are runs of consecutive ids; decode rows are scattered in q."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     bs = block_size
@@ -74,10 +73,9 @@ def make_decode_scenario(
     ids = list(range(num_blocks))
     rng.shuffle(ids)
     runs: dict[int, list[int]] = {}
-    for gi in contiguous_groups:  # consecutive ids after the shuffled ones (a head of shuffled ones first)
-        n = groups[gi][0] // bs - run_head_blocks
-        runs[gi] = [ids.pop() for _ in range(run_head_blocks)] + list(range(num_blocks, num_blocks + n))
-        num_blocks += n
+    for gi in contiguous_groups:  # consecutive ids after the shuffled ones
+        runs[gi] = list(range(num_blocks, num_blocks + groups[gi][0] // bs))
+        num_blocks += groups[gi][0] // bs
     k_cache = _nan_cache(num_blocks, bs, num_kv_heads, head_dim, dtype)
     v_cache = _nan_cache(num_blocks, bs, num_kv_heads, head_dim, dtype)
     kf = k_cache.view(-1, num_kv_heads, head_dim)

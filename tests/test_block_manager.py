@@ -21,41 +21,29 @@ def _consecutive(table: list[int]) -> bool:
 
 
 def test_large_grows_get_runs_among_scattered_free_blocks() -> None:
-    bm = BlockManager(num_blocks=6 * N, block_size=4, contiguous_runs=True)
+    bm = BlockManager(num_blocks=6 * N, block_size=4)
     ones = [_seq(4) for _ in range(6 * N)]
     for s in ones:
-        bm.grow(s, 4)  # one block each, highest first
-    assert [s.block_table for s in ones[:2]] == [[6 * N - 1], [6 * N - 2]]
-    for s in ones:
-        b = s.block_table[0]
-        if b % 2 == 0 or 2 * N <= b < 3 * N + 2:
+        bm.grow(s, 4)  # one block each: seq i holds block i
+    assert [s.block_table for s in ones[:3]] == [[0], [1], [2]]
+    for i, s in enumerate(ones):
+        if i % 2 == 0 or 2 * N <= i < 3 * N + 2:
             bm.free(s)  # single holes everywhere, and one hole of N + 2 consecutive blocks
     big = _seq(4 * (N + 1))
     bm.grow(big, len(big))
     assert big.block_table == list(range(2 * N, 3 * N + 1))
     assert all(bm.ref_counts[b] == 1 for b in big.block_table)
-    small = _seq(4 * 2)
-    bm.grow(small, len(small))  # the highest free blocks, away from the runs at the bottom
-    assert small.block_table == [6 * N - 2, 6 * N - 4]
     # no run left: a large grow takes scattered blocks, never one already held
     rest = _seq(4 * bm.num_free_blocks)
     bm.grow(rest, len(rest))
     assert bm.num_free_blocks == 0 and not _consecutive(rest.block_table)
-    held = [b for s in ones for b in s.block_table] + big.block_table + small.block_table
+    held = [b for s in ones for b in s.block_table] + big.block_table
     assert not set(rest.block_table) & set(held) and len(set(rest.block_table)) == len(rest.block_table)
-    for s in [big, small, rest, *ones]:
+    for s in [big, rest, *ones]:
         bm.free(s)
-    assert bm.num_free_blocks == 6 * N
     again = _seq(4 * 3 * N)
     bm.grow(again, len(again))
-    assert again.block_table == list(range(3 * N))
-
-
-def test_without_runs_blocks_come_in_free_list_order() -> None:
-    bm = BlockManager(num_blocks=2 * N, block_size=4)
-    a = _seq(4 * N)
-    bm.grow(a, len(a))
-    assert a.block_table == list(range(N))
+    assert _consecutive(again.block_table)
 
 
 def test_lru_mode_keeps_its_reuse_order() -> None:
@@ -69,18 +57,3 @@ def test_lru_mode_keeps_its_reuse_order() -> None:
     bm.grow(c, len(c))
     # least recently freed first, each chain's last block first (its least likely hit)
     assert c.block_table == list(range(N))[::-1] + list(range(N, 2 * N))[::-1]
-
-
-def test_without_a_long_enough_run_a_large_grow_ends_with_the_longest() -> None:
-    bm = BlockManager(num_blocks=4 * N, block_size=4, contiguous_runs=True)
-    ones = [_seq(4) for _ in range(4 * N)]
-    for s in ones:
-        bm.grow(s, 4)
-    for s in ones:
-        b = s.block_table[0]
-        if b in (1, 3) or N <= b < 2 * N or 2 * N + 1 <= b < 3 * N + 3:
-            bm.free(s)  # holes: two single blocks, a run of N, a run of N + 2
-    big = _seq(4 * (N + 4))
-    bm.grow(big, len(big))
-    assert big.block_table[2:] == list(range(2 * N + 1, 3 * N + 3))  # the longest run, last
-    assert len(set(big.block_table)) == N + 4 and bm.num_free_blocks == N  # 2 + N + (N + 2) free before

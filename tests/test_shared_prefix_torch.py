@@ -63,16 +63,12 @@ def test_no_rows_and_no_suffix() -> None:
 
 
 @pytest.mark.parametrize("window", [None, 3, 13, 40])
-@pytest.mark.parametrize("heads,kv_heads,block_size,head_blocks", [(4, 2, 8, 0), (6, 2, 5, 0), (4, 2, 8, 1),
-                                                                   (6, 2, 5, 2)])
-def test_prefixes_in_consecutive_blocks_are_read_in_place(monkeypatch, window: int | None, heads: int,
-                                                          kv_heads: int, block_size: int, head_blocks: int) -> None:
-    """A group whose full prefix blocks are consecutive (after `head_blocks` others: a parent prefix's)
-    gets a bucket of its own read as a slice of the cache (no gather; NaN in every unwritten slot
-    around it; the head gathered and merged) once it has enough query rows; groups in scattered blocks
-    still share padded buckets; decode and group prefill both equal the definition, with and without
-    a window."""
-    import kernels.shared_prefix_torch as shared_torch
+@pytest.mark.parametrize("heads,kv_heads,block_size", [(4, 2, 8), (6, 2, 5)])
+def test_prefixes_in_consecutive_blocks_are_read_in_place(window: int | None, heads: int, kv_heads: int,
+                                                          block_size: int) -> None:
+    """A group whose full prefix blocks are consecutive gets a bucket of its own read as a slice of
+    the cache (no gather; NaN in every unwritten slot around it); groups in scattered blocks still
+    share padded buckets; decode and group prefill both equal the definition, with and without a window."""
     from kernels.attention_backend import TorchBackend
     from kernels.paged_attention import build_paged_batch, paged_attention_reference
     from test_sliding_window import dense_decode
@@ -81,16 +77,12 @@ def test_prefixes_in_consecutive_blocks_are_read_in_place(monkeypatch, window: i
     # one in scattered blocks, one ending mid-block (its last block is each member's copy: not a run)
     groups = [(80, [3, 0, 5, 19]), (16, [0, 2]), (11, [4, 1]), (40, [2, 9, 1])]
     sc = make_decode_scenario(heads + block_size, groups, [1, 9], heads, kv_heads, 16, block_size,
-                              contiguous_groups=(0, 2, 3), run_head_blocks=head_blocks)
+                              contiguous_groups=(0, 2, 3))
     batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
                                       sc.prefix_lens, sc.block_size, "cpu")
-    # decode groups of 3 and 4 members: too few query rows to be worth a call each
-    assert all(b.run_start is None for b in plan_shared_prefix_torch(batch, window, heads // kv_heads).buckets)
-    monkeypatch.setattr(shared_torch, "RUN_MIN_QUERY_ROWS", 1)
     plan = plan_shared_prefix_torch(batch, window, heads_per_kv=heads // kv_heads)
     if window is None:
         assert sum(b.run_start is not None for b in plan.buckets) == 2
-        assert sum(b.head_slots is not None for b in plan.buckets) == (2 if head_blocks else 0)
         assert sum(b.num_groups for b in plan.buckets if b.run_start is None) == 2
     out = torch.full_like(sc.q, 5.0)
     shared_prefix_decode_torch(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, out=out, window=window)
