@@ -7,21 +7,13 @@ shared partial block is copied on write (the copy is queued for the model runner
 With `prefix_cache=True` it also behaves like an online engine's automatic prefix cache (the `lru`
 sharing mode): full blocks are named by a hash chained over their tokens, a freed block keeps its
 content and name until it is reused, and free blocks are reused least recently freed first.
-
-Without it, a grow of CONTIGUOUS_MIN_BLOCKS or more takes one run of consecutive free blocks where
-one exists (first fit): a whole prompt's or a shared prefix's keys then lie in one slice of the cache,
-which the CPU attention reads in place instead of gathering it every layer of every step.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Sequence as Seq
 
-import numpy as np
-
 from engine.sequence import Sequence
-
-CONTIGUOUS_MIN_BLOCKS = 8
 
 
 class BlockManager:
@@ -32,7 +24,6 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         # free blocks in LRU order: reuse from the front; a freed block goes to the back
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._is_free = np.ones(num_blocks, dtype=bool)  # the same set, for finding runs
         self.peak_used_blocks = 0
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies before the next step
         self.prefix_cache = prefix_cache
@@ -61,34 +52,10 @@ class BlockManager:
     # -- allocation -----------------------------------------------------------------------------
     def _take_free_block(self) -> int:
         block, _ = self._free.popitem(last=False)
-        return self._claim(block)
-
-    def _claim(self, block: int) -> int:
-        """A block just out of the free list gets its first reference."""
-        self._is_free[block] = False
         self._forget(block)
         assert self.ref_counts[block] == 0
         self.ref_counts[block] = 1
         return block
-
-    def _free_run(self, needed: int) -> int | None:
-        """The first block of the lowest run of `needed` consecutive free blocks; None if none."""
-        free = np.flatnonzero(self._is_free)
-        if len(free) < needed:
-            return None
-        ends = free[needed - 1 :] - free[: len(free) - needed + 1]  # == needed - 1 where a run starts
-        starts = np.flatnonzero(ends == needed - 1)
-        return int(free[starts[0]]) if len(starts) else None
-
-    def _take_blocks(self, needed: int) -> list[int]:
-        run = None
-        if needed >= CONTIGUOUS_MIN_BLOCKS and not self.prefix_cache:  # lru mode keeps its reuse order
-            run = self._free_run(needed)
-        if run is None:
-            return [self._take_free_block() for _ in range(needed)]
-        for block in range(run, run + needed):
-            del self._free[block]
-        return [self._claim(block) for block in range(run, run + needed)]
 
     def _note_peak(self) -> None:
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
@@ -96,7 +63,7 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         needed = self.new_blocks_needed(seq, num_tokens)
         assert needed <= len(self._free), "grow() without a successful can_grow()"
-        seq.block_table.extend(self._take_blocks(needed))
+        seq.block_table.extend(self._take_free_block() for _ in range(needed))
         self._note_peak()
 
     def acquire(self, blocks: Seq[int]) -> None:
@@ -104,19 +71,15 @@ class BlockManager:
         for block in blocks:
             if self.ref_counts[block] == 0:
                 del self._free[block]
-                self._is_free[block] = False
             self.ref_counts[block] += 1
         self._note_peak()
 
     def release(self, blocks: Seq[int]) -> None:
-        # lru mode frees a chain's last blocks first (reused first, they are the least likely hits);
-        # otherwise in order, so that a freed run is handed out in order again
-        for block in reversed(blocks) if self.prefix_cache else blocks:
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0
             if self.ref_counts[block] == 0:
                 self._free[block] = None
-                self._is_free[block] = True
                 if not self.prefix_cache:
                     self._forget(block)
 

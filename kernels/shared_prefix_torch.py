@@ -16,10 +16,7 @@ bucket is one batched computation, every group's prefix still read once:
 
 Buckets: groups sorted by prefix length, a group joins the current bucket while the bucket's padded
 work (groups x longest prefix x most members) stays within twice its real work, so one long prefix
-or one large group never makes every group pay for its padding. A group whose prefix keys lie in one
-run of consecutive cache blocks (the block manager hands a prefix such a run when it can) is a bucket
-of its own that reads them in place: a slice of the cache, no gather, no padding, and no mask
-without a window.
+or one large group never makes every group pay for its padding.
 
 All index tensors are built once per step on the host (`plan_shared_prefix_torch`); every layer
 reuses them and the step's gather buffers.
@@ -62,7 +59,6 @@ class _WindowMasks:
     def __init__(self, key_pos: np.ndarray, valid: np.ndarray, query_pos: np.ndarray, window: int | None,
                  device: torch.device, rows_per_query: int = 1) -> None:
         self.key_pos, self.valid, self.query_pos = key_pos, valid, query_pos
-        self.all_valid = bool(valid.all())
         self.rows_per_query = rows_per_query  # a windowed bias repeats each query's row this many times
         self.window = window  # the largest window served: keys before it were not gathered
         self.device = device
@@ -70,10 +66,8 @@ class _WindowMasks:
 
     def get(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(bias, has_key): bias [n, 1, 1, L] (no window) or [n, 1, M * rows_per_query, L] float32, 0 on
-        seen keys and -inf elsewhere, None when every query sees every key; has_key [n, M] bool
-        (False: a query seeing no key), None when every query sees one."""
-        if window is None and self.all_valid:
-            return None, None
+        seen keys and -inf elsewhere; has_key [n, M] bool (False: a query seeing no key), None when
+        every query sees one."""
         found = self._cache.get(window)
         if found is None:
             assert self.window is None or (window is not None and window <= self.window), (self.window, window)
@@ -99,15 +93,13 @@ class PrefixBucket:
     slots: torch.Tensor  # [n] int64: each member's place in the padded [B * M] query rows
     query_rows: torch.Tensor  # [B * M] int64: the batch row of each padded query (padding: its group's first)
     # [B * L] int64: cache slot of each group's prefix keys, padded with the group's first key (a written
-    # slot, so no NaN of an unwritten one reaches the kernel: the mask hides it); None for a run
-    key_slots: torch.Tensor | None
+    # slot, so no NaN of an unwritten one reaches the kernel: the mask hides it)
+    key_slots: torch.Tensor
     masks: _WindowMasks  # per window: bias [B, 1, 1 or M * heads_per_kv, L], has_key [B, M]
     num_groups: int
     members: int  # M
     # [R] int64: the padded query slot of every row of the batch, when this bucket alone covers them all
     slot_of_row: torch.Tensor | None = None
-    # a group whose L prefix keys are cache slots run_start .. run_start + L - 1 (B = 1, no padding)
-    run_start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,15 +148,10 @@ def plan_prefix_buckets(
     spans = plens - first_block * bs  # keys from the first block on; <= 0: no member sees the prefix
     order = np.argsort(-spans, kind="stable")
     groups: list[list[int]] = []
-    runs: list[int] = []  # groups read in place
     real = padded_max_m = 0
     for g in order.tolist():
         if spans[g] <= 0:
             continue  # the prefix lies wholly before every member's window: its part is empty
-        blocks = tables[g, first_block[g] : -(-int(plens[g]) // bs)]
-        if (np.diff(blocks) == 1).all():
-            runs.append(g)
-            continue
         if groups:
             n_groups, longest = len(groups[-1]), int(spans[groups[-1][0]])
             m = max(padded_max_m, int(sizes[g]))
@@ -175,9 +162,7 @@ def plan_prefix_buckets(
                 continue
         groups.append([g])
         real, padded_max_m = int(spans[g] * sizes[g]), int(sizes[g])
-    out = [_run_bucket(g, starts, plens, query_pos, tables, first_block, bs, num_rows, window, ratio, device,
-                       only=len(runs) == 1 and not groups)
-           for g in runs]
+    out = []
     for members in groups:
         m = int(sizes[members].max())
         width = -(-int(spans[members[0]]) // bs)
@@ -202,32 +187,9 @@ def plan_prefix_buckets(
             num_groups=len(members),
             members=m,
             slot_of_row=(torch.from_numpy(slots[np.argsort(rows)]).to(device)
-                         if len(groups) == 1 and not runs and len(rows) == num_rows else None),
+                         if len(groups) == 1 and len(rows) == num_rows else None),
         ))
     return tuple(out)
-
-
-def _run_bucket(g: int, starts: np.ndarray, plens: np.ndarray, query_pos: np.ndarray, tables: np.ndarray,
-                first_block: np.ndarray, bs: int, num_rows: int, window: int | None, ratio: int,
-                device: torch.device, only: bool) -> PrefixBucket:
-    """Group g's bucket when its prefix keys from its first block on are consecutive cache slots."""
-    first = int(first_block[g]) * bs
-    keys = int(plens[g]) - first
-    rows = np.arange(starts[g], starts[g + 1])
-    m = len(rows)
-    key_pos = first + np.arange(keys)[None, :]
-    return PrefixBucket(
-        rows=torch.from_numpy(rows).to(device),
-        slots=torch.arange(m, device=device),
-        query_rows=torch.from_numpy(rows).to(device),
-        key_slots=None,
-        masks=_WindowMasks(key_pos, np.ones_like(key_pos, dtype=bool), query_pos[rows][None, :], window, device,
-                           rows_per_query=ratio),
-        num_groups=1,
-        members=m,
-        slot_of_row=torch.arange(m, device=device) if only and m == num_rows else None,
-        run_start=int(tables[g, first_block[g]]) * bs,
-    )
 
 
 def plan_shared_prefix_torch(
@@ -263,7 +225,7 @@ def attention_lse(
     q: torch.Tensor,  # [n, kv_heads, rows, d]: the query heads of each KV head folded into rows
     k: torch.Tensor,  # [n, kv_heads, L, d], zeros where bias is -inf
     v: torch.Tensor,
-    bias: torch.Tensor | None,  # [n, 1, 1, L] float32; None: every key visible
+    bias: torch.Tensor,  # [n, 1, 1, L] float32
     scale: float,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,10 +233,9 @@ def attention_lse(
     visible key gets out 0 and lse 0 (the caller marks it -inf). The fused kernel cannot soft-cap:
     with a `softcap` the matmul form runs."""
     if q.device.type == "cpu" and _FLASH_CPU is not None and softcap is None:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
         return out.float(), lse.float()
-    mask = None if bias is None else torch.isfinite(bias)
-    out, lse = attention_with_lse_reference(q, k, v, scale, mask=mask, softcap=softcap)
+    out, lse = attention_with_lse_reference(q, k, v, scale, mask=torch.isfinite(bias), softcap=softcap)
     return out.float(), torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
@@ -304,19 +265,13 @@ def prefix_part(
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     for i, b in enumerate(buckets):
         g, m = b.num_groups, b.members
-        if b.run_start is not None:  # read in place
-            keys = b.masks.key_pos.shape[1]
-            k = k_flat[b.run_start : b.run_start + keys].unsqueeze(0).transpose(1, 2)  # [1, kv_heads, L, d]
-            v = v_flat[b.run_start : b.run_start + keys].unsqueeze(0).transpose(1, 2)
-        else:
-            assert b.key_slots is not None
-            k = buffers.gather(f"k{i}", k_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
-            v = buffers.gather(f"v{i}", v_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
+        k = buffers.gather(f"k{i}", k_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = buffers.gather(f"v{i}", v_flat, b.key_slots).view(g, -1, num_kv_heads, head_dim).transpose(1, 2)
         qp = qd.index_select(0, b.query_rows)  # [B * M, H, D]
         # [B, M, KVH, ratio, D] -> [B, KVH, M * ratio, D]: member-major rows within each KV head
         qg = qp.view(g, m, num_kv_heads, ratio, head_dim).transpose(1, 2).reshape(g, num_kv_heads, m * ratio, head_dim)
         bias, has_key = b.masks.get(window)  # [B, 1, 1 or M * ratio, L]: member-major as qg's rows
-        assert bias is None or bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
+        assert bias.shape[2] in (1, m * ratio), "the plan was built for another number of heads per KV head"
         o, lse = attention_lse(qg, k, v, bias, scale, softcap)
         o = o.view(g, num_kv_heads, m, ratio, head_dim).transpose(1, 2).reshape(g * m, num_heads, head_dim)
         lse = lse.view(g, num_kv_heads, m, ratio).transpose(1, 2).reshape(g * m, num_heads)

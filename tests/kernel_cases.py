@@ -52,11 +52,9 @@ def make_decode_scenario(
     dtype: torch.dtype = torch.float32,
     extra_q_rows: int = 3,
     spare_blocks: int = 3,
-    contiguous_groups: tuple[int, ...] = (),
 ) -> DecodeScenario:
     """Groups share their full prefix blocks; the partial last prefix block is copied into each
-    member's own block (copy on write); block ids are shuffled, except that the full prefix blocks
-    of the groups in `contiguous_groups` are runs of consecutive ids; decode rows are scattered in q."""
+    member's own block (copy on write); block ids are shuffled; decode rows are scattered in q."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     bs = block_size
@@ -72,10 +70,6 @@ def make_decode_scenario(
     num_blocks = need + spare_blocks
     ids = list(range(num_blocks))
     rng.shuffle(ids)
-    runs: dict[int, list[int]] = {}
-    for gi in contiguous_groups:  # consecutive ids after the shuffled ones
-        runs[gi] = list(range(num_blocks, num_blocks + groups[gi][0] // bs))
-        num_blocks += groups[gi][0] // bs
     k_cache = _nan_cache(num_blocks, bs, num_kv_heads, head_dim, dtype)
     v_cache = _nan_cache(num_blocks, bs, num_kv_heads, head_dim, dtype)
     kf = k_cache.view(-1, num_kv_heads, head_dim)
@@ -95,7 +89,7 @@ def make_decode_scenario(
     group_ids: list[int | None] = []
     prefix_lens: list[int] = []
     for gi, (p, suffixes) in enumerate(groups):
-        shared = runs[gi] if gi in runs else [ids.pop() for _ in range(p // bs)]
+        shared = [ids.pop() for _ in range(p // bs)]
         pk, pv = rand(p), rand(p)
         write(shared, 0, pk[: len(shared) * bs], pv[: len(shared) * bs])
         for s in suffixes:
