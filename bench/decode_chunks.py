@@ -1,0 +1,105 @@
+"""CPU decode attention (`kernels.paged_attention_torch`): all decode rows as one padded batch vs in
+chunks of rows of similar length (the default, `DECODE_CHUNK_BYTES`), in one process, interleaved
+rounds (min and median ms; the machine may be shared).
+
+Rows: 192 decode rows, 4 query / 2 KV heads of 64, float32, block 16, each row's blocks scattered
+over a 20,000-block cache (as after a while of paging). Length mixes:
+  uniform    470-540 tokens (the vs-vLLM `nosharing` job's shape)
+  mixed      50-2,000 tokens
+  one long   one row of 4,000 tokens among 191 rows of 300
+Settings: "one padded batch" (a chunk budget larger than the step: every row padded to the longest,
+what the path did before), and chunk budgets of 4, 16 (default) and 64 MB. Each timed call builds a
+fresh plan from the same metadata and runs the attention once, as the first layer of a step does;
+the outputs of all settings must be equal.
+
+    python bench/decode_chunks.py [--rounds 6]
+Writes bench/results/decode_chunks_<label>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import engine  # noqa: E402,F401  (first: the engine's OpenMP policy precedes torch's import)
+import torch  # noqa: E402
+
+import kernels.paged_attention_torch as paged_torch  # noqa: E402
+from bench_common import git_commit, results_path, write_results  # noqa: E402
+from kernels.paged_attention import build_paged_batch  # noqa: E402
+
+NUM_BLOCKS, BLOCK, KV_HEADS, HEADS, HEAD_DIM, ROWS = 20000, 16, 2, 4, 64, 192
+SETTINGS = {"one padded batch": 1 << 60, "chunks 4 MB": 4 << 20, "chunks 16 MB (default)": 16 << 20,
+            "chunks 64 MB": 64 << 20}
+
+
+def length_mixes(rng: random.Random) -> dict[str, list[int]]:
+    return {
+        "uniform 470-540": [rng.randrange(470, 540) for _ in range(ROWS)],
+        "mixed 50-2000": [rng.randrange(50, 2000) for _ in range(ROWS)],
+        "one long 4000 + 191 x 300": [4000] + [300] * (ROWS - 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--label", default="cpu")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    k_cache = torch.randn(NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM)
+    v_cache = torch.randn(NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM)
+    results = {}
+    for name, lens in length_mixes(rng).items():
+        order = list(range(NUM_BLOCKS))
+        rng.shuffle(order)
+        tables, used = [], 0
+        for n in lens:
+            blocks = -(-n // BLOCK)
+            tables.append(order[used : used + blocks])
+            used += blocks
+        batch = build_paged_batch([1] * ROWS, lens, tables, BLOCK, torch.device("cpu"))
+        q = torch.randn(ROWS, HEADS, HEAD_DIM)
+        buffers = paged_torch.GatherBuffers()  # an engine's, kept across steps
+        times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+        outs: dict[str, torch.Tensor] = {}
+        for r in range(args.rounds + 1):
+            for setting in (list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))):
+                paged_torch.DECODE_CHUNK_BYTES = SETTINGS[setting]
+                start = time.perf_counter()
+                plan = paged_torch.plan_paged_torch(batch, buffers)
+                outs[setting] = paged_torch.paged_attention_torch(q, k_cache, v_cache, plan, HEAD_DIM**-0.5,
+                                                                  torch.empty_like(q))
+                if r:  # round 0 warms up
+                    times[setting].append((time.perf_counter() - start) * 1e3)
+        base = outs["one padded batch"]
+        results[name] = {s: {"min_ms": round(min(v), 2), "median_ms": round(statistics.median(v), 2)}
+                         for s, v in times.items()}
+        results[name]["outputs_equal"] = all(torch.equal(o, base) for o in outs.values())
+        results[name]["speedup_median_default"] = round(
+            results[name]["one padded batch"]["median_ms"] / results[name]["chunks 16 MB (default)"]["median_ms"], 2)
+        print(name, results[name], file=sys.stderr)
+    out = {"bench": "decode_chunks", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+           "git": git_commit("engine", "kernels"), "rounds": args.rounds, "results": results,
+           "command": "python bench/decode_chunks.py --rounds %d" % args.rounds,
+           "note": "shared machine: other processes may run alongside (see load_average)"}
+    if not args.no_write:
+        write_results(results_path("decode_chunks", args.label), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
