@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -69,6 +70,19 @@ class _Plan:
     partition: dict[str, Any]
 
 
+def unreachable_ray_address(address: str, timeout_s: float = 10.0) -> str | None:
+    """Why a host:port (or ray://host:port) address takes no connection within `timeout_s`; None when
+    it does, or when it is a name Ray resolves itself (auto, local)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+
+
 class _Pool:
     """The replicas: Ray actors created once per run; Ray restarts one whose process dies."""
 
@@ -78,6 +92,12 @@ class _Pool:
         self.started_ray = False
         self.actors: list[Any] = []
         if not ray.is_initialized():  # (a library caller, or a test, may have connected already)
+            address = prepared.settings.ray_address
+            problem = unreachable_ray_address(address) if address else None
+            if problem:  # Ray itself retries an unreachable address for minutes, logging as it goes
+                raise UsageError(
+                    f"Cannot reach the Ray cluster at --ray-address {address} ({problem}); give the head node's "
+                    "host:port (e.g. 10.0.0.5:6379), or auto on a node of the cluster.")
             try:
                 ray.init(address=prepared.settings.ray_address, include_dashboard=False,
                          logging_level=logging.ERROR, log_to_driver=False)

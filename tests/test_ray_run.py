@@ -196,3 +196,24 @@ def test_the_driver_killed_with_9_resumes_with_the_same_command(
     assert 0 < summary["job"]["rows_resumed"] < 48 and summary["attempt"]["rows"] == 48 - summary["job"]["rows_resumed"]
     assert read_rows(out) == read_rows(one)
     assert flat(log).count("worker 1: pid") == 1
+
+
+def test_an_unreachable_ray_address_fails_at_once_with_one_line(tmp_path: Path, env: dict) -> None:
+    """Ray retries an unreachable cluster for minutes (found by hand: a typo in the address hung a run
+    for over 5 minutes, logging warnings); the run checks the address first and exits 2."""
+    pytest.importorskip("ray")
+    import socket as socket_module
+
+    with socket_module.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    inp = _doc_qa(tmp_path / "docs.csv")
+    tpl = write_template(tmp_path / "t.j2", "Read: {{ doc }}\nAnswer: {{ q }}")
+    started = time.monotonic()
+    result = invoke(job_args(inp, tpl, tmp_path / "out" / "r.parquet", "--workers", "2",
+                             "--ray-address", f"127.0.0.1:{port}"))
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.stderr)
+    assert f"--ray-address 127.0.0.1:{port}" in line and "host:port" in line
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "out" / "r.parquet").exists()
