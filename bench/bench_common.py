@@ -53,6 +53,19 @@ def git_commit(*watched: str) -> dict:
     return {"commit": git("rev-parse", "HEAD"), "kernels_dirty": bool(git("status", "--porcelain", "--", *watched))}
 
 
+def cpu_run_header(bench: str, rounds: int) -> dict:
+    """What a CPU bench's results file starts with: when, where, which torch and threads, the load
+    (the machine may be shared), which code."""
+    import datetime as dt
+    import platform
+
+    return {"bench": bench, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "git": git_commit("engine", "kernels"), "rounds": rounds,
+            "note": "shared machine: other processes may run alongside (see load_average)"}
+
+
 def results_path(bench_name: str, device_name: str) -> Path:
     """bench/results/<bench>_<device name as a slug>.json"""
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")

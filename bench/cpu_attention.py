@@ -15,9 +15,6 @@ Writes bench/results/cpu_attention_<label>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import engine  # noqa: E402,F401  (first: the engine's OpenMP policy precedes torch's import)
 import torch  # noqa: E402
 
-from bench_common import git_commit, results_path, write_results  # noqa: E402
+from bench_common import cpu_run_header, results_path, write_results  # noqa: E402
 from kernel_cases import make_decode_scenario, make_prefill_scenario  # noqa: E402  (tests/)
 from kernels.group_prefill_torch import group_prefill_torch, plan_group_prefill_torch  # noqa: E402
 from kernels.paged_attention import build_paged_batch, paged_attention_reference  # noqa: E402
@@ -107,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["speedup_vs_previous_median"] = round(results[name]["previous"]["median_ms"]
                                                                 / results[name]["fast"]["median_ms"], 2)
         print(name, results[name], file=sys.stderr)
-    out = {"bench": "cpu_attention", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-           "git": git_commit("engine", "kernels"), "rounds": args.rounds, "results": results,
-           "note": "shared machine: other processes ran alongside (see load_average)"}
+    out = {**cpu_run_header("cpu_attention", args.rounds), "results": results}
     if not args.no_write:
         write_results(results_path("cpu_attention", args.label), out)
     return 0

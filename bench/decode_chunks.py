@@ -18,9 +18,6 @@ Writes bench/results/decode_chunks_<label>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import random
 import statistics
 import sys
@@ -34,7 +31,7 @@ import engine  # noqa: E402,F401  (first: the engine's OpenMP policy precedes to
 import torch  # noqa: E402
 
 import kernels.paged_attention_torch as paged_torch  # noqa: E402
-from bench_common import git_commit, results_path, write_results  # noqa: E402
+from bench_common import cpu_run_header, results_path, write_results  # noqa: E402
 from kernels.paged_attention import build_paged_batch  # noqa: E402
 
 NUM_BLOCKS, BLOCK, KV_HEADS, HEADS, HEAD_DIM, ROWS = 20000, 16, 2, 4, 64, 192
@@ -90,12 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name]["speedup_median_default"] = round(
             results[name]["one padded batch"]["median_ms"] / results[name]["chunks 16 MB (default)"]["median_ms"], 2)
         print(name, results[name], file=sys.stderr)
-    out = {"bench": "decode_chunks", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-           "git": git_commit("engine", "kernels"), "rounds": args.rounds, "results": results,
-           "command": "python bench/decode_chunks.py --rounds %d" % args.rounds,
-           "note": "shared machine: other processes may run alongside (see load_average)"}
+    out = {**cpu_run_header("decode_chunks", args.rounds), "results": results,
+           "command": f"python bench/decode_chunks.py --rounds {args.rounds}"}
     if not args.no_write:
         write_results(results_path("decode_chunks", args.label), out)
     return 0
