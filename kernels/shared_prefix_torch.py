@@ -11,7 +11,9 @@ bucket is one batched computation, every group's prefix still read once:
                -inf bias, so an unwritten slot's NaN never reaches the kernel); one call of
                PyTorch's fused CPU attention kernel per bucket (it returns the log-sum-exp too;
                elsewhere, or if a torch lacks it, the matmul form of `attention_with_lse_reference`).
-  suffix part: every row over its own positions, padded to the longest suffix (as the reference).
+  suffix part: every row over its own positions, in chunks of rows of similar suffix length (longest
+               first, at most DECODE_CHUNK_BYTES of gathered keys and values each), each padded to
+               its own longest suffix: one long row does not pad every other row to its length.
   merge:       by log-sum-exp (`merge_with_nonempty`: a row's suffix holds its query token).
 
 Buckets: groups sorted by prefix length, a group joins the current bucket while the bucket's padded
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import kernels.paged_attention_torch as paged_torch
 from kernels.paged_attention_torch import GatherBuffers
 from kernels.shared_prefix_attention import (
     SharedPrefixBatch,
@@ -103,13 +106,71 @@ class PrefixBucket:
 
 
 @dataclass(frozen=True)
+class SuffixChunk:
+    """Rows of the suffix part attended together: n rows padded to `width` keys."""
+
+    rows: torch.Tensor | None  # [n] int64 rows of the batch; None: all rows, in order
+    query_index: torch.Tensor  # [n] int64: their rows of q
+    slots: torch.Tensor  # [n * width] int64 cache slot of each key (padding: the row's query token)
+    masks: _WindowMasks  # per window: bias [n, 1, 1, width], has_key [n, 1]
+    width: int
+
+
+@dataclass(frozen=True)
+class _SuffixKeys:
+    """Host arrays of the suffix part, W = the longest suffix: each row's key positions and slots
+    (padding: its query token, written this step, so never an unwritten NaN), which are real, and
+    its query position."""
+
+    pos: np.ndarray  # [R, W]
+    slots: np.ndarray  # [R, W]
+    valid: np.ndarray  # [R, W]
+    lens: np.ndarray  # [R]
+    query_pos: np.ndarray  # [R, 1]
+
+
+@dataclass(frozen=True)
 class TorchSharedPrefixPlan:
     batch: SharedPrefixBatch
     buckets: tuple[PrefixBucket, ...]
-    # suffix part (None when every row's suffix is empty): W = the longest suffix
-    suffix_slots: torch.Tensor | None  # [R, W] int64 cache slot of each row's suffix position (padding: its last)
-    suffix_masks: _WindowMasks | None  # per window: bias [R, 1, 1, W], has_key [R, 1]
+    suffix: _SuffixKeys | None  # None when every row's suffix is empty
+    window: int | None = None
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
+    # bytes of one key and value -> the suffix part's chunks (built at the first layer)
+    _chunks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def suffix_chunks(self, key_bytes: int) -> tuple[SuffixChunk, ...]:
+        """The suffix part's rows in chunks of at most DECODE_CHUNK_BYTES of gathered keys and
+        values (at least one row), longest suffixes first, each padded to its longest."""
+        found = self._chunks.get(key_bytes)
+        if found is None:
+            found = self._chunks[key_bytes] = self._make_chunks(key_bytes)
+        return found
+
+    def _make_chunks(self, key_bytes: int) -> tuple[SuffixChunk, ...]:
+        keys, device = self.suffix, self.batch.query_index.device
+        assert keys is not None
+        budget = paged_torch.DECODE_CHUNK_BYTES
+        query_index = np.asarray(self.batch.host_query_index, dtype=np.int64)
+        rows_total = len(keys.lens)
+        one_chunk = rows_total * keys.pos.shape[1] * key_bytes <= budget
+        order = np.arange(rows_total) if one_chunk else np.argsort(-keys.lens, kind="stable")
+        chunks: list[SuffixChunk] = []
+        start = 0
+        while start < rows_total:
+            width = keys.pos.shape[1] if one_chunk else max(1, int(keys.lens[order[start]]))
+            n = max(1, min(rows_total - start, budget // max(1, width * key_bytes)))
+            rows = order[start : start + n]
+            chunks.append(SuffixChunk(
+                rows=None if one_chunk else torch.from_numpy(rows.copy()).to(device),
+                query_index=torch.from_numpy(query_index[rows]).to(device),
+                slots=torch.from_numpy(np.ascontiguousarray(keys.slots[rows, :width]).reshape(-1)).to(device),
+                masks=_WindowMasks(keys.pos[rows, :width], keys.valid[rows, :width], keys.query_pos[rows],
+                                   self.window, device),
+                width=width,
+            ))
+            start += n
+        return tuple(chunks)
 
 
 def additive_mask(valid: np.ndarray) -> torch.Tensor:
@@ -208,7 +269,7 @@ def plan_shared_prefix_torch(
     lens = ctx - kstart
     width = int(lens.max()) if len(lens) else 0
     if not width:
-        return TorchSharedPrefixPlan(batch, buckets, None, None, buffers)
+        return TorchSharedPrefixPlan(batch, buckets, None, window, buffers)
     bs = batch.block_size
     offs = np.arange(width, dtype=np.int64)[None, :]
     valid = offs < lens[:, None]
@@ -217,8 +278,8 @@ def plan_shared_prefix_torch(
     pos = np.where(valid, kstart[:, None] + offs, ctx[:, None] - 1)
     tables = batch.block_tables.to("cpu", torch.int64).numpy()
     slots = np.take_along_axis(tables, pos // bs - first[:, None], axis=1) * bs + pos % bs
-    return TorchSharedPrefixPlan(batch, buckets, torch.from_numpy(slots).to(device),
-                                 _WindowMasks(pos, valid, ctx[:, None] - 1, window, device), buffers)
+    return TorchSharedPrefixPlan(batch, buckets, _SuffixKeys(pos, slots, valid, lens, ctx[:, None] - 1), window,
+                                 buffers)
 
 
 def attention_lse(
@@ -321,26 +382,27 @@ def shared_prefix_decode_torch(
     qd = q[batch.query_index]  # [R, H, D]
     pre_out, pre_lse = prefix_part(qd, k_cache, v_cache, plan.buckets, plan.buffers, scale, window, softcap)
 
-    if plan.suffix_slots is None:
-        merged = pre_out
-    else:
-        assert plan.suffix_masks is not None
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        flat = plan.suffix_slots.view(-1)
-        k = plan.buffers.gather("ks", k_flat, flat)
-        v = plan.buffers.gather("vs", v_flat, flat)
-        k = k.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)  # [R, KVH, W, D]
-        v = v.view(num_rows, -1, num_kv_heads, head_dim).transpose(1, 2)
-        qs = qd.view(num_rows, num_kv_heads, ratio, head_dim)  # the heads of a KV head as rows
-        bias, has_key = plan.suffix_masks.get(window)
+    if plan.suffix is None:
+        out[batch.query_index] = pre_out.to(out.dtype)
+        return out
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    for chunk in plan.suffix_chunks(2 * k_flat[0].numel() * k_flat.element_size()):
+        rows = chunk.rows
+        n = num_rows if rows is None else rows.shape[0]
+        k = plan.buffers.gather("ks", k_flat, chunk.slots).view(n, chunk.width, num_kv_heads, head_dim).transpose(1, 2)
+        v = plan.buffers.gather("vs", v_flat, chunk.slots).view(n, chunk.width, num_kv_heads, head_dim).transpose(1, 2)
+        q_rows = qd if rows is None else qd[rows]
+        qs = q_rows.view(n, num_kv_heads, ratio, head_dim)  # the heads of a KV head as rows
+        pre_o, pre_l = (pre_out, pre_lse) if rows is None else (pre_out[rows], pre_lse[rows])
+        bias, has_key = chunk.masks.get(window)
         suf_out, suf_lse = attention_lse(qs, k, v, bias, scale, softcap)
-        suf_out = suf_out.reshape(num_rows, num_heads, head_dim)
+        suf_out = suf_out.reshape(n, num_heads, head_dim)
         if has_key is None:  # every row sees its own query token (the engine's case): the short merge
-            merged = merge_with_nonempty(pre_out, pre_lse, suf_out, suf_lse.reshape(num_rows, num_heads))
+            merged = merge_with_nonempty(pre_o, pre_l, suf_out, suf_lse.reshape(n, num_heads))
         else:  # a row whose context ends with the prefix: an empty suffix part (the kernel's output there may be NaN)
             suf_out = torch.where(has_key[:, :, None], suf_out, 0.0)
             suf_lse = torch.where(has_key[:, :, None], suf_lse, float("-inf"))
-            merged, _ = merge_attention_states(pre_out, pre_lse, suf_out, suf_lse.reshape(num_rows, num_heads))
-    out[batch.query_index] = merged.to(out.dtype)
+            merged, _ = merge_attention_states(pre_o, pre_l, suf_out, suf_lse.reshape(n, num_heads))
+        out[chunk.query_index] = merged.to(out.dtype)
     return out

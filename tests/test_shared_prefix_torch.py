@@ -60,3 +60,32 @@ def test_no_rows_and_no_suffix() -> None:
     out = shared_prefix_decode_torch(q, sc.k_cache, sc.v_cache, plan_shared_prefix_torch(empty), sc.scale,
                                      out=q.clone())
     assert torch.equal(out, q)
+
+
+@pytest.mark.parametrize("window", [None, 5, 30])
+@pytest.mark.parametrize("chunk_keys", [1, 20, 60])
+def test_suffix_part_in_chunks_equals_the_definition(monkeypatch, window: int | None, chunk_keys: int) -> None:
+    """Rows of very different suffix lengths (0 to 90 tokens, NaN in every unwritten slot) split over
+    several chunks of the suffix part, longest first, each padded to its own longest: the same output
+    as the definition, in q's rows, with and without a window; rows outside the batch untouched."""
+    import kernels.paged_attention_torch as paged_torch
+    from test_sliding_window import dense_decode
+
+    heads, kv_heads, head_dim, bs = 4, 2, 16, 4
+    groups = [(20, [3, 0, 90, 1, 17]), (9, [40, 2]), (12, [5, 61, 0])]
+    sc = make_decode_scenario(7, groups, [1, 33, 70], heads, kv_heads, head_dim, bs)
+    key_bytes = 2 * kv_heads * head_dim * 4
+    monkeypatch.setattr(paged_torch, "DECODE_CHUNK_BYTES", chunk_keys * key_bytes)
+    batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
+                                      sc.prefix_lens, bs, "cpu")
+    plan = plan_shared_prefix_torch(batch, window, heads_per_kv=heads // kv_heads)
+    chunks = plan.suffix_chunks(key_bytes)
+    assert len(chunks) > 1
+    assert sorted(torch.cat([c.query_index for c in chunks]).tolist()) == sorted(sc.query_rows)
+    out = torch.full_like(sc.q, 5.0)
+    shared_prefix_decode_torch(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, out=out, window=window)
+    rows = torch.tensor(sc.query_rows)
+    others = torch.ones(sc.q.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert (out[others] == 5.0).all()
+    torch.testing.assert_close(out[rows], dense_decode(sc, window).float()[rows], atol=1e-5, rtol=1e-5)
