@@ -25,8 +25,8 @@ import torch
 
 from kernels.paged_attention import PagedBatch, attend, span_mask
 
-__all__ = ["DECODE_CHUNK_BYTES", "DecodeChunk", "GatherBuffers", "TorchPagedPlan", "paged_attention_torch",
-           "plan_paged_torch"]
+__all__ = ["DECODE_CHUNK_BYTES", "DecodeChunk", "GatherBuffers", "TorchPagedPlan", "length_chunks",
+           "paged_attention_torch", "plan_paged_torch"]
 
 # Keys and values gathered per decode chunk: a few MB, so that the attention reads them from cache.
 DECODE_CHUNK_BYTES = 16 << 20
@@ -73,7 +73,8 @@ class TorchPagedPlan:
     # bytes of one gathered block's keys and values -> the decode chunks (built at the first layer)
     _chunks: dict = field(default_factory=dict, compare=False, repr=False)
     # window -> (decode mask [rows, 1, 1, keys] bool, per prefill span [q_len, keys] bool or None
-    # when causal from 0): built at the first layer asking for the window, reused by the others
+    # when causal from 0), and ("chunks", window, ...) -> each decode chunk's mask: built at the first
+    # layer asking for the window, reused by the others
     _masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def masks(self, window: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
@@ -89,6 +90,18 @@ class TorchPagedPlan:
             found = self._masks[window] = (batch.decode_visible(window), prefill)
         return found
 
+    def decode_chunk_masks(self, window: int | None, chunks: tuple[DecodeChunk, ...],
+                           decode_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each chunk's rows of `decode_mask` (this window's), cut to its width: selected at the
+        first layer asking for the window, reused by the others."""
+        key = ("chunks", window, id(chunks))  # chunks: the tuple decode_chunks keeps for this plan
+        found = self._masks.get(key)
+        if found is None:
+            block_size = decode_mask.shape[-1] // max(1, self.batch.decode_blocks.shape[1])
+            found = self._masks[key] = tuple(
+                (decode_mask if len(chunks) == 1 else decode_mask[c.rows])[..., : c.width * block_size] for c in chunks)
+        return found
+
     def decode_chunks(self, block_bytes: int) -> tuple[DecodeChunk, ...]:
         """The decode rows in chunks of at most DECODE_CHUNK_BYTES of gathered keys and values (at
         least one row), longest rows first, each chunk padded to its longest row's blocks."""
@@ -98,22 +111,32 @@ class TorchPagedPlan:
         return found
 
 
+def length_chunks(lens: np.ndarray, widths: np.ndarray, unit_bytes: int) -> list[tuple[np.ndarray, int]]:
+    """Rows in chunks of at most DECODE_CHUNK_BYTES of gathered keys and values (at least one row):
+    (rows, width) each, width in the units of `widths` (each row's padded length; unit_bytes per unit).
+    All rows in one chunk keep their order (the caller's masks need no selection); otherwise the rows
+    go longest `lens` first, and a chunk is padded to its first (longest) row's width."""
+    longest = max(1, int(widths.max(initial=0)))
+    if len(lens) * longest * unit_bytes <= DECODE_CHUNK_BYTES:
+        return [(np.arange(len(lens)), longest)]
+    order = np.argsort(-lens, kind="stable")
+    chunks: list[tuple[np.ndarray, int]] = []
+    start = 0
+    while start < len(order):
+        width = max(1, int(widths[order[start]]))
+        n = max(1, min(len(order) - start, DECODE_CHUNK_BYTES // (width * unit_bytes)))
+        chunks.append((order[start : start + n], width))
+        start += n
+    return chunks
+
+
 def _chunk_decode_rows(batch: PagedBatch, lens: np.ndarray, block_bytes: int) -> tuple[DecodeChunk, ...]:
     device = batch.decode_blocks.device
     block_size = batch.decode_mask.shape[-1] // max(1, batch.decode_blocks.shape[1])
     blocks = batch.decode_blocks.cpu().numpy()
     query_index = batch.decode_query_index.cpu().numpy()
-    widths = -(-lens // block_size)
-    longest = int(widths.max(initial=0))
-    one_chunk = len(lens) * longest * block_bytes <= DECODE_CHUNK_BYTES
-    # one chunk: the batch's own order (its mask needs no selection); else longest rows first
-    order = np.arange(len(lens)) if one_chunk else np.argsort(-lens, kind="stable")
-    chunks: list[DecodeChunk] = []
-    start = 0
-    while start < len(order):
-        width = longest if one_chunk else int(widths[order[start]])
-        n = max(1, min(len(order) - start, DECODE_CHUNK_BYTES // max(1, width * block_bytes)))
-        rows = order[start : start + n]
+    chunks = []
+    for rows, width in length_chunks(lens, -(-lens // block_size), block_bytes):
         valid = np.arange(width * block_size)[None, :] < lens[rows][:, None]
         chunks.append(DecodeChunk(
             rows=torch.from_numpy(rows.copy()).to(device),
@@ -122,7 +145,6 @@ def _chunk_decode_rows(batch: PagedBatch, lens: np.ndarray, block_bytes: int) ->
             invalid=torch.from_numpy(np.flatnonzero(~valid)).to(device),
             width=width,
         ))
-        start += n
     return tuple(chunks)
 
 
@@ -153,7 +175,7 @@ def paged_attention_torch(
     if batch.decode_query_index.numel():
         block_size = k_cache.shape[1]
         chunks = plan.decode_chunks(2 * k_cache[0].numel() * k_cache.element_size())
-        for chunk in chunks:
+        for chunk, mask in zip(chunks, plan.decode_chunk_masks(window, chunks, decode_mask)):
             n, keys = chunk.rows.shape[0], chunk.width * block_size
             k = plan.buffers.gather("kd", k_cache, chunk.blocks).view(-1, num_kv_heads, head_dim)
             v = plan.buffers.gather("vd", v_cache, chunk.blocks).view(-1, num_kv_heads, head_dim)
@@ -162,9 +184,8 @@ def paged_attention_torch(
             v.index_fill_(0, chunk.invalid, 0.0)
             k = k.view(n, keys, num_kv_heads, head_dim).transpose(1, 2)  # [n, kv_heads, keys, d]
             v = v.view(n, keys, num_kv_heads, head_dim).transpose(1, 2)
-            mask = decode_mask if len(chunks) == 1 else decode_mask[chunk.rows]
             qd = q[chunk.query_index].unsqueeze(2)  # [n, heads, 1, d]
-            o = attend(qd, k, v, mask[..., :keys], scale, softcap)
+            o = attend(qd, k, v, mask, scale, softcap)
             out[chunk.query_index] = o.squeeze(2)
     for i, ((start, q_len, ctx_len), blocks, mask) in enumerate(
         zip(batch.prefill_spans, batch.prefill_blocks, prefill_masks)

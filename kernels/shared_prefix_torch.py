@@ -150,27 +150,19 @@ class TorchSharedPrefixPlan:
     def _make_chunks(self, key_bytes: int) -> tuple[SuffixChunk, ...]:
         keys, device = self.suffix, self.batch.query_index.device
         assert keys is not None
-        budget = paged_torch.DECODE_CHUNK_BYTES
         query_index = np.asarray(self.batch.host_query_index, dtype=np.int64)
-        rows_total = len(keys.lens)
-        one_chunk = rows_total * keys.pos.shape[1] * key_bytes <= budget
-        order = np.arange(rows_total) if one_chunk else np.argsort(-keys.lens, kind="stable")
-        chunks: list[SuffixChunk] = []
-        start = 0
-        while start < rows_total:
-            width = keys.pos.shape[1] if one_chunk else max(1, int(keys.lens[order[start]]))
-            n = max(1, min(rows_total - start, budget // max(1, width * key_bytes)))
-            rows = order[start : start + n]
-            chunks.append(SuffixChunk(
-                rows=None if one_chunk else torch.from_numpy(rows.copy()).to(device),
+        chunks = paged_torch.length_chunks(keys.lens, keys.lens, key_bytes)
+        return tuple(
+            SuffixChunk(
+                rows=None if len(chunks) == 1 else torch.from_numpy(rows.copy()).to(device),
                 query_index=torch.from_numpy(query_index[rows]).to(device),
                 slots=torch.from_numpy(np.ascontiguousarray(keys.slots[rows, :width]).reshape(-1)).to(device),
                 masks=_WindowMasks(keys.pos[rows, :width], keys.valid[rows, :width], keys.query_pos[rows],
                                    self.window, device),
                 width=width,
-            ))
-            start += n
-        return tuple(chunks)
+            )
+            for rows, width in chunks
+        )
 
 
 def additive_mask(valid: np.ndarray) -> torch.Tensor:
