@@ -31,11 +31,11 @@ import torch
 
 from kernels.paged_attention_torch import GatherBuffers
 from kernels.shared_prefix_torch import (
-    PAD_WORK_FACTOR,
     PrefixBucket,
     additive_mask,
     attention_lse,
     merge_with_nonempty,
+    pad_work_buckets,
     plan_prefix_buckets,
     prefix_part,
 )
@@ -89,21 +89,9 @@ class TorchGroupPrefillPlan:
 
 
 def _suffix_buckets(qls: np.ndarray, keys: np.ndarray) -> list[np.ndarray]:
-    """Chunks (indices) grouped for the suffix part: longest first, a chunk joins the current bucket
-    while the bucket's padded work (chunks x most queries x most keys) stays within PAD_WORK_FACTOR
-    times its real work (queries x keys summed)."""
-    out: list[list[int]] = []
-    real = most_q = 0
-    for i in np.argsort(-keys, kind="stable").tolist():
-        if out:
-            q = max(most_q, int(qls[i]))
-            if (len(out[-1]) + 1) * q * int(keys[out[-1][0]]) <= PAD_WORK_FACTOR * (real + int(qls[i] * keys[i])):
-                out[-1].append(i)
-                real += int(qls[i] * keys[i])
-                most_q = q
-                continue
-        out.append([i])
-        real, most_q = int(qls[i] * keys[i]), int(qls[i])
+    """Chunks (indices) grouped for the suffix part by `pad_work_buckets` (longest keys first, padded
+    work chunks x most queries x most keys within PAD_WORK_FACTOR times the real work)."""
+    out = pad_work_buckets(keys, qls)
     return [np.sort(np.asarray(b, dtype=np.int64)) for b in out]  # in their order: one bucket needs no reordering
 
 

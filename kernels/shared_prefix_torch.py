@@ -47,7 +47,7 @@ from kernels.shared_prefix_attention import (
 
 __all__ = [
     "PrefixBucket", "TorchSharedPrefixPlan", "additive_mask", "attention_lse", "merge_with_nonempty",
-    "plan_prefix_buckets", "plan_shared_prefix_buckets", "plan_shared_prefix_torch", "prefix_part",
+    "pad_work_buckets", "plan_prefix_buckets", "plan_shared_prefix_buckets", "plan_shared_prefix_torch", "prefix_part",
     "shared_prefix_decode_torch",
 ]
 
@@ -182,6 +182,28 @@ def plan_shared_prefix_buckets(
         device)
 
 
+def pad_work_buckets(lengths: np.ndarray, rows: np.ndarray) -> list[list[int]]:
+    """Items (indices) in buckets, longest first: an item joins the current bucket while the bucket's
+    padded work (items x its first item's length x most rows) stays within PAD_WORK_FACTOR times its
+    real work (lengths x rows, summed). Items of length <= 0 are left out."""
+    buckets: list[list[int]] = []
+    real = most_rows = 0
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        if lengths[i] <= 0:
+            continue
+        work = int(lengths[i] * rows[i])
+        if buckets:
+            m = max(most_rows, int(rows[i]))
+            if (len(buckets[-1]) + 1) * int(lengths[buckets[-1][0]]) * m <= PAD_WORK_FACTOR * (real + work):
+                buckets[-1].append(i)
+                real += work
+                most_rows = m
+                continue
+        buckets.append([i])
+        real, most_rows = work, int(rows[i])
+    return buckets
+
+
 def plan_prefix_buckets(
     starts: np.ndarray,  # [G + 1] int64: group g owns rows starts[g]:starts[g + 1]
     plens: np.ndarray,  # [G] int64: tokens of each group's prefix
@@ -199,22 +221,7 @@ def plan_prefix_buckets(
     if window is not None and len(plens):
         first_block = np.maximum(np.minimum.reduceat(query_pos[: starts[-1]], starts[:-1]) - window + 1, 0) // bs
     spans = plens - first_block * bs  # keys from the first block on; <= 0: no member sees the prefix
-    order = np.argsort(-spans, kind="stable")
-    groups: list[list[int]] = []
-    real = padded_max_m = 0
-    for g in order.tolist():
-        if spans[g] <= 0:
-            continue  # the prefix lies wholly before every member's window: its part is empty
-        if groups:
-            n_groups, longest = len(groups[-1]), int(spans[groups[-1][0]])
-            m = max(padded_max_m, int(sizes[g]))
-            if (n_groups + 1) * longest * m <= PAD_WORK_FACTOR * (real + int(spans[g] * sizes[g])):
-                groups[-1].append(g)
-                real += int(spans[g] * sizes[g])
-                padded_max_m = m
-                continue
-        groups.append([g])
-        real, padded_max_m = int(spans[g] * sizes[g]), int(sizes[g])
+    groups = pad_work_buckets(spans, sizes)  # a prefix wholly before every member's window: left out
     out = []
     for members in groups:
         m = int(sizes[members].max())
