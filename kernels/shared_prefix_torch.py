@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import kernels.paged_attention_torch as paged_torch
-from kernels.paged_attention_torch import GatherBuffers
+from kernels.paged_attention_torch import GatherBuffers, length_chunks
 from kernels.shared_prefix_attention import (
     SharedPrefixBatch,
     attention_with_lse_reference,
@@ -151,7 +150,7 @@ class TorchSharedPrefixPlan:
         keys, device = self.suffix, self.batch.query_index.device
         assert keys is not None
         query_index = np.asarray(self.batch.host_query_index, dtype=np.int64)
-        chunks = paged_torch.length_chunks(keys.lens, keys.lens, key_bytes)
+        chunks = length_chunks(keys.lens, keys.lens, key_bytes)
         return tuple(
             SuffixChunk(
                 rows=None if len(chunks) == 1 else torch.from_numpy(rows.copy()).to(device),
