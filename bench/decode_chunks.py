@@ -16,6 +16,10 @@ The same for the suffix part of shared-prefix decode (`kernels.shared_prefix_tor
 keys after its group's prefix): 8 groups x 24 rows, a 1,000-token prefix each, suffixes of 10-2,000
 tokens (a shared instruction, then each row's own document).
 
+And the attention call itself on one gathered batch (192 rows x 512 keys, a padding mask): SDPA's own
+GQA (`enable_gqa=True`, what decode rows used before) vs `kernels.paged_attention.attend`, which folds
+each KV head's query heads into rows of one query (the fused CPU kernel then reads each key once).
+
     python bench/decode_chunks.py [--rounds 6]
 Writes bench/results/decode_chunks_<label>.json.
 """
@@ -33,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import engine  # noqa: E402,F401  (first: the engine's OpenMP policy precedes torch's import)
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -41,7 +46,7 @@ from kernel_cases import make_decode_scenario  # noqa: E402  (tests/)
 from kernels.shared_prefix_attention import build_shared_prefix_batch  # noqa: E402
 from kernels.shared_prefix_torch import plan_shared_prefix_torch, shared_prefix_decode_torch  # noqa: E402
 from bench_common import cpu_run_header, results_path, write_results  # noqa: E402
-from kernels.paged_attention import build_paged_batch  # noqa: E402
+from kernels.paged_attention import attend, build_paged_batch  # noqa: E402
 
 NUM_BLOCKS, BLOCK, KV_HEADS, HEADS, HEAD_DIM, ROWS = 20000, 16, 2, 4, 64, 192
 SETTINGS = {"one padded batch": 1 << 60, "chunks 4 MB": 4 << 20, "chunks 16 MB (default)": 16 << 20,
@@ -92,6 +97,31 @@ def shared_prefix_case(rng: random.Random, rounds: int) -> dict:
     return result
 
 
+def gqa_case(rounds: int) -> dict:
+    n, keys = ROWS, 512
+    k = torch.randn(n, KV_HEADS, keys, HEAD_DIM)
+    v = torch.randn(n, KV_HEADS, keys, HEAD_DIM)
+    q = torch.randn(n, HEADS, 1, HEAD_DIM)
+    mask = (torch.arange(keys)[None, :] < torch.randint(470, keys + 1, (n,))[:, None]).view(n, 1, 1, keys)
+    variants = {
+        "sdpa enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+        "heads folded (attend)": lambda: attend(q, k, v, mask, HEAD_DIM**-0.5),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outs = {}
+    for r in range(rounds + 1):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            start = time.perf_counter()
+            outs[name] = variants[name]()
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    result = {name: {"min_ms": round(min(v), 2), "median_ms": round(statistics.median(v), 2)} for name, v in times.items()}
+    result["max_abs_diff"] = float((outs["sdpa enable_gqa"] - outs["heads folded (attend)"]).abs().max())
+    result["speedup_median"] = round(result["sdpa enable_gqa"]["median_ms"] / result["heads folded (attend)"]["median_ms"], 2)
+    print("gqa", result, file=sys.stderr)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=6)
@@ -102,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     k_cache = torch.randn(NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM)
     v_cache = torch.randn(NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM)
-    results = {"shared prefix, suffixes 10-2000": shared_prefix_case(rng, args.rounds)}
+    results = {"decode attention call, 192 rows x 512 keys, 4 heads / 2 KV heads": gqa_case(args.rounds),
+               "shared prefix, suffixes 10-2000": shared_prefix_case(rng, args.rounds)}
     for name, lens in length_mixes(rng).items():
         order = list(range(NUM_BLOCKS))
         rng.shuffle(order)
