@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -63,8 +63,16 @@ def check_scale_out(settings: RunSettings) -> None:
 
 
 @dataclass(frozen=True)
+class _Part:
+    """A part put in Ray's object store (which spills to disk when full), and its rows."""
+
+    ref: Any  # ObjectRef of the WorkerPart
+    row_ids: np.ndarray  # int64 (m,)
+
+
+@dataclass(frozen=True)
 class _Plan:
-    parts: list[WorkerPart]  # one per replica of the round (empty parts left out)
+    parts: list[_Part]  # one per replica of the round (empty parts left out)
     replicas: list[int]  # the replica (index into the pool) of each part
     stats: PlanStats
     partition: dict[str, Any]
@@ -215,9 +223,11 @@ def _cause(exc: Any) -> BaseException:
     return BatchLLMError(f"A worker failed: {' '.join(str(exc).split())[:300]}")
 
 
-def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int], tmp: Path) -> _Plan:
-    """Tokenize and sort every row not `done`, partition the sorted rows over `replicas`; rows that fail
-    to render or fit are committed by the driver (`sink`)."""
+def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int], tmp: Path,
+          put: Callable[[WorkerPart], Any]) -> _Plan:
+    """Tokenize and sort every row not `done`, partition the sorted rows over `replicas`, each part
+    given to `put` (ray.put) as soon as it is read; rows that fail to render or fit are committed by
+    the driver (`sink`). The driver holds O(rows) and one part's tokens at a time, never the job's."""
     from engine import partition_sorted, unique_prompt_tokens
 
     t0 = time.perf_counter()
@@ -233,20 +243,17 @@ def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int
     lengths = spool.lengths
     lengths_sorted = lengths[order]
     part = partition_sorted(lengths_sorted, lcp, prepared.params.max_tokens, len(replicas))
-    # Every part is gathered from the whole spool in memory (4 bytes a token), also when the sort ran out
-    # of core: reading each part from the spool file instead would keep the driver's memory O(rows).
-    tokens, offsets, row_ids = spool.read_all(), spool.offsets, spool.row_ids
+    row_ids = spool.row_ids
     parts, owners = [], []
     for p, replica in enumerate(replicas):
         idx = order[part.part == p]  # spool indices of this part, in plan order
         if not len(idx):
             continue
-        lens = lengths[idx]
-        off = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(lens, out=off[1:])
-        gather = np.arange(int(off[-1]), dtype=np.int64) - np.repeat(off[:-1], lens) + np.repeat(offsets[idx], lens)
-        parts.append(WorkerPart(row_ids=row_ids[idx], keys=[keys[i] for i in idx.tolist()] if keys is not None else None,
-                                truncated=truncated[idx], tokens=tokens[gather], offsets=off, seq_start=0))
+        tokens, offsets = spool.packed_rows(idx)
+        ref = put(WorkerPart(row_ids=row_ids[idx], keys=[keys[i] for i in idx.tolist()] if keys is not None else None,
+                             truncated=truncated[idx], tokens=tokens, offsets=offsets))
+        del tokens  # the object store has it now
+        parts.append(_Part(ref, row_ids[idx]))
         owners.append(replica)
     stats = PlanStats(rows=len(order), prompt_tokens=int(lengths.sum()),
                       unique_prompt_tokens=unique_prompt_tokens(lengths_sorted, lcp), out_of_core=out_of_core,
@@ -304,7 +311,7 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: ScaleOut
         if not pool.alive:
             raise BatchLLMError("Every worker died; run the same command again to resume.")
         before = prepared.committed.rows
-        plan = _plan(prepared, prepared.committed.done, sink, pool.alive, tmp)
+        plan = _plan(prepared, prepared.committed.done, sink, pool.alive, tmp, pool.ray.put)
         if tracker.partition is None:
             tracker.partition = plan.partition
             tracker.plan_stats.append(plan.stats)
@@ -318,8 +325,7 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: ScaleOut
         if not plan.parts:
             break  # every row left failed before the engine (committed by the driver)
         seq = prepared.committed.next_seq
-        refs = {pool.actors[k].run.remote(dataclasses.replace(part, seq_start=seq)): (k, part)
-                for part, k in zip(plan.parts, plan.replicas)}
+        refs = {pool.actors[k].run.remote(part.ref, seq): (k, part.row_ids) for part, k in zip(plan.parts, plan.replicas)}
         dead = _wait_round(pool, refs, prepared.committed, tracker)
         if prepared.settings.prefix_sharing == "plan":  # the replicas fed their parts in chunks
             tracker.plan_stats[0] = dataclasses.replace(
@@ -341,7 +347,7 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: ScaleOut
                                 "again to resume.")
 
 
-def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed: Committed,
+def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, np.ndarray]], committed: Committed,
                 tracker: ScaleOutTracker) -> list[int]:
     """Wait for every part, reading the replicas' progress meanwhile; the replicas whose process died."""
     ray = pool.ray
@@ -351,7 +357,7 @@ def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed:
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=_POLL_S)
         for ref in ready:
-            k, part = refs[ref]
+            k, part_rows = refs[ref]
             try:
                 report: WorkerReport = ray.get(ref)
             except ray.exceptions.RayActorError:
@@ -362,7 +368,7 @@ def _wait_round(pool: _Pool, refs: dict[Any, tuple[int, WorkerPart]], committed:
             for info in report.shards:
                 committed.shards.append(info)
                 committed.next_seq = max(committed.next_seq, info.seq + 1)
-            committed.done[part.row_ids] = True  # the replica returns once all of them are committed
+            committed.done[part_rows] = True  # the replica returns once all of them are committed
             tracker.finished_part(k, report.counts)
         answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=0) if asked else ([], [])
         for ref in answered:

@@ -56,7 +56,6 @@ class WorkerPart:
     truncated: np.ndarray  # bool (m,)
     tokens: np.ndarray
     offsets: np.ndarray
-    seq_start: int  # the first shard number this replica commits under
 
 
 @dataclass(frozen=True)
@@ -144,14 +143,15 @@ class ReplicaWorker:
             engine_s=live.engine_s, chunks=live.chunks, boundary_tokens=live.boundary_tokens,
         )
 
-    def run(self, part: WorkerPart) -> WorkerReport:
-        """Run every row of `part` and commit them all; returns the shards committed."""
+    def run(self, part: WorkerPart, seq_start: int) -> WorkerReport:
+        """Run every row of `part` and commit them all, shards numbered from `seq_start`; returns the
+        shards committed."""
         s = self.setup
         self.load()
         t0 = time.perf_counter()
         self._done = self._counts()
         collector = ResultCollector(s.columns, s.constraint)
-        committed = Committed(done=np.zeros(s.total_rows, dtype=bool), next_seq=part.seq_start)
+        committed = Committed(done=np.zeros(s.total_rows, dtype=bool), next_seq=seq_start)
         sink = ShardSink(RunDir(Path(s.run_dir)), committed, collector, null_guard(), s.checkpoint_rows,
                          s.checkpoint_seconds, worker=s.worker)
         self._collector = collector

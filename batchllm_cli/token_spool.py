@@ -136,6 +136,25 @@ class TokenSpool:
         start = int(self.offsets[row])
         return np.fromfile(self.path, dtype=np.int32, count=length, offset=4 * start)
 
+    def packed_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Spooled rows `rows` (in that order) packed: (tokens int32 (t,), offsets int64 (len(rows) + 1,)),
+        each row read with pread straight into its place: the only memory taken is the result's."""
+        self.close()
+        offsets = self.offsets
+        lengths = offsets[rows + 1] - offsets[rows]
+        packed = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=packed[1:])
+        tokens = np.empty(int(packed[-1]), dtype=np.int32)
+        view = memoryview(tokens).cast("B")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for start, at, n in zip(offsets[rows].tolist(), packed[:-1].tolist(), lengths.tolist()):
+                got = os.preadv(fd, [view[4 * at : 4 * (at + n)]], 4 * start)
+                assert got == 4 * n, (got, n)
+        finally:
+            os.close(fd)
+        return tokens, packed
+
     @contextmanager
     def row_reader(self) -> Iterator[Callable[[int], list[int]]]:
         """row(i): spooled row i's token ids, read with pread. Only the kernel's page cache holds the
