@@ -1,4 +1,5 @@
-"""The run directory: manifest, committed result shards, locks and the completion marker.
+"""The run directory: manifest, committed result shards, its lock (taken with file_lock.py) and the
+names of the files beside the output.
 
 Layout of a run directory (default `OUTPUT.batchllm/` beside the output):
 
@@ -24,13 +25,9 @@ fingerprint), `OUTPUT.errors.jsonl` (rows in error) and `OUTPUT.rejects.jsonl` (
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
-import json
 import os
 import re
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,14 +42,18 @@ import pyarrow.parquet as pq
 from batchllm_cli import __version__
 from batchllm_cli.collector import SHARD_SCHEMA
 from batchllm_cli.durable import (
+    CORRUPT,
     atomic_write_bytes,
     crash_point,
     fsync_dir,
-    is_disk_full,
     is_temp_of,
+    json_bytes,
+    read_json,
     remove_durably,
+    write_error,
 )
-from batchllm_cli.errors import BatchLLMError, OutputError, TempFailError, UsageError
+from batchllm_cli.errors import OutputError, UsageError
+from batchllm_cli.file_lock import FileLock
 from batchllm_cli.table_io import ROW_ID
 
 MANIFEST = "manifest.json"
@@ -87,163 +88,6 @@ def rejects_path(output: Path) -> Path:
 
 def output_lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
-
-
-def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return _CORRUPT
-
-
-_CORRUPT = object()
-
-
-def _wrap_write_error(what: Path, exc: BaseException) -> BatchLLMError:
-    if is_disk_full(exc):
-        return TempFailError(
-            f"Cannot write {what}: no space left on device. Committed rows are kept; free some space and "
-            "run the same command again to resume."
-        )
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return OutputError(f"Cannot write {what}: {reason}.")
-
-
-# ---- locks ------------------------------------------------------------------------------------------
-class LockHeld(TempFailError):
-    """Another process holds the lock (exit 75: try again later)."""
-
-
-# `status` probes a lock by taking it for an instant (lock_is_held); a run that starts in that instant
-# tries again for this long before it calls the lock held.
-_LOCK_PATIENCE_S = 0.25
-
-
-def _flock_briefly(fd: int) -> None:
-    deadline = time.monotonic() + _LOCK_PATIENCE_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
-                raise
-        time.sleep(0.02)
-
-
-class FileLock:
-    """An exclusive flock() on a file, taken without waiting.
-
-    The kernel drops a flock when its holder dies, so the lock of a killed run is simply taken over.
-    A holder may delete the lock file when it is done; a process that opened the old file just before
-    notices (the path no longer names the file it locked) and retries with the new one.
-    """
-
-    def __init__(self, path: Path, *, remove_on_release: bool = False) -> None:
-        self.path = path
-        self.remove_on_release = remove_on_release
-        self._fd: int | None = None
-        self._touched = False  # we created the file or wrote to it (else a stale one stays as it was)
-
-    def acquire(self, what: str) -> None:
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                created = True
-            except FileExistsError:
-                try:
-                    # never through a symlink: the lock file is written (owner info) and removed
-                    fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise UsageError(f"Cannot use {self.path} as a lock file ({exc.strerror or exc}); it must "
-                                     "be a regular file batchllm made. Remove it and run again.") from exc
-                created = False
-            except OSError as exc:
-                raise _wrap_write_error(self.path, exc) from exc
-            try:
-                _flock_briefly(fd)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                owner = self._owner()
-                raise LockHeld(
-                    f"Another batchllm run{owner} is working on {what} (lock {self.path}); wait for it to "
-                    "finish, or stop it and run this command again."
-                ) from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous holder removed the file after we opened it: retry
-                os.close(fd)
-                continue
-            self._fd = fd
-            self._touched = created
-            return
-        raise LockHeld(f"Could not take the lock {self.path}; try again.")
-
-    def record_owner(self) -> None:
-        """Write our pid and host into the lock file (for the message another run prints)."""
-        assert self._fd is not None
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, info.encode() + b"\n", 0)
-        self._touched = True
-
-    def _owner(self) -> str:
-        info = lock_owner(self.path)
-        return f" (pid {info['pid']} on {info.get('host', '?')})" if info else ""
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        if self.remove_on_release and self._touched:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
-        os.close(self._fd)  # closing drops the flock
-        self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-
-def lock_is_held(path: Path) -> bool:
-    """Whether a live process holds the flock on `path`: try to take it without waiting (and drop it at
-    once). Opens the file read-only and never creates it; a missing file is a free lock."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-    finally:
-        os.close(fd)  # closing drops a lock we took
-    return False
-
-
-def lock_owner(path: Path) -> dict[str, Any] | None:
-    """The pid/host a run recorded in its lock file (information only: liveness is `lock_is_held`)."""
-    try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or isinstance(info.get("pid"), bool) or not isinstance(info.get("pid"), int):
-        return None
-    return info
 
 
 # ---- shards -----------------------------------------------------------------------------------------
@@ -289,10 +133,10 @@ class RunDir:
     # -- manifest ------------------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
         """None when there is no manifest; BatchLLMError when it cannot be read."""
-        data = _read_json(self.manifest_path)
+        data = read_json(self.manifest_path)
         if data is None:
             return None
-        if data is _CORRUPT or not isinstance(data, dict) or not isinstance(data.get("fingerprint"), dict):
+        if data is CORRUPT or not isinstance(data, dict) or not isinstance(data.get("fingerprint"), dict):
             raise OutputError(
                 f"The checkpoint manifest {self.manifest_path} cannot be read; run with --restart to "
                 "discard the checkpoint and start over."
@@ -310,9 +154,9 @@ class RunDir:
             **info,
         }
         try:
-            atomic_write_bytes(self.manifest_path, _json_bytes(manifest))
+            atomic_write_bytes(self.manifest_path, json_bytes(manifest))
         except OSError as exc:
-            raise _wrap_write_error(self.manifest_path, exc) from exc
+            raise write_error(self.manifest_path, exc) from exc
 
     # -- lock ----------------------------------------------------------------------------------------
     def lock(self) -> None:
@@ -360,11 +204,11 @@ class RunDir:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise _wrap_write_error(self.path, exc) from exc
+            raise write_error(self.path, exc) from exc
 
     def created_by_batchllm(self) -> bool:
         """The manifest (of this or an earlier run) says a run created the directory."""
-        manifest = _read_json(self.manifest_path)
+        manifest = read_json(self.manifest_path)
         return isinstance(manifest, dict) and manifest.get("dir_created") is True
 
     def has_shards(self) -> bool:
@@ -457,7 +301,7 @@ class RunDir:
     def _verify(self, seq: int, record: Path | None, shard: Path | None, done: np.ndarray) -> ShardInfo | None:
         if record is None or shard is None:
             return None
-        meta = parse_commit_record(_read_json(record))
+        meta = parse_commit_record(read_json(record))
         if meta is None or meta["shard"] != shard.name:
             return None
         try:
@@ -532,9 +376,9 @@ class RunDir:
                 after_rename="shard_rename",
                 after_dir_fsync="dir_fsync",
             )
-            atomic_write_bytes(record, _json_bytes(meta))
+            atomic_write_bytes(record, json_bytes(meta))
         except OSError as exc:
-            raise _wrap_write_error(shard, exc) from exc
+            raise write_error(shard, exc) from exc
         crash_point("manifest_update")
         return info
 
@@ -589,7 +433,7 @@ def read_commit_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
     shard exists, number of malformed records)."""
     out, malformed = [], 0
     for p in sorted(run_dir.glob("shard-*.json")):
-        data = parse_commit_record(_read_json(p))
+        data = parse_commit_record(read_json(p))
         if data is None:
             malformed += 1
         elif (run_dir / data["shard"]).is_file():

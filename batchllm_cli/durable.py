@@ -1,4 +1,5 @@
-"""Durable file writes (temp -> fsync -> rename -> fsync dir) and the crash-point test hook.
+"""Durable file writes (temp -> fsync -> rename -> fsync dir), the crash-point test hook, and the JSON
+files batchllm writes and reads back (manifest, commit records, marker).
 
 A rename is atomic but not durable until its directory is fsynced; a file's bytes are not durable until
 the file is fsynced. Every file batchllm commits goes through `atomic_write_bytes` (or does the same
@@ -11,12 +12,14 @@ crash tests; the points are listed in `CRASH_POINTS`.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
-from batchllm_cli.errors import UsageError
+from batchllm_cli.errors import BatchLLMError, OutputError, TempFailError, UsageError
 
 CRASH_ENV = "BATCHLLM_CRASH_AT"
 CRASH_EXIT_CODE = 137
@@ -188,3 +191,31 @@ def remove_dirs(created: list[Path]) -> None:
             path.rmdir()
         except OSError:
             return
+
+
+CORRUPT = object()  # read_json of a file that exists but is not valid JSON
+
+
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return CORRUPT
+
+
+def write_error(what: Path, exc: BaseException) -> BatchLLMError:
+    """The error a failed write of `what` is reported as: disk full -> TempFailError (exit 75: free space
+    and resume), else OutputError."""
+    if is_disk_full(exc):
+        return TempFailError(
+            f"Cannot write {what}: no space left on device. Committed rows are kept; free some space and "
+            "run the same command again to resume."
+        )
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return OutputError(f"Cannot write {what}: {reason}.")

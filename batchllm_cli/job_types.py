@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from batchllm_cli.checkpoint import Committed, FileLock, RunDir
+from batchllm_cli.checkpoint import Committed, RunDir
+from batchllm_cli.file_lock import FileLock
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.marker import Marker
 from batchllm_cli.planned_feed import DEFAULT_PLAN_CHUNK_TOKENS

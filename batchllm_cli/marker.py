@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchllm_cli.checkpoint import _CORRUPT, _json_bytes, _read_json, _wrap_write_error, marker_path
+from batchllm_cli.checkpoint import marker_path
+from batchllm_cli.durable import CORRUPT, json_bytes, read_json, write_error
 from batchllm_cli.durable import atomic_write_bytes, crash_point
 from batchllm_cli.errors import OutputError
 from batchllm_cli.fingerprint import file_identity
@@ -101,10 +102,10 @@ def parse_marker(data: Any) -> Marker | None:
 def read_marker(output: Path) -> Marker | None:
     """None when there is no marker; MalformedMarker (one line) when it is not a valid one."""
     path = marker_path(output)
-    data = _read_json(path)
+    data = read_json(path)
     if data is None:
         return None
-    marker = parse_marker(data) if data is not _CORRUPT else None
+    marker = parse_marker(data) if data is not CORRUPT else None
     if marker is None:
         raise MalformedMarker(f"The completion marker {path} is not a valid batchllm marker (unreadable, or fields "
                               "of the wrong type)")
@@ -115,7 +116,7 @@ def write_marker(output: Path, data: dict[str, Any]) -> None:
     path = marker_path(output)
     assert parse_marker(json.loads(json.dumps(data))) is not None, data
     try:
-        atomic_write_bytes(path, _json_bytes(data))
+        atomic_write_bytes(path, json_bytes(data))
     except OSError as exc:
-        raise _wrap_write_error(path, exc) from exc
+        raise write_error(path, exc) from exc
     crash_point("marker")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from batchllm_cli.checkpoint import (
-    FileLock,
     RunDir,
     default_run_dir,
     marker_path,
@@ -24,6 +23,7 @@ from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
 from batchllm_cli.engine_settings import engine_config_of, sampling_params_of
 from batchllm_cli.errors import BatchLLMError, FingerprintMismatch, UsageError
+from batchllm_cli.file_lock import FileLock
 from batchllm_cli.file_safety import check_run_paths, input_reads
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
 from batchllm_cli.job_output import check_output_for_retry, rejected_rows, seed_from_output

@@ -16,16 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from batchllm_cli.checkpoint import (
-    MANIFEST,
-    _CORRUPT,
-    _read_json,
-    default_run_dir,
-    lock_is_held,
-    lock_owner,
-    output_lock_path,
-    read_commit_records,
-)
+from batchllm_cli.checkpoint import MANIFEST, default_run_dir, output_lock_path, read_commit_records
+from batchllm_cli.durable import CORRUPT, read_json
+from batchllm_cli.file_lock import lock_is_held, lock_owner
 from batchllm_cli.errors import (
     EXIT_OK,
     EXIT_ROWS_FAILED,
@@ -96,7 +89,7 @@ def read_status(target: Path) -> RunStatus:
     problems: list[str] = []
     if (target / MANIFEST).is_file() or (target.is_dir() and target.name.endswith(".batchllm")):
         run_dir: Path = target
-        manifest = _read_json(target / MANIFEST)
+        manifest = read_json(target / MANIFEST)
         out = manifest.get("output") if isinstance(manifest, dict) else None
         output = Path(out) if isinstance(out, str) and out else None
     elif target.is_dir():
@@ -104,8 +97,8 @@ def read_status(target: Path) -> RunStatus:
     else:
         output = target
         run_dir = default_run_dir(target)
-        manifest = _read_json(run_dir / MANIFEST)
-    if manifest is _CORRUPT or (manifest is not None and not isinstance(manifest, dict)):
+        manifest = read_json(run_dir / MANIFEST)
+    if manifest is CORRUPT or (manifest is not None and not isinstance(manifest, dict)):
         problems.append(f"the checkpoint manifest {run_dir / MANIFEST} cannot be read.")
     manifest = manifest if isinstance(manifest, dict) else None
 

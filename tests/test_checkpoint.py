@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 
 from batchllm_cli import durable
-from batchllm_cli.checkpoint import FileLock, LockHeld, RunDir
+from batchllm_cli.checkpoint import RunDir
+from batchllm_cli.file_lock import FileLock, LockHeld
 from batchllm_cli.collector import SHARD_SCHEMA, ResultCollector
 from batchllm_cli.fingerprint import changed_fields, describe_changes, digest_of
 

@@ -240,7 +240,7 @@ def test_status_of_an_interrupted_and_a_finished_run(job: Job) -> None:
 
 
 def test_status_eta_from_commit_times(tmp_path: Path) -> None:
-    from batchllm_cli.checkpoint import FileLock
+    from batchllm_cli.file_lock import FileLock
     from batchllm_cli.status import read_status
 
     run_dir = tmp_path / "o.parquet.batchllm"

@@ -419,7 +419,7 @@ def test_restart_and_retry_errors_together_are_refused(files: Files, no_model: N
 
 # ---- 12. status and the marker ---------------------------------------------------------------------
 def test_status_liveness_comes_from_the_lock_not_the_pid(files: Files) -> None:
-    from batchllm_cli.checkpoint import FileLock
+    from batchllm_cli.file_lock import FileLock
 
     assert invoke(files.args("--keep-checkpoints")).exit_code == 0
     lock_path = files.root / "o.parquet.lock"
