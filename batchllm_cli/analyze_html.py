@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from batchllm_cli import __version__
-from batchllm_cli.analyze import AnalyzeReport, IcicleNode
+from batchllm_cli.analyze_types import AnalyzeReport, IcicleNode
 from batchllm_cli.analyze_report import failures_line, group_line, one_line, pct, split_prefix
 
 

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from batchllm_cli.analyze import AnalyzeReport
+from batchllm_cli.analyze_types import AnalyzeReport
 from batchllm_cli.progress import print_notice
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from batchllm_cli.analyze import PreparedAnalyze
+from batchllm_cli.analyze_types import PreparedAnalyze
 from batchllm_cli.prompts import FailedRow, PromptEncoder, PromptRow, fit_prompt
 from batchllm_cli.table_io import ROW_ID
 

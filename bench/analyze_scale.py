@@ -137,7 +137,8 @@ def child(mode: str, table: Path, template: Path, tok_dir: Path, out_json: Path)
     t0 = time.perf_counter()
     result: dict = {"mode": mode}
     if mode in ("tokenize", "tokenize_lists"):
-        from batchllm_cli.analyze import DEFAULT_BATCH_ROWS, AnalyzeSettings, prepare_analyze
+        from batchllm_cli.analyze import prepare_analyze
+        from batchllm_cli.analyze_types import DEFAULT_BATCH_ROWS, AnalyzeSettings
         from batchllm_cli.prompts import PromptEncoder
 
         prepared = prepare_analyze(AnalyzeSettings(input=table, template=str(template), tokenizer=tok_dir, chat=False))
