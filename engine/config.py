@@ -24,6 +24,9 @@ class EngineConfig:
         eviction, arrival order); "none" computes every prompt in full.
     decode_reservation: fraction of each row's remaining max tokens whose KV blocks admission
         reserves (1.0: admitted rows never need preemption; lower admits more optimistically).
+    learn_decode_lengths: once 32 rows have finished, reserve decode growth only up to the length
+        95% of their answers stayed within, when that is below max tokens (a row past it reserves up
+        to max tokens again; see engine/scheduler.py); False: always up to max tokens.
     plan_wave_rows: requests planned together; a prefix shared across waves is computed per wave.
     attention_backend: "torch" (PyTorch references), "triton" (kernels), "auto" (triton on CUDA).
     gpu_memory_utilization: on CUDA without kv_cache_memory, the fraction of the GPU's total memory
@@ -44,6 +47,7 @@ class EngineConfig:
     max_model_len: int | None = None
     prefix_sharing: PrefixSharing = "plan"
     decode_reservation: float = 1.0
+    learn_decode_lengths: bool = True
     plan_wave_rows: int = 65536
     attention_backend: AttentionBackendName = "auto"
     gpu_memory_utilization: float = 0.9

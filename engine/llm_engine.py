@@ -59,7 +59,8 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, prefix_cache=config.prefix_sharing == "lru"
         )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_batch_tokens, config.max_num_seqs, config.decode_reservation
+            self.block_manager, config.max_batch_tokens, config.max_num_seqs, config.decode_reservation,
+            learn_lengths=config.learn_decode_lengths,
         )
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.grammar = GrammarMasks(

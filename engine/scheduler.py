@@ -6,10 +6,18 @@ is bounded by KV blocks, not a sequence count: an item is admitted when its own 
 reserved decode growth fit next to the growth already reserved for running rows. When growth
 runs out of blocks anyway, the newest sequence is preempted and recomputed later; computed shared
 prefixes stay pinned until their dependents hold their own references.
+
+Decode growth is reserved up to a row's max tokens until LENGTH_SAMPLES rows have finished; from then
+on (`learn_lengths`) up to the length LENGTH_QUANTILE of the finished rows' answers stayed within,
+when that is shorter: a job whose answers stop at a few tokens under a generous --max-tokens
+(classification, extraction) no longer holds max-tokens blocks per row it will never use, so more
+rows run at once. A row that passes that length reserves up to its max tokens again (admission
+then waits for the room), so only rows already admitted can run short of blocks, and those
+preempt the newest row, as when reservation is off.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
@@ -18,6 +26,10 @@ from engine.shared_prefix import SharedPrefixState
 
 # waiting items looked at per step past ones blocked on a prefix still in prefill
 _ADMISSION_LOOKAHEAD = 64
+# finished rows before their answers' lengths bound the decode growth reserved for others, and
+# the share of them whose length the reservation covers
+LENGTH_SAMPLES = 32
+LENGTH_QUANTILE = 0.95
 
 
 @dataclass(frozen=True)
@@ -55,11 +67,17 @@ class Scheduler:
         max_batch_tokens: int,
         max_num_seqs: int,
         decode_reservation: float = 1.0,
+        learn_lengths: bool = True,
     ) -> None:
         self.block_manager = block_manager
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.decode_reservation = decode_reservation
+        self.learn_lengths = learn_lengths
+        self.rows_finished = 0
+        self.longest_completion = 0  # tokens, among the rows finished
+        self._answer_lengths: Counter[int] = Counter()  # completion tokens -> rows finished with them
+        self.typical_completion: int | None = None  # LENGTH_QUANTILE of them (tokens), once there are enough
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the newest is last
         self.pinned: list[SharedPrefixState] = []  # computed prefixes still holding their blocks
@@ -115,10 +133,35 @@ class Scheduler:
     def _reserved_growth(self) -> int:
         return sum(self._growth_blocks(seq, len(seq.block_table)) for seq in self.running)
 
+    def expected_completion(self, seq: Sequence) -> int:
+        """Completion tokens admission reserves room for (see the module's note): max tokens, or the
+        finished rows' typical answer length while this row is still within it."""
+        typical = self.typical_completion
+        if typical is not None and seq.num_completion_tokens < typical:
+            return min(seq.max_tokens, typical)
+        return seq.max_tokens
+
+    def _learn_length(self, tokens: int) -> None:
+        self.rows_finished += 1
+        self.longest_completion = max(self.longest_completion, tokens)
+        if not self.learn_lengths:
+            return
+        self._answer_lengths[tokens] += 1
+        n = self.rows_finished
+        # recounted at LENGTH_SAMPLES rows, then as the count doubles and every 1024 rows
+        if n >= LENGTH_SAMPLES and ((n & (n - 1)) == 0 or n % 1024 == 0 or self.typical_completion is None):
+            covered, need = 0, LENGTH_QUANTILE * n
+            for length in sorted(self._answer_lengths):
+                covered += self._answer_lengths[length]
+                if covered >= need:
+                    self.typical_completion = max(1, length)
+                    break
+
     def _growth_blocks(self, seq: Sequence, blocks_held: int) -> int:
         if seq.is_prefix:
             return 0
-        future = len(seq) + int(seq.remaining_tokens * self.decode_reservation)
+        remaining = max(0, self.expected_completion(seq) - seq.num_completion_tokens)
+        future = len(seq) + int(remaining * self.decode_reservation)
         return max(0, self.block_manager.blocks_for_tokens(future) - blocks_held)
 
     def _admission_cost(self, seq: Sequence) -> tuple[int, list[int]] | None:
@@ -264,3 +307,4 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+        self._learn_length(seq.num_completion_tokens)

@@ -54,10 +54,6 @@ class Sequence:
         self.start_len = 0  # tokens of that prefix it reuses
         self.shared_blocks = 0  # leading blocks shared with its group (for grouped decode attention)
 
-    @property
-    def remaining_tokens(self) -> int:
-        return 0 if self.is_prefix else self.max_tokens - self.num_completion_tokens
-
     def __len__(self) -> int:
         return len(self.token_ids)
 
