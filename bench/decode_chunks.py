@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -61,18 +62,29 @@ def length_mixes(rng: random.Random) -> dict[str, list[int]]:
     }
 
 
-def timed_settings(run, rounds: int) -> dict:
-    """min / median ms of run(setting) per setting, interleaved; how far the outputs differ."""
-    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+def interleaved(variants: dict[str, Callable[[], torch.Tensor]], rounds: int) -> tuple[dict, dict]:
+    """({variant: {min_ms, median_ms}}, {variant: its last output}), variants run in alternating order
+    each round (round 0 warms up)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     outs: dict[str, torch.Tensor] = {}
     for r in range(rounds + 1):
-        for setting in (list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))):
-            paged_torch.DECODE_CHUNK_BYTES = SETTINGS[setting]
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
             start = time.perf_counter()
-            outs[setting] = run()
-            if r:  # round 0 warms up
-                times[setting].append((time.perf_counter() - start) * 1e3)
-    result = {s: {"min_ms": round(min(v), 2), "median_ms": round(statistics.median(v), 2)} for s, v in times.items()}
+            outs[name] = variants[name]()
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"min_ms": round(min(v), 2), "median_ms": round(statistics.median(v), 2)} for name, v in times.items()}, outs
+
+
+def timed_settings(run, rounds: int) -> dict:
+    """min / median ms of run(setting) per setting, interleaved; how far the outputs differ."""
+    def with_budget(budget: int) -> Callable[[], torch.Tensor]:
+        def go() -> torch.Tensor:
+            paged_torch.DECODE_CHUNK_BYTES = budget
+            return run()
+        return go
+
+    result, outs = interleaved({s: with_budget(b) for s, b in SETTINGS.items()}, rounds)
     base = outs["one padded batch"]
     # padding changes the fused kernel's tiling, so float32 rounding may differ in the last bits
     result["max_abs_diff"] = max(float((o - base).abs().max()) for o in outs.values())
@@ -107,15 +119,7 @@ def gqa_case(rounds: int) -> dict:
         "sdpa enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
         "heads folded (attend)": lambda: attend(q, k, v, mask, HEAD_DIM**-0.5),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    outs = {}
-    for r in range(rounds + 1):
-        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            start = time.perf_counter()
-            outs[name] = variants[name]()
-            if r:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    result = {name: {"min_ms": round(min(v), 2), "median_ms": round(statistics.median(v), 2)} for name, v in times.items()}
+    result, outs = interleaved(variants, rounds)
     result["max_abs_diff"] = float((outs["sdpa enable_gqa"] - outs["heads folded (attend)"]).abs().max())
     result["speedup_median"] = round(result["sdpa enable_gqa"]["median_ms"] / result["heads folded (attend)"]["median_ms"], 2)
     print("gqa", result, file=sys.stderr)

@@ -75,7 +75,6 @@ class Scheduler:
         self.decode_reservation = decode_reservation
         self.learn_lengths = learn_lengths
         self.rows_finished = 0
-        self.longest_completion = 0  # tokens, among the rows finished
         self._answer_lengths: Counter[int] = Counter()  # completion tokens -> rows finished with them
         self.typical_completion: int | None = None  # LENGTH_QUANTILE of them (tokens), once there are enough
         self.waiting: deque[Sequence] = deque()
@@ -143,7 +142,6 @@ class Scheduler:
 
     def _learn_length(self, tokens: int) -> None:
         self.rows_finished += 1
-        self.longest_completion = max(self.longest_completion, tokens)
         if not self.learn_lengths:
             return
         self._answer_lengths[tokens] += 1

@@ -90,14 +90,13 @@ class TorchPagedPlan:
             found = self._masks[window] = (batch.decode_visible(window), prefill)
         return found
 
-    def decode_chunk_masks(self, window: int | None, chunks: tuple[DecodeChunk, ...],
-                           decode_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def decode_chunk_masks(self, window: int | None, chunks: tuple[DecodeChunk, ...], decode_mask: torch.Tensor,
+                           block_size: int) -> tuple[torch.Tensor, ...]:
         """Each chunk's rows of `decode_mask` (this window's), cut to its width: selected at the
         first layer asking for the window, reused by the others."""
         key = ("chunks", window, id(chunks))  # chunks: the tuple decode_chunks keeps for this plan
         found = self._masks.get(key)
         if found is None:
-            block_size = decode_mask.shape[-1] // max(1, self.batch.decode_blocks.shape[1])
             found = self._masks[key] = tuple(
                 (decode_mask if len(chunks) == 1 else decode_mask[c.rows])[..., : c.width * block_size] for c in chunks)
         return found
@@ -175,7 +174,7 @@ def paged_attention_torch(
     if batch.decode_query_index.numel():
         block_size = k_cache.shape[1]
         chunks = plan.decode_chunks(2 * k_cache[0].numel() * k_cache.element_size())
-        for chunk, mask in zip(chunks, plan.decode_chunk_masks(window, chunks, decode_mask)):
+        for chunk, mask in zip(chunks, plan.decode_chunk_masks(window, chunks, decode_mask, block_size)):
             n, keys = chunk.rows.shape[0], chunk.width * block_size
             k = plan.buffers.gather("kd", k_cache, chunk.blocks).view(-1, num_kv_heads, head_dim)
             v = plan.buffers.gather("vd", v_cache, chunk.blocks).view(-1, num_kv_heads, head_dim)
