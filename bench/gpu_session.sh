@@ -6,11 +6,13 @@
 #   bash bench/gpu_session.sh tests     # bf16/fp16 kernel correctness, CUDA graphs, host syncs, KV sizing
 #   bash bench/gpu_session.sh kernels   # bench/kernels.py + bench/fused_ops.py
 #   bash bench/gpu_session.sh e2e       # bench/e2e_paper.py (1B model, paper workload), ROWS=3200 HF_ROWS=256
+#   bash bench/gpu_session.sh all       # the three in one call of at most ~8 minutes: each stage has a
+#                                       # time cap (TESTS_S, KERNELS_S, E2E_S) and smaller benches
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-}
-stage=${1:?usage: bash bench/gpu_session.sh tests|kernels|e2e}
+stage=${1:?usage: bash bench/gpu_session.sh tests|kernels|e2e|all}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 
 log() { if [ -n "$OUT" ]; then tee -a "$OUT/$stage.log"; else cat; fi; }
@@ -33,6 +35,17 @@ case "$stage" in
     ;;
   e2e)
     $PY bench/e2e_paper.py --rows "${ROWS:-3200}" --hf-rows "${HF_ROWS:-256}" 2>&1 | tail -40 | log
+    keep bench/results/e2e_paper_*.json
+    ;;
+  all)
+    # One device call: whatever stage runs out of its time is cut there, the next one still runs.
+    timeout -k 5 "${TESTS_S:-210}" $PY -m pytest -q -m gpu -p no:cacheprovider --durations=8 --timeout 90 \
+      tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tail -60 | log
+    { timeout -k 5 "${KERNELS_S:-80}" $PY bench/kernels.py --rep-ms 100 2>&1 | tail -30
+      timeout -k 5 "${FUSED_S:-40}" $PY bench/fused_ops.py --rep-ms 50 2>&1 | tail -25; } | log
+    keep bench/results/kernels_*.json bench/results/fused_ops_*.json
+    timeout -k 5 "${E2E_S:-150}" $PY bench/e2e_paper.py --rows "${ROWS:-640}" --hf-rows "${HF_ROWS:-64}" \
+      --modes plan none --max-num-seqs 256 --copy-gib 2 2>&1 | tail -30 | log
     keep bench/results/e2e_paper_*.json
     ;;
   *)
