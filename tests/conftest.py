@@ -82,3 +82,11 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("this must be decided before the model loads")
 
     monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", forbidden)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """BATCHLLM_INSTAFAIL=1 prints a failure's traceback as soon as it happens: GPU checks run under a
+    time cap (bench/gpu_session.sh), and a run cut there never reaches pytest's closing summary."""
+    if report.failed and os.environ.get("BATCHLLM_INSTAFAIL") == "1":
+        sys.stderr.write(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
+        sys.stderr.flush()

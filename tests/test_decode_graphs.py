@@ -58,14 +58,14 @@ def _eager_logits(runner, kv_cache, ids, positions, slots, tables, group_ids, pr
     from engine.step_context import StepContext
     from kernels.attention_backend import TorchBackend
 
-    cfg, backend = runner.model_cfg, TorchBackend()
+    cfg, backend, device = runner.model_cfg, TorchBackend(), runner.device  # the runner's device: CUDA in the GPU tests
     meta = backend.build_step_metadata(
-        [1] * len(ids), [p + 1 for p in positions], tables, runner.block_size, "cpu",
+        [1] * len(ids), [p + 1 for p in positions], tables, runner.block_size, device,
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, group_ids=group_ids, prefix_lens=prefix_lens,
     )
     caches = tuple((kv_cache[i, 0], kv_cache[i, 1]) for i in range(cfg.num_layers))
-    ctx = StepContext(backend, caches, torch.tensor(slots), meta)
-    hidden = runner.model(torch.tensor(ids), torch.tensor(positions), ctx)
+    ctx = StepContext(backend, caches, torch.tensor(slots, device=device), meta)
+    hidden = runner.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)
     return runner.model.compute_logits(hidden).float()
 
 
