@@ -286,6 +286,7 @@ class ModeResult:
     rows_identical_to_plan: float | None = None
     roofline_fraction: float | None = None
     single_batch_fraction: float | None = None
+    breakdown: dict | None = None  # --breakdown-rows: step times by kind and the kernels' device time
 
 
 def digest(outputs: Sequence[Sequence[int]]) -> str:
@@ -329,6 +330,17 @@ def run_engine(model_dir: Path, mode: str, prompts: list[list[int]], warm: list[
     after = dataclasses.asdict(engine.stats())
     lifetime = ("peak_kv_blocks", "kv_blocks_total")  # not counters: the timed run's value is the lifetime one
     stats = {k: v if k in lifetime else v - before[k] for k, v in after.items()}
+    breakdown = None
+    if args.breakdown_rows:
+        from step_breakdown import kernel_table, step_times
+
+        sub = prompts[: args.breakdown_rows]
+        breakdown = {"rows": len(sub), "steps": step_times(engine, sub, w.output),
+                     "profile": kernel_table(engine, sub, w.output, torch.device(args.device))}
+        top = breakdown["profile"]["kernels"][:5]
+        print(f"{mode} breakdown ({len(sub)} rows): steps {breakdown['steps']}; device "
+              f"{breakdown['profile']['device_time_s']}s; top {[(k['name'][:40], k['self_s']) for k in top]}",
+              file=sys.stderr)
     capacity = engine.block_manager.num_blocks * engine.block_manager.block_size
     del engine
     free_device(torch.device(args.device))
@@ -336,7 +348,7 @@ def run_engine(model_dir: Path, mode: str, prompts: list[list[int]], warm: list[
     return ModeResult(mode=mode, rows=len(prompts), wall_s=round(wall, 4), load_s=round(load_s, 2),
                       output_tokens=n, tokens_per_s=round(n / wall, 2),
                       exact_output_tokens=all(len(o) == w.output for o in outputs), outputs_sha256=digest(outputs),
-                      prefill_tokens=stats["prefill_tokens"], stats=stats), outputs, capacity
+                      prefill_tokens=stats["prefill_tokens"], stats=stats, breakdown=breakdown), outputs, capacity
 
 
 @torch.inference_mode()
@@ -396,6 +408,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="groups in each warm-up run (default: enough to fill --max-num-seqs)")
     p.add_argument("--hf-rows", type=int, default=512, help="rows transformers runs (0: skip it)")
     p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--breakdown-rows", type=int, default=0,
+                   help="after each mode's timed run, run this many rows again timing each step and once more "
+                        "under torch.profiler (kernel device times); 0: skip")
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: the engine's)")

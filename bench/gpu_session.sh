@@ -46,13 +46,13 @@ case "$stage" in
     export BATCHLLM_INSTAFAIL=1
     timeout -k 5 "${TESTS_S:-200}" $PY -m pytest -v -m gpu -p no:cacheprovider --durations=8 --timeout 120 \
       tests/test_engine_gpu.py 2>&1 | log
-    timeout -k 5 "${KERNEL_TESTS_S:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 60 -k "not dtype1" \
+    timeout -k 5 "${KERNEL_TESTS_S:-100}" $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 60 -k "not dtype1" \
       tests/test_kernels_gpu.py 2>&1 | log
     { timeout -k 5 "${KERNELS_S:-70}" $PY bench/kernels.py --rep-ms 100 2>&1 | tail -30
       timeout -k 5 "${FUSED_S:-35}" $PY bench/fused_ops.py --rep-ms 50 2>&1 | tail -25; } | log
     keep bench/results/kernels_*.json bench/results/fused_ops_*.json
-    timeout -k 5 "${E2E_S:-100}" $PY bench/e2e_paper.py --rows "${ROWS:-640}" --hf-rows "${HF_ROWS:-64}" \
-      --modes plan none --max-num-seqs 256 --copy-gib 2 2>&1 | tail -30 | log
+    timeout -k 5 "${E2E_S:-120}" $PY bench/e2e_paper.py --rows "${ROWS:-640}" --hf-rows "${HF_ROWS:-64}" \
+      --modes plan none --max-num-seqs 256 --copy-gib 2 --breakdown-rows 160 2>&1 | tail -30 | log
     keep bench/results/e2e_paper_*.json
     ;;
   *)

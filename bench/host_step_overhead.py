@@ -54,9 +54,9 @@ def stub_engine(model_dir: Path, rows: int, tokens_per_row: int) -> tuple[LLMEng
     decode_only = [False]
     original_run = runner.run
 
-    def run(chunks, block_copies=()):
+    def run(chunks, *args, **kwargs):
         decode_only[0] = bool(chunks) and all(c.num_tokens == 1 for c in chunks)
-        return original_run(chunks, block_copies)
+        return original_run(chunks, *args, **kwargs)
 
     runner.run = run
     return engine, decode_only

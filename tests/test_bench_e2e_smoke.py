@@ -19,7 +19,8 @@ ENGINE_MODES = ("plan", "none", "lru")
 @pytest.mark.slow
 def test_e2e_paper_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "e2e_paper.py"), "--cpu-smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "e2e_paper.py"), "--cpu-smoke", "--breakdown-rows", "4",
+                           "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -43,6 +44,10 @@ def test_e2e_paper_cpu_smoke(tmp_path: Path) -> None:
         assert r["output_tokens"] == workload["rows"] * workload["output"] and r["exact_output_tokens"]
         assert r["stats"]["completion_tokens"] == r["output_tokens"]  # warm-up subtracted
         assert r["roofline_fraction"] > 0
+        # --breakdown-rows: every step of the 4-row re-run timed once, and the profiled run's ops
+        b = r["breakdown"]
+        assert b["rows"] == 4 and sum(k["steps"] for k in b["steps"].values()) >= workload["output"]
+        assert b["profile"]["device_time_s"] > 0 and any("mm" in k["name"] for k in b["profile"]["kernels"])
     hf = results["transformers"]
     assert hf["output_tokens"] == hf["rows"] * workload["output"] and hf["roofline_fraction"] is None
 
