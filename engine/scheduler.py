@@ -111,22 +111,28 @@ class Scheduler:
 
     def _schedule_running(self, chunks: list[ScheduledChunk], budget: int) -> int:
         # decodes (one token each) go first, then prefill continuations
-        for decode_pass in (True, False):
-            for seq in list(self.running):
-                if budget == 0:
-                    return 0
-                if seq.status is not SequenceStatus.RUNNING or (seq.num_uncomputed_tokens == 1) != decode_pass:
-                    continue
-                num = min(seq.num_uncomputed_tokens, budget)
-                if decode_pass:
-                    if not self._make_room(seq, seq.num_computed_tokens + num):
-                        continue
-                else:
-                    # admission gave the whole sequence its blocks, so a prefill never preempts
-                    # (a victim could be a decode already scheduled in this step)
-                    assert self.block_manager.new_blocks_needed(seq, seq.num_computed_tokens + num) == 0
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
-                budget -= num
+        prefills: list[Sequence] = []
+        for seq in list(self.running):
+            if budget == 0:
+                return 0
+            if seq.status is not SequenceStatus.RUNNING:  # preempted by an earlier row's growth
+                continue
+            if len(seq.token_ids) - seq.num_computed_tokens != 1:
+                prefills.append(seq)
+            elif self._make_room(seq, seq.num_computed_tokens + 1):
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
+                budget -= 1
+        for seq in prefills:
+            if budget == 0:
+                return 0
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            num = min(seq.num_uncomputed_tokens, budget)
+            # admission gave the whole sequence its blocks, so a prefill never preempts
+            # (a victim could be a decode already scheduled in this step)
+            assert self.block_manager.new_blocks_needed(seq, seq.num_computed_tokens + num) == 0
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            budget -= num
         return budget
 
     def _reserved_growth(self) -> int:
@@ -183,8 +189,9 @@ class Scheduler:
         return new_blocks + self._growth_blocks(seq, total), hits
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
-        bm = self.block_manager
-        free_for_admission = bm.num_free_blocks - self._reserved_growth()
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
+            return budget  # nothing can be admitted: skip the reservation sum over running rows
+        free_for_admission = self.block_manager.num_free_blocks - self._reserved_growth()
         scanned = 0
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -258,6 +265,8 @@ class Scheduler:
     # -- preemption, progress, completion ---------------------------------------------------------
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt newest sequences until `seq` can hold `num_tokens`; False if `seq` itself went."""
+        if num_tokens <= len(seq.block_table) * self.block_manager.block_size:  # most decode steps
+            return True
         while not self.block_manager.can_grow(seq, num_tokens):
             if not self.running:
                 return False
