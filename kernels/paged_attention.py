@@ -174,7 +174,9 @@ def attend(
             b, h, q_len, d = q.shape
             folded = q.reshape(b, k.shape[1], (h // k.shape[1]) * q_len, d)
             out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
-            return out.view(b, h, q_len, d)
+            # reshape, not view: on CUDA (float32 with a mask: the mem-efficient kernel) the output is a
+            # transposed [b, rows, heads, d] buffer, which no view can merge back into heads
+            return out.reshape(b, h, q_len, d)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

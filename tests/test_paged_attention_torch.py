@@ -91,3 +91,20 @@ def test_decode_rows_in_chunks_equal_the_reference(monkeypatch, window: int | No
     out = paged_attention_torch(sc.q, sc.k_cache, sc.v_cache, plan, sc.scale, torch.empty_like(sc.q), window=window)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_gqa_decode_takes_any_output_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode attention folds a KV head's query heads into rows; CUDA's mem-efficient SDPA kernel hands
+    its output back transposed in memory ([b, rows, heads, d] strides). Unfolding it with `view`
+    raised on the H200 (every GQA model's decode on the torch backend there); the CPU kernel's
+    contiguous output hid it. Here SDPA is made to return CUDA's layout."""
+    import kernels.paged_attention as pa
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    mask = torch.arange(40)[None, None, None, :] < torch.tensor([40, 17, 5])[:, None, None, None]
+    want = pa.attend(q, k, v, mask, 0.25)
+    monkeypatch.setattr(pa.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: real(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(pa.attend(q, k, v, mask, 0.25), want)
