@@ -108,3 +108,29 @@ def test_folded_gqa_decode_takes_any_output_layout(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(pa.F, "scaled_dot_product_attention",
                         lambda *a, **kw: real(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
     torch.testing.assert_close(pa.attend(q, k, v, mask, 0.25), want)
+
+
+@pytest.mark.parametrize("sharing", ["plan", "none"])
+def test_engine_on_cuda_shaped_attention_gives_the_same_tokens(tiny_model_dir, monkeypatch, sharing: str) -> None:
+    """The torch backend's engine run with CUDA's attention routing emulated on CPU: SDPA outputs in
+    CUDA's transposed layout and no private CPU flash kernel (CUDA takes the matmul form there). Any
+    step that assumes the CPU kernels' memory layout fails here instead of on a GPU."""
+    import kernels.shared_prefix_torch as spt
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from test_prefix_sharing import multi_level_prompts
+
+    prompts, params = multi_level_prompts(), SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def tokens() -> dict:
+        engine = LLMEngine(EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu", max_batch_tokens=64,
+                                        kv_cache_tokens=4096, max_num_seqs=7, prefix_sharing=sharing))
+        return {r.key: r.token_ids for r in engine.generate((i, p, params) for i, p in enumerate(prompts))}
+
+    want = tokens()
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: real(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    monkeypatch.setattr(spt, "_FLASH_CPU", None)
+    assert tokens() == want
