@@ -40,7 +40,7 @@ def test_e2e_paper_cpu_smoke(tmp_path: Path) -> None:
     assert len({results[m]["outputs_sha256"] for m in ENGINE_MODES}) == 1
     for mode in ENGINE_MODES:
         r = results[mode]
-        assert r["rows"] == workload["rows"] and r["rows_identical_to_plan"] == 1.0
+        assert r["rows"] == workload["rows"] and r["rows_identical_to_plan"] == 1.0 == r["first_token_same_as_plan"]
         assert r["output_tokens"] == workload["rows"] * workload["output"] and r["exact_output_tokens"]
         assert r["stats"]["completion_tokens"] == r["output_tokens"]  # warm-up subtracted
         assert r["roofline_fraction"] > 0
