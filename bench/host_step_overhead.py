@@ -38,9 +38,10 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def stub_engine(model_dir: Path, rows: int, tokens_per_row: int) -> tuple[LLMEngine, list[bool]]:
+def stub_engine(model_dir: Path, rows: int, tokens_per_row: int, graph_path: bool = False) -> tuple[LLMEngine, list[bool]]:
     """An engine on the Triton backend whose forward and output head do no work; the returned flag
-    says whether the last step was decode-only."""
+    says whether the last step was decode-only. graph_path: decode steps take the CUDA-graph path's
+    host work (static buffers and decode plan filled each step; nothing captured), as on a GPU."""
     engine = LLMEngine(EngineConfig(model_dir=str(model_dir), device="cpu", attention_backend="triton",
                                     max_batch_tokens=8192, max_num_seqs=rows, kv_cache_tokens=rows * tokens_per_row))
     runner = engine.runner
@@ -51,6 +52,8 @@ def stub_engine(model_dir: Path, rows: int, tokens_per_row: int) -> tuple[LLMEng
     runner.model.forward = lambda ids, pos, ctx: torch.zeros(ids.shape[0], hidden)  # no device work
     logits = torch.zeros(rows + 8192, 16)  # a 16-token vocabulary: sampling costs next to nothing
     runner.model.compute_logits = lambda h: logits[: h.shape[0]]
+    if graph_path:
+        runner.decode_graphs = runner.make_decode_graphs(capture=False)
     decode_only = [False]
     original_run = runner.run
 
@@ -66,8 +69,8 @@ def median_ms(xs: list[float]) -> float:
     return round(sorted(xs)[len(xs) // 2] * 1e3, 3) if xs else float("nan")
 
 
-def one_run(model_dir: Path, rows: list[list[int]], output: int) -> dict:
-    engine, decode_only = stub_engine(model_dir, len(rows), len(rows[0]) + output)
+def one_run(model_dir: Path, rows: list[list[int]], output: int, graph_path: bool) -> dict:
+    engine, decode_only = stub_engine(model_dir, len(rows), len(rows[0]) + output, graph_path)
     params = SamplingParams(max_tokens=output, ignore_eos=True)
     wall: list[float] = []
     cpu: list[float] = []  # process CPU time: less sensitive to other load on a shared machine
@@ -89,6 +92,8 @@ def main() -> None:
     p.add_argument("--prefix", type=int, default=2000)
     p.add_argument("--suffix", type=int, default=200)
     p.add_argument("--output", type=int, default=128)
+    p.add_argument("--path", choices=["graph", "eager"], default="graph",
+                   help="decode steps through the CUDA-graph path's host work (a GPU's) or the eager one")
     p.add_argument("--repeat", type=int, default=3, help="runs; the least median counts (a shared machine only adds)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -103,9 +108,9 @@ def main() -> None:
     for _ in range(args.groups):
         prefix = [rng.randrange(10, vocab) for _ in range(args.prefix)]
         rows += [prefix + [rng.randrange(10, vocab) for _ in range(args.suffix)] for _ in range(args.degree)]
-    runs = [one_run(model_dir, rows, args.output) for _ in range(args.repeat)]
+    runs = [one_run(model_dir, rows, args.output, args.path == "graph") for _ in range(args.repeat)]
     best = min(r["decode_step_ms_median"] for r in runs)
-    print(f"{len(rows)} rows, {runs[0]['decode_steps']} decode-only steps per run: median host time per decode step "
+    print(f"{len(rows)} rows, {args.path} path, {runs[0]['decode_steps']} decode-only steps per run: median host time per decode step "
           f"{', '.join(str(r['decode_step_ms_median']) for r in runs)} ms; least {best} ms")
     if args.out:
         report = {"bench": "host_step_overhead", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
