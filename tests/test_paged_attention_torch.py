@@ -110,8 +110,10 @@ def test_folded_gqa_decode_takes_any_output_layout(monkeypatch: pytest.MonkeyPat
     torch.testing.assert_close(pa.attend(q, k, v, mask, 0.25), want)
 
 
-@pytest.mark.parametrize("sharing", ["plan", "none"])
-def test_engine_on_cuda_shaped_attention_gives_the_same_tokens(tiny_model_dir, monkeypatch, sharing: str) -> None:
+@pytest.mark.parametrize("variant,sharing", [("llama_gqa", "plan"), ("llama_gqa", "none"), ("mistral_window", "lru"),
+                                             ("gemma2", "plan"), ("qwen3_moe", "none")])
+def test_engine_on_cuda_shaped_attention_gives_the_same_tokens(tiny_model_dir, monkeypatch, variant: str,
+                                                               sharing: str) -> None:
     """The torch backend's engine run with CUDA's attention routing emulated on CPU: SDPA outputs in
     CUDA's transposed layout and no private CPU flash kernel (CUDA takes the matmul form there). Any
     step that assumes the CPU kernels' memory layout fails here instead of on a GPU."""
@@ -124,7 +126,7 @@ def test_engine_on_cuda_shaped_attention_gives_the_same_tokens(tiny_model_dir, m
     prompts, params = multi_level_prompts(), SamplingParams(max_tokens=6, ignore_eos=True)
 
     def tokens() -> dict:
-        engine = LLMEngine(EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu", max_batch_tokens=64,
+        engine = LLMEngine(EngineConfig(model_dir=str(tiny_model_dir(variant)), device="cpu", max_batch_tokens=64,
                                         kv_cache_tokens=4096, max_num_seqs=7, prefix_sharing=sharing))
         return {r.key: r.token_ids for r in engine.generate((i, p, params) for i, p in enumerate(prompts))}
 
