@@ -44,9 +44,9 @@ case "$stage" in
     # Engine tests first (graphs, every CUDA path against the CPU engine), then the kernels in bfloat16
     # (float16 runs in the `tests` stage); a failure's traceback is printed when it happens.
     export BATCHLLM_INSTAFAIL=1
-    timeout -k 5 "${TESTS_S:-200}" $PY -m pytest -v -m gpu -p no:cacheprovider --durations=8 --timeout 120 \
+    timeout -k 5 "${TESTS_S:-240}" $PY -m pytest -v -m gpu -p no:cacheprovider --durations=8 --timeout 120 \
       tests/test_engine_gpu.py 2>&1 | log
-    timeout -k 5 "${KERNEL_TESTS_S:-100}" $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 60 -k "not dtype1" \
+    timeout -k 5 "${KERNEL_TESTS_S:-60}" $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 60 -k "not dtype1" \
       tests/test_kernels_gpu.py 2>&1 | log
     { timeout -k 5 "${KERNELS_S:-70}" $PY bench/kernels.py --rep-ms 100 2>&1 | tail -30
       timeout -k 5 "${FUSED_S:-35}" $PY bench/fused_ops.py --rep-ms 50 2>&1 | tail -25; } | log
