@@ -111,6 +111,7 @@ class RunSettings:
     restart: bool = False
     retry_errors: bool = False  # run again only the rows in error of a finished or checkpointed job
     keep_checkpoints: bool = False
+    overwrite: bool = False  # replace an existing output file no batchllm job wrote
     summary: Path | None = None  # written by the CLI after the run; checked with every other path
     choices: str | None = None  # --choices A,B,C or @FILE
     regex: str | None = None

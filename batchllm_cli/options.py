@@ -464,6 +464,15 @@ RetryErrorsOpt = Annotated[
         rich_help_panel=PANEL_CHECKPOINT,
     ),
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an OUTPUT file that no batchllm job wrote (no OUTPUT.success.json beside it and no "
+        "checkpoint); without it such a file is refused. It is replaced only once the new output is complete.",
+        rich_help_panel=PANEL_CHECKPOINT,
+    ),
+]
 KeepCheckpointsOpt = Annotated[
     bool,
     typer.Option(

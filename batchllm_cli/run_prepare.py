@@ -100,6 +100,19 @@ def _finished_marker(
     return marker, True
 
 
+def _check_foreign_output(settings: RunSettings, run_dir: RunDir) -> None:
+    """A file at the output path that no batchllm job wrote (no completion marker, no checkpoint of
+    a job writing it) is the user's: refused unless --overwrite."""
+    output = settings.output
+    if settings.overwrite or not output.exists() or marker_path(output).exists() or run_dir.manifest_path.exists():
+        return
+    raise UsageError(
+        f"{output} already exists and no batchllm job wrote it (there is no {marker_path(output).name} beside "
+        f"it and no checkpoint in {run_dir.path}): move it away, or add --overwrite to replace it once this "
+        "run's output is complete."
+    )
+
+
 def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> PreparedRun:
     """Validate the whole invocation and take the locks; raises before any weights load:
     UsageError (exit 2), FingerprintMismatch (4), LockHeld (75). Nothing is written (run directory,
@@ -142,6 +155,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             )
         check_run_paths(settings, run_dir.path, model_dir, input_reads(source.input))
         run_dir.check_owned()
+        _check_foreign_output(settings, run_dir)
         fingerprint = build_fingerprint(
             input_id=source.identity(),
             input_files=source.snapshot_files(),

@@ -456,6 +456,31 @@ def test_status_and_rerun_check_the_outputs_hash(files: Files) -> None:
     assert status["state"] == "not started" and status["problems"]
 
 
+def test_an_output_file_no_batchllm_job_wrote_is_refused_unless_overwrite(files: Files, no_model: None) -> None:
+    files.out.write_bytes(b"the user's own table")
+    for side in (files.root / "o.parquet.errors.jsonl", files.root / "o.parquet.lock"):
+        side.write_text("the user's notes\n")
+    line = refused(files.args(), files.root, str(files.out), "no batchllm job wrote it", "--overwrite")
+    assert "Traceback" not in line
+
+
+def test_overwrite_replaces_a_foreign_output_once_the_new_one_is_complete(files: Files) -> None:
+    files.out.write_bytes(b"the user's own table")
+    result = invoke(files.args("--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert_finished_cleanly(files.out, ROWS)
+
+
+def test_an_output_whose_marker_was_lost_with_its_checkpoint_kept_resumes(files: Files) -> None:
+    """A run killed between renaming its output into place and writing the marker left the output
+    without a marker but with its checkpoint: that output is batchllm's, and the run finishes it."""
+    assert invoke(files.args("--keep-checkpoints")).exit_code == 0
+    files.marker.unlink()
+    result = invoke(files.args())
+    assert result.exit_code == 0, result.output
+    assert_finished_cleanly(files.out, ROWS)
+
+
 MALFORMED_MARKERS = {
     "garbage": b"\x00\xffnot json",
     "list": b"[1, 2]",
