@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from engine.errors import ModelLoadError
@@ -50,21 +51,34 @@ class ConfigFields:
             raise self.error(f"{key} is {value}, it must be at least {minimum}")
         return value
 
-    def number(self, key: str, default: float, raw: dict | None = None) -> float:
+    def number(self, key: str, default: float, raw: dict | None = None, positive: bool = False,
+               nonzero: bool = False) -> float:
+        """A finite number (NaN and infinities are never settings); `positive`: above 0 (a RoPE base or
+        factor, an epsilon, a soft-cap); `nonzero`: not 0 (a multiplier or divisor whose 0 breaks the model)."""
         value = (self.raw if raw is None else raw).get(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(f"{key} is {value!r}, not a number")
-        return float(value)
+        return self._checked(key, value, positive, nonzero)
 
-    def numbers(self, key: str, raw: dict) -> tuple[float, ...]:
+    def numbers(self, key: str, raw: dict, positive: bool = False) -> tuple[float, ...]:
         value = raw.get(key)
         if not isinstance(value, list) or not value or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
             raise self.error(f"{key} is {value!r}, not a list of numbers")
-        return tuple(float(v) for v in value)
+        return tuple(self._checked(key, v, positive, nonzero=False, within="holds") for v in value)
+
+    def _checked(self, key: str, value: int | float, positive: bool, nonzero: bool, within: str = "is") -> float:
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        if not math.isfinite(number):
+            raise self.error(f"{key} {within} {number!r}, not a finite number")
+        if positive and number <= 0:
+            raise self.error(f"{key} {within} {value!r}, it must be above 0")
+        if nonzero and number == 0:
+            raise self.error(f"{key} is 0, it must be a number other than 0")
+        return number
 
     def mapping(self, key: str) -> dict:
         value = self.raw.get(key)

@@ -190,7 +190,7 @@ def _rope_config(
         params = f.mapping("rope_parameters")
         flat = params and not any(isinstance(v, dict) for v in params.values())
         scaling = params if flat else f.mapping("rope_scaling")
-    theta = f.number("rope_theta", f.number("rope_theta", 10000.0), raw=scaling)
+    theta = f.number("rope_theta", f.number("rope_theta", 10000.0, positive=True), raw=scaling, positive=True)
     rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
     rope_type = dict(arch.rope_type_aliases).get(rope_type, rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -212,12 +212,13 @@ def _rope_config(
         rotary_dim = int(head_dim * partial)
         if not 0 < partial <= 1 or rotary_dim < 2 or rotary_dim % 2:
             raise f.error(f"partial_rotary_factor {partial} of head_dim {head_dim} is not an even number of dims")
+    scaled, llama3 = rope_type != "default", rope_type == "llama3"  # the types that divide by these factors
     rope = RopeConfig(
         rope_type=rope_type,
         theta=theta,
-        factor=f.number("factor", 1.0, raw=scaling),
-        low_freq_factor=f.number("low_freq_factor", 1.0, raw=scaling),
-        high_freq_factor=f.number("high_freq_factor", 4.0, raw=scaling),
+        factor=f.number("factor", 1.0, raw=scaling, positive=scaled),
+        low_freq_factor=f.number("low_freq_factor", 1.0, raw=scaling, positive=llama3),
+        high_freq_factor=f.number("high_freq_factor", 4.0, raw=scaling, positive=llama3),
         original_max_position_embeddings=original,
         partial_rotary_factor=partial,
     )
@@ -227,15 +228,15 @@ def _rope_config(
 def _with_longrope(f: ConfigFields, rope: RopeConfig, scaling: dict, head_dim: int, max_positions: int) -> RopeConfig:
     """transformers' _compute_longrope_parameters: the factor defaults to the context growth and
     the attention factor to sqrt(1 + ln(factor) / ln(original context))."""
-    short, long = f.numbers("short_factor", scaling), f.numbers("long_factor", scaling)
+    short, long = f.numbers("short_factor", scaling, positive=True), f.numbers("long_factor", scaling, positive=True)
     frequencies = int(head_dim * rope.partial_rotary_factor) // 2
     for key, factors in (("short_factor", short), ("long_factor", long)):
         if len(factors) != frequencies:
             raise f.error(f"{key} has {len(factors)} numbers; the rotary dims need {frequencies}")
     original = rope.original_max_position_embeddings
-    factor = f.number("factor", max_positions / original, raw=scaling)
+    factor = f.number("factor", max_positions / original, raw=scaling, positive=True)
     default_attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    attention = f.number("attention_factor", default_attention, raw=scaling)
+    attention = f.number("attention_factor", default_attention, raw=scaling, positive=True)
     return dataclasses.replace(rope, factor=factor, short_factor=short, long_factor=long, attention_factor=attention)
 
 
@@ -255,8 +256,8 @@ def _gemma_ropes(f: ConfigFields, arch: Architecture, head_dim: int, max_positio
         full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
     else:
         full, local = dict(f.mapping("rope_scaling")), {}
-    full.setdefault("rope_theta", f.number("rope_theta", 1_000_000.0))
-    local.setdefault("rope_theta", f.number("rope_local_base_freq", 10_000.0))
+    full.setdefault("rope_theta", f.number("rope_theta", 1_000_000.0, positive=True))
+    local.setdefault("rope_theta", f.number("rope_local_base_freq", 10_000.0, positive=True))
     return _rope_config(f, arch, head_dim, max_positions, full), _rope_config(f, arch, head_dim, max_positions, local)
 
 
@@ -347,7 +348,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=f.number("rms_norm_eps", 1e-6),
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6, positive=True),
         max_position_embeddings=max_positions,
         rope=rope,
         qkv_bias=arch.qkv_bias or bool(raw.get("attention_bias", False)),
@@ -377,16 +378,15 @@ def _family_options(f: ConfigFields, arch: Architecture, hidden: int, head_dim: 
         )
     if not arch.multipliers:
         return FamilyOptions(qk_norm=arch.qk_norm, post_norm=arch.post_norm)
-    # GraniteConfig's defaults: all 1.0, so a Granite without attention_multiplier scales q.k by 1
-    if f.number("logits_scaling", 1.0) == 0:
-        raise f.error("logits_scaling is 0; logits are divided by it")
+    # GraniteConfig's defaults: all 1.0, so a Granite without attention_multiplier scales q.k by 1; a 0
+    # divides the logits by 0 or wipes out the embeddings, every layer's output or the attention pattern
     return FamilyOptions(
         qk_norm=arch.qk_norm,
         post_norm=arch.post_norm,
-        embedding_multiplier=f.number("embedding_multiplier", 1.0),
-        residual_multiplier=f.number("residual_multiplier", 1.0),
-        logits_scaling=f.number("logits_scaling", 1.0),
-        attention_scale=f.number("attention_multiplier", 1.0),
+        embedding_multiplier=f.number("embedding_multiplier", 1.0, nonzero=True),
+        residual_multiplier=f.number("residual_multiplier", 1.0, nonzero=True),
+        logits_scaling=f.number("logits_scaling", 1.0, nonzero=True),
+        attention_scale=f.number("attention_multiplier", 1.0, nonzero=True),
     )
 
 
