@@ -19,6 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.plan_carry import Carry, adopt_carry, choose_carry, split_for_carry
 from engine.planning import PackedSequences, PlanChunk, plan_execution
 from engine.results import EngineStats, GenerationResult
+from engine.sampler import NAN_SCORES
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import Sequence
@@ -227,6 +228,8 @@ class LLMEngine:
 
     def _append_token(self, chunk: ScheduledChunk, token: int) -> GenerationResult | None:
         seq = chunk.seq
+        if token == NAN_SCORES:
+            return self._nan_scores(seq)
         seq.token_ids.append(token)
         params = seq.params
         reason: str | None = None
@@ -245,6 +248,16 @@ class LLMEngine:
         self.grammar.release(seq)
         self.scheduler.finish(seq)
         return self._result(seq, reason)
+
+    def _nan_scores(self, seq: Sequence) -> GenerationResult:
+        """The row ends as an error: its next-token scores were NaN, so no answer can be trusted."""
+        self.grammar.release(seq)
+        self.scheduler.finish(seq)
+        self._finished += 1
+        self._prompt_tokens += seq.num_prompt_tokens
+        error = (f"the model's scores were NaN at answer token {seq.num_completion_tokens + 1}: the weights or "
+                 "config.json values are broken, or float16 overflowed (try --dtype bfloat16 or float32)")
+        return GenerationResult(seq.key, "", (), "error", seq.num_prompt_tokens, error)
 
     def _hits_stop_string(self, seq: Sequence) -> bool:
         assert seq.stop_watch is not None  # a sequence whose params have stop strings has one

@@ -61,10 +61,16 @@ def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+# The token of a row whose scores hold a NaN (max() propagates NaN, so its maximum is NaN): a broken
+# checkpoint or an overflow would otherwise come out as token 0 text with nothing said.
+NAN_SCORES = -1
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits: [batch, vocab] float32 -> [batch] int64 token ids."""
+    """logits: [batch, vocab] float32 -> [batch] int64 token ids (NAN_SCORES for a row with a NaN score)."""
     # the first maximal index, as argmax, which on CPU took about twice as long ([160, 8192]: 1.8 vs 0.9 ms)
-    greedy = logits.max(dim=-1).indices
+    best = logits.max(dim=-1)
+    greedy = torch.where(torch.isnan(best.values), NAN_SCORES, best.indices)
     if t.all_greedy:
         return greedy
     temps = torch.where(t.temperatures > 0, t.temperatures, 1.0)
@@ -74,4 +80,4 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     probs = scaled.softmax(dim=-1)
     exponential = -torch.log(counter_uniform(t.keys, t.steps, logits.shape[-1]))
     sampled = (probs / exponential).argmax(dim=-1)
-    return torch.where(t.temperatures > 0, sampled, greedy)
+    return torch.where((t.temperatures > 0) & (greedy != NAN_SCORES), sampled, greedy)

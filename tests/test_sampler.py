@@ -21,3 +21,38 @@ def test_greedy_takes_the_first_maximal_token() -> None:
         all_greedy=False, any_top_k=False, any_top_p=False)
     out = sample(logits, mixed).tolist()
     assert out[0] == 3 and out[2] == 0 and out[1] in (48, 49)
+
+
+def test_a_row_with_nan_scores_gets_the_nan_marker_greedy_or_sampled() -> None:
+    from engine.sampler import NAN_SCORES
+
+    logits = torch.randn(4, 50)
+    logits[1, 17] = float("nan")  # one NaN score in the row is enough: nothing about it can be trusted
+    logits[3] = float("nan")
+    empty = torch.empty(0)
+    greedy = SamplingTensors(empty, empty, empty, empty, empty, all_greedy=True, any_top_k=False, any_top_p=False)
+    got = sample(logits, greedy).tolist()
+    assert got[1] == got[3] == NAN_SCORES and got[0] == int(logits[0].argmax()) and got[2] >= 0
+    mixed = SamplingTensors(
+        temperatures=torch.tensor([1.0, 0.7, 0.0, 1.0]), top_ks=torch.tensor([0, 5, 0, 5]), top_ps=torch.ones(4),
+        keys=torch.tensor([1, 2, 3, 4]), steps=torch.zeros(4, dtype=torch.int64),
+        all_greedy=False, any_top_k=True, any_top_p=False)
+    got = sample(logits, mixed).tolist()
+    assert got[1] == got[3] == NAN_SCORES and got[0] >= 0 and got[2] >= 0
+
+
+def test_nan_scores_end_the_row_as_an_error_not_as_token_text(tiny_model_dir) -> None:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu", kv_cache_tokens=1024))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    healthy = {r.key: r for r in engine.generate([(0, [5, 6, 7], params)])}
+    assert healthy[0].error is None and len(healthy[0].token_ids) == 4
+    with torch.no_grad():
+        engine.runner.model.model.norm.weight.fill_(float("nan"))  # as a broken checkpoint would
+    results = {r.key: r for r in engine.generate([(1, [5, 6, 7], params), (2, [9, 10], params)])}
+    for r in results.values():
+        assert r.finish_reason == "error" and r.token_ids == () and "NaN" in r.error
+    assert not engine.has_unfinished() and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
