@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Hashable, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, NoReturn
 
 from batchllm_cli.engine_settings import engine_config_of
 from batchllm_cli.errors import BatchLLMError, Interrupted, TempFailError, UsageError
@@ -108,9 +108,10 @@ def execute_run(
                 tracker.engine = _load_engine(prepared, config, sink)
         sink.commit()
     except BaseException as exc:
-        raise_stopped(exc, guard, sink, tracker, (
+        run_dir = prepared.run_dir.path
+        raise_stopped(exc, guard, sink, tracker, lambda: (  # counted once the salvage has committed
             f"{sink.committed.rows} of {prepared.total_rows} rows are committed in "
-            f"{prepared.run_dir.path}; run the same command again to resume."
+            f"{run_dir}; run the same command again to resume."
         ))
     finally:
         if first_feed is not None:
@@ -143,14 +144,15 @@ def write_output(prepared: PreparedRun, model: dict[str, Any], guard: SignalGuar
     return tracker.finished(time.perf_counter() - t0, files)
 
 
-def raise_stopped(exc: BaseException, guard: SignalGuard, sink: ShardSink, tracker: Any, kept: str) -> NoReturn:
+def raise_stopped(exc: BaseException, guard: SignalGuard, sink: ShardSink, tracker: Any,
+                  kept: Callable[[], str]) -> NoReturn:
     """End a run that `exc` stopped: results still buffered are committed (salvaged), and the report is
-    interrupted (`kept` says what the next run resumes from) or failed."""
+    interrupted (`kept()`, called after the salvage, says what the next run resumes from) or failed."""
     guard.draining = True
     sink.salvage()
     # A signal can also surface as another exception (DuckDB turns it into "Query interrupted").
     if isinstance(exc, JobInterrupted) or guard.pending is not None:
-        raise tracker.stopped(interrupted_by_signal(guard, exc, kept)) from None
+        raise tracker.stopped(interrupted_by_signal(guard, exc, kept())) from None
     raise tracker.stopped(exc)
 
 

@@ -286,7 +286,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
                 _run_rounds(prepared, pool, sink, tracker, tmp, observer)
             sink.commit()
         except BaseException as exc:
-            raise_stopped(exc, guard, sink, tracker, (
+            raise_stopped(exc, guard, sink, tracker, lambda: (
                 f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
             ))
         finally:

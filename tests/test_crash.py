@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from reliability_utils import (
     SEEDED,
     assert_finished_cleanly,
     committed_row_ids,
+    invoke,
     job_args,
     read_rows,
     write_rows_csv,
@@ -251,3 +253,34 @@ def test_sigint_commits_finished_rows_and_exits_130(tmp_path: Path, env: dict[st
     saved = committed_row_ids(run_dir)
     assert 0 < len(saved) < SWEEP_ROWS  # no commit was due: these are the rows the signal flushed
     assert not out.with_name(out.name + ".lock").exists()  # an orderly exit releases its lock
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_message_counts_the_rows_committed_on_disk(
+    tmp_path: Path, env: dict[str, str], sig: signal.Signals
+) -> None:
+    """The "N of M rows are committed" of an interrupted run is what is on disk once it exits: the rows
+    the signal flushed included, the number `status` and the --summary file's job.rows report."""
+    inp = write_rows_csv(tmp_path / "in.csv", SWEEP_ROWS)
+    tpl = write_template(tmp_path / "t.j2")
+    out = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    run_dir = out.with_name(out.name + ".batchllm")
+    # No commit falls due: every committed row is one the signal flushed (the rows it used to leave out).
+    args = job_args(inp, tpl, out, "--checkpoint-rows", "100000", "--checkpoint-seconds", "1000",
+                    "--summary", str(summary))
+    p = cli_process.start(args, env, tmp_path / "run.log")
+    _wait_for_generation(p)
+    time.sleep(1.0)  # some rows finish (the whole job takes several seconds)
+    assert p.running
+    p.kill(sig)
+    assert p.wait(timeout=30) == 128 + sig, p.output
+    said = re.search(r"Interrupted by \w+: (\d+) of (\d+) rows are committed", " ".join(p.output.split()))
+    assert said, p.output
+    on_disk = len(committed_row_ids(run_dir))
+    assert 0 < on_disk < SWEEP_ROWS
+    assert (int(said.group(1)), int(said.group(2))) == (on_disk, SWEEP_ROWS), p.output
+    status = invoke(["status", str(out), "--json"])
+    assert status.exit_code == 11, status.output
+    assert json.loads(status.stdout)["rows_done"] == on_disk
+    assert json.loads(summary.read_text())["job"]["rows"] == on_disk
