@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from batchllm_cli.checkpoint import errors_path, marker_path, output_lock_path, rejects_path
+from batchllm_cli.checkpoint import errors_path, marker_path, output_lock_path, rejects_path, run_dir_pointer_path
 from batchllm_cli.durable import check_writable_dir, is_temp_of
 from batchllm_cli.errors import UsageError
 
@@ -127,6 +127,7 @@ def check_run_paths(settings: RunSettings, run_dir: Path, model_dir: Path, input
         JobPath("the rejects file", rejects_path(out)),
         JobPath("the completion marker", marker_path(out)),
         JobPath("the output lock", output_lock_path(out)),
+        JobPath("the checkpoint pointer", run_dir_pointer_path(out)),
     ]
     if settings.summary is not None:
         writes.append(JobPath("--summary", settings.summary))

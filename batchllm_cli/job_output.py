@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from batchllm_cli import __version__
-from batchllm_cli.checkpoint import Committed, RunDir, errors_path, marker_path, rejects_path
+from batchllm_cli.checkpoint import Committed, RunDir, errors_path, forget_run_dir, marker_path, rejects_path
 from batchllm_cli.collector import SHARD_SCHEMA, OutputColumns
 from batchllm_cli.durable import crash_point, remove_durably
 from batchllm_cli.errors import EXIT_OK, InputChanged, UsageError
@@ -113,6 +113,7 @@ def write_final(prepared: PreparedRun, model_info: dict[str, Any]) -> dict[str, 
     }
     write_marker(output, marker)
     if not settings.keep_checkpoints:
+        forget_run_dir(output)  # OUT.checkpoint.json first: it never names a directory that is gone
         run_dir.remove()  # still holding its lock; PreparedRun.close() releases it
         run_dir.unlock()
     return {

@@ -14,8 +14,10 @@ from typing import Any
 from batchllm_cli.checkpoint import (
     RunDir,
     default_run_dir,
+    forget_run_dir,
     marker_path,
     output_lock_path,
+    record_run_dir,
     remove_stale_output_files,
 )
 from batchllm_cli.collector import OutputColumns
@@ -186,7 +188,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             output_lock.record_owner()
             remove_stale_output_files(settings.output)
             if not settings.keep_checkpoints:
-                _remove_finished_run_dir(run_dir, marker)
+                _remove_finished_run_dir(run_dir, marker, settings.output)
             return PreparedRun(
                 settings, source, template, columns, model_dir, demo, None, bool(settings.chat), params, None,
                 fingerprint=fingerprint, done_marker=marker, output_lock=output_lock,
@@ -253,6 +255,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 },
                 dir_created=dir_created,
             )
+        # With --checkpoint-dir, OUT.checkpoint.json says where the checkpoint is (`status OUT` reads it).
+        record_run_dir(settings.output, run_dir.path)
         committed = run_dir.load_committed(total_rows)
         if committed.quarantined:
             observer.notice(
@@ -295,7 +299,7 @@ def _was_finished(output: Path, manifest: dict[str, Any]) -> bool:
     return marker is not None and marker.fingerprint_sha256 == digest_of(manifest["fingerprint"])
 
 
-def _remove_finished_run_dir(run_dir: RunDir, marker: Marker) -> None:
+def _remove_finished_run_dir(run_dir: RunDir, marker: Marker, output: Path) -> None:
     """A run killed after its marker was written but before its cleanup leaves its run directory."""
     if not run_dir.manifest_path.is_file():
         return
@@ -306,6 +310,7 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: Marker) -> None:
     try:
         manifest = run_dir.read_manifest()
         if manifest is not None and digest_of(manifest["fingerprint"]) == marker.fingerprint_sha256:
+            forget_run_dir(output)
             run_dir.remove()
     except BatchLLMError:
         pass

@@ -5,7 +5,8 @@ running (a process holds the output's lock: found by trying to take it, not from
 interrupted (a checkpoint exists, nobody is working on it: run the same command to resume),
 not started (nothing on disk); the exit code says which (0 or 3 finished, 10, 11, 12). Progress and
 ETA come from the commit records of the shards: the rate is the rows committed over the span of the
-recent commits.
+recent commits. Given an output, the run directory is OUTPUT.batchllm/, or the --checkpoint-dir that
+OUTPUT.checkpoint.json names (written by the run; see checkpoint.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from batchllm_cli.checkpoint import MANIFEST, default_run_dir, output_lock_path, read_commit_records
+from batchllm_cli.checkpoint import (
+    MANIFEST,
+    default_run_dir,
+    output_lock_path,
+    read_commit_records,
+    recorded_run_dir,
+    run_dir_pointer_path,
+)
 from batchllm_cli.durable import CORRUPT, read_json
 from batchllm_cli.file_lock import lock_is_held, lock_owner
 from batchllm_cli.errors import (
@@ -85,6 +93,26 @@ def _number(data: dict[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _run_dir_of_output(output: Path, problems: list[str]) -> tuple[Path, Any]:
+    """The output's run directory and its manifest (read_json's value): the --checkpoint-dir that
+    OUTPUT.checkpoint.json names while it holds this output's checkpoint, else OUTPUT.batchllm/."""
+    recorded, problem = recorded_run_dir(output)
+    if problem:
+        problems.append(problem)
+    if recorded is not None:
+        manifest = read_json(recorded / MANIFEST)
+        named = manifest.get("output") if isinstance(manifest, dict) else None
+        if isinstance(named, str) and named and Path(named) != output.resolve():
+            problems.append(f"the checkpoint directory {recorded} named in {run_dir_pointer_path(output)} now "
+                            f"holds the checkpoint of {named}; give each output's job a --checkpoint-dir of "
+                            "its own.")
+        elif manifest is not None:
+            return recorded, manifest
+        # (no manifest: that checkpoint is gone, the job finished or it was deleted)
+    run_dir = default_run_dir(output)
+    return run_dir, read_json(run_dir / MANIFEST)
+
+
 def read_status(target: Path) -> RunStatus:
     problems: list[str] = []
     if (target / MANIFEST).is_file() or (target.is_dir() and target.name.endswith(".batchllm")):
@@ -96,8 +124,7 @@ def read_status(target: Path) -> RunStatus:
         raise UsageError(f"{target} is neither an output file nor a batchllm run directory.")
     else:
         output = target
-        run_dir = default_run_dir(target)
-        manifest = read_json(run_dir / MANIFEST)
+        run_dir, manifest = _run_dir_of_output(target, problems)
     if manifest is CORRUPT or (manifest is not None and not isinstance(manifest, dict)):
         problems.append(f"the checkpoint manifest {run_dir / MANIFEST} cannot be read.")
     manifest = manifest if isinstance(manifest, dict) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -237,6 +238,85 @@ def test_status_of_an_interrupted_and_a_finished_run(job: Job) -> None:
     assert (st["state"], st["rows_done"], st["rows_failed"], st["percent"]) == ("finished", ROWS, 0, 100.0)
     st = json.loads(invoke(["status", str(job.root / "nothing.parquet"), "--json"]).stdout)
     assert st["state"] == "not started"
+
+
+def _status(target: Path) -> tuple[int, dict]:
+    result = invoke(["status", str(target), "--json"])
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_status_of_the_output_finds_a_checkpoint_dir_of_an_interrupted_run(tmp_path: Path, env: dict[str, str]) -> None:
+    """With --checkpoint-dir, `status OUT` (what a cron or Airflow sensor calls) reads the same
+    checkpoint as `status DIR`: interrupted, not "not started"."""
+    job = Job(tmp_path, env, "--checkpoint-dir", str(tmp_path / "ckpt"))
+    job.run_dir = tmp_path / "ckpt"
+    job.crash_after_commits(2)
+    for target in (job.run_dir, job.out):
+        code, st = _status(target)
+        assert code == 11, st  # interrupted
+        assert (st["state"], st["rows_done"], st["rows_total"], st["shards"]) == ("interrupted", 60, ROWS, 2)
+        assert st["run_dir"] == str(job.run_dir) and not st["problems"], st
+    text = invoke(["status", str(job.out)]).stdout
+    assert f"checkpoint: {job.run_dir} (2 shards)" in text and f"rows: {2 * EVERY}/{ROWS} done" in text
+    assert invoke(job.args()).exit_code == 0
+    assert_finished_cleanly(job.out, ROWS)
+    assert not job.run_dir.exists() and not job.out.with_name(job.out.name + ".checkpoint.json").exists()
+    code, st = _status(job.out)
+    assert (code, st["state"], st["rows_done"], st["problems"]) == (0, "finished", ROWS, [])
+
+
+def test_status_of_the_output_finds_a_checkpoint_dir_while_running_and_after_sigterm(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    inp = write_rows_csv(tmp_path / "in.csv", 4000)
+    tpl = write_template(tmp_path / "t.j2")
+    out = tmp_path / "out" / "o.parquet"
+    run_dir = tmp_path / "ckpt"
+    args = job_args(inp, tpl, out, "--checkpoint-dir", str(run_dir), "--checkpoint-rows", "50",
+                    "--checkpoint-seconds", "0.2")
+    p = cli_process.start(args, env, tmp_path / "run.log")
+    end = time.monotonic() + 120
+    while time.monotonic() < end and p.running and len(list(run_dir.glob("shard-*.json"))) < 2:
+        time.sleep(0.02)
+    assert p.running, p.output
+    code, st = _status(out)
+    assert code == 10, st  # running
+    assert (st["state"], st["pid"], st["rows_total"], st["run_dir"]) == ("running", p.pid, 4000, str(run_dir))
+    assert st["rows_done"] >= 50 and st["shards"] >= 2
+    p.kill(signal.SIGTERM)
+    assert p.wait(timeout=30) == 143, p.output
+    committed = len(committed_row_ids(run_dir))
+    for target in (run_dir, out):
+        code, st = _status(target)
+        assert (code, st["state"], st["rows_done"], st["rows_total"]) == (11, "interrupted", committed, 4000), st
+
+
+def test_status_of_the_output_ignores_a_checkpoint_pointer_that_names_another_job(tmp_path: Path) -> None:
+    from batchllm_cli.status import read_status
+
+    out, pointer = tmp_path / "o.parquet", tmp_path / "o.parquet.checkpoint.json"
+    other = tmp_path / "ckpt"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"fingerprint": {}, "total_rows": 9, "output": str(tmp_path / "x.csv")}))
+    pointer.write_text(json.dumps({"run_dir": str(other)}))
+    st = read_status(out)  # the directory was reused for another output (--restart): not this job's
+    assert (st.state, st.run_dir, st.rows_total) == ("not started", None, None)
+    assert len(st.problems) == 1 and "holds the checkpoint of" in st.problems[0] and str(pointer) in st.problems[0]
+    pointer.write_text("{not json")
+    st = read_status(out)
+    assert st.state == "not started" and len(st.problems) == 1 and "cannot be read" in st.problems[0]
+    pointer.write_text(json.dumps({"run_dir": str(tmp_path / "gone")}))  # deleted by hand: no checkpoint
+    assert (read_status(out).state, read_status(out).problems) == ("not started", ())
+
+
+def test_checkpoint_pointer_never_overwrites_an_input(tmp_path: Path, env: dict[str, str], no_model: None) -> None:
+    inp = write_rows_csv(tmp_path / "o.parquet.checkpoint.json", 3)
+    tpl = write_template(tmp_path / "t.j2")
+    result = invoke(job_args(inp, tpl, tmp_path / "o.parquet", "--input-format", "csv",
+                             "--checkpoint-dir", str(tmp_path / "ckpt")))
+    assert result.exit_code == 2, result.output
+    assert "the checkpoint pointer" in flat(result.stderr) and "the input file" in flat(result.stderr)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_status_eta_from_commit_times(tmp_path: Path) -> None:
