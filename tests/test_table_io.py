@@ -176,3 +176,31 @@ def test_check_output_path(tmp_path: Path) -> None:
         check_output_path(blocker / "out.parquet", inp)
     assert check_output_path(tmp_path / "new" / "out.parquet", inp) == tmp_path / "new" / "out.parquet"
     assert not (tmp_path / "new").exists()  # checks create nothing; the run makes the directory
+
+
+def test_csv_output_writes_nested_columns_as_json(tmp_path: Path) -> None:
+    """CSV has no nested types: lists, structs, maps and fixed-size arrays go as JSON text (non-finite
+    floats as JSON output writes them), not DuckDB's `{'k': 'it\\'s'}` / `[a, b, c]`; scalars unchanged."""
+    nan = float("nan")
+    table = pa.table({
+        "text": ["x", "y"],
+        "m": pa.array([{"k": "it's", "f": nan}, None]),
+        "tags": pa.array([["a, b", "c"], []]),
+        "kv": pa.array([[("q\"uote", 1)], None], pa.map_(pa.string(), pa.int64())),
+        "fixed": pa.array([[1, 2], [3, 4]], pa.list_(pa.int32(), 2)),
+        "n": [1.5, None],
+    })
+    inp = tmp_path / "in.parquet"
+    pq.write_table(table, inp)
+    with TableSource(inp) as src:
+        write_output(src, results_for([0, 1]), tmp_path / "out.csv")
+        write_output(src, results_for([0, 1]), tmp_path / "out.parquet")
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert [json.loads(r["m"]) if r["m"] else None for r in got] == [{"k": "it's", "f": "NaN"}, None]
+    assert [json.loads(r["tags"]) for r in got] == [["a, b", "c"], []]
+    assert [json.loads(r["kv"]) if r["kv"] else None for r in got] == [{"q\"uote": 1}, None]
+    assert [json.loads(r["fixed"]) for r in got] == [[1, 2], [3, 4]]
+    assert [(r["text"], r["n"], r["answer"]) for r in got] == [("x", "1.5", "a0"), ("y", "", "a1")]
+    # Other formats keep the nested types.
+    assert pq.read_table(tmp_path / "out.parquet").select(["tags", "kv"]).equals(table.select(["tags", "kv"]))

@@ -9,7 +9,8 @@ a malformed file fails with DuckDB's error naming the line instead of being sile
 dialect; `skip_bad_rows` rejects such lines instead and keeps them (line number, error type, text) for a
 rejects file. Values are never rewritten on the way through:
 - CSV columns are read as text (VARCHAR), exactly as in the file (`00501`, `1.50`, `t`, `01/02/2024`);
-  an empty field is NULL, `""` is empty text, and CSV output writes them back the same way.
+  an empty field is NULL, `""` is empty text, and CSV output writes them back the same way. CSV
+  output, which has no nested types, writes lists, structs and maps as JSON text.
 - JSON keeps its own types: strings DuckDB would take for dates, times or UUIDs stay strings, and a
   top-level number column whose values are all integers is read exactly (DECIMAL(38,0), or the digits
   as text beyond that) instead of as doubles. JSON output writes NaN/Infinity/-Infinity as the strings

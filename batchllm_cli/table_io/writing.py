@@ -57,6 +57,25 @@ def _json_safe_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
     return f"SELECT {picked} FROM ({query}) AS q"
 
 
+_NESTED = ("list", "array", "struct", "map", "union")
+
+
+def _csv_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """`query` with its nested columns (lists, arrays, structs, maps, unions) as JSON text, non-finite
+    floats inside them as the strings JSON output uses: CSV has no nested types, and DuckDB's CSV
+    writer would print its own syntax (`{'k': 'it\\'s'}`, `[a, b]`), which no JSON reader takes."""
+    rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
+    nested = [t.id in _NESTED for t in rel.types]
+    if not any(nested):
+        return query
+    cols = [f"q.{_ident(n)}" for n in rel.columns]
+    picked = ", ".join(
+        f"to_json({_json_safe(c, t) or c}) AS {_ident(n)}" if is_nested else c
+        for c, n, t, is_nested in zip(cols, rel.columns, rel.types, nested)
+    )
+    return f"SELECT {picked} FROM ({query}) AS q"
+
+
 def _same_values(original: pa.DataType, read: pa.DataType) -> bool:
     """Whether `read` (DuckDB's Arrow type for a column) holds the same values as `original` (the input
     file's), so that casting back only restores the representation: a time zone, a dictionary, large or
@@ -141,6 +160,8 @@ def _copy_atomically(
         else:
             if fmt == "json":
                 query = _json_safe_query(con, query)
+            elif fmt == "csv":
+                query = _csv_query(con, query)
             with PlainPaths() as plain:
                 target = plain.link(tmp, f"output.{fmt}")
                 con.execute(f"COPY ({query}) TO {_literal(target)} ({_COPY_OPTIONS[fmt]})")
