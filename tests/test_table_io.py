@@ -204,3 +204,15 @@ def test_csv_output_writes_nested_columns_as_json(tmp_path: Path) -> None:
     assert [(r["text"], r["n"], r["answer"]) for r in got] == [("x", "1.5", "a0"), ("y", "", "a1")]
     # Other formats keep the nested types.
     assert pq.read_table(tmp_path / "out.parquet").select(["tags", "kv"]).equals(table.select(["tags", "kv"]))
+
+
+@pytest.mark.parametrize("order", ["fewer_first", "more_first"])
+def test_json_files_with_other_keys_are_refused_naming_each_files_own_keys(tmp_path: Path, order: str) -> None:
+    more = write_jsonl(tmp_path / "p1.jsonl", [{"text": "a", "k": 1}])
+    fewer = write_jsonl(tmp_path / "p2.jsonl", [{"text": "b"}])
+    files = [fewer, more] if order == "fewer_first" else [more, fewer]
+    with pytest.raises(UsageError) as err:
+        TableSource(files)
+    message = str(err.value)
+    assert f"{more} has (k, text)" in message and f"{fewer} has (text)" in message
+    assert message.index(str(files[0])) < message.index(str(files[1]))  # the first file is named first

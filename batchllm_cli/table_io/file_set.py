@@ -98,16 +98,19 @@ def check_json_files(
     files: Sequence[InputFile],
     scan_paths: Sequence[str],
     read_one: Callable[[str], str],
-    names: Sequence[str],
 ) -> None:
-    """Every JSON file has the keys the whole input was sniffed with (`read_one(path)` reads one file)."""
+    """Every JSON file has the first file's keys (`read_one(path)` reads one file). Each file is
+    compared with the first file's own keys, not with the whole input's (their union), so the
+    message names the file each key set belongs to."""
     if len(files) < 2:
         return
-    want = set(names) - {FILE_COLUMN}
+    first: list[str] | None = None
     for f, scan in zip(files, scan_paths):
-        own = con.sql(f"SELECT * FROM {read_one(scan)} LIMIT 0").columns
-        if set(own) != want:
-            refuse_different(files[0].name, sorted(want), f.name, sorted(own))
+        own = sorted(con.sql(f"SELECT * FROM {read_one(scan)} LIMIT 0").columns)
+        if first is None:
+            first = own
+        elif own != first:
+            refuse_different(files[0].name, first, f.name, own)
 
 
 def check_partition_keys(keys: Sequence[str], names: Sequence[str], label: str) -> None:

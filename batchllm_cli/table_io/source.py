@@ -143,8 +143,7 @@ class TableSource:
         # Binding the query only sniffs a sample (JSON) or reads the footer (Parquet).
         rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
         if self.format in ("json", "jsonl"):
-            check_json_files(self._con, self.files, self._scan_paths, lambda one: self._read_json(paths=[one]),
-                             rel.columns)
+            check_json_files(self._con, self.files, self._scan_paths, lambda one: self._read_json(paths=[one]))
             self._json_columns = _exact_json_columns(self._con, self._read_json, rel)
             if self._json_columns is not None:
                 rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
