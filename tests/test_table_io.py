@@ -216,3 +216,48 @@ def test_json_files_with_other_keys_are_refused_naming_each_files_own_keys(tmp_p
     message = str(err.value)
     assert f"{more} has (k, text)" in message and f"{fewer} has (text)" in message
     assert message.index(str(files[0])) < message.index(str(files[1]))  # the first file is named first
+
+
+# DuckDB's read_json infers a schema from its first 20,480 records by default; these files differ after that.
+LATE = 25_000
+
+
+@pytest.mark.parametrize("last", [
+    {"text": "z", "n": 1, "late": "x"},  # a key first seen after the sample
+    {"text": "z", "n": "not a number"},  # an integer column that turns into text
+    {"text": "z", "n": 1.5, "s": {"a": 1, "b": [2]}},  # a double, and an object with a new key
+])
+def test_json_lines_are_read_whole_whatever_comes_late(tmp_path: Path, last: dict) -> None:
+    """A key or type first seen after read_json's sample was refused (`has unknown key "late"`,
+    `Failed to cast value`, exit 2) where the same record on line 2 is read."""
+    rows = [{"text": "t", "n": i, "s": {"a": i}} for i in range(LATE)] + [last]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    with TableSource(path) as src:
+        assert set(src.column_names) == set().union(*rows)
+        assert src.count_rows() == len(rows)
+        write_output(src, results_for([0]), out)
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == len(rows)
+    assert {k: v for k, v in lines[-1].items() if k in last} == last
+    assert (lines[0]["text"], lines[0]["n"], lines[0]["s"]["a"]) == ("t", 0, 0)  # earlier rows as they were
+
+
+def test_a_json_key_differing_only_in_case_is_refused_wherever_it_first_appears(tmp_path: Path) -> None:
+    from batchllm_cli.column_names import check_input_names
+
+    rows = [{"text": "t"} for _ in range(LATE)] + [{"text": "t", "Text": "T"}]
+    with TableSource(write_jsonl(tmp_path / "in.jsonl", rows)) as src:
+        with pytest.raises(UsageError, match="differ only in upper/lower case"):
+            check_input_names(src.file_column_names(), src.column_names)
+
+
+def test_hive_partitioned_json_with_a_float_column_is_read(tmp_path: Path) -> None:
+    """Refused before with `Option filename adds column "__batchllm_file", but a column with this name
+    is also in the file`: the exact-number check declared the file-name column as one of the keys."""
+    for lang, x in (("en", 1.5), ("fr", 2.25)):
+        (tmp_path / f"lang={lang}").mkdir()
+        write_jsonl(tmp_path / f"lang={lang}" / "p.jsonl", [{"text": lang, "x": x}])
+    assert read_table(tmp_path).to_pylist() == [
+        {"text": "en", "x": 1.5, "lang": "en"}, {"text": "fr", "x": 2.25, "lang": "fr"},
+    ]

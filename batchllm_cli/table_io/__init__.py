@@ -11,10 +11,12 @@ rejects file. Values are never rewritten on the way through:
 - CSV columns are read as text (VARCHAR), exactly as in the file (`00501`, `1.50`, `t`, `01/02/2024`);
   an empty field is NULL, `""` is empty text, and CSV output writes them back the same way. CSV
   output, which has no nested types, writes lists, structs and maps as JSON text.
-- JSON keeps its own types: strings DuckDB would take for dates, times or UUIDs stay strings, and a
-  top-level number column whose values are all integers is read exactly (DECIMAL(38,0), or the digits
-  as text beyond that) instead of as doubles. JSON output writes NaN/Infinity/-Infinity as the strings
-  "NaN", "Infinity", "-Infinity" (the protobuf JSON convention), so every line is valid JSON.
+- JSON's columns and types are detected from every record of every file (never a sample), then
+  declared to every later read. JSON keeps its own types: strings DuckDB would take for dates, times
+  or UUIDs stay strings, and a top-level number column whose values are all integers is read exactly
+  (DECIMAL(38,0), or the digits as text beyond that) instead of as doubles. JSON output writes
+  NaN/Infinity/-Infinity as the strings "NaN", "Infinity", "-Infinity" (the protobuf JSON
+  convention), so every line is valid JSON.
 - Parquet types (time zones, decimals, dictionaries, nested values) pass through; HUGEINT, which
   Parquet cannot hold, is written as DECIMAL(38,0), never as a double.
 Every local path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob
@@ -30,7 +32,6 @@ from batchllm_cli.table_io.common import (
     CSV_MAX_LINE_SIZE,
     DEFAULT_MAX_REJECTS,
     INPUT_FORMATS,
-    JSON_KEY_SAMPLE,
     OUTPUT_FORMATS,
     ROW_ID,
     duckdb_key,
@@ -44,7 +45,7 @@ from batchllm_cli.table_io.source import TableSource, check_output_path, read_ta
 from batchllm_cli.table_io.writing import write_output, write_query_jsonl, write_table_jsonl
 
 __all__ = [
-    "CSV_MAX_LINE_SIZE", "DEFAULT_MAX_REJECTS", "INPUT_FORMATS", "JSON_KEY_SAMPLE", "OUTPUT_FORMATS", "ROW_ID",
+    "CSV_MAX_LINE_SIZE", "DEFAULT_MAX_REJECTS", "INPUT_FORMATS", "OUTPUT_FORMATS", "ROW_ID",
     "FORMAT_CHOICES", "InputOptions", "Column", "CsvDialect", "TableSource", "_connect", "_csv_records", "check_output_path", "duckdb_key",
     "output_format", "read_table", "write_output", "write_query_jsonl", "write_table_jsonl",
 ]

@@ -65,8 +65,6 @@ _SCALAR_ID_TYPES = ("LIST", "STRUCT", "MAP", "UNION", "[]")
 # needs fixing, not a run that quietly drops rows).
 DEFAULT_MAX_REJECTS = 100
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-# read_json's default sample_size: the records its schema (and so its column names) comes from.
-JSON_KEY_SAMPLE = 20480
 
 
 def _literal(text: str) -> str:

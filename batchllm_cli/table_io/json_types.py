@@ -1,7 +1,7 @@
 """JSON types read exactly: strings stay strings, integers and long numbers are not rounded."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import duckdb
 
@@ -30,9 +30,12 @@ def _json_read_type(typ: duckdb.DuckDBPyType) -> str:
 
 
 def _exact_json_columns(
-    con: duckdb.DuckDBPyConnection, read_json: Callable[[str], str], rel: duckdb.DuckDBPyRelation
-) -> tuple[Column, ...] | None:
-    """Declared columns for a JSON read that keeps every value exact, or None when the sniffed ones do.
+    con: duckdb.DuckDBPyConnection,
+    read_json: Callable[[str], str],
+    sniffed: Sequence[tuple[str, duckdb.DuckDBPyType]],
+) -> tuple[Column, ...]:
+    """Declared columns for a JSON read that keeps every value exact, from the `sniffed` (name, type)
+    pairs of the files' own keys (every later read declares them, so none sniffs again).
 
     DuckDB reads a number column as DOUBLE as soon as one value does not fit BIGINT, which rounds every
     integer beyond 2^53; such a column whose values are all integers is read as DECIMAL(38,0) (exact),
@@ -40,7 +43,7 @@ def _exact_json_columns(
     number column, a list or struct of numbers) in which some number has 16 or more digits in a row
     (so a double may round it) is read as JSON: its values' own text, exactly.
     """
-    cols = [Column(n, _json_read_type(t)) for n, t in zip(rel.columns, rel.types)]
+    cols = [Column(n, _json_read_type(t)) for n, t in sniffed]
     doubles = [c.name for c in cols if c.type == "DOUBLE"]
     nested = [c.name for c in cols if c.type != "DOUBLE" and "DOUBLE" in c.type.upper()]
     if doubles or nested:
@@ -66,5 +69,4 @@ def _exact_json_columns(
             if long:
                 exact[n] = "JSON"
         cols = [Column(c.name, exact.get(c.name, c.type)) for c in cols]
-    sniffed = [Column(n, str(t)) for n, t in zip(rel.columns, rel.types)]
-    return tuple(cols) if cols != sniffed else None
+    return tuple(cols)

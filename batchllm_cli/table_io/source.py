@@ -16,7 +16,7 @@ from batchllm_cli.durable import check_writable_dir
 from batchllm_cli.errors import InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths
 from batchllm_cli.table_io.common import (
-    DEFAULT_MAX_REJECTS, JSON_KEY_SAMPLE, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
+    DEFAULT_MAX_REJECTS, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
     _one_line, output_format,
 )
 from batchllm_cli.table_io.csv_dialect import (
@@ -140,13 +140,14 @@ class TableSource:
             delimiter = "\t" if self.format == "tsv" else None
             self._dialect = csv_dialect(self._con, self.files, self._scan_paths, self._text, delimiter,
                                         self._duckdb_encoding)
-        # Binding the query only sniffs a sample (JSON) or reads the footer (Parquet).
+        # Binding the query reads the footer (Parquet) or, for JSON, parses every record to find the
+        # schema (see _read_json); the JSON columns found are then given to every later read.
         rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
         if self.format in ("json", "jsonl"):
             check_json_files(self._con, self.files, self._scan_paths, lambda one: self._read_json(paths=[one]))
-            self._json_columns = _exact_json_columns(self._con, self._read_json, rel)
-            if self._json_columns is not None:
-                rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
+            own = [(n, t) for n, t in zip(rel.columns, rel.types) if n != FILE_COLUMN]
+            self._json_columns = _exact_json_columns(self._con, self._read_json, own)
+            rel = self._con.sql(f"SELECT * FROM {self.scan_sql()}")
         names = [n for n in rel.columns if n != FILE_COLUMN]
         if ROW_ID in names:
             raise UsageError(f"Input column {ROW_ID!r} is reserved by batchllm; rename it.")
@@ -180,8 +181,12 @@ class TableSource:
         return f", filename={_literal(FILE_COLUMN)}" if self.input.partition_keys else ""
 
     def _read_json(self, columns: str | None = None, *, paths: Sequence[str] | None = None) -> str:
+        """read_json of the files (or `paths`), with `columns` as given or else detected from every
+        record of every file: DuckDB's default sample (the first 20,480 records of at most 32 files)
+        refuses a key or type first seen later, or silently rounds a later 1.5 into an integer
+        column and drops a later key of a nested object."""
         fmt = "newline_delimited" if self.format == "jsonl" else "auto"
-        cols = f", columns={{{columns}}}" if columns else ""
+        cols = f", columns={{{columns}}}" if columns else ", sample_size=-1, maximum_sample_files=-1"
         extra = self._file_option() if paths is None else ""
         return f"read_json({self._files_sql(paths)}, format = {_literal(fmt)}{cols}{extra})"
 
@@ -189,7 +194,7 @@ class TableSource:
         """The column names as the first file spells them, before DuckDB makes duplicates unique
         (`Text,text` reads as `Text`, `text_1`), then the partition keys: what
         column_names.check_input_names needs to see a collision. JSON keys (in no particular order)
-        come from the first JSON_KEY_SAMPLE records, the sample DuckDB's schema comes from."""
+        come from every record of the first file, as DuckDB's schema does (every file has its keys)."""
         if self.empty:
             return []
         return self._first_file_names() + list(self.input.partition_keys)
@@ -210,8 +215,8 @@ class TableSource:
         cur = self._con.cursor()
         try:
             rows = cur.execute(
-                f"SELECT DISTINCT k FROM (SELECT unnest(json_keys(json)) AS k FROM (SELECT json FROM "
-                f"read_json_objects({_literal(self._scan_paths[0])}, format={_literal(fmt)}) LIMIT {JSON_KEY_SAMPLE}))"
+                f"SELECT DISTINCT k FROM (SELECT unnest(json_keys(json)) AS k FROM "
+                f"read_json_objects({_literal(self._scan_paths[0])}, format={_literal(fmt)}))"
             ).fetchall()
         except duckdb.Error:
             return [n for n in self.column_names if n not in self.input.partition_keys]
@@ -388,7 +393,7 @@ class TableSource:
                     streamed += batch.num_rows
                     yield batch
         except duckdb.Error as exc:
-            # Typically a JSON value that does not fit the type sniffed from the first rows.
+            # Typically a file changed since validate() read it (the JSON types come from every record).
             raise InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc
         finally:
             cur.close()
