@@ -263,7 +263,11 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 f"Checkpoint: {len(committed.quarantined)} torn or uncommitted file(s) moved to "
                 f"{run_dir.path / 'quarantine'}; their rows will run again."
             )
-        if settings.retry_errors:
+        if settings.retry_errors and manifest is None and not retry_finished:
+            # nothing of this job to keep (first run, or the input/template/model/settings changed)
+            observer.notice("--retry-errors: there is no finished or checkpointed run of this job to retry, so "
+                            "every row runs.")
+        elif settings.retry_errors:
             dropped = 0
             if retry_finished and manifest is None:  # the run directory is gone: the output has the answers
                 dropped = total_rows - seed_from_output(settings.output, columns, run_dir, committed, total_rows)

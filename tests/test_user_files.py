@@ -370,6 +370,17 @@ def test_retry_errors_with_another_column_name_is_refused_before_anything_change
             "--retry-errors", "no column 'answer'", "--column")
 
 
+def test_retry_errors_of_a_changed_job_says_every_row_runs(files: Files) -> None:
+    _mixed_input(files.inp)
+    assert invoke(files.args(*SMALL_CACHE)).exit_code == 3
+    result = invoke(files.args(*BIG_CACHE, "--retry-errors", "--max-tokens", "5"))  # another job now
+    assert result.exit_code == 0, result.output
+    message = flat(result.stderr)
+    assert "no finished or checkpointed run of this job to retry, so every row runs" in message
+    assert "row(s) in error will run again" not in message
+    assert_finished_cleanly(files.out, 9)
+
+
 def test_retry_errors_on_an_interrupted_job(files: Files, env: dict[str, str]) -> None:
     _mixed_input(files.inp)
     code, log = cli_process.run(files.args(*SMALL_CACHE, "--checkpoint-rows", "3"),
