@@ -50,7 +50,9 @@ from batchllm_cli.durable import (
     fsync_dir,
     is_temp_of,
     json_bytes,
+    make_dirs,
     read_json,
+    remove_dirs,
     remove_durably,
     write_error,
 )
@@ -184,13 +186,16 @@ class RunDir:
             )
         return data
 
-    def create(self, fingerprint: dict[str, Any], info: dict[str, Any], *, dir_created: bool) -> None:
+    def create(self, fingerprint: dict[str, Any], info: dict[str, Any], *, dir_created: bool,
+               parents_created: list[Path] | None = None) -> None:
         manifest = {
             "format": MANIFEST_FORMAT,
             "run_id": uuid.uuid4().hex,
             "created_at": time.time(),
             "batchllm_version": __version__,
             "dir_created": dir_created,  # remove() deletes the directory only when a run created it
+            # and the missing parents it made for it (outermost first), removed too when left empty
+            "parents_created": [str(p) for p in parents_created or []],
             "fingerprint": fingerprint,
             **info,
         }
@@ -237,13 +242,11 @@ class RunDir:
                 "--checkpoint-dir a new or empty directory of its own."
             )
 
-    def ensure(self) -> bool:
-        """Create the directory if needed; True when this call created it."""
+    def ensure(self) -> list[Path]:
+        """Create the directory and its missing parents if needed; the ones this call created, outermost
+        first (empty when the directory existed)."""
         try:
-            self.path.mkdir(parents=True)
-            return True
-        except FileExistsError:
-            return False
+            return make_dirs(self.path)
         except OSError as exc:
             raise write_error(self.path, exc) from exc
 
@@ -251,6 +254,12 @@ class RunDir:
         """The manifest (of this or an earlier run) says a run created the directory."""
         manifest = read_json(self.manifest_path)
         return isinstance(manifest, dict) and manifest.get("dir_created") is True
+
+    def parents_created(self) -> list[Path]:
+        """The parents a run created for the directory (per the manifest), outermost first."""
+        manifest = read_json(self.manifest_path)
+        found = manifest.get("parents_created") if isinstance(manifest, dict) else None
+        return [Path(p) for p in found if isinstance(p, str)] if isinstance(found, list) else []
 
     def has_shards(self) -> bool:
         """Whether any result shard or commit record is in the directory (committed work to protect)."""
@@ -278,15 +287,19 @@ class RunDir:
     def remove(self) -> None:
         """Delete the run's files (after the completion marker is durable), and the directory itself when
         this job created it and nothing else is in it."""
-        created = self.created_by_batchllm()
+        created, parents = self.created_by_batchllm(), self.parents_created()
         self._remove_quarantine()
         remove_durably(self._own_files())
         if created:
             try:
                 self.path.rmdir()
+                remove_dirs(parents)  # only while empty, innermost first
             except OSError:
                 pass
-        fsync_dir(self.path.parent)
+        parent = self.path.parent
+        while not parent.exists():  # removed with the directory
+            parent = parent.parent
+        fsync_dir(parent)
 
     # -- shards --------------------------------------------------------------------------------------
     def _quarantine(self, paths: list[Path], committed: Committed) -> None:

@@ -235,7 +235,9 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         if marker_present:
             remove_durably([marker_path(settings.output)])
         if manifest is None:
-            dir_created = run_dir.ensure() or run_dir.created_by_batchllm()
+            made = run_dir.ensure()
+            dir_created = bool(made) or run_dir.created_by_batchllm()
+            parents_made = made[:-1] if made else run_dir.parents_created()
             if not run_dir._lock.held:
                 run_dir.lock()
             if settings.restart and had_checkpoint:
@@ -254,6 +256,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                     "rows_rejected": rejected_rows(source),
                 },
                 dir_created=dir_created,
+                parents_created=parents_made,
             )
         # With --checkpoint-dir, OUT.checkpoint.json says where the checkpoint is (`status OUT` reads it).
         record_run_dir(settings.output, run_dir.path)

@@ -93,7 +93,13 @@ def test_existing_empty_checkpoint_dir_is_used_and_kept_a_new_one_is_removed(fil
     files.out.unlink()
     result = invoke(files.args("--checkpoint-dir", str(new)))
     assert result.exit_code == 0, result.output
-    assert not new.exists()  # batchllm made it, and removed it once empty
+    assert not new.exists() and not new.parent.exists()  # batchllm made both, and removed them once empty
+    kept = files.root / "mine" / "deeper" / "ckpt"
+    (files.root / "mine").mkdir()
+    (files.root / "mine" / "notes.txt").write_text("the user's")
+    files.out.unlink()
+    assert invoke(files.args("--checkpoint-dir", str(kept))).exit_code == 0
+    assert not kept.parent.exists() and (files.root / "mine" / "notes.txt").exists()  # made: gone; the user's: kept
 
 
 def _run_dir_with_files(path: Path):  # noqa: ANN202 - RunDir
