@@ -234,6 +234,8 @@ def _with_longrope(f: ConfigFields, rope: RopeConfig, scaling: dict, head_dim: i
         if len(factors) != frequencies:
             raise f.error(f"{key} has {len(factors)} numbers; the rotary dims need {frequencies}")
     original = rope.original_max_position_embeddings
+    if original < 2:  # its log divides the default attention factor
+        raise f.error(f"original_max_position_embeddings is {original}, it must be at least 2 for longrope")
     factor = f.number("factor", max_positions / original, raw=scaling, positive=True)
     default_attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     attention = f.number("attention_factor", default_attention, raw=scaling, positive=True)

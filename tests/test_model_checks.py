@@ -239,6 +239,8 @@ OUT_OF_RANGE: dict[str, tuple[dict, dict, str]] = {
     "longrope_long_factor_nan": (_LONGROPE, _nested(_LONGROPE, "long_factor", _list_with(NAN), "rope_scaling"),
                                  "long_factor"),
     "longrope_factor_negative": (_LONGROPE, _nested(_LONGROPE, "factor", -2.0, "rope_scaling"), "factor"),
+    "longrope_original_positions_one": (_LONGROPE, {"original_max_position_embeddings": 1},
+                                        "original_max_position_embeddings"),
     "longrope_attention_factor_zero": (_LONGROPE, _nested(_LONGROPE, "attention_factor", 0, "rope_scaling"),
                                        "attention_factor"),
     "granite_embedding_multiplier_zero": (_GRANITE, {"embedding_multiplier": 0}, "embedding_multiplier"),
