@@ -240,7 +240,8 @@ def test_prompt_longer_than_context_minus_max_tokens(tmp_path: Path, demo_model_
 
 
 # ---- empty input ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,content", [("empty.csv", ""), ("blank.jsonl", "\n \n"), ("header.csv", "id,text\n")])
+@pytest.mark.parametrize("name,content", [("empty.csv", ""), ("blank.jsonl", "\n \n"), ("header.csv", "id,text\n"),
+                                          ("array.json", "[ ]\n")])  # a JSON writer's "no rows"
 def test_empty_and_header_only_input_give_an_empty_typed_output(
     tmp_path: Path, name: str, content: str, no_model: None
 ) -> None:

@@ -290,13 +290,17 @@ def open_text(path: Path, encoding: str, compression: str | None, errors: str = 
     return path.open("r", encoding=encoding, errors=errors, newline="")
 
 
-def is_blank(f: InputFile) -> bool:
-    """0 bytes, or only whitespace (an 'empty' file as editors and scripts leave them); a URL is not."""
+def is_blank(f: InputFile, json: bool = False) -> bool:
+    """0 bytes, or only whitespace (an 'empty' file as editors and scripts leave them), or for JSON an
+    empty array (`[]`, what a JSON writer leaves for no rows); a URL is not."""
     if f.is_url:
         return False
     with open_binary(f.path, f.compression) as data:
         head = data.read(4097)
-    return len(head) <= 4096 and not head.strip(b" \t\r\n\xef\xbb\xbf")
+    if len(head) > 4096:
+        return False
+    body = head.strip(b" \t\r\n\xef\xbb\xbf")
+    return not body or (json and body.startswith(b"[") and body.endswith(b"]") and not body[1:-1].strip())
 
 
 def open_binary(path: Path, compression: str | None) -> IO[bytes]:

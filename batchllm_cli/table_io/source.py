@@ -115,7 +115,8 @@ class TableSource:
             encoding = "utf-8"
         self._duckdb_encoding = DUCKDB_ENCODINGS[encoding]
         self._text_encoding = "utf-8-sig" if encoding == "utf-8" else encoding
-        self.files: tuple[InputFile, ...] = tuple(f for f in files if self.format == "parquet" or not is_blank(f))
+        self.files: tuple[InputFile, ...] = tuple(
+            f for f in files if self.format == "parquet" or not is_blank(f, json=self.format == "json"))
         self._scan_paths: list[str] = []
         for i, f in enumerate(self.files):
             if f.is_url:
