@@ -201,9 +201,27 @@ def answer_error(constraint: Constraint, text: str, finish_reason: str) -> str |
         return f"The answer {text[:60]!r} is not one of the choices (was it cut by a stop string?)."
     if constraint.kind == "json_schema":
         try:
-            json.loads(text, strict=False)  # the grammar lets raw control characters into strings
+            value = json.loads(text, strict=False)  # the grammar lets raw control characters into strings
         except ValueError:
             return "The answer is not complete JSON (was it cut by a stop string?)."
+        big = _integer_beyond_int64(value)
+        if big is not None:  # its typed column is a 64-bit integer (BIGINT): it cannot hold the value
+            return (f"The answer holds the integer {str(big)[:40]}, beyond the 64-bit range of its typed column; "
+                    "bound it with minimum/maximum in the JSON schema.")
+    return None
+
+
+def _integer_beyond_int64(value: Any) -> int | None:
+    """The first integer in a parsed JSON value outside [-2**63, 2**63), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if not -(2**63) <= value < 2**63 else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        found = _integer_beyond_int64(item)
+        if found is not None:
+            return found
     return None
 
 

@@ -265,3 +265,25 @@ def test_a_written_file_that_is_the_constraint_file_is_refused(job, tmp_path: Pa
     assert result.exit_code == 2, result.output
     assert flag in flat(result.stderr) and "--summary" in flat(result.stderr)
     assert source.read_bytes() == before
+
+
+def test_an_integer_beyond_64_bits_is_a_row_error_not_a_crash_at_the_output() -> None:
+    """A model answered {"n": 41316260093675236095415583} for an integer property: writing its BIGINT
+    column raised OverflowError after every row was committed, and every re-run did the same."""
+    from batchllm_cli.collector import ResultCollector
+    from batchllm_cli.structured_output import INCOMPLETE, answer_error, with_typed_columns
+    from engine.results import GenerationResult
+
+    constraint = schema_constraint({"type": "object", "properties": {"n": {"type": "integer"},
+                                                                    "xs": {"type": "array", "items": {"type": "integer"}}}})
+    assert answer_error(constraint, '{"n": 41316260093675236095415583, "xs": []}', "stop") is not None
+    assert answer_error(constraint, '{"n": 1, "xs": [2, -9223372036854775809]}', "stop") is not None
+    assert answer_error(constraint, '{"n": 9223372036854775807, "xs": [-9223372036854775808]}', "stop") is None
+    collector = ResultCollector(constraint=constraint)
+    for key, text in enumerate(['{"n": 41316260093675236095415583, "xs": [1]}', '{"n": 7, "xs": [1]}']):
+        collector.add_result(GenerationResult(key, text, (1, 2), "stop", 3))
+    table = collector.drain()
+    assert table.column("error_type").to_pylist() == [INCOMPLETE, None]
+    fields = typed_fields(constraint)
+    typed, _ = with_typed_columns(table, fields, ["r_n", "r_xs"], nested_as_json=False)  # no OverflowError
+    assert typed.column("structured_0").to_pylist() == [None, 7]
