@@ -118,7 +118,7 @@ def stopped_summary(settings: RunSettings, summary: str, started_at: float, exc:
         exit_code = error.exit_code if error is not None else EXIT_INTERNAL
         report = RunReport(
             state="interrupted" if isinstance(error, Interrupted) else "failed", exit_code=exit_code,
-            started_at=started_at, finished_at=time.time(), input=str(settings.input),
+            started_at=started_at, finished_at=time.time(), input=_input_label(settings.input),
             output=str(settings.output), template=settings.template, prefix_sharing=settings.prefix_sharing,
             error=" ".join(str(error or exc).split()) or type(exc).__name__,
         )
@@ -126,3 +126,8 @@ def stopped_summary(settings: RunSettings, summary: str, started_at: float, exc:
         write_summary(report, summary)
     except OSError:
         pass  # the error that stopped the run is the one to report
+
+
+def _input_label(inp: object) -> str:
+    """INPUT as a finished run's summary names it: its arguments joined by spaces (not a tuple's repr)."""
+    return " ".join(map(str, inp)) if isinstance(inp, (tuple, list)) else str(inp)

@@ -123,6 +123,7 @@ def test_a_run_that_fails_still_prints_its_summary_line(tmp_path: Path, env: dic
     summary = json.loads(result.stdout.splitlines()[-1])
     assert set(summary) == TOP_KEYS and summary["job"]["rows"] == 0
     assert (summary["state"], summary["exit_code"]) == ("failed", 2) and "missing" in summary["error"]
+    assert summary["input"] == str(inp)  # as a finished run names it, not a tuple's repr
     _utc(summary["started_at"])
     # a summary file is written only once the paths are checked: here it would overwrite the input
     before = inp.read_bytes()
