@@ -41,6 +41,8 @@ class Constraint:
     value: str  # the engine's form: the labels as a JSON array, the pattern, or the schema text
     labels: tuple[str, ...] = ()
     schema: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # --stop strings were given: an answer that stopped may have been cut short of a whole value
+    stop_strings: bool = field(default=False, compare=False)
 
     def fingerprint(self) -> dict[str, str]:
         return {"kind": self.kind, "value": self.value}
@@ -199,6 +201,12 @@ def answer_error(constraint: Constraint, text: str, finish_reason: str) -> str |
         )
     if constraint.kind == "choices" and text not in constraint.labels:
         return f"The answer {text[:60]!r} is not one of the choices (was it cut by a stop string?)."
+    if constraint.kind != "choices" and ((constraint.stop_strings and finish_reason == "stop") or "\ufffd" in text):
+        from engine import answer_matches
+
+        if not answer_matches(constraint.to_engine(), text):
+            return (f"The answer {text[:60]!r} is not a whole value of the constraint (cut by a stop string, or "
+                    "holding bytes that are not valid UTF-8).")
     if constraint.kind == "json_schema":
         try:
             value = json.loads(text, strict=False)  # the grammar lets raw control characters into strings

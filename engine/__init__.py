@@ -32,6 +32,7 @@ _EXPORTS = {
     "ensure_demo_model": "engine.demo_model",
     "StructuredOutput": "engine.grammar",
     "compile_constraint": "engine.grammar",
+    "answer_matches": "engine.grammar",
     "PackedSequences": "engine.planning",
     "LruPrefixCache": "engine.planning",
     "GroupSizeStats": "engine.planning",
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     from engine.demo_model import ensure_demo_model
     from engine.devices import check_device, release_accelerator_memory
     from engine.errors import ConfigError, EngineError, ModelLoadError
-    from engine.grammar import StructuredOutput, compile_constraint
+    from engine.grammar import StructuredOutput, answer_matches, compile_constraint
     from engine.llm_engine import LLMEngine
     from engine.loader import check_weights
     from engine.model_config import load_model_config

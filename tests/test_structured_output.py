@@ -287,3 +287,27 @@ def test_an_integer_beyond_64_bits_is_a_row_error_not_a_crash_at_the_output() ->
     fields = typed_fields(constraint)
     typed, _ = with_typed_columns(table, fields, ["r_n", "r_xs"], nested_as_json=False)  # no OverflowError
     assert typed.column("structured_0").to_pylist() == [None, 7]
+
+
+def test_a_regex_answer_cut_by_a_stop_string_is_a_row_error(job, tmp_path: Path) -> None:
+    """`--stop -` cuts every `XX-9` answer to `XX`: it was written with exit 0 and no error."""
+    inp, tpl = job
+    out = tmp_path / "out.parquet"
+    result = _run(inp, tpl, out, "--regex", r"[A-Z]{2}-[0-9]", "--max-tokens", "8", "--stop", "-")
+    assert result.exit_code == 3, result.output
+    rows = read_rows(out)
+    assert rows and all(r["response_error"] and "not a whole value" in r["response_error"] for r in rows), rows[:2]
+
+
+def test_answers_are_checked_as_whole_values_when_they_may_be_cut_or_hold_invalid_bytes() -> None:
+    from batchllm_cli.structured_output import Constraint, answer_error
+
+    regex = Constraint("regex", "[A-Z]{2}-[0-9]")
+    cut = Constraint("regex", "[A-Z]{2}-[0-9]", stop_strings=True)
+    assert answer_error(regex, "SH", "stop") is None  # no stop strings: decoding guarantees a whole value
+    assert answer_error(cut, "SH", "stop") is not None and answer_error(cut, "SH-1", "stop") is None
+    bounded = schema_constraint({"type": "integer", "minimum": 100000, "maximum": 199999})
+    bounded = Constraint(bounded.kind, bounded.value, schema=bounded.schema, stop_strings=True)
+    assert answer_error(bounded, "1", "stop") is not None and answer_error(bounded, "113913", "stop") is None
+    four = Constraint("regex", ".{4}")  # decoded bytes that were not UTF-8: 6 characters, not 4
+    assert answer_error(four, "G\ufffd\ufffd\ufffd g", "stop") is not None and answer_error(four, "abcd", "stop") is None
