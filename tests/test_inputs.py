@@ -127,19 +127,25 @@ def test_a_pattern_needs_input_glob_and_a_literal_name_stays_literal(tmp_path: P
 
 
 # ---- stdin, compressed and tab-separated files --------------------------------------------------------
-@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "csv.gz", "jsonl.gz"])
 def test_stdin_is_read_and_resumes_with_the_same_stdin(tmp_path: Path, tpl: Path, kind: str) -> None:
-    if kind == "csv":
+    if kind.startswith("csv"):
         data = b"id,text\n1,one\n2,two\n"
     else:
         data = b'{"id": 1, "text": "one"}\n{"id": 2, "text": "two"}\n'
+    if kind.endswith(".gz"):  # `curl ... | batchllm run -`: gzipped stdin is read as a .gz file would be
+        def compress(b: bytes) -> bytes:
+            return gzip.compress(b, mtime=0)  # the same stream twice (the header holds a timestamp)
+    else:
+        def compress(b: bytes) -> bytes:
+            return b
     out = tmp_path / "out.jsonl"
-    ok(run(["-"], out, tpl, stdin=data))
+    ok(run(["-"], out, tpl, stdin=compress(data)))
     assert [r["text"] for r in input_columns(out, "text")] == ["one", "two"]
-    again = run(["-"], out, tpl, stdin=data)
+    again = run(["-"], out, tpl, stdin=compress(data))
     ok(again)
     assert "already finished" in again.stderr
-    changed = run(["-"], out, tpl, stdin=data.replace(b"two", b"TWO"))
+    changed = run(["-"], out, tpl, stdin=compress(data.replace(b"two", b"TWO")))
     ok(changed)
     assert "different job (changed: input content)" in changed.stderr
     assert [r["text"] for r in input_columns(out, "text")] == ["one", "TWO"]

@@ -201,15 +201,20 @@ def _spool_stdin(spool: Path, fmt: str | None) -> tuple[InputFile, str]:
     fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(stream, out, 1 << 20)
+    with spool.open("rb") as f:
+        head = f.read(4096)
+    # gzipped text on stdin (`zcat`-less pipes): read it as a .csv.gz / .jsonl.gz file would be
+    compression = "gzip" if head.startswith(b"\x1f\x8b") else None
+    if compression is not None:
+        with gzip.open(spool, "rb") as g:
+            head = g.read(4096)
     if fmt is None:
-        with spool.open("rb") as f:
-            head = f.read(4096)
         if head.startswith(b"PAR1"):
             fmt = "parquet"
         else:
             first = head.lstrip(b" \t\r\n\xef\xbb\xbf")[:1]
             fmt = "jsonl" if first == b"{" else "json" if first == b"[" else "csv"
-    return InputFile("stdin", str(spool)), fmt
+    return InputFile("stdin", str(spool), compression=compression), fmt
 
 
 def _file_format(f: InputFile, forced: str | None) -> str:
