@@ -1,5 +1,5 @@
-"""The run directory: manifest, committed result shards, its lock (taken with file_lock.py) and the
-names of the files beside the output.
+"""The run directory: manifest, committed result shards and its lock (taken with file_lock.py); the
+files a run keeps beside the output are named in output_files.py.
 
 Layout of a run directory (default `OUTPUT.batchllm/` beside the output):
 
@@ -18,12 +18,6 @@ A shard is committed when its commit record is durable and matches the shard's b
 fsync -> rename -> fsync dir, for the shard and then for its record. On resume every record is checked
 against its shard (size and sha256); a shard without a valid record, or whose bytes do not match
 (truncated, garbage appended, deleted), is moved to quarantine/ and its rows run again.
-
-Beside the output: `OUTPUT.lock` (held while a run works on the output; holds pid and host),
-`OUTPUT.success.json` (the completion marker, written last: counts, output size and sha256, and the
-fingerprint), `OUTPUT.errors.jsonl` (rows in error), `OUTPUT.rejects.jsonl` (rejected CSV lines) and,
-with `--checkpoint-dir`, `OUTPUT.checkpoint.json`: where the run directory is, so that `status OUTPUT`
-finds it (written once the manifest exists, removed just before the run directory is).
 """
 from __future__ import annotations
 
@@ -48,7 +42,6 @@ from batchllm_cli.durable import (
     atomic_write_bytes,
     crash_point,
     fsync_dir,
-    is_temp_of,
     json_bytes,
     make_dirs,
     read_json,
@@ -72,65 +65,6 @@ _RUN_FILE_RE = re.compile(
     r"|\.(manifest\.json|shard-\d{6,}(-w\d{3,})?\.(parquet|json))\.[0-9a-f]{12}\.tmp)$"
 )
 _QUARANTINED_RE = re.compile(r"^shard-\d{6,}(-w\d{3,})?\.(parquet|json)\.\d{8}T\d{6}\.[0-9a-f]{6}$")
-
-
-def default_run_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".batchllm")
-
-
-def marker_path(output: Path) -> Path:
-    return output.with_name(output.name + ".success.json")
-
-
-def errors_path(output: Path) -> Path:
-    return output.with_name(output.name + ".errors.jsonl")
-
-
-def rejects_path(output: Path) -> Path:
-    return output.with_name(output.name + ".rejects.jsonl")
-
-
-def output_lock_path(output: Path) -> Path:
-    return output.with_name(output.name + ".lock")
-
-
-def run_dir_pointer_path(output: Path) -> Path:
-    return output.with_name(output.name + ".checkpoint.json")
-
-
-def record_run_dir(output: Path, run_dir: Path) -> None:
-    """Name a --checkpoint-dir beside the output (OUTPUT.checkpoint.json), for `status OUTPUT`; with the
-    default run directory, remove one an earlier run left (the job's checkpoint is no longer there)."""
-    pointer = run_dir_pointer_path(output)
-    if run_dir.resolve() == default_run_dir(output).resolve():
-        forget_run_dir(output)
-        return
-    data = {"run_dir": str(run_dir.resolve()), "output": str(output.resolve())}
-    try:
-        atomic_write_bytes(pointer, json_bytes(data))
-    except OSError as exc:
-        raise write_error(pointer, exc) from exc
-
-
-def forget_run_dir(output: Path) -> None:
-    """Remove OUTPUT.checkpoint.json (before the run directory it names is removed)."""
-    try:
-        remove_durably([run_dir_pointer_path(output)])
-    except OSError as exc:
-        raise write_error(run_dir_pointer_path(output), exc) from exc
-
-
-def recorded_run_dir(output: Path) -> tuple[Path | None, str | None]:
-    """(the run directory OUTPUT.checkpoint.json names, or None; a problem line when it cannot be read)."""
-    pointer = run_dir_pointer_path(output)
-    data = read_json(pointer)
-    if data is None:
-        return None, None
-    run_dir = data.get("run_dir") if isinstance(data, dict) else None
-    if not isinstance(run_dir, str) or not run_dir:
-        return None, (f"{pointer} cannot be read, so a --checkpoint-dir cannot be found; run the same "
-                      "`batchllm run` command again to rewrite it.")
-    return Path(run_dir), None
 
 
 # ---- shards -----------------------------------------------------------------------------------------
@@ -493,18 +427,3 @@ def read_commit_records(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
         elif (run_dir / data["shard"]).is_file():
             out.append(data)
     return out, malformed
-
-
-def remove_stale_output_files(output: Path) -> None:
-    """Temporary files a killed run left beside the output (never renamed, so never visible)."""
-    parent = output.parent if str(output.parent) else Path(".")
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return
-    for p in entries:
-        if is_temp_of(p, output):
-            try:
-                p.unlink()
-            except OSError:
-                pass

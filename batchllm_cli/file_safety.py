@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from batchllm_cli.checkpoint import errors_path, marker_path, output_lock_path, rejects_path, run_dir_pointer_path
+from batchllm_cli.output_files import errors_path, marker_path, output_lock_path, rejects_path, run_dir_pointer_path
 from batchllm_cli.durable import check_writable_dir, is_temp_of
 from batchllm_cli.errors import UsageError
 

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from batchllm_cli import __version__
-from batchllm_cli.checkpoint import Committed, RunDir, errors_path, forget_run_dir, marker_path, rejects_path
+from batchllm_cli.checkpoint import Committed, RunDir
 from batchllm_cli.collector import SHARD_SCHEMA, OutputColumns
 from batchllm_cli.durable import crash_point, remove_durably
 from batchllm_cli.errors import EXIT_OK, InputChanged, UsageError
 from batchllm_cli.fingerprint import digest_of, input_change
 from batchllm_cli.job_types import JobCounts, PreparedRun, RunReport, engine_summary, finished_state
 from batchllm_cli.marker import hash_output, write_marker
+from batchllm_cli.output_files import errors_path, forget_run_dir, marker_path, rejects_path
 from batchllm_cli.structured_output import typed_column_names, with_typed_columns
 from batchllm_cli.table_io import ROW_ID, TableSource, output_format, write_output, write_query_jsonl, write_table_jsonl
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchllm_cli.checkpoint import marker_path
 from batchllm_cli.durable import CORRUPT, json_bytes, read_json, write_error
 from batchllm_cli.durable import atomic_write_bytes, crash_point
 from batchllm_cli.errors import OutputError
 from batchllm_cli.fingerprint import file_identity
+from batchllm_cli.output_files import marker_path
 
 _HASH_CHUNK = 1 << 20
 

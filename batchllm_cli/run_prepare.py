@@ -11,15 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from batchllm_cli.checkpoint import (
-    RunDir,
-    default_run_dir,
-    forget_run_dir,
-    marker_path,
-    output_lock_path,
-    record_run_dir,
-    remove_stale_output_files,
-)
+from batchllm_cli.checkpoint import RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
@@ -37,6 +29,14 @@ from batchllm_cli.model_setup import (
     model_context_length,
     resolve_chat,
     resolve_model,
+)
+from batchllm_cli.output_files import (
+    default_run_dir,
+    forget_run_dir,
+    marker_path,
+    output_lock_path,
+    record_run_dir,
+    remove_stale_output_files,
 )
 from batchllm_cli.prompt_options import check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES

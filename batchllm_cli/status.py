@@ -17,16 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from batchllm_cli.checkpoint import (
-    MANIFEST,
-    default_run_dir,
-    output_lock_path,
-    read_commit_records,
-    recorded_run_dir,
-    run_dir_pointer_path,
-)
+from batchllm_cli.checkpoint import MANIFEST, read_commit_records
 from batchllm_cli.durable import CORRUPT, read_json
 from batchllm_cli.file_lock import lock_is_held, lock_owner
+from batchllm_cli.output_files import default_run_dir, output_lock_path, recorded_run_dir, run_dir_pointer_path
 from batchllm_cli.errors import (
     EXIT_OK,
     EXIT_ROWS_FAILED,
