@@ -420,7 +420,8 @@ CheckpointDirOpt = Annotated[
     typer.Option(
         "--checkpoint-dir",
         metavar="DIR",
-        help="Run directory for committed result shards. Default: OUTPUT.batchllm beside the output.",
+        help="Run directory for committed result shards. Default: OUTPUT.batchllm beside the output. Another "
+        "DIR is named in OUTPUT.checkpoint.json while the job is unfinished, so `batchllm status OUTPUT` finds it.",
         show_default=False,
         rich_help_panel=PANEL_CHECKPOINT,
     ),
