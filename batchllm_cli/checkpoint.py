@@ -186,14 +186,20 @@ class RunDir:
 
     def created_by_batchllm(self) -> bool:
         """The manifest (of this or an earlier run) says a run created the directory."""
-        manifest = read_json(self.manifest_path)
-        return isinstance(manifest, dict) and manifest.get("dir_created") is True
+        return self._made_by_a_run()[0]
 
     def parents_created(self) -> list[Path]:
         """The parents a run created for the directory (per the manifest), outermost first."""
+        return self._made_by_a_run()[1]
+
+    def _made_by_a_run(self) -> tuple[bool, list[Path]]:
+        """(the directory, its parents) a run created, as the manifest records them (one read)."""
         manifest = read_json(self.manifest_path)
-        found = manifest.get("parents_created") if isinstance(manifest, dict) else None
-        return [Path(p) for p in found if isinstance(p, str)] if isinstance(found, list) else []
+        if not isinstance(manifest, dict):
+            return False, []
+        found = manifest.get("parents_created")
+        parents = [Path(p) for p in found if isinstance(p, str)] if isinstance(found, list) else []
+        return manifest.get("dir_created") is True, parents
 
     def has_shards(self) -> bool:
         """Whether any result shard or commit record is in the directory (committed work to protect)."""
@@ -221,7 +227,7 @@ class RunDir:
     def remove(self) -> None:
         """Delete the run's files (after the completion marker is durable), and the directory itself when
         this job created it and nothing else is in it."""
-        created, parents = self.created_by_batchllm(), self.parents_created()
+        created, parents = self._made_by_a_run()
         self._remove_quarantine()
         remove_durably(self._own_files())
         if created:

@@ -6,7 +6,7 @@ interrupted (a checkpoint exists, nobody is working on it: run the same command 
 not started (nothing on disk); the exit code says which (0 or 3 finished, 10, 11, 12). Progress and
 ETA come from the commit records of the shards: the rate is the rows committed over the span of the
 recent commits. Given an output, the run directory is OUTPUT.batchllm/, or the --checkpoint-dir that
-OUTPUT.checkpoint.json names (written by the run; see checkpoint.py).
+OUTPUT.checkpoint.json names (written by the run; see output_files.py).
 """
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ class Scheduler:
                 return 0
             if seq.status is not SequenceStatus.RUNNING:  # preempted by an earlier row's growth
                 continue
-            if len(seq.token_ids) - seq.num_computed_tokens != 1:
+            if seq.num_uncomputed_tokens != 1:
                 prefills.append(seq)
             elif self._make_room(seq, seq.num_computed_tokens + 1):
                 chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
@@ -265,7 +265,7 @@ class Scheduler:
     # -- preemption, progress, completion ---------------------------------------------------------
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt newest sequences until `seq` can hold `num_tokens`; False if `seq` itself went."""
-        if num_tokens <= len(seq.block_table) * self.block_manager.block_size:  # most decode steps
+        if self.block_manager.new_blocks_needed(seq, num_tokens) == 0:  # most decode steps: nothing to take
             return True
         while not self.block_manager.can_grow(seq, num_tokens):
             if not self.running:

@@ -47,14 +47,21 @@ def _json_safe(expr: str, typ: duckdb.DuckDBPyType, depth: int = 0) -> str | Non
     return None
 
 
-def _json_safe_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
-    """`query` with its non-finite floats as valid JSON strings (DuckDB would write bare NaN)."""
+def _rewrite_columns(
+    con: duckdb.DuckDBPyConnection, query: str, rewrite: Callable[[str, duckdb.DuckDBPyType], str | None]
+) -> str:
+    """`query` with each column replaced by `rewrite(expr, type)` (None: the column as it is)."""
     rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
-    exprs = [(_json_safe(f"q.{_ident(n)}", t), n) for n, t in zip(rel.columns, rel.types)]
+    exprs = [(rewrite(f"q.{_ident(n)}", t), n) for n, t in zip(rel.columns, rel.types)]
     if all(e is None for e, _ in exprs):
         return query
     picked = ", ".join(f"{e if e is not None else f'q.{_ident(n)}'} AS {_ident(n)}" for e, n in exprs)
     return f"SELECT {picked} FROM ({query}) AS q"
+
+
+def _json_safe_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """`query` with its non-finite floats as valid JSON strings (DuckDB would write bare NaN)."""
+    return _rewrite_columns(con, query, _json_safe)
 
 
 _NESTED = ("list", "array", "struct", "map", "union")
@@ -64,16 +71,8 @@ def _csv_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
     """`query` with its nested columns (lists, arrays, structs, maps, unions) as JSON text, non-finite
     floats inside them as the strings JSON output uses: CSV has no nested types, and DuckDB's CSV
     writer would print its own syntax (`{'k': 'it\\'s'}`, `[a, b]`), which no JSON reader takes."""
-    rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
-    nested = [t.id in _NESTED for t in rel.types]
-    if not any(nested):
-        return query
-    cols = [f"q.{_ident(n)}" for n in rel.columns]
-    picked = ", ".join(
-        f"to_json({_json_safe(c, t) or c}) AS {_ident(n)}" if is_nested else c
-        for c, n, t, is_nested in zip(cols, rel.columns, rel.types, nested)
-    )
-    return f"SELECT {picked} FROM ({query}) AS q"
+    return _rewrite_columns(
+        con, query, lambda expr, t: f"to_json({_json_safe(expr, t) or expr})" if t.id in _NESTED else None)
 
 
 def _same_values(original: pa.DataType, read: pa.DataType) -> bool:
