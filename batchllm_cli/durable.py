@@ -205,7 +205,7 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: bad UTF-8 or JSON, or an integer past Python's digit limit
         return CORRUPT
 
 

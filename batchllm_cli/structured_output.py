@@ -72,9 +72,9 @@ def _read_choices(arg: str) -> tuple[str, ...]:
 def _read_schema(path: Path) -> dict[str, Any]:
     try:
         schema = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UsageError(f"--json-schema: cannot read {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # bad JSON or UTF-8, or an integer past Python's digit limit
         raise UsageError(f"--json-schema {path} is not valid JSON: {exc}.") from exc
     if not isinstance(schema, dict):
         raise UsageError(f"--json-schema {path} must hold a JSON object (a JSON Schema), not {type(schema).__name__}.")

@@ -20,6 +20,9 @@ def read_json_object(path: Path) -> dict:
             f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix config.json "
             "(or download the model again)."
         ) from exc
+    except ValueError as exc:  # an integer longer than Python's digit limit (4,300 digits)
+        raise ModelLoadError(f"{path} holds a number batchllm cannot read ({exc}); fix config.json "
+                             "(or download the model again).") from exc
     if not isinstance(raw, dict):
         raise ModelLoadError(
             f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; fix config.json "

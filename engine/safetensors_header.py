@@ -38,7 +38,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError) as exc:  # ValueError: bad JSON or UTF-8, huge integers
             raise ModelLoadError(f"{index} is not a readable safetensors index ({exc}); {_FIX}.") from exc
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ModelLoadError(f"{index} has no weight_map of tensor names to file names; {_FIX}.")
@@ -76,7 +76,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         )
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # bad UTF-8 or JSON, or an integer past Python's digit limit
         header = None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path} is not a safetensors file: its header is not a JSON object; {_FIX}.")

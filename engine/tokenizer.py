@@ -37,8 +37,10 @@ def _int_list(value: object) -> list[int]:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    with path.open(encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # bad JSON, bad UTF-8, or an integer past Python's digit limit
+        raise ValueError(f"{path.name} is not readable JSON ({exc})") from exc
     return data if isinstance(data, dict) else {}
 
 

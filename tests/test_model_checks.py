@@ -107,6 +107,9 @@ BROKEN: dict[str, Callable[[Path], str]] = {
     "no_weights": _no_weights,
     "config_not_json": _write("config.json", b'{"hidden_size": 256,'),
     "config_not_an_object": _write("config.json", b"[1, 2]"),
+    # past Python's 4,300-digit limit for int(): json raises a plain ValueError, not a JSONDecodeError
+    "config_number_too_long": _write("config.json", b'{"hidden_size": 1' + b"0" * 5000 + b"}"),
+    "weights_index_not_json": _write("model.safetensors.index.json", b'{"weight_map": '),
     "config_string_number": _edit_config(hidden_size="256"),
     "config_missing_key": _edit_config(num_hidden_layers=None),
     "heads_do_not_divide_hidden": _edit_config(num_attention_heads=6, num_key_value_heads=3, head_dim=None),
@@ -118,7 +121,7 @@ BROKEN: dict[str, Callable[[Path], str]] = {
     "chat_template_syntax_error": _write("chat_template.jinja", b"{% for m in messages %}{{ m.content }"),
 }
 # Weights are not needed by analyze: it must not refuse these.
-WEIGHTS_ONLY = {"empty_weights", "garbage_weights", "truncated_weights", "header_past_the_end", "missing_tensor",
+WEIGHTS_ONLY = {"weights_index_not_json", "empty_weights", "garbage_weights", "truncated_weights", "header_past_the_end", "missing_tensor",
                 "wrong_tensor_shape", "no_weights"}
 
 
@@ -154,6 +157,14 @@ def test_broken_model_dir_is_refused_before_anything_is_written(case: str, job: 
     fixed = invoke(args)
     assert fixed.exit_code == 0, fixed.output
     assert out.is_file()
+
+
+def test_broken_tokenizer_config_is_named(job: tuple[Path, Path, Path]) -> None:
+    model, inp, tpl = job
+    (model / "tokenizer_config.json").write_text('{"bos_token": ')
+    result = invoke(["run", str(inp), "-t", str(tpl), "-o", str(inp.parent / "out.csv"), "--model", str(model), *FAST])
+    assert result.exit_code == 2, result.output
+    assert "tokenizer_config.json is not readable JSON" in one_error_line(result.stderr)
 
 
 def test_broken_chat_template_is_not_needed_with_no_chat(job: tuple[Path, Path, Path]) -> None:
