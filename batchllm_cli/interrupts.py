@@ -50,6 +50,13 @@ class SignalGuard:
             self._previous[sig] = signal.signal(sig, self._handler)
         return True
 
+    def reclaim(self) -> None:
+        """Take SIGINT/SIGTERM back from a library that set its own handlers (ray.init does: its SIGTERM
+        handler exits with status 1, committing nothing), if this guard is installed."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                signal.signal(sig, self._handler)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

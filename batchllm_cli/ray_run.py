@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -30,9 +31,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from batchllm_cli.checkpoint import Committed
+from batchllm_cli.checkpoint import Committed, read_commit_records
 from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
-from batchllm_cli.interrupts import SignalGuard, null_guard
+from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job import is_out_of_memory, raise_stopped, write_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
@@ -94,7 +95,7 @@ def unreachable_ray_address(address: str, timeout_s: float = 10.0) -> str | None
 class _Pool:
     """The replicas: Ray actors created once per run; Ray restarts one whose process dies."""
 
-    def __init__(self, ray: Any, prepared: PreparedRun) -> None:
+    def __init__(self, ray: Any, prepared: PreparedRun, guard: SignalGuard) -> None:
         self.t0 = time.perf_counter()
         self.ray = ray
         self.started_ray = False
@@ -109,9 +110,15 @@ class _Pool:
             try:
                 ray.init(address=prepared.settings.ray_address, include_dashboard=False,
                          logging_level=logging.ERROR, log_to_driver=False)
+            except SystemExit as exc:  # Ray's SIGTERM handler, set while init runs
+                if exc.code != signal.SIGTERM:
+                    raise
+                raise JobInterrupted(signal.SIGTERM) from None
             except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, ValueError, ...
                 where = prepared.settings.ray_address or "a local Ray"
                 raise UsageError(f"Cannot start or join {where}: {' '.join(str(exc).split())[:200]}.") from None
+            finally:
+                guard.reclaim()
             self.started_ray = True
         try:
             self._start(prepared)
@@ -277,7 +284,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
     try:
         try:
             if not prepared.committed.done.all():
-                pool = _Pool(ray, prepared)
+                pool = _Pool(ray, prepared, guard)
                 tracker.workers = len(pool.actors)
                 observer.notice(f"Scale-out: {len(pool.actors)} worker(s) on {pool.where}"
                                 + (f", {pool.threads} CPU thread(s) each." if pool.threads else ", one GPU each."))
@@ -286,8 +293,10 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
                 _run_rounds(prepared, pool, sink, tracker, tmp, observer)
             sink.commit()
         except BaseException as exc:
-            raise_stopped(exc, guard, sink, tracker, lambda: (
-                f"the rows committed so far are in {prepared.run_dir.path}; run the same command again to resume."
+            raise_stopped(exc, guard, sink, tracker, lambda: (  # the workers' commits too (read, not verified)
+                f"{sum(r['rows'] for r in read_commit_records(prepared.run_dir.path)[0])} of "
+                f"{prepared.total_rows} rows are committed in {prepared.run_dir.path}; run the same command "
+                "again to resume."
             ))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

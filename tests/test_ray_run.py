@@ -219,3 +219,23 @@ def test_an_unreachable_ray_address_fails_at_once_with_one_line(tmp_path: Path, 
     assert len(errors) == 1 and f"--ray-address 127.0.0.1:{port}" in errors[0] and "host:port" in errors[0], log
     assert time.monotonic() - started < 60
     assert not (tmp_path / "out" / "r.parquet").exists()
+
+
+def test_the_driver_stopped_by_sigterm_says_how_many_rows_the_workers_committed(
+    ray_address: str, slow_job: tuple[Path, Path, Path, dict], tmp_path: Path
+) -> None:
+    inp, tpl, one, env = slow_job
+    out = tmp_path / "two.parquet"
+    args = job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address)
+    proc = cli_process.start(args, env, tmp_path / "run.log")
+    run_dir = out.with_name(out.name + ".batchllm")
+    _wait_for(lambda: any(run_dir.glob("shard-*-w*.json")), "a worker's first shard", proc)
+    proc.kill(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM, proc.output
+    said = re.search(r"Interrupted by SIGTERM: (\d+) of 48 rows are committed in", flat(proc.output))
+    assert said is not None, proc.output
+    code, log = cli_process.run([*args, "--summary", str(tmp_path / "resume.json")], env, tmp_path / "resume.log")
+    assert code == 0, log
+    resumed = checked_summary((tmp_path / "resume.json").read_text())["job"]["rows_resumed"]
+    assert 0 < int(said.group(1)) <= resumed  # workers may commit a last shard while they stop
+    assert read_rows(out) == read_rows(one)
