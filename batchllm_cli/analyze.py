@@ -267,7 +267,8 @@ def _tokenize(
     s = prepared.settings
     max_prompt = None if prepared.context_tokens is None else prepared.context_tokens - prepared.max_tokens
     encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate,
-                            system=s.prompt.system, truncate_columns=s.prompt.truncate_columns)
+                            system=s.prompt.system, truncate_columns=s.prompt.truncate_columns,
+                            decoders=prepared.source.json_decoders())
     sim = LruPrefixCache(prepared.block_size, prepared.kv_cache_tokens)
     failures = _Failures()
     truncated = 0

@@ -279,7 +279,8 @@ class PreparedRun:
         s = self.settings
         assert self.tokenizer is not None
         return PromptEncoder(self.template, self.tokenizer, self.chat, self.max_prompt_tokens, s.truncate,
-                             system=s.prompt.system, truncate_columns=s.prompt.truncate_columns)
+                             system=s.prompt.system, truncate_columns=s.prompt.truncate_columns,
+                             decoders=self.source.json_decoders())
 
     def pending_batches(self, done: "np.ndarray") -> Iterator["pa.RecordBatch"]:
         """The input's batches with the rows marked in `done` (bool per row id) left out; batches with

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import accumulate, chain
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -133,6 +133,25 @@ def fit_packed(
     return PackedPrompts(prompts.row_ids[keep], tokens, new_len, failed, cut_rows[keep]), cut
 
 
+def _is_nanosecond_time(t: pa.DataType) -> bool:
+    return (pa.types.is_timestamp(t) or pa.types.is_time64(t)) and t.unit == "ns"
+
+
+def _row_dicts(batch: pa.RecordBatch, decoders: Mapping[str, Callable[[Any], Any]]) -> list[dict[str, Any]]:
+    """The batch's rows as {column: Python value}: maps as dicts, nanosecond times as their text (Python's
+    datetime holds microseconds, and refuses to drop the rest), and JSON texts nested in lists and
+    structs as the values they spell (`decoders`, by column)."""
+    names = batch.schema.names
+    columns = []
+    for name, column in zip(names, batch.columns):
+        if _is_nanosecond_time(column.type):
+            column = column.cast(pa.string())
+        values = column.to_pylist(maps_as_pydicts="lossy")
+        decode = decoders.get(name)
+        columns.append(values if decode is None else [decode(v) for v in values])
+    return [dict(zip(names, row)) for row in zip(*columns)]
+
+
 class PromptEncoder:
     """Renders a template per row and tokenizes a whole batch of prompts in one tokenizer call.
 
@@ -162,6 +181,7 @@ class PromptEncoder:
         *,
         system: str | None = None,
         truncate_columns: Sequence[str] = (),
+        decoders: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> None:
         if chat and not tokenizer.has_chat_template:
             raise ValueError("chat=True needs a tokenizer with a chat template")
@@ -174,6 +194,7 @@ class PromptEncoder:
         self.truncate = truncate
         self.max_prompt_tokens = max_prompt_tokens
         self.truncate_columns = tuple(truncate_columns) if max_prompt_tokens is not None else ()
+        self.decoders = dict(decoders or {})  # column -> its nested JSON texts to values (TableSource.json_decoders)
         per_token = getattr(tokenizer, "max_chars_per_token", None)
         self.max_chars = per_token * max_prompt_tokens if per_token and max_prompt_tokens else None
 
@@ -186,7 +207,7 @@ class PromptEncoder:
         row_ids = batch.column(ROW_ID).to_pylist()
         # Only the columns the template reads are converted to Python objects: wide tables stay cheap.
         used = self.template.columns_read([name for name in batch.schema.names if name != ROW_ID])
-        rows = batch.select(used).to_pylist(maps_as_pydicts="lossy") if used else [{} for _ in row_ids]
+        rows = _row_dicts(batch.select(used), self.decoders) if used else [{} for _ in row_ids]
         cut: set[int] = set()
         if self.truncate_columns and self.max_chars is not None:
             for row_id, row in zip(row_ids, rows):

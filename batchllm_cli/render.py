@@ -56,7 +56,8 @@ def render_rows(prepared: PreparedAnalyze) -> Iterator[RenderedRow]:
     context = prepared.context_tokens
     max_prompt = None if context is None else context - prepared.max_tokens
     encoder = PromptEncoder(prepared.template, prepared.tokenizer, prepared.chat, max_prompt, s.truncate,
-                            system=s.prompt.system, truncate_columns=s.prompt.truncate_columns)
+                            system=s.prompt.system, truncate_columns=s.prompt.truncate_columns,
+                            decoders=prepared.source.json_decoders())
     for batch in prepared.source.batches(BATCH_ROWS):
         ids = batch.column(s.id_column).to_pylist() if s.id_column else None
         position = {row_id: i for i, row_id in enumerate(batch.column(ROW_ID).to_pylist())}

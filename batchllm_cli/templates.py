@@ -297,7 +297,8 @@ class PromptTemplate:
                              f"of the input; available columns: {available}.")
         needed = self.required_variables - set(self.params) - set(self.variables)
         if self._row_is_variable(columns):
-            needed = (needed - {ROW_VARIABLE}) | {f'row["{k}"]' for k in self._row_keys if k not in columns}
+            # (no keys to check when `row` is read whole or by computed keys: _row_keys is None)
+            needed = (needed - {ROW_VARIABLE}) | {f'row["{k}"]' for k in self._row_keys or () if k not in columns}
         missing = sorted(needed - set(columns))
         if missing:
             plural = "s" if len(missing) > 1 else ""

@@ -124,3 +124,43 @@ def test_prompt_encoder_batches_rows_and_failures_in_order() -> None:
     assert "template error" in plain[1].error and "division" in plain[1].error
     chat = PromptEncoder(t, FakeTokenizer(), chat=True).encode(batch)
     assert chat[0] == PromptRow(10, list(b"<u>hi1</u><a>"))  # chat text is encoded without specials
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{{ row }}", '{"text": "hi", "n": 1}'),
+    ("{{ row | length }}", "2"),
+    ("{% for k in row %}{{ k }};{% endfor %}", "text;n;"),
+    ('{{ row.get("text") }}', "hi"),
+    ('{% for k in ["text"] %}{{ row[k] }}{% endfor %}', "hi"),
+])
+def test_row_read_whole_or_by_computed_keys_renders(text: str, expected: str) -> None:
+    t = template(text)
+    t.check_columns(["text", "n"])  # was a TypeError: no literal row["..."] keys to check
+    batch = pa.record_batch({ROW_ID: pa.array([0], pa.int64()), "text": ["hi"], "n": [1]})
+    [row] = PromptEncoder(t, FakeTokenizer(), chat=False).encode(batch)
+    assert row == PromptRow(0, [0] + list(expected.encode()))
+
+
+def test_nanosecond_times_render_with_every_digit() -> None:
+    # Python's datetime holds microseconds: to_pylist refused these values (a traceback for the run).
+    batch = pa.record_batch({ROW_ID: pa.array([0], pa.int64()),
+                             "ts": pa.array([1_700_000_000_123_456_789], pa.timestamp("ns")),
+                             "t": pa.array([5], pa.time64("ns"))})
+    [row] = PromptEncoder(template("{{ ts }} {{ t }}"), FakeTokenizer(), chat=False).encode(batch)
+    assert row == PromptRow(0, [0] + list(b"2023-11-14 22:13:20.123456789 00:00:00.000000005"))
+
+
+def test_json_nested_in_lists_and_structs_prints_once(tmp_path: Path) -> None:
+    # JSON input whose list elements or struct fields mix types: DuckDB reads them as JSON texts, which
+    # printed as JSON again were double-encoded (["1", "\"a\"", null]).
+    from batchllm_cli.table_io import TableSource
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"arr": [1, "a", null], "o": {"k": [2, "x"]}, "j": 5}\n{"arr": [2], "o": {"k": []}, "j": "s"}\n')
+    t = template("{{ arr }} {{ o }} {{ j }} {{ arr[0] + 1 }}")  # elements are values: 1 + 1 = 2
+    with TableSource(path) as src:
+        encoder = PromptEncoder(t, FakeTokenizer(), chat=False, decoders=src.json_decoders())
+        rows = [r for batch in src.batches() for r in encoder.encode(batch)]
+    # (a top-level field of mixed types stays its JSON text, as documented: 5 and "s")
+    assert rows == [PromptRow(0, [0] + list(b'[1, "a", null] {"k": [2, "x"]} 5 2')),
+                    PromptRow(1, [0] + list(b'[2] {"k": []} "s" 3'))]

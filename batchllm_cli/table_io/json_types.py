@@ -1,6 +1,7 @@
 """JSON types read exactly: strings stay strings, integers and long numbers are not rounded."""
 from __future__ import annotations
 
+import json
 from typing import Callable, Sequence
 
 import duckdb
@@ -70,3 +71,35 @@ def _exact_json_columns(
                 exact[n] = "JSON"
         cols = [Column(c.name, exact.get(c.name, c.type)) for c in cols]
     return tuple(cols)
+
+
+Decoder = Callable[[object], object]
+
+
+def nested_json_decoder(sql_type: str) -> Decoder | None:
+    """For a column type holding JSON values below its top level (a JSON[] of mixed elements, a struct
+    field of mixed types): a function turning the JSON texts inside its Python value into the values
+    they spell, so a template prints [1, "a"] rather than ["1", "\\"a\\""]. None when nothing below the
+    top level is JSON (a top-level JSON column stays its exact text, as documented)."""
+    try:
+        typ = duckdb.sqltype(sql_type)
+    except (duckdb.Error, ValueError, TypeError):  # a type this DuckDB cannot parse holds no JSON we know of
+        return None
+    return None if str(typ) == "JSON" else _decoder(typ)
+
+
+def _decoder(typ: duckdb.DuckDBPyType) -> Decoder | None:
+    if str(typ) == "JSON":
+        return lambda v: None if v is None else json.loads(v)
+    if typ.id in ("list", "array"):
+        item = _decoder(typ.children[0][1])
+        return None if item is None else (lambda v: None if v is None else [item(x) for x in v])
+    if typ.id == "struct":
+        fields = {name: _decoder(t) for name, t in typ.children}
+        if not any(fields.values()):
+            return None
+        return lambda v: None if v is None else {k: (fields[k](x) if fields.get(k) else x) for k, x in v.items()}
+    if typ.id == "map":  # a map reaches templates as a dict (to_pylist's maps_as_pydicts)
+        value = _decoder(typ.children[1][1])
+        return None if value is None else (lambda v: None if v is None else {k: value(x) for k, x in v.items()})
+    return None

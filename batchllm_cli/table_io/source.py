@@ -29,7 +29,7 @@ from batchllm_cli.table_io.inputs import (
 from batchllm_cli.table_io.file_set import (
     FILE_COLUMN, check_json_files, check_partition_keys, csv_dialect, load_httpfs, parquet_schema, with_partitions,
 )
-from batchllm_cli.table_io.json_types import _exact_json_columns
+from batchllm_cli.table_io.json_types import Decoder, _exact_json_columns, nested_json_decoder
 from batchllm_cli.table_io.selection import checked_where, selected_columns
 
 
@@ -171,6 +171,12 @@ class TableSource:
     @property
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    def json_decoders(self) -> dict[str, Decoder]:
+        """Column -> the function that turns the JSON texts nested in its values into values (JSON input
+        whose list elements or struct fields hold mixed types), for columns that have any."""
+        found = {c.name: nested_json_decoder(c.type) for c in self.columns}
+        return {name: decode for name, decode in found.items() if decode is not None}
 
     def column_type(self, name: str) -> str:
         return next(c.type for c in self.columns if c.name == name)
