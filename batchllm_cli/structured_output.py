@@ -180,11 +180,13 @@ def typed_column_names(
     names = []
     for f in fields:
         name = f"{column_prefix}_{f.name}"
-        if duckdb_key(name) in taken or "\x00" in name:
-            clash = taken.get(duckdb_key(name), "a NUL character DuckDB cannot keep")
+        if "\x00" in name:  # DuckDB ends a name at a NUL byte: the column would come back renamed
+            raise UsageError(f"The JSON schema's property {f.name!r} holds a NUL character, which a column name "
+                             "cannot keep; rename the property.")
+        if duckdb_key(name) in taken:
             raise UsageError(
                 f"The JSON schema's property {f.name!r} would become column {name!r}, which clashes with the "
-                f"{clash}; pick another --column or rename the property."
+                f"{taken[duckdb_key(name)]}; pick another --column or rename the property."
             )
         taken[duckdb_key(name)] = f"column of property {f.name!r}"
         names.append(name)

@@ -285,9 +285,28 @@ def test_encoding(tmp_path: Path, tpl: Path, encoding: str) -> None:
     inp = write_csv(tmp_path / "in.csv", [{"id": "1", "text": text}], encoding=encoding)
     refused = run([inp], tmp_path / "o.parquet", tpl)
     assert refused.exit_code == 2 and "Invalid unicode" in one_error_line(refused.stderr)
+    assert "--encoding" in one_error_line(refused.stderr)  # the fix, not only --skip-bad-rows
     out = tmp_path / "out.parquet"
     ok(run([inp], out, tpl, "--encoding", encoding))
     assert input_columns(out, "text") == [{"text": text}]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("utf16", "is UTF-16 text (it starts with a UTF-16 byte-order mark): pass --encoding utf-16"),
+    ("parquet", "is a Parquet file, not CSV: pass --input-format parquet"),
+])
+def test_a_csv_file_that_is_something_else_is_named_with_the_fix(tmp_path: Path, tpl: Path, content: str,
+                                                                  message: str) -> None:
+    # DuckDB read either as one garbled column name: "contains a NUL character ...; rename it".
+    inp = tmp_path / "in.csv"
+    if content == "utf16":
+        inp.write_text("id,text\n1,x\n", encoding="utf-16")
+    else:
+        pq.write_table(pa.table({"id": ["1"], "text": ["x"]}), inp)
+    refused = run([inp], tmp_path / "o.parquet", tpl)
+    assert refused.exit_code == 2 and message in one_error_line(refused.stderr)
+    fixed = ["--encoding", "utf-16"] if content == "utf16" else ["--input-format", "parquet"]
+    ok(run([inp], tmp_path / "out.parquet", tpl, *fixed))
 
 
 # ---- the fingerprint -----------------------------------------------------------------------------------

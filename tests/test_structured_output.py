@@ -183,6 +183,8 @@ def test_chat_template_constrains_only_the_answer(job, tmp_path: Path) -> None:
         ([], "[1, 2", "is not valid JSON"),
         ([], '{"properties": {"error": {"type": "string"}}}', "clashes with the output column"),
         (["--column", "r"], '{"properties": {"TEXT": {"type": "string"}}}', "clashes with the input column"),
+        ([], '{"properties": {"x\\u0000y": {"type": "integer"}}}', "holds a NUL character, which a column name cannot keep"),
+        ([], '{"properties": {"n": {"type": "integer", "maximum": 1' + "0" * 5000 + '}}}', "is not valid JSON"),
     ],
 )
 def test_bad_constraint_fails_before_the_model_loads(

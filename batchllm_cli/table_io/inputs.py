@@ -308,6 +308,21 @@ def is_blank(f: InputFile, json: bool = False) -> bool:
     return not body or (json and body.startswith(b"[") and body.endswith(b"]") and not body[1:-1].strip())
 
 
+def check_csv_content(f: InputFile, fmt: str, encoding_given: bool) -> None:
+    """UsageError when a CSV/TSV file's first bytes say it is something else: a Parquet file named .csv,
+    or UTF-16 text (a byte-order mark) read without --encoding; DuckDB would read either as one
+    garbled column name (which failed as 'contains a NUL character, rename it')."""
+    if f.is_url:
+        return
+    with open_binary(f.path, f.compression) as data:
+        head = data.read(4)
+    if head == b"PAR1":
+        raise UsageError(f"{f.name} is a Parquet file, not {fmt.upper()}: pass --input-format parquet "
+                         "(or rename it to .parquet).")
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") and not encoding_given:
+        raise UsageError(f"{f.name} is UTF-16 text (it starts with a UTF-16 byte-order mark): pass --encoding utf-16.")
+
+
 def open_binary(path: Path, compression: str | None) -> IO[bytes]:
     return gzip.open(path, "rb") if compression == "gzip" else path.open("rb")
 

@@ -23,7 +23,7 @@ from batchllm_cli.table_io.csv_dialect import (
     CsvDialect, CsvText, _csv_header_line, _csv_options, _one_per_record, check_lenient_read, check_record_count,
 )
 from batchllm_cli.table_io.inputs import (
-    DUCKDB_ENCODINGS, InputFile, InputOptions, ResolvedInput, input_args, is_blank, is_url, python_encoding, resolve_input,
+    DUCKDB_ENCODINGS, InputFile, InputOptions, ResolvedInput, check_csv_content, input_args, is_blank, is_url, python_encoding, resolve_input,
     transcode,
 )
 from batchllm_cli.table_io.file_set import (
@@ -138,6 +138,8 @@ class TableSource:
         if self.format == "parquet":
             self.arrow_schema = parquet_schema(self.files)
         if self.is_csv:
+            for f in self.files:
+                check_csv_content(f, self.format, self.options.encoding is not None)
             delimiter = "\t" if self.format == "tsv" else None
             self._dialect = csv_dialect(self._con, self.files, self._scan_paths, self._text, delimiter,
                                         self._duckdb_encoding)
@@ -334,6 +336,9 @@ class TableSource:
                 ).to_arrow_table())
         except duckdb.Error as exc:
             hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.is_csv else ""
+            if self.is_csv and "Invalid unicode" in str(exc) and self.options.encoding is None:
+                hint = (" If the file is in another encoding, name it with --encoding (latin-1, cp1252, utf-16, "
+                        "...); else fix the file, or pass --skip-bad-rows to reject bad lines.")
             raise InputError(f"Cannot read {self.path}: {self._reason(exc).rstrip('.')}.{hint}") from exc
         finally:
             con.close()
