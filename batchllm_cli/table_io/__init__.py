@@ -17,14 +17,17 @@ rejects file. Values are never rewritten on the way through:
   (DECIMAL(38,0), or the digits as text beyond that) instead of as doubles. JSON output writes
   NaN/Infinity/-Infinity as the strings "NaN", "Infinity", "-Infinity" (the protobuf JSON
   convention), so every line is valid JSON.
-- Parquet types (time zones, decimals, dictionaries, nested values) pass through; HUGEINT, which
-  Parquet cannot hold, is written as DECIMAL(38,0), never as a double.
+- Parquet types pass through: Parquet output casts each column DuckDB read in another representation
+  (units, time zones, durations, fixed-size binary, uuids, dictionaries, nested values) back to the
+  input's own type, keeping DuckDB's where a value would not survive; HUGEINT, which Parquet cannot
+  hold, is written as DECIMAL(38,0), never as a double.
 Every local path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob
 (--input-glob patterns are expanded by Python, in sorted order). URLs go to DuckDB as given.
 
 The package: common.py (formats, quoting, connections), inputs.py (what INPUT names: files, a directory,
 a pattern, stdin, URLs), csv_dialect.py (dialect and record count), json_types.py (exact JSON types),
-source.py (TableSource, reading), writing.py (output), token_sort.py (out-of-core sort of token
+source.py (TableSource, reading), writing.py (output), arrow_types.py (the input's own Arrow types put
+back), token_sort.py (out-of-core sort of token
 sequences for `analyze` and `run`'s global plan; imported on demand). All of
 batchllm's DuckDB calls live in this package.
 """

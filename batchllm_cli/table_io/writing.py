@@ -14,6 +14,9 @@ from batchllm_cli.plain_paths import PlainPaths
 from batchllm_cli.table_io.common import (
     _COPY_OPTIONS, _PARQUET_BATCH_ROWS, ROW_ID, _connect, _ident, _literal, _write_error, duckdb_key, output_format,
 )
+from batchllm_cli.table_io.arrow_types import (
+    LossyCast, cast_batch, own_type, restorable, restored_schema, storage_of,
+)
 from batchllm_cli.table_io.source import TableSource
 
 
@@ -48,11 +51,11 @@ def _json_safe(expr: str, typ: duckdb.DuckDBPyType, depth: int = 0) -> str | Non
 
 
 def _rewrite_columns(
-    con: duckdb.DuckDBPyConnection, query: str, rewrite: Callable[[str, duckdb.DuckDBPyType], str | None]
+    con: duckdb.DuckDBPyConnection, query: str, rewrite: Callable[[str, str, duckdb.DuckDBPyType], str | None]
 ) -> str:
-    """`query` with each column replaced by `rewrite(expr, type)` (None: the column as it is)."""
+    """`query` with each column replaced by `rewrite(name, expr, type)` (None: the column as it is)."""
     rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
-    exprs = [(rewrite(f"q.{_ident(n)}", t), n) for n, t in zip(rel.columns, rel.types)]
+    exprs = [(rewrite(n, f"q.{_ident(n)}", t), n) for n, t in zip(rel.columns, rel.types)]
     if all(e is None for e, _ in exprs):
         return query
     picked = ", ".join(f"{e if e is not None else f'q.{_ident(n)}'} AS {_ident(n)}" for e, n in exprs)
@@ -61,7 +64,7 @@ def _rewrite_columns(
 
 def _json_safe_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
     """`query` with its non-finite floats as valid JSON strings (DuckDB would write bare NaN)."""
-    return _rewrite_columns(con, query, _json_safe)
+    return _rewrite_columns(con, query, lambda _, expr, t: _json_safe(expr, t))
 
 
 _NESTED = ("list", "array", "struct", "map", "union")
@@ -72,59 +75,48 @@ def _csv_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
     floats inside them as the strings JSON output uses: CSV has no nested types, and DuckDB's CSV
     writer would print its own syntax (`{'k': 'it\\'s'}`, `[a, b]`), which no JSON reader takes."""
     return _rewrite_columns(
-        con, query, lambda expr, t: f"to_json({_json_safe(expr, t) or expr})" if t.id in _NESTED else None)
+        con, query, lambda _, expr, t: f"to_json({_json_safe(expr, t) or expr})" if t.id in _NESTED else None)
 
 
-def _same_values(original: pa.DataType, read: pa.DataType) -> bool:
-    """Whether `read` (DuckDB's Arrow type for a column) holds the same values as `original` (the input
-    file's), so that casting back only restores the representation: a time zone, a dictionary, large or
-    view strings, list field names. Anything else keeps DuckDB's type rather than risk a failed cast."""
-    if original == read:
-        return True
-    if pa.types.is_dictionary(original):
-        return _same_values(original.value_type, read)
-    if pa.types.is_timestamp(original) and pa.types.is_timestamp(read):
-        return original.unit == read.unit and (original.tz is None) == (read.tz is None)
-    texts = (pa.string(), pa.large_string(), pa.string_view())
-    blobs = (pa.binary(), pa.large_binary(), pa.binary_view())
-    if (original in texts and read in texts) or (original in blobs and read in blobs):
-        return True
-    lists = (pa.types.is_list, pa.types.is_large_list)
-    if any(f(original) for f in lists) and any(f(read) for f in lists):
-        return _same_values(original.value_type, read.value_type)
-    if pa.types.is_struct(original) and pa.types.is_struct(read):
-        return [f.name for f in original] == [f.name for f in read] and all(
-            _same_values(a.type, b.type) for a, b in zip(original, read)
-        )
-    if pa.types.is_map(original) and pa.types.is_map(read):
-        return _same_values(original.key_type, read.key_type) and _same_values(original.item_type, read.item_type)
-    return False
+def _uuids_as_bytes(con: duckdb.DuckDBPyConnection, query: str, keep: pa.Schema | None) -> str:
+    """`query` with each UUID column the input holds as 16 bytes (arrow.uuid, fixed_size_binary[16]) as
+    those bytes: DuckDB's Arrow export gives a UUID as its text, which no Arrow cast turns into bytes."""
+
+    def rewrite(name: str, expr: str, typ: duckdb.DuckDBPyType) -> str | None:
+        own = own_type(keep, name)
+        if typ.id != "uuid" or own is None or storage_of(own) != pa.binary(16) or not restorable(own, pa.binary()):
+            return None
+        return f"CAST({expr} AS BLOB)"
+
+    return query if keep is None else _rewrite_columns(con, query, rewrite)
 
 
-def _restored_schema(got: pa.Schema, keep: pa.Schema | None) -> pa.Schema | None:
-    """`got` (DuckDB's Arrow schema of the output) with the input's own types put back where only their
-    representation differs; None when nothing needs putting back."""
-    if keep is None:
-        return None
-    fields = []
-    for f in got:
-        own = keep.field(f.name) if f.name in keep.names else None
-        fields.append(own if own is not None and own.type != f.type and _same_values(own.type, f.type) else f)
-    return pa.schema(fields) if any(a is not b for a, b in zip(fields, got)) else None
+def _write_arrow(con: duckdb.DuckDBPyConnection, query: str, tmp: Path, schema: pa.Schema) -> None:
+    """`query` through Arrow, each batch cast to `schema`, into `tmp` (truncated first: a write that
+    stopped at a LossyCast starts again from nothing)."""
+    with con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS) as reader, tmp.open("wb") as f:
+        with pq.ParquetWriter(f, schema, compression="snappy") as writer:
+            for batch in reader:
+                writer.write_batch(cast_batch(batch, schema))
 
 
 def _write_parquet(con: duckdb.DuckDBPyConnection, query: str, tmp: Path, keep: pa.Schema | None) -> None:
-    """DuckDB's COPY (parallel), or, when the input has types it would not write back (time zones are
-    written as UTC, dictionaries as plain strings), through Arrow with those types restored. HUGEINT,
-    which Parquet cannot hold and COPY would write as a double, goes as DECIMAL(38,0)."""
+    """DuckDB's COPY (parallel), or, when the input has types DuckDB reads in another representation
+    (units, time zones, durations, fixed sizes, uuids, dictionaries: arrow_types.py), through Arrow
+    with the input's own types put back. A column with a value its own type cannot hold (found in any
+    batch) keeps DuckDB's type, and the file is written again: `tmp` is renamed into place only after
+    this returns, so no reader ever sees the abandoned attempt. HUGEINT, which Parquet cannot hold
+    and COPY would write as a double, goes as DECIMAL(38,0)."""
+    query = _uuids_as_bytes(con, query, keep)
     rel = con.sql(f"SELECT * FROM ({query}) LIMIT 0")
-    schema = _restored_schema(rel.to_arrow_table().schema, keep)
-    if schema is not None:  # DuckDB's Arrow export gives HUGEINT as decimal128(38, 0) already
-        reader = con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS)
-        with tmp.open("wb") as f, pq.ParquetWriter(f, schema, compression="snappy") as writer:
-            for batch in reader:
-                writer.write_batch(batch.cast(schema))
-        return
+    got = rel.to_arrow_table().schema  # DuckDB's Arrow export gives HUGEINT as decimal128(38, 0) already
+    lossy: set[str] = set()
+    while (schema := restored_schema(got, keep, lossy)) is not None:
+        try:
+            _write_arrow(con, query, tmp, schema)
+            return
+        except LossyCast as exc:
+            lossy.add(exc.column)
     cols = [
         f"q.{_ident(n)}::DECIMAL(38,0) AS {_ident(n)}" if t.id in ("hugeint", "uhugeint") else f"q.{_ident(n)}"
         for n, t in zip(rel.columns, rel.types)

@@ -1,0 +1,130 @@
+"""Parquet input types come back as they were, whatever the machine's time zone. No model.
+
+Parquet output used to keep DuckDB's type wherever a unit differed (duration[us] came back as int64,
+timestamp[ms] as timestamp[us], time32 as time64, fixed_size_binary as binary, uuid as string), and a
+time zone's tag became the machine's zone ($TZ). Through table_io directly.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchllm_cli.table_io import ROW_ID, TableSource, write_output
+from batchllm_cli.table_io import writing
+
+MACHINE_ZONES = ["UTC", "Asia/Kolkata", "America/Los_Angeles"]
+UTC = datetime.timezone.utc
+WHEN = datetime.datetime(2024, 1, 2, 3, 4, 5, 250000, tzinfo=UTC)  # 22:04:05.25 the day before in New York
+UID = uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+
+
+def results_for(n: int) -> pa.Table:
+    return pa.table({ROW_ID: pa.array(range(n), pa.int64()), "answer": pa.array([f"a{i}" for i in range(n)])})
+
+
+def uuids(values: list[uuid.UUID | None]) -> pa.Array:
+    storage = pa.array([v.bytes if v else None for v in values], pa.binary(16))
+    return pa.ExtensionArray.from_storage(pa.uuid(), storage)
+
+
+def every_type_table() -> pa.Table:
+    micros = [1, 86_400_000_000, None]
+    return pa.table({
+        "text": ["a", "b", None],
+        "dur": pa.array(micros, pa.duration("us")),
+        "dur_ms": pa.array([1, -2, None], pa.duration("ms")),
+        "ts_ms": pa.array([1, 2, None], pa.timestamp("ms")),
+        "ts_ms_utc": pa.array([1, 2, None], pa.timestamp("ms", tz="UTC")),
+        "ts_ny": pa.array([WHEN, WHEN, None], pa.timestamp("ms", tz="America/New_York")),
+        "ts_ns_kolkata": pa.array([1, 2, None], pa.timestamp("ns", tz="Asia/Kolkata")),
+        "t32": pa.array([1000, 2, None], pa.time32("ms")),
+        "t32_s": pa.array([1, 86399, None], pa.time32("s")),
+        "t64_ns": pa.array([1, 2, None], pa.time64("ns")),
+        "fbin": pa.array([b"0123456789abcdef", b"\x00" * 16, None], pa.binary(16)),
+        "uid": uuids([UID, uuid.UUID(int=1), None]),
+        "half": pa.array([1.5, -2.0, None], pa.float16()),
+        "fixed_list": pa.array([[1, 2], [3, 4], None], pa.list_(pa.int32(), 2)),
+        "zoned_list": pa.array([[WHEN], [], None], pa.list_(pa.timestamp("ms", tz="Asia/Kolkata"))),
+        "durations": pa.array([{"d": 5}, {"d": None}, None], pa.struct([("d", pa.duration("s"))])),
+        "label": pa.array(["x", "y", None]).dictionary_encode(),
+    })
+
+
+@pytest.mark.parametrize("zone", MACHINE_ZONES)
+def test_parquet_output_keeps_every_input_type(tmp_path: Path, machine_zone: Callable[[str], None],
+                                               zone: str) -> None:
+    machine_zone(zone)
+    inp = tmp_path / "in.parquet"
+    pq.write_table(every_type_table(), inp)
+    stored = pq.read_table(inp)  # the file's own types (Parquet itself stores time32[s] as ms, say)
+    with TableSource(inp) as src:
+        write_output(src, results_for(3), tmp_path / "out.parquet")
+    out = pq.read_table(tmp_path / "out.parquet")
+    kept = out.select(stored.column_names)
+    changed = {f.name: f"{f.type} -> {kept.schema.field(f.name).type}" for f in stored.schema
+               if f.type != kept.schema.field(f.name).type}
+    assert changed == {}
+    assert kept.equals(stored)
+    assert out.column("answer").to_pylist() == ["a0", "a1", "a2"]
+
+
+def test_a_value_a_restored_type_cannot_hold_keeps_duckdbs_type_and_the_whole_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first file's millisecond column, and a second file whose column holds microseconds: DuckDB
+    reads both as microseconds, and the second file's 1001 µs has no millisecond value (nor its 1.1 a
+    half float: a safe cast would round that one). Found after the first batches were written, the
+    output starts again with DuckDB's type for those columns only."""
+    monkeypatch.setattr(writing, "_PARQUET_BATCH_ROWS", 2)
+    first, second = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"ts": pa.array([1, 2, 3, 4], pa.timestamp("ms")),
+                             "dur": pa.array([1, 2, 3, 4], pa.duration("ms")),
+                             "half": pa.array([0.5, 1.5, 2.5, None], pa.float16())}), first)
+    pq.write_table(pa.table({"ts": pa.array([1001], pa.timestamp("us")),
+                             "dur": pa.array([5], pa.duration("ms")),
+                             "half": pa.array([1.1], pa.float32())}), second)
+    out = tmp_path / "out" / "out.parquet"
+    with TableSource([first, second]) as src:
+        write_output(src, results_for(5), out)
+    got = pq.read_table(out)
+    assert got.schema.field("ts").type == pa.timestamp("us")
+    assert got.column("ts").cast(pa.int64()).to_pylist() == [1000, 2000, 3000, 4000, 1001]
+    assert got.schema.field("dur").type == pa.duration("ms")  # the other columns are still restored
+    assert got.column("dur").cast(pa.int64()).to_pylist() == [1, 2, 3, 4, 5]
+    assert got.schema.field("half").type == pa.float32()
+    assert got.column("half").to_pylist() == pa.array([0.5, 1.5, 2.5, None, 1.1], pa.float32()).to_pylist()
+    assert [p.name for p in out.parent.iterdir()] == ["out.parquet"]  # no temporary file left
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_and_json_output_print_these_types_as_text(tmp_path: Path) -> None:
+    inp = tmp_path / "in.parquet"
+    pq.write_table(every_type_table(), inp)
+    with TableSource(inp) as src:
+        write_output(src, results_for(3), tmp_path / "out.csv")
+        write_output(src, results_for(3), tmp_path / "out.jsonl")
+    want = {
+        "uid": str(UID),  # the canonical form
+        "fbin": "0123456789abcdef",  # as DuckDB prints any blob
+        "dur": "1",  # DuckDB reads a Parquet duration as its count of the column's unit
+        "ts_ms": "1970-01-01 00:00:00.001",
+        "t32": "00:00:01",
+        "half": "1.5",
+        "fixed_list": "[1,2]",
+    }
+    first_csv = csv_rows(tmp_path / "out.csv")[0]
+    assert {k: first_csv[k] for k in want} == want
+    first_json = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert {k: first_json[k] for k in want} == {**want, "dur": 1, "half": 1.5, "fixed_list": [1, 2]}
