@@ -1,8 +1,10 @@
-"""Parquet input types come back as they were, whatever the machine's time zone. No model.
+"""Parquet input types come back as they were, and nothing depends on the machine's time zone. No model.
 
 Parquet output used to keep DuckDB's type wherever a unit differed (duration[us] came back as int64,
 timestamp[ms] as timestamp[us], time32 as time64, fixed_size_binary as binary, uuid as string), and a
-time zone's tag became the machine's zone ($TZ). Through table_io directly.
+time zone was printed (templates, CSV, JSON) and tagged (Parquet) in the machine's zone ($TZ): the
+same job gave other prompts and outputs on another machine. Through table_io directly; the CLI-level
+render check is in test_prompt_options.py.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import csv
 import datetime
 import json
 import uuid
+import zoneinfo
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm_cli.table_io import ROW_ID, TableSource, write_output
+from batchllm_cli.table_io import ROW_ID, InputOptions, TableSource, write_output
 from batchllm_cli.table_io import writing
 
 MACHINE_ZONES = ["UTC", "Asia/Kolkata", "America/Los_Angeles"]
@@ -107,6 +110,58 @@ def test_a_value_a_restored_type_cannot_hold_keeps_duckdbs_type_and_the_whole_ou
 def csv_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("zone", MACHINE_ZONES)
+def test_time_zones_print_in_the_columns_own_zone_whatever_the_machines(
+    tmp_path: Path, machine_zone: Callable[[str], None], zone: str
+) -> None:
+    machine_zone(zone)
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({
+        "ny": pa.array([WHEN, None], pa.timestamp("us", tz="America/New_York")),
+        "ns": pa.array([1_704_164_645_000_000_001, None], pa.timestamp("ns", tz="Asia/Kolkata")),
+        "offset": pa.array([WHEN, None], pa.timestamp("us", tz="+02:00")),
+        "utc": pa.array([WHEN, None], pa.timestamp("us", tz="UTC")),
+        "old": pa.array([datetime.datetime(1800, 1, 2, 3, 4, 5, tzinfo=UTC), None],
+                        pa.timestamp("us", tz="America/New_York")),  # New York's local mean time: -04:56:02
+        "nested": pa.array([[WHEN], None], pa.list_(pa.timestamp("us", tz="America/New_York"))),
+    }), inp)
+    with TableSource(inp) as src:
+        # What templates are given (datetime has no nanoseconds: pyarrow refuses that column's values).
+        rows = [r for b in src.batches() for r in b.drop_columns(["ns"]).to_pylist()]
+        write_output(src, results_for(2), tmp_path / "out.csv")
+        write_output(src, results_for(2), tmp_path / "out.jsonl")
+    assert str(rows[0]["ny"]) == "2024-01-01 22:04:05.250000-05:00"
+    assert rows[0]["ny"].tzinfo == zoneinfo.ZoneInfo("America/New_York")
+    assert str(rows[0]["offset"]) == "2024-01-02 05:04:05.250000+02:00"
+    assert str(rows[0]["utc"]) == "2024-01-02 03:04:05.250000+00:00"
+    assert str(rows[0]["old"]) == "1800-01-01 22:08:03-04:56:02"
+    assert str(rows[0]["nested"][0]) == "2024-01-01 22:04:05.250000-05:00"
+    want = {
+        "ny": "2024-01-01 22:04:05.25-05",
+        "ns": "2024-01-02 08:34:05.000000001+05:30",
+        "offset": "2024-01-02 05:04:05.25+02",
+        "utc": "2024-01-02 03:04:05.25+00",
+        "old": "1800-01-01 22:08:03-04:56:02",
+    }
+    first_csv = csv_rows(tmp_path / "out.csv")[0]
+    assert {k: first_csv[k] for k in want} == want
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {k: lines[0][k] for k in want} == want
+    assert lines[1]["ny"] is None and csv_rows(tmp_path / "out.csv")[1]["ny"] == ""
+    assert lines[0]["nested"] == ["2024-01-02 03:04:05.25+00"]  # inside a list: UTC, with its offset
+
+
+@pytest.mark.parametrize("zone", MACHINE_ZONES)
+def test_where_reads_times_in_utc_whatever_the_machines_zone(
+    tmp_path: Path, machine_zone: Callable[[str], None], zone: str
+) -> None:
+    machine_zone(zone)
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"ts": pa.array([WHEN], pa.timestamp("us", tz="America/New_York"))}), inp)
+    with TableSource(inp, options=InputOptions(where="ts::DATE = DATE '2024-01-02'")) as src:
+        assert src.count_rows() == 1
 
 
 def test_csv_and_json_output_print_these_types_as_text(tmp_path: Path) -> None:

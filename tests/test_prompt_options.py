@@ -3,9 +3,11 @@
 with real files and the demo model's tokenizer."""
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,6 +77,19 @@ def test_lists_structs_and_maps_render_as_json(tmp_path: Path, env: dict) -> Non
         '["red", "é"]|{"n": 1, "xs": [0.5, null]}|{"k": 1}|1|red;é;',
         '[]|{"n": 2, "xs": []}|{"a": 2, "b": 3}|2|',
     ]
+
+
+def test_a_time_renders_in_its_columns_zone_whatever_the_machines(
+    tmp_path: Path, env: dict, no_model: None, machine_zone: Callable[[str], None]
+) -> None:
+    """It rendered in $TZ: 03:04:05+00:00 on one machine, 08:34:05+05:30 on another, for one job."""
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    pq.write_table(pa.table({"ts": pa.array([when], pa.timestamp("us", tz="America/New_York"))}), tmp_path / "in.parquet")
+    tpl = write_template(tmp_path / "t.j2", "{{ ts }}|{{ row.ts }}")
+    for zone in ("UTC", "Asia/Kolkata"):
+        machine_zone(zone)
+        rows = render_json(str(tmp_path / "in.parquet"), "-t", str(tpl), "--no-chat")
+        assert [r["prompt"] for r in rows] == ["2024-01-01 22:04:05-05:00|2024-01-01 22:04:05-05:00"]
 
 
 def test_render_prints_prompts_and_tokens_without_loading_weights(

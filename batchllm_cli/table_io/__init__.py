@@ -21,13 +21,15 @@ rejects file. Values are never rewritten on the way through:
   (units, time zones, durations, fixed-size binary, uuids, dictionaries, nested values) back to the
   input's own type, keeping DuckDB's where a value would not survive; HUGEINT, which Parquet cannot
   hold, is written as DECIMAL(38,0), never as a double.
+- Time zones never come from the machine: every connection's session zone is UTC, and a time whose
+  Parquet column has a zone is given to templates, and written to CSV and JSON, in that zone.
 Every local path DuckDB sees is a plain-named symlink (plain_paths.py): a user's path is never a glob
 (--input-glob patterns are expanded by Python, in sorted order). URLs go to DuckDB as given.
 
 The package: common.py (formats, quoting, connections), inputs.py (what INPUT names: files, a directory,
 a pattern, stdin, URLs), csv_dialect.py (dialect and record count), json_types.py (exact JSON types),
 source.py (TableSource, reading), writing.py (output), arrow_types.py (the input's own Arrow types put
-back), token_sort.py (out-of-core sort of token
+back), zones.py (times as text in their own zone), token_sort.py (out-of-core sort of token
 sequences for `analyze` and `run`'s global plan; imported on demand). All of
 batchllm's DuckDB calls live in this package.
 """

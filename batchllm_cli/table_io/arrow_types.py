@@ -4,10 +4,12 @@ DuckDB reads a Parquet column into its own types, which hold the same values in 
 representation: a timestamp or time in microseconds whatever its unit, a duration as its count (int64),
 fixed_size_binary as a blob, a dictionary as its values, a fixed-size list as a list, half floats as
 floats, and every time zone tagged with DuckDB's session zone. Parquet output casts these back
-(safely: a value the input's type cannot hold fails the cast, and that column keeps DuckDB's type).
+(safely: a value the input's type cannot hold fails the cast, and that column keeps DuckDB's type);
+rows handed to templates get their time zones back, so a time prints in its column's own zone.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Collection
 
 import numpy as np
@@ -143,3 +145,60 @@ def cast_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     cannot hold (a timestamp in microseconds cast to milliseconds, say)."""
     arrays = [c if c.type == f.type else _cast_back(c, f) for c, f in zip(batch.columns, schema)]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+@lru_cache(maxsize=None)
+def known_zone(zone: str) -> bool:
+    """Whether pyarrow can give a time in `zone` to Python (a zone missing from the time zone database,
+    or a name no database has, cannot be a datetime's tzinfo)."""
+    try:
+        pa.scalar(0, pa.timestamp("us", zone)).as_py()
+    except Exception:  # what a missing zone raises depends on the pyarrow version and the platform
+        return False
+    return True
+
+
+def _relisted(typ: pa.DataType, value: pa.DataType) -> pa.DataType:
+    """The list type `typ` (list, large or fixed-size) holding `value`s instead."""
+    field = typ.value_field.with_type(value)
+    if pa.types.is_fixed_size_list(typ):
+        return pa.list_(field, typ.list_size)
+    return pa.large_list(field) if pa.types.is_large_list(typ) else pa.list_(field)
+
+
+def _zoned(read: pa.DataType, original: pa.DataType) -> pa.DataType:
+    """`read` with each time zone in it (nested too) the one `original` gives that time, where Python
+    knows it; only zone tags change, never a unit or a value."""
+    original = storage_of(original.value_type if pa.types.is_dictionary(original) else original)
+    if pa.types.is_timestamp(read) and pa.types.is_timestamp(original):
+        zoned = read.tz is not None and original.tz is not None and known_zone(original.tz)
+        return pa.timestamp(read.unit, original.tz) if zoned else read
+    if _is_list(read) and _is_list(original):
+        return _relisted(read, _zoned(read.value_type, original.value_type))
+    if pa.types.is_struct(read) and pa.types.is_struct(original):
+        if [f.name for f in read] != [f.name for f in original]:
+            return read
+        return pa.struct([f.with_type(_zoned(f.type, o.type)) for f, o in zip(read, original)])
+    if pa.types.is_map(read) and pa.types.is_map(original):
+        key = read.key_field.with_type(_zoned(read.key_type, original.key_type))
+        return pa.map_(key, read.item_field.with_type(_zoned(read.item_type, original.item_type)), read.keys_sorted)
+    return read
+
+
+def own_zone(schema: pa.Schema | None, name: str) -> str | None:
+    """The time zone the input file gives column `name` (None: no zone, or not a timestamp)."""
+    typ = own_type(schema, name)
+    typ = storage_of(typ) if typ is not None else None
+    return typ.tz if typ is not None and pa.types.is_timestamp(typ) else None
+
+
+def zoned_schema(got: pa.Schema, own: pa.Schema | None) -> pa.Schema | None:
+    """`got` (DuckDB's Arrow schema of the rows) with the input's own time zones (DuckDB tags its
+    session zone, UTC); None when no zone changes."""
+    if own is None:
+        return None
+    fields = []
+    for f in got:
+        typ = own_type(own, f.name)
+        fields.append(f if typ is None else f.with_type(_zoned(f.type, typ)))
+    return pa.schema(fields) if any(a.type != b.type for a, b in zip(fields, got)) else None

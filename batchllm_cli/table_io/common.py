@@ -126,4 +126,15 @@ def _connect(plain: PlainPaths) -> duckdb.DuckDBPyConnection:
     con.execute("SET autoinstall_known_extensions = false")
     # The default, set explicitly because row ids and output order rely on it.
     con.execute("SET preserve_insertion_order = true")
+    _use_utc(con)
     return con
+
+
+def _use_utc(con: duckdb.DuckDBPyConnection) -> None:
+    """Times with a zone are read, compared (--where) and printed in UTC, never in the machine's zone
+    ($TZ, DuckDB's default): a job's prompts and output must not change with the machine it runs on.
+    GLOBAL: the connection's cursors (streaming readers) are sessions of their own."""
+    try:
+        con.execute("SET GLOBAL TimeZone = 'UTC'")
+    except duckdb.Error:
+        pass  # a DuckDB built without its icu extension has no zones at all: everything is UTC already

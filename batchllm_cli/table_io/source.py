@@ -15,6 +15,7 @@ import pyarrow as pa
 from batchllm_cli.durable import check_writable_dir
 from batchllm_cli.errors import InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths
+from batchllm_cli.table_io.arrow_types import cast_batch, zoned_schema
 from batchllm_cli.table_io.common import (
     DEFAULT_MAX_REJECTS, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
     _one_line, output_format,
@@ -400,10 +401,13 @@ class TableSource:
         streamed = 0
         try:
             reader = cur.sql(f"SELECT * FROM {self.numbered_sql()}").to_arrow_reader(batch_size)
+            # A time with a zone in its file is given in that zone (DuckDB gives UTC): a template
+            # prints it as the file has it, whatever the machine's zone.
+            zoned = zoned_schema(reader.schema, self.arrow_schema)
             for batch in reader:
                 if batch.num_rows:
                     streamed += batch.num_rows
-                    yield batch
+                    yield batch if zoned is None else cast_batch(batch, zoned)
         except duckdb.Error as exc:
             # Typically a file changed since validate() read it (the JSON types come from every record).
             raise InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc

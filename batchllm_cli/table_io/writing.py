@@ -15,9 +15,10 @@ from batchllm_cli.table_io.common import (
     _COPY_OPTIONS, _PARQUET_BATCH_ROWS, ROW_ID, _connect, _ident, _literal, _write_error, duckdb_key, output_format,
 )
 from batchllm_cli.table_io.arrow_types import (
-    LossyCast, cast_batch, own_type, restorable, restored_schema, storage_of,
+    LossyCast, cast_batch, own_type, own_zone, restorable, restored_schema, storage_of,
 )
 from batchllm_cli.table_io.source import TableSource
+from batchllm_cli.table_io.zones import zoned_text
 
 
 def _json_safe(expr: str, typ: duckdb.DuckDBPyType, depth: int = 0) -> str | None:
@@ -76,6 +77,18 @@ def _csv_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
     writer would print its own syntax (`{'k': 'it\\'s'}`, `[a, b]`), which no JSON reader takes."""
     return _rewrite_columns(
         con, query, lambda _, expr, t: f"to_json({_json_safe(expr, t) or expr})" if t.id in _NESTED else None)
+
+
+def _zoned_text_query(con: duckdb.DuckDBPyConnection, query: str, keep: pa.Schema | None) -> str:
+    """`query` with each input column whose file gives it a time zone as text in that zone (zones.py),
+    as templates see it; DuckDB would print it in its session zone, UTC. Times nested in lists and
+    structs stay in UTC (with their offset)."""
+
+    def rewrite(name: str, expr: str, typ: duckdb.DuckDBPyType) -> str | None:
+        zone = own_zone(keep, name)
+        return None if zone is None else zoned_text(con, expr, typ.id, zone)
+
+    return query if keep is None else _rewrite_columns(con, query, rewrite)
 
 
 def _uuids_as_bytes(con: duckdb.DuckDBPyConnection, query: str, keep: pa.Schema | None) -> str:
@@ -149,6 +162,7 @@ def _copy_atomically(
         if fmt == "parquet":
             _write_parquet(con, query, tmp, keep_types)
         else:
+            query = _zoned_text_query(con, query, keep_types)
             if fmt == "json":
                 query = _json_safe_query(con, query)
             elif fmt == "csv":
