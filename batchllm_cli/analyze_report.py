@@ -237,41 +237,12 @@ class AnalyzeProgress:
 
 
 # ---- output files ---------------------------------------------------------------------------------
-def check_report_path(path: str | None, flag: str) -> None:
-    """UsageError unless `path` (not '-') can be written: checked before any work is done."""
-    import os
-    from pathlib import Path
-
-    from batchllm_cli.errors import UsageError
-
-    if path is None or path == "-":
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{flag}: {p} is a directory; give a file name.")
-    parent = p.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag}: cannot write {p} (no writable directory {parent}).")
-
-
 def write_report_file(path: str, text: str) -> None:
-    """`text` to `path` through a temporary file and a rename (a reader never sees half a report);
-    '-' is stdout."""
-    import os
-    import sys
-    from pathlib import Path
-
+    """`text` to `path` (report_files.write_report: '-' is stdout); OutputError when it cannot."""
     from batchllm_cli.errors import OutputError
+    from batchllm_cli.report_files import write_report
 
-    if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+        write_report(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"Cannot write {target}: {exc.strerror or exc}") from exc
+        raise OutputError(f"Cannot write {path}: {exc.strerror or exc}") from exc

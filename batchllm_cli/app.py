@@ -86,7 +86,8 @@ from batchllm_cli.options import (
 )
 from batchllm_cli.prompt_commands import ANALYZE_EPILOG, RENDER_EPILOG, analyze_command, render_command
 from batchllm_cli.progress import err_console, make_progress, print_error
-from batchllm_cli.report_render import check_summary_path, render_report, stopped_summary, write_summary
+from batchllm_cli.report_files import check_report_target
+from batchllm_cli.report_render import render_report, stopped_summary, write_summary
 from batchllm_cli.run_prepare import prepare_run
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
 
@@ -238,7 +239,7 @@ def run(
     guard = SignalGuard()
     guard.install()  # SIGINT/SIGTERM: commit finished rows, then exit 130/143
     try:
-        check_summary_path(summary)
+        check_report_target(summary, "--summary")
         prepared = prepare_run(settings, progress)
         checked = True
         try:

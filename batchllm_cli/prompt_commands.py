@@ -103,9 +103,9 @@ def analyze_command(
     """
     from batchllm_cli.analyze import AnalyzeSettings, prepare_analyze, run_analyze
     from batchllm_cli.analyze_html import render_html
+    from batchllm_cli.report_files import check_report_target
     from batchllm_cli.analyze_report import (
         AnalyzeProgress,
-        check_report_path,
         render_text,
         report_json,
         write_report_file,
@@ -138,8 +138,8 @@ def analyze_command(
     guard = SignalGuard()
     guard.install()  # SIGINT/SIGTERM unwind the job, so its temporary token spool is removed
     try:
-        check_report_path(json_out, "--json")
-        check_report_path(str(html_out) if html_out is not None else None, "--html")
+        check_report_target(json_out, "--json")
+        check_report_target(str(html_out) if html_out is not None else None, "--html")
         _check_report_paths(settings, json_out, html_out)
         prepared = prepare_analyze(settings, progress)
         try:

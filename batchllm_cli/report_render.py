@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
 
-from batchllm_cli.durable import atomic_write_bytes
-from batchllm_cli.errors import EXIT_INTERNAL, BatchLLMError, Interrupted, UsageError
+from batchllm_cli.errors import EXIT_INTERNAL, BatchLLMError, Interrupted
 from batchllm_cli.job_report import report_of
 from batchllm_cli.job_types import RunReport, RunSettings
-
-
-def check_summary_path(summary: str | None) -> None:
-    if summary is None or summary == "-":
-        return
-    if Path(summary).is_dir():
-        raise UsageError(f"--summary: {summary} is a directory; give a file name.")
-    parent = Path(summary).parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"--summary: cannot write {summary} (no writable directory {parent}).")
+from batchllm_cli.report_files import write_report
 
 
 def render_report(report: RunReport, console: Console) -> None:
@@ -97,12 +84,7 @@ def render_report(report: RunReport, console: Console) -> None:
 
 def write_summary(report: RunReport, summary: str) -> None:
     """One line of JSON: `| tail -1` in a script or Airflow's XCom gets all of it. Raises OSError."""
-    text = json.dumps(report.to_dict(), ensure_ascii=False) + "\n"
-    if summary == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        atomic_write_bytes(Path(summary), text.encode("utf-8"))
+    write_report(summary, json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
 
 
 def stopped_summary(settings: RunSettings, summary: str, started_at: float, exc: BaseException,

@@ -96,6 +96,38 @@ def test_last_stdout_line_of_run_is_the_summary_and_status_exits_0(tmp_path: Pat
     assert (code, st["state"]) == (0, "finished")
 
 
+def test_summary_to_a_fifo_or_through_a_link_is_written_in_place(tmp_path: Path, env: dict) -> None:
+    # A report used to be renamed over its path: a FIFO (or, as root, /dev/null or /dev/stdout) became a
+    # regular file and its reader got nothing; a link to a file became a file of its own.
+    import os
+    import stat
+    import threading
+
+    inp, tpl = write_rows_csv(tmp_path / "in.csv", 3), write_template(tmp_path / "t.j2")
+    fifo = tmp_path / "summary.fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    result = invoke(job_args(inp, tpl, tmp_path / "a.parquet", "--summary", str(fifo)))
+    assert result.exit_code == 0, result.output
+    reader.join(30)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert checked_summary(got[0])["state"] == "finished"
+
+    target = tmp_path / "runs" / "latest.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "summary.json"
+    link.symlink_to(target)
+    result = invoke(job_args(inp, tpl, tmp_path / "b.parquet", "--summary", str(link)))
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and checked_summary(target.read_text())["state"] == "finished"
+    analyzed = invoke(["analyze", str(inp), "-t", str(tpl), "--json", str(link)])
+    assert analyzed.exit_code == 0, analyzed.output
+    assert link.is_symlink() and json.loads(target.read_text())["rows"] == 3
+
+
 def test_rows_in_error_finish_with_errors_and_status_exits_3(tmp_path: Path, env: dict) -> None:
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"text": f"t{i}", "n": i % 3}) + "\n" for i in range(9)))
