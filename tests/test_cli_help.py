@@ -181,3 +181,17 @@ def test_piped_help_on_a_narrow_terminal_keeps_every_option_name() -> None:
             for opt in param.opts + param.secondary_opts:
                 if opt.startswith("--"):
                     assert opt in text.split(), f"{opt} is not whole in piped `batchllm {name} --help`"
+
+
+def test_every_option_the_readme_names_exists() -> None:
+    # The README once told users to set --max-num-seqs, which no command has.
+    import re
+
+    group = get_command(app)
+    known = {opt for command in group.commands.values() for param in command.params
+             for opt in (*param.opts, *param.secondary_opts)} | {"--help", "--version"}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    # the user's part: benchmark scripts' own flags are documented from "## Benchmarks" on
+    lines = [ln for ln in readme.split("\n## Benchmarks")[0].splitlines() if "bench/" not in ln]
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]", "\n".join(lines)))
+    assert sorted(named - known) == []
