@@ -191,7 +191,7 @@ MaxTokensOpt = Annotated[
 ]
 TemperatureOpt = Annotated[
     float,
-    typer.Option("--temperature", metavar="T", help="Sampling temperature; 0 is greedy.", min=0.0, rich_help_panel=PANEL_SAMPLING),
+    typer.Option("--temperature", metavar="T", help="Sampling temperature; 0 (or anything below 1e-5) is greedy.", min=0.0, rich_help_panel=PANEL_SAMPLING),
 ]
 TopPOpt = Annotated[
     float,

@@ -197,7 +197,7 @@ class LLMEngine:
         if self.block_manager.blocks_for_tokens(max_len) > self.block_manager.num_blocks:
             return (
                 f"The prompt ({prompt_len} tokens) plus max tokens needs {max_len} tokens of KV cache but "
-                f"the cache holds {capacity}; raise --kv-cache-memory or lower --max-tokens."
+                f"the cache holds {capacity}; raise --kv-cache-memory (or --kv-cache-tokens) or lower --max-tokens."
             )
         return None
 

@@ -310,7 +310,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         )
     if raw.get("use_sliding_window") and architecture in ("Qwen2ForCausalLM", "Qwen3MoeForCausalLM"):
         raise ModelLoadError(f"{path} enables Qwen's sliding-window layers (use_sliding_window), which batchllm "
-                             "does not support; batchllm supports sliding windows in Mistral, Mixtral and Phi-3 models.")
+                             "does not support; batchllm supports sliding windows in Mistral, Mixtral, Phi-3 and Gemma 2/3 models.")
     arch = SUPPORTED_ARCHITECTURES[architecture]
     if arch.gemma:  # Gemma's MLP reads hidden_activation (its configs may carry a hidden_act too)
         activation = raw.get("hidden_activation") or "gelu_pytorch_tanh"

@@ -260,7 +260,7 @@ class ModelRunner:
             empty = torch.empty(0, device=device)
             return SamplingTensors(empty, empty, empty, empty, empty, all_greedy=True, any_top_k=False, any_top_p=False)
         return SamplingTensors(
-            temperatures=to_device([p.temperature for p in params], torch.float32, device),
+            temperatures=to_device([0.0 if p.greedy else p.temperature for p in params], torch.float32, device),
             top_ks=to_device([p.top_k for p in params], torch.int64, device),
             top_ps=to_device([p.top_p for p in params], torch.float32, device),
             keys=to_device([c.seq.sampling_key for c in chunks], torch.int64, device),

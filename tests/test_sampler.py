@@ -56,3 +56,26 @@ def test_nan_scores_end_the_row_as_an_error_not_as_token_text(tiny_model_dir) ->
     for r in results.values():
         assert r.finish_reason == "error" and r.token_ids == () and "NaN" in r.error
     assert not engine.has_unfinished() and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_tiny_temperature_is_greedy_and_an_infinite_one_is_refused(tiny_model_dir) -> None:
+    # logits / 1e-38 overflowed to inf, the softmax to NaN, and every row answered token 0 with exit 0.
+    import pytest
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu", kv_cache_tokens=1024))
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+
+    def answers(temperature: float) -> list[tuple[int, ...]]:
+        params = SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True, seed=1)
+        done = {r.key: r.token_ids for r in engine.generate((i, p, params) for i, p in enumerate(prompts))}
+        return [done[i] for i in range(len(prompts))]
+
+    greedy = answers(0.0)
+    assert answers(1e-38) == answers(1e-6) == greedy
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=bad)
