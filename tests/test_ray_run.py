@@ -178,15 +178,23 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_output_is_the_same(
     assert scale["worker_failures"] == 1 and scale["rounds"] == 2, scale
 
 
+def _started_after_a_worker_shard(ray_address: str, slow_job: tuple[Path, Path, Path, dict],
+                                  out: Path) -> tuple[list[str], "cli_process.CliProcess"]:
+    """(the args, the running process) of the slow job on two workers, once a worker committed a shard."""
+    inp, tpl, _, env = slow_job
+    args = job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address)
+    proc = cli_process.start(args, env, out.parent / "run.log")
+    run_dir = out.with_name(out.name + ".batchllm")
+    _wait_for(lambda: any(run_dir.glob("shard-*-w*.json")), "a worker's first shard", proc)
+    return args, proc
+
+
 def test_the_driver_killed_with_9_resumes_with_the_same_command(
     ray_address: str, slow_job: tuple[Path, Path, Path, dict], tmp_path: Path
 ) -> None:
     inp, tpl, one, env = slow_job
     out = tmp_path / "two.parquet"
-    args = job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address)
-    proc = cli_process.start(args, env, tmp_path / "run.log")
-    run_dir = out.with_name(out.name + ".batchllm")
-    _wait_for(lambda: any(run_dir.glob("shard-*-w*.json")), "a worker's first shard", proc)
+    args, proc = _started_after_a_worker_shard(ray_address, slow_job, out)
     proc.kill(signal.SIGKILL)
     assert proc.wait(30) == 128 + signal.SIGKILL
     assert not out.exists()
@@ -226,10 +234,7 @@ def test_the_driver_stopped_by_sigterm_says_how_many_rows_the_workers_committed(
 ) -> None:
     inp, tpl, one, env = slow_job
     out = tmp_path / "two.parquet"
-    args = job_args(inp, tpl, out, *SLOW, "--workers", "2", "--ray-address", ray_address)
-    proc = cli_process.start(args, env, tmp_path / "run.log")
-    run_dir = out.with_name(out.name + ".batchllm")
-    _wait_for(lambda: any(run_dir.glob("shard-*-w*.json")), "a worker's first shard", proc)
+    args, proc = _started_after_a_worker_shard(ray_address, slow_job, out)
     proc.kill(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM, proc.output
     said = re.search(r"Interrupted by SIGTERM: (\d+) of 48 rows are committed in", flat(proc.output))
