@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,7 @@ from batchllm_cli.model_setup import (
     resolve_chat,
     resolve_model,
 )
+from batchllm_cli.plain_paths import private_dir
 from batchllm_cli.prompt_options import check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
 from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
@@ -239,7 +239,8 @@ def run_analyze(prepared: PreparedAnalyze, observer: AnalyzeObserver | None = No
     observer = observer or _SilentObserver()
     s = prepared.settings
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="batchllm-analyze-", dir=s.temp_dir))
+    # The spool and the out-of-core sort's spill files: removed below, or after a kill by the next run.
+    tmp = private_dir(s.temp_dir)
     try:
         spool = TokenSpool(tmp)
         failures, truncated, id_chunks, lru, lru_s = _tokenize(prepared, spool, observer)

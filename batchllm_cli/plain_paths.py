@@ -7,9 +7,12 @@ reads or writes is reached through a symlink with a plain name (`[A-Za-z0-9_.-]`
 (`tempfile.mkdtemp`, mode 0700), and the kernel, not DuckDB, resolves the user's path. The links are
 removed, by name, when the owner closes (or is collected, or the process exits).
 
-The private directories are named `batchllm-<pid namespace>-<pid>-*`, so one left behind by a
-`kill -9` (links, and DuckDB's spill files: `PlainPaths.spill_dir`) is removed by the next batchllm process that
-starts in the same temp directory and pid namespace once its owner is gone (`remove_stale_dirs`).
+Every temporary directory a batchllm process makes is one of these private directories (`private_dir`):
+the links, DuckDB's spill files (`PlainPaths.spill_dir`), a spooled stdin or transcoded input, and the
+plan's token spool and out-of-core sort (planned_feed, ray_run, analyze). They are named
+`batchllm-<pid namespace>-<pid>-*`, so one left behind by a `kill -9`, an OOM kill or a SIGHUP is removed
+by the next batchllm process that makes one in the same temp directory and pid namespace once its owner
+is gone (`remove_stale_dirs`); a directory whose owner still runs, or of another user, is never touched.
 """
 from __future__ import annotations
 
@@ -82,17 +85,27 @@ def _cleaned(base: str) -> None:
     remove_stale_dirs(base)
 
 
-def _private_dir() -> Path:
-    """A new 0700 directory whose own path is plain: under $TMPDIR, else under /tmp."""
-    prefix = f"batchllm-{_pid_namespace()}-{os.getpid()}-"
-    for base in (None, "/tmp"):
+def _owned_dir(base: str | None) -> Path:
+    """A new 0700 directory under `base` (None: $TMPDIR) named for remove_stale_dirs; the first one
+    made in a temp directory sweeps what dead runs left there (once per process: cheap)."""
+    made = Path(tempfile.mkdtemp(prefix=f"batchllm-{_pid_namespace()}-{os.getpid()}-", dir=base))
+    _cleaned(str(made.parent))
+    return made
+
+
+def private_dir(base: Path | None = None) -> Path:
+    """A new private temporary directory of this process, removed by its owner when done (or, after a
+    kill, by the next run): under `base` when given, else one whose own path is plain (DuckDB reads
+    paths in it) under $TMPDIR, else under /tmp."""
+    if base is not None:
+        return _owned_dir(str(base))
+    for candidate in (None, "/tmp"):
         try:
-            made = tempfile.mkdtemp(prefix=prefix, dir=base)
+            made = _owned_dir(candidate)
         except OSError:
             continue
-        if is_plain(made):
-            _cleaned(str(Path(made).parent))  # once per process and temp directory: cheap
-            return Path(made)
+        if is_plain(str(made)):
+            return made
         os.rmdir(made)
     raise UsageError(
         f"Cannot make a private temporary directory: {tempfile.gettempdir()} is not writable or has "
@@ -158,7 +171,7 @@ class PlainPaths:
 
     def _ensure_dir(self) -> None:
         if self._dir is None:
-            self._dir = _private_dir()
+            self._dir = private_dir()
             self._finalizer = weakref.finalize(self, _remove, self._dir, self._links)
 
     def close(self) -> None:

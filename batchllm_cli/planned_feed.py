@@ -17,15 +17,14 @@ from __future__ import annotations
 import dataclasses
 import queue
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
 
 import numpy as np
 
+from batchllm_cli.plain_paths import private_dir
 from batchllm_cli.prompts import FailedRow, fit_packed
 from batchllm_cli.table_io import ROW_ID
 from batchllm_cli.token_spool import TokenSpool, sort_spool
@@ -74,7 +73,8 @@ class PlannedFeed:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="batchllm-plan", daemon=True)
-        self._dir = Path(tempfile.mkdtemp(prefix="batchllm-plan-"))
+        # The spool and the out-of-core sort's spill files: removed by close(), or after a kill by the next run.
+        self._dir = private_dir()
         self._t0 = time.perf_counter()
         self.stats = PlanStats()
 

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job import is_out_of_memory, raise_stopped, write_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
+from batchllm_cli.plain_paths import private_dir
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
 from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
 from batchllm_cli.ray_worker import ReplicaWorker, WorkerPart, WorkerReport, WorkerSetup
@@ -280,7 +280,7 @@ def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
     sink = ShardSink.for_run(prepared, guard)  # the driver's own results: rows failed before any engine
     tracker = ScaleOutTracker(prepared, sink.collector, prepared.settings.workers or 1)
     pool: _Pool | None = None
-    tmp = Path(tempfile.mkdtemp(prefix="batchllm-plan-"))
+    tmp = private_dir()  # the token spool: removed below, or after a kill by the next run
     try:
         try:
             if not prepared.committed.done.all():

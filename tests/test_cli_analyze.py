@@ -415,7 +415,7 @@ def test_sigterm_removes_the_token_spool(tmp_path: Path, template: Path, tok_dir
          "--no-chat"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
-    while not list(tmp.glob("batchllm-analyze-*")):  # the spool exists: rows are being tokenized
+    while not list(tmp.glob("batchllm-*/tokens.i32")):  # the spool exists: rows are being tokenized
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.02)

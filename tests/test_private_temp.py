@@ -1,17 +1,22 @@
 """batchllm's own temporary files: DuckDB spills into a private directory (never `.tmp` in the user's
-current directory), and private directories a killed run left behind are removed by the next run."""
+current directory), and private directories a killed run left behind (links, spill files, the plan's
+token spool) are removed by the next run."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+import cli_process
 from batchllm_cli import plain_paths
 from batchllm_cli.plain_paths import PlainPaths
 from batchllm_cli.table_io import _connect
+from reliability_utils import job_args, write_rows_csv, write_template
 
 
 def test_duckdb_spills_into_a_private_directory_not_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,3 +62,36 @@ def test_private_dirs_of_dead_processes_are_removed_and_live_ones_kept(tmp_path:
     assert not stale.exists()
     assert live.exists() and other_ns.exists() and unrelated.exists()
     assert target.read_text() == "keep me"  # links are removed, never followed
+
+
+def _wait_for(found: Callable[[], list[Path]], p: cli_process.CliProcess, timeout: float = 120) -> list[Path]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and p.running:
+        if paths := found():
+            return paths
+        time.sleep(0.02)
+    pytest.fail(f"never appeared; log:\n{p.output}")
+
+
+def test_a_killed_runs_token_spool_is_removed_by_the_next_run_and_a_live_runs_kept(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    inp = write_rows_csv(tmp_path / "in.csv", 2000)
+    tpl = write_template(tmp_path / "t.j2")
+    job_env = {**env, "TMPDIR": str(temp)}
+    p = cli_process.start(job_args(inp, tpl, tmp_path / "out.parquet"), job_env, tmp_path / "run.log")
+    spools = _wait_for(lambda: list(temp.glob("*/tokens.i32")), p)
+    p.kill()  # kill -9: no cleanup runs
+    assert p.wait() == 137
+    assert all(s.exists() for s in spools)
+    # Another batchllm process, alive, with its own private directory: never touched.
+    live = temp / f"batchllm-{plain_paths._pid_namespace()}-{os.getpid()}-live01"
+    live.mkdir()
+    (live / "tokens.i32").write_bytes(b"\0" * 16)
+    # The next batchllm command using this temp directory, of any job, removes what the killed run left.
+    code, log = cli_process.run(["render", str(inp), "-t", str(tpl), "--limit", "1"], job_env, tmp_path / "render.log")
+    assert code == 0, log
+    assert sorted(temp.iterdir()) == [live]
+    assert (live / "tokens.i32").exists()
+
