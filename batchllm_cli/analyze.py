@@ -50,7 +50,7 @@ from batchllm_cli.model_setup import (
     resolve_chat,
     resolve_model,
 )
-from batchllm_cli.plain_paths import private_dir
+from batchllm_cli.plain_paths import private_dir, temp_writes
 from batchllm_cli.prompt_options import check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
 from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
@@ -242,11 +242,12 @@ def run_analyze(prepared: PreparedAnalyze, observer: AnalyzeObserver | None = No
     # The spool and the out-of-core sort's spill files: removed below, or after a kill by the next run.
     tmp = private_dir(s.temp_dir)
     try:
-        spool = TokenSpool(tmp)
-        failures, truncated, id_chunks, lru, lru_s = _tokenize(prepared, spool, observer)
-        t1 = time.perf_counter()
-        plan, mode, estimate = _plan(prepared, spool, tmp, observer)
-        t2 = time.perf_counter()
+        with temp_writes(tmp, "TMPDIR" if s.temp_dir is None else "temp_dir"):  # full: exit 75, not a traceback
+            spool = TokenSpool(tmp)
+            failures, truncated, id_chunks, lru, lru_s = _tokenize(prepared, spool, observer)
+            t1 = time.perf_counter()
+            plan, mode, estimate = _plan(prepared, spool, tmp, observer)
+            t2 = time.perf_counter()
         observer.phase("report")
         report = _report(prepared, plan, spool, failures, truncated, id_chunks, lru, mode, estimate)
         t3 = time.perf_counter()

@@ -143,12 +143,35 @@ def remove_durably(paths: list[Path]) -> None:
         fsync_dir(d)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT, as an OSError or inside a library's message (DuckDB, Arrow)."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+# A write that no more bytes fit: the disk, the user's quota, or the largest file allowed (EFBIG: the
+# process's file size limit, `ulimit -f`, whose SIGXFSZ Python ignores, or the filesystem's). The
+# reason as a message says it, for library messages (DuckDB, Arrow) that carry only the text.
+_FULL_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+}
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """Why `exc` is a write that did not fit (one of _FULL_REASONS), as an OSError or inside a library's
+    message; None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in _FULL_REASONS:
+        return _FULL_REASONS[exc.errno]
     text = str(exc).lower()
-    return "no space left on device" in text or "disk quota exceeded" in text
+    return next((reason for reason in _FULL_REASONS.values() if reason in text), None)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT / EFBIG: the run stops with exit 75 and resumes once there is room."""
+    return disk_full_reason(exc) is not None
+
+
+def full_disk_fix(reason: str) -> str:
+    """What to do about a write that did not fit, for `disk_full_reason`'s reason."""
+    if reason == _FULL_REASONS[errno.EFBIG]:
+        return "raise the file size limit (ulimit -f)"
+    return "free some space"
 
 
 def _nearest_existing(directory: Path) -> Path:
@@ -212,9 +235,10 @@ def read_json(path: Path) -> Any:
 def write_error(what: Path, exc: BaseException) -> BatchLLMError:
     """The error a failed write of `what` is reported as: disk full -> TempFailError (exit 75: free space
     and resume), else OutputError."""
-    if is_disk_full(exc):
+    reason = disk_full_reason(exc)
+    if reason is not None:
         return TempFailError(
-            f"Cannot write {what}: no space left on device. Committed rows are kept; free some space and "
+            f"Cannot write {what}: {reason}. Committed rows are kept; {full_disk_fix(reason)} and "
             "run the same command again to resume."
         )
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -13,6 +13,9 @@ plan's token spool and out-of-core sort (planned_feed, ray_run, analyze). They a
 `batchllm-<pid namespace>-<pid>-*`, so one left behind by a `kill -9`, an OOM kill or a SIGHUP is removed
 by the next batchllm process that makes one in the same temp directory and pid namespace once its owner
 is gone (`remove_stale_dirs`); a directory whose owner still runs, or of another user, is never touched.
+
+A write there that does not fit (disk full, quota, `ulimit -f`) stops the run as a temporary failure
+naming the temp directory (`temp_full_error`, `temp_writes`), not as a fault of the output or input.
 """
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ import re
 import shutil
 import tempfile
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Iterator
 
-from batchllm_cli.errors import UsageError
+from batchllm_cli.durable import disk_full_reason, full_disk_fix
+from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 
 # What a path may contain for DuckDB to take it literally: absolute, no pattern or prefix characters.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./-]*")
@@ -85,11 +91,16 @@ def _cleaned(base: str) -> None:
     remove_stale_dirs(base)
 
 
+_bases: list[str] = []  # the temp directories this process made private directories in
+
+
 def _owned_dir(base: str | None) -> Path:
     """A new 0700 directory under `base` (None: $TMPDIR) named for remove_stale_dirs; the first one
     made in a temp directory sweeps what dead runs left there (once per process: cheap)."""
     made = Path(tempfile.mkdtemp(prefix=f"batchllm-{_pid_namespace()}-{os.getpid()}-", dir=base))
     _cleaned(str(made.parent))
+    if str(made.parent) not in _bases:
+        _bases.append(str(made.parent))
     return made
 
 
@@ -112,6 +123,53 @@ def private_dir(base: Path | None = None) -> Path:
         "characters DuckDB would read as a pattern, and /tmp is not usable; set TMPDIR to a writable "
         "directory whose path has only letters, digits, '_', '.', '-' and '/'."
     )
+
+
+# DuckDB's spill files, in a private directory's `duckdb-spill-N` (its message quotes the file's path;
+# an output or input is reached through a link beside them, never inside one).
+_SPILL_FILE = re.compile(r"(/[^\s\"']*)/batchllm-\d+-\d+-[A-Za-z0-9_]+/" + SPILL_NAME + r"-\d+/")
+# DuckDB checks the room left before it spills, and says so as an "Out of Memory Error" (without a path:
+# only our connections spill, into their private directory).
+_NO_ROOM_TO_SPILL = "failed to offload data block"
+
+
+def temp_full_error(exc: BaseException, private: Path | None = None, setting: str = "TMPDIR") -> TempFailError | None:
+    """The error that stops a run when `exc` is a write into a private temporary directory that did not
+    fit: disk full, quota or file size limit in `private` (the directory the caller wrote into), or in
+    DuckDB's spill files (known by their path, or by DuckDB finding no room for them); else None.
+    The message names the temp directory holding it and `setting`, which moves it."""
+    if isinstance(exc, BatchLLMError):
+        return None
+    text = str(exc)
+    reason = disk_full_reason(exc)
+    spill = _SPILL_FILE.search(text)
+    if _NO_ROOM_TO_SPILL in text.lower():
+        reason = "no room left for DuckDB's spill files"
+    elif reason is None or (private is None and spill is None):
+        return None
+    if private is not None:
+        base = str(private.parent)
+    elif spill is not None:
+        base = spill.group(1)
+    else:
+        base = _bases[-1] if _bases else tempfile.gettempdir()
+    return TempFailError(
+        f"Cannot write to the temporary directory {base}: {reason}; {full_disk_fix(reason)} or set {setting} "
+        "to a directory with more room, then run the same command again (a run resumes from its committed rows)."
+    )
+
+
+@contextmanager
+def temp_writes(private: Path, setting: str = "TMPDIR") -> Iterator[None]:
+    """Writes into the private directory `private` in this block: one that does not fit raises
+    temp_full_error's TempFailError (exit 75) instead of a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        error = temp_full_error(exc, private, setting)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _remove(directory: Path | None, links: list[Path]) -> None:
@@ -160,6 +218,12 @@ class PlainPaths:
         path = self._dir / name
         self._links.append(path)
         return path
+
+    def directory(self) -> Path:
+        """This object's private directory (made now if need be), for files written with private_file."""
+        self._ensure_dir()
+        assert self._dir is not None
+        return self._dir
 
     def spill_dir(self) -> str:
         """A plain path in this private directory for DuckDB's spill files (its default is `.tmp` in the

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
 
 import numpy as np
 
-from batchllm_cli.plain_paths import private_dir
+from batchllm_cli.plain_paths import private_dir, temp_writes
 from batchllm_cli.prompts import FailedRow, fit_packed
 from batchllm_cli.table_io import ROW_ID
 from batchllm_cli.token_spool import TokenSpool, sort_spool
@@ -143,9 +143,10 @@ class PlannedFeed:
 
     def _produce(self) -> None:
         try:
-            spool = TokenSpool(self._dir)
-            truncated, keys = self._tokenize(spool)
-            order, lcp, out_of_core = sort_spool(spool, self._budget, self._dir)
+            with temp_writes(self._dir):  # a full temp directory stops the run with exit 75, not a traceback
+                spool = TokenSpool(self._dir)
+                truncated, keys = self._tokenize(spool)
+                order, lcp, out_of_core = sort_spool(spool, self._budget, self._dir)
             self._feed(spool, order, lcp, truncated, keys, out_of_core)
             self._put("end")
         except _Stopped:

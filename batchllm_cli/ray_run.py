@@ -35,7 +35,7 @@ from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job import is_out_of_memory, raise_stopped, write_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
-from batchllm_cli.plain_paths import private_dir
+from batchllm_cli.plain_paths import private_dir, temp_writes
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
 from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
 from batchllm_cli.ray_worker import ReplicaWorker, WorkerPart, WorkerReport, WorkerSetup
@@ -238,15 +238,17 @@ def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int
     from engine import partition_sorted, unique_prompt_tokens
 
     t0 = time.perf_counter()
-    spool = TokenSpool(tmp)
 
     def failed(rows: list[Any]) -> None:
         for row in rows:
             sink.collector.add_failure(row.row_id, row.error, row.kind)
 
-    truncated, keys = tokenize_rows(prepared, done, spool, failed)
+    with temp_writes(tmp):  # a full temp directory stops the run with exit 75, not a traceback
+        spool = TokenSpool(tmp)
+        truncated, keys = tokenize_rows(prepared, done, spool, failed)
     sink.commit()
-    order, lcp, out_of_core = sort_spool(spool, default_memory_budget(), tmp)
+    with temp_writes(tmp):
+        order, lcp, out_of_core = sort_spool(spool, default_memory_budget(), tmp)
     lengths = spool.lengths
     lengths_sorted = lengths[order]
     part = partition_sorted(lengths_sorted, lcp, prepared.params.max_tokens, len(replicas))

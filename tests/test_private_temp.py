@@ -3,6 +3,7 @@ current directory), and private directories a killed run left behind (links, spi
 token spool) are removed by the next run."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -95,3 +96,56 @@ def test_a_killed_runs_token_spool_is_removed_by_the_next_run_and_a_live_runs_ke
     assert sorted(temp.iterdir()) == [live]
     assert (live / "tokens.i32").exists()
 
+
+_SPILLING_SORT = "SELECT count(*) FROM (SELECT i, random() AS r FROM range(3000000) t(i) ORDER BY r)"
+
+
+def test_duckdb_spill_files_past_the_file_size_limit_name_the_temp_directory(tmp_path: Path) -> None:
+    """A DuckDB query whose spill files do not fit (here: RLIMIT_FSIZE, as `ulimit -f`) is a full temp
+    directory (exit 75, naming it and TMPDIR), not a fault of the output being written."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = f"""
+import resource
+from pathlib import Path
+from batchllm_cli.plain_paths import PlainPaths
+from batchllm_cli.table_io.common import _connect, _write_error
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+plain = PlainPaths()
+con = _connect(plain)
+con.execute("SET memory_limit = '30MB'")
+con.execute("SET threads = 1")
+try:
+    con.sql({_SPILLING_SORT!r}).fetchall()
+except Exception as exc:
+    err = _write_error(Path("/elsewhere/out.parquet"), exc)
+    print(type(err).__name__, err.exit_code, err)
+con.close()
+plain.close()
+"""
+    repo = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = f"TempFailError 75 Cannot write to the temporary directory {temp}: file too large;"
+    assert proc.stdout.startswith(expected), proc.stdout
+    assert "ulimit -f" in proc.stdout and "TMPDIR" in proc.stdout
+    assert list(temp.iterdir()) == []
+
+
+def test_which_disk_full_errors_are_the_temp_directorys() -> None:
+    full = "No space left on device"
+    spill = OSError(f'IO Error: Could not write file "/data/tmp/batchllm-1-42-ab_c1/duckdb-spill-1/t.tmp": {full}')
+    error = plain_paths.temp_full_error(spill)
+    assert error is not None and error.exit_code == 75 and "temporary directory /data/tmp: no space left" in str(error)
+    # DuckDB refusing to spill for want of room says so without a path.
+    no_room = RuntimeError("Out of Memory Error: failed to offload data block of size 256.0 KiB (0 bytes/90.0 KiB used).")
+    assert plain_paths.temp_full_error(no_room) is not None
+    # The output, written by DuckDB through a link in a private directory, is not the temp directory.
+    output = OSError(f'IO Error: Could not write file "/tmp/batchllm-1-42-ab_c1/output.parquet": {full}')
+    assert plain_paths.temp_full_error(output) is None
+    private = Path("/var/tmp/batchllm-1-2-a")  # a directory the caller wrote into
+    assert plain_paths.temp_full_error(OSError(errno.EACCES, "Permission denied"), private) is None
+    big = plain_paths.temp_full_error(OSError(errno.EFBIG, "File too large"), private)
+    assert big is not None and "/var/tmp: file too large; raise the file size limit (ulimit -f)" in str(big)

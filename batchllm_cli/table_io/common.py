@@ -7,9 +7,9 @@ from pathlib import Path
 
 import duckdb
 
-from batchllm_cli.durable import is_disk_full
+from batchllm_cli.durable import disk_full_reason, full_disk_fix
 from batchllm_cli.errors import OutputError, TempFailError, UsageError
-from batchllm_cli.plain_paths import PlainPaths
+from batchllm_cli.plain_paths import PlainPaths, temp_full_error
 
 
 # The ordinal row id travels with every batch and result; the name is unlikely to clash with a user's
@@ -89,10 +89,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _write_error(path: Path, exc: BaseException) -> Exception:
-    """The error to raise when writing `path` failed: disk full is temporary (75), the rest fatal."""
-    if is_disk_full(exc):
+    """The error to raise when writing `path` failed: disk full is temporary (75), the rest fatal. DuckDB's
+    spill files filling the temp directory are named as such: freeing space at `path` would not help."""
+    in_temp = temp_full_error(exc)
+    if in_temp is not None:
+        return in_temp
+    reason = disk_full_reason(exc)
+    if reason is not None:
         return TempFailError(
-            f"Cannot write {path}: no space left on device. Finished rows are kept; free some space and "
+            f"Cannot write {path}: {reason}. Finished rows are kept; {full_disk_fix(reason)} and "
             "run the same command again to resume."
         )
     return OutputError(f"Cannot write {path}: {_one_line(exc)}")

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from batchllm_cli.durable import check_writable_dir
 from batchllm_cli.errors import InputError, UsageError
-from batchllm_cli.plain_paths import PlainPaths
+from batchllm_cli.plain_paths import PlainPaths, temp_full_error, temp_writes
 from batchllm_cli.table_io.arrow_types import cast_batch, zoned_schema
 from batchllm_cli.table_io.common import (
     DEFAULT_MAX_REJECTS, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
@@ -75,10 +75,11 @@ class TableSource:
         self._plain = PlainPaths()
         self._con = _connect(self._plain)
         try:
-            self.input: ResolvedInput = resolve_input(path, options, self._plain.private_file("stdin.data"))
-            self.path = self.input.label  # how messages name the input
-            self.format = self.input.format
-            self._open_files()
+            with temp_writes(self._plain.directory()):  # stdin's copy and transcoded inputs go there
+                self.input: ResolvedInput = resolve_input(path, options, self._plain.private_file("stdin.data"))
+                self.path = self.input.label  # how messages name the input
+                self.format = self.input.format
+                self._open_files()
         except BaseException:
             self.close()
             raise
@@ -91,7 +92,7 @@ class TableSource:
         except (duckdb.Error, pa.ArrowException, OSError) as exc:
             self.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else self._reason(exc)
-            raise InputError(f"Cannot read {self.path}: {reason}") from exc
+            raise temp_full_error(exc) or InputError(f"Cannot read {self.path}: {reason}") from exc
         except BaseException:
             self.close()
             raise
@@ -340,7 +341,8 @@ class TableSource:
             if self.is_csv and "Invalid unicode" in str(exc) and self.options.encoding is None:
                 hint = (" If the file is in another encoding, name it with --encoding (latin-1, cp1252, utf-16, "
                         "...); else fix the file, or pass --skip-bad-rows to reject bad lines.")
-            raise InputError(f"Cannot read {self.path}: {self._reason(exc).rstrip('.')}.{hint}") from exc
+            raise temp_full_error(exc) or InputError(
+                f"Cannot read {self.path}: {self._reason(exc).rstrip('.')}.{hint}") from exc
         finally:
             con.close()
         rejected = self.rejects.num_rows if self.rejects is not None else 0
@@ -381,7 +383,7 @@ class TableSource:
                     ).fetchall()
                 ]
         except duckdb.Error as exc:
-            raise InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc
+            raise temp_full_error(exc) or InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc
         finally:
             cur.close()
         if nulls:
@@ -409,8 +411,9 @@ class TableSource:
                     streamed += batch.num_rows
                     yield batch if zoned is None else cast_batch(batch, zoned)
         except duckdb.Error as exc:
-            # Typically a file changed since validate() read it (the JSON types come from every record).
-            raise InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc
+            # Typically a file changed since validate() read it (the JSON types come from every record);
+            # or DuckDB's spill files filled the temp directory.
+            raise temp_full_error(exc) or InputError(f"Cannot read {self.path}: {self._reason(exc)}") from exc
         finally:
             cur.close()
         if self._rows is not None and streamed != self._rows:
