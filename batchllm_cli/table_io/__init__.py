@@ -46,8 +46,8 @@ from batchllm_cli.table_io.common import (
 )
 from batchllm_cli.table_io.csv_dialect import CsvDialect, _csv_records
 from batchllm_cli.table_io.inputs import FORMAT_CHOICES, InputOptions
-from batchllm_cli.table_io.source import TableSource, check_output_path, read_table
-from batchllm_cli.table_io.writing import write_output, write_query_jsonl, write_table_jsonl
+from batchllm_cli.table_io.source import TableSource, read_table
+from batchllm_cli.table_io.writing import check_output_path, write_output, write_query_jsonl, write_table_jsonl
 
 __all__ = [
     "CSV_MAX_LINE_SIZE", "DEFAULT_MAX_REJECTS", "INPUT_FORMATS", "OUTPUT_FORMATS", "ROW_ID",

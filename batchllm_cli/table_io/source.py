@@ -12,13 +12,12 @@ from typing import Iterator, Sequence
 import duckdb
 import pyarrow as pa
 
-from batchllm_cli.durable import check_writable_dir
 from batchllm_cli.errors import InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths, temp_full_error, temp_writes
 from batchllm_cli.table_io.arrow_types import cast_batch, zoned_schema
 from batchllm_cli.table_io.common import (
     DEFAULT_MAX_REJECTS, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
-    _one_line, output_format,
+    _one_line,
 )
 from batchllm_cli.table_io.csv_dialect import (
     CsvDialect, CsvText, _csv_header_line, _csv_options, _one_per_record, check_lenient_read, check_record_count,
@@ -461,28 +460,6 @@ class TableSource:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def check_output_path(
-    output: str | os.PathLike[str], inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
-) -> Path:
-    """Refuse an output that cannot be written, before any model loads; creates nothing. `inputs` are
-    the local input files (a URL is never the output)."""
-    out = Path(output)
-    output_format(out)
-    for input_path in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
-        inp = Path(input_path)
-        same = out.resolve() == inp.resolve()
-        if not same and out.exists() and inp.exists():
-            same = os.path.samefile(out, inp)
-        if same:
-            raise UsageError(f"Output {out} is the input file; write the results to a new file.")
-    if out.is_dir():
-        raise UsageError(f"Output {out} is a directory; give a file name such as {out / 'out.parquet'}.")
-    if out.exists() and not out.is_file():
-        raise UsageError(f"Output {out} exists and is not a regular file (a pipe or device); give a file name.")
-    check_writable_dir(out.parent if str(out.parent) else Path("."), "Output directory")
-    return out
 
 
 def read_table(path: str | os.PathLike[str]) -> pa.Table:

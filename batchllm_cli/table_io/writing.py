@@ -9,7 +9,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchllm_cli.durable import fsync_dir, fsync_file, temp_name
+from batchllm_cli.durable import check_writable_dir, fsync_dir, fsync_file, temp_name
+from batchllm_cli.errors import UsageError
 from batchllm_cli.plain_paths import PlainPaths
 from batchllm_cli.table_io.common import (
     _COPY_OPTIONS, _PARQUET_BATCH_ROWS, ROW_ID, _connect, _ident, _literal, _write_error, duckdb_key, output_format,
@@ -272,3 +273,25 @@ def write_table_jsonl(table: pa.Table, out: Path) -> None:
     finally:
         con.close()
         plain.close()
+
+
+def check_output_path(
+    output: str | os.PathLike[str], inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+) -> Path:
+    """Refuse an output that cannot be written, before any model loads; creates nothing. `inputs` are
+    the local input files (a URL is never the output)."""
+    out = Path(output)
+    output_format(out)
+    for input_path in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        inp = Path(input_path)
+        same = out.resolve() == inp.resolve()
+        if not same and out.exists() and inp.exists():
+            same = os.path.samefile(out, inp)
+        if same:
+            raise UsageError(f"Output {out} is the input file; write the results to a new file.")
+    if out.is_dir():
+        raise UsageError(f"Output {out} is a directory; give a file name such as {out / 'out.parquet'}.")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"Output {out} exists and is not a regular file (a pipe or device); give a file name.")
+    check_writable_dir(out.parent if str(out.parent) else Path("."), "Output directory")
+    return out
