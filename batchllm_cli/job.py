@@ -132,7 +132,7 @@ def write_output(prepared: PreparedRun, model: dict[str, Any], guard: SignalGuar
     assert prepared.run_dir is not None
     t0 = time.perf_counter()
     try:
-        files = write_final(prepared, model)
+        files = write_final(prepared, model or dict(prepared.earlier_model))  # no engine: the finished job's
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True

@@ -2,6 +2,7 @@
 (written last), and the report of a job that had already finished."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ def write_final(prepared: PreparedRun, model_info: dict[str, Any]) -> dict[str, 
         "model": model_info,
         "prompt_tokens": sum(s.prompt_tokens for s in committed.shards),
         "completion_tokens": sum(s.completion_tokens for s in committed.shards),
+        "column": settings.column,  # the output's shape: a re-run with another --column rewrites it
     }
     write_marker(output, marker)
     if not settings.keep_checkpoints:
@@ -125,27 +127,71 @@ def write_final(prepared: PreparedRun, model_info: dict[str, Any]) -> dict[str, 
     }
 
 
-def check_output_for_retry(output: Path, columns: OutputColumns, total_rows: int) -> None:
-    """UsageError unless the finished output can give back its answers (made before anything is written)."""
+def read_error_types(output: Path, rows_failed: int, why: str) -> dict[int, str]:
+    """row -> error type of a finished job's rows in error, from its errors file: the output has no
+    error type column, and rewriting the output (another --column) must keep them. UsageError (made
+    before anything is written) when the file is gone or does not list `rows_failed` rows."""
+    path = errors_path(output)
+    if not rows_failed:
+        return {}
+    types: dict[int, str] = {}
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line) if line.strip() else None
+            row, kind = (entry.get("row"), entry.get("error_type")) if isinstance(entry, dict) else (None, None)
+            if isinstance(row, int) and isinstance(kind, str):
+                types[row] = kind
+    except (OSError, UnicodeDecodeError, ValueError):
+        types = {}
+    if len(types) != rows_failed:
+        raise UsageError(
+            f"{why}: {path} does not list the {rows_failed} rows in error of {output}, so it cannot be rewritten; "
+            "run with the --column it was written with, or add --restart to run every row again."
+        )
+    return types
+
+
+def check_output_for_reuse(output: Path, columns: OutputColumns, total_rows: int, why: str,
+                           error_types: dict[int, str] | None = None) -> None:
+    """UsageError unless the finished output can give back its answers (made before anything is written):
+    it has the `columns`, one row per input row and, when `error_types` is given, a type for each row
+    in error. `why` names the flag that asks for it."""
     with TableSource(output) as src:
         missing = [name for _, name in columns.from_shards() if name not in src.column_names]
         if missing:
             raise UsageError(
-                f"--retry-errors: {output} has no column {missing[0]!r}; give the --column of the run that "
+                f"{why}: {output} has no column {missing[0]!r}; give the --column of the run that "
                 "wrote it, or use --restart to run every row again."
             )
         if src.count_rows() != total_rows:
             raise UsageError(
-                f"--retry-errors: {output} has {src.count_rows()} rows but the input has {total_rows}; use "
+                f"{why}: {output} has {src.count_rows()} rows but the input has {total_rows}; use "
                 "--restart to run every row again."
+            )
+        if error_types is not None and _error_rows(src, columns) != set(error_types):
+            raise UsageError(
+                f"{why}: {errors_path(output)} does not list the rows in error of {output}, so it cannot be "
+                "rewritten; run with the --column it was written with, or add --restart to run every row again."
             )
 
 
+def _error_rows(src: TableSource, columns: OutputColumns) -> set[int]:
+    import pyarrow.compute as pc
+
+    rows: set[int] = set()
+    for batch in src.batches(_SEED_SHARD_ROWS):
+        failed = batch.filter(pc.is_valid(batch.column(columns.error)))
+        rows.update(failed.column(ROW_ID).to_pylist())
+    return rows
+
+
 def seed_from_output(output: Path, columns: OutputColumns, run_dir: RunDir, committed: Committed,
-                     total_rows: int) -> int:
-    """Commit the answered rows of a finished output as shards, so that --retry-errors runs only the rows
-    in error after the run directory was removed. The output holds the input's rows in order, so its
-    ordinal is the row id. Returns the rows kept."""
+                     error_types: dict[int, str] | None = None) -> int:
+    """Commit the rows of a finished output as shards, so that a run can write the job's output again
+    without the run directory that was removed: the answered rows only (--retry-errors runs the rest),
+    or every row when `error_types` gives the type of each row in error (the output rewritten under
+    another --column). `columns` are the names the output has. The output holds the input's rows in
+    order, so its ordinal is the row id. Returns the rows kept."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -153,13 +199,16 @@ def seed_from_output(output: Path, columns: OutputColumns, run_dir: RunDir, comm
     kept = 0
     with TableSource(output) as src:
         for batch in src.batches(_SEED_SHARD_ROWS):
-            ok = batch.filter(pc.is_null(batch.column(columns.error)))
-            if not ok.num_rows:
+            rows = batch if error_types is not None else batch.filter(pc.is_null(batch.column(columns.error)))
+            if not rows.num_rows:
                 continue
-            cols = {ROW_ID: ok.column(ROW_ID)}
-            cols.update({shard_col: ok.column(out_col) for shard_col, out_col in pairs})
+            cols = {ROW_ID: rows.column(ROW_ID)}
+            cols.update({shard_col: rows.column(out_col) for shard_col, out_col in pairs})
+            if error_types is not None:
+                cols["error_type"] = pa.array([error_types.get(r) for r in rows.column(ROW_ID).to_pylist()],
+                                              pa.string())
             arrays = [
-                cols[f.name].cast(f.type) if f.name in cols else pa.nulls(ok.num_rows, f.type)
+                cols[f.name].cast(f.type) if f.name in cols else pa.nulls(rows.num_rows, f.type)
                 for f in SHARD_SCHEMA
             ]
             table = pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)

@@ -128,7 +128,7 @@ class AttemptTracker:
             **prepared.report_identity(),
             attempt=self.counts(write_s),
             job=job_counts(prepared, self.resumed),
-            model=model_info(self.engine),
+            model=model_info(self.engine) or dict(prepared.earlier_model),
             engine=engine_summary(last, prepared.params.max_tokens),
             first_errors=tuple(self.collector.first_errors),
             run_dir=str(prepared.run_dir.path) if prepared.run_dir is not None else None,

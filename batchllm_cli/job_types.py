@@ -266,6 +266,9 @@ class PreparedRun:
     output_lock: FileLock | None = None
     constraint: Constraint | None = None  # structured output (--choices/--regex/--json-schema or the recipe's)
     typed_fields: list[TypedField] = field(default_factory=list)  # a schema's properties as typed columns
+    # The model details of the finished job whose answers this run writes again (another --column,
+    # --retry-errors): what the report and marker say when no engine loads because no row runs.
+    earlier_model: dict[str, Any] = field(default_factory=dict)
 
     def report_identity(self) -> dict[str, Any]:
         """The RunReport fields that name the job (the same whether it ran now or had finished)."""

@@ -59,6 +59,9 @@ class Marker:
     model: dict[str, Any] | None = None  # the engine's model info (attention backend, CUDA graphs, ...)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # The output's shape: its answer columns' prefix (--column). Not in the fingerprint (a resume may
+    # change it), so a re-run with another one must rewrite the output rather than call it finished.
+    column: str | None = None
 
     def matches_output(self, output: Path) -> bool:
         """The output exists and has the recorded sha256."""
@@ -95,8 +98,9 @@ def parse_marker(data: Any) -> Marker | None:
     model = data.get("model") if isinstance(data.get("model"), dict) else None
     tokens = [data.get(k) for k in ("prompt_tokens", "completion_tokens")]
     tokens = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None for v in tokens]
+    column = data.get("column") if isinstance(data.get("column"), str) and data.get("column") else None
     return Marker(*ints, data["output_sha256"], data["fingerprint_sha256"], float(finished), *files, fingerprint,
-                  chat, model, *tokens)
+                  chat, model, *tokens, column)
 
 
 def read_marker(output: Path) -> Marker | None:

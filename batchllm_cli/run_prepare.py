@@ -3,7 +3,8 @@
 Everything that can be wrong with an invocation (input, template, output path, model directory,
 settings, a checkpoint of a different job, another run holding the lock) is checked in `prepare_run`
 before any model weights load. An output whose completion marker says it is this job's, finished and
-intact, makes the run one that has nothing to do.
+intact, makes the run one that has nothing to do, unless it was written under another --column (not
+part of the job): then its answers are read back and written again under the new names.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from batchllm_cli.errors import BatchLLMError, FingerprintMismatch, UsageError
 from batchllm_cli.file_lock import FileLock
 from batchllm_cli.file_safety import check_run_paths, input_reads
 from batchllm_cli.fingerprint import build_fingerprint, changed_fields, describe_changes, digest_of
-from batchllm_cli.job_output import check_output_for_retry, rejected_rows, seed_from_output
+from batchllm_cli.job_output import check_output_for_reuse, read_error_types, rejected_rows, seed_from_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunSettings, SilentObserver
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
@@ -100,6 +101,22 @@ def _finished_marker(
                         "the job runs again.")
         return None, True
     return marker, True
+
+
+def _written_columns(settings: RunSettings, marker: Marker, columns: OutputColumns) -> OutputColumns:
+    """The answer columns a finished output of this job has. Markers written before they recorded
+    --column name none: then the output itself must have this run's columns, since without the old
+    name its answers cannot be read back to rewrite it (refused, exit 2, before anything is written)."""
+    if marker.column is not None:
+        return OutputColumns(marker.column)
+    with TableSource(settings.output) as src:
+        if all(name in src.column_names for name in columns.names):
+            return columns
+    raise UsageError(
+        f"{settings.output} holds this job's finished answers under another --column, which its marker "
+        f"{marker_path(settings.output).name} does not record; run with the --column it was written with, or "
+        "add --restart to run every row again."
+    )
 
 
 def _check_foreign_output(settings: RunSettings, run_dir: RunDir) -> None:
@@ -184,8 +201,11 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         output_lock = FileLock(output_lock_path(settings.output), remove_on_release=True)
         output_lock.acquire(str(settings.output))
         marker, marker_present = _finished_marker(settings, fingerprint, observer)
+        # The finished output's answer columns (--restart keeps none): another --column rewrites it.
+        written = _written_columns(settings, marker, columns) if marker is not None and not settings.restart else None
+        reshape = written is not None and written != columns
         retry_finished = settings.retry_errors and marker is not None and marker.rows_failed > 0
-        if marker is not None and not settings.restart and not retry_finished:
+        if marker is not None and not settings.restart and not retry_finished and not reshape:
             # Tidy what a run killed after its marker left (its lock file, temp files, run directory).
             output_lock.record_owner()
             remove_stale_output_files(settings.output)
@@ -221,8 +241,15 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 elif changed:
                     manifest = None  # a finished job kept with --keep-checkpoints: start a new one
 
-        if retry_finished and manifest is None:  # its answers will be read back from the output
-            check_output_for_retry(settings.output, columns, total_rows)
+        # Without the run directory the finished output gives its answers back (read before any write).
+        reuse = written is not None and (retry_finished or reshape) and manifest is None
+        error_types: dict[int, str] | None = None  # every row is kept: the rows in error with their types
+        if reuse:
+            assert marker is not None and written is not None
+            why = "--retry-errors" if retry_finished else f"--column {settings.column}"
+            if not retry_finished:
+                error_types = read_error_types(settings.output, marker.rows_failed, why)
+            check_output_for_reuse(settings.output, written, total_rows, why, error_types)
         tokenizer = load_tokenizer(model_dir)
         chat = resolve_chat(settings.chat, tokenizer, model_dir, settings.prompt.system)
         if constraint is not None:
@@ -268,14 +295,24 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 f"Checkpoint: {len(committed.quarantined)} torn or uncommitted file(s) moved to "
                 f"{run_dir.path / 'quarantine'}; their rows will run again."
             )
-        if settings.retry_errors and manifest is None and not retry_finished:
+        if reshape:
+            assert written is not None
+            observer.notice(
+                f"{settings.output} holds this job's finished answers as --column {written.prefix}; it is written "
+                f"again as --column {settings.column}" + (" (the rows in error run again)." if retry_finished
+                                                          else " without running any row.")
+            )
+        seeded = 0
+        if reuse:
+            assert written is not None
+            seeded = seed_from_output(settings.output, written, run_dir, committed, error_types)
+        if settings.retry_errors and manifest is None and not (retry_finished or reshape):
             # nothing of this job to keep (first run, or the input/template/model/settings changed)
             observer.notice("--retry-errors: there is no finished or checkpointed run of this job to retry, so "
                             "every row runs.")
         elif settings.retry_errors:
-            dropped = 0
-            if retry_finished and manifest is None:  # the run directory is gone: the output has the answers
-                dropped = total_rows - seed_from_output(settings.output, columns, run_dir, committed, total_rows)
+            # rows of a finished output left out of the seeded shards, then those in error in the run directory
+            dropped = total_rows - seeded if retry_finished and reuse else 0
             dropped += run_dir.drop_error_rows(committed)
             observer.notice(f"--retry-errors: {dropped} row(s) in error will run again.")
         if committed.rows:
@@ -296,6 +333,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         fingerprint=fingerprint, run_dir=run_dir, committed=committed, total_rows=total_rows,
         max_prompt_tokens=max_prompt_tokens, output_lock=output_lock,
         constraint=constraint, typed_fields=fields,
+        earlier_model=dict(marker.model or {}) if written is not None and marker is not None else {},
     )
 
 

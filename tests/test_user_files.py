@@ -369,11 +369,105 @@ def test_retry_errors_reruns_only_the_failed_rows_of_a_finished_job(files: Files
     assert result.exit_code == 0 and "already finished" in flat(result.stderr)
 
 
-def test_retry_errors_with_another_column_name_is_refused_before_anything_changes(files: Files) -> None:
+def test_retry_errors_with_another_column_name_retries_under_it(files: Files) -> None:
     _mixed_input(files.inp)
     assert invoke(files.args(*SMALL_CACHE)).exit_code == 3
-    refused(files.args(*BIG_CACHE, "--retry-errors", "--column", "answer"), files.root,
-            "--retry-errors", "no column 'answer'", "--column")
+    first = read_rows(files.out)
+    result = invoke(files.args(*BIG_CACHE, "--retry-errors", "--column", "answer"))
+    assert result.exit_code == 0, result.output
+    assert "--retry-errors: 3 row(s) in error will run again" in flat(result.stderr)
+    rows = read_rows(files.out)
+    assert all(r["answer_error"] is None and "response" not in r for r in rows)
+    assert [r["answer"] for r in rows if r["id"] not in ("0", "3", "6")] == [
+        r["response"] for r in first if r["response_error"] is None]
+    assert assert_finished_cleanly(files.out, 9)["column"] == "answer"
+
+
+def _forbid_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if anything loads model weights from now on (as the no_model fixture, after a first run)."""
+    import engine.llm_engine
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("no row should run")
+
+    monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", forbidden)
+
+
+def _renamed(row: dict, old: str, new: str) -> dict:
+    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in row.items()}
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_job_run_with_another_column_is_written_again_under_it(
+    files: Files, keep: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --column is no part of the job (a resume may change it), so a finished job re-run with another
+    # one must not say "nothing to do" and leave the old names: its answers are written again under the
+    # new ones, from the finished output (or the kept checkpoint), without running any row.
+    _mixed_input(files.inp)
+    extra = ["--keep-checkpoints"] if keep else []
+    assert invoke(files.args(*SMALL_CACHE, *extra)).exit_code == 3
+    first, first_marker = read_rows(files.out), json.loads(files.marker.read_text())
+    errors_file = files.root / "o.parquet.errors.jsonl"
+    errors = errors_file.read_bytes()
+    _forbid_model(monkeypatch)
+    summary = files.root / "s.json"
+    result = invoke(files.args(*SMALL_CACHE, *extra, "--column", "ans", "--summary", str(summary)))
+    assert result.exit_code == 3, result.output  # written now, with the job's rows in error
+    assert "as --column response; it is written again as --column ans without running any row" in flat(result.stderr)
+    assert read_rows(files.out) == [_renamed(r, "response", "ans") for r in first]
+    assert errors_file.read_bytes() == errors  # error types and all
+    marker = assert_finished_cleanly(files.out, 9, keep_checkpoints=keep)
+    assert (marker["column"], marker["model"], marker["rows_failed"]) == ("ans", first_marker["model"], 3)
+    report = json.loads(summary.read_text())
+    assert (report["state"], report["exit_code"], report["already_done"]) == ("finished_with_errors", 3, False)
+    assert (report["attempt"]["rows"], report["job"]["rows"], report["model"]) == (0, 9, first_marker["model"])
+    result = invoke(files.args(*SMALL_CACHE, *extra, "--column", "ans"))
+    assert result.exit_code == 0 and "already finished" in flat(result.stderr)
+
+
+def test_finished_csv_output_with_typed_columns_is_written_again_under_another_column(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = files.root / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}}))
+    out = files.root / "o.csv"
+    args = job_args(files.inp, files.tpl, out, "--json-schema", str(schema), "--max-tokens", "12")
+    assert invoke(args).exit_code in (0, 3)
+    first = read_rows(out)
+    assert "response_n" in first[0]
+    _forbid_model(monkeypatch)
+    assert invoke([*args, "--column", "ans"]).exit_code in (0, 3)
+    assert read_rows(out) == [_renamed(r, "response", "ans") for r in first]
+    assert_finished_cleanly(out, ROWS)
+
+
+def test_finished_job_whose_marker_does_not_name_its_column(files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A marker written before it recorded --column: the same column is finished; another is refused
+    # (its answers cannot be found) before anything changes, also with --retry-errors.
+    _mixed_input(files.inp)
+    assert invoke(files.args(*SMALL_CACHE)).exit_code == 3
+    marker = json.loads(files.marker.read_text())
+    del marker["column"]
+    files.marker.write_text(json.dumps(marker))
+    _forbid_model(monkeypatch)
+    result = invoke(files.args(*SMALL_CACHE))
+    assert result.exit_code == 0 and "already finished" in flat(result.stderr)
+    for retry in ([], ["--retry-errors"]):
+        refused(files.args(*SMALL_CACHE, *retry, "--column", "ans"), files.root,
+                "under another --column", "does not record", "--restart")
+
+
+def test_finished_job_without_its_errors_file_is_not_rewritten_under_another_column(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The output has no error type column: the errors file keeps them, and a rewrite must not lose them.
+    _mixed_input(files.inp)
+    assert invoke(files.args(*SMALL_CACHE)).exit_code == 3
+    (files.root / "o.parquet.errors.jsonl").unlink()
+    _forbid_model(monkeypatch)
+    refused(files.args(*SMALL_CACHE, "--column", "ans"), files.root,
+            "--column ans", "o.parquet.errors.jsonl", "does not list the 3 rows in error", "--restart")
 
 
 def test_retry_errors_of_a_changed_job_says_every_row_runs(files: Files) -> None:
