@@ -89,6 +89,7 @@ from batchllm_cli.progress import err_console, make_progress, print_error
 from batchllm_cli.report_files import check_report_target
 from batchllm_cli.report_render import render_report, stopped_summary, write_summary
 from batchllm_cli.run_prepare import prepare_run
+from batchllm_cli.std_streams import protect_std_streams, stdout_data
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
 
 EXIT_CODES_EPILOG = EXIT_CODES_HELP
@@ -108,7 +109,8 @@ app = typer.Typer(
 
 def _version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"batchllm {__version__}")
+        with stdout_data():
+            typer.echo(f"batchllm {__version__}")
         raise typer.Exit()
 
 
@@ -283,6 +285,7 @@ app.command("recipes", cls=SectionedHelpCommand)(recipes_command)
 
 def main() -> None:
     """Console entry point (`batchllm`)."""
+    protect_std_streams()  # closed or broken stdout/stderr never change a command's outcome
     try:
         app()
     except BatchLLMError as exc:  # raised outside a command body (should not happen); stay one line

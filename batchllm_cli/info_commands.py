@@ -12,6 +12,7 @@ import recipes
 from batchllm_cli.command_common import fail
 from batchllm_cli.errors import BatchLLMError, UsageError
 from batchllm_cli.options import RecipeNameArg, StatusJsonOpt, StatusTargetArg
+from batchllm_cli.std_streams import stdout_data
 
 
 def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> None:
@@ -26,11 +27,12 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
         st = read_status(target)
     except BatchLLMError as exc:
         raise fail(exc) from None
-    if as_json:
-        sys.stdout.write(status_json(st))
-        sys.stdout.flush()
-    else:
-        typer.echo(format_status(st))
+    with stdout_data():  # `status OUT | head -1`: the exit code is still the state
+        if as_json:
+            sys.stdout.write(status_json(st))
+            sys.stdout.flush()
+        else:
+            typer.echo(format_status(st))
     raise typer.Exit(st.exit_code)
 
 
@@ -43,7 +45,8 @@ def recipes_command(name: RecipeNameArg = None) -> None:
             raise fail(UsageError(
                 f"No recipe {name!r}; recipes: {', '.join(recipes.recipe_names())}."
             )) from None
-        typer.echo(_describe_recipe(recipe))
+        with stdout_data():
+            typer.echo(_describe_recipe(recipe))
         return
     rows: list[dict[str, Any]] = []
     for recipe in recipes.list_recipes():
@@ -51,9 +54,10 @@ def recipes_command(name: RecipeNameArg = None) -> None:
         needs = ", ".join(list(recipe.required_columns) + ([optional] if optional else []))
         rows.append({"name": recipe.name, "description": recipe.description, "columns": needs})
     width = max((len(r["name"]) for r in rows), default=0)
-    for r in rows:
-        # Plain stdout lines: this list is the command's output and should pipe cleanly.
-        typer.echo(f"{r['name']:<{width}}  {r['description']} Columns: {r['columns']}.")
+    with stdout_data():
+        for r in rows:
+            # Plain stdout lines: this list is the command's output and should pipe cleanly.
+            typer.echo(f"{r['name']:<{width}}  {r['description']} Columns: {r['columns']}.")
 
 
 def _describe_recipe(recipe: recipes.Recipe) -> str:

@@ -26,9 +26,10 @@ from rich.progress import (
 from rich.text import Text
 
 from batchllm_cli.job_types import SilentObserver, WorkDone, iso_utc
+from batchllm_cli.std_streams import DiagnosticsConsole
 
 # The single sink for human-readable output; stdout is reserved for machine output (--summary -).
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+err_console = DiagnosticsConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_error(message: str, console: Console | None = None) -> None:

@@ -3,14 +3,12 @@ as `run` would, without loading model weights (analyze.py, render.py do the work
 command runs)."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
 from batchllm_cli.command_common import fail, prompt_options_of
@@ -48,6 +46,7 @@ from batchllm_cli.options import (
     VarOpt,
 )
 from batchllm_cli.progress import err_console
+from batchllm_cli.std_streams import DataConsole, stdout_data
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
 from batchllm_cli.table_io.inputs import STDIN, input_args, resolve_input
 
@@ -149,7 +148,8 @@ def analyze_command(
         guard.draining = True  # from here on only the reports are written; let them finish
         # The report is the command's output (`> report.txt`), unless --json - or --html - takes stdout.
         machine_on_stdout = json_out == "-" or (html_out is not None and str(html_out) == "-")
-        render_text(report, err_console if machine_on_stdout else Console(highlight=False, soft_wrap=True))
+        with stdout_data():  # `analyze ... | head`: the reader has all it wanted; --html/--json still follow
+            render_text(report, err_console if machine_on_stdout else DataConsole(highlight=False, soft_wrap=True))
         if html_out is not None:
             write_report_file(str(html_out), render_html(report))
             err_console.print(Text(f"html: {html_out}"))
@@ -239,15 +239,13 @@ def render_command(
         prepared = prepare_analyze(settings, AnalyzeProgress(err_console))
         try:
             with_id = id_column is not None
-            for row in render_rows(prepared):
-                sys.stdout.write(row.to_json(with_id) + "\n" if as_json else row.to_text(with_id))
-            sys.stdout.flush()
+            with stdout_data():  # `batchllm render ... | head`: the reader has all it wanted
+                for row in render_rows(prepared):
+                    sys.stdout.write(row.to_json(with_id) + "\n" if as_json else row.to_text(with_id))
+                sys.stdout.flush()
         finally:
             prepared.close()
     except BatchLLMError as exc:
         raise fail(exc) from None
-    except BrokenPipeError:  # `batchllm render ... | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

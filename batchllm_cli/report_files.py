@@ -16,6 +16,7 @@ from pathlib import Path
 
 from batchllm_cli.durable import atomic_write_bytes
 from batchllm_cli.errors import UsageError
+from batchllm_cli.std_streams import stdout_data
 
 _STREAM_ROOTS = ("/dev/", "/proc/")
 
@@ -49,8 +50,9 @@ def check_report_target(path: str | None, flag: str) -> None:
 def write_report(path: str, text: str) -> None:
     """`text` to the report `path` (see the module's docstring). Raises OSError."""
     if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        with stdout_data():  # a reader that left (`| true`, `| head`) does not fail the command
+            sys.stdout.write(text)
+            sys.stdout.flush()
         return
     p = Path(path)
     if is_stream(p):
