@@ -7,7 +7,10 @@ with the result columns on that row id, written to a temporary file and renamed 
 CSV input is read strictly (RFC 4180 quoting with `"`, the delimiter agreed by the first records) so that
 a malformed file fails with DuckDB's error naming the line instead of being silently read with another
 dialect; `skip_bad_rows` rejects such lines instead and keeps them (line number, error type, text) for a
-rejects file. Values are never rewritten on the way through:
+rejects file. The files DuckDB's strict mode cannot read although they are well formed (a CRLF header
+holding a quoted line break; records ending in both '\r\n' and '\n') are read in its lenient mode, and
+then every record is checked by Python's strict csv reader instead, so a malformed one still fails.
+Values are never rewritten on the way through:
 - CSV columns are read as text (VARCHAR), exactly as in the file (`00501`, `1.50`, `t`, `01/02/2024`);
   an empty field is NULL, `""` is empty text, and CSV output writes them back the same way. CSV
   output, which has no nested types, writes lists, structs and maps as JSON text.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -118,12 +119,96 @@ def _header_breaks_crlf(header_and_end: str) -> bool:
     return header_and_end.endswith("\r\n") and any(ch in header_and_end[:-2] for ch in "\r\n")
 
 
+_LINE_END = re.compile(r"\r?\n")
+_LINE_END_NAMES = {"\r\n": "\\r\\n", "\n": "\\n"}
+
+
+class _RecordEnds:
+    """The kind of line end that ends records, followed through a file read in pieces. Line ends
+    inside a quoted value are the value's and are left out (RFC 4180 quoting: the quote state flips at
+    every '"', a doubled quote flipping it twice)."""
+
+    def __init__(self) -> None:
+        self.first: str | None = None  # the kind that ends the first record
+        self.first_line = 0
+        self.quoted = False  # inside a quoted value where the next piece starts
+        self.lines = 0  # line ends before the next piece
+
+    def other(self, data: str) -> int | None:
+        """The line (1-based) of the first record in `data` that ends otherwise than the first one."""
+        ends, crlf = data.count("\n"), data.count("\r\n")
+        try:
+            if self.first is not None and crlf == (ends if self.first == "\r\n" else 0):
+                self.quoted ^= data.count('"') % 2 == 1  # every line ends alike: no need to look closer
+                return None
+            return self._look(data)
+        finally:
+            self.lines += ends
+
+    def _look(self, data: str) -> int | None:
+        start = 0
+        for i, end in enumerate(_LINE_END.finditer(data)):
+            self.quoted ^= data.count('"', start, end.start()) % 2 == 1
+            start = end.end()
+            if self.quoted:
+                continue
+            if self.first is None:
+                self.first, self.first_line = end.group(), self.lines + i + 1
+            elif end.group() != self.first:
+                return self.lines + i + 1
+        self.quoted ^= data.count('"', start) % 2 == 1
+        return None
+
+
+def mixed_line_endings(path: Path, text: CsvText = CsvText()) -> str | None:
+    """Where a file mixes '\r\n' and '\n' record endings (rows appended with '\n' to a file Python's csv
+    module wrote with '\r\n' do), as 'line 1 ends with ..., line N with ...'; None when every record
+    ends alike (line breaks inside quoted values are values, of either kind). Streams the file: counts
+    per megabyte, and a line-by-line look only at a megabyte whose line ends differ."""
+    ends = _RecordEnds()
+    carry = ""  # a '\r' at the end of a read, whose '\n' may start the next one
+    with open_text(path, text.encoding, text.compression) as f:
+        while True:
+            chunk = f.read(_HEAD_BYTES)
+            data, carry = carry + chunk, ""
+            if chunk.endswith("\r"):
+                data, carry = data[:-1], "\r"
+            if not data:
+                return None
+            line = ends.other(data)
+            if line is not None:
+                assert ends.first is not None
+                other = "\n" if ends.first == "\r\n" else "\r\n"
+                return (f"line {ends.first_line} ends with {_LINE_END_NAMES[ends.first]}, line {line} with "
+                        f"{_LINE_END_NAMES[other]}")
+
+
 @dataclass(frozen=True)
 class CsvDialect:
     delimiter: str
     names: tuple[str, ...]
     # DuckDB 2.0 reads such a file right only when told its line ending and not in strict mode.
     crlf_quoted_header: bool = False
+    # Where the file mixes '\r\n' and '\n' line endings (mixed_line_endings), which DuckDB's strict mode
+    # cannot read ("state machine reached an invalid state"): it is read in lenient mode instead.
+    mixed_line_endings: str | None = None
+
+    @property
+    def lenient(self) -> bool:
+        """Read in DuckDB's lenient mode, which pads, cuts or merges malformed records silently: every
+        record is then checked by Python's strict reader instead (check_lenient_read)."""
+        return self.crlf_quoted_header or self.mixed_line_endings is not None
+
+    def read_mode(self) -> str:
+        """read_csv's options for this dialect's mode."""
+        if self.crlf_quoted_header:
+            return "strict_mode=false, new_line='\\r\\n'"
+        return "strict_mode=false" if self.mixed_line_endings is not None else "strict_mode=true"
+
+    def lenient_reason(self) -> str:
+        if self.crlf_quoted_header:
+            return "a CRLF file whose header holds a line break"
+        return f"a file that mixes line endings: {self.mixed_line_endings}; saved with one kind of line ending, it can"
 
 
 def _csv_options(delimiter: str, encoding: str = "utf-8") -> list[str]:
@@ -200,16 +285,16 @@ def _one_per_record(rejects: pa.Table) -> pa.Table:
 
 def check_lenient_read(files: Sequence[tuple[str, Path, CsvText]], dialect: CsvDialect) -> None:
     """Files DuckDB can only read in its lenient mode (a CRLF file whose header holds a quoted line
-    break), which pads, cuts or merges malformed records silently, are checked record by record here.
+    break, a file that mixes line endings), which pads, cuts or merges malformed records silently, are checked record by record here.
     `files` are (name for messages, local path, how to read it as text)."""
-    if not dialect.crlf_quoted_header:
+    if not dialect.lenient:
         return
     for name, path, text in files:
         bad = _csv_bad_record(path, dialect.delimiter, len(dialect.names), text)
         if bad is not None:
             raise InputError(
-                f"Cannot read {name}: {bad}. Fix the file (--skip-bad-rows cannot skip records in a "
-                "CRLF file whose header holds a line break)."
+                f"Cannot read {name}: {bad}. Fix the file (--skip-bad-rows cannot skip records in "
+                f"{dialect.lenient_reason()})."
             )
 
 

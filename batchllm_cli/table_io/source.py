@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import uuid
@@ -12,7 +13,7 @@ from typing import Iterator, Sequence
 import duckdb
 import pyarrow as pa
 
-from batchllm_cli.errors import InputError, UsageError
+from batchllm_cli.errors import BatchLLMError, InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths, temp_full_error, temp_writes
 from batchllm_cli.table_io.arrow_types import cast_batch, zoned_schema
 from batchllm_cli.table_io.common import (
@@ -21,6 +22,7 @@ from batchllm_cli.table_io.common import (
 )
 from batchllm_cli.table_io.csv_dialect import (
     CsvDialect, CsvText, _csv_header_line, _csv_options, _one_per_record, check_lenient_read, check_record_count,
+    mixed_line_endings,
 )
 from batchllm_cli.table_io.inputs import (
     DUCKDB_ENCODINGS, InputFile, InputOptions, ResolvedInput, check_csv_content, input_args, is_blank, is_url, python_encoding, resolve_input,
@@ -244,7 +246,7 @@ class TableSource:
             opts = _csv_options(d.delimiter, self._duckdb_encoding) + [
                 "auto_detect=false",
                 f"columns={{{cols}}}",
-                "strict_mode=false, new_line='\\r\\n'" if d.crlf_quoted_header else "strict_mode=true",
+                d.read_mode(),
                 "allow_quoted_nulls=false",  # "" is an empty string; only an empty field is NULL
             ]
             if self.skip_bad_rows:
@@ -296,6 +298,31 @@ class TableSource:
         if self.empty:
             self._rows = 0
             return 0
+        # A CSV file that mixes line endings fails DuckDB's strict read (an error, or with --skip-bad-rows
+        # records rejected that are not malformed): it is then read again leniently, checked record by record.
+        try:
+            self._read_every_row()
+        except duckdb.Error as exc:
+            if not self._read_leniently_if_mixed_line_endings():
+                raise self._read_error(exc) from exc
+            self._read_again()
+        else:
+            if self.rejects is not None and self.rejects.num_rows and self._read_leniently_if_mixed_line_endings():
+                self._read_again()
+        rejected = self.rejects.num_rows if self.rejects is not None else 0
+        if rejected > self.max_rejects:
+            assert self.rejects is not None
+            first = self.rejects.slice(0, 1).to_pylist()[0]
+            raise InputError(
+                f"Cannot read {self.path}: {rejected} malformed records, more than --max-rejects "
+                f"{self.max_rejects} (the first on line {first['line']}: {first['error']}); fix the file, "
+                "or raise --max-rejects if skipping them is right."
+            )
+        return self._rows
+
+    def _read_every_row(self) -> None:
+        """validate()'s read: the row count, the checks of CSV records against an independent reader,
+        the rejected records; raises duckdb.Error when DuckDB cannot read the table."""
         con = _connect(self._plain)
         table = f"batchllm_rejects_{uuid.uuid4().hex[:8]}"
         try:
@@ -335,25 +362,44 @@ class TableSource:
                     f"FROM {table} AS r JOIN {table}_scan AS s USING (scan_id, file_id) "
                     f"GROUP BY r.file_id, r.line ORDER BY r.file_id, r.line"
                 ).to_arrow_table())
-        except duckdb.Error as exc:
-            hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.is_csv else ""
-            if self.is_csv and "Invalid unicode" in str(exc) and self.options.encoding is None:
-                hint = (" If the file is in another encoding, name it with --encoding (latin-1, cp1252, utf-16, "
-                        "...); else fix the file, or pass --skip-bad-rows to reject bad lines.")
-            raise temp_full_error(exc) or InputError(
-                f"Cannot read {self.path}: {self._reason(exc).rstrip('.')}.{hint}") from exc
         finally:
             con.close()
-        rejected = self.rejects.num_rows if self.rejects is not None else 0
-        if rejected > self.max_rejects:
-            assert self.rejects is not None
-            first = self.rejects.slice(0, 1).to_pylist()[0]
-            raise InputError(
-                f"Cannot read {self.path}: {rejected} malformed records, more than --max-rejects "
-                f"{self.max_rejects} (the first on line {first['line']}: {first['error']}); fix the file, "
-                "or raise --max-rejects if skipping them is right."
-            )
-        return self._rows
+
+    def _read_again(self) -> None:
+        self._rows, self.rejects = None, None
+        try:
+            self._read_every_row()
+        except duckdb.Error as exc:
+            raise self._read_error(exc) from exc
+
+    def _read_leniently_if_mixed_line_endings(self) -> bool:
+        """A CSV file that mixes '\\r\\n' and '\\n' line endings fails DuckDB's strict read; it is read in
+        DuckDB's lenient mode instead, every record checked by Python's strict reader (local files
+        only: a URL cannot be checked). Returns whether the read should be tried again so."""
+        d = self._dialect
+        if not self.is_csv or d is None or d.lenient or any(f.is_url for f in self.files):
+            return False
+        for f in self.files:
+            where = mixed_line_endings(f.path, self._text(f))
+            if where is not None:
+                where = where if len(self.files) == 1 else f"{f.name}: {where}"
+                self._dialect = dataclasses.replace(d, mixed_line_endings=where)
+                return True
+        return False
+
+    def _read_error(self, exc: duckdb.Error) -> BatchLLMError:
+        """DuckDB's error reading the input, as the user's error: a full temp directory (DuckDB spilling)
+        is temporary (exit 75); anything else is the input's, with the fix it likely needs."""
+        full = temp_full_error(exc)
+        if full is not None:
+            return full
+        hint = " Fix the file, or pass --skip-bad-rows to reject bad lines." if self.is_csv else ""
+        if self.is_csv and "Invalid unicode" in str(exc) and self.options.encoding is None:
+            hint = (" If the file is in another encoding, name it with --encoding (latin-1, cp1252, utf-16, "
+                    "...); else fix the file, or pass --skip-bad-rows to reject bad lines.")
+        elif self._dialect is not None and self._dialect.lenient:
+            hint = f" Fix the file (--skip-bad-rows cannot skip records in {self._dialect.lenient_reason()})."
+        return InputError(f"Cannot read {self.path}: {self._reason(exc).rstrip('.')}.{hint}")
 
     def count_rows(self) -> int:
         return self.validate()
