@@ -5,9 +5,9 @@ of wall time on a shared CPU: a third of a one-row job. Everything the CLI write
 synced before its command returns, so the teardown frees memory the OS reclaims anyway. What a
 normal exit does first is done here too: non-daemon threads are waited for (if any is alive the
 normal exit is taken instead), atexit handlers run (temporary directories, weakref finalizers,
-logging), and stdout/stderr are flushed (text a reader that left did not take is dropped: the
-exit code stays the command's, see std_streams.py). Under a profiler or tracer (cProfile, coverage, a debugger),
-which writes its results after the program returns, the normal exit is taken.
+logging), and stdout/stderr are flushed (text a reader that left did not take is dropped: the exit
+code stays the command's, see std_streams.py). Under a profiler or tracer (cProfile, coverage, a
+debugger), which writes its results after the program returns, the normal exit is taken.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def exit_now(code: int) -> NoReturn:
         try:
             if stream is not None:  # None: the descriptor was closed at start (std_streams.py)
                 stream.flush()
-        except (OSError, ValueError):  # its reader is gone: what it did not take is dropped, the code stays
+        except BrokenPipeError:  # its reader is gone: what it did not take is dropped, the code stays
             pass
+        except (OSError, ValueError):  # a write error (a full disk): let the normal exit report it as it would
+            sys.exit(code)
     os._exit(code)

@@ -131,9 +131,9 @@ def read_error_types(output: Path, rows_failed: int, why: str) -> dict[int, str]
     """row -> error type of a finished job's rows in error, from its errors file: the output has no
     error type column, and rewriting the output (another --column) must keep them. UsageError (made
     before anything is written) when the file is gone or does not list `rows_failed` rows."""
-    path = errors_path(output)
     if not rows_failed:
         return {}
+    path = errors_path(output)
     types: dict[int, str] = {}
     try:
         for line in path.read_text(encoding="utf-8").splitlines():
