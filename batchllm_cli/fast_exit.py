@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
 from typing import NoReturn
@@ -20,6 +21,10 @@ from typing import NoReturn
 
 def exit_now(code: int) -> NoReturn:
     """Exit with `code` at once (see the module docstring); the normal exit where that is not safe."""
+    # The command has ended (its rows committed, its code decided): a Ctrl-C pressed again meanwhile
+    # must not turn the teardown's atexit handlers into a KeyboardInterrupt traceback.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if others or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)

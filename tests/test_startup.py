@@ -59,3 +59,22 @@ def test_usage_error_keeps_its_exit_code(tmp_path: Path, env: dict[str, str]) ->
     assert done.returncode == 2, done.stderr
     assert "missing.csv" in done.stderr
     assert "torch" not in modules
+
+
+def test_a_ctrl_c_during_the_exit_teardown_does_not_print_a_traceback() -> None:
+    # Ctrl-C pressed several times: one landing in an atexit handler (torch's) printed
+    # "Exception ignored in atexit callback ... KeyboardInterrupt" after the run had ended.
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, os, signal, time\n"
+        "from batchllm_cli.fast_exit import exit_now\n"
+        "def late():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "atexit.register(late)\n"
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (3, "")
