@@ -31,8 +31,8 @@ Every local path DuckDB sees is a plain-named symlink (plain_paths.py): a user's
 
 The package: common.py (formats, quoting, connections), inputs.py (what INPUT names: files, a directory,
 a pattern, stdin, URLs), csv_dialect.py (dialect and record count), json_types.py (exact JSON types),
-source.py (TableSource, reading), validation.py (its one full read: counts, rejects), writing.py (output), arrow_types.py (the input's own Arrow types put
-back), zones.py (times as text in their own zone), token_sort.py (out-of-core sort of token
+source.py (TableSource, reading), validation.py (its one full read: counts, rejects), writing.py
+(output), arrow_types.py (the input's own Arrow types put back), zones.py (times as text in their own zone), token_sort.py (out-of-core sort of token
 sequences for `analyze` and `run`'s global plan; imported on demand). All of
 batchllm's DuckDB calls live in this package.
 """
