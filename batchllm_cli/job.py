@@ -66,7 +66,7 @@ def execute_run(
         if remaining > 0:
             if settings.prefix_sharing == "plan":
                 # the whole job is tokenized and sorted while the weights load
-                feed = PlannedFeed(prepared, committed.done, settings.plan_chunk_tokens).start()
+                feed = tracker.feed = PlannedFeed(prepared, committed.done, settings.plan_chunk_tokens).start()
             t0 = time.perf_counter()
             tracker.engine = _load_engine(prepared, prepared.engine_config, sink)
             tracker.load_s = time.perf_counter() - t0

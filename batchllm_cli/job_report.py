@@ -61,6 +61,7 @@ class AttemptTracker:
         self.load_s = 0.0
         self._retired: list[Any] = []  # stats of engines dropped after running out of memory
         self.plan_stats: list[PlanStats] = []  # plan mode: one per engine pass (a retry re-plans the rows left)
+        self.feed: Any = None  # plan mode: the first pass's PlannedFeed, while the engine may wait for it
         self._t0 = time.perf_counter()  # start of generation (reset by begin_generation)
 
     def begin_generation(self) -> None:
@@ -84,8 +85,21 @@ class AttemptTracker:
         return WorkDone(
             rows=c.rows, rows_failed=c.rows_failed, rows_run=c.rows_run, prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens, prompt_tokens_processed=max(prefill + hits - shared, 0),
-            output_tokens=self._total(stats, "sampled_tokens"),
+            output_tokens=self._total(stats, "sampled_tokens"), elapsed_s=self.generation_s(),
         )
+
+    def generation_s(self) -> float:
+        """Seconds the engine has had work: from begin_generation, less its wait for the global plan's
+        first chunk (tokenizing and sorting every row: plan_s), so rates and the ETA count generation
+        only. 0 while that wait lasts."""
+        plans = list(self.plan_stats)
+        live = self.feed
+        if live is not None and not any(p is live.stats for p in plans):
+            if not live.handed_out:
+                return 0.0
+            plans.append(live.stats)
+        waited = sum(p.first_wait_s for p in plans)
+        return max(time.perf_counter() - self._t0 - waited, 0.0)
 
     def counts(self, write_s: float = 0.0) -> AttemptCounts:
         c, stats = self.collector, self._stats()
@@ -98,7 +112,7 @@ class AttemptTracker:
             unique_prompt_tokens=self._unique_prompt_tokens(stats), completion_tokens=c.completion_tokens,
             preemptions=self._total(stats, "preemptions"), sharing_fallbacks=self._total(stats, "sharing_fallbacks"),
             peak_kv_blocks=max((getattr(s, "peak_kv_blocks", 0) for s in stats), default=0),
-            elapsed_s=time.perf_counter() - self._t0 - write_s, load_s=self.load_s, write_s=write_s,
+            elapsed_s=max(self.generation_s() - write_s, 0.0), load_s=self.load_s, write_s=write_s,
             **self._plan_counts(stats),
         )
 

@@ -39,6 +39,7 @@ class WorkDone:
     completion_tokens: int = 0  # output tokens of the rows the engine ran
     prompt_tokens_processed: int = 0  # prompt positions passed (computed or reused), running rows included
     output_tokens: int = 0  # tokens generated, running rows included
+    elapsed_s: float | None = None  # generation so far (None: not measured; 0: the engine has no work yet)
 
 
 class RunObserver(Protocol):

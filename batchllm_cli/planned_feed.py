@@ -51,6 +51,7 @@ class PlanStats:
     chunks: int = 0
     out_of_core: bool = False  # sorted by DuckDB, spilling to disk, because memory was short
     plan_s: float = 0.0  # rendering, tokenizing, spooling and sorting before the first chunk
+    first_wait_s: float = 0.0  # the engine, loaded, waiting for its first chunk (the rest of plan_s)
     engine_wait_s: float = 0.0  # the engine blocked waiting for its next chunk
 
 
@@ -77,6 +78,7 @@ class PlannedFeed:
         self._dir = private_dir()
         self._t0 = time.perf_counter()
         self.stats = PlanStats()
+        self.handed_out = False  # the engine has had its first chunk
 
     def start(self) -> "PlannedFeed":
         self._t0 = time.perf_counter()
@@ -97,6 +99,7 @@ class PlannedFeed:
         every request's key is entered in `in_flight` (-> row id, truncated) before it is handed out."""
         first = True
         wait = 0.0
+        asked = time.perf_counter()  # the engine is loaded and wants its first chunk
         while True:
             t = time.perf_counter()
             kind, item = self._get()
@@ -109,7 +112,9 @@ class PlannedFeed:
                 self.stats = item
             elif kind == "chunk":
                 if first:
-                    self.stats = dataclasses.replace(self.stats, plan_s=time.perf_counter() - self._t0)
+                    self.handed_out = True
+                    now = time.perf_counter()
+                    self.stats = dataclasses.replace(self.stats, plan_s=now - self._t0, first_wait_s=now - asked)
                 first = False
                 for (key, _, _), row_id, cut in zip(item.work.requests, item.row_ids.tolist(), item.truncated.tolist()):
                     in_flight[key] = (row_id, cut)

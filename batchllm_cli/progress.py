@@ -59,9 +59,13 @@ class ProgressLine:
     prompt_tokens_per_s: float  # prompt tokens processed (computed or reused), running rows included
     output_tokens_per_s: float  # tokens generated, running rows included
     eta_s: float | None  # None until the first row finishes (the work per row is not known before)
+    planning: bool = False  # the engine waits for the global plan (every row tokenized and sorted)
 
     def text(self) -> str:
         errors = f", {self.errors} error{'s' if self.errors != 1 else ''}" if self.errors else ""
+        if self.planning:
+            return (f"{self.time} run: {self.rows_done}/{self.rows_total} rows ({self.percent:.0f}%), planning: "
+                    "tokenizing and sorting every row to share prefixes (plan_s in the summary)")
         return (
             f"{self.time} run: {self.rows_done}/{self.rows_total} rows ({self.percent:.0f}%){errors}, "
             f"{self.rows_per_s:.1f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tok/s, "
@@ -87,7 +91,8 @@ class ProgressMeter:
 
     def line(self) -> ProgressLine:
         w = self.work()
-        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        # the job's own clock when it keeps one: generation only, the global plan's wait left out
+        elapsed = max(time.monotonic() - self._t0 if w.elapsed_s is None else w.elapsed_s, 1e-9)
         done = self.resumed + w.rows
         todo = self.total - done
         work_done = w.prompt_tokens_processed + w.output_tokens
@@ -107,6 +112,7 @@ class ProgressMeter:
             prompt_tokens_per_s=round(w.prompt_tokens_processed / elapsed, 3),
             output_tokens_per_s=round(w.output_tokens / elapsed, 3),
             eta_s=round(eta, 1) if eta is not None else None,
+            planning=w.elapsed_s == 0.0 and not work_done,
         )
 
 
@@ -223,7 +229,8 @@ class RichProgress:
         line = self._meter.line()
         self._progress.update(
             self._task, completed=line.rows_done, errors=f"{line.errors} in error" if line.errors else "",
-            rates=f"{line.prompt_tokens_per_s:.0f} prompt + {line.output_tokens_per_s:.1f} output tok/s",
+            rates=("planning (tokenizing and sorting every row)" if line.planning else
+                   f"{line.prompt_tokens_per_s:.0f} prompt + {line.output_tokens_per_s:.1f} output tok/s"),
             eta=_fmt_eta(line.eta_s),
         )
 

@@ -281,6 +281,34 @@ def test_eta_counts_token_work_of_rows_still_running() -> None:
     assert ProgressMeter(100, 0, lambda: WorkDone(prompt_tokens_processed=5000)).line().eta_s is None
 
 
+def test_rates_and_eta_leave_out_the_wait_for_the_global_plan() -> None:
+    # On 1M rows the engine waited ~140 s for the plan (every row tokenized and sorted); rates and the
+    # ETA counted that wait as generation and came out ~3x too slow ("ETA 1 day, 6:58:26").
+    import dataclasses
+    from types import SimpleNamespace
+
+    from batchllm_cli.job_report import AttemptTracker
+    from batchllm_cli.job_types import WorkDone
+    from batchllm_cli.planned_feed import PlanStats
+    from batchllm_cli.progress import ProgressMeter
+
+    tracker = AttemptTracker(SimpleNamespace(committed=SimpleNamespace(rows=0)), collector=None)
+    tracker.feed = feed = SimpleNamespace(handed_out=False, stats=PlanStats(chunks=3))
+    tracker._t0 = time.perf_counter() - 100
+    assert tracker.generation_s() == 0.0  # still planning
+    feed.handed_out, feed.stats = True, dataclasses.replace(feed.stats, first_wait_s=90.0)
+    assert tracker.generation_s() == pytest.approx(10.0, abs=0.5)
+    tracker.plan_stats.append(feed.stats)  # the pass ended: counted once
+    assert tracker.generation_s() == pytest.approx(10.0, abs=0.5)
+
+    work = WorkDone(rows=10, rows_run=10, prompt_tokens=1000, completion_tokens=100, prompt_tokens_processed=1000,
+                    output_tokens=100, elapsed_s=10.0)
+    line = ProgressMeter(20, 0, lambda: work, started=time.monotonic() - 100).line()
+    assert (line.rows_per_s, line.eta_s, line.planning) == (1.0, 10.0, False)
+    waiting = ProgressMeter(20, 0, lambda: WorkDone(elapsed_s=0.0)).line()
+    assert waiting.planning and "planning: tokenizing and sorting every row" in waiting.text()
+
+
 def test_printed_rates_agree_with_the_printed_elapsed_time_on_short_runs() -> None:
     from batchllm_cli.job_types import AttemptCounts
 
