@@ -98,6 +98,22 @@ def test_truncate_cuts_characters_then_tokens_as_before(demo_model_dir: Path, si
     assert fitted.truncated and fitted.token_ids == whole.token_ids
 
 
+def test_cli_json_record_past_16_mb_is_a_row_error_not_a_refused_file(tmp_path: Path, env: dict[str, str]) -> None:
+    # DuckDB's default maximum_object_size (16 MB) refused the whole JSON file; CSV and Parquet took it.
+    import json
+
+    inp = tmp_path / "in.jsonl"
+    big = "lorem ipsum " * 1_500_000  # 18 MB
+    inp.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(["hello", big, "world"])))
+    out = tmp_path / "o.jsonl"
+    result = invoke(["run", str(inp), "-t", str(write_template(tmp_path / "t.j2", "Say: {{ text }}")), "-o", str(out),
+                     *FAST])
+    assert result.exit_code == 3, result.output
+    [error] = read_jsonl(out.with_name(out.name + ".errors.jsonl"))
+    assert error["row"] == 1 and error["error_type"] == "prompt_too_long"
+    assert len(read_rows(out)[1]["text"]) == len(big)
+
+
 def test_cli_huge_cell_is_a_row_error_or_truncated(tmp_path: Path, env: dict[str, str]) -> None:
     inp = tmp_path / "in.csv"
     inp.write_text("id,text\n1,hello\n2," + "lorem ipsum " * 100_000 + "\n3,world\n")

@@ -51,6 +51,8 @@ _PARQUET_BATCH_ROWS = 122_880  # DuckDB's row group size: Parquet output keeps t
 # Rows longer than DuckDB's 2 MB default (a long document in one cell) are legitimate input; a prompt
 # that long becomes a per-row "prompt too long" error later instead of failing the whole file.
 CSV_MAX_LINE_SIZE = 64 * 2**20
+# The same for one JSON record (DuckDB's default maximum_object_size is 16 MB, and refused the file).
+JSON_MAX_RECORD_SIZE = CSV_MAX_LINE_SIZE
 _CSV_DELIMITERS = (",", ";", "\t", "|")
 # DuckDB's CSV errors carry the reason on a later line; these start the lines worth quoting.
 _CSV_REASONS = (

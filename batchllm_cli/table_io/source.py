@@ -16,7 +16,7 @@ from batchllm_cli.errors import InputError, UsageError
 from batchllm_cli.plain_paths import PlainPaths, temp_full_error, temp_writes
 from batchllm_cli.table_io.arrow_types import cast_batch, zoned_schema
 from batchllm_cli.table_io.common import (
-    DEFAULT_MAX_REJECTS, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
+    DEFAULT_MAX_REJECTS, JSON_MAX_RECORD_SIZE, ROW_ID, _SCALAR_ID_TYPES, Column, _connect, _ident, _literal,
     _one_line,
 )
 from batchllm_cli.table_io.csv_dialect import CsvDialect, CsvText, _csv_header_line, _csv_options
@@ -197,7 +197,8 @@ class TableSource(ValidatedRead):
         fmt = "newline_delimited" if self.format == "jsonl" else "auto"
         cols = f", columns={{{columns}}}" if columns else ", sample_size=-1, maximum_sample_files=-1"
         extra = self._file_option() if paths is None else ""
-        return f"read_json({self._files_sql(paths)}, format = {_literal(fmt)}{cols}{extra})"
+        size = f", maximum_object_size = {JSON_MAX_RECORD_SIZE}"
+        return f"read_json({self._files_sql(paths)}, format = {_literal(fmt)}{cols}{size}{extra})"
 
     def file_column_names(self) -> list[str]:
         """The column names as the first file spells them, before DuckDB makes duplicates unique
