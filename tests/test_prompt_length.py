@@ -103,7 +103,7 @@ def test_cli_json_record_past_16_mb_is_a_row_error_not_a_refused_file(tmp_path: 
     import json
 
     inp = tmp_path / "in.jsonl"
-    big = "lorem ipsum " * 1_500_000  # 18 MB
+    big = "lorem ipsum " * 3_500_000  # 42 MB (DuckDB refused past ~32 MB)
     inp.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(["hello", big, "world"])))
     out = tmp_path / "o.jsonl"
     result = invoke(["run", str(inp), "-t", str(write_template(tmp_path / "t.j2", "Say: {{ text }}")), "-o", str(out),
