@@ -144,7 +144,7 @@ class AttemptTracker:
             job=job_counts(prepared, self.resumed),
             model=model_info(self.engine) or dict(prepared.earlier_model),
             engine=engine_summary(last, prepared.params.max_tokens),
-            first_errors=tuple(self.collector.first_errors),
+            first_errors=tuple(sorted(self.collector.first_errors)),  # the first to finish, in row order
             run_dir=str(prepared.run_dir.path) if prepared.run_dir is not None else None,
             error=error,
             **(files or {}),

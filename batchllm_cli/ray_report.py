@@ -37,7 +37,7 @@ class ScaleOutTracker(AttemptTracker):
         parts = self._all()
         fields = ("rows", "rows_ok", "rows_failed", "rows_run", "rows_truncated", "prompt_tokens", "completion_tokens")
         merged = {f: sum(getattr(p, f) for p in parts) for f in fields}
-        errors = [e for p in parts for e in p.first_errors][:5]
+        errors = sorted(e for p in parts for e in p.first_errors)[:5]
         self.collector = SimpleNamespace(**merged, first_errors=errors)
 
     def update(self, replica: int, counts: WorkerCounts) -> None:

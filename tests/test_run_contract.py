@@ -318,3 +318,17 @@ def test_printed_rates_agree_with_the_printed_elapsed_time_on_short_runs() -> No
     assert data["rows_per_s"] == pytest.approx(9 / 0.031, rel=1e-3)
     assert data["prompt_tokens_per_s"] == pytest.approx(90 / 0.031, rel=1e-3)
     assert data["output_tokens_per_s"] == pytest.approx(27 / 0.031, rel=1e-3)
+
+
+def test_first_errors_are_listed_in_row_order(tmp_path: Path, env: dict) -> None:
+    # The global plan runs rows sorted by prompt: errors came in that order ("row 43, 36, 6, 5, 7").
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\n" + "".join(f"{chr(ord('z') - i) * 3} {'word ' * 60}\n" for i in range(5)))
+    out, summary = tmp_path / "out.parquet", tmp_path / "s.json"
+    result = invoke(job_args(inp, write_template(tmp_path / "t.j2"), out, "--kv-cache-tokens", "32",
+                             "--summary", str(summary)))
+    assert result.exit_code == 3, result.output
+    rows = [e["row"] for e in json.loads(summary.read_text())["first_errors"]]
+    assert rows == sorted(rows) and len(rows) == 5
+    listed = [int(m) for m in re.findall(r"^\s+row (\d+):", result.stderr, flags=re.M)]
+    assert listed == sorted(listed) and len(listed) == 5
