@@ -68,7 +68,11 @@ class RunStatus:
         return data
 
 
-def _rate(records: list[dict[str, Any]]) -> float | None:
+def _rate(records: list[dict[str, Any]], since: float | None = None) -> float | None:
+    """Rows per second over the last commits, those after `since` only (the running attempt's start:
+    a window reaching into an earlier attempt counted the pause between them as work)."""
+    if since is not None:
+        records = [r for r in records if r["committed_at"] >= since]
     recent = sorted(records, key=lambda r: r["committed_at"])[-_RATE_WINDOW:]
     if len(recent) < 2:
         return None
@@ -160,7 +164,8 @@ def read_status(target: Path) -> RunStatus:
         state = "interrupted"
     else:
         state = "not started"
-    rate = _rate(records)
+    since = _number(owner, "since") if owner else None
+    rate = _rate(records, since if running else None)
     eta = None
     if rate and total is not None and state == "running":
         eta = max(total - done, 0) / rate

@@ -327,20 +327,24 @@ def test_status_eta_from_commit_times(tmp_path: Path) -> None:
     run_dir.mkdir()
     (run_dir / "manifest.json").write_text(json.dumps({"fingerprint": {}, "total_rows": 1000, "output": str(tmp_path / "o.parquet")}))
     now = time.time()
-    for i in range(1, 5):  # 100 rows every 10 s
+    # an earlier attempt committed 2 x 100 rows an hour ago; this one 100 rows every 10 s since now - 45 s
+    times = [now - 3600, now - 3590] + [now - 40 + 10 * i for i in range(1, 5)]
+    for i, at in enumerate(times, start=1):
         (run_dir / f"shard-{i:06d}.parquet").write_bytes(b"x")
         (run_dir / f"shard-{i:06d}.json").write_text(json.dumps(
             {"shard": f"shard-{i:06d}.parquet", "rows": 100, "errors": 1, "bytes": 1, "sha256": "0" * 64,
-             "committed_at": now - 40 + 10 * i}))
+             "committed_at": at}))
     lock = FileLock(tmp_path / "o.parquet.lock")
     lock.acquire("o.parquet")  # liveness is the flock itself
     try:
         lock.record_owner()
+        (tmp_path / "o.parquet.lock").write_text(json.dumps({"pid": 1, "host": "h", "since": now - 45}))
         st = read_status(tmp_path / "o.parquet")
     finally:
         lock.release()
-    assert (st.state, st.rows_done, st.rows_failed, st.rows_per_s) == ("running", 400, 4, 10.0)
-    assert st.eta_s == pytest.approx(60.0)
+    # the hour between the attempts is not work: the rate is this attempt's
+    assert (st.state, st.rows_done, st.rows_failed, st.rows_per_s) == ("running", 600, 6, 10.0)
+    assert st.eta_s == pytest.approx(40.0)
 
 
 # ---- row identity --------------------------------------------------------------------------------
