@@ -20,7 +20,8 @@ STATUS_EXIT_CODES_HELP = (
     "Exit codes: 0 finished, every row ok; 3 finished, but some rows are in error or some CSV records were "
     "rejected; 10 running (a process holds the output's lock); 11 interrupted: a checkpoint is there and "
     "nobody works on it, the same run command resumes; 12 not started (no checkpoint, no valid "
-    "output); 1 fatal error; 2 usage error (the target is neither an output nor a run directory)."
+    "output); 1 fatal error; 2 usage error (the target is neither an output nor a run directory, or is a "
+    "file no batchllm job wrote)."
 )
 
 EXIT_CODES_HELP = (

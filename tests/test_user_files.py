@@ -573,6 +573,9 @@ def test_an_output_file_no_batchllm_job_wrote_is_refused_unless_overwrite(files:
         side.write_text("the user's notes\n")
     line = refused(files.args(), files.root, str(files.out), "no batchllm job wrote it", "--overwrite")
     assert "Traceback" not in line
+    # status agrees: not a job that has yet to start (exit 12, which a sensor reads as "start it")
+    status = invoke(["status", str(files.out)])
+    assert status.exit_code == 2 and "no batchllm job wrote it" in flat(status.stderr), status.output
 
 
 def test_overwrite_replaces_a_foreign_output_once_the_new_one_is_complete(files: Files) -> None:
