@@ -45,7 +45,7 @@ from batchllm_cli.options import (
     TruncateOpt,
     VarOpt,
 )
-from batchllm_cli.progress import err_console
+from batchllm_cli.progress import err_console, print_notice
 from batchllm_cli.std_streams import DataConsole, stdout_data
 from batchllm_cli.table_io import DEFAULT_MAX_REJECTS
 from batchllm_cli.table_io.inputs import STDIN, input_args, resolve_input
@@ -201,6 +201,8 @@ def render_command(
     where: WhereOpt = None,
     columns: ColumnsOpt = None,
     id_column: IdColumnOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = False,
+    max_rejects: MaxRejectsOpt = DEFAULT_MAX_REJECTS,
     nulls: NullsOpt = NullPolicy.error,
     truncate: TruncateOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -230,6 +232,8 @@ def render_command(
         chat=chat,
         limit=limit,
         id_column=id_column,
+        skip_bad_rows=skip_bad_rows,  # (a malformed CSV's error suggests it: render must take it too)
+        max_rejects=max_rejects,
         nulls=nulls.value,
         truncate=truncate.value if truncate is not None else None,
         max_tokens=max_tokens,
@@ -238,6 +242,12 @@ def render_command(
     try:
         prepared = prepare_analyze(settings, AnalyzeProgress(err_console))
         try:
+            rejects = prepared.source.rejects
+            if rejects is not None and rejects.num_rows:
+                first = rejects.slice(0, 1).to_pylist()[0]
+                print_notice(f"--skip-bad-rows: {rejects.num_rows} malformed record(s) are left out (the first on "
+                             f"line {first['line']}: {first['error']}); `run` lists them in OUT.rejects.jsonl.",
+                             err_console)
             with_id = id_column is not None
             with stdout_data():  # `batchllm render ... | head`: the reader has all it wanted
                 for row in render_rows(prepared):

@@ -267,6 +267,7 @@ def test_row_numbers_count_the_rows_kept_by_where(tmp_path: Path) -> None:
         (["--where", "id"], "not true/false"),
         (["--where", "true) UNION SELECT 1 --"], "--where"),
         (["--columns", "id,nope"], "--columns: 'nope' is not a column of the input"),
+        (["--columns", "text", "--id-column", "id"], "--id-column 'id' is left out by --columns; add it there"),
     ],
 )
 def test_bad_where_or_columns_is_a_usage_error_before_the_model(

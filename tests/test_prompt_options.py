@@ -117,6 +117,19 @@ def test_render_prints_prompts_and_tokens_without_loading_weights(
     assert result.exit_code == 2, result.output
 
 
+def test_render_takes_skip_bad_rows_as_its_error_suggests(tmp_path: Path, env: dict) -> None:
+    # The malformed-CSV error says "pass --skip-bad-rows", which render did not have.
+    inp = tmp_path / "bad.csv"
+    inp.write_text("text,b\nhello,1\nworld,2,3\nok,4\n")
+    tpl = write_template(tmp_path / "t.j2", "{{ text }}")
+    refused = invoke(["render", str(inp), "-t", str(tpl)])
+    assert refused.exit_code == 2 and "--skip-bad-rows" in flat(refused.stderr)
+    rows = render_json(str(inp), "-t", str(tpl), "--no-chat", "--skip-bad-rows")
+    assert [r["prompt"] for r in rows] == ["hello", "ok"]
+    said = invoke(["render", str(inp), "-t", str(tpl), "--no-chat", "--skip-bad-rows"])
+    assert "1 malformed record(s) are left out (the first on line 3" in flat(said.stderr)
+
+
 def test_system_message_goes_into_the_chat_template(
     tmp_path: Path, demo_model_dir: Path, env: dict, no_model: None
 ) -> None:

@@ -291,6 +291,8 @@ class TableSource(ValidatedRead):
     def check_id_column(self, name: str) -> None:
         """UsageError unless `name` is a scalar column with no nulls and no duplicate values."""
         if name not in self.column_names:
+            if name in (c.name for c in self._table_columns):  # in the file, but --columns left it out
+                raise UsageError(f"--id-column {name!r} is left out by --columns; add it there.")
             available = ", ".join(self.column_names) or "(none)"
             raise UsageError(f"--id-column {name!r} is not a column of the input; available columns: {available}.")
         typ = self.column_type(name)
