@@ -26,6 +26,10 @@ def status_command(target: StatusTargetArg, as_json: StatusJsonOpt = False) -> N
     try:
         st = read_status(target)
     except BatchLLMError as exc:
+        if as_json:  # a sensor parsing stdout gets JSON whatever happened
+            with stdout_data():
+                sys.stdout.write(json.dumps({"state": "error", "exit_code": exc.exit_code, "error": str(exc)}) + "\n")
+                sys.stdout.flush()
         raise fail(exc) from None
     with stdout_data():  # `status OUT | head -1`: the exit code is still the state
         if as_json:

@@ -576,6 +576,8 @@ def test_an_output_file_no_batchllm_job_wrote_is_refused_unless_overwrite(files:
     # status agrees: not a job that has yet to start (exit 12, which a sensor reads as "start it")
     status = invoke(["status", str(files.out)])
     assert status.exit_code == 2 and "no batchllm job wrote it" in flat(status.stderr), status.output
+    as_json = invoke(["status", str(files.out), "--json"])  # a sensor parsing stdout still gets JSON
+    assert as_json.exit_code == 2 and json.loads(as_json.stdout)["exit_code"] == 2
 
 
 def test_overwrite_replaces_a_foreign_output_once_the_new_one_is_complete(files: Files) -> None:
