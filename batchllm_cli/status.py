@@ -31,6 +31,7 @@ from batchllm_cli.errors import (
     EXIT_STATUS_RUNNING,
     UsageError,
 )
+from batchllm_cli.job_types import iso_utc
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 
 _RATE_WINDOW = 20  # commits used for the rate (recent speed, not the average since the start)
@@ -190,7 +191,8 @@ def read_status(target: Path) -> RunStatus:
 def _ago(ts: float | None) -> str:
     if not ts:
         return "-"
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({max(time.time() - ts, 0):.0f} s ago)"
+    # UTC, as progress lines and the summary print times: never the machine's zone, which the text would not name
+    return f"{iso_utc(ts)} ({max(time.time() - ts, 0):.0f} s ago)"
 
 
 def format_status(st: RunStatus) -> str:

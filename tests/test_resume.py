@@ -4,6 +4,7 @@ with a crash point in a real process (cli_process), the rest runs in-process."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import time
@@ -345,6 +346,11 @@ def test_status_eta_from_commit_times(tmp_path: Path) -> None:
     # the hour between the attempts is not work: the rate is this attempt's
     assert (st.state, st.rows_done, st.rows_failed, st.rows_per_s) == ("running", 600, 6, 10.0)
     assert st.eta_s == pytest.approx(40.0)
+    from batchllm_cli.status import format_status
+
+    # times in UTC, named as such (they were the machine's local time, with no zone)
+    [line] = [ln for ln in format_status(st).splitlines() if ln.startswith("last commit: ")]
+    assert re.match(r"last commit: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \(", line), line
 
 
 # ---- row identity --------------------------------------------------------------------------------
