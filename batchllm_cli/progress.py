@@ -171,8 +171,8 @@ class LogProgress:
             self._print(json.dumps({"event": "start", "time": iso_utc(time.time()), "rows_total": total_rows,
                                     "rows_resumed": resumed_rows}))
         else:
-            resumed = f" ({resumed_rows} already done)" if resumed_rows else ""
-            self._print(f"{iso_utc(time.time())} run: {total_rows} rows to process{resumed}")
+            todo = f"{total_rows - resumed_rows} of {total_rows} rows to process ({resumed_rows} already done)"
+            self._print(f"{iso_utc(time.time())} run: {todo if resumed_rows else f'{total_rows} rows to process'}")
         self._ticker = _Ticker(self.every_s, self._log)
 
     def _log(self) -> None:
