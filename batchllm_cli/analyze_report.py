@@ -66,7 +66,8 @@ def failures_line(r: AnalyzeReport) -> str:
     if not r.rows_failed:
         return ""
     kinds = ", ".join(f"{n:,} {kind}" for kind, n in r.failures.items())
-    return f"{r.rows_failed:,} without a prompt ({kinds})"
+    # `rows` beside it counts the rows planned: say what the input had, as --json's `rows` does
+    return f"of {r.rows:,} in the input; {r.rows_failed:,} without a prompt ({kinds})"
 
 
 def group_line(stats: Any) -> str:

@@ -200,7 +200,7 @@ def test_failed_rows_are_counted_not_fatal(tmp_path: Path, tok_dir: Path) -> Non
     assert data["failures"] == {"null_value": 1, "template_error": 1}
     assert [(e["row"], e["id"], e["kind"]) for e in data["first_errors"]] == [(3, "r003", "null_value"), (5, "r005", "template_error")]
     assert all("example_id" in p for p in data["top_prefixes"])
-    assert "2 without a prompt" in " ".join(result.stderr.split())
+    assert "rows 12 of 14 in the input; 2 without a prompt" in " ".join(result.stderr.split())
 
 
 def test_context_limit_and_truncate_follow_run(tmp_path: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
