@@ -61,6 +61,24 @@ def check_scale_out(settings: RunSettings) -> None:
     _import_ray()
     if settings.workers is not None and settings.workers < 1:
         raise UsageError("--workers must be at least 1.")
+    if settings.ray_address is not None:
+        _check_ray_address(settings.ray_address)
+
+
+def _check_ray_address(address: str) -> None:
+    """UsageError unless `address` is auto, local or a host:port that takes a connection: found here, before
+    the run writes anything (a run directory left by a refused run read as interrupted)."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise UsageError(f"--ray-address {address} is not a Ray address: give the head node's host:port "
+                         "(e.g. 10.0.0.5:6379), or auto on a node of the cluster.")
+    problem = unreachable_ray_address(address)
+    if problem:  # Ray itself retries an unreachable address for minutes, logging as it goes
+        raise UsageError(
+            f"Cannot reach the Ray cluster at --ray-address {address} ({problem}); give the head node's "
+            "host:port (e.g. 10.0.0.5:6379), or auto on a node of the cluster.")
 
 
 @dataclass(frozen=True)
@@ -80,11 +98,8 @@ class _Plan:
 
 
 def unreachable_ray_address(address: str, timeout_s: float = 10.0) -> str | None:
-    """Why a host:port (or ray://host:port) address takes no connection within `timeout_s`; None when
-    it does, or when it is a name Ray resolves itself (auto, local)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        return None
+    """Why a host:port (or ray://host:port) address takes no connection within `timeout_s`; None when it does."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return None
@@ -101,13 +116,7 @@ class _Pool:
         self.started_ray = False
         self.actors: list[Any] = []
         if not ray.is_initialized():  # (a library caller, or a test, may have connected already)
-            address = prepared.settings.ray_address
-            problem = unreachable_ray_address(address) if address else None
-            if problem:  # Ray itself retries an unreachable address for minutes, logging as it goes
-                raise UsageError(
-                    f"Cannot reach the Ray cluster at --ray-address {address} ({problem}); give the head node's "
-                    "host:port (e.g. 10.0.0.5:6379), or auto on a node of the cluster.")
-            try:
+            try:  # (--ray-address was checked with the other settings, before anything was written)
                 ray.init(address=prepared.settings.ray_address, include_dashboard=False,
                          logging_level=logging.ERROR, log_to_driver=False)
             except SystemExit as exc:  # Ray's SIGTERM handler, set while init runs

@@ -226,7 +226,12 @@ def test_an_unreachable_ray_address_fails_at_once_with_one_line(tmp_path: Path, 
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"--ray-address 127.0.0.1:{port}" in errors[0] and "host:port" in errors[0], log
     assert time.monotonic() - started < 60
-    assert not (tmp_path / "out" / "r.parquet").exists()
+    # refused before anything is written: a run directory left behind read as "interrupted" in status
+    assert not (tmp_path / "out").exists()
+    code, log = cli_process.run(job_args(inp, tpl, tmp_path / "out" / "r.parquet", "--ray-address", "garbage"),
+                                env, tmp_path / "run2.log", timeout=120)
+    assert code == 2 and "--ray-address garbage is not a Ray address" in log, log
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_driver_stopped_by_sigterm_says_how_many_rows_the_workers_committed(
