@@ -67,6 +67,9 @@ class AttemptTracker:
     def begin_generation(self) -> None:
         self._t0 = time.perf_counter()
 
+    def job_counts(self) -> JobCounts:
+        return job_counts(self.prepared, self.resumed)
+
     def retire(self) -> None:
         if self.engine is not None:
             self._retired.append(self.engine.stats())
@@ -141,7 +144,7 @@ class AttemptTracker:
             state=state, exit_code=exit_code, started_at=self.started_at, finished_at=time.time(),
             **prepared.report_identity(),
             attempt=self.counts(write_s),
-            job=job_counts(prepared, self.resumed),
+            job=self.job_counts(),
             model=model_info(self.engine) or dict(prepared.earlier_model),
             engine=engine_summary(last, prepared.params.max_tokens),
             first_errors=tuple(sorted(self.collector.first_errors)),  # the first to finish, in row order

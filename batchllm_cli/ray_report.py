@@ -6,8 +6,10 @@ import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
+from batchllm_cli.checkpoint import read_commit_records
+from batchllm_cli.job_output import rejected_rows
 from batchllm_cli.job_report import AttemptTracker
-from batchllm_cli.job_types import PreparedRun, RunReport, engine_summary
+from batchllm_cli.job_types import JobCounts, PreparedRun, RunReport, engine_summary
 from batchllm_cli.ray_worker import WorkerCounts
 
 
@@ -28,7 +30,29 @@ class ScaleOutTracker(AttemptTracker):
         self.failures = 0
         self.hosts: dict[int, str] = {}
         self.model: dict[str, Any] = {}
+        self._stopping = False  # stopped mid-round: the job's counts come from the commit records
         self._refresh()  # self.collector: the merged counters, remade on each read
+
+    def job_counts(self) -> JobCounts:
+        """The whole job's counts from the commit records in the run directory: the replicas commit
+        there themselves, so the driver's own view (reloaded after each round) lags behind when the run
+        stops mid-round (an interrupted summary said 0 rows of a job with 80 committed)."""
+        if not self._stopping or self.prepared.run_dir is None:
+            return super().job_counts()  # a finished run reloaded every commit after its last round
+        records, _ = read_commit_records(self.prepared.run_dir.path)
+        if not records:
+            return super().job_counts()
+        rows, errors = sum(r["rows"] for r in records), sum(r["errors"] for r in records)
+        return JobCounts(
+            rows_total=self.prepared.total_rows, rows=rows, rows_ok=rows - errors, rows_failed=errors,
+            rows_rejected=rejected_rows(self.prepared.source), rows_resumed=self.resumed,
+            prompt_tokens=sum(r["prompt_tokens"] for r in records),
+            completion_tokens=sum(r["completion_tokens"] for r in records),
+        )
+
+    def stopped(self, exc: BaseException) -> BaseException:
+        self._stopping = True
+        return super().stopped(exc)
 
     def _all(self) -> list[Any]:
         return [self.driver, *self.live.values(), *self.retired]
