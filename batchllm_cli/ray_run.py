@@ -17,12 +17,14 @@ that are up, until none is left. A re-run of the command resumes the same way fr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +285,14 @@ def _plan(prepared: PreparedRun, done: np.ndarray, sink: Any, replicas: list[int
 
 def execute_ray_run(prepared: PreparedRun, observer: RunObserver | None = None,
                     guard: SignalGuard | None = None) -> RunReport:
-    """execute_run's scale-out twin: plan, partition, run the parts on the replicas, write the output."""
+    """execute_run's scale-out twin: plan, partition, run the parts on the replicas, write the output.
+    While it runs, what Ray's driver prints to stdout (a replica that died: "(raylet) A worker died
+    ...") goes to stderr: stdout carries the command's data (`--summary -`, one line of JSON)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _execute_ray_run(prepared, observer, guard)
+
+
+def _execute_ray_run(prepared: PreparedRun, observer: RunObserver | None, guard: SignalGuard | None) -> RunReport:
     observer = observer or SilentObserver()
     guard = guard or null_guard()
     ray = _import_ray()

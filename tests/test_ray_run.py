@@ -253,3 +253,15 @@ def test_the_driver_stopped_by_sigterm_says_how_many_rows_the_workers_committed(
     resumed = checked_summary((tmp_path / "resume.json").read_text())["job"]["rows_resumed"]
     assert 0 < int(said.group(1)) <= resumed  # workers may commit a last shard while they stop
     assert read_rows(out) == read_rows(one)
+
+
+def test_what_rays_driver_prints_goes_to_stderr_not_to_the_summary(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    # A replica killed mid-run made Ray's driver print "(raylet) A worker died ..." to stdout, before the
+    # `--summary -` line that scripts parse (found by hand; seen again with the fix: it lands on stderr).
+    import batchllm_cli.ray_run as ray_run
+
+    monkeypatch.setattr(ray_run, "_execute_ray_run", lambda *args: print("(raylet) A worker died") or "report")
+    assert ray_run.execute_ray_run(None) == "report"  # type: ignore[arg-type]
+    out, err = capsys.readouterr()
+    assert out == "" and "(raylet) A worker died" in err
