@@ -139,14 +139,19 @@ def _is_nanosecond_time(t: pa.DataType) -> bool:
 
 def _row_dicts(batch: pa.RecordBatch, decoders: Mapping[str, Callable[[Any], Any]]) -> list[dict[str, Any]]:
     """The batch's rows as {column: Python value}: maps as dicts, nanosecond times as their text (Python's
-    datetime holds microseconds, and refuses to drop the rest), and JSON texts nested in lists and
-    structs as the values they spell (`decoders`, by column)."""
+    datetime holds microseconds, and refuses to drop the rest), 32-bit floats as the float their shortest
+    text spells, and JSON texts nested in lists and structs as the values they spell
+    (`decoders`, by column)."""
     names = batch.schema.names
     columns = []
     for name, column in zip(names, batch.columns):
         if _is_nanosecond_time(column.type):
             column = column.cast(pa.string())
-        values = column.to_pylist(maps_as_pydicts="lossy")
+        if pa.types.is_float32(column.type):
+            # the shortest text that reads back as the same float32 (1.1), not float64's 1.100000023841858
+            values = [None if v is None else float(v) for v in column.cast(pa.string()).to_pylist()]
+        else:
+            values = column.to_pylist(maps_as_pydicts="lossy")
         decode = decoders.get(name)
         columns.append(values if decode is None else [decode(v) for v in values])
     return [dict(zip(names, row)) for row in zip(*columns)]

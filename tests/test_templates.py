@@ -150,6 +150,16 @@ def test_nanosecond_times_render_with_every_digit() -> None:
     assert row == PromptRow(0, [0] + list(b"2023-11-14 22:13:20.123456789 00:00:00.000000005"))
 
 
+def test_float32_cells_print_as_written_not_as_float64() -> None:
+    # A Parquet float32 price of 1.1 printed into prompts as 1.100000023841858.
+    batch = pa.record_batch({ROW_ID: pa.array([0, 1], pa.int64()), "p": pa.array([1.1, None], pa.float32()),
+                             "q": pa.array([0.1, 3.4028235e38], pa.float32())})
+    rows = PromptEncoder(template("{{ p }} {{ q }}"), FakeTokenizer(), chat=False).encode(batch.slice(0, 1))
+    assert rows == [PromptRow(0, [0] + list(b"1.1 0.1"))]
+    assert PromptEncoder(template("{{ p * 2 }}"), FakeTokenizer(), chat=False).encode(batch.slice(0, 1)) == [
+        PromptRow(0, [0] + list(b"2.2"))]  # still a number
+
+
 def test_json_nested_in_lists_and_structs_prints_once(tmp_path: Path) -> None:
     # JSON input whose list elements or struct fields mix types: DuckDB reads them as JSON texts, which
     # printed as JSON again were double-encoded (["1", "\"a\"", null]).
