@@ -224,9 +224,11 @@ class TableSource(ValidatedRead):
         fmt = "newline_delimited" if self.format == "jsonl" else "auto"
         cur = self._con.cursor()
         try:
+            # in order of first appearance (DISTINCT's order is the hash table's: a test saw "column 2")
             rows = cur.execute(
-                f"SELECT DISTINCT k FROM (SELECT unnest(json_keys(json)) AS k FROM "
-                f"read_json_objects({_literal(self._scan_paths[0])}, format={_literal(fmt)}))"
+                f"SELECT k FROM (SELECT k, row_number() OVER () AS n FROM (SELECT unnest(json_keys(json)) AS k "
+                f"FROM read_json_objects({_literal(self._scan_paths[0])}, format={_literal(fmt)}))) "
+                "GROUP BY k ORDER BY min(n)"
             ).fetchall()
         except duckdb.Error:
             return [n for n in self.column_names if n not in self.input.partition_keys]
