@@ -31,13 +31,18 @@ def report_of(exc: BaseException) -> RunReport | None:
     return report if isinstance(report, RunReport) else None
 
 
-def job_counts(prepared: PreparedRun, resumed: int) -> JobCounts:
-    committed = prepared.committed
+def job_counts(prepared: PreparedRun, resumed: int, shards: list[dict[str, int]] | None = None) -> JobCounts:
+    """The whole job's counts from its committed shards: the run's own view (`prepared.committed`), or
+    `shards` as commit records give them (rows, errors, prompt_tokens, completion_tokens)."""
+    if shards is None:
+        shards = [{"rows": s.rows, "errors": s.errors, "prompt_tokens": s.prompt_tokens,
+                   "completion_tokens": s.completion_tokens} for s in prepared.committed.shards]
+    rows, errors = sum(s["rows"] for s in shards), sum(s["errors"] for s in shards)
     return JobCounts(
-        rows_total=prepared.total_rows, rows=committed.rows, rows_ok=committed.rows - committed.errors,
-        rows_failed=committed.errors, rows_rejected=rejected_rows(prepared.source), rows_resumed=resumed,
-        prompt_tokens=sum(s.prompt_tokens for s in committed.shards),
-        completion_tokens=sum(s.completion_tokens for s in committed.shards),
+        rows_total=prepared.total_rows, rows=rows, rows_ok=rows - errors, rows_failed=errors,
+        rows_rejected=rejected_rows(prepared.source), rows_resumed=resumed,
+        prompt_tokens=sum(s["prompt_tokens"] for s in shards),
+        completion_tokens=sum(s["completion_tokens"] for s in shards),
     )
 
 

@@ -13,28 +13,38 @@ from pathlib import Path
 from batchllm_cli.durable import atomic_write_bytes, is_temp_of, json_bytes, read_json, remove_durably, write_error
 
 
+def _beside(output: Path, suffix: str) -> Path:
+    return output.with_name(output.name + suffix)
+
+
 def default_run_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".batchllm")
+    return _beside(output, ".batchllm")
 
 
 def marker_path(output: Path) -> Path:
-    return output.with_name(output.name + ".success.json")
+    return _beside(output, ".success.json")
 
 
 def errors_path(output: Path) -> Path:
-    return output.with_name(output.name + ".errors.jsonl")
+    return _beside(output, ".errors.jsonl")
 
 
 def rejects_path(output: Path) -> Path:
-    return output.with_name(output.name + ".rejects.jsonl")
+    return _beside(output, ".rejects.jsonl")
 
 
 def output_lock_path(output: Path) -> Path:
-    return output.with_name(output.name + ".lock")
+    return _beside(output, ".lock")
 
 
 def run_dir_pointer_path(output: Path) -> Path:
-    return output.with_name(output.name + ".checkpoint.json")
+    return _beside(output, ".checkpoint.json")
+
+
+def is_foreign_output(output: Path, has_checkpoint: bool) -> bool:
+    """Whether a file at `output` is the user's, not a batchllm job's: no completion marker beside it
+    and no checkpoint of a job writing it (`run` refuses to replace it without --overwrite)."""
+    return output.exists() and not marker_path(output).exists() and not has_checkpoint
 
 
 def record_run_dir(output: Path, run_dir: Path) -> None:

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from batchllm_cli.checkpoint import read_commit_records
-from batchllm_cli.job_output import rejected_rows
-from batchllm_cli.job_report import AttemptTracker
+from batchllm_cli.job_report import AttemptTracker, job_counts
 from batchllm_cli.job_types import JobCounts, PreparedRun, RunReport, engine_summary
 from batchllm_cli.ray_worker import WorkerCounts
 
@@ -40,15 +39,7 @@ class ScaleOutTracker(AttemptTracker):
         if not self._stopping or self.prepared.run_dir is None:
             return super().job_counts()  # a finished run reloaded every commit after its last round
         records, _ = read_commit_records(self.prepared.run_dir.path)
-        if not records:
-            return super().job_counts()
-        rows, errors = sum(r["rows"] for r in records), sum(r["errors"] for r in records)
-        return JobCounts(
-            rows_total=self.prepared.total_rows, rows=rows, rows_ok=rows - errors, rows_failed=errors,
-            rows_rejected=rejected_rows(self.prepared.source), rows_resumed=self.resumed,
-            prompt_tokens=sum(r["prompt_tokens"] for r in records),
-            completion_tokens=sum(r["completion_tokens"] for r in records),
-        )
+        return job_counts(self.prepared, self.resumed, records) if records else super().job_counts()
 
     def stopped(self, exc: BaseException) -> BaseException:
         self._stopping = True

@@ -34,6 +34,7 @@ from batchllm_cli.model_setup import (
 from batchllm_cli.output_files import (
     default_run_dir,
     forget_run_dir,
+    is_foreign_output,
     marker_path,
     output_lock_path,
     record_run_dir,
@@ -123,7 +124,7 @@ def _check_foreign_output(settings: RunSettings, run_dir: RunDir) -> None:
     """A file at the output path that no batchllm job wrote (no completion marker, no checkpoint of
     a job writing it) is the user's: refused unless --overwrite."""
     output = settings.output
-    if settings.overwrite or not output.exists() or marker_path(output).exists() or run_dir.manifest_path.exists():
+    if settings.overwrite or not is_foreign_output(output, run_dir.manifest_path.exists()):
         return
     raise UsageError(
         f"{output} already exists and no batchllm job wrote it (there is no {marker_path(output).name} beside "

@@ -21,7 +21,7 @@ from batchllm_cli.checkpoint import MANIFEST, read_commit_records
 from batchllm_cli.durable import CORRUPT, read_json
 from batchllm_cli.file_lock import lock_is_held, lock_owner
 from batchllm_cli.output_files import (
-    default_run_dir, marker_path, output_lock_path, recorded_run_dir, run_dir_pointer_path,
+    default_run_dir, is_foreign_output, output_lock_path, recorded_run_dir, run_dir_pointer_path,
 )
 from batchllm_cli.errors import (
     EXIT_OK,
@@ -159,8 +159,7 @@ def read_status(target: Path) -> RunStatus:
             )
         problems.append(f"{output} is missing or no longer matches its completion marker; run the same "
                         "command again to rebuild it.")
-    if (output is not None and output.exists() and not marker_path(output).exists() and manifest is None
-            and not running):
+    if output is not None and not running and is_foreign_output(output, manifest is not None):
         # what `run` refuses to replace without --overwrite: not a job that has yet to start
         raise UsageError(f"{output} exists but no batchllm job wrote it (no completion marker or checkpoint "
                          "beside it); `batchllm run` refuses to replace it without --overwrite.")
