@@ -235,7 +235,11 @@ DeviceOpt = Annotated[
 ]
 DTypeOpt = Annotated[
     DType,
-    typer.Option("--dtype", help="Weight and activation dtype.", case_sensitive=False, rich_help_panel=PANEL_ENGINE),
+    typer.Option(
+        "--dtype", case_sensitive=False, rich_help_panel=PANEL_ENGINE,
+        help="Weight and activation dtype. auto: bfloat16 on a GPU; on a CPU, bfloat16 for a bfloat16 or "
+        "float16 checkpoint where the CPU computes bfloat16 natively (AMX or AVX-512 BF16), else float32.",
+    ),
 ]
 KVCacheMemoryOpt = Annotated[
     Optional[int],

@@ -5,7 +5,7 @@
         [--batchllm-python PY] [--vllm-python /work/vllm-venv/bin/python] [--out FILE]
     python bench/vs_vllm.py --table FILE         # the README's markdown table from a results file
 
-Model: a random-weight Llama (4 layers, hidden 256, 4/2 heads of 64, vocab 8k, float32) with a
+Model: a random-weight Llama (4 layers, hidden 256, 4/2 heads of 64, vocab 8k, float32 weights, run in --dtype) with a
 byte-level BPE trained on a pseudo-word corpus: bench/engine_vs_transformers.py's builder, cached
 under $BATCHLLM_CACHE_DIR (or ~/.cache/batchllm). Weights do not change the cost of a forward pass.
 
@@ -80,10 +80,13 @@ def ensure_model(root: Path) -> Path:
     return cached_dir(target, lambda tmp: build_model(tmp, HIDDEN, LAYERS, VOCAB))
 
 
-def kv_bytes_per_token(model_dir: Path) -> int:
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def kv_bytes_per_token(model_dir: Path, dtype: str = "float32") -> int:
     c = json.loads((model_dir / "config.json").read_text())
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 4  # float32 K and V
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * DTYPE_BYTES[dtype]  # K and V
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -263,8 +266,8 @@ def run_group(jobs: list[tuple[JobSpec, list[list[int]]]], settings: list[Settin
     kv_tokens = jobs[0][0].kv_tokens
     warm = tmp / "warmup.json"
     warm.write_text(json.dumps([p[:64] for p in jobs[0][1][:8]]))
-    base = {"model_dir": str(model_dir), "kv_tokens": kv_tokens, "kv_bytes": kv_tokens * kv_bytes_per_token(model_dir),
-            "block_size": args.block_size, "max_batch_tokens": args.max_batch_tokens, "warmup_file": str(warm)}
+    base = {"model_dir": str(model_dir), "kv_tokens": kv_tokens, "dtype": args.dtype,
+            "kv_bytes": kv_tokens * kv_bytes_per_token(model_dir, args.dtype), "block_size": args.block_size, "max_batch_tokens": args.max_batch_tokens, "warmup_file": str(warm)}
     workers: list[Worker] = []
     try:
         for s in settings:  # one at a time: two compiling vLLMs on two cores would time each other out
@@ -357,6 +360,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"{' and '.join(QUICK_JOBS)}, 2 rounds, vLLM on both cores only (~5 min)")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
+                   help="both engines' compute dtype (bfloat16: what a half-precision checkpoint runs in on a CPU "
+                   "with AMX or AVX-512 BF16); the KV cache keeps the same number of tokens")
     p.add_argument("--modes", nargs="+", choices=["plan", "lru", "none"], default=["plan", "lru", "none"])
     p.add_argument("--vllm-threads", nargs="+", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND values, one worker each (default: 0 0-1; --quick: 0-1)")
@@ -444,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                      "hits every setting alike and the ratios are the figures to read. Engine time = generate "
                      "only; medians over rounds."),
             "model": {"dir": model_dir.name, "architecture": "LlamaForCausalLM", "layers": LAYERS, "hidden": HIDDEN,
-                      "vocab": VOCAB, "dtype": "float32", "weights": "random",
-                      "kv_bytes_per_token": kv_bytes_per_token(model_dir)},
+                      "vocab": VOCAB, "dtype": args.dtype, "weights": "random (float32 checkpoint)",
+                      "kv_bytes_per_token": kv_bytes_per_token(model_dir, args.dtype)},
             "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "table"},
             "jobs": jobs_out,
             "goals": goals,

@@ -34,7 +34,7 @@ def batchllm_engine(spec: dict[str, Any]) -> tuple[Generate, dict[str, Any]]:
     from engine.sampling_params import SamplingParams
 
     chosen = {"max_batch_tokens": spec["max_batch_tokens"], "block_size": spec["block_size"]}
-    config = EngineConfig(model_dir=spec["model_dir"], device="cpu", dtype="float32",
+    config = EngineConfig(model_dir=spec["model_dir"], device="cpu", dtype=spec.get("dtype", "float32"),
                           prefix_sharing=spec["mode"], kv_cache_memory=spec["kv_bytes"],
                           kv_cache_tokens=spec["kv_tokens"], **{k: v for k, v in chosen.items() if v is not None})
 
@@ -67,7 +67,7 @@ def vllm_engine(spec: dict[str, Any]) -> tuple[Generate, dict[str, Any]]:
     from vllm.inputs import TokensPrompt
 
     chosen = {"max_num_batched_tokens": spec["max_batch_tokens"], "block_size": spec["block_size"]}
-    llm = LLM(spec["model_dir"], dtype="float32", kv_cache_memory_bytes=spec["kv_bytes"],
+    llm = LLM(spec["model_dir"], dtype=spec.get("dtype", "float32"), kv_cache_memory_bytes=spec["kv_bytes"],
               enable_prefix_caching=spec["prefix_caching"], seed=0,
               **{k: v for k, v in chosen.items() if v is not None})
 

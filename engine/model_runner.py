@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from engine.config import EngineConfig
-from engine.devices import check_device
+from engine.devices import check_device, cpu_has_native_bf16
 from engine.errors import ConfigError
 from engine.grammar_mask import TokenMask, apply_token_mask
 from engine.loader import load_model
@@ -32,10 +32,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """The compute dtype of `--dtype` (see `auto_dtype` for "auto")."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native_bf16 = device.type == "cpu" and cpu_has_native_bf16()
+        return auto_dtype(device.type, checkpoint_dtype, native_bf16)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def auto_dtype(device_type: str, checkpoint_dtype: str | None, cpu_native_bf16: bool) -> torch.dtype:
+    """bfloat16 on a GPU. On a CPU: bfloat16 for a half-precision checkpoint (bfloat16 or float16, as
+    published models are) where the CPU multiplies bfloat16 in hardware, float32 otherwise (a float32
+    checkpoint keeps its precision; emulated bfloat16 is slower than float32)."""
+    if device_type != "cpu":
+        return torch.bfloat16
+    if cpu_native_bf16 and checkpoint_dtype in ("bfloat16", "float16"):
+        return torch.bfloat16
+    return torch.float32
 
 
 class ModelRunner:
@@ -48,7 +61,7 @@ class ModelRunner:
                 apply_thread_count()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device, model_cfg.torch_dtype)
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
         used_before = self._cuda_used_bytes()
