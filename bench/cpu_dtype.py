@@ -96,12 +96,12 @@ def make_engine(model_dir: Path, mode: str, w: Workload, dtype: str):
                                   kv_cache_tokens=kv_tokens))
 
 
-def generate(engine, prompts: list[list[int]], output: int) -> tuple[float, list[list[int]]]:
+def generate(llm, prompts: list[list[int]], output: int) -> tuple[float, list[list[int]]]:
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
-    done = {r.key: list(r.token_ids) for r in engine.generate((i, p, params) for i, p in enumerate(prompts))}
+    done = {r.key: list(r.token_ids) for r in llm.generate((i, p, params) for i, p in enumerate(prompts))}
     return time.perf_counter() - start, [done[i] for i in range(len(prompts))]
 
 
