@@ -239,7 +239,7 @@ def run(
     started_at = time.time()
     checked = False  # every path check passed: a --summary file may be written
     guard = SignalGuard()
-    guard.install()  # SIGINT/SIGTERM: commit finished rows, then exit 130/143
+    guard.install()  # SIGINT/SIGTERM/SIGHUP: commit finished rows, then exit 130/143/129
     try:
         check_report_target(summary, "--summary")
         prepared = prepare_run(settings, progress)

@@ -8,6 +8,7 @@ EXIT_USAGE = 2
 EXIT_ROWS_FAILED = 3
 EXIT_FINGERPRINT = 4  # the run directory holds a different job (changed input, template, model, ...)
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: out of GPU memory, disk full, another run holds the lock; retry later
+EXIT_SIGHUP = 129  # 128 + SIGHUP (the terminal or ssh connection went away): as for SIGINT
 EXIT_SIGINT = 130  # 128 + SIGINT: interrupted; committed rows are kept, the same command resumes
 EXIT_SIGTERM = 143  # 128 + SIGTERM: terminated; committed rows are kept, the same command resumes
 
@@ -32,8 +33,8 @@ EXIT_CODES_HELP = (
     "holds a different job (input, template, model or settings changed: use --restart to discard it; "
     "or the input changed while the job ran: no output was written); 75 temporary failure (GPU out of "
     "memory, disk full, another run holds the lock): the same command again may succeed and resumes; "
-    "130/143 interrupted by "
-    "SIGINT/SIGTERM after saving finished rows: the same command resumes."
+    "129/130/143 interrupted by "
+    "SIGHUP/SIGINT/SIGTERM after saving finished rows: the same command resumes."
 )
 
 
@@ -81,7 +82,7 @@ class TempFailError(BatchLLMError):
 
 
 class Interrupted(BatchLLMError):
-    """SIGINT/SIGTERM arrived: finished rows were committed, the same command resumes."""
+    """SIGHUP/SIGINT/SIGTERM arrived: finished rows were committed, the same command resumes."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)

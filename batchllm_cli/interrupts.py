@@ -1,6 +1,8 @@
-"""SIGINT/SIGTERM during a run: stop soon, but never in the middle of committing a shard.
+"""SIGINT/SIGTERM/SIGHUP during a run: stop soon, but never in the middle of committing a shard.
 
-While a `SignalGuard` is installed, the first SIGINT or SIGTERM raises `JobInterrupted` in the main
+SIGHUP is what a run started from a terminal or over ssh gets when that goes away: the rows
+already finished are worth keeping as much as on Ctrl-C. While a `SignalGuard` is installed, the
+first of these signals raises `JobInterrupted` in the main
 thread at once, unless a critical section (a shard commit) is running, in which case it is raised as
 the section ends. `JobInterrupted` derives from BaseException so that no `except Exception` (a row's
 template error handler, say) can swallow it. Once the job starts draining (committing the rows that
@@ -14,9 +16,12 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Iterator
 
-from batchllm_cli.errors import EXIT_SIGINT, EXIT_SIGTERM
+from batchllm_cli.errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_EXIT_CODES = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+if hasattr(signal, "SIGHUP"):  # not on Windows
+    _EXIT_CODES[signal.SIGHUP] = EXIT_SIGHUP
+_SIGNALS = tuple(_EXIT_CODES)
 
 
 class JobInterrupted(BaseException):
@@ -26,7 +31,7 @@ class JobInterrupted(BaseException):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
+        return _EXIT_CODES.get(self.signum, EXIT_SIGTERM)
 
 
 class SignalGuard:
@@ -51,7 +56,7 @@ class SignalGuard:
         return True
 
     def reclaim(self) -> None:
-        """Take SIGINT/SIGTERM back from a library that set its own handlers (ray.init does: its SIGTERM
+        """Take the signals back from a library that set its own handlers (ray.init does: its SIGTERM
         handler exits with status 1, committing nothing), if this guard is installed."""
         if self._previous and threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:

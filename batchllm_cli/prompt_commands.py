@@ -54,8 +54,8 @@ from batchllm_cli.table_io.inputs import STDIN, input_args, resolve_input
 ANALYZE_EPILOG = (
     "Exit codes: 0 report written (rows whose template fails or whose prompt does not fit are counted in "
     "it); 1 fatal error; 2 usage error (bad flag, missing or malformed input, unknown template variable, "
-    "unusable model or tokenizer, report file not writable; found before any row is tokenized); 130/143 "
-    "interrupted by SIGINT/SIGTERM (temporary files are removed, no report is written)."
+    "unusable model or tokenizer, report file not writable; found before any row is tokenized); 129/130/143 "
+    "interrupted by SIGHUP/SIGINT/SIGTERM (temporary files are removed, no report is written)."
 )
 
 

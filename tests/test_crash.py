@@ -255,7 +255,7 @@ def test_sigint_commits_finished_rows_and_exits_130(tmp_path: Path, env: dict[st
     assert not out.with_name(out.name + ".lock").exists()  # an orderly exit releases its lock
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_interrupted_message_counts_the_rows_committed_on_disk(
     tmp_path: Path, env: dict[str, str], sig: signal.Signals
 ) -> None:
