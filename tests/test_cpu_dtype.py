@@ -103,4 +103,3 @@ def test_bfloat16_on_cpu_computes_the_model(
     got = _first_logits(tiny_model_dir("llama_gqa"), prompts, "bfloat16", mode)
     cosine = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
     assert cosine.min() > 0.99, cosine
-    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
