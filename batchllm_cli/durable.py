@@ -7,7 +7,8 @@ steps itself), so after a crash a reader sees either the old state or the new on
 
 `BATCHLLM_CRASH_AT=POINT[:N][,POINT[:N]...]` makes the process exit abruptly (`os._exit(137)`, no
 cleanup, as after `kill -9`) right after the N-th time (default 1st) it passes POINT. It exists for the
-crash tests; the points are listed in `CRASH_POINTS`.
+crash tests; the points are listed in `CRASH_POINTS`. `BATCHLLM_SIGNAL_AT=POINT` instead sends the process
+SIGTERM the first time it passes POINT (a scheduler's kill arriving at exactly that moment).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import errno
 import json
 import os
 import re
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 from batchllm_cli.errors import BatchLLMError, OutputError, TempFailError, UsageError
 
 CRASH_ENV = "BATCHLLM_CRASH_AT"
+SIGNAL_ENV = "BATCHLLM_SIGNAL_AT"
 CRASH_EXIT_CODE = 137
 CRASH_POINTS = (
     "shard_write",  # a result shard's bytes are in its temporary file (not yet fsynced)
@@ -49,7 +52,11 @@ def _crash_plan() -> dict[str, int]:
 
 
 def crash_point(name: str) -> None:
-    """Test hook: exit at once, like a power cut, when BATCHLLM_CRASH_AT names this point."""
+    """Test hook: exit at once, like a power cut, when BATCHLLM_CRASH_AT names this point (SIGTERM
+    when BATCHLLM_SIGNAL_AT does)."""
+    if os.environ.get(SIGNAL_ENV) == name and name not in _crash_counts:
+        _crash_counts[name] = 1
+        os.kill(os.getpid(), signal.SIGTERM)
     if CRASH_ENV not in os.environ:
         return
     assert name in CRASH_POINTS, name

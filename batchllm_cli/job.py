@@ -128,11 +128,17 @@ def execute_run(
 
 def write_output(prepared: PreparedRun, model: dict[str, Any], guard: SignalGuard, tracker: Any) -> RunReport:
     """Every row is committed: write the output and the marker, and report (the tracker's `finished`);
-    a signal meanwhile stops the job as interrupted, the rows kept for the next run to write."""
+    a signal while the output is being written stops the job as interrupted, the rows kept for the next
+    run to write. Once the complete output is renamed into place the job has finished: a signal from
+    then on is only remembered, and the run ends as finished (its marker written, exit 0)."""
     assert prepared.run_dir is not None
     t0 = time.perf_counter()
+
+    def committing() -> None:
+        guard.draining = True
+
     try:
-        files = write_final(prepared, model or dict(prepared.earlier_model))  # no engine: the finished job's
+        files = write_final(prepared, model or dict(prepared.earlier_model), committing)  # no engine: the finished job's
     except BaseException as exc:
         if isinstance(exc, JobInterrupted) or guard.pending is not None:
             guard.draining = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from batchllm_cli import __version__
 from batchllm_cli.checkpoint import Committed, RunDir
@@ -41,10 +41,13 @@ def check_input_unchanged(prepared: PreparedRun) -> None:
     )
 
 
-def write_final(prepared: PreparedRun, model_info: dict[str, Any]) -> dict[str, Any]:
+def write_final(prepared: PreparedRun, model_info: dict[str, Any],
+                committing: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Output, errors file, rejects file, then the completion marker; then the run dir goes. The input is
     checked against its snapshot before anything is written and again before the output is renamed
-    into place. The marker also keeps what a later re-run's summary reports (chat, model, tokens)."""
+    into place. The marker also keeps what a later re-run's summary reports (chat, model, tokens).
+    `committing` is called once the output is complete and checked, just before it is renamed into
+    place: from there on the job is finished, whatever signal arrives."""
     check_input_unchanged(prepared)
     settings = prepared.settings
     run_dir = prepared.run_dir
@@ -89,7 +92,7 @@ def write_final(prepared: PreparedRun, model_info: dict[str, Any]) -> dict[str, 
         results,
         output,
         columns=columns,
-        after_write=lambda: (check_input_unchanged(prepared), crash_point("final_write")),
+        after_write=lambda: (check_input_unchanged(prepared), crash_point("final_write"), committing()),
         after_rename=lambda: crash_point("final_rename"),
     )
     digest, identity = hash_output(output)

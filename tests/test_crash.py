@@ -180,6 +180,25 @@ def test_crash_point_then_resume(crash_job: dict, point: str, nth: int) -> None:
     assert_finished_cleanly(out, CP_ROWS)
 
 
+@pytest.mark.parametrize("point", ["final_write", "final_rename", "marker"])
+def test_sigterm_while_the_output_is_finalised(crash_job: dict, point: str) -> None:
+    """SIGTERM while the finished job's output is written: before the output is renamed into place the
+    run is interrupted (143, no output, the same command writes it); from the rename on the job has
+    finished, so the run ends as finished (0, marker written) instead of saying "the output is not
+    written yet" (143) while the output is there."""
+    d: Path = crash_job["dir"]
+    out = d / f"sigterm-{point}" / "out.parquet"
+    args = job_args(crash_job["inp"], crash_job["tpl"], out, *crash_job["extra"])
+    code, log = cli_process.run(args, {**crash_job["env"], "BATCHLLM_SIGNAL_AT": point})
+    if point == "final_write":
+        assert code == 128 + signal.SIGTERM, log
+        assert "the output is not written yet" in " ".join(log.split()) and not out.exists()
+        code, log = cli_process.run(args, crash_job["env"])
+    assert code == 0, log
+    assert read_rows(out) == crash_job["ref"]
+    assert_finished_cleanly(out, CP_ROWS)
+
+
 def _entry_point() -> list[str]:
     exe = Path(sys.executable).with_name("batchllm")
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "batchllm_cli"]
