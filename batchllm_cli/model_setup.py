@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from batchllm_cli.errors import UsageError
+from batchllm_cli.durable import disk_full_reason, full_disk_fix
+from batchllm_cli.errors import TempFailError, UsageError
 
 if TYPE_CHECKING:
     from engine import Tokenizer
@@ -40,7 +41,17 @@ def resolve_model(model: Path | None, observer: Notifier) -> tuple[Path, bool]:
         return model, False
     from engine import ensure_demo_model
 
-    path = ensure_demo_model()
+    try:
+        path = ensure_demo_model()
+    except OSError as exc:  # a cron or service HOME that is missing or read-only, a full disk
+        where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+        full = disk_full_reason(exc)
+        if full is not None:
+            raise TempFailError(f"Cannot write the demo model ({where}); {full_disk_fix(full)} and run again.") from exc
+        raise UsageError(
+            f"Cannot write the demo model ({where}); set BATCHLLM_CACHE_DIR to a writable directory, or pass "
+            "--model DIR."
+        ) from exc
     observer.notice(DEMO_NOTICE.format(path=path))
     return path, True
 

@@ -97,3 +97,27 @@ def test_greedy_output_is_varied(demo_model_dir: Path) -> None:
         assert len(set(new[8:])) >= 8, new  # no short cycle after a warm-up
         outputs.append(tuple(new))
     assert len(set(outputs)) == len(outputs)
+
+
+@pytest.mark.parametrize("command", ["run", "render", "analyze"])
+def test_an_unwritable_demo_model_cache_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A cron job or service whose HOME (or BATCHLLM_CACHE_DIR) cannot hold the demo model: one line
+    naming where and what to set, exit 2 (it was a traceback and exit 1)."""
+    from reliability_utils import invoke, one_error_line
+
+    not_a_dir = tmp_path / "afile"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(not_a_dir / "cache"))
+    inp = tmp_path / "in.csv"
+    inp.write_text("id,text\n1,hello\n")
+    tpl = tmp_path / "t.j2"
+    tpl.write_text("Say: {{ text }}")
+    args = {"run": ["run", str(inp), "-t", str(tpl), "-o", str(tmp_path / "out.csv")],
+            "render": ["render", str(inp), "-t", str(tpl)], "analyze": ["analyze", str(inp), "-t", str(tpl)]}[command]
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.stderr)
+    assert "Cannot write the demo model" in line and "BATCHLLM_CACHE_DIR" in line and str(not_a_dir) in line
+    assert not (tmp_path / "out.csv").exists()
