@@ -134,7 +134,7 @@ OutputOpt = Annotated[
         "--output",
         "-o",
         metavar="FILE",
-        help="Output table; format from the extension: .parquet, .csv, .jsonl or .json (JSON lines).",
+        help="Output table; format from the extension: .parquet, .csv, .jsonl, .ndjson or .json (JSON lines).",
         show_default=False,
     ),
 ]

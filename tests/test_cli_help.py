@@ -8,6 +8,7 @@ import pytest
 from typer.main import get_command
 
 from batchllm_cli.app import app
+from batchllm_cli.table_io import OUTPUT_FORMATS
 from reliability_utils import flat, invoke
 
 
@@ -195,3 +196,11 @@ def test_every_option_the_readme_names_exists() -> None:
     lines = [ln for ln in readme.split("\n## Benchmarks")[0].splitlines() if "bench/" not in ln]
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]", "\n".join(lines)))
     assert sorted(named - known) == []
+
+
+def test_run_help_lists_every_output_type() -> None:
+    """--output's help used to leave out .ndjson, which run accepts (and the README lists)."""
+    run = get_command(app).commands["run"]
+    output_help = next(p.help for p in run.params if "--output" in p.opts)
+    for suffix in OUTPUT_FORMATS:
+        assert suffix in output_help, f"{suffix} missing from the help of `batchllm run --output`"
