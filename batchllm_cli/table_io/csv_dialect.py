@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from batchllm_cli.errors import InputError
 from batchllm_cli.table_io.common import CSV_MAX_LINE_SIZE, _CSV_DELIMITERS, _LINE_BREAK, _literal, duckdb_key
-from batchllm_cli.table_io.inputs import open_text
+from batchllm_cli.table_io.inputs import gzip_read_errors, open_text
 
 
 _HEAD_BYTES = 1 << 20
@@ -290,7 +290,8 @@ def check_lenient_read(files: Sequence[tuple[str, Path, CsvText]], dialect: CsvD
     if not dialect.lenient:
         return
     for name, path, text in files:
-        bad = _csv_bad_record(path, dialect.delimiter, len(dialect.names), text)
+        with gzip_read_errors(name):
+            bad = _csv_bad_record(path, dialect.delimiter, len(dialect.names), text)
         if bad is not None:
             raise InputError(
                 f"Cannot read {name}: {bad}. Fix the file (--skip-bad-rows cannot skip records in "
@@ -302,8 +303,9 @@ def check_record_count(label: str, files: Sequence[tuple[str, Path, CsvText]], d
     """InputError unless DuckDB read as many rows as an independent reader counts records in `files`:
     DuckDB has read some valid files (a quoted line break in a CRLF header) as 0 rows without an error."""
     records = 0
-    for _, path, text in files:
-        counted = _csv_records(path, dialect.delimiter, len(dialect.names) == 1, text)
+    for name, path, text in files:
+        with gzip_read_errors(name):
+            counted = _csv_records(path, dialect.delimiter, len(dialect.names) == 1, text)
         if counted is None:
             return
         records += counted

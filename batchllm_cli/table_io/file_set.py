@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from batchllm_cli.errors import UsageError
 from batchllm_cli.table_io.common import _ident, _literal, duckdb_key
 from batchllm_cli.table_io.csv_dialect import CsvDialect, CsvText, _sniff_csv
-from batchllm_cli.table_io.inputs import InputFile
+from batchllm_cli.table_io.inputs import InputFile, gzip_read_errors
 
 # The file each row came from, while hive partition values are attached to it (never in a result).
 FILE_COLUMN = "__batchllm_file"
@@ -55,7 +55,8 @@ def csv_dialect(
         if f.is_url:
             d = _url_csv_dialect(con, scan, delimiter, duckdb_encoding)
         else:
-            d = _sniff_csv(scan, f.path, con, text_of(f), delimiter=delimiter, duckdb_encoding=duckdb_encoding)
+            with gzip_read_errors(f.name):
+                d = _sniff_csv(scan, f.path, con, text_of(f), delimiter=delimiter, duckdb_encoding=duckdb_encoding)
         if first is None:
             first = d
         elif d.names != first.names:

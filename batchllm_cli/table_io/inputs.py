@@ -17,9 +17,11 @@ import re
 import shutil
 import stat
 import sys
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Iterator, Sequence
 from urllib.parse import unquote
 
 from batchllm_cli.errors import UsageError
@@ -206,7 +208,7 @@ def _spool_stdin(spool: Path, fmt: str | None) -> tuple[InputFile, str]:
     # gzipped text on stdin (`zcat`-less pipes): read it as a .csv.gz / .jsonl.gz file would be
     compression = "gzip" if head.startswith(b"\x1f\x8b") else None
     if compression is not None:
-        with gzip.open(spool, "rb") as g:
+        with gzip_read_errors("stdin"), gzip.open(spool, "rb") as g:
             head = g.read(4096)
     if fmt is None:
         if head.startswith(b"PAR1"):
@@ -300,7 +302,7 @@ def is_blank(f: InputFile, json: bool = False) -> bool:
     empty array (`[]`, what a JSON writer leaves for no rows); a URL is not."""
     if f.is_url:
         return False
-    with open_binary(f.path, f.compression) as data:
+    with gzip_read_errors(f.name), open_binary(f.path, f.compression) as data:
         head = data.read(4097)
     if len(head) > 4096:
         return False
@@ -314,7 +316,7 @@ def check_csv_content(f: InputFile, fmt: str, encoding_given: bool) -> None:
     garbled column name (which failed as 'contains a NUL character, rename it')."""
     if f.is_url:
         return
-    with open_binary(f.path, f.compression) as data:
+    with gzip_read_errors(f.name), open_binary(f.path, f.compression) as data:
         head = data.read(4)
     if head == b"PAR1":
         raise UsageError(f"{f.name} is a Parquet file, not {fmt.upper()}: pass --input-format parquet "
@@ -327,10 +329,28 @@ def open_binary(path: Path, compression: str | None) -> IO[bytes]:
     return gzip.open(path, "rb") if compression == "gzip" else path.open("rb")
 
 
+@contextmanager
+def gzip_read_errors(name: str) -> Iterator[None]:
+    """Python's gzip errors while reading `name` (through open_text/open_binary) as the user's one-line
+    error: EOFError used to reach click as a bare "Aborted!" (exit 1), BadGzipFile a traceback."""
+    try:
+        yield
+    except EOFError as exc:
+        raise UsageError(f"Cannot read {name}: {exc} (the gzip stream ends early: the file is truncated); "
+                         "copy or download the whole file again.") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        if str(exc).startswith("Not a gzipped file"):
+            raise UsageError(f"Cannot read {name}: {exc} (its name ends in .gz but it is not gzip data); "
+                             "rename it without .gz, or compress it with gzip.") from None
+        raise UsageError(f"Cannot read {name}: {exc} (the gzip data is damaged); copy or download the file "
+                         "again.") from None
+
+
 def transcode(f: InputFile, encoding: str, target: Path) -> InputFile:
     """A copy of `f` in UTF-8 at `target` (private), for encodings DuckDB cannot decode itself."""
     try:
-        with open_binary(f.path, f.compression) as src, target.open("w", encoding="utf-8", newline="") as out:
+        with gzip_read_errors(f.name), open_binary(f.path, f.compression) as src, \
+                target.open("w", encoding="utf-8", newline="") as out:
             reader = codecs.getreader(encoding)(src, errors="strict")
             while block := reader.read(1 << 20):
                 out.write(block)

@@ -21,7 +21,7 @@ from batchllm_cli.table_io.common import (
 )
 from batchllm_cli.table_io.csv_dialect import CsvDialect, CsvText, _csv_header_line, _csv_options
 from batchllm_cli.table_io.inputs import (
-    DUCKDB_ENCODINGS, InputFile, InputOptions, ResolvedInput, check_csv_content, input_args, is_blank, is_url, python_encoding, resolve_input,
+    DUCKDB_ENCODINGS, InputFile, InputOptions, ResolvedInput, check_csv_content, gzip_read_errors, input_args, is_blank, is_url, python_encoding, resolve_input,
     transcode,
 )
 from batchllm_cli.table_io.file_set import (
@@ -215,7 +215,8 @@ class TableSource(ValidatedRead):
             assert self._dialect is not None
             if first.is_url:
                 return list(self._dialect.names)
-            header = _csv_header_line(first.path, self._text(first))
+            with gzip_read_errors(first.name):
+                header = _csv_header_line(first.path, self._text(first))
             return next(csv.reader(io.StringIO(header), delimiter=self._dialect.delimiter), [])
         if self.format == "parquet" and self.arrow_schema is not None:
             return list(self.arrow_schema.names)

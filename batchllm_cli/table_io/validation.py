@@ -14,6 +14,7 @@ from batchllm_cli.errors import BatchLLMError, InputError
 from batchllm_cli.plain_paths import temp_full_error
 from batchllm_cli.table_io.common import _connect, _ident, _literal
 from batchllm_cli.table_io.csv_dialect import _one_per_record, check_lenient_read, check_record_count, mixed_line_endings
+from batchllm_cli.table_io.inputs import gzip_read_errors
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -116,7 +117,8 @@ class ValidatedRead:
         if not self.is_csv or d is None or d.lenient or any(f.is_url for f in self.files):
             return False
         for f in self.files:
-            where = mixed_line_endings(f.path, self._text(f))
+            with gzip_read_errors(f.name):
+                where = mixed_line_endings(f.path, self._text(f))
             if where is not None:
                 where = where if len(self.files) == 1 else f"{f.name}: {where}"
                 self._dialect = dataclasses.replace(d, mixed_line_endings=where)
