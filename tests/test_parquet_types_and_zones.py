@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import decimal
 import json
 import uuid
 import zoneinfo
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchllm_cli.errors import UsageError
 from batchllm_cli.table_io import ROW_ID, InputOptions, TableSource, write_output
 from batchllm_cli.table_io import writing
 
@@ -105,6 +107,55 @@ def test_a_value_a_restored_type_cannot_hold_keeps_duckdbs_type_and_the_whole_ou
     assert got.schema.field("half").type == pa.float32()
     assert got.column("half").to_pylist() == pa.array([0.5, 1.5, 2.5, None, 1.1], pa.float32()).to_pylist()
     assert [p.name for p in out.parent.iterdir()] == ["out.parquet"]  # no temporary file left
+
+
+@pytest.mark.parametrize("first_type, second_type, second_value", [
+    (pa.int64(), pa.float64(), 2.7),  # was read as 3
+    (pa.float32(), pa.float64(), 0.123456789012345),  # was read as 0.12345679
+    (pa.decimal128(10, 2), pa.decimal128(10, 4), decimal.Decimal("1.2345")),  # was read as 1.23
+    (pa.int32(), pa.int64(), 7),  # a widening: read only while every value fits, so refused too
+    (pa.timestamp("us"), pa.timestamp("ns"), 1_001),  # the nanoseconds were dropped
+    (pa.timestamp("ms", tz="UTC"), pa.timestamp("ms", tz="Asia/Kolkata"), 1),  # printed in UTC
+    (pa.list_(pa.int64()), pa.list_(pa.float64()), [2.5]),  # nested: was read as [3]
+    (pa.null(), pa.string(), "x"),  # a first file of nulls only (DuckDB failed reading the second)
+])
+def test_a_column_whose_type_differs_between_files_is_refused_naming_both(
+    tmp_path: Path, first_type: pa.DataType, second_type: pa.DataType, second_value: object
+) -> None:
+    """DuckDB reads every file with the first file's types, so these columns used to come back cast
+    (damaged, with exit 0) in the prompts and in every output."""
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"text": ["a"], "col": pa.array([None], first_type)}), data / "a.parquet")
+    pq.write_table(pa.table({"text": ["b"], "col": pa.array([second_value], second_type)}), data / "b.parquet")
+    a, b = (pq.read_schema(data / name).field("col").type for name in ("a.parquet", "b.parquet"))  # as stored
+    with pytest.raises(UsageError) as refused:
+        TableSource(data)
+    assert str(refused.value) == (
+        f"The input files have different types for column 'col': {data / 'a.parquet'} has {a} but "
+        f"{data / 'b.parquet'} has {b}; write the files with one type for it (every file's values "
+        f"would be read as {data / 'a.parquet'}'s type)."
+    )
+
+
+def test_types_duckdb_reads_as_one_are_read_exactly(tmp_path: Path) -> None:
+    """Differences that hold the same values in DuckDB's one type stay allowed: timestamp units up to
+    microseconds, half floats, dictionary-encoded text, a later file's column of nulls only."""
+    first, second = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"ts": pa.array([1], pa.timestamp("ms", tz="UTC")),
+                             "half": pa.array([0.5], pa.float16()),
+                             "label": pa.array(["x"]).dictionary_encode(),
+                             "note": pa.array(["n"])}), first)
+    pq.write_table(pa.table({"ts": pa.array([2_001], pa.timestamp("us", tz="UTC")),
+                             "half": pa.array([1.1], pa.float32()),
+                             "label": pa.array(["y"]),
+                             "note": pa.array([None], pa.null())}), second)
+    with TableSource([first, second]) as src:
+        rows = [r for b in src.batches() for r in b.to_pylist()]
+    assert [(r["ts"], r["half"], r["label"], r["note"]) for r in rows] == [
+        (datetime.datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC), 0.5, "x", "n"),
+        (datetime.datetime(1970, 1, 1, 0, 0, 0, 2001, tzinfo=UTC), pa.scalar(1.1, pa.float32()).as_py(), "y", None),
+    ]
 
 
 def csv_rows(path: Path) -> list[dict[str, str]]:

@@ -78,20 +78,62 @@ def _url_csv_dialect(con: duckdb.DuckDBPyConnection, url: str, delimiter: str | 
     return CsvDialect(row[0], tuple(c["name"] for c in row[1]))
 
 
-def parquet_schema(files: Sequence[InputFile]) -> pa.Schema | None:
+def parquet_schema(
+    con: duckdb.DuckDBPyConnection, files: Sequence[InputFile], scan_paths: Sequence[str]
+) -> pa.Schema | None:
     """The first local file's Arrow schema (its own types, kept in Parquet output); every local file
-    must have the same column names in the same order."""
-    first: pa.Schema | None = None
-    for f in files:
+    must have the same column names in the same order, and each column a type DuckDB reads as the
+    first file's (see _check_types)."""
+    first: tuple[InputFile, str, pa.Schema] | None = None
+    for f, scan in zip(files, scan_paths):
         if f.is_url:
             continue
         with f.path.open("rb") as data:  # a file object: pyarrow would parse a path as a URI
             schema = pq.read_schema(data)
         if first is None:
-            first = schema
-        elif list(schema.names) != list(first.names):
-            refuse_different(files[0].name, first.names, f.name, schema.names)
-    return first
+            first = (f, scan, schema)
+        elif list(schema.names) != list(first[2].names):
+            refuse_different(first[0].name, first[2].names, f.name, schema.names)
+        else:
+            _check_types(con, first, (f, scan, schema))
+    return first[2] if first is not None else None
+
+
+def _check_types(con: duckdb.DuckDBPyConnection, first: tuple[InputFile, str, pa.Schema],
+                 other: tuple[InputFile, str, pa.Schema]) -> None:
+    """UsageError when a column of `other` has a type DuckDB does not read as the first file's.
+
+    DuckDB reads every file with the first file's types, casting the other files' values: 2.7 in a
+    double column became 3 in the first file's int64 column, a decimal(10,4) lost two digits, with
+    no error. Allowed: a column DuckDB reads as one type (timestamp[ms] and [us] are both its
+    TIMESTAMP, half floats are floats; the README says so) in the same time zones (else the first
+    file's zone would print every file's times), and a later file's column of nulls only. A widening
+    (int32 then int64) is refused too: DuckDB reads it only while every value fits, and whether it
+    applies at all would depend on which file sorts first."""
+    (a, a_scan, a_schema), (b, b_scan, b_schema) = first, other
+    differ = [i for i, (x, y) in enumerate(zip(a_schema.types, b_schema.types)) if x != y and not pa.types.is_null(y)]
+    if not differ:
+        return
+    a_read, b_read = (con.sql(f"SELECT * FROM read_parquet({_literal(s)}) LIMIT 0").types for s in (a_scan, b_scan))
+    for i in differ:
+        a_type, b_type = a_schema.types[i], b_schema.types[i]
+        if str(a_read[i]) != str(b_read[i]) or _zones(a_type) != _zones(b_type):
+            raise UsageError(
+                f"The input files have different types for column {a_schema.names[i]!r}: {a.name} has "
+                f"{a_type} but {b.name} has {b_type}; write the files with one type for it (every file's "
+                f"values would be read as {a.name}'s type)."
+            )
+
+
+def _zones(typ: pa.DataType) -> tuple[str | None, ...]:
+    """The time zones of the timestamps in `typ`, nested ones too, in order."""
+    if pa.types.is_timestamp(typ):
+        return (typ.tz,)
+    if pa.types.is_dictionary(typ):
+        return _zones(typ.value_type)
+    if isinstance(typ, pa.BaseExtensionType):
+        return _zones(typ.storage_type)
+    return tuple(z for i in range(typ.num_fields) for z in _zones(typ.field(i).type))
 
 
 def check_json_files(

@@ -136,7 +136,7 @@ class TableSource(ValidatedRead):
         """The columns every file agrees on (refused when they differ), then hive partition columns,
         then --columns and --where checked against them."""
         if self.format == "parquet":
-            self.arrow_schema = parquet_schema(self.files)
+            self.arrow_schema = parquet_schema(self._con, self.files, self._scan_paths)
         if self.is_csv:
             for f in self.files:
                 check_csv_content(f, self.format, self.options.encoding is not None)
