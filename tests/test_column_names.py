@@ -89,6 +89,45 @@ def test_input_columns_duckdb_cannot_tell_apart_are_refused(tmp_path: Path, suff
     assert snapshot(tmp_path) == before
 
 
+def struct(*names: str) -> pa.StructType:
+    return pa.struct([(n, pa.int64()) for n in names])
+
+
+@pytest.mark.parametrize(("column", "message"), [
+    (pa.array([{"a": 1, "A": 2}], struct("a", "A")), "'a' and 'A' of input column st in"),
+    (pa.array([[{"x": 1, "X": 2}]], pa.list_(struct("x", "X"))), "'x' and 'X' of input column st[] in"),
+    (pa.array([[("k", {"b": 1, "B": 2})]], pa.map_(pa.string(), struct("b", "B"))),
+     "'b' and 'B' of input column st[value] in"),
+    (pa.array([{"in": {"c": 1, "C": 2}}], pa.struct([("in", struct("c", "C"))])), "'c' and 'C' of input column st.in in"),
+    (pa.StructArray.from_arrays([pa.array([1]), pa.array([2])], names=["d", "d"]), "'d' and 'd' of input column st in"),
+])
+def test_nested_fields_duckdb_cannot_tell_apart_are_refused_naming_the_path(
+    tmp_path: Path, column: pa.Array, message: str
+) -> None:
+    """DuckDB renamed the second field (`{"a":1,"A_1":2}` in every output, and `st.A` failed in a template)."""
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": ["x"], "st": column}), inp)
+    tpl = write_template(tmp_path / "t.j2", "{{ text }}")
+    before = snapshot(tmp_path)
+    for args in (["run", str(inp), "-t", str(tpl), "-o", str(tmp_path / "o.jsonl"), *FAST], ["analyze", str(inp), "-t", str(tpl)]):
+        result = invoke(args)
+        assert result.exit_code == 2, result.output
+        line = one_error_line(result.stderr)
+        assert f"The fields {message}" in line and "rename one of them in the input" in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_nested_json_keys_duckdb_cannot_tell_apart_are_refused_in_batchllm_terms(tmp_path: Path) -> None:
+    """DuckDB's message suggested `ignore_errors=true`, an option batchllm does not take."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "x", "st": {"a": 1}}\n{"text": "y", "st": {"A": 2}}\n', encoding="utf-8")
+    result = run(inp, tmp_path / "o.jsonl", write_template(tmp_path / "t.j2", "{{ text }}"))
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.stderr)
+    assert "the key 'A' and another that differs from it only in upper/lower case" in line, line
+    assert "ignore_errors" not in line and line.endswith("rename one of them in the input.")
+
+
 def test_column_naming_the_row_id_is_refused(tmp_path: Path) -> None:
     inp = write_input(tmp_path / "in.csv", ["id"])
     result = run(inp, tmp_path / "o.csv", write_template(tmp_path / "t.j2", "hi"), "--column", ROW_ID.upper())

@@ -62,6 +62,9 @@ _CSV_REASONS = (
     "Error when converting column",
     "Maximum line size",
 )
+# DuckDB's JSON schema detection refuses keys of nested objects that differ only in case ('a' and 'A',
+# in one object or in two records), suggesting an option batchllm does not offer.
+_JSON_DUPLICATE_KEY = re.compile(r'Duplicate name "(.*)" in struct auto-detected in JSON')
 _SCALAR_ID_TYPES = ("LIST", "STRUCT", "MAP", "UNION", "[]")
 # --max-rejects: more rejected records than this fail the job (a file that bad is the wrong file, or
 # needs fixing, not a run that quietly drops rows).
@@ -83,6 +86,11 @@ def _one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     head = lines[0]
+    duplicate = _JSON_DUPLICATE_KEY.search(head)
+    if duplicate:
+        return (f"nested JSON objects in it have the key {duplicate.group(1)!r} and another that differs from it "
+                "only in upper/lower case, which DuckDB (batchllm's table reader) cannot tell apart; rename one "
+                "of them in the input.")
     if "CSV Error on Line" in head:
         reason = next((line for line in lines[1:] if line.startswith(_CSV_REASONS)), None)
         if reason:

@@ -1,8 +1,8 @@
 """Several input files read as one table: the columns they must share, and hive partition values.
 
 Files are never unioned by name: a file whose columns differ from the first file's (names and order
-for CSV and Parquet, the set of keys for JSON) is refused, naming both, so no column is silently
-filled with nulls. Hive `key=value` directories become text columns after the files' own, attached
+for CSV and Parquet, the set of keys for JSON), or for Parquet whose column types DuckDB would read
+as another type, is refused, naming both, so no column is silently filled with nulls or cast. Hive `key=value` directories become text columns after the files' own, attached
 by the file each row came from (DuckDB's own hive parsing would read our private link names).
 """
 from __future__ import annotations
@@ -90,6 +90,8 @@ def parquet_schema(
             continue
         with f.path.open("rb") as data:  # a file object: pyarrow would parse a path as a URI
             schema = pq.read_schema(data)
+        for field in schema:
+            _check_field_names(f.name, field.name, field.type)
         if first is None:
             first = (f, scan, schema)
         elif list(schema.names) != list(first[2].names):
@@ -123,6 +125,33 @@ def _check_types(con: duckdb.DuckDBPyConnection, first: tuple[InputFile, str, pa
                 f"{a_type} but {b.name} has {b_type}; write the files with one type for it (every file's "
                 f"values would be read as {a.name}'s type)."
             )
+
+
+def _check_field_names(file: str, path: str, typ: pa.DataType) -> None:
+    """UsageError when a struct inside column `path` (at any depth) has two fields DuckDB cannot tell
+    apart: it compares names ignoring case and renamed the second (`A` came back as `A_1` in every
+    output, and a template's `st.A` failed). Top-level names are column_names.py's check."""
+    if pa.types.is_dictionary(typ):
+        _check_field_names(file, path, typ.value_type)
+    elif isinstance(typ, pa.BaseExtensionType):
+        _check_field_names(file, path, typ.storage_type)
+    elif pa.types.is_map(typ):
+        _check_field_names(file, f"{path}[key]", typ.key_type)
+        _check_field_names(file, f"{path}[value]", typ.item_type)
+    elif pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        _check_field_names(file, f"{path}[]", typ.value_type)
+    elif pa.types.is_struct(typ):
+        seen: dict[str, str] = {}
+        for field in (typ.field(i) for i in range(typ.num_fields)):
+            other = seen.get(duckdb_key(field.name))
+            if other is not None:
+                same = "have the same name" if other == field.name else "differ only in upper/lower case"
+                raise UsageError(
+                    f"The fields {other!r} and {field.name!r} of input column {path} in {file} {same}, which "
+                    "DuckDB (batchllm's table reader) cannot tell apart; rename one of them in the input."
+                )
+            seen[duckdb_key(field.name)] = field.name
+            _check_field_names(file, f"{path}.{field.name}", field.type)
 
 
 def _zones(typ: pa.DataType) -> tuple[str | None, ...]:
