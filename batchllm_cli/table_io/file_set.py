@@ -2,8 +2,9 @@
 
 Files are never unioned by name: a file whose columns differ from the first file's (names and order
 for CSV and Parquet, the set of keys for JSON), or for Parquet whose column types DuckDB would read
-as another type, is refused, naming both, so no column is silently filled with nulls or cast. Hive `key=value` directories become text columns after the files' own, attached
-by the file each row came from (DuckDB's own hive parsing would read our private link names).
+as another type, is refused, naming both, so no column is silently filled with nulls or cast. Hive
+`key=value` directories become text columns after the files' own, attached by the file each row
+came from (DuckDB's own hive parsing would read our private link names).
 """
 from __future__ import annotations
 
