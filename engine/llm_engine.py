@@ -103,7 +103,7 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def _new_sequence(self, key: Hashable, token_ids: Seq[int], params: SamplingParams) -> Sequence | None:
-        error = self._check_request(len(token_ids), params)
+        error = self._check_request(token_ids, params)
         if error is not None:
             self._ready.append(GenerationResult(key, "", (), "error", len(token_ids), error))
             return None
@@ -184,9 +184,21 @@ class LLMEngine:
         carry.state.dependents_left += 1  # a placeholder for the next chunk's items
         return carry
 
-    def _check_request(self, prompt_len: int, params: SamplingParams) -> str | None:
+    def _check_request(self, token_ids: Seq[int], params: SamplingParams) -> str | None:
+        prompt_len = len(token_ids)
         if prompt_len == 0:
             return "The prompt is empty (0 tokens)."
+        # The embedding has vocab_size rows: a larger id (a token the tokenizer files add past the
+        # model's vocabulary) would crash the whole step, not just this row.
+        largest = max(token_ids)
+        if largest >= self.model_config.vocab_size:
+            token = self.tokenizer.id_to_token(largest)
+            return (
+                f"The prompt has token id {largest}{f' ({token!r})' if token is not None else ''}, past the "
+                f"model's vocabulary of {self.model_config.vocab_size} (config.json vocab_size): the tokenizer "
+                "files add tokens the model has no weights for; fix the tokenizer files (or remove that text "
+                "from the row)."
+            )
         if prompt_len >= self.max_model_len:
             return (
                 f"The prompt has {prompt_len} tokens but the model's context is {self.max_model_len} "

@@ -210,6 +210,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary string of a token id (None when the tokenizer has no such id)."""
+        return self._tok.id_to_token(int(token_id))
+
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
