@@ -100,6 +100,20 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
         raise UsageError(str(exc)) from exc
 
 
+def note_tokens_past_vocabulary(tokenizer: Tokenizer, model_dir: Path, observer: Notifier) -> None:
+    """A note when the tokenizer has ids the model has no embedding for (a special token that
+    tokenizer.json lacks gets added after its last id): the rows using them will fail, each alone."""
+    from engine import load_model_config
+
+    vocab_size = load_model_config(model_dir).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        observer.notice(
+            f"The tokenizer in {model_dir} has {tokenizer.vocab_size - vocab_size} token(s) past the model's "
+            f"vocabulary of {vocab_size} (config.json vocab_size), e.g. {tokenizer.id_to_token(vocab_size)!r}: "
+            "rows whose prompts contain them fail; fix the tokenizer files."
+        )
+
+
 def resolve_chat(requested: bool | None, tokenizer: Tokenizer, model_dir: Path, system: str | None = None) -> bool:
     """Whether prompts go through the model's chat template; a template that is used is tried on one
     message (after the --system turn) now, so a broken one is refused before anything runs."""

@@ -28,6 +28,7 @@ from batchllm_cli.model_setup import (
     check_model_files,
     load_tokenizer,
     model_context_length,
+    note_tokens_past_vocabulary,
     resolve_chat,
     resolve_model,
 )
@@ -252,6 +253,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
                 error_types = read_error_types(settings.output, marker.rows_failed, why)
             check_output_for_reuse(settings.output, written, total_rows, why, error_types)
         tokenizer = load_tokenizer(model_dir)
+        note_tokens_past_vocabulary(tokenizer, model_dir, observer)
         chat = resolve_chat(settings.chat, tokenizer, model_dir, settings.prompt.system)
         if constraint is not None:
             check_constraint_compiles(constraint, model_dir, tokenizer)

@@ -37,6 +37,8 @@ def test_token_past_the_model_vocabulary_fails_its_row_only(model: Path, tmp_pat
             "--model", str(model), *FAST]
     result = invoke(args)
     assert result.exit_code == 3, result.output
+    # said once before any row runs
+    assert f"1 token(s) past the model's vocabulary of {vocab_size} (config.json vocab_size), e.g. '[PAD]'" in result.stderr
     rows = read_rows(out)
     assert [row["response_finish_reason"] for row in rows] == ["length", "error", "length"]
     error = rows[1]["response_error"]
