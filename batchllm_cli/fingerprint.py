@@ -61,8 +61,9 @@ FIELD_LABELS = {
     "truncate_columns": "--truncate-column",
 }
 
-# Files of a model directory that change what the model or its tokenizer does. Weights are identified
-# by name and size (hashing gigabytes on every resume would cost minutes); their index by content.
+# Files of a model directory that change what the model or its tokenizer does. Weights (the files the
+# loader reads: engine's weight_files) are identified by name and size (hashing gigabytes on every
+# resume would cost minutes); their index by content.
 _MODEL_TEXT_FILES = (
     "config.json",
     "generation_config.json",
@@ -74,8 +75,8 @@ _MODEL_TEXT_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "model.safetensors.index.json",
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 # A file changed less than this long before its identity was taken may change again within the same
@@ -127,11 +128,14 @@ def model_files_digest(model_dir: Path) -> str:
         p = model_dir / name
         if p.is_file():
             h.update(f"{name}\0{file_digest(p)}\0".encode())
-    for p in sorted(model_dir.iterdir()):
-        if p.name.endswith(".index.json") and p.is_file():
-            h.update(f"{p.name}\0{file_digest(p)}\0".encode())
-        elif p.name.endswith(_WEIGHT_SUFFIXES) and p.is_file():
-            h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+    from engine import EngineError, weight_files
+
+    try:
+        weights = weight_files(model_dir)
+    except EngineError:  # no usable weights: check_model_files refused such a directory already
+        weights = []
+    for p in weights:
+        h.update(f"{p.relative_to(model_dir)}\0{p.stat().st_size}\0".encode())
     return h.hexdigest()
 
 

@@ -27,6 +27,7 @@ _EXPORTS = {
     "ModelLoadError": "engine.errors",
     "load_model_config": "engine.model_config",
     "check_weights": "engine.loader",
+    "weight_files": "engine.safetensors_header",
     "check_device": "engine.devices",
     "release_accelerator_memory": "engine.devices",
     "ensure_demo_model": "engine.demo_model",
@@ -81,6 +82,7 @@ if TYPE_CHECKING:
         unique_prompt_tokens,
     )
     from engine.results import EngineStats, GenerationResult
+    from engine.safetensors_header import weight_files
     from engine.sampling_params import SamplingParams
     from engine.tokenizer import Tokenizer
 

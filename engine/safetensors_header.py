@@ -32,9 +32,18 @@ class TensorEntry:
     shape: tuple[int, ...]
 
 
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# A PEFT (LoRA) adapter saved beside its base model: never part of the model's weights.
+_NOT_WEIGHTS = frozenset({"adapter_model.safetensors"})
+
+
 def weight_files(model_dir: Path) -> list[Path]:
-    """The model's safetensors files: those its index names, else every *.safetensors in the directory."""
-    index = model_dir / "model.safetensors.index.json"
+    """The model's safetensors files, as transformers picks them: those its index names; else
+    model.safetensors alone (a stale model_old.safetensors beside it must not override it); else
+    every *.safetensors in the directory (check_weights then refuses a tensor found in two of them).
+    The loader reads these files and the job fingerprint identifies the model by them."""
+    index = model_dir / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
@@ -43,8 +52,10 @@ def weight_files(model_dir: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ModelLoadError(f"{index} has no weight_map of tensor names to file names; {_FIX}.")
         files = sorted({model_dir / name for name in weight_map.values()})
+    elif (model_dir / SINGLE_FILE).is_file():
+        files = [model_dir / SINGLE_FILE]
     else:
-        files = sorted(model_dir.glob("*.safetensors"))
+        files = sorted(p for p in model_dir.glob("*.safetensors") if p.name not in _NOT_WEIGHTS)
     if not files:
         raise ModelLoadError(
             f"No *.safetensors weights in {model_dir}; batchllm loads safetensors only "

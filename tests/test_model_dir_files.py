@@ -7,8 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from safetensors.numpy import load_file, save_file
 
+from batchllm_cli.fingerprint import model_files_digest
+from engine.loader import check_weights, load_model
+from engine.model_config import load_model_config
 from reliability_utils import FAST, invoke, read_jsonl, read_rows, write_template
 
 
@@ -45,3 +51,25 @@ def test_token_past_the_model_vocabulary_fails_its_row_only(model: Path, tmp_pat
     assert f"token id {vocab_size} ('[PAD]'), past the model's vocabulary of {vocab_size}" in error
     assert "fix the tokenizer files" in error
     assert [e["row"] for e in read_jsonl(out.with_name(out.name + ".errors.jsonl"))] == [1]
+
+
+def _loaded_embedding(model: Path) -> np.ndarray:
+    cfg = load_model_config(model)
+    loaded = load_model(model, cfg, torch.device("cpu"), torch.float32, 64)
+    return loaded.state_dict()["model.embed_tokens.weight"].numpy()
+
+
+def test_stale_or_adapter_safetensors_beside_model_safetensors_are_not_loaded(model: Path) -> None:
+    weights = load_file(str(model / "model.safetensors"))
+    digest = model_files_digest(model)
+    # sorted after model.safetensors: loading every file would let it override the model's weights
+    save_file({name: np.ones_like(t) for name, t in weights.items()}, str(model / "model_old.safetensors"))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((4, 8), np.float32)},
+              str(model / "adapter_model.safetensors"))
+    check_weights(model, load_model_config(model))
+    np.testing.assert_array_equal(_loaded_embedding(model), weights["model.embed_tokens.weight"])
+    # the job's model identity covers the files the loader reads, and only those
+    assert model_files_digest(model) == digest
+    save_file({**weights, "extra": np.zeros(1, np.float32)}, str(model / "model.safetensors"))
+    assert model_files_digest(model) != digest
+
