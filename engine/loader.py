@@ -50,8 +50,10 @@ def check_weights(model_dir: Path, cfg: ModelConfig) -> None:
     with _uninitialized(torch.device("meta"), torch.get_default_dtype()):
         params = dict(DecoderForCausalLM(cfg).named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
+    sources: dict[str, Path] = {}
     for path in weight_files(model_dir):
         for name, entry in read_header(path).items():
+            _claim(sources, name, path)
             if _wanted(cfg, name):
                 _place(cfg, params, filled, name, entry.shape, path)
     _check_complete(model_dir, cfg, params, filled)
@@ -89,9 +91,11 @@ def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: t
         model = DecoderForCausalLM(cfg)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
+    sources: dict[str, Path] = {}
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
+                _claim(sources, name, path)
                 if not _wanted(cfg, name):
                     continue
                 tensor = f.get_tensor(name)
@@ -100,6 +104,17 @@ def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device, dtype: t
     _check_complete(model_dir, cfg, params, filled)
     model.init_rope(max_positions)
     return model.eval()
+
+
+def _claim(sources: dict[str, Path], name: str, path: Path) -> None:
+    """Records that tensor `name` comes from `path`; a name in two files would silently take the
+    later file's values (a stale copy of the weights overriding the model's)."""
+    first = sources.setdefault(name, path)
+    if first != path:
+        raise ModelLoadError(
+            f"Tensor '{name}' is in both {first} and {path}; remove the file that is not part of the model "
+            "(or add the model's model.safetensors.index.json)."
+        )
 
 
 def _wanted(cfg: ModelConfig, name: str) -> bool:

@@ -13,9 +13,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from batchllm_cli.fingerprint import model_files_digest
+from engine.errors import ModelLoadError
 from engine.loader import check_weights, load_model
 from engine.model_config import load_model_config
-from reliability_utils import FAST, invoke, read_jsonl, read_rows, write_template
+from reliability_utils import FAST, invoke, one_error_line, read_jsonl, read_rows, write_template
 
 
 @pytest.fixture
@@ -73,3 +74,30 @@ def test_stale_or_adapter_safetensors_beside_model_safetensors_are_not_loaded(mo
     save_file({**weights, "extra": np.zeros(1, np.float32)}, str(model / "model.safetensors"))
     assert model_files_digest(model) != digest
 
+
+def _split_weights(model: Path) -> list[str]:
+    """model.safetensors as two shards without an index; their tensor names."""
+    weights = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    names = sorted(weights)
+    save_file({n: weights[n] for n in names[::2]}, str(model / "part-a.safetensors"))
+    save_file({n: weights[n] for n in names[1::2]}, str(model / "part-b.safetensors"))
+    return names
+
+
+def test_shards_without_an_index_load_but_a_tensor_in_two_files_is_refused(model: Path, tmp_path: Path) -> None:
+    names = _split_weights(model)
+    save_file({"base_model.model.lm_head.lora_B.weight": np.ones((4, 8), np.float32)},
+              str(model / "adapter_model.safetensors"))
+    inp = _write_csv(tmp_path / "in.csv", ["hello there", "ok"])
+    tpl = write_template(tmp_path / "t.j2", "{{ text }}")
+    args = ["run", str(inp), "-t", str(tpl), "-o", str(tmp_path / "out.csv"), "--model", str(model), *FAST]
+    assert invoke(args).exit_code == 0
+    stale = load_file(str(model / "part-a.safetensors"))
+    save_file({names[0]: stale[names[0]]}, str(model / "part-c.safetensors"))
+    with pytest.raises(ModelLoadError, match="is in both"):
+        load_model(model, load_model_config(model), torch.device("cpu"), torch.float32, 64)
+    refused = invoke(args)
+    assert refused.exit_code == 2, refused.output
+    line = one_error_line(refused.stderr)
+    assert f"Tensor '{names[0]}' is in both {model / 'part-a.safetensors'} and {model / 'part-c.safetensors'}" in line
