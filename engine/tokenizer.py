@@ -24,14 +24,16 @@ from engine.errors import ModelLoadError
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _int_list(value: object) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value if v is not None]
-    return []
+def _token_ids(value: object, path: Path, key: str) -> list[int]:
+    """An eos_token_id as config files write it (one id, a list of ids, or null); anything else is
+    refused naming the file, not dropped or crashed on."""
+    ids = [v for v in (value if isinstance(value, list) else [value]) if v is not None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+        raise ModelLoadError(
+            f"{path}: {key} is {value!r}, not a token id or a list of token ids; fix {path.name} "
+            "(or download the model again)."
+        )
+    return ids
 
 
 def _read_json(path: Path) -> dict:
@@ -42,6 +44,19 @@ def _read_json(path: Path) -> dict:
     except ValueError as exc:  # bad JSON, bad UTF-8, or an integer past Python's digit limit
         raise ValueError(f"{path.name} is not readable JSON ({exc})") from exc
     return data if isinstance(data, dict) else {}
+
+
+def _model_json(path: Path) -> dict:
+    """_read_json for the model's own files (config.json, generation_config.json): an unreadable one
+    is a ModelLoadError naming it."""
+    try:
+        return _read_json(path)
+    except OSError as exc:
+        raise ModelLoadError(f"Could not read {path}: {exc}.") from exc
+    except ValueError as exc:  # raised from the JSON decoder's error
+        raise ModelLoadError(
+            f"{path} is not readable JSON ({exc.__cause__ or exc}); fix {path.name} (or download the model again)."
+        ) from exc
 
 
 # How many characters a normalizer may turn into one; a type missing here may delete characters.
@@ -177,14 +192,22 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(self._find_eos_ids())
 
     def _find_eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        ids.update(_int_list(_read_json(self.model_dir / "generation_config.json").get("eos_token_id")))
-        config = _read_json(self.model_dir / "config.json")
-        ids.update(_int_list(config.get("eos_token_id")))
-        ids.update(_int_list(config.get("text_config", {}).get("eos_token_id")))
+        generation_path, config_path = self.model_dir / "generation_config.json", self.model_dir / "config.json"
+        ids = set(_token_ids(_model_json(generation_path).get("eos_token_id"), generation_path, "eos_token_id"))
+        config = _model_json(config_path)
+        ids.update(_token_ids(config.get("eos_token_id"), config_path, "eos_token_id"))
+        text_config = config.get("text_config")
+        if isinstance(text_config, dict):
+            ids.update(_token_ids(text_config.get("eos_token_id"), config_path, "text_config.eos_token_id"))
+        elif text_config is not None:  # null: none, as transformers reads it
+            raise ModelLoadError(
+                f"{config_path}: text_config is {text_config!r}, not an object; fix config.json (or download the "
+                "model again)."
+            )
         eos = self.special_tokens.get("eos_token")
         eos_id = self._tok.token_to_id(eos) if eos is not None else None
-        ids.update(_int_list(eos_id))
+        if eos_id is not None:
+            ids.add(eos_id)
         return ids
 
     @functools.cached_property

@@ -46,10 +46,11 @@ def _bad_value(key: str, **changes: object) -> Callable[[Path], str]:
     return bad
 
 
-def _write(name: str, data: bytes) -> Callable[[Path], str]:
+def _write(name: str, data: bytes, culprit: str | None = None) -> Callable[[Path], str]:
+    """Writes `data` to the model's file `name`; the error must name `culprit` (default: the file)."""
     def edit(model: Path) -> str:
         (model / name).write_bytes(data)
-        return name
+        return culprit or name
 
     return edit
 
@@ -119,6 +120,11 @@ BROKEN: dict[str, Callable[[Path], str]] = {
     "rms_norm_eps_zero": _bad_value("rms_norm_eps", rms_norm_eps=0),
     "rope_scaling_factor_zero": _bad_value("factor", rope_scaling={"rope_type": "linear", "factor": 0}),
     "chat_template_syntax_error": _write("chat_template.jinja", b"{% for m in messages %}{{ m.content }"),
+    "generation_config_empty": _write("generation_config.json", b"", "generation_config.json is not readable JSON"),
+    "generation_eos_not_ids": _write("generation_config.json", b'{"eos_token_id": ["</s>"]}',
+                                     "generation_config.json: eos_token_id is ['</s>']"),
+    "config_eos_not_ids": _bad_value("eos_token_id", eos_token_id="</s>"),
+    "text_config_not_an_object": _bad_value("text_config", text_config=[1]),
 }
 # Weights are not needed by analyze: it must not refuse these.
 WEIGHTS_ONLY = {"weights_index_not_json", "empty_weights", "garbage_weights", "truncated_weights", "header_past_the_end", "missing_tensor",
@@ -157,6 +163,15 @@ def test_broken_model_dir_is_refused_before_anything_is_written(case: str, job: 
     fixed = invoke(args)
     assert fixed.exit_code == 0, fixed.output
     assert out.is_file()
+
+
+def test_null_text_config_is_no_text_config(job: tuple[Path, Path, Path]) -> None:
+    # as transformers reads it: a text-only config.json may say "text_config": null
+    model, inp, tpl = job
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "text_config": None}))
+    result = invoke(["run", str(inp), "-t", str(tpl), "-o", str(inp.parent / "out.csv"), "--model", str(model), *FAST])
+    assert result.exit_code == 0, result.output
 
 
 def test_broken_tokenizer_config_is_named(job: tuple[Path, Path, Path]) -> None:
