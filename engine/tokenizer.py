@@ -9,6 +9,7 @@ that import alone took seconds of a short job's start. A model directory without
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 from itertools import chain
@@ -137,6 +138,10 @@ def _chat_template(model_dir: Path, config: dict) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
+# The files transformers builds a slow tokenizer from: SentencePiece models, BPE and WordPiece vocabularies.
+_SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
 def _load_backend(model_dir: Path) -> Any:
     """A `tokenizers.Tokenizer` for the directory."""
     from tokenizers import Tokenizer as RustTokenizer
@@ -144,10 +149,31 @@ def _load_backend(model_dir: Path) -> Any:
     path = model_dir / "tokenizer.json"
     if path.is_file():
         return RustTokenizer.from_file(str(path))
+    present = {name for name in _SLOW_TOKENIZER_FILES if (model_dir / name).is_file()}
+    # Said here: transformers' own messages (install sentencepiece or tiktoken) point elsewhere.
+    if not present:
+        raise ModelLoadError(
+            f"The model directory {model_dir} has no tokenizer (tokenizer.json, or tokenizer.model with the "
+            "sentencepiece package); copy the tokenizer files from the model's repository."
+        )
+    readers = ("sentencepiece", "tiktoken")  # transformers falls back to tiktoken for a tokenizer.model
+    if present <= {"tokenizer.model", "spiece.model"} and not any(map(importlib.util.find_spec, readers)):
+        raise ModelLoadError(
+            f"The model directory {model_dir} has a SentencePiece tokenizer ({', '.join(sorted(present))}) but no "
+            "tokenizer.json, and reading it needs the sentencepiece package: pip install sentencepiece (or copy "
+            "tokenizer.json from the model's repository)."
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer  # a slow tokenizer only: convert it once, here
+    from transformers.utils import logging as hf_logging
 
-    hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    # Its warnings (several lines each, on stderr) would come before our own one-line error.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     backend = getattr(hf, "_tokenizer", None)
     if backend is None:
         raise ValueError("transformers could not convert it to a fast tokenizer")
@@ -180,8 +206,10 @@ class Tokenizer:
             self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces")) and (
                 type(self._tok.model).__name__ != "BPE"
             )
+        except ModelLoadError:
+            raise
         except Exception as exc:  # tokenizers and transformers raise many types here; the user needs one sentence
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
             raise ModelLoadError(
                 f"Could not load a tokenizer from {self.model_dir}: {reason}. The model directory needs "
                 "tokenizer.json (or the files of a Hugging Face tokenizer)."

@@ -3,8 +3,12 @@ tokenizer adds past the model's vocabulary fails its rows only; stale or foreign
 beside the weights never override them."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,8 @@ from engine.errors import ModelLoadError
 from engine.loader import check_weights, load_model
 from engine.model_config import load_model_config
 from reliability_utils import FAST, invoke, one_error_line, read_jsonl, read_rows, write_template
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -101,3 +107,40 @@ def test_shards_without_an_index_load_but_a_tensor_in_two_files_is_refused(model
     assert refused.exit_code == 2, refused.output
     line = one_error_line(refused.stderr)
     assert f"Tensor '{names[0]}' is in both {model / 'part-a.safetensors'} and {model / 'part-c.safetensors'}" in line
+
+
+def _run_args(model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    inp = _write_csv(tmp_path / "in.csv", ["hello there", "ok"])
+    tpl = write_template(tmp_path / "t.j2", "{{ text }}")
+    return ["run", str(inp), "-t", str(tpl), "-o", str(tmp_path / "out.csv"), "--model", str(model),
+            *[a for a in FAST if a != "--no-chat"], *extra]
+
+
+def test_no_tokenizer_files_says_to_copy_them(model: Path, tmp_path: Path) -> None:
+    (model / "tokenizer.json").unlink()
+    result = invoke(_run_args(model, tmp_path))
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr) == (
+        f"error: The model directory {model} has no tokenizer (tokenizer.json, or tokenizer.model with the "
+        "sentencepiece package); copy the tokenizer files from the model's repository.")
+
+
+def test_sentencepiece_tokenizer_without_the_package_says_to_install_it(model: Path, tmp_path: Path) -> None:
+    if any(map(importlib.util.find_spec, ("sentencepiece", "tiktoken"))):
+        pytest.skip("sentencepiece or tiktoken is installed here")
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.model").write_bytes(bytes(range(256)))
+    result = invoke(_run_args(model, tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "pip install sentencepiece" in one_error_line(result.stderr)
+    # With a vocab.json as well, transformers is asked. Its warnings (several lines, written by its own
+    # logging handler) are not shown: a real process, at transformers' default verbosity (conftest
+    # lowers it for the tests' own process).
+    (model / "vocab.json").write_text('{"a": 0}')
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    done = subprocess.run([sys.executable, "-m", "batchllm_cli", *_run_args(model, tmp_path)], capture_output=True,
+                          text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert one_error_line(done.stderr).startswith(f"error: Could not load a tokenizer from {model}: ")
+    assert ".." not in done.stderr
+
