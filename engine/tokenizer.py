@@ -127,15 +127,24 @@ def _special_tokens(model_dir: Path, config: dict) -> dict[str, str]:
     return {k: v for k, v in named.items() if v is not None}
 
 
-def _chat_template(model_dir: Path, config: dict) -> str | None:
+def _chat_template(model_dir: Path, config: dict) -> tuple[str | None, str | None]:
+    """(the chat template's text, None), or (None, why the model's template cannot be used): its
+    templates are several and none is named "default" (said once a prompt needs it: with --no-chat
+    the model still runs)."""
     template_file = model_dir / "chat_template.jinja"
     if template_file.is_file():
-        return template_file.read_text(encoding="utf-8")
+        return template_file.read_text(encoding="utf-8"), None
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if named and "default" not in named:
+            return None, (
+                f"{model_dir / 'tokenizer_config.json'} has several chat templates "
+                f"({', '.join(repr(name) for name in named)}) and none named "
+                "'default'; add a \"default\" entry to its chat_template list, or run with --no-chat."
+            )
         template = named.get("default")
-    return template if isinstance(template, str) and template else None
+    return (template if isinstance(template, str) and template else None), None
 
 
 # The files transformers builds a slow tokenizer from: SentencePiece models, BPE and WordPiece vocabularies.
@@ -201,7 +210,8 @@ class Tokenizer:
             self.special_tokens: dict[str, str] = _special_tokens(self.model_dir, config)
             self._tok = _load_backend(self.model_dir)
             _apply_transformers_setup(self._tok, self.special_tokens)
-            self.chat_template: str | None = _chat_template(self.model_dir, config)
+            self.chat_template: str | None
+            self.chat_template, self._chat_template_unusable = _chat_template(self.model_dir, config)
             # transformers' decode cleans " ." -> "." etc. when asked, except for BPE models
             self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces")) and (
                 type(self._tok.model).__name__ != "BPE"
@@ -267,13 +277,16 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return self.chat_template is not None
+        """Whether the model has one (even one that cannot be used: check_chat_template says why)."""
+        return self.chat_template is not None or self._chat_template_unusable is not None
 
     def apply_chat_template(self, user_message: str, system: str | None = None) -> str:
         """The prompt text for one user turn (after a system turn, when `system` is given), ending
         where the assistant's answer starts."""
         from engine.chat_template import render_chat
 
+        if self._chat_template_unusable is not None:
+            raise ModelLoadError(self._chat_template_unusable)
         assert self.chat_template is not None
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": user_message})
@@ -293,6 +306,8 @@ class Tokenizer:
         """ModelLoadError naming the template's file when the chat template cannot render one user turn
         (after `system`, when given; a Jinja syntax error, or an error the template raises itself, such
         as a template without a system role): found before any row runs."""
+        if self._chat_template_unusable is not None:
+            raise ModelLoadError(self._chat_template_unusable)
         try:
             self.apply_chat_template("Hello", system=system)
         except Exception as exc:  # jinja2 errors, transformers' raise_exception, type errors in the template

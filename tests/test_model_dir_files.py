@@ -144,3 +144,17 @@ def test_sentencepiece_tokenizer_without_the_package_says_to_install_it(model: P
     assert one_error_line(done.stderr).startswith(f"error: Could not load a tokenizer from {model}: ")
     assert ".." not in done.stderr
 
+
+def test_named_chat_templates_without_a_default_are_refused_unless_no_chat(model: Path, tmp_path: Path) -> None:
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ messages[0]['content'] }}"},
+                               {"name": "rag", "template": "{{ messages[0]['content'] }}"}]
+    config_path.write_text(json.dumps(config))
+    for extra in ((), ("--chat",)):
+        result = invoke(_run_args(model, tmp_path, *extra))
+        assert result.exit_code == 2, result.output
+        assert one_error_line(result.stderr) == (
+            f"error: {config_path} has several chat templates ('tool_use', 'rag') and none named 'default'; "
+            "add a \"default\" entry to its chat_template list, or run with --no-chat.")
+    assert invoke(_run_args(model, tmp_path, "--no-chat")).exit_code == 0
