@@ -17,7 +17,7 @@ def check_device(device: str) -> None:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512 BF16): there, PyTorch's
-    bfloat16 matmuls run several times as fast as float32 ones (9-20x on an AMX Xeon:
+    bfloat16 matmuls and attention run 3-5x as fast as float32's (an AMX Xeon:
     bench/results/cpu_dtype_cpu.json); elsewhere bfloat16 is emulated and slower than float32."""
     import torch
 
