@@ -44,6 +44,7 @@ from batchllm_cli.column_names import check_column_names
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import (
     DEFAULT_MAX_TOKENS,
+    check_room_for_prompt,
     declared_context_length,
     load_tokenizer,
     model_context_length,
@@ -166,11 +167,8 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
             context: int | None = model_context_length(tok_dir)
         else:
             context = declared_context_length(tok_dir)
-        if context is not None and context - max_tokens < 1:
-            raise UsageError(
-                f"--max-tokens {max_tokens} leaves no room for a prompt in the model's context of "
-                f"{context} tokens; lower --max-tokens."
-            )
+        if context is not None:
+            check_room_for_prompt(max_tokens, settings.max_tokens is not None, context)
         tokenizer = load_tokenizer(tok_dir)
         chat = resolve_chat(settings.chat, tokenizer, tok_dir, settings.prompt.system)
         if constraint is not None:

@@ -24,6 +24,9 @@ def sampling_params_of(
     max_tokens = settings.max_tokens
     if max_tokens is None:
         max_tokens = recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS
+    if any(not text for text in settings.stop):
+        raise UsageError('--stop "" is an empty stop string, which would end no answer; drop it or give the text '
+                         "to stop at.")
     try:
         return SamplingParams(
             max_tokens=max_tokens,

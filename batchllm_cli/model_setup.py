@@ -56,6 +56,18 @@ def resolve_model(model: Path | None, observer: Notifier) -> tuple[Path, bool]:
     return path, True
 
 
+def check_room_for_prompt(max_tokens: int, given: bool, context: int) -> None:
+    """UsageError when --max-tokens (given, or the default a user may not know about) fills the
+    model's whole context."""
+    if context - max_tokens >= 1:
+        return
+    origin = "" if given else " (the default when --max-tokens is not given)"
+    raise UsageError(
+        f"--max-tokens {max_tokens}{origin} leaves no room for a prompt in the model's context of {context} "
+        "tokens; pass a lower --max-tokens."
+    )
+
+
 def model_context_length(model_dir: Path) -> int:
     """The model's context in tokens, from config.json (no torch, no weights)."""
     from engine import EngineError, load_model_config

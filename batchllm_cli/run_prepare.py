@@ -26,6 +26,7 @@ from batchllm_cli.job_types import PreparedRun, RunObserver, RunSettings, Silent
 from batchllm_cli.marker import MalformedMarker, Marker, read_marker
 from batchllm_cli.model_setup import (
     check_model_files,
+    check_room_for_prompt,
     load_tokenizer,
     model_context_length,
     note_tokens_past_vocabulary,
@@ -170,12 +171,8 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         model_dir, demo = resolve_model(settings.model, observer)
         check_model_files(model_dir, settings.device)
         context = model_context_length(model_dir)
+        check_room_for_prompt(params.max_tokens, settings.max_tokens is not None, context)
         max_prompt_tokens = context - params.max_tokens
-        if max_prompt_tokens < 1:
-            raise UsageError(
-                f"--max-tokens {params.max_tokens} leaves no room for a prompt in the model's context of "
-                f"{context} tokens; lower --max-tokens."
-            )
         check_run_paths(settings, run_dir.path, model_dir, input_reads(source.input))
         run_dir.check_owned()
         _check_foreign_output(settings, run_dir)

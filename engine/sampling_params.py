@@ -39,6 +39,9 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1].")
         if self.top_k < 0:
             raise ValueError("top_k must be 0 (off) or positive.")
+        if any(not text for text in self.stop):
+            # it would match nothing, silently (a script's --stop "$VAR" with VAR unset); vLLM refuses it too
+            raise ValueError("a stop string must not be empty.")
 
     @property
     def greedy(self) -> bool:
