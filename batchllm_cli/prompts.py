@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 import pyarrow as pa
 
+from batchllm_cli.column_fit import fit_cells
 from batchllm_cli.table_io import ROW_ID, TableSource
 from batchllm_cli.templates import PromptTemplate, PromptTooLong, RowRenderError
 
@@ -170,8 +171,8 @@ class PromptEncoder:
     long in tokens, so `fit_prompt`/`fit_packed` then cut its tokens and count it as truncated).
 
     With `truncate_columns`, a prompt longer than `max_prompt_tokens` is rendered again with the text
-    of those columns cut (by tokens, from the end, the longest column first) until it fits, so the
-    instructions and the chat turn stay whole. Their cells are first cut to the character bound (no
+    of those columns cut (by tokens, from the end, the longest column first) as little as lets it fit
+    (batchllm_cli/column_fit.py), so the instructions and the chat turn stay whole. Their cells are first cut to the character bound (no
     longer text could fit). A prompt still too long once they are empty fails as too long, or with
     `truncate` is left for `fit_prompt`/`fit_packed` to cut.
     """
@@ -286,26 +287,24 @@ class PromptEncoder:
         return out
 
     def _fit_columns(self, row_id: int, row: dict[str, Any], ids: list[int], text: str) -> PromptRow | FailedRow:
-        """The row rendered again with its --truncate-column cells cut until the prompt fits."""
+        """The row rendered again with its --truncate-column cells cut as little as lets the prompt fit."""
         limit = self.max_prompt_tokens
         assert limit is not None
-        cells = {name: row[name] for name in self.truncate_columns if isinstance(row.get(name), str) and row[name]}
+        if len(ids) <= limit:  # its cells were cut to the character bound only
+            return PromptRow(row_id, ids, truncated=True, text=text)
+        names = [name for name in self.truncate_columns if isinstance(row.get(name), str) and row[name]]
         # Where each token of a cell ends (a running max: a character split over tokens ends once).
-        ends = {name: list(accumulate(self.tokenizer.token_ends(cell), max)) for name, cell in cells.items()}
-        keep = {name: len(e) for name, e in ends.items()}
-        row = dict(row)
-        while len(ids) > limit:
-            name = max((n for n in keep if keep[n] > 0), key=lambda n: keep[n], default=None)
-            if name is None:
-                break
-            # A cell's tokens alone are about its tokens in the prompt; the loop corrects the difference.
-            keep[name] = max(0, keep[name] - (len(ids) - limit))
-            row[name] = cells[name][: ends[name][keep[name] - 1]] if keep[name] else ""
-            prompt = self._prompt(row_id, row)
-            if isinstance(prompt, FailedRow):
-                return prompt
-            text, ids = prompt, self._encode([prompt])[0]
-        if len(ids) > limit and self.truncate is None:
+        cells = {name: (row[name], list(accumulate(self.tokenizer.token_ends(row[name]), max))) for name in names}
+
+        def render(cut: dict[str, str]) -> tuple[str, list[int]] | FailedRow:
+            prompt = self._prompt(row_id, {**row, **cut})
+            return prompt if isinstance(prompt, FailedRow) else (prompt, self._encode([prompt])[0])
+
+        fitted = fit_cells(cells, limit, (text, ids), render)
+        if isinstance(fitted, FailedRow):
+            return fitted
+        (text, ids), fits = fitted
+        if not fits and self.truncate is None:
             emptied = ", ".join(self.truncate_columns)
             return FailedRow(
                 row_id,
