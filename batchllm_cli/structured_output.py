@@ -211,7 +211,7 @@ def answer_error(constraint: Constraint, text: str, finish_reason: str) -> str |
                     "holding bytes that are not valid UTF-8).")
     if constraint.kind == "json_schema":
         try:
-            value = json.loads(text, strict=False)  # the grammar lets raw control characters into strings
+            value = json.loads(text)  # strict, as the grammar: no raw control characters in strings
         except ValueError:
             return "The answer is not complete JSON (was it cut by a stop string?)."
         big = _integer_beyond_int64(value)
@@ -249,7 +249,7 @@ def typed_columns(texts: Sequence[str | None], fields: list[TypedField], nested_
         obj = None
         if text is not None:
             try:
-                obj = json.loads(text, strict=False)
+                obj = json.loads(text)
             except ValueError:
                 obj = None
         parsed.append(obj if isinstance(obj, dict) else {})

@@ -102,13 +102,44 @@ def answer_matches(spec: StructuredOutput, text: str) -> bool:
     return bool(matcher.accept_string(text)) and bool(matcher.is_completed())
 
 
+# xgrammar (0.2.x; mlc-ai/xgrammar#800) writes a string with minLength/maxLength as a bounded repeat of
+# this character class, which lets raw control characters in (not JSON: strict parsers refuse the answer)
+# and no escape at all. Every use of it is rewritten to one JSON character, as maxLength counts the decoded
+# string: an unescaped one, a short escape, a \uXXXX that is no surrogate, or a surrogate pair (a lone
+# surrogate is no character).
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_HEX = "[0-9A-Fa-f]"
+_JSON_STRING_CHAR = "(" + " | ".join((
+    r'[^\0-\x1f\"\\]',
+    r'"\\" [\"\\/bfnrt]',
+    rf'"\\u" [0-9A-Ca-cE-Fe-f] {_HEX} {_HEX} {_HEX}',
+    rf'"\\u" [Dd] [0-7] {_HEX} {_HEX}',
+    rf'"\\u" [Dd] [89ABab] {_HEX} {_HEX} "\\u" [Dd] [C-Fc-f] {_HEX} {_HEX}',
+)) + ")"
+# A string literal or a character class of xgrammar's printed EBNF, read whole (so the same text inside
+# a literal, an enum value or a Regex("...") pattern, is never taken for the class).
+_EBNF_LITERAL_OR_CLASS = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+
+
+def json_schema_grammar(schema: str) -> Any:
+    """The xgrammar.Grammar of a JSON schema's answers: one line, no free whitespace (answers are short
+    and parse the same everywhere), strings holding only what JSON allows."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return grammar
+    fixed = _EBNF_LITERAL_OR_CLASS.sub(lambda m: _JSON_STRING_CHAR if m[0] == _LOOSE_STRING_CHAR else m[0], text)
+    return xgr.Grammar.from_ebnf(fixed)
+
+
 def _compile_with(compiler: Any, spec: StructuredOutput) -> Any:
     if spec.kind == "choices":
         return compiler.compile_grammar(_choices_ebnf(spec.labels))
     if spec.kind == "regex":
         return compiler.compile_regex(spec.value)
-    # one line, no free whitespace: answers are short and parse the same everywhere
-    return compiler.compile_json_schema(spec.value, any_whitespace=False)
+    return compiler.compile_grammar(json_schema_grammar(spec.value))
 
 
 def compile_constraint(

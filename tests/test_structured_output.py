@@ -102,7 +102,7 @@ def test_schema_answers_are_valid_and_typed(job, tmp_path: Path, suffix: str) ->
     ok = [r for r in rows if r["ans_error"] is None]
     assert len(ok) >= len(rows) // 2, rows  # a random model may run out of tokens in a number, rarely more
     for row in ok:
-        obj = json.loads(row["ans"], strict=False)
+        obj = json.loads(row["ans"])
         assert _valid(obj), obj
         assert list(obj) == [k for k in SCHEMA["properties"] if k in obj]  # the schema's property order
         for name in TYPES:
