@@ -43,6 +43,7 @@ class ResultLike(Protocol):
     finish_reason: str
     prompt_tokens: int
     error: str | None
+    refused: bool  # an error row the engine refused before computing any of it
 
     @property
     def completion_tokens(self) -> int: ...
@@ -125,7 +126,7 @@ class ResultCollector:
         if row_id is None:
             row_id = int(result.key)  # type: ignore[call-overload]  # ordinal keys
         completion = result.completion_tokens
-        if result.finish_reason != "error":  # a row the engine refused was never computed
+        if not result.refused:  # a row the engine refused was never computed (a NaN row was)
             self.rows_run += 1
             self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += completion

@@ -105,7 +105,7 @@ class LLMEngine:
     def _new_sequence(self, key: Hashable, token_ids: Seq[int], params: SamplingParams) -> Sequence | None:
         error = self._check_request(token_ids, params)
         if error is not None:
-            self._ready.append(GenerationResult(key, "", (), "error", len(token_ids), error))
+            self._ready.append(GenerationResult(key, "", (), "error", len(token_ids), error, refused=True))
             return None
         max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
         seq = Sequence(key, token_ids, params, max_tokens)

@@ -15,6 +15,10 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     error: str | None = None
+    # An error the engine's request check found before the row ran (empty prompt, a token past the
+    # vocabulary, too long for the context or the KV cache): none of its prompt was computed. Other
+    # errors (NaN scores) end a row that was computed.
+    refused: bool = False
 
     @property
     def completion_tokens(self) -> int:
