@@ -64,3 +64,18 @@ def engine_config_of(settings: RunSettings, model_dir: Path, max_batch_tokens: i
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def check_engine_start(config: EngineConfig, settings: RunSettings) -> None:
+    """What the engine would refuse as it starts that the settings and config.json already show
+    (--attention-backend triton without CUDA, a KV budget that holds no block): a UsageError now,
+    before the run writes anything. Not for a Ray cluster (--ray-address), whose engines run on
+    machines (and devices) this one cannot see: there the engine refuses as it starts."""
+    if settings.ray_address is not None:
+        return
+    from engine import EngineError, check_engine_config, load_model_config
+
+    try:
+        check_engine_config(config, load_model_config(config.model_dir))
+    except EngineError as exc:
+        raise UsageError(str(exc)) from exc

@@ -16,7 +16,7 @@ from batchllm_cli.checkpoint import RunDir
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.durable import make_dirs, remove_dirs, remove_durably
-from batchllm_cli.engine_settings import engine_config_of, sampling_params_of
+from batchllm_cli.engine_settings import check_engine_start, engine_config_of, sampling_params_of
 from batchllm_cli.errors import BatchLLMError, FingerprintMismatch, UsageError
 from batchllm_cli.file_lock import FileLock
 from batchllm_cli.file_safety import check_run_paths, input_reads
@@ -255,6 +255,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         if constraint is not None:
             check_constraint_compiles(constraint, model_dir, tokenizer)
         engine_config = engine_config_of(settings, model_dir)
+        check_engine_start(engine_config, settings)
 
         # ---- writes: every check has passed ------------------------------------------------------
         # The old marker goes first: its output is about to be replaced (the old output itself stays

@@ -29,6 +29,7 @@ _EXPORTS = {
     "check_weights": "engine.loader",
     "weight_files": "engine.safetensors_header",
     "check_device": "engine.devices",
+    "check_engine_config": "engine.start_checks",
     "release_accelerator_memory": "engine.devices",
     "ensure_demo_model": "engine.demo_model",
     "StructuredOutput": "engine.grammar",
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
     from engine.results import EngineStats, GenerationResult
     from engine.safetensors_header import weight_files
     from engine.sampling_params import SamplingParams
+    from engine.start_checks import check_engine_config
     from engine.tokenizer import Tokenizer
 
 

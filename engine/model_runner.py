@@ -16,6 +16,12 @@ from engine.model_config import ModelConfig
 from engine.sampler import SamplingTensors, sample
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
+from engine.start_checks import (
+    check_attention_backend,
+    kv_block_bytes,
+    kv_budget_blocks,
+    kv_token_cap_blocks,
+)
 from engine.step_context import StepContext
 from engine.threads import apply_thread_count
 from kernels.attention_backend import select_backend
@@ -61,8 +67,10 @@ class ModelRunner:
                 apply_thread_count()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
+        check_attention_backend(cfg.attention_backend, self.device.type)  # before the weights load
         self.dtype = resolve_dtype(cfg.dtype, self.device, model_cfg.torch_dtype)
         self.block_size = cfg.block_size
+        self.kv_element_size = torch.tensor([], dtype=self.dtype).element_size()
         self.max_model_len = max_model_len
         used_before = self._cuda_used_bytes()
         self.model = load_model(Path(cfg.model_dir), model_cfg, self.device, self.dtype, max_model_len)
@@ -106,20 +114,13 @@ class ModelRunner:
         return total - free
 
     def _num_kv_blocks(self, used_before: int) -> int:
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        block_bytes = self.model_cfg.kv_bytes_per_token * element * self.block_size
+        cap = kv_token_cap_blocks(self.cfg)  # first: a cap of no block is refused whatever the memory
+        block_bytes = kv_block_bytes(self.model_cfg, self.kv_element_size, self.block_size)
         budget = self.cfg.kv_cache_memory
         if budget is None:
             budget = self._cuda_kv_budget(used_before, block_bytes) if self.device.type == "cuda" else cpu_kv_budget()
-        num_blocks = budget // block_bytes
-        if self.cfg.kv_cache_tokens is not None:
-            num_blocks = min(num_blocks, -(-self.cfg.kv_cache_tokens // self.block_size))
-        if num_blocks < 1:
-            raise ConfigError(
-                f"The KV cache budget holds no block of {self.block_size} tokens ({block_bytes} bytes each); "
-                "raise --kv-cache-memory."
-            )
-        return int(num_blocks)
+        num_blocks = kv_budget_blocks(self.cfg, budget, block_bytes)
+        return int(num_blocks if cap is None else min(num_blocks, cap))
 
     def _cuda_kv_budget(self, used_before: int, block_bytes: int) -> int:
         weights = torch.cuda.memory_allocated(self.device)

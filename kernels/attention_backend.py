@@ -34,7 +34,7 @@ from typing import Any, Hashable, Protocol, Sequence
 
 import torch
 
-from kernels import triton_interpreting
+from kernels import backend_device_problem
 from kernels.group_prefill_torch import TorchGroupPrefillPlan, group_prefill_torch, plan_group_prefill_torch
 from kernels.paged_attention import build_paged_batch, store_kv_reference
 from kernels.paged_attention_torch import GatherBuffers, TorchPagedPlan, paged_attention_torch, plan_paged_torch
@@ -386,11 +386,9 @@ def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
         name = "triton" if dev.type == "cuda" else "torch"
     if name == "torch":
         return TorchBackend()
-    if dev.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"the triton attention backend needs a CUDA device (got {dev.type}); use --attention-backend "
-            "torch, or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"
-        )
+    problem = backend_device_problem(name, dev.type)
+    if problem is not None:
+        raise ValueError(problem)
     try:
         return TritonBackend()
     except ImportError as exc:  # pragma: no cover - triton is a dependency

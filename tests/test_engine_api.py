@@ -23,8 +23,8 @@ def test_torch_free_names_do_not_import_torch() -> None:
     code = (
         "import sys\n"
         "from engine import (ConfigError, EngineConfig, EngineError, LruPrefixCache, ModelLoadError,\n"
-        "    PackedSequences, SamplingParams, StructuredOutput, Tokenizer, check_device, compile_constraint,\n"
-        "    load_model_config, plan_prefixes, plan_prefixes_from_sorted_stream)\n"
+        "    PackedSequences, SamplingParams, StructuredOutput, Tokenizer, check_device, check_engine_config,\n"
+        "    compile_constraint, load_model_config, plan_prefixes, plan_prefixes_from_sorted_stream)\n"
         "print('torch' in sys.modules)"
     )
     assert _python(code) == "False"
