@@ -23,7 +23,7 @@ from batchllm_cli.job_report import AttemptTracker, model_info
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
 from batchllm_cli.planned_feed import PlannedFeed, PlanStats
 from batchllm_cli.prompts import FailedRow, fit_prompt
-from batchllm_cli.run_prepare import prepare_run
+from batchllm_cli.run_prepare import discard_new_checkpoint, prepare_run
 from batchllm_cli.shard_sink import ShardSink
 from batchllm_cli.table_io import ROW_ID
 
@@ -73,6 +73,8 @@ def execute_run(
     except BaseException as exc:
         if feed is not None:
             feed.close()
+        if isinstance(exc, UsageError):  # the same command would be refused again: nothing to resume
+            discard_new_checkpoint(prepared)
         raise tracker.stopped(exc)
     first_feed = feed
     observer.start(prepared.total_rows, committed.rows, tracker.snapshot)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from batchllm_cli.checkpoint import Committed, RunDir
+from batchllm_cli.durable import remove_dirs
 from batchllm_cli.file_lock import FileLock
 from batchllm_cli.collector import OutputColumns
 from batchllm_cli.marker import Marker
@@ -270,6 +271,8 @@ class PreparedRun:
     # The model details of the finished job whose answers this run writes again (another --column,
     # --retry-errors): what the report and marker say when no engine loads because no row runs.
     earlier_model: dict[str, Any] = field(default_factory=dict)
+    new_checkpoint: bool = False  # this run wrote the run directory's manifest (no earlier run's checkpoint)
+    made_dirs: list[Path] = field(default_factory=list)  # the output's directories this run created
 
     def report_identity(self) -> dict[str, Any]:
         """The RunReport fields that name the job (the same whether it ran now or had finished)."""
@@ -297,10 +300,12 @@ class PreparedRun:
                 yield batch.filter(todo)
 
     def close(self) -> None:
-        """Release the locks (run directory, then output) and the input."""
+        """Release the locks (run directory, then output) and the input; the output's directories this
+        run created go too if they are left empty (a run that stopped before writing anything)."""
         if self.run_dir is not None:
             self.run_dir.unlock()
         if self.output_lock is not None:
             self.output_lock.release()
+        remove_dirs(self.made_dirs)
         self.source.close()
 

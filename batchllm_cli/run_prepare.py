@@ -213,7 +213,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             return PreparedRun(
                 settings, source, template, columns, model_dir, demo, None, bool(settings.chat), params, None,
                 fingerprint=fingerprint, done_marker=marker, output_lock=output_lock,
-                constraint=constraint, typed_fields=fields,
+                constraint=constraint, typed_fields=fields, made_dirs=made_dirs,
             )
 
         total_rows = source.validate()  # a malformed file fails here, naming the line
@@ -335,6 +335,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         max_prompt_tokens=max_prompt_tokens, output_lock=output_lock,
         constraint=constraint, typed_fields=fields,
         earlier_model=dict(marker.model or {}) if written is not None and marker is not None else {},
+        new_checkpoint=manifest is None, made_dirs=made_dirs,
     )
 
 
@@ -364,3 +365,17 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: Marker, output: Path) -> N
         pass
     finally:
         run_dir.unlock()
+
+
+def discard_new_checkpoint(prepared: PreparedRun) -> None:
+    """Remove the run directory this run created, with its lock, when nothing was committed to it: a
+    run the engine refused to start (a usage error) then leaves nothing behind, as a run refused
+    earlier does, and `status` says the job has not started rather than offering a resume the same
+    command cannot make. An earlier run's checkpoint, or one holding rows, is kept."""
+    run_dir = prepared.run_dir
+    if run_dir is None or not prepared.new_checkpoint or run_dir.has_shards():
+        return
+    forget_run_dir(prepared.settings.output)  # OUT.checkpoint.json first: it never names a directory that is gone
+    run_dir.remove()
+    run_dir.unlock()
+    prepared.run_dir = None

@@ -18,6 +18,7 @@ from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 from engine.start_checks import (
     check_attention_backend,
+    format_size,
     kv_block_bytes,
     kv_budget_blocks,
     kv_token_cap_blocks,
@@ -89,7 +90,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks(used_before)
         shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         # Uninitialised on purpose: attention only ever reads slots that were written.
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = self._allocate_kv_cache(shape)
         self.kv_caches = tuple((self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers))
         self.decode_graphs: DecodeGraphs | None = None
         if self.use_graphs:
@@ -121,6 +122,22 @@ class ModelRunner:
             budget = self._cuda_kv_budget(used_before, block_bytes) if self.device.type == "cuda" else cpu_kv_budget()
         num_blocks = kv_budget_blocks(self.cfg, budget, block_bytes)
         return int(num_blocks if cap is None else min(num_blocks, cap))
+
+    def _allocate_kv_cache(self, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        except RuntimeError as exc:
+            # On CUDA an out-of-memory error goes on to the caller, which handles it (exit 75); in host
+            # memory the budget asked for is more than the machine can give: a setting to change.
+            if self.device.type != "cpu":
+                raise
+            size = self.num_blocks * kv_block_bytes(self.model_cfg, self.kv_element_size, self.block_size)
+            # torch's text starts with the C++ assertion that failed: the allocator's own words follow
+            reason = " ".join(str(exc).split()).split("DefaultCPUAllocator: ")[-1][:200]
+            raise ConfigError(
+                f"Cannot allocate a KV cache of {format_size(size)}: {reason}; lower --kv-cache-memory (or "
+                "--kv-cache-tokens)."
+            ) from exc
 
     def _cuda_kv_budget(self, used_before: int, block_bytes: int) -> int:
         weights = torch.cuda.memory_allocated(self.device)

@@ -1,6 +1,8 @@
-"""A run the engine would refuse as it starts for a setting it cannot use (--attention-backend triton
-without CUDA, a --kv-cache-memory or --kv-cache-tokens that holds no KV block) is refused before anything
-is written, naming the option; the engine itself names the same option."""
+"""A run the engine refuses as it starts: a setting it cannot use (--attention-backend triton without
+CUDA, a KV budget that holds no block) is refused before anything is written; one found only as the
+engine starts (a KV cache larger than host memory) leaves no run directory behind either, so `status`
+says the job has not started instead of offering a resume the same command cannot make. A checkpoint
+holding rows is kept."""
 from __future__ import annotations
 
 import json
@@ -8,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from reliability_utils import invoke, one_error_line, write_rows_csv, write_template
+from batchllm_cli import durable
+from reliability_utils import committed_row_ids, invoke, one_error_line, write_rows_csv, write_template
 
 # Demo model, a few tokens per row; no --kv-cache-memory (each case gives its own).
 QUICK = ["--max-tokens", "3", "--no-chat", "--max-batch-tokens", "2048"]
+# More than any machine's address space: the allocation fails at once, touching no memory.
+TOO_MUCH = "4096TiB"
 
 
 def _job(tmp_path: Path, out: Path, *extra: str) -> list[str]:
@@ -40,6 +45,40 @@ def test_a_setting_the_engine_cannot_start_with_is_refused_before_anything_is_wr
     assert not (tmp_path / "new").exists()  # not even the output's directory
     code, st = _status(out)
     assert (code, st["state"]) == (12, "not started")
+
+
+def test_a_kv_cache_larger_than_memory_is_one_line_and_leaves_nothing(tmp_path: Path, env: dict[str, str]) -> None:
+    out = tmp_path / "new" / "out.jsonl"
+    result = invoke(_job(tmp_path, out, "--kv-cache-memory", TOO_MUCH))
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.stderr)
+    assert line.startswith("error: Cannot allocate a KV cache of ") and line.endswith(
+        "; lower --kv-cache-memory (or --kv-cache-tokens).")
+    assert not (tmp_path / "new").exists()
+    code, st = _status(out)
+    assert (code, st["state"]) == (12, "not started")
+
+
+def test_a_checkpoint_holding_rows_is_kept_when_the_engine_refuses_to_start(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "out.jsonl"
+    run_dir = tmp_path / "out.jsonl.batchllm"
+    args = _job(tmp_path, out, "--checkpoint-rows", "2")
+    # the first run is stopped by SIGTERM once its first shard is committed
+    monkeypatch.setattr(durable, "_crash_counts", {})
+    monkeypatch.setenv("BATCHLLM_SIGNAL_AT", "manifest_update")
+    assert invoke([*args, "--kv-cache-memory", "16MiB"]).exit_code == 143
+    monkeypatch.delenv("BATCHLLM_SIGNAL_AT")
+    kept = committed_row_ids(run_dir)
+    assert kept
+
+    result = invoke([*args, "--kv-cache-memory", TOO_MUCH])  # not part of the job: same checkpoint
+    assert result.exit_code == 2 and "Cannot allocate a KV cache" in one_error_line(result.stderr)
+    assert committed_row_ids(run_dir) == kept
+    code, st = _status(out)
+    assert (code, st["state"]) == (11, "interrupted")
+    assert invoke([*args, "--kv-cache-memory", "16MiB"]).exit_code == 0  # and it resumes
 
 
 def test_the_engine_names_the_kv_setting_that_leaves_no_block(demo_model_dir: Path) -> None:
