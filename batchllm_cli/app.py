@@ -267,7 +267,7 @@ def run(
     finally:
         guard.restore()
     report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
-    render_report(report, err_console)
+    render_report(report, err_console, settings)
     if summary is not None:
         try:
             write_summary(report, summary)

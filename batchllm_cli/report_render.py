@@ -15,7 +15,20 @@ from batchllm_cli.job_types import RunReport, RunSettings
 from batchllm_cli.report_files import write_report
 
 
-def render_report(report: RunReport, console: Console) -> None:
+def _kv_cache_limit(report: RunReport, settings: RunSettings | None) -> str:
+    """The option that sized the KV cache: --kv-cache-tokens when its cap gave each engine its blocks."""
+    tokens = settings.kv_cache_tokens if settings is not None else None
+    if tokens is None or settings is None:
+        return "--kv-cache-memory"
+    from engine import EngineConfig
+
+    block_size = settings.block_size or EngineConfig.block_size  # the engine's default when not given
+    capped = -(-tokens // block_size) * report.workers == report.engine.get("kv_blocks_total")
+    return "--kv-cache-tokens" if capped else "--kv-cache-memory"
+
+
+def render_report(report: RunReport, console: Console, settings: RunSettings | None = None) -> None:
+    """`settings`: the run's, to name in advice the option that set a limit the run met."""
     job, att = report.job, report.attempt
     if report.already_done:
         failed = f", {job.rows_failed} in error" if job.rows_failed else ""
@@ -43,8 +56,8 @@ def render_report(report: RunReport, console: Console) -> None:
     )
     optimum = f", least possible {att.unique_prompt_tokens}" if att.unique_prompt_tokens else ""
     fallbacks = (
-        f"; {att.sharing_fallbacks} shared prefixes dropped for lack of KV memory (raise --kv-cache-memory)"
-        if att.sharing_fallbacks else ""
+        f"; {att.sharing_fallbacks} shared prefixes dropped for lack of KV memory "
+        f"(raise {_kv_cache_limit(report, settings)})" if att.sharing_fallbacks else ""
     )
     console.print(
         f"prefix sharing ({report.prefix_sharing}): {att.prefix_hit_tokens} prompt tokens reused{optimum}; "

@@ -88,3 +88,23 @@ def test_the_engine_names_the_kv_setting_that_leaves_no_block(demo_model_dir: Pa
         LLMEngine(EngineConfig(model_dir=str(demo_model_dir), device="cpu", kv_cache_tokens=0))
     with pytest.raises(ConfigError, match=r"^--kv-cache-memory 1.0KiB holds no KV cache block .* at least 64.0KiB\."):
         LLMEngine(EngineConfig(model_dir=str(demo_model_dir), device="cpu", dtype="float32", kv_cache_memory=1024))
+
+
+@pytest.mark.parametrize("tokens,blocks,option", [(None, 8, "--kv-cache-memory"), (128, 8, "--kv-cache-tokens"),
+                                                  (4096, 8, "--kv-cache-memory")])
+def test_dropped_shared_prefixes_name_the_option_that_sized_the_kv_cache(
+    tokens: int | None, blocks: int, option: str,
+) -> None:
+    from rich.console import Console
+
+    from batchllm_cli.job_types import AttemptCounts, RunReport, RunSettings
+    from batchllm_cli.report_render import render_report
+
+    report = RunReport(state="finished", exit_code=0, started_at=0.0, finished_at=0.0, input="in.csv",
+                       output="out.jsonl", attempt=AttemptCounts(sharing_fallbacks=2),
+                       engine={"kv_blocks_total": blocks})
+    settings = RunSettings(input="in.csv", template="t", output=Path("out.jsonl"), kv_cache_tokens=tokens)
+    console = Console(record=True, width=300)
+    render_report(report, console, settings)
+    assert f"2 shared prefixes dropped for lack of KV memory (raise {option})" in console.export_text()
+
