@@ -173,3 +173,22 @@ def test_lru_filling_a_block_hashes_only_that_block(monkeypatch: pytest.MonkeyPa
     assert bm.cached_prefix(seq) == blocks[: (len(seq) - 1) // bs]
     assert hashed == []
     assert bm.cached_prefix(_seq(seq.token_ids + [1])) == blocks[: len(seq) // bs]
+
+
+def test_without_the_lru_cache_the_most_recently_freed_blocks_are_reused() -> None:
+    """plan and none reuse the blocks they just freed, so a long run touches only as many KV blocks as
+    it held at once (untouched pages of a CPU KV cache cost no RAM); lru keeps reusing the least recently
+    freed, whose cached content is the least likely to be hit."""
+    used: dict[bool, set[int]] = {}
+    for prefix_cache in (False, True):
+        bm = BlockManager(num_blocks=64, block_size=4, prefix_cache=prefix_cache)
+        seen: set[int] = set()
+        for i in range(40):
+            seq = _seq(list(range(100 * i, 100 * i + 10)))  # 3 blocks at a time
+            bm.grow(seq, 10)
+            seen.update(seq.block_table)
+            bm.free(seq)
+        used[prefix_cache] = seen
+        assert bm.num_free_blocks == 64
+    assert used[False] == {0, 1, 2}
+    assert len(used[True]) == 64
