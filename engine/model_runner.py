@@ -71,7 +71,7 @@ class ModelRunner:
         check_attention_backend(cfg.attention_backend, self.device.type)  # before the weights load
         self.dtype = resolve_dtype(cfg.dtype, self.device, model_cfg.torch_dtype)
         self.block_size = cfg.block_size
-        self.kv_element_size = torch.tensor([], dtype=self.dtype).element_size()
+        self.kv_element_size = self.dtype.itemsize
         self.max_model_len = max_model_len
         used_before = self._cuda_used_bytes()
         self.model = load_model(Path(cfg.model_dir), model_cfg, self.device, self.dtype, max_model_len)

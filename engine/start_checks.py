@@ -60,15 +60,13 @@ def check_engine_config(cfg: EngineConfig, model_cfg: ModelConfig) -> None:
     if not needs_device:
         kv_token_cap_blocks(cfg)
         return
-    import torch
-
-    from engine.model_runner import resolve_device, resolve_dtype
+    from engine.model_runner import resolve_device, resolve_dtype  # imports torch: only when a check needs it
 
     device = resolve_device(cfg.device)
     check_attention_backend(cfg.attention_backend, device.type)
     kv_token_cap_blocks(cfg)
     if cfg.kv_cache_memory is not None:
-        element = torch.tensor([], dtype=resolve_dtype(cfg.dtype, device, model_cfg.torch_dtype)).element_size()
+        element = resolve_dtype(cfg.dtype, device, model_cfg.torch_dtype).itemsize
         kv_budget_blocks(cfg, cfg.kv_cache_memory, kv_block_bytes(model_cfg, element, cfg.block_size))
 
 
