@@ -41,6 +41,7 @@ class ModelInfo:
     kv_cache_blocks: int
     block_size: int
     attention_backend: str
+    decode_attention: str  # "compiled" (the CPU kernel), else the backend, with why not on a CPU
     cuda_graphs: bool
 
 
@@ -78,6 +79,7 @@ class LLMEngine:
             kv_cache_blocks=self.runner.num_blocks,
             block_size=config.block_size,
             attention_backend=self.runner.attention_backend.name,
+            decode_attention=self.runner.decode_attention_path(),
             cuda_graphs=self.runner.decode_graphs is not None,
         )
         self._ready: deque[GenerationResult] = deque()

@@ -26,6 +26,7 @@ from engine.start_checks import (
 from engine.step_context import StepContext
 from engine.threads import apply_thread_count
 from kernels.attention_backend import select_backend
+from kernels.cpu_decode import NATIVE_DTYPES, native_decode_problem
 from kernels.host_tensors import to_device
 
 if TYPE_CHECKING:
@@ -95,6 +96,17 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if self.use_graphs:
             self.decode_graphs = self.make_decode_graphs(capture=True)
+
+    def decode_attention_path(self) -> str:
+        """What computes decode attention: "compiled" (kernels/cpu_decode.py, built here at the first
+        call), or the attention backend's name, with why the compiled kernel does not serve on a CPU."""
+        name = self.attention_backend.name
+        if self.device.type != "cpu" or name != "torch":
+            return name
+        if self.dtype not in NATIVE_DTYPES:
+            return f"torch ({str(self.dtype).removeprefix('torch.')} has no compiled CPU kernel)"
+        problem = native_decode_problem()
+        return "compiled" if problem is None else f"torch ({problem})"
 
     def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
         """capture=False: the graph path without the capture (static buffers run eagerly), for tests."""

@@ -6,7 +6,8 @@ the two). What it does differently, all decided once per step on the host (`plan
     it) attends to the step's new keys and values directly, without gathering them back from the
     cache (given `key` / `value`, as `StepContext` passes them);
   - the chunks' causal masks are built once per step, not once per layer;
-  - decode rows go in chunks of rows of similar context length (sorted longest first), each chunk
+  - decode rows go to the compiled CPU kernel (kernels.cpu_decode: keys read in place) where it is
+    built; otherwise (or on CUDA) in chunks of rows of similar context length (sorted longest first), each chunk
     gathered into a buffer of at most DECODE_CHUNK_BYTES and padded only to its own longest row: the
     gathered keys are still in cache when the attention reads them (one padded batch of every row
     read them back from memory: 1.5x slower at 192 rows x 528 keys), and one long row no longer pads
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels.cpu_decode import DecodeRows, native_decode, native_decode_usable
 from kernels.paged_attention import PagedBatch, attend, span_mask
 
 __all__ = ["DECODE_CHUNK_BYTES", "DecodeChunk", "GatherBuffers", "TorchPagedPlan", "length_chunks",
@@ -101,6 +103,16 @@ class TorchPagedPlan:
                 (decode_mask if len(chunks) == 1 else decode_mask[c.rows])[..., : c.width * block_size] for c in chunks)
         return found
 
+    def native_rows(self) -> DecodeRows:
+        """The decode rows as the compiled CPU kernel reads them (built at the first layer): each
+        row's table from its key start on, and its keys counted from there."""
+        found = self._chunks.get("native")
+        if found is None:
+            batch = self.batch
+            found = self._chunks["native"] = DecodeRows.without_groups(
+                batch.decode_query_index, batch.decode_blocks, torch.from_numpy(self.decode_lens))
+        return found
+
     def decode_chunks(self, block_bytes: int) -> tuple[DecodeChunk, ...]:
         """The decode rows in chunks of at most DECODE_CHUNK_BYTES of gathered keys and values (at
         least one row), longest rows first, each chunk padded to its longest row's blocks."""
@@ -171,7 +183,10 @@ def paged_attention_torch(
     batch = plan.batch
     decode_mask, prefill_masks = plan.masks(window)
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    if batch.decode_query_index.numel():
+    if batch.decode_query_index.numel() and native_decode_usable(q, k_cache, out):
+        # a window's first visible key, counted from the row's key start: its context minus the window
+        native_decode(q, k_cache, v_cache, plan.native_rows(), scale, out, window, softcap)
+    elif batch.decode_query_index.numel():
         block_size = k_cache.shape[1]
         chunks = plan.decode_chunks(2 * k_cache[0].numel() * k_cache.element_size())
         for chunk, mask in zip(chunks, plan.decode_chunk_masks(window, chunks, decode_mask, block_size)):

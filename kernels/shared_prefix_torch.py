@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels.cpu_decode import DecodeRows, native_decode, native_decode_usable
 from kernels.paged_attention_torch import GatherBuffers, length_chunks
 from kernels.shared_prefix_attention import (
     SharedPrefixBatch,
@@ -137,6 +138,16 @@ class TorchSharedPrefixPlan:
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
     # bytes of one key and value -> the suffix part's chunks (built at the first layer)
     _chunks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def native_rows(self) -> DecodeRows:
+        """The batch as the compiled CPU kernel reads it (built at the first layer)."""
+        found = self._chunks.get("native")
+        if found is None:
+            b = self.batch
+            found = self._chunks["native"] = DecodeRows.of(
+                b.query_index, b.block_tables, b.table_starts, b.context_lens, b.suffix_starts, b.group_row_starts,
+                b.prefix_block_tables, b.prefix_lens)
+        return found
 
     def suffix_chunks(self, key_bytes: int) -> tuple[SuffixChunk, ...]:
         """The suffix part's rows in chunks of at most DECODE_CHUNK_BYTES of gathered keys and
@@ -375,6 +386,9 @@ def shared_prefix_decode_torch(
     out = decode_output(q, k_cache, v_cache, batch, out)
     num_rows = batch.num_rows
     if num_rows == 0:
+        return out
+    if native_decode_usable(q, k_cache, out):
+        native_decode(q, k_cache, v_cache, plan.native_rows(), scale, out, window, softcap)
         return out
     ratio = num_heads // num_kv_heads
     qd = q[batch.query_index]  # [R, H, D]

@@ -50,8 +50,11 @@ def test_sharing_modes_same_answers_plan_computes_least(tmp_path, shared_table, 
     assert plan["prefix_hit_tokens"] > 0 and plan["prefix_sharing"] == "plan"
     for key in ("peak_kv_blocks", "preemptions", "elapsed_s", "sharing_fallbacks"):
         assert key in plan
-    # on CPU: the PyTorch backend, and no CUDA graphs
+    # on CPU: the PyTorch backend, decode attention compiled where a compiler is found, and no CUDA graphs
     assert plan["model"]["attention_backend"] == "torch" and plan["model"]["cuda_graphs"] is False
+    from kernels.cpu_decode import native_decode_problem
+    problem = native_decode_problem()
+    assert plan["model"]["decode_attention"] == ("compiled" if problem is None else f"torch ({problem})")
     assert plan["engine"]["cuda_graph_steps"] == 0
 
 

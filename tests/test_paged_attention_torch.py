@@ -12,6 +12,14 @@ from kernel_cases import make_prefill_scenario
 from kernels.paged_attention import build_paged_batch
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch
 
+
+@pytest.fixture(autouse=True)
+def pytorch_decode(monkeypatch):
+    """These tests are about the PyTorch path, which machines without the compiled decode attention
+    (kernels/cpu_decode.py, tested in test_cpu_decode.py) run: keep it from taking the decode rows."""
+    from kernels import cpu_decode
+    monkeypatch.setattr(cpu_decode, "native_decode_library", lambda: None)
+
 # (query_len, context_len): decode rows, whole prompts, chunks starting and ending mid-block,
 # a one-token context
 SPANS = [(1, 1), (1, 23), (9, 9), (6, 21), (19, 40), (3, 8), (30, 30), (1, 5)]

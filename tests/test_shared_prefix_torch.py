@@ -13,6 +13,14 @@ from kernels.shared_prefix_torch import plan_shared_prefix_torch, shared_prefix_
 from test_shared_prefix_attention import _random_case
 
 
+@pytest.fixture(autouse=True)
+def pytorch_decode(monkeypatch):
+    """These tests are about the PyTorch path, which machines without the compiled decode attention
+    (kernels/cpu_decode.py, tested in test_cpu_decode.py) run: keep it from taking the decode rows."""
+    from kernels import cpu_decode
+    monkeypatch.setattr(cpu_decode, "native_decode_library", lambda: None)
+
+
 def _check(sc, min_group_size: int = 2) -> int:
     batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
                                       sc.prefix_lens, sc.block_size, "cpu", min_group_size=min_group_size)

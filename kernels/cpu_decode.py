@@ -1,0 +1,203 @@
+"""Decode attention over the paged KV cache on CPU in compiled code (kernels/csrc/decode_attention.cpp).
+
+Meaning: exactly `kernels.shared_prefix_attention.shared_prefix_decode_reference` for a step's decode
+rows (with no groups, `kernels.paged_attention.paged_attention_reference` for decode rows); tests
+compare them. Why compiled code: PyTorch's CPU attention pays a fixed cost per (row, KV head) and the
+PyTorch paths gather every row's keys into a buffer first; this kernel reads the cache in place, keeps
+a row's query heads together, and reads a group's prefix once for all its members (2-5x faster per
+layer than the PyTorch paths on 2 cores: bench/cpu_decode_attention.py).
+
+The library is built at first use with the system's C++ compiler (`$CXX`, else g++, else c++; about a
+second) into `$BATCHLLM_CACHE_DIR/kernels` (default ~/.cache/batchllm/kernels), named by a hash of the
+source, the flags, the CPU's features (-march=native) and torch's version; a later process loads it
+without compiling. Without a compiler, or when the build
+fails, or with BATCHLLM_NATIVE_KERNELS=0, `native_decode_library()` is None and callers keep their
+PyTorch paths: the same results, slower. float32 and bfloat16 only (float16 keeps PyTorch).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["DecodeRows", "NATIVE_DTYPES", "native_decode", "native_decode_library", "native_decode_problem",
+           "native_decode_usable"]
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P,
+             _INT, _INT, _INT, _INT, _F, _F, _I64]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BATCHLLM_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "batchllm") / "kernels"
+
+
+def _cpu_features() -> str:
+    """The CPU's flags line: -march=native code is only valid on CPUs with the same features (a cache
+    directory on a shared home can be seen by several kinds of machine)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class _Build:
+    library: ctypes.CDLL | None = None
+    problem: str | None = None
+
+
+def _compile(target: Path) -> str | None:
+    """Builds the library at `target`; returns why not, or None."""
+    compiler = _compiler()
+    if compiler is None:
+        return "no C++ compiler found (set CXX, or install g++)"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # built beside the target and renamed into place: processes building at once never load a half-written library
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            return f"{Path(compiler).name} failed: {done.stderr.strip()[-500:]}"
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return None
+
+
+@lru_cache(maxsize=1)
+def _build() -> _Build:
+    build = _Build()
+    if os.environ.get("BATCHLLM_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        build.problem = "turned off by BATCHLLM_NATIVE_KERNELS"
+        return build
+    try:
+        # the compiler is not part of the name: a library built once serves later processes on machines
+        # without one (the C interface does not depend on the compiler's version)
+        key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_features().encode(),
+                                         torch.__version__.encode()])).hexdigest()[:16]
+        target = _cache_dir() / f"decode_attention-{key}.so"
+        if not target.exists():
+            problem = _compile(target)
+            if problem is not None:
+                build.problem = problem
+                return build
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        build.problem = f"could not build or load {SOURCE.name}: {exc}"
+        return build
+    for name in NATIVE_DTYPES.values():
+        fn = getattr(library, name)
+        fn.argtypes, fn.restype = _ARGTYPES, None
+    build.library = library
+    return build
+
+
+def native_decode_library() -> ctypes.CDLL | None:
+    """The built library (built at the first call), or None: see `native_decode_problem`."""
+    return _build().library
+
+
+def native_decode_problem() -> str | None:
+    """Why the compiled decode attention is not available (None when it is)."""
+    return _build().problem
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """A step's decode rows as the kernel reads them (kernels.shared_prefix_attention.SharedPrefixBatch's
+    fields, contiguous CPU tensors), built once per step and reused by every layer. Positions of a row's
+    keys are counted from its table's column 0 = block table_starts[r]; with no groups each row's whole
+    context is its "suffix"."""
+
+    query_index: torch.Tensor  # [R] int64: row of q and of out
+    tables: torch.Tensor  # [R, max_blocks] int32
+    table_starts: torch.Tensor  # [R] int32
+    context_lens: torch.Tensor  # [R] int32: keys of the row, its query token included
+    suffix_starts: torch.Tensor  # [R] int32: first key after the row's group prefix (0: no group)
+    group_row_starts: torch.Tensor  # [G + 1] int32: group g's rows are [starts[g], starts[g + 1])
+    prefix_tables: torch.Tensor  # [G, max_prefix_blocks] int32
+    prefix_lens: torch.Tensor  # [G] int32
+
+    @staticmethod
+    def of(query_index: torch.Tensor, tables: torch.Tensor, table_starts: torch.Tensor, context_lens: torch.Tensor,
+           suffix_starts: torch.Tensor, group_row_starts: torch.Tensor, prefix_tables: torch.Tensor,
+           prefix_lens: torch.Tensor) -> DecodeRows:
+        def i32(t: torch.Tensor) -> torch.Tensor:
+            return t.to("cpu", torch.int32).contiguous()
+
+        def matrix(t: torch.Tensor, rows: int) -> torch.Tensor:  # [rows, columns], also for 0 rows
+            return i32(t).reshape(rows, t.numel() // rows if rows else 0)
+
+        return DecodeRows(query_index.to("cpu", torch.int64).contiguous(), matrix(tables, query_index.shape[0]),
+                          i32(table_starts), i32(context_lens), i32(suffix_starts), i32(group_row_starts),
+                          matrix(prefix_tables, prefix_lens.shape[0]), i32(prefix_lens))
+
+    @staticmethod
+    def without_groups(query_index: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor) -> DecodeRows:
+        rows = query_index.shape[0]
+        zeros = torch.zeros(rows, dtype=torch.int32)
+        empty = torch.zeros(0, dtype=torch.int32)
+        return DecodeRows.of(query_index, tables, zeros, context_lens, zeros, torch.zeros(1, dtype=torch.int32),
+                             empty, empty)
+
+
+def native_decode_usable(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `native_decode` can serve these tensors (else the caller's PyTorch path)."""
+    return (q.device.type == "cpu" and q.dtype in NATIVE_DTYPES and q.dtype == k_cache.dtype == out.dtype
+            and not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad))
+            and native_decode_library() is not None)
+
+
+def native_decode(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], heads and dims contiguous
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor,
+    rows: DecodeRows,
+    scale: float,
+    out: torch.Tensor,  # like q: rows rows.query_index are written, others untouched
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    library = native_decode_library()
+    assert library is not None and native_decode_usable(q, k_cache, out)
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
+    assert k_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
+    assert q.stride()[1:] == (head_dim, 1) and out.stride()[1:] == (head_dim, 1)
+    assert softcap is None or softcap > 0
+    assert window is None or window > 0
+    groups = rows.prefix_lens.shape[0]
+    getattr(library, NATIVE_DTYPES[q.dtype])(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
+        rows.query_index.shape[0], rows.query_index.data_ptr(), rows.tables.data_ptr(), rows.tables.shape[1],
+        rows.table_starts.data_ptr(), rows.context_lens.data_ptr(), rows.suffix_starts.data_ptr(), groups,
+        rows.group_row_starts.data_ptr(), rows.prefix_tables.data_ptr(), rows.prefix_tables.shape[1],
+        rows.prefix_lens.data_ptr(), num_heads, num_kv_heads, head_dim, k_cache.shape[1], scale, softcap or 0.0,
+        window or 0)
+    return out

@@ -1,0 +1,154 @@
+"""The compiled CPU decode attention (kernels/cpu_decode.py) equals its definition, and a machine
+without it runs the same job through PyTorch.
+
+Definition: `shared_prefix_decode_reference` (groups sharing a prefix, rows without a group) and
+`paged_attention_reference` (decode rows, no groups), in float32. Cases: random groups and rows
+(GQA ratios 1-8, groups of 1 to 64, empty suffixes, prefixes of 0 tokens and of partial blocks,
+NaN in every unwritten cache slot), sliding windows, soft-capping, head sizes 4 to 256, blocks of 1
+to 100 tokens (past the kernel's 64-key chunk); bfloat16 within bfloat16's rounding of the inputs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel_cases import make_decode_scenario
+from kernels import cpu_decode
+from kernels.paged_attention import build_paged_batch, paged_attention_reference
+from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch
+from kernels.shared_prefix_attention import build_shared_prefix_batch, shared_prefix_decode_reference
+from kernels.shared_prefix_torch import plan_shared_prefix_torch, shared_prefix_decode_torch
+from test_shared_prefix_attention import _random_case
+
+REPO = Path(__file__).resolve().parent.parent
+
+needs_kernel = pytest.mark.skipif(cpu_decode.native_decode_problem() is not None,
+                                  reason=f"compiled decode attention unavailable: {cpu_decode.native_decode_problem()}")
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def test_the_kernel_is_built_where_a_compiler_is_found() -> None:
+    """CI has g++: a build failure must fail here, not silently send every test through PyTorch."""
+    if os.environ.get("BATCHLLM_NATIVE_KERNELS", "1") == "0" or not (os.environ.get("CXX") or shutil.which("g++")
+                                                                     or shutil.which("c++")):
+        pytest.skip("no compiler here, or the kernel is turned off")
+    assert cpu_decode.native_decode_problem() is None
+    assert cpu_decode.native_decode_library() is not None
+
+
+def _grouped(sc, dtype: torch.dtype, window: int | None, softcap: float | None, min_group_size: int = 2) -> None:
+    batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids, sc.prefix_lens,
+                                      sc.block_size, "cpu", min_group_size=min_group_size)
+    q, k, v = sc.q.to(dtype), sc.k_cache.to(dtype), sc.v_cache.to(dtype)
+    heads, kv_heads = q.shape[1], k.shape[2]
+    out = torch.full_like(q, 5.0)
+    plan = plan_shared_prefix_torch(batch, window, heads_per_kv=heads // kv_heads)
+    assert cpu_decode.native_decode_usable(q, k, out)
+    shared_prefix_decode_torch(q, k, v, plan, sc.scale, out=out, window=window, softcap=softcap)
+    ref = shared_prefix_decode_reference(q.float(), k.float(), v.float(), batch, sc.scale, window=window,
+                                         softcap=softcap)
+    rows = torch.tensor(sc.query_rows, dtype=torch.int64)
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert (out[others] == 5.0).all(), "rows of q that are not decode rows must be left untouched"
+    assert torch.isfinite(out[rows]).all()
+    torch.testing.assert_close(out[rows].float(), ref[rows], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(24))
+def test_random_groups_and_rows_equal_the_definition(seed: int) -> None:
+    sc = make_decode_scenario(seed, **_random_case(seed))
+    window = (None, 5, 30)[seed % 3]
+    softcap = 7.0 if seed % 4 == 1 else None
+    _grouped(sc, torch.float32, window, softcap)
+    _grouped(sc, torch.float32, window, softcap, min_group_size=1)
+    _grouped(sc, torch.bfloat16, window, softcap)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (4, 2, 64, 16), (6, 2, 80, 100), (8, 1, 128, 1), (5, 5, 256, 64), (32, 8, 64, 16), (2, 1, 4, 65),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_shapes_and_blocks_longer_than_a_chunk(heads: int, kv_heads: int, head_dim: int, block_size: int,
+                                                   dtype: torch.dtype) -> None:
+    groups = [(150, [0, 3, 70]), (block_size + 1, [1] * 9), (2 * block_size, [0, 0])]
+    sc = make_decode_scenario(heads * 31 + block_size, groups, [1, 2 * block_size + 3, 200], heads, kv_heads,
+                              head_dim, block_size)
+    _grouped(sc, dtype, None, None)
+    _grouped(sc, dtype, 40, None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 3, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_without_groups_equal_the_paged_definition(window: int | None, dtype: torch.dtype) -> None:
+    """The no-sharing path (kernels.paged_attention_torch): rows of q outside the decode rows (a
+    prefill chunk) untouched; a window cuts whole blocks off the gathered table."""
+    heads, kv_heads, head_dim, bs = 8, 2, 32, 8
+    sc = make_decode_scenario(11, [], [1, 7, 8, 9, 64, 130], heads, kv_heads, head_dim, bs)
+    q, k, v = sc.q.to(dtype), sc.k_cache.to(dtype), sc.v_cache.to(dtype)
+    query_lens = [1] * len(sc.query_rows)
+    batch = build_paged_batch(query_lens, sc.context_lens, sc.block_tables, bs, torch.device("cpu"), window=window)
+    # the batch's decode rows are q's rows 0..n-1 in this layout
+    out = torch.full_like(q, 5.0)
+    paged_attention_torch(q, k, v, plan_paged_torch(batch), sc.scale, out, window=window)
+    ref = paged_attention_reference(q.float(), k.float(), v.float(), batch, sc.scale, window=window)
+    n = len(query_lens)
+    torch.testing.assert_close(out[:n].float(), ref[:n], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    assert (out[n:] == 5.0).all()
+
+
+def _engine_tokens(env: dict[str, str], tmp_path: Path, mode: str) -> str:
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+import engine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kernels import cpu_decode
+from model_factory import VARIANTS, build_model_dir
+model = build_model_dir(VARIANTS["mistral_window"], __import__("pathlib").Path({str(tmp_path / 'model')!r}))
+shared = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+prompts = [shared + [30 + i, 40 + i] for i in range(6)] + [[50 + i] * (3 + i) for i in range(3)]
+cfg = EngineConfig(model_dir=str(model), device="cpu", dtype="float32", prefix_sharing={mode!r}, block_size=4)
+params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+done = {{r.key: list(r.token_ids) for r in LLMEngine(cfg).generate((i, p, params) for i, p in enumerate(prompts))}}
+print(json.dumps({{"problem": cpu_decode.native_decode_problem(), "tokens": [done[i] for i in range(len(prompts))]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "BATCHLLM_CACHE_DIR": str(tmp_path / "cache"),
+                               **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["plan", "none"])
+def test_a_machine_without_a_compiler_runs_the_same_job_through_pytorch(tmp_path: Path, mode: str) -> None:
+    """No compiler on PATH (and no CXX): the engine says why in native_decode_problem and produces the
+    same greedy tokens as with the kernel (float32); with the library once built into the cache
+    directory, a later process loads it without a compiler."""
+    import json
+
+    built = json.loads(_engine_tokens({}, tmp_path, mode))
+    assert built["problem"] is None
+    assert list((tmp_path / "cache" / "kernels").glob("decode_attention-*.so"))
+    bare = {"PATH": str(tmp_path / "empty-bin"), "CXX": ""}
+    reused = json.loads(_engine_tokens(bare, tmp_path, mode))
+    assert reused["problem"] is None, "a built library is loaded again without a compiler"
+    shutil.rmtree(tmp_path / "cache" / "kernels")
+    without = json.loads(_engine_tokens(bare, tmp_path, mode))
+    assert without["problem"] and "compiler" in without["problem"]
+    assert without["tokens"] == built["tokens"]
+    off = json.loads(_engine_tokens({"BATCHLLM_NATIVE_KERNELS": "0"}, tmp_path, mode))
+    assert off["problem"] and "BATCHLLM_NATIVE_KERNELS" in off["problem"]
+    assert off["tokens"] == built["tokens"]
