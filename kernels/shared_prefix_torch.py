@@ -131,13 +131,30 @@ class _SuffixKeys:
 
 @dataclass(frozen=True)
 class TorchSharedPrefixPlan:
+    """A step's plan: the prefix part's buckets and the suffix part's keys are planned at the first
+    layer that runs the PyTorch path (`parts`); the compiled CPU kernel needs neither (`native_rows`)."""
+
     batch: SharedPrefixBatch
-    buckets: tuple[PrefixBucket, ...]
-    suffix: _SuffixKeys | None  # None when every row's suffix is empty
     window: int | None = None
+    heads_per_kv: int = 1
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
-    # bytes of one key and value -> the suffix part's chunks (built at the first layer)
+    # "parts" -> (buckets, suffix); "native" -> DecodeRows; bytes of one key and value -> the suffix
+    # part's chunks: each built at the first layer asking
     _chunks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def buckets(self) -> tuple[PrefixBucket, ...]:
+        return self._parts()[0]
+
+    @property
+    def suffix(self) -> _SuffixKeys | None:  # None when every row's suffix is empty
+        return self._parts()[1]
+
+    def _parts(self) -> tuple[tuple[PrefixBucket, ...], _SuffixKeys | None]:
+        found = self._chunks.get("parts")
+        if found is None:
+            found = self._chunks["parts"] = _plan_parts(self.batch, self.window, self.heads_per_kv)
+        return found
 
     def native_rows(self) -> DecodeRows:
         """The batch as the compiled CPU kernel reads it (built at the first layer)."""
@@ -265,11 +282,15 @@ def plan_prefix_buckets(
 def plan_shared_prefix_torch(
     batch: SharedPrefixBatch, window: int | None = None, heads_per_kv: int = 1, buffers: GatherBuffers | None = None
 ) -> TorchSharedPrefixPlan:
-    """Per-step index tensors for `shared_prefix_decode_torch` (host work, once per step). `window`:
-    the largest sliding window of the layers it serves (None: some layer attends to everything);
-    keys before it are not gathered. heads_per_kv: query heads per KV head (needed with a window).
-    buffers: gather buffers to reuse (see `plan_paged_torch`)."""
-    buffers = buffers if buffers is not None else GatherBuffers()
+    """Per-step plan for `shared_prefix_decode_torch` (host work, once per step, at the first layer).
+    `window`: the largest sliding window of the layers it serves (None: some layer attends to
+    everything); keys before it are not gathered. heads_per_kv: query heads per KV head (needed with a
+    window). buffers: gather buffers to reuse (see `plan_paged_torch`)."""
+    return TorchSharedPrefixPlan(batch, window, heads_per_kv, buffers if buffers is not None else GatherBuffers())
+
+
+def _plan_parts(batch: SharedPrefixBatch, window: int | None,
+                heads_per_kv: int) -> tuple[tuple[PrefixBucket, ...], _SuffixKeys | None]:
     device = batch.query_index.device
     ctx = np.asarray(batch.host_context_lens, dtype=np.int64)
     sstart = np.asarray(batch.host_suffix_starts, dtype=np.int64)
@@ -278,7 +299,7 @@ def plan_shared_prefix_torch(
     lens = ctx - kstart
     width = int(lens.max()) if len(lens) else 0
     if not width:
-        return TorchSharedPrefixPlan(batch, buckets, None, window, buffers)
+        return buckets, None
     bs = batch.block_size
     offs = np.arange(width, dtype=np.int64)[None, :]
     valid = offs < lens[:, None]
@@ -287,8 +308,7 @@ def plan_shared_prefix_torch(
     pos = np.where(valid, kstart[:, None] + offs, ctx[:, None] - 1)
     tables = batch.block_tables.to("cpu", torch.int64).numpy()
     slots = np.take_along_axis(tables, pos // bs - first[:, None], axis=1) * bs + pos % bs
-    return TorchSharedPrefixPlan(batch, buckets, _SuffixKeys(pos, slots, valid, lens, ctx[:, None] - 1), window,
-                                 buffers)
+    return buckets, _SuffixKeys(pos, slots, valid, lens, ctx[:, None] - 1)
 
 
 def attention_lse(
