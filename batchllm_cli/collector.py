@@ -44,6 +44,7 @@ class ResultLike(Protocol):
     prompt_tokens: int
     error: str | None
     refused: bool  # an error row the engine refused before computing any of it
+    prefix_hit_tokens: int  # of its prompt tokens, those reused instead of computed
 
     @property
     def completion_tokens(self) -> int: ...
@@ -97,6 +98,7 @@ class ResultCollector:
         self.rows_truncated = 0
         self.rows_run = 0  # rows the engine ran (not those it refused, nor those failed before it)
         self.prompt_tokens = 0  # of the rows the engine ran (not those it refused)
+        self.prefix_hit_tokens = 0  # of those prompt tokens, reused instead of computed
         self.completion_tokens = 0
         self.first_errors: list[tuple[int, str]] = []
 
@@ -129,6 +131,7 @@ class ResultCollector:
         if not result.refused:  # a row the engine refused was never computed (a NaN row was)
             self.rows_run += 1
             self.prompt_tokens += result.prompt_tokens
+            self.prefix_hit_tokens += result.prefix_hit_tokens
         self.completion_tokens += completion
         if result.finish_reason == "error":
             error = result.error or "the engine could not run this row"

@@ -111,8 +111,11 @@ class AttemptTracker:
 
     def counts(self, write_s: float = 0.0) -> AttemptCounts:
         c, stats = self.collector, self._stats()
-        prefill, hits, shared = (self._total(stats, n) for n in ("prefill_tokens", "prefix_hit_tokens",
-                                                                  "shared_prefix_tokens"))
+        prefill, shared = self._total(stats, "prefill_tokens"), self._total(stats, "shared_prefix_tokens")
+        # The reuse of the rows reported (the collector's), as their prompt tokens are: the engine's own
+        # counter also has rows an interrupt cut off (hits above the prompt tokens). What those rows
+        # computed stays in prefill_tokens, as recomputed work.
+        hits = c.prefix_hit_tokens
         return AttemptCounts(
             rows=c.rows, rows_ok=c.rows_ok, rows_failed=c.rows_failed, rows_truncated=c.rows_truncated,
             prompt_tokens=c.prompt_tokens, prefix_hit_tokens=hits, prefill_tokens=prefill,

@@ -50,7 +50,8 @@ class ScaleOutTracker(AttemptTracker):
 
     def _refresh(self) -> None:
         parts = self._all()
-        fields = ("rows", "rows_ok", "rows_failed", "rows_run", "rows_truncated", "prompt_tokens", "completion_tokens")
+        fields = ("rows", "rows_ok", "rows_failed", "rows_run", "rows_truncated", "prompt_tokens", "prefix_hit_tokens",
+                  "completion_tokens")
         merged = {f: sum(getattr(p, f) for p in parts) for f in fields}
         errors = sorted(e for p in parts for e in p.first_errors)[:5]
         self.collector = SimpleNamespace(**merged, first_errors=errors)
@@ -72,6 +73,7 @@ class ScaleOutTracker(AttemptTracker):
         done = self.reported.pop(replica, None) or WorkerCounts()
         rows = {f: getattr(done, f) + getattr(committed, f) for f in _ROW_FIELDS}
         self.retired.append(WorkerCounts(**rows, rows_truncated=done.rows_truncated, prompt_tokens=last.prompt_tokens,
+                                         prefix_hit_tokens=last.prefix_hit_tokens,
                                          first_errors=last.first_errors,
                                          engine_stats=last.engine_stats, engine_s=last.engine_s))
         self.failures += 1

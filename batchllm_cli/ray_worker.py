@@ -69,6 +69,7 @@ class WorkerCounts:
     rows_truncated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prefix_hit_tokens: int = 0  # of prompt_tokens, reused instead of computed
     first_errors: tuple[tuple[int, str], ...] = ()
     engine_stats: Any = None  # engine.EngineStats over the engine's lifetime
     engine_s: float = 0.0  # time spent running parts
@@ -80,8 +81,8 @@ class WorkerCounts:
            boundary: int) -> WorkerCounts:
         c = collector or ResultCollector()
         return cls(c.rows, c.rows_ok, c.rows_failed, c.rows_run, c.rows_truncated, c.prompt_tokens,
-                   c.completion_tokens, tuple(c.first_errors), engine.stats() if engine is not None else None,
-                   engine_s, chunks, boundary)
+                   c.completion_tokens, c.prefix_hit_tokens, tuple(c.first_errors),
+                   engine.stats() if engine is not None else None, engine_s, chunks, boundary)
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ class ReplicaWorker:
         live = WorkerCounts.of(self._collector, self.engine, self._engine_s, self._chunks, self._boundary)
         d = self._done
         return WorkerCounts(
-            *(getattr(d, f) + getattr(live, f) for f in ("rows", "rows_ok", "rows_failed", "rows_run",
-                                                            "rows_truncated", "prompt_tokens", "completion_tokens")),
+            *(getattr(d, f) + getattr(live, f) for f in ("rows", "rows_ok", "rows_failed", "rows_run", "rows_truncated",
+                                                            "prompt_tokens", "completion_tokens", "prefix_hit_tokens")),
             first_errors=(d.first_errors + live.first_errors)[:5], engine_stats=live.engine_stats,
             engine_s=live.engine_s, chunks=live.chunks, boundary_tokens=live.boundary_tokens,
         )

@@ -271,7 +271,8 @@ class LLMEngine:
         self._prompt_tokens += seq.num_prompt_tokens
         error = (f"the model's scores were NaN at answer token {seq.num_completion_tokens + 1}: the weights or "
                  "config.json values are broken, or float16 overflowed (try --dtype bfloat16 or float32)")
-        return GenerationResult(seq.key, "", (), "error", seq.num_prompt_tokens, error)
+        return GenerationResult(seq.key, "", (), "error", seq.num_prompt_tokens, error,
+                                prefix_hit_tokens=seq.prefix_hit_tokens)
 
     def _hits_stop_string(self, seq: Sequence) -> bool:
         assert seq.stop_watch is not None  # a sequence whose params have stop strings has one
@@ -291,7 +292,8 @@ class LLMEngine:
         self._finished += 1
         self._prompt_tokens += seq.num_prompt_tokens
         self._completion_tokens += len(ids)
-        return GenerationResult(seq.key, text, tuple(ids), reason, seq.num_prompt_tokens)  # type: ignore[arg-type]
+        return GenerationResult(seq.key, text, tuple(ids), reason, seq.num_prompt_tokens,  # type: ignore[arg-type]
+                                prefix_hit_tokens=seq.prefix_hit_tokens)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[GenerationResult]:
         """Runs all requests, pulling them lazily so a long stream is never held at once; yields

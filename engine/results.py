@@ -19,6 +19,9 @@ class GenerationResult:
     # vocabulary, too long for the context or the KV cache): none of its prompt was computed. Other
     # errors (NaN scores) end a row that was computed.
     refused: bool = False
+    # Prompt tokens of this row reused instead of computed (a shared prefix, cached blocks), as its last
+    # admission found them.
+    prefix_hit_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:

@@ -231,6 +231,8 @@ class Scheduler:
             seq.shared_blocks = len(hits)
         if not seq.is_prefix:
             self.prefix_hit_tokens += seq.num_computed_tokens
+            # after a preemption cached blocks may reach into its answer: those are no prompt tokens
+            seq.prefix_hit_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         bm.grow(seq, len(seq))
         seq.status = SequenceStatus.RUNNING
         seq.prefill_len = len(seq)

@@ -53,6 +53,9 @@ class Sequence:
         self.start_prefix: SharedPrefixState | None = None  # the computed prefix it begins on
         self.start_len = 0  # tokens of that prefix it reuses
         self.shared_blocks = 0  # leading blocks shared with its group (for grouped decode attention)
+        # prompt tokens its last admission found computed (a shared prefix, cached blocks): its result
+        # carries them, so a report counts the reuse of the rows it reports and no others
+        self.prefix_hit_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

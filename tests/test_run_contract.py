@@ -250,6 +250,35 @@ def test_running_status_exits_10_then_sigterm_writes_an_interrupted_summary_and_
     assert summary["job"]["rows"] == st["rows_done"] == summary["attempt"]["rows"] > 0
 
 
+
+def test_an_interrupted_summary_counts_reused_tokens_of_the_rows_it_reports(tmp_path: Path, env: dict) -> None:
+    """SIGTERM while rows sharing a long prefix are in flight: the rows cut off had reused that prefix
+    too, but the summary reports only the rows that finished, so its reused tokens are theirs (they
+    were over the prompt tokens: 4,746,166 reused of 4,668,158 on a 60k-row job)."""
+    inp = tmp_path / "in.csv"
+    with inp.open("w", encoding="utf-8") as f:
+        f.write("doc,q\n")
+        for i in range(3000):
+            f.write(f"document {i % 20} {' '.join(f'w{i % 20}x{k}' for k in range(60))},question {i}?\n")
+    out = tmp_path / "out.parquet"
+    run_dir = out.with_name(out.name + ".batchllm")
+    summary_file = tmp_path / "summary.json"
+    args = ["run", str(inp), "-t", str(write_template(tmp_path / "t.j2", "Doc: {{ doc }} Q: {{ q }}")), "-o",
+            str(out), "--no-chat", "--max-tokens", "16", "--checkpoint-seconds", "1", "--summary", str(summary_file)]
+    proc = cli_process.start(args, env, tmp_path / "run.log")
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and proc.running and not list(run_dir.glob("shard-*.json")):
+            time.sleep(0.05)
+        assert proc.running, proc.output
+        proc.kill(signal.SIGTERM)
+        assert proc.wait(60) == 143, proc.output
+    finally:
+        proc.kill()
+    att = checked_summary(summary_file.read_text())["attempt"]
+    assert 0 < att["rows"] < 3000 and (att["preemptions"], att["sharing_fallbacks"]) == (0, 0), att
+    assert 0 < att["prefix_hit_tokens"] <= att["prompt_tokens"], att
+
 # ---- progress ----------------------------------------------------------------------------------------
 def test_log_format_json_and_quiet(tmp_path: Path, env: dict) -> None:
     inp = write_rows_csv(tmp_path / "in.csv", 10)
