@@ -74,7 +74,7 @@ class WorkerCounts:
     engine_stats: Any = None  # engine.EngineStats over the engine's lifetime
     engine_s: float = 0.0  # time spent running parts
     chunks: int = 0
-    boundary_tokens: int = 0
+    boundary_tokens: int = 0  # shared across the chunk cuts its engine crossed
 
     @classmethod
     def of(cls, collector: ResultCollector | None, engine: Any, engine_s: float, chunks: int,
@@ -180,11 +180,12 @@ class ReplicaWorker:
         lengths = np.diff(part.offsets)[order]
         cuts = cut_sorted_rows(lengths, lcp, self.setup.plan_chunk_tokens)
         self._chunks += cuts.num_chunks
-        self._boundary += cuts.boundary_tokens
         keys = part.keys if part.keys is not None else part.row_ids.tolist()
         offsets = part.offsets.tolist()
         starts = cuts.starts.tolist()
         for a, b in zip(starts[:-1], starts[1:]):
+            if a > 0:  # the engine crosses the cut before this chunk: only cuts it reached are counted
+                self._boundary += int(lcp[a])
             requests = []
             for i in order[a:b].tolist():
                 in_flight[keys[i]] = (int(part.row_ids[i]), bool(part.truncated[i]))

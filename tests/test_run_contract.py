@@ -250,11 +250,9 @@ def test_running_status_exits_10_then_sigterm_writes_an_interrupted_summary_and_
     assert summary["job"]["rows"] == st["rows_done"] == summary["attempt"]["rows"] > 0
 
 
-
-def test_an_interrupted_summary_counts_reused_tokens_of_the_rows_it_reports(tmp_path: Path, env: dict) -> None:
-    """SIGTERM while rows sharing a long prefix are in flight: the rows cut off had reused that prefix
-    too, but the summary reports only the rows that finished, so its reused tokens are theirs (they
-    were over the prompt tokens: 4,746,166 reused of 4,668,158 on a 60k-row job)."""
+def _summary_of_a_run_stopped_mid_plan(tmp_path: Path, env: dict, *extra: str) -> dict:
+    """The summary of a plan-mode run over 3,000 rows sharing 20 long documents, stopped by SIGTERM
+    once its first shard is committed (rows in flight, most of the plan not reached)."""
     inp = tmp_path / "in.csv"
     with inp.open("w", encoding="utf-8") as f:
         f.write("doc,q\n")
@@ -264,7 +262,8 @@ def test_an_interrupted_summary_counts_reused_tokens_of_the_rows_it_reports(tmp_
     run_dir = out.with_name(out.name + ".batchllm")
     summary_file = tmp_path / "summary.json"
     args = ["run", str(inp), "-t", str(write_template(tmp_path / "t.j2", "Doc: {{ doc }} Q: {{ q }}")), "-o",
-            str(out), "--no-chat", "--max-tokens", "16", "--checkpoint-seconds", "1", "--summary", str(summary_file)]
+            str(out), "--no-chat", "--max-tokens", "16", "--checkpoint-seconds", "1", "--summary", str(summary_file),
+            *extra]
     proc = cli_process.start(args, env, tmp_path / "run.log")
     try:
         end = time.monotonic() + 120
@@ -277,7 +276,23 @@ def test_an_interrupted_summary_counts_reused_tokens_of_the_rows_it_reports(tmp_
         proc.kill()
     att = checked_summary(summary_file.read_text())["attempt"]
     assert 0 < att["rows"] < 3000 and (att["preemptions"], att["sharing_fallbacks"]) == (0, 0), att
+    return att
+
+
+def test_an_interrupted_summary_counts_reused_tokens_of_the_rows_it_reports(tmp_path: Path, env: dict) -> None:
+    """The rows cut off had reused the shared prefixes too, but the summary reports only the rows that
+    finished, so its reused tokens are theirs (they were over the prompt tokens: 4,746,166 reused of
+    4,668,158 on a 60k-row job)."""
+    att = _summary_of_a_run_stopped_mid_plan(tmp_path, env)
     assert 0 < att["prefix_hit_tokens"] <= att["prompt_tokens"], att
+
+
+def test_an_interrupted_summary_counts_only_the_chunk_cuts_the_run_crossed(tmp_path: Path, env: dict) -> None:
+    """With 100 chunks, a run stopped early crossed few cuts: each prefix spanning one was carried over,
+    so nothing was computed again (the cuts it never reached were counted: 3,399 tokens over 52 chunks)."""
+    att = _summary_of_a_run_stopped_mid_plan(tmp_path, env, "--plan-chunk-tokens", "20000")
+    assert att["plan_chunks"] > 50 and att["plan_boundary_tokens"] == 0, att
+
 
 # ---- progress ----------------------------------------------------------------------------------------
 def test_log_format_json_and_quiet(tmp_path: Path, env: dict) -> None:
