@@ -73,6 +73,7 @@ def execute_run(
     except BaseException as exc:
         if feed is not None:
             feed.close()
+            tracker.plan_stats.append(feed.stats)  # planned while the model loaded: plan_s says how long
         if isinstance(exc, UsageError):  # the same command would be refused again: nothing to resume
             discard_new_checkpoint(prepared)
         raise tracker.stopped(exc)

@@ -99,13 +99,14 @@ class AttemptTracker:
     def generation_s(self) -> float:
         """Seconds the engine has had work: from begin_generation, less its wait for the global plan's
         first chunk (tokenizing and sorting every row: plan_s), so rates and the ETA count generation
-        only. 0 while that wait lasts."""
+        only. 0 while that wait lasts, and after it when the run stopped during it."""
         plans = list(self.plan_stats)
         live = self.feed
-        if live is not None and not any(p is live.stats for p in plans):
-            if not live.handed_out:
+        if live is not None:
+            if live.planning:
                 return 0.0
-            plans.append(live.stats)
+            if not any(p is live.stats for p in plans):
+                plans.append(live.stats)
         waited = sum(p.first_wait_s for p in plans)
         return max(time.perf_counter() - self._t0 - waited, 0.0)
 

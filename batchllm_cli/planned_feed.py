@@ -52,7 +52,9 @@ class PlanStats:
     boundary_tokens: int = 0
     chunks: int = 0
     out_of_core: bool = False  # sorted by DuckDB, spilling to disk, because memory was short
-    plan_s: float = 0.0  # rendering, tokenizing, spooling and sorting before the first chunk
+    # rendering, tokenizing, spooling and sorting before the first chunk (or until the plan ended without
+    # one, or was stopped)
+    plan_s: float = 0.0
     first_wait_s: float = 0.0  # the engine, loaded, waiting for its first chunk (the rest of plan_s)
     engine_wait_s: float = 0.0  # the engine blocked waiting for its next chunk
 
@@ -81,6 +83,14 @@ class PlannedFeed:
         self._t0 = time.perf_counter()
         self.stats = PlanStats()
         self.handed_out = False  # the engine has had its first chunk
+        self._ended = False  # the plan was fed to its end (maybe without a chunk: every row failed)
+        self._asked: float | None = None  # when the engine, loaded, asked for its first chunk
+
+    @property
+    def planning(self) -> bool:
+        """The engine has nothing of the plan yet: its rows are still being tokenized and sorted (or were,
+        when the run stopped)."""
+        return not (self.handed_out or self._ended)
 
     def start(self) -> "PlannedFeed":
         self._t0 = time.perf_counter()
@@ -88,10 +98,16 @@ class PlannedFeed:
         return self
 
     def close(self) -> None:
+        if self.planning and not self._stop.is_set():  # stopped while planning: that time is still plan_s
+            self._planned_until(time.perf_counter())
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _planned_until(self, now: float) -> None:
+        waited = now - self._asked if self._asked is not None else 0.0
+        self.stats = dataclasses.replace(self.stats, plan_s=now - self._t0, first_wait_s=waited)
 
     # -- main thread ------------------------------------------------------------------------------
     def chunks(
@@ -102,7 +118,7 @@ class PlannedFeed:
         first = True
         wait = 0.0
         shared_with_next = 0  # tokens the chunk handed out last shares with the next one
-        asked = time.perf_counter()  # the engine is loaded and wants its first chunk
+        self._asked = time.perf_counter()  # the engine is loaded and wants its first chunk
         while True:
             t = time.perf_counter()
             kind, item = self._get()
@@ -115,9 +131,8 @@ class PlannedFeed:
                 self.stats = item
             elif kind == "chunk":
                 if first:
+                    self._planned_until(time.perf_counter())
                     self.handed_out = True
-                    now = time.perf_counter()
-                    self.stats = dataclasses.replace(self.stats, plan_s=now - self._t0, first_wait_s=now - asked)
                 first = False
                 for (key, _, _), row_id, cut in zip(item.work.requests, item.row_ids.tolist(), item.truncated.tolist()):
                     in_flight[key] = (row_id, cut)
@@ -131,6 +146,9 @@ class PlannedFeed:
                 raise item
             else:
                 assert kind == "end", kind
+                if first:
+                    self._planned_until(time.perf_counter())
+                self._ended = True
                 self.stats = dataclasses.replace(self.stats, engine_wait_s=wait)
                 return
 

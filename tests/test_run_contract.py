@@ -294,6 +294,34 @@ def test_an_interrupted_summary_counts_only_the_chunk_cuts_the_run_crossed(tmp_p
     assert att["plan_chunks"] > 50 and att["plan_boundary_tokens"] == 0, att
 
 
+def test_sigterm_while_planning_reports_the_time_planned_and_a_last_progress_line_that_says_planning(
+    tmp_path: Path, env: dict
+) -> None:
+    """100,000 rows take seconds to tokenize and sort: a signal one second after the engine asked for its
+    first chunk stops the run during the plan (it said plan_s 0.0 and `planning: false`)."""
+    inp = write_rows_csv(tmp_path / "in.csv", 100_000)
+    summary_file = tmp_path / "summary.json"
+    args = job_args(inp, write_template(tmp_path / "t.j2"), tmp_path / "out.parquet", "--log-format", "json",
+                    "--summary", str(summary_file))
+    proc = cli_process.start(args, env, tmp_path / "run.log")
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and proc.running and '"event": "start"' not in proc.output:
+            time.sleep(0.05)
+        assert proc.running, proc.output
+        time.sleep(1.0)
+        proc.kill(signal.SIGTERM)
+        assert proc.wait(60) == 143, proc.output
+    finally:
+        proc.kill()
+    summary = checked_summary(summary_file.read_text())
+    att = summary["attempt"]
+    assert (summary["state"], att["rows"], att["plan_chunks"]) == ("interrupted", 0, 0), att  # still planning
+    assert att["plan_s"] >= 1.0 and att["elapsed_s"] == 0.0, att
+    progress = [json.loads(ln) for ln in proc.output.splitlines() if ln.startswith('{"event": "progress"')]
+    assert progress and progress[-1]["planning"] is True, proc.output
+
+
 # ---- progress ----------------------------------------------------------------------------------------
 def test_log_format_json_and_quiet(tmp_path: Path, env: dict) -> None:
     inp = write_rows_csv(tmp_path / "in.csv", 10)
@@ -337,10 +365,10 @@ def test_rates_and_eta_leave_out_the_wait_for_the_global_plan() -> None:
     from batchllm_cli.progress import ProgressMeter
 
     tracker = AttemptTracker(SimpleNamespace(committed=SimpleNamespace(rows=0)), collector=None)
-    tracker.feed = feed = SimpleNamespace(handed_out=False, stats=PlanStats(chunks=3))
+    tracker.feed = feed = SimpleNamespace(planning=True, stats=PlanStats(chunks=3))
     tracker._t0 = time.perf_counter() - 100
     assert tracker.generation_s() == 0.0  # still planning
-    feed.handed_out, feed.stats = True, dataclasses.replace(feed.stats, first_wait_s=90.0)
+    feed.planning, feed.stats = False, dataclasses.replace(feed.stats, first_wait_s=90.0)
     assert tracker.generation_s() == pytest.approx(10.0, abs=0.5)
     tracker.plan_stats.append(feed.stats)  # the pass ended: counted once
     assert tracker.generation_s() == pytest.approx(10.0, abs=0.5)
