@@ -229,7 +229,12 @@ class RunDir:
         this job created it and nothing else is in it."""
         created, parents = self._made_by_a_run()
         self._remove_quarantine()
-        remove_durably(self._own_files())
+        # The manifest goes last: a kill during the cleanup leaves it while anything else is left, so the
+        # next run knows whose directory it is and finishes the cleanup.
+        remove_durably([p for p in self._own_files() if p.name != MANIFEST])
+        crash_point("cleanup")
+        remove_durably([self.manifest_path])
+        crash_point("cleanup_manifest")
         if created:
             try:
                 self.path.rmdir()
@@ -240,6 +245,18 @@ class RunDir:
         while not parent.exists():  # removed with the directory
             parent = parent.parent
         fsync_dir(parent)
+
+    def remove_leftover(self, remove_dir: bool) -> None:
+        """Delete what a finished job's cleanup, cut short after its manifest went, left (batchllm's
+        files by name, never anything else), and the directory itself with `remove_dir` once empty."""
+        self._remove_quarantine()
+        remove_durably(self._own_files())
+        if remove_dir:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+        fsync_dir(self.path.parent)
 
     # -- shards --------------------------------------------------------------------------------------
     def _quarantine(self, paths: list[Path], committed: Committed) -> None:

@@ -35,6 +35,8 @@ CRASH_POINTS = (
     "final_write",  # the final output is complete in its temporary file (not yet renamed)
     "final_rename",  # ... renamed into place and its directory fsynced (no completion marker yet)
     "marker",  # the completion marker is durable (run directory not yet cleaned up)
+    "cleanup",  # ... the run directory's files but its manifest are removed
+    "cleanup_manifest",  # ... its manifest too (the directory itself not yet removed)
 )
 
 _crash_counts: dict[str, int] = {}

@@ -351,6 +351,7 @@ def _was_finished(output: Path, manifest: dict[str, Any]) -> bool:
 def _remove_finished_run_dir(run_dir: RunDir, marker: Marker, output: Path) -> None:
     """A run killed after its marker was written but before its cleanup leaves its run directory."""
     if not run_dir.manifest_path.is_file():
+        _remove_manifestless_leftover(run_dir, output)
         return
     try:
         run_dir.lock()
@@ -363,6 +364,25 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: Marker, output: Path) -> N
             run_dir.remove()
     except BatchLLMError:
         pass
+    finally:
+        run_dir.unlock()
+
+
+def _remove_manifestless_leftover(run_dir: RunDir, output: Path) -> None:
+    """A run killed inside its cleanup, after the manifest (removed last) went, leaves the directory.
+    With the finished job's marker in place no run has started another checkpoint there (a new run
+    removes the marker before it writes a manifest), so what is left is the finished job's: removed, and
+    the directory too when it is OUT.batchllm/ (batchllm's by its name; a --checkpoint-dir may have been
+    there before the run, and without the manifest nothing says whether a run created it)."""
+    if not run_dir.path.is_dir() or run_dir.path.is_symlink() or run_dir.foreign_entries():
+        return
+    try:
+        run_dir.lock()
+    except BatchLLMError:
+        return
+    try:
+        if not run_dir.manifest_path.exists():  # looked at again under the lock
+            run_dir.remove_leftover(remove_dir=run_dir.path == default_run_dir(output))
     finally:
         run_dir.unlock()
 

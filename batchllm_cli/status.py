@@ -150,6 +150,12 @@ def read_status(target: Path) -> RunStatus:
     if marker is not None and not running:
         assert output is not None
         if marker.matches_output(output):
+            if run_dir_shown is not None and not ((run_dir / MANIFEST).exists() and records):
+                # no checkpoint, nothing to resume: what a cleanup killed before it removed the directory left
+                # (its results and commit records go first, its manifest last)
+                problems.append(f"{run_dir} is what was left when this finished job's cleanup was cut short; "
+                                "the next run of the same command removes it (or delete it).")
+                run_dir_shown, records, last_commit = None, [], None
             return RunStatus(
                 state="finished", output=str(output), run_dir=run_dir_shown,
                 rows_total=marker.rows, rows_done=marker.rows, rows_failed=marker.rows_failed,

@@ -135,7 +135,7 @@ def crash_job(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) ->
 def test_crash_points_cover_every_commit_step() -> None:
     assert set(CRASH_POINTS) == {
         "shard_write", "shard_fsync", "shard_rename", "dir_fsync", "manifest_update",
-        "final_write", "final_rename", "marker",
+        "final_write", "final_rename", "marker", "cleanup", "cleanup_manifest",
     }
 
 
@@ -164,7 +164,18 @@ def test_crash_point_then_resume(crash_job: dict, point: str, nth: int) -> None:
         assert out.exists() and not out.with_name(out.name + ".success.json").exists()
     elif point == "marker":
         assert out.with_name(out.name + ".success.json").exists() and run_dir.exists()
-    assert not out.with_name(out.name + ".success.json").exists() or point == "marker"
+    elif point == "cleanup":  # the manifest goes last: it still says whose directory this is
+        assert names == ["manifest.json"], names
+    elif point == "cleanup_manifest":
+        assert run_dir.is_dir() and names == [], names
+    finished = ("marker", "cleanup", "cleanup_manifest")
+    assert not out.with_name(out.name + ".success.json").exists() or point in finished
+    if point in ("cleanup", "cleanup_manifest"):
+        # a finished job: its leftover directory is no checkpoint to show, and status says what it is
+        result = invoke(["status", str(out), "--json"])
+        st = json.loads(result.stdout)
+        assert (result.exit_code, st["state"], st["run_dir"]) == (0, "finished", None), st
+        assert "cleanup was cut short" in st["problems"][0], st
 
     code, log = cli_process.run(args, crash_job["env"])
     assert code == 0, log
@@ -174,7 +185,7 @@ def test_crash_point_then_resume(crash_job: dict, point: str, nth: int) -> None:
         assert f"{nth * CP_EVERY} of {CP_ROWS} rows already done" in log
     if point in ("final_write", "final_rename"):
         assert f"{CP_ROWS} of {CP_ROWS} rows already done" in log
-    if point == "marker":
+    if point in finished:
         assert "already finished" in log
     assert read_rows(out) == crash_job["ref"]
     assert_finished_cleanly(out, CP_ROWS)
