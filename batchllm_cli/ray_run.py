@@ -37,6 +37,7 @@ from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job import is_out_of_memory, raise_stopped, write_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
+from batchllm_cli.run_prepare import discard_new_checkpoint
 from batchllm_cli.plain_paths import private_dir, temp_writes
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
 from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
@@ -202,7 +203,7 @@ class _Pool:
         try:
             return self.ray.get(refs)
         except self.ray.exceptions.RayTaskError as exc:
-            raise _cause(exc) from None
+            raise _start_cause(exc) from None
         except self.ray.exceptions.RayActorError as exc:
             raise BatchLLMError(f"A worker's process died while loading the model ({' '.join(str(exc).split())[:200]}); "
                                 "run the same command again.") from None
@@ -216,7 +217,7 @@ class _Pool:
             except self.ray.exceptions.RayActorError:
                 self.alive.remove(k)
             except self.ray.exceptions.RayTaskError as exc:
-                raise _cause(exc) from None
+                raise _start_cause(exc) from None
 
     def close(self) -> None:
         for a in self.actors:
@@ -226,6 +227,17 @@ class _Pool:
                 pass
         if self.started_ray:
             self.ray.shutdown()
+
+
+def _start_cause(exc: Any) -> BaseException:
+    """_cause of a replica's engine failing to start: a model or setting it refuses (ModelLoadError,
+    ConfigError) is a usage error, as in one process (job._load_engine)."""
+    from engine import ConfigError, ModelLoadError
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, (ModelLoadError, ConfigError)):
+        return UsageError(str(cause))
+    return _cause(exc)
 
 
 def _cause(exc: Any) -> BaseException:
@@ -313,6 +325,11 @@ def _execute_ray_run(prepared: PreparedRun, observer: RunObserver | None, guard:
                 _run_rounds(prepared, pool, sink, tracker, tmp, observer)
             sink.commit()
         except BaseException as exc:
+            if isinstance(exc, UsageError) and guard.pending is None:
+                # the same command would be refused again (an engine that cannot start, say): nothing to
+                # resume, so the run directory goes unless rows were committed to it (as in one process)
+                sink.salvage()
+                discard_new_checkpoint(prepared)
             raise_stopped(exc, guard, sink, tracker, lambda: (  # the workers' commits too (read, not verified)
                 f"{sum(r['rows'] for r in read_commit_records(prepared.run_dir.path)[0])} of "
                 f"{prepared.total_rows} rows are committed in {prepared.run_dir.path}; run the same command "

@@ -136,6 +136,26 @@ def test_two_workers_write_the_output_of_one_process_with_each_document_on_one_w
         assert len({owner[i] for i, doc in enumerate(docs) if int(doc) == d}) == 1  # a document's rows on one worker
 
 
+@pytest.mark.parametrize("flags,says", [
+    (["--kv-cache-memory", "4096TiB"], "Cannot allocate a KV cache of "),  # found only as a replica's engine starts
+    (["--kv-cache-memory", "1", "--ray-address", "{address}"],  # a cluster's engines are checked there
+     "--kv-cache-memory 1 byte holds no KV cache block of 16 tokens"),
+], ids=["kv-larger-than-memory", "kv-without-a-block-on-a-cluster"])
+def test_a_refused_engine_start_on_the_workers_leaves_no_run_directory(
+    ray_address: str, job: tuple[Path, Path], tmp_path: Path, flags: list[str], says: str,
+) -> None:
+    """As in one process (test_engine_start.py): the same command would be refused again, so there is
+    nothing to resume; a run directory left behind read as interrupted in status."""
+    inp, tpl = job
+    out = tmp_path / "new" / "out.parquet"
+    result = invoke(job_args(inp, tpl, out, "--workers", "2", *(f.format(address=ray_address) for f in flags)))
+    assert result.exit_code == 2, result.output
+    assert says in one_error_line(result.stderr), result.output
+    assert not (tmp_path / "new").exists()  # neither the run directory nor the output's directory
+    status = invoke(["status", str(out), "--json"])
+    assert (status.exit_code, json.loads(status.stdout)["state"]) == (12, "not started")
+
+
 def _wait_for(predicate, what: str, proc: cli_process.CliProcess, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
