@@ -152,3 +152,20 @@ def test_a_machine_without_a_compiler_runs_the_same_job_through_pytorch(tmp_path
     off = json.loads(_engine_tokens({"BATCHLLM_NATIVE_KERNELS": "0"}, tmp_path, mode))
     assert off["problem"] and "BATCHLLM_NATIVE_KERNELS" in off["problem"]
     assert off["tokens"] == built["tokens"]
+
+
+@needs_kernel
+def test_queries_laid_out_otherwise_go_through_pytorch() -> None:
+    """The kernel reads a row's heads and dims contiguously; q in another layout (a transposed view) is
+    not handed to it but still gets the definition's result."""
+    sc = make_decode_scenario(5, [(20, [3, 4])], [9], 4, 2, 16, 4)
+    q = sc.q.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, dims strided by heads
+    out = torch.full_like(sc.q, 5.0)
+    assert not cpu_decode.native_decode_usable(q, sc.k_cache, out)
+    batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids, sc.prefix_lens,
+                                      sc.block_size, "cpu")
+    shared_prefix_decode_torch(q, sc.k_cache, sc.v_cache, plan_shared_prefix_torch(batch, heads_per_kv=2), sc.scale,
+                               out=out)
+    ref = shared_prefix_decode_reference(sc.q, sc.k_cache, sc.v_cache, batch, sc.scale)
+    rows = torch.tensor(sc.query_rows)
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
