@@ -411,7 +411,7 @@ def shared_prefix_decode_torch(
         native_decode(q, k_cache, v_cache, plan.native_rows(), scale, out, window, softcap)
         return out
     ratio = num_heads // num_kv_heads
-    qd = q[batch.query_index]  # [R, H, D]
+    qd = q[batch.query_index].contiguous()  # [R, H, D]; contiguous: the fused CPU kernel misreads other layouts
     pre_out, pre_lse = prefix_part(qd, k_cache, v_cache, plan.buckets, plan.buffers, scale, window, softcap)
 
     if plan.suffix is None:
