@@ -6,7 +6,7 @@ import typer
 
 from batchllm_cli.errors import BatchLLMError
 from batchllm_cli.progress import print_error
-from batchllm_cli.prompt_options import PromptOptions, parse_assignments, read_system
+from batchllm_cli.prompt_options import PromptOptions, parse_assignments, read_system, system_file_of
 
 
 def fail(exc: BatchLLMError) -> typer.Exit:
@@ -23,6 +23,7 @@ def prompt_options_of(
             variables=parse_assignments(var, "--var", "COLUMN"),
             params=parse_assignments(param, "--param"),
             system=read_system(system),
+            system_file=system_file_of(system),
             truncate_columns=tuple(dict.fromkeys(truncate_column or ())),
         )
     except BatchLLMError as exc:

@@ -13,13 +13,14 @@ import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from batchllm_cli.output_files import errors_path, marker_path, output_lock_path, rejects_path, run_dir_pointer_path
 from batchllm_cli.durable import check_writable_dir, is_temp_of
 from batchllm_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from batchllm_cli.prompt_options import PromptOptions
     from batchllm_cli.job_types import RunSettings
     from batchllm_cli.table_io.inputs import ResolvedInput
 
@@ -106,19 +107,44 @@ def input_reads(inp: ResolvedInput) -> list[JobPath]:
     return reads
 
 
+class ReadsFiles(Protocol):
+    """The settings of run, analyze and render that name files the command reads."""
+
+    @property
+    def template(self) -> str: ...
+    @property
+    def json_schema(self) -> Path | None: ...
+    @property
+    def choices(self) -> str | None: ...
+    @property
+    def prompt(self) -> PromptOptions: ...
+
+
+def files_read(settings: ReadsFiles, model_dirs: Iterable[Path | None]) -> list[JobPath]:
+    """Every file a command reads besides its input: the template, the files of its model and tokenizer
+    directories, --json-schema, --choices @FILE and --system @FILE. The one list run and analyze check
+    their written paths against, so a flag that reads a file cannot be forgotten by one of them."""
+    reads: list[JobPath] = []
+    if Path(settings.template).is_file():  # else a bundled recipe
+        reads.append(JobPath("the template", Path(settings.template)))
+    for directory in model_dirs:
+        if directory is not None:
+            reads += model_files(directory)
+    if settings.json_schema is not None:
+        reads.append(JobPath("--json-schema", Path(settings.json_schema)))
+    if settings.choices is not None and settings.choices.startswith("@"):
+        reads.append(JobPath("--choices", Path(settings.choices[1:])))
+    if settings.prompt.system_file is not None:
+        reads.append(JobPath("--system", settings.prompt.system_file))
+    return reads
+
+
 def check_run_paths(settings: RunSettings, run_dir: Path, model_dir: Path, inputs: list[JobPath]) -> None:
     """`run`'s paths: nothing the job writes may be, or resolve to, a file it reads or another file it
     writes, or land where a directory or pattern input would read it; the run directory's parent must be
     writable."""
     out = settings.output
-    reads = list(inputs)
-    if Path(settings.template).is_file():  # else a bundled recipe
-        reads.append(JobPath("the template", Path(settings.template)))
-    reads += model_files(model_dir)
-    if settings.json_schema is not None:
-        reads.append(JobPath("--json-schema", Path(settings.json_schema)))
-    if settings.choices is not None and settings.choices.startswith("@"):
-        reads.append(JobPath("--choices", Path(settings.choices[1:])))
+    reads = list(inputs) + files_read(settings, [model_dir])
     run_dir_name = "--checkpoint-dir" if settings.checkpoint_dir is not None else "the checkpoint directory"
     writes = [
         JobPath("--output", out),

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from batchllm_cli.command_common import fail, prompt_options_of
 from batchllm_cli.errors import BatchLLMError, Interrupted
-from batchllm_cli.file_safety import JobPath, check_job_paths, input_reads, model_files
+from batchllm_cli.file_safety import JobPath, check_job_paths, files_read, input_reads
 from batchllm_cli.input_options import ColumnsOpt, EncodingOpt, InputFormatOpt, InputGlobOpt, WhereOpt, input_options
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
 from batchllm_cli.options import (
@@ -168,14 +168,11 @@ def analyze_command(
 
 
 def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | None) -> None:
-    """analyze's report files must not overwrite its input, template, model files or each other."""
+    """analyze's report files must not overwrite a file it reads (files_read, as `run` checks them) or
+    each other."""
     stdin = STDIN in input_args(settings.input)
     reads = [] if stdin else input_reads(resolve_input(settings.input, settings.reading, None))
-    if Path(settings.template).is_file():
-        reads.append(JobPath("the template", Path(settings.template)))
-    for directory in (settings.model, settings.tokenizer):
-        if directory is not None:
-            reads += model_files(directory)
+    reads += files_read(settings, (settings.model, settings.tokenizer))
     writes = [JobPath(flag, Path(p)) for flag, p in (("--json", json_out), ("--html", html_out))
               if p is not None and str(p) != "-"]
     check_job_paths(reads, writes)

@@ -16,13 +16,15 @@ class PromptOptions:
 
     `variables` maps template variables to input columns (--var NAME=COLUMN), `params` sets template
     variables to constant text (-p NAME=VALUE), `system` is the text of a system turn for the chat
-    template (--system, already read from @FILE), `truncate_columns` are the columns cut (by tokens,
-    from their end) until a too-long prompt fits (--truncate-column).
+    template (--system, already read from @FILE), `system_file` is that FILE (a file the command reads,
+    which nothing it writes may overwrite), `truncate_columns` are the columns cut (by tokens, from
+    their end) until a too-long prompt fits (--truncate-column).
     """
 
     variables: tuple[tuple[str, str], ...] = ()
     params: tuple[tuple[str, str], ...] = ()
     system: str | None = None
+    system_file: Path | None = None
     truncate_columns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -60,6 +62,11 @@ def parse_assignments(values: Sequence[str] | None, flag: str, value: str = "VAL
             )
         pairs.append((name, value))
     return tuple(pairs)
+
+
+def system_file_of(arg: str | None) -> Path | None:
+    """The FILE of --system @FILE; None for --system TEXT or no --system."""
+    return Path(arg[1:]) if arg is not None and arg.startswith("@") else None
 
 
 def read_system(arg: str | None) -> str | None:

@@ -232,6 +232,24 @@ def test_analyze_report_path_that_is_the_input_is_refused(files: Files, no_model
              "--html", str(files.root / "r.html")], files.root, "--json", "--html")
 
 
+def test_a_report_or_summary_onto_a_file_a_flag_reads_is_refused(files: Files, no_model: None) -> None:
+    """--json-schema, --choices @FILE and --system @FILE are files the command reads, as the template is:
+    neither analyze's reports nor run's --summary may overwrite them."""
+    schema = files.root / "schema.json"
+    schema.write_text('{"type": "string"}', encoding="utf-8")
+    labels = files.root / "labels.txt"
+    labels.write_text("yes\nno\n", encoding="utf-8")
+    system = files.root / "system.txt"
+    system.write_text("Be brief.\n", encoding="utf-8")
+    analyze = ["analyze", str(files.inp), "-t", str(files.tpl)]
+    line = refused([*analyze, "--json-schema", str(schema), "--json", str(schema)], files.root,
+                   "--json", "--json-schema", str(schema))
+    assert "would overwrite" in line
+    refused([*analyze, "--choices", f"@{labels}", "--html", str(labels)], files.root, "--html", "--choices")
+    refused([*analyze, "--system", f"@{system}", "--json", str(system)], files.root, "--json", "--system")
+    refused(files.args("--system", f"@{system}", "--summary", str(system)), files.root, "--summary", "--system")
+
+
 # ---- 3. the input is a snapshot --------------------------------------------------------------------
 class _ChangeInput:
     """A RunObserver that changes the input file when the first row finishes (as another program
