@@ -118,6 +118,21 @@ class GrammarMasks:
             bias = host_bias(bitmask, rows, self.vocab_size)
         return TokenMask(bitmask, rows, bias)
 
+    def must_end(self, seq: Sequence) -> bool:
+        """Whether the constrained sequence's completion is a whole value that nothing can extend: after
+        its tokens the grammar allows only end-of-sequence. Called between steps, when the mask worker
+        is idle (the step's mask was waited for before its tokens were appended)."""
+        follower = self._follow(seq, self._cache(seq))
+        if follower.matcher.is_terminated():
+            return True
+        import xgrammar as xgr
+
+        # not the step buffer: a device copy of this step's mask may still be reading it
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        follower.matcher.fill_next_token_bitmask(bitmask, 0)
+        allowed = (host_bias(bitmask, [0], self.vocab_size)[0] == 0).nonzero().flatten().tolist()
+        return bool(allowed) and set(allowed) <= self.stop_token_ids
+
     def release(self, seq: Sequence) -> None:
         self._followers.pop(seq.seq_id, None)
 

@@ -257,11 +257,19 @@ class LLMEngine:
             reason = "stop"
         elif seq.num_completion_tokens >= seq.max_tokens:
             reason = "length"
+            if params.structured is not None and self.grammar.must_end(seq):
+                # the value is whole: the grammar allows only end-of-sequence next, so the model could
+                # only have ended it; it stopped, it was not cut (its last token is part of the answer)
+                return self._finish(seq, "stop", last_token_shown=True)
         if reason is None:
             return None
+        return self._finish(seq, reason, last_token_shown=reason == "length" or seq.stop_text_end is not None)
+
+    def _finish(self, seq: Sequence, reason: str, last_token_shown: bool) -> GenerationResult:
+        """last_token_shown: the last token is part of the answer's text (not an EOS or stop token)."""
         self.grammar.release(seq)
         self.scheduler.finish(seq)
-        return self._result(seq, reason)
+        return self._result(seq, reason, last_token_shown)
 
     def _nan_scores(self, seq: Sequence) -> GenerationResult:
         """The row ends as an error: its next-token scores were NaN, so no answer can be trusted."""
@@ -279,11 +287,9 @@ class LLMEngine:
         seq.stop_text_end = seq.stop_watch.find(self.tokenizer.decode, seq.token_ids)
         return seq.stop_text_end is not None
 
-    def _result(self, seq: Sequence, reason: str) -> GenerationResult:
+    def _result(self, seq: Sequence, reason: str, last_token_shown: bool) -> GenerationResult:
         ids = seq.completion_token_ids
-        shown = ids
-        if reason == "stop" and seq.stop_text_end is None and ids:
-            shown = ids[:-1]  # the EOS / stop token is not part of the answer
+        shown = ids if last_token_shown else ids[:-1]  # the EOS / stop token is not part of the answer
         text = self.tokenizer.decode(shown)
         if seq.stop_text_end is not None:
             # the watch's index, unless a byte-fallback run it had committed was re-decoded (stop_strings.py)

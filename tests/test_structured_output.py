@@ -131,6 +131,26 @@ def test_value_cut_by_max_tokens_is_an_error_row(job, tmp_path: Path) -> None:
     assert len(errors) == len(rows) and {e["error_type"] for e in errors} == {"incomplete_structured_output"}
 
 
+def test_a_whole_value_that_takes_exactly_max_tokens_is_an_answer(job, tmp_path: Path) -> None:
+    """`--choices ab,cd --max-tokens 2`: the grammar had ended (only end-of-sequence could follow) when the
+    token limit came, so the answer is whole; it was an incomplete_structured_output row (exit 3). A value
+    the grammar could still extend (`012` of `[0-9]{3}|[0-9]{6}`) stays cut."""
+    inp, tpl = job
+    for n, (flag, value, tokens) in enumerate((("--choices", "ab,cd", "2"), ("--regex", "[0-9]{3}", "3"))):
+        out = tmp_path / f"whole{n}.parquet"
+        result = _run(inp, tpl, out, flag, value, "--max-tokens", tokens)
+        assert result.exit_code == 0, result.output
+        rows = read_rows(out)
+        assert all(r["response_finish_reason"] == "stop" and r["response_error"] is None for r in rows), rows[:2]
+        assert all(r["response_completion_tokens"] == int(tokens) for r in rows), rows[:2]
+        assert all(re.fullmatch("ab|cd" if flag == "--choices" else "[0-9]{3}", r["response"]) for r in rows), rows[:2]
+    out = tmp_path / "extendable.parquet"
+    result = _run(inp, tpl, out, "--regex", "[0-9]{3}|[0-9]{6}", "--max-tokens", "3")
+    assert result.exit_code == 3, result.output
+    assert all(r["response_finish_reason"] == "length" and "--max-tokens" in r["response_error"]
+               for r in read_rows(out))
+
+
 def test_schema_cut_leaves_typed_columns_null(job, tmp_path: Path) -> None:
     inp, tpl = job
     out = tmp_path / "out.parquet"
