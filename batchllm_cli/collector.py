@@ -45,6 +45,7 @@ class ResultLike(Protocol):
     error: str | None
     refused: bool  # an error row the engine refused before computing any of it
     prefix_hit_tokens: int  # of its prompt tokens, those reused instead of computed
+    stop_string: str | None  # the --stop string that ended the answer
 
     @property
     def completion_tokens(self) -> int: ...
@@ -137,7 +138,7 @@ class ResultCollector:
             error = result.error or "the engine could not run this row"
             self._append((row_id, None, "error", result.prompt_tokens, completion, error, "engine_error", truncated))
         elif self.constraint is not None and (
-            (incomplete := answer_error(self.constraint, result.text, result.finish_reason)) is not None
+            (incomplete := answer_error(self.constraint, result.text, result.finish_reason, result.stop_string)) is not None
         ):
             # the partial answer stays in the text column; typed columns get nothing from an error row
             row = (row_id, result.text, result.finish_reason, result.prompt_tokens, completion, incomplete, INCOMPLETE)

@@ -166,8 +166,6 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
         fields = typed_fields(constraint)
         typed_column_names(settings.column, fields, columns.names, source.column_names)
         params = sampling_params_of(settings, template, constraint)
-        if constraint is not None and (params.stop or params.stop_token_ids):  # a stop may cut an answer short
-            constraint = dataclasses.replace(constraint, stop_strings=True)
         model_dir, demo = resolve_model(settings.model, observer)
         check_model_files(model_dir, settings.device)
         context = model_context_length(model_dir)

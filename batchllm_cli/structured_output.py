@@ -41,8 +41,6 @@ class Constraint:
     value: str  # the engine's form: the labels as a JSON array, the pattern, or the schema text
     labels: tuple[str, ...] = ()
     schema: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    # --stop strings were given: an answer that stopped may have been cut short of a whole value
-    stop_strings: bool = field(default=False, compare=False)
 
     def fingerprint(self) -> dict[str, str]:
         return {"kind": self.kind, "value": self.value}
@@ -193,27 +191,32 @@ def typed_column_names(
     return names
 
 
-def answer_error(constraint: Constraint, text: str, finish_reason: str) -> str | None:
+def answer_error(constraint: Constraint, text: str, finish_reason: str, stop_string: str | None = None) -> str | None:
     """Why an answer is not a whole value (None when it is). The grammar guarantees validity of
-    every finished answer; what it cannot prevent is an answer cut by the token limit (or a stop
-    string), so that is what is checked here."""
+    every finished answer; what it cannot prevent is an answer cut by the token limit or by a stop
+    string (`stop_string`, the one that ended it), so that is what is checked here."""
     if finish_reason == "length":
         return (
             "The answer was cut by --max-tokens before its structured value was complete; raise --max-tokens."
         )
+    if stop_string is not None:
+        # Everything the model writes before end-of-sequence is the value, so a stop string found in it
+        # always cuts it: even a text that is itself a whole value (`no` of `nope`) is not the answer.
+        return (f"The --stop string {stop_string!r} cut the answer inside its structured value (the model went on "
+                f"after {text[:60]!r}); drop that --stop string.")
     if constraint.kind == "choices" and text not in constraint.labels:
-        return f"The answer {text[:60]!r} is not one of the choices (was it cut by a stop string?)."
-    if constraint.kind != "choices" and ((constraint.stop_strings and finish_reason == "stop") or "\ufffd" in text):
+        return f"The answer {text[:60]!r} is not one of the choices."
+    if constraint.kind != "choices" and "\ufffd" in text:
         from engine import answer_matches
 
         if not answer_matches(constraint.to_engine(), text):
-            return (f"The answer {text[:60]!r} is not a whole value of the constraint (cut by a stop string, or "
-                    "holding bytes that are not valid UTF-8).")
+            return (f"The answer {text[:60]!r} is not a whole value of the constraint: the model wrote bytes that "
+                    "are not valid UTF-8.")
     if constraint.kind == "json_schema":
         try:
             value = json.loads(text)  # strict, as the grammar: no raw control characters in strings
         except ValueError:
-            return "The answer is not complete JSON (was it cut by a stop string?)."
+            return "The answer is not complete JSON."
         big = _integer_beyond_int64(value)
         if big is not None:  # its typed column is a 64-bit integer (BIGINT): it cannot hold the value
             return (f"The answer holds the integer {str(big)[:40]}, beyond the 64-bit range of its typed column; "

@@ -24,7 +24,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import Sequence
 from engine.shared_prefix import SharedPrefixState
-from engine.stop_strings import first_stop
+from engine.stop_strings import first_stop, stop_string_at
 from engine.tokenizer import Tokenizer
 
 Request = tuple[Hashable, Seq[int], SamplingParams]
@@ -291,15 +291,19 @@ class LLMEngine:
         ids = seq.completion_token_ids
         shown = ids if last_token_shown else ids[:-1]  # the EOS / stop token is not part of the answer
         text = self.tokenizer.decode(shown)
+        stop_string = None
         if seq.stop_text_end is not None:
             # the watch's index, unless a byte-fallback run it had committed was re-decoded (stop_strings.py)
             cut = first_stop(text, seq.params.stop)
-            text = text[: seq.stop_text_end if cut is None else cut]
+            end = seq.stop_text_end if cut is None else cut
+            stop_string = stop_string_at(text, end, seq.params.stop)
+            text = text[:end]
         self._finished += 1
         self._prompt_tokens += seq.num_prompt_tokens
         self._completion_tokens += len(ids)
         return GenerationResult(seq.key, text, tuple(ids), reason, seq.num_prompt_tokens,  # type: ignore[arg-type]
-                                prefix_hit_tokens=seq.prefix_hit_tokens)
+                                prefix_hit_tokens=seq.prefix_hit_tokens,
+                                stop_string=stop_string)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[GenerationResult]:
         """Runs all requests, pulling them lazily so a long stream is never held at once; yields

@@ -22,6 +22,9 @@ class GenerationResult:
     # Prompt tokens of this row reused instead of computed (a shared prefix, cached blocks), as its last
     # admission found them.
     prefix_hit_tokens: int = 0
+    # The stop string that ended the answer (finish_reason "stop"; `text` ends where it starts), or None.
+    # Inside a structured value it cuts the value: what is left is not the model's answer.
+    stop_string: str | None = None
 
     @property
     def completion_tokens(self) -> int:

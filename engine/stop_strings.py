@@ -31,6 +31,17 @@ def first_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def stop_string_at(text: str, index: int, stops: Sequence[str]) -> str:
+    """The stop string that starts at `index` of `text` (the longest, when several do). Where a
+    byte-fallback re-decode turned it into U+FFFDs (see above) none does: then the earliest in `text`,
+    else the first stop string, so a cut answer always names a stop string."""
+    at = [s for s in stops if s and text.startswith(s, index)]
+    if at:
+        return max(at, key=len)
+    found = sorted((text.find(s), s) for s in stops if s and s in text)
+    return found[0][1] if found else next(s for s in stops if s)
+
+
 class StopStringWatch:
     """Where the earliest stop string starts in one sequence's decoded completion, token by token.
 

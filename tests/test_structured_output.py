@@ -13,7 +13,7 @@ import pytest
 
 import cli_process
 
-from batchllm_cli.structured_output import schema_constraint, typed_columns, typed_fields
+from batchllm_cli.structured_output import choices_constraint, schema_constraint, typed_columns, typed_fields
 from reliability_utils import flat, invoke, read_jsonl, read_rows, write_rows_csv, write_template
 
 # Enough tokens for whole values on the byte-level demo model; no chat template, a roomy step.
@@ -318,18 +318,36 @@ def test_a_regex_answer_cut_by_a_stop_string_is_a_row_error(job, tmp_path: Path)
     result = _run(inp, tpl, out, "--regex", r"[A-Z]{2}-[0-9]", "--max-tokens", "8", "--stop", "-")
     assert result.exit_code == 3, result.output
     rows = read_rows(out)
-    assert rows and all(r["response_error"] and "not a whole value" in r["response_error"] for r in rows), rows[:2]
+    assert rows and all(r["response_error"] and "--stop string '-'" in r["response_error"] for r in rows), rows[:2]
+
+
+def test_a_stop_string_that_leaves_a_shorter_valid_value_is_a_row_error(job, tmp_path: Path) -> None:
+    """`--choices no,nope --stop pe` stored `no` where the model said `nope`, and `--regex
+    '[0-9]{3}|[0-9]{6}' --stop 3` stored 012 of 012318, with exit 0: the text left before the stop string
+    was itself a whole value. Every stop string found inside a constrained answer cuts it."""
+    inp, tpl = job
+    for n, (flag, value, stop, whole) in enumerate((("--choices", "no,nope", "pe", "no|nope"),
+                                                     ("--regex", "[0-9]{3}|[0-9]{6}", "3", "[0-9]{3}|[0-9]{6}"))):
+        out = tmp_path / f"cut{n}.jsonl"
+        result = _run(inp, tpl, out, flag, value, "--stop", stop, "--max-tokens", "8")
+        assert result.exit_code == 3, result.output
+        rows = read_rows(out)
+        cut = [r for r in rows if r["response_error"] is not None]
+        assert cut, rows  # the demo model writes the stop string in some rows
+        for row in cut:
+            assert f"--stop string {stop!r}" in row["response_error"], row
+        for row in rows:  # a row left as an answer is the model's whole value: it ended at end-of-sequence
+            if row["response_error"] is None:
+                assert re.fullmatch(whole, row["response"]) and stop not in row["response"], row
+                assert row["response_completion_tokens"] == len(row["response"]) + 1, row  # byte tokens + EOS
 
 
 def test_answers_are_checked_as_whole_values_when_they_may_be_cut_or_hold_invalid_bytes() -> None:
     from batchllm_cli.structured_output import Constraint, answer_error
 
     regex = Constraint("regex", "[A-Z]{2}-[0-9]")
-    cut = Constraint("regex", "[A-Z]{2}-[0-9]", stop_strings=True)
-    assert answer_error(regex, "SH", "stop") is None  # no stop strings: decoding guarantees a whole value
-    assert answer_error(cut, "SH", "stop") is not None and answer_error(cut, "SH-1", "stop") is None
-    bounded = schema_constraint({"type": "integer", "minimum": 100000, "maximum": 199999})
-    bounded = Constraint(bounded.kind, bounded.value, schema=bounded.schema, stop_strings=True)
-    assert answer_error(bounded, "1", "stop") is not None and answer_error(bounded, "113913", "stop") is None
+    assert answer_error(regex, "SH", "stop") is None  # no stop string: decoding guarantees a whole value
+    assert answer_error(regex, "SH", "stop", stop_string="-") is not None
+    assert answer_error(choices_constraint(["no", "nope"]), "no", "stop", stop_string="pe") is not None
     four = Constraint("regex", ".{4}")  # decoded bytes that were not UTF-8: 6 characters, not 4
     assert answer_error(four, "G\ufffd\ufffd\ufffd g", "stop") is not None and answer_error(four, "abcd", "stop") is None
