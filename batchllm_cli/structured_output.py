@@ -116,8 +116,39 @@ def resolve_constraint(
 
 
 # -- typed columns ----------------------------------------------------------------------------------
-def _arrow_type(schema: Any) -> pa.DataType | None:
-    """The Arrow type of a property's values; None when it has no single type (kept as JSON text)."""
+def _resolve(schema: Any, root: dict[str, Any], seen: frozenset[str]) -> tuple[Any, frozenset[str]]:
+    """`schema` with a local `$ref` (`#/$defs/Name`, as pydantic writes enums and nested models)
+    followed, and an `anyOf`/`oneOf` of one schema plus `{"type": "null"}` (pydantic's Optional) read as
+    that schema; anything else as it is. A `$ref` that is not local, not found, or already in `seen` (the
+    refs followed on the way here: a recursive model has no Arrow type) is None. Returns the schema and
+    `seen` with the refs followed."""
+    while isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str):
+            if not ref.startswith("#") or ref in seen:
+                return None, seen
+            seen = seen | {ref}
+            target: Any = root
+            for part in ref[1:].split("/")[1:]:
+                key = part.replace("~1", "/").replace("~0", "~")
+                target = target.get(key) if isinstance(target, dict) else None
+            schema = target
+            continue
+        options = schema.get("anyOf", schema.get("oneOf"))
+        if isinstance(options, list):
+            kept = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
+            if len(kept) != 1:
+                return schema, seen
+            schema = kept[0]
+            continue
+        return schema, seen
+    return schema, seen
+
+
+def _arrow_type(schema: Any, root: dict[str, Any], seen: frozenset[str] = frozenset()) -> pa.DataType | None:
+    """The Arrow type of a property's values; None when it has no single type (kept as JSON text).
+    `root`: the whole schema, where local `$ref`s point."""
+    schema, seen = _resolve(schema, root, seen)
     if not isinstance(schema, dict):
         return None
     kind = schema.get("type")
@@ -133,13 +164,13 @@ def _arrow_type(schema: Any) -> pa.DataType | None:
     if kind in _SCALARS:
         return _SCALARS[kind]
     if kind == "array":
-        item = _arrow_type(schema.get("items"))
+        item = _arrow_type(schema.get("items"), root, seen)
         return pa.list_(item) if item is not None else None
     if kind == "object":
         props = schema.get("properties")
         if not isinstance(props, dict) or not props:
             return None
-        fields = [(name, _arrow_type(sub)) for name, sub in props.items()]
+        fields = [(name, _arrow_type(sub, root, seen)) for name, sub in props.items()]
         if any(t is None for _, t in fields):
             return None
         return pa.struct([pa.field(name, t) for name, t in fields])  # type: ignore[arg-type]
@@ -162,7 +193,7 @@ def typed_fields(constraint: Constraint | None) -> list[TypedField]:
         return []
     out = []
     for name, sub in props.items():
-        t = _arrow_type(sub)
+        t = _arrow_type(sub, constraint.schema)
         out.append(TypedField(name, t, False) if t is not None else TypedField(name, pa.string(), True))
     return out
 

@@ -275,6 +275,34 @@ def test_properties_without_one_type_are_kept_as_json_text() -> None:
     assert typed_columns(answers, fields, nested_as_json=True)[4].to_pylist() == ['["x"]', None]
 
 
+def test_pydantic_refs_and_optionals_get_typed_columns(job, tmp_path: Path) -> None:
+    """pydantic writes an enum or nested model as a `$ref` into `$defs` and Optional[T] as anyOf [T, null]:
+    they were JSON-text columns ('"good"' with its quotes, '94' as text) instead of VARCHAR and BIGINT."""
+    inp, tpl = job
+    schema = {"type": "object", "$defs": {"lab": {"type": "string", "enum": ["good", "bad"]},
+                                          "who": {"type": "object", "properties": {"n": {"$ref": "#/$defs/digit"}},
+                                                  "required": ["n"], "additionalProperties": False},
+                                          "digit": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "properties": {"label": {"$ref": "#/$defs/lab"},
+                             "age": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, {"type": "null"}]},
+                             "who": {"anyOf": [{"$ref": "#/$defs/who"}, {"type": "null"}]}},
+              "required": ["label", "age", "who"], "additionalProperties": False}
+    out = tmp_path / "out.parquet"
+    result = _run(inp, tpl, out, "--json-schema", str(_schema_file(tmp_path, schema)), "--max-tokens", "40")
+    assert result.exit_code in (0, 3), result.output
+    types = pq.read_schema(out)
+    assert types.field("response_label").type == pa.string() and types.field("response_age").type == pa.int64()
+    assert types.field("response_who").type == pa.struct([pa.field("n", pa.int64())])
+    ok = [r for r in read_rows(out) if r["response_error"] is None]
+    assert ok, result.output
+    for row in ok:
+        obj = json.loads(row["response"])
+        assert (row["response_label"], row["response_age"], row["response_who"]) == (obj["label"], obj["age"], obj["who"])
+    recursive = {"type": "object", "$defs": {"node": {"type": "object", "properties": {"kids": {
+        "type": "array", "items": {"$ref": "#/$defs/node"}}}}}, "properties": {"tree": {"$ref": "#/$defs/node"}}}
+    assert [(f.type, f.json_text) for f in typed_fields(schema_constraint(recursive))] == [(pa.string(), True)]
+
+
 @pytest.mark.parametrize("flag", ["--json-schema", "--choices"])
 def test_a_written_file_that_is_the_constraint_file_is_refused(job, tmp_path: Path, flag: str) -> None:
     inp, tpl = job
