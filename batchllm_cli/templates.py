@@ -92,11 +92,44 @@ def resolve_template(arg: str) -> TemplateSource:
     return TemplateSource(name=f"recipe:{recipe.name}", text=recipe.text, recipe=recipe)
 
 
+def _bytes_text(value: bytes) -> str:
+    # A binary cell prints as its UTF-8 text, bytes that are not UTF-8 as \xHH: never Python's b'...'.
+    return value.decode("utf-8", errors="backslashreplace")
+
+
+def _json_ready(value: Any) -> Any:
+    """`value` with what JSON has no literal for replaced: NaN as null (a NaN cell is a null, as printed
+    alone), infinities as the strings "Infinity" / "-Infinity" (as JSON output writes them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    # Values JSON has no type for (decimals, dates, times, durations, UUIDs, binary) as the text a
+    # template prints for them alone.
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _bytes_text(bytes(value))
+    return str(value)
+
+
+def _json_dumps(value: Any, **kwargs: Any) -> str:
+    """json.dumps with the prompt value policy: `{{ row }}`, list/struct/map cells and `| tojson` all
+    write valid JSON, whatever the cells hold."""
+    return json.dumps(_json_ready(value), default=_json_default, allow_nan=False, **kwargs)
+
+
 def _as_text(value: Any) -> Any:
     # A list, struct or map column (or a nested value) prints as JSON, the form models read best,
     # never as Python's repr (single quotes, None, True).
     if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, ensure_ascii=False, default=str)
+        return _json_dumps(value, ensure_ascii=False)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _bytes_text(bytes(value))
     return value
 
 
@@ -174,9 +207,11 @@ def _make_environment(nulls: str = "error") -> jinja2.Environment:
     # Prompts are plain text: no HTML autoescaping. StrictUndefined turns a missing key (e.g. a
     # field of a struct column absent in one row) into a per-row error instead of a silent blank.
     finalize = _finalize_empty if nulls == "empty" else _finalize_error
-    return _PromptEnvironment(
+    env = _PromptEnvironment(
         undefined=jinja2.StrictUndefined, autoescape=False, finalize=finalize, keep_trailing_newline=False
     )
+    env.policies["json.dumps_function"] = _json_dumps  # `| tojson` writes cells as `{{ row }}` does
+    return env
 
 
 def _value_names(ast: nodes.Template) -> set[str]:

@@ -254,3 +254,28 @@ def test_truncate_column_fits_tightly_with_merging_tokenizers(tmp_path: Path, de
                 kept = item.text.split("Read the document.\n", 1)[1].rsplit("\nAnswer: question", 1)[0]
                 assert cell.startswith(kept)
                 assert item.truncated == (kept != cell)
+
+
+def test_row_and_tojson_write_valid_json_for_every_parquet_value(tmp_path: Path, env: dict, no_model: None) -> None:
+    """`{{ row | tojson }}` failed every row on a decimal, date, timestamp or binary cell ("Object of type
+    Decimal is not JSON serializable", exit 3); `{{ row }}` wrote a NaN cell as bare NaN (not JSON) and
+    binary as Python's b'...'. Both now write the text `{{ cell }}` prints, NaN as null."""
+    import decimal
+
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({
+        "price": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)),
+        "day": pa.array([datetime.date(2024, 1, 2)]),
+        "ts": pa.array([datetime.datetime(2024, 1, 2, 3, 4, 5)], pa.timestamp("ms", tz="America/New_York")),
+        "blob": pa.array([b"ab\xff"], pa.binary()),
+        "score": pa.array([float("nan")]),
+        "xs": pa.array([[1.5, float("nan")]]),
+    }), inp)
+    tpl = write_template(tmp_path / "t.j2", "{{ row }}\n{{ row | tojson }}\n{{ day | tojson }}\n{{ blob }}")
+    [row] = render_json(str(inp), "-t", str(tpl), "--no-chat")
+    whole, as_tojson, day, blob = row["prompt"].split("\n")
+    expected = {"price": "1.50", "day": "2024-01-02", "ts": "2024-01-01 22:04:05-05:00", "blob": "ab\\xff",
+                "score": None, "xs": [1.5, None]}
+    assert json.loads(whole) == expected and json.loads(as_tojson) == expected, row["prompt"]
+    assert list(json.loads(whole)) == list(expected)  # `{{ row }}` keeps the columns' order
+    assert (day, blob) == ('"2024-01-02"', "ab\\xff")
