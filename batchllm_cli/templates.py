@@ -292,6 +292,11 @@ class PromptTemplate:
             raise UsageError(
                 f"Template {source.name} has a syntax error on line {exc.lineno}: {exc.message}"
             ) from exc
+        # There is no template loader (a template is one file): another template would fail every row.
+        for node in ast.find_all((nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
+            tag = {nodes.Include: "include", nodes.Extends: "extends"}.get(type(node), "import")
+            raise UsageError(f"Template {source.name} uses {{% {tag} %}} on line {node.lineno}, but a template is "
+                             "one file; copy the other template's text into it instead.")
         variables = meta.find_undeclared_variables(ast)
         optional = _optional_names(ast) & variables
         self.required_variables: frozenset[str] = frozenset(variables - optional)

@@ -68,6 +68,19 @@ def test_syntax_error_is_usage_error() -> None:
         template("{{ a ")
 
 
+@pytest.mark.parametrize(("text", "tag"), [
+    ('{% include "header.j2" %}{{ a }}', "include"),
+    ('{% extends "base.j2" %}', "extends"),
+    ('{% import "macros.j2" as m %}{{ a }}', "import"),
+    ('\n{% from "macros.j2" import box %}{{ a }}', "import"),
+])
+def test_include_extends_and_import_are_refused_before_any_row(text: str, tag: str) -> None:
+    # There is no loader: these failed every row ("no loader for this environment specified", exit 3)
+    # after the model loaded.
+    with pytest.raises(UsageError, match=f"uses {{% {tag} %}} on line \\d.*one file"):
+        template(text)
+
+
 def test_file_wins_over_recipe_and_unknown_names_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("classify").write_text("mine: {{ text }}", encoding="utf-8")
