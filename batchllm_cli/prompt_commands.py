@@ -12,7 +12,7 @@ import typer
 from rich.text import Text
 
 from batchllm_cli.command_common import fail, prompt_options_of
-from batchllm_cli.errors import BatchLLMError, Interrupted
+from batchllm_cli.errors import BatchLLMError, Interrupted, UsageError
 from batchllm_cli.file_safety import JobPath, check_job_paths, files_read, input_reads
 from batchllm_cli.input_options import ColumnsOpt, EncodingOpt, InputFormatOpt, InputGlobOpt, WhereOpt, input_options
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard
@@ -170,6 +170,9 @@ def analyze_command(
 def _check_report_paths(settings: Any, json_out: str | None, html_out: Path | None) -> None:
     """analyze's report files must not overwrite a file it reads (files_read, as `run` checks them) or
     each other."""
+    if json_out == "-" and html_out is not None and str(html_out) == "-":
+        raise UsageError("--json - and --html - would both write to stdout, mixing the two reports; send one of "
+                         "them to a file.")
     stdin = STDIN in input_args(settings.input)
     reads = [] if stdin else input_reads(resolve_input(settings.input, settings.reading, None))
     reads += files_read(settings, (settings.model, settings.tokenizer))

@@ -230,6 +230,9 @@ def test_analyze_report_path_that_is_the_input_is_refused(files: Files, no_model
             "--json", "the input file")
     refused(["analyze", str(files.inp), "-t", str(files.tpl), "--json", str(files.root / "r.html"),
              "--html", str(files.root / "r.html")], files.root, "--json", "--html")
+    # both on stdout: the two reports came out mixed, as invalid JSON, with exit 0
+    refused(["analyze", str(files.inp), "-t", str(files.tpl), "--json", "-", "--html", "-"], files.root,
+            "--json -", "--html -", "stdout")
 
 
 def test_a_report_or_summary_onto_a_file_a_flag_reads_is_refused(files: Files, no_model: None) -> None:
