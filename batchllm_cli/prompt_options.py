@@ -75,7 +75,7 @@ def read_system(arg: str | None) -> str | None:
         return arg
     path = Path(arg[1:])
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--system {arg}: cannot read {path}: {exc}") from exc
 

@@ -55,7 +55,7 @@ def _read_choices(arg: str) -> tuple[str, ...]:
     if arg.startswith("@"):
         path = Path(arg[1:])
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"--choices {arg}: cannot read {path}: {exc}") from exc
         labels = [line.strip() for line in lines]
@@ -69,7 +69,7 @@ def _read_choices(arg: str) -> tuple[str, ...]:
 
 def _read_schema(path: Path) -> dict[str, Any]:
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        schema = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError as exc:
         raise UsageError(f"--json-schema: cannot read {path}: {exc}") from exc
     except ValueError as exc:  # bad JSON or UTF-8, or an integer past Python's digit limit

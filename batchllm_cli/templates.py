@@ -79,7 +79,8 @@ def resolve_template(arg: str) -> TemplateSource:
     path = Path(arg)
     if path.is_file():
         try:
-            return TemplateSource(name=str(path), text=path.read_text(encoding="utf-8"))
+            # utf-8-sig: a byte order mark (Windows editors write one) is not text of the prompt
+            return TemplateSource(name=str(path), text=path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"Cannot read template {path}: {exc}") from exc
     try:

@@ -279,3 +279,25 @@ def test_row_and_tojson_write_valid_json_for_every_parquet_value(tmp_path: Path,
     assert json.loads(whole) == expected and json.loads(as_tojson) == expected, row["prompt"]
     assert list(json.loads(whole)) == list(expected)  # `{{ row }}` keeps the columns' order
     assert (day, blob) == ('"2024-01-02"', "ab\\xff")
+
+
+def test_a_byte_order_mark_is_not_part_of_a_label_prompt_or_system_turn(tmp_path: Path, env: dict) -> None:
+    """Files saved by Windows editors start with a UTF-8 byte order mark: it became part of the first
+    --choices label and went into the prompt from a template or --system @FILE."""
+    from batchllm_cli.structured_output import ConstraintFlags, resolve_constraint
+
+    bom = "\ufeff"
+    labels = tmp_path / "labels.txt"
+    labels.write_text(bom + "yes\nno\n", encoding="utf-8")
+    schema = tmp_path / "schema.json"
+    schema.write_text(bom + '{"type": "string"}', encoding="utf-8")
+    assert resolve_constraint(ConstraintFlags(choices=f"@{labels}")).labels == ("yes", "no")
+    assert resolve_constraint(ConstraintFlags(json_schema=schema)).schema == {"type": "string"}
+    inp = write_csv(tmp_path / "in.csv", ["text"], [["hello"]])
+    tpl = write_template(tmp_path / "t.j2", bom + "Say: {{ text }}")
+    system = tmp_path / "system.txt"
+    system.write_text(bom + "Be brief.", encoding="utf-8")
+    [plain] = render_json(str(inp), "-t", str(tpl), "--no-chat")
+    assert plain["prompt"] == "Say: hello"
+    [chat] = render_json(str(inp), "-t", str(tpl), "--system", f"@{system}")
+    assert bom not in chat["prompt"] and "Be brief." in chat["prompt"], chat["prompt"]
