@@ -40,6 +40,7 @@ from batchllm_cli.analyze_types import (
     RowError,
     TopPrefix,
 )
+from batchllm_cli.collector import OutputColumns
 from batchllm_cli.column_names import check_column_names
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import (
@@ -54,7 +55,12 @@ from batchllm_cli.model_setup import (
 from batchllm_cli.plain_paths import private_dir, temp_writes
 from batchllm_cli.prompt_options import check_prompt_columns, load_template
 from batchllm_cli.prompts import TRUNCATE_SIDES, FailedRow, PromptEncoder, fit_packed
-from batchllm_cli.structured_output import ConstraintFlags, check_constraint_compiles, resolve_constraint
+from batchllm_cli.structured_output import (
+    ConstraintFlags,
+    check_constraint_compiles,
+    checked_typed_fields,
+    resolve_constraint,
+)
 from batchllm_cli.table_io import TableSource
 from batchllm_cli.templates import NULL_POLICIES
 from batchllm_cli.token_spool import (
@@ -156,6 +162,8 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
             ConstraintFlags(settings.choices, settings.regex, settings.json_schema), recipe,
             template.given_variables(source.column_names),
         )
+        answer_columns = OutputColumns()  # `run`'s default --column: its typed columns must not clash either
+        checked_typed_fields(constraint, answer_columns.prefix, answer_columns.names, source.column_names)
         max_tokens = settings.max_tokens or (recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS)
         total_rows = source.validate()  # a malformed file fails here, naming the line
         if settings.id_column is not None:

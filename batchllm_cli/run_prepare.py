@@ -47,9 +47,8 @@ from batchllm_cli.prompts import TRUNCATE_SIDES
 from batchllm_cli.structured_output import (
     ConstraintFlags,
     check_constraint_compiles,
+    checked_typed_fields,
     resolve_constraint,
-    typed_column_names,
-    typed_fields,
 )
 from batchllm_cli.table_io import TableSource, check_output_path
 from batchllm_cli.templates import NULL_POLICIES
@@ -163,8 +162,7 @@ def prepare_run(settings: RunSettings, observer: RunObserver | None = None) -> P
             template.source.recipe,
             template.given_variables(source.column_names),
         )
-        fields = typed_fields(constraint)
-        typed_column_names(settings.column, fields, columns.names, source.column_names)
+        fields = checked_typed_fields(constraint, settings.column, columns.names, source.column_names)
         params = sampling_params_of(settings, template, constraint)
         model_dir, demo = resolve_model(settings.model, observer)
         check_model_files(model_dir, settings.device)

@@ -215,11 +215,21 @@ def typed_column_names(
         if duckdb_key(name) in taken:
             raise UsageError(
                 f"The JSON schema's property {f.name!r} would become column {name!r}, which clashes with the "
-                f"{taken[duckdb_key(name)]}; pick another --column or rename the property."
+                f"{taken[duckdb_key(name)]}; rename the property, or give `run` another --column."
             )
         taken[duckdb_key(name)] = f"column of property {f.name!r}"
         names.append(name)
     return names
+
+
+def checked_typed_fields(
+    constraint: Constraint | None, column_prefix: str, output_columns: Sequence[str], input_columns: Sequence[str]
+) -> list[TypedField]:
+    """The constraint's typed fields, their column names checked (typed_column_names): the one check run and
+    analyze both make, so analyze refuses a schema run would refuse."""
+    fields = typed_fields(constraint)
+    typed_column_names(column_prefix, fields, output_columns, input_columns)
+    return fields
 
 
 def answer_error(constraint: Constraint, text: str, finish_reason: str, stop_string: str | None = None) -> str | None:

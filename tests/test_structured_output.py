@@ -202,6 +202,7 @@ def test_chat_template_constrains_only_the_answer(job, tmp_path: Path) -> None:
         ([], '{"type": "object", "properties": {"a": {"$ref": "#/nope"}}}', "The JSON schema cannot be compiled"),
         ([], "[1, 2", "is not valid JSON"),
         ([], '{"properties": {"error": {"type": "string"}}}', "clashes with the output column"),
+        ([], '{"properties": {"Error": {"type": "string"}}}', "'response_Error', which clashes with the output column"),
         (["--column", "r"], '{"properties": {"TEXT": {"type": "string"}}}', "clashes with the input column"),
         ([], '{"properties": {"x\\u0000y": {"type": "integer"}}}', "holds a NUL character, which a column name cannot keep"),
         ([], '{"properties": {"n": {"type": "integer", "maximum": 1' + "0" * 5000 + '}}}', "is not valid JSON"),
@@ -223,6 +224,10 @@ def test_bad_constraint_fails_before_the_model_loads(
     errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and expect in errors[0], result.stderr
     assert not out.exists()
+    if "--column" not in extra:  # analyze refuses what run (with its default --column) refuses
+        analyzed = invoke(["analyze", str(inp), "-t", str(tpl), "--no-chat", *extra])
+        assert analyzed.exit_code == 2, analyzed.output
+        assert [line for line in analyzed.stderr.splitlines() if line.startswith("error: ")] == errors[:1]
 
 
 def test_changed_constraint_on_resume_is_refused(job, tmp_path: Path, env: dict[str, str]) -> None:
