@@ -383,7 +383,10 @@ class PromptTemplate:
             whole = row.get(ROW_VARIABLE) if isinstance(row.get(ROW_VARIABLE), Mapping) else {}
             names = sorted({self.variables.get(k, k) for k in self.required_variables if _is_null(row.get(k, 0))}
                            | {k for k in self._row_keys or () if _is_null(whole.get(k, 0))})
-            where = f"column {', '.join(names)} is null" if names else "a null value"
+            if len(names) > 1:
+                where = f"columns {', '.join(names[:-1])} and {names[-1]} are null"
+            else:
+                where = f"column {names[0]} is null" if names else "a null value"
             raise RowRenderError(
                 f"null value: {where} in this row; fix the input, or pass --nulls empty to render nulls "
                 "as empty text.",

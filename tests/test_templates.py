@@ -53,6 +53,11 @@ def test_render_strict_and_nulls() -> None:
     with pytest.raises(RowRenderError, match="template error") as info:
         t.render({"a": 1, "b": {}})  # missing key in a struct: StrictUndefined
     assert info.value.kind == "template_error"
+    several = template("{{ meta }} {{ ok }} {{ x }}")  # was "column meta, ok is null"
+    with pytest.raises(RowRenderError, match="null value: columns meta and ok are null in this row"):
+        several.render({"meta": None, "ok": None, "x": 1})
+    with pytest.raises(RowRenderError, match="null value: columns meta, ok and x are null in this row"):
+        several.render({"meta": None, "ok": float("nan"), "x": None})
 
 
 def test_null_in_optional_variable_takes_the_default() -> None:
