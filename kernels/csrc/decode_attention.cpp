@@ -23,6 +23,8 @@ typedef uint16_t bf16_t;
 constexpr int CHUNK = 64;
 constexpr int TILE_QUERIES = 256;
 constexpr float MASKED = -1.0e30f;
+constexpr int LANES = 16;
+typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const bf16_t* p, int64_t i) {
@@ -48,7 +50,7 @@ struct Shape {
 // The online-softmax state of n query vectors (each a query head of one row).
 struct State {
   int n = 0, head_dim = 0;
-  std::vector<float> q, acc, max, sum, scores, kv;  // kv: one token's keys or values, float32
+  std::vector<float> q, acc, max, sum, scores, kv, values;  // kv: one token's keys; values: one chunk's
   std::vector<int> kv_head;        // [n] the KV head each query reads
   std::vector<int64_t> visible;    // [n] first key position each query sees
   void reset(int n_, int d) {
@@ -68,6 +70,7 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
   const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
   std::vector<float>& kv = st.kv;
   kv.resize(static_cast<size_t>(token_stride));
+  st.values.resize(static_cast<size_t>(token_stride) * CHUNK);
   for (int64_t pos = begin; pos < end;) {
     const int64_t block = table[pos / BS - table_start];
     const int offset = static_cast<int>(pos % BS);
@@ -107,16 +110,31 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
         for (int d = 0; d < D; ++d) aj[d] *= rescale;
       }
     }
-    for (int t = 0; t < n; ++t) {
-      const T* row = vb + t * token_stride;
+    // the chunk's values in float32, then each query's output accumulated in registers, LANES dims at a
+    // time, over the chunk's tokens (one load per value, none of the output, per token)
+    float* values = st.values.data();
+    const int64_t count = n * token_stride;  // the chunk's tokens are consecutive slots of one block
 #pragma omp simd
-      for (int64_t i = 0; i < token_stride; ++i) kv[i] = load(row, i);
-      for (int j = first; j < last; ++j) {
-        const float p = st.scores[static_cast<size_t>(j) * CHUNK + t];
-        float* aj = &st.acc[static_cast<size_t>(j) * D];
-        const float* vj = &kv[static_cast<size_t>(st.kv_head[j]) * D];
-#pragma omp simd
-        for (int d = 0; d < D; ++d) aj[d] += p * vj[d];
+    for (int64_t i = 0; i < count; ++i) values[i] = load(vb, i);
+    for (int j = first; j < last; ++j) {
+      const float* sj = &st.scores[static_cast<size_t>(j) * CHUNK];
+      float* aj = &st.acc[static_cast<size_t>(j) * D];
+      const float* vj = values + static_cast<int64_t>(st.kv_head[j]) * D;
+      int d0 = 0;
+      for (; d0 + LANES <= D; d0 += LANES) {
+        Lanes a;
+        std::memcpy(&a, aj + d0, sizeof a);
+        for (int t = 0; t < n; ++t) {
+          Lanes v;
+          std::memcpy(&v, vj + t * token_stride + d0, sizeof v);
+          a += sj[t] * v;
+        }
+        std::memcpy(aj + d0, &a, sizeof a);
+      }
+      for (; d0 < D; ++d0) {
+        float a = aj[d0];
+        for (int t = 0; t < n; ++t) a += sj[t] * vj[t * token_stride + d0];
+        aj[d0] = a;
       }
     }
     pos += n;
