@@ -70,6 +70,7 @@ def execute_run(
             t0 = time.perf_counter()
             tracker.engine = _load_engine(prepared, prepared.engine_config, sink)
             tracker.load_s = time.perf_counter() - t0
+            _note_decode_attention(tracker.engine, observer)
     except BaseException as exc:
         if feed is not None:
             feed.close()
@@ -169,6 +170,14 @@ def interrupted_by_signal(guard: SignalGuard, exc: BaseException, what: str) -> 
     """The Interrupted outcome of a stop by signal (or by JobInterrupted raised in a worker), naming what was kept."""
     stop = exc if isinstance(exc, JobInterrupted) else JobInterrupted(guard.pending or signal.SIGINT)
     return Interrupted(f"Interrupted by {stop}: {what}", stop.exit_code)
+
+
+def _note_decode_attention(engine: Any, observer: RunObserver) -> None:
+    """A note when the compiled CPU decode attention could not serve (no compiler, a build that
+    failed): the run is right but slower, which otherwise only the summary's model part would say."""
+    path = getattr(engine.model_info, "decode_attention", "")
+    if path.startswith("torch (") and "turned off by" not in path and "has no compiled" not in path:
+        observer.notice(f"Decode attention runs as PyTorch ops, slower than the compiled CPU kernel: {path[7:-1]}.")
 
 
 def _load_engine(prepared: PreparedRun, config: EngineConfig | None, sink: ShardSink) -> Any:

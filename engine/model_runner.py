@@ -26,7 +26,7 @@ from engine.start_checks import (
 from engine.step_context import StepContext
 from engine.threads import apply_thread_count
 from kernels.attention_backend import select_backend
-from kernels.cpu_decode import NATIVE_DTYPES, native_decode_problem
+from kernels.cpu_decode import NATIVE_DTYPES, native_decode_problem, native_kernels_switch
 from kernels.host_tensors import to_device
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             try:
                 apply_thread_count()
+                native_kernels_switch()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         check_attention_backend(cfg.attention_backend, self.device.type)  # before the weights load

@@ -21,14 +21,16 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-__all__ = ["DecodeRows", "NATIVE_DTYPES", "native_decode", "native_decode_library", "native_decode_problem",
+__all__ = ["DecodeRows", "NATIVE_DTYPES", "SWITCH_ENV", "native_kernels_switch", "native_decode", "native_decode_library", "native_decode_problem",
            "native_decode_usable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
@@ -64,36 +66,91 @@ def _compiler() -> str | None:
     return None
 
 
+SWITCH_ENV = "BATCHLLM_NATIVE_KERNELS"
+_ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def native_kernels_switch() -> bool:
+    """BATCHLLM_NATIVE_KERNELS as a bool (unset: on). Raises ValueError for a value that is neither."""
+    raw = os.environ.get(SWITCH_ENV, "").strip().lower()
+    if raw not in _ON + _OFF:
+        raise ValueError(f"{SWITCH_ENV}={os.environ[SWITCH_ENV]!r} is neither on (1) nor off (0); unset it, or give 0 "
+                         "to run decode attention as PyTorch ops.")
+    return raw in _ON
+
+
 class _Build:
     library: ctypes.CDLL | None = None
     problem: str | None = None
 
 
+# Run in a fresh interpreter against a new build before it is put in place: a library that does not
+# load, or lacks an entry point, is refused there instead of crashing (SIGBUS) or failing every run here.
+_PROBE = "import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); [getattr(lib, n) for n in sys.argv[2:]]"
+STALE_BUILD_S = 3600  # a temporary build file this old was left by a killed build
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _compile(target: Path) -> str | None:
-    """Builds the library at `target`; returns why not, or None."""
+    """Builds, checks and installs the library at `target`, its checksum beside it (written after it:
+    a library without a matching checksum is never loaded); returns why not, or None."""
     compiler = _compiler()
     if compiler is None:
         return "no C++ compiler found (set CXX, or install g++)"
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(".build-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                stale.unlink()
+        except OSError:
+            pass
     # built beside the target and renamed into place: processes building at once never load a half-written library
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
+    tmp_sum = f"{tmp}.sha256"
     try:
         done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             return f"{Path(compiler).name} failed: {done.stderr.strip()[-500:]}"
+        probe = subprocess.run([sys.executable, "-c", _PROBE, tmp, *NATIVE_DTYPES.values()], capture_output=True,
+                               text=True, timeout=60)
+        if probe.returncode != 0:
+            why = probe.stderr.strip().splitlines()[-1:] or [f"exit status {probe.returncode}"]
+            return f"{Path(compiler).name} built a library that does not load ({why[0][-300:]})"
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache directory out
+        digest = _digest(Path(tmp))
         os.replace(tmp, target)
+        Path(tmp_sum).write_text(digest + "\n", encoding="ascii")
+        os.chmod(tmp_sum, 0o644)
+        os.replace(tmp_sum, target.with_suffix(".sha256"))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for left in (tmp, tmp_sum):
+            if os.path.exists(left):
+                os.unlink(left)
     return None
+
+
+def _installed(target: Path) -> bool:
+    """Whether `target` is a library this module built and checked, unchanged since (a truncated or
+    replaced file would crash or fail the process that loads it)."""
+    try:
+        return _digest(target) == target.with_suffix(".sha256").read_text(encoding="ascii").strip()
+    except OSError:
+        return False
 
 
 @lru_cache(maxsize=1)
 def _build() -> _Build:
     build = _Build()
-    if os.environ.get("BATCHLLM_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        build.problem = "turned off by BATCHLLM_NATIVE_KERNELS"
+    try:
+        if not native_kernels_switch():
+            build.problem = f"turned off by {SWITCH_ENV}"
+            return build
+    except ValueError as exc:
+        build.problem = str(exc)
         return build
     try:
         # the compiler is not part of the name: a library built once serves later processes on machines
@@ -101,18 +158,18 @@ def _build() -> _Build:
         key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_features().encode(),
                                          torch.__version__.encode()])).hexdigest()[:16]
         target = _cache_dir() / f"decode_attention-{key}.so"
-        if not target.exists():
+        if not _installed(target):  # never built, or changed since: built (again)
             problem = _compile(target)
             if problem is not None:
                 build.problem = problem
                 return build
         library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
+        for name in NATIVE_DTYPES.values():
+            fn = getattr(library, name)
+            fn.argtypes, fn.restype = _ARGTYPES, None
+    except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         build.problem = f"could not build or load {SOURCE.name}: {exc}"
         return build
-    for name in NATIVE_DTYPES.values():
-        fn = getattr(library, name)
-        fn.argtypes, fn.restype = _ARGTYPES, None
     build.library = library
     return build
 

@@ -169,3 +169,75 @@ def test_queries_laid_out_otherwise_go_through_pytorch() -> None:
     ref = shared_prefix_decode_reference(sc.q, sc.k_cache, sc.v_cache, batch, sc.scale)
     rows = torch.tensor(sc.query_rows)
     torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
+
+
+def _problem(env: dict[str, str]) -> str | None:
+    """native_decode_problem() in a fresh process with `env` added (the build is once per process)."""
+    import json
+
+    script = "import json; from kernels import cpu_decode; print(json.dumps(cpu_decode.native_decode_problem()))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_built_again(tmp_path: Path) -> None:
+    """A truncated library (which crashed the process loading it with SIGBUS), an empty file, random
+    bytes, or another library under the expected name: the next process builds it again."""
+    import _ctypes
+
+    env = {"BATCHLLM_CACHE_DIR": str(tmp_path / "cache")}
+    assert _problem(env) is None
+    (lib,) = (tmp_path / "cache" / "kernels").glob("decode_attention-*.so")
+    good = lib.read_bytes()
+    assert lib.stat().st_mode & 0o777 == 0o755, "other users of a shared cache directory can load it"
+    for damage in (good[:4000], good[: len(good) // 2], b"", os.urandom(5000), Path(_ctypes.__file__).read_bytes()):
+        lib.write_bytes(damage)
+        assert _problem(env) is None
+        assert cpu_decode._digest(lib) == lib.with_suffix(".sha256").read_text().strip()
+
+
+@needs_kernel
+def test_a_compiler_that_builds_nothing_installs_nothing(tmp_path: Path) -> None:
+    """A compiler that exits 0 without a loadable library (CXX=true, a broken wrapper) is refused with
+    why, and leaves nothing behind that a later process with a working compiler would load."""
+    fake = tmp_path / "bin" / "fake-cxx"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    env = {"BATCHLLM_CACHE_DIR": str(tmp_path / "cache")}
+    problem = _problem({**env, "CXX": str(fake)})
+    assert problem is not None and "does not load" in problem
+    assert not list((tmp_path / "cache" / "kernels").iterdir())
+    assert _problem(env) is None
+
+
+def test_the_switch_is_on_or_off_and_anything_else_is_refused(monkeypatch, tiny_model_dir) -> None:
+    from engine import ConfigError, EngineConfig, LLMEngine
+
+    for value in ("0", "false", " OFF ", "no"):
+        monkeypatch.setenv(cpu_decode.SWITCH_ENV, value)
+        assert cpu_decode.native_kernels_switch() is False
+    for value in ("1", "true", "Yes", "on", ""):
+        monkeypatch.setenv(cpu_decode.SWITCH_ENV, value)
+        assert cpu_decode.native_kernels_switch() is True
+    monkeypatch.setenv(cpu_decode.SWITCH_ENV, "disabled")
+    with pytest.raises(ConfigError, match="BATCHLLM_NATIVE_KERNELS='disabled' is neither on"):
+        LLMEngine(EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu"))
+
+
+@needs_kernel
+def test_a_run_without_the_compiled_kernel_says_so(tmp_path: Path, demo_model_dir: Path) -> None:
+    """No compiler: the run still succeeds, and says on stderr that decode attention is slower."""
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchllm_cli", "run", str(REPO / "examples" / "reviews.csv"), "--template", "classify",
+         "--model", str(demo_model_dir), "--limit", "2", "--output", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "BATCHLLM_CACHE_DIR": str(tmp_path / "cache"),
+             "PATH": str(tmp_path / "empty-bin"), "CXX": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Decode attention runs as PyTorch ops, slower than the compiled CPU kernel: no C++ compiler found" in proc.stderr
+    assert out.exists()
