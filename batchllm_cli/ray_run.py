@@ -37,11 +37,11 @@ from batchllm_cli.errors import BatchLLMError, TempFailError, UsageError
 from batchllm_cli.interrupts import JobInterrupted, SignalGuard, null_guard
 from batchllm_cli.job import is_out_of_memory, raise_stopped, write_output
 from batchllm_cli.job_types import PreparedRun, RunObserver, RunReport, RunSettings, SilentObserver
-from batchllm_cli.run_prepare import discard_new_checkpoint
 from batchllm_cli.plain_paths import private_dir, temp_writes
 from batchllm_cli.planned_feed import PlanStats, tokenize_rows
 from batchllm_cli.ray_report import ScaleOutTracker, shard_counts
 from batchllm_cli.ray_worker import ReplicaWorker, WorkerPart, WorkerReport, WorkerSetup
+from batchllm_cli.run_prepare import discard_new_checkpoint
 from batchllm_cli.shard_sink import ShardSink
 from batchllm_cli.token_spool import TokenSpool, default_memory_budget, sort_spool
 
