@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import cache_root
+
 # Bump the version whenever the generated content changes: old cache dirs are then left alone
 # instead of being silently reused with different weights.
 DEMO_MODEL_NAME = "demo-llama-v1"
@@ -62,8 +64,7 @@ CHAT_TEMPLATE = (
 
 def default_cache_root() -> Path:
     """`$BATCHLLM_CACHE_DIR`, else `~/.cache/batchllm`."""
-    env = os.environ.get("BATCHLLM_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "batchllm"
+    return cache_root()
 
 
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:

@@ -1,5 +1,13 @@
 """Pure tensor functions: each Triton kernel beside its launcher and a PyTorch reference."""
 import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """batchllm's cache directory: `$BATCHLLM_CACHE_DIR`, else `~/.cache/batchllm` (built kernels, the demo
+    model). Here, the lowest package, so the engine and the kernels read one definition."""
+    env = os.environ.get("BATCHLLM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "batchllm"
 
 
 def triton_interpreting() -> bool:

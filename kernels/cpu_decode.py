@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import cache_root
+
 __all__ = ["DecodeRows", "NATIVE_DTYPES", "SWITCH_ENV", "native_decode", "native_decode_library",
            "native_decode_problem", "native_decode_usable", "native_kernels_switch"]
 
@@ -40,11 +42,6 @@ NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P,
              _INT, _INT, _INT, _INT, _F, _F, _I64]
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("BATCHLLM_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "batchllm") / "kernels"
 
 
 def _cpu_features() -> str:
@@ -158,7 +155,7 @@ def _build() -> _Build:
         # without one (the C interface does not depend on the compiler's version)
         key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_features().encode(),
                                          torch.__version__.encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"decode_attention-{key}.so"
+        target = cache_root() / "kernels" / f"decode_attention-{key}.so"
         if not _installed(target):  # never built, or changed since: built (again)
             problem = _compile(target)
             if problem is not None:
@@ -248,11 +245,9 @@ def native_decode(
     assert library is not None and native_decode_usable(q, k_cache, out)
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
+    assert v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
     assert k_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
-    assert q.stride()[1:] == (head_dim, 1) and out.stride()[1:] == (head_dim, 1)
-    assert softcap is None or softcap > 0
-    assert window is None or window > 0
+    assert (softcap is None or softcap > 0) and (window is None or window > 0)
     groups = rows.prefix_lens.shape[0]
     getattr(library, NATIVE_DTYPES[q.dtype])(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
