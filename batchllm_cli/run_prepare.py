@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from batchllm_cli.checkpoint import RunDir
 from batchllm_cli.collector import OutputColumns
@@ -349,19 +349,17 @@ def _remove_finished_run_dir(run_dir: RunDir, marker: Marker, output: Path) -> N
     if not run_dir.manifest_path.is_file():
         _remove_manifestless_leftover(run_dir, output)
         return
-    try:
-        run_dir.lock()
-    except BatchLLMError:
-        return
-    try:
-        manifest = run_dir.read_manifest()
-        if manifest is not None and digest_of(manifest["fingerprint"]) == marker.fingerprint_sha256:
-            forget_run_dir(output)
-            run_dir.remove()
-    except BatchLLMError:
-        pass
-    finally:
-        run_dir.unlock()
+
+    def remove_if_this_jobs() -> None:
+        try:
+            manifest = run_dir.read_manifest()
+            if manifest is not None and digest_of(manifest["fingerprint"]) == marker.fingerprint_sha256:
+                forget_run_dir(output)
+                run_dir.remove()
+        except BatchLLMError:
+            pass
+
+    _while_locked(run_dir, remove_if_this_jobs)
 
 
 def _remove_manifestless_leftover(run_dir: RunDir, output: Path) -> None:
@@ -372,13 +370,23 @@ def _remove_manifestless_leftover(run_dir: RunDir, output: Path) -> None:
     there before the run, and without the manifest nothing says whether a run created it)."""
     if not run_dir.path.is_dir() or run_dir.path.is_symlink() or run_dir.foreign_entries():
         return
+
+    def remove_leftover() -> None:
+        if not run_dir.manifest_path.exists():  # looked at again under the lock
+            run_dir.remove_leftover(remove_dir=run_dir.path == default_run_dir(output))
+
+    _while_locked(run_dir, remove_leftover)
+
+
+def _while_locked(run_dir: RunDir, action: Callable[[], None]) -> None:
+    """`action` under the run directory's lock; nothing when another run holds it (that run owns the
+    directory now)."""
     try:
         run_dir.lock()
     except BatchLLMError:
         return
     try:
-        if not run_dir.manifest_path.exists():  # looked at again under the lock
-            run_dir.remove_leftover(remove_dir=run_dir.path == default_run_dir(output))
+        action()
     finally:
         run_dir.unlock()
 
