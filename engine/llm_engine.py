@@ -42,6 +42,7 @@ class ModelInfo:
     block_size: int
     attention_backend: str
     decode_attention: str  # "compiled" (the CPU kernel), else the backend, with why not on a CPU
+    linear_layers: str  # "onednn-packed" (CPU), else "torch", with why not on a CPU
     cuda_graphs: bool
 
 
@@ -73,13 +74,14 @@ class LLMEngine:
             model_dir=str(config.model_dir),
             architecture=self.model_config.architecture,
             max_model_len=self.max_model_len,
-            num_parameters=sum(p.numel() for p in self.runner.model.parameters()),
+            num_parameters=self.runner.num_parameters,
             device=str(self.runner.device),
             dtype=str(self.runner.dtype).removeprefix("torch."),
             kv_cache_blocks=self.runner.num_blocks,
             block_size=config.block_size,
             attention_backend=self.runner.attention_backend.name,
             decode_attention=self.runner.decode_attention_path(),
+            linear_layers=self.runner.linear_layers,
             cuda_graphs=self.runner.decode_graphs is not None,
         )
         self._ready: deque[GenerationResult] = deque()

@@ -26,7 +26,8 @@ from engine.start_checks import (
 from engine.step_context import StepContext
 from engine.threads import apply_thread_count
 from kernels.attention_backend import select_backend
-from kernels.cpu_decode import NATIVE_DTYPES, native_decode_problem, native_kernels_switch
+from kernels.cpu_decode import NATIVE_DTYPES, SWITCH_ENV, native_decode_problem, native_kernels_switch
+from kernels.cpu_linear import packed_linear_problem
 from kernels.host_tensors import to_device
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ class ModelRunner:
             raise ConfigError(f"--attention-backend {cfg.attention_backend}: {exc}") from exc
         # the Triton path also runs add+RMSNorm and RoPE as kernels (fewer passes over activations)
         self.model.use_fused_kernels(self.attention_backend.name == "triton")
+        # counted before packing: a tied output projection's packed copy is no new parameter
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.linear_layers = self._pack_linears()
         # decode steps replay CUDA graphs where the backend can be captured; not with experts, whose
         # grouping sizes its buffers from the step's routing on the host, which a graph cannot replay
         self.use_graphs = (
@@ -108,6 +112,21 @@ class ModelRunner:
             return f"torch ({str(self.dtype).removeprefix('torch.')} has no compiled CPU kernel)"
         problem = native_decode_problem()
         return "compiled" if problem is None else f"torch ({problem})"
+
+    def _pack_linears(self) -> str:
+        """Packs the linear layers' weights for oneDNN on a CPU (kernels/cpu_linear.py); returns what runs
+        them: "onednn-packed", else "torch", with why not on a CPU."""
+        if self.device.type != "cpu":
+            return "torch"
+        if not native_kernels_switch():
+            return f"torch (turned off by {SWITCH_ENV})"
+        if self.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            return "torch (bfloat16 is emulated on this CPU)"
+        problem = packed_linear_problem(self.dtype)
+        if problem is not None:
+            return f"torch ({problem})"
+        self.model.pack_linears()
+        return "onednn-packed"
 
     def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
         """capture=False: the graph path without the capture (static buffers run eagerly), for tests."""

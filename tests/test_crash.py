@@ -32,7 +32,11 @@ from reliability_utils import (
     write_template,
 )
 
-SWEEP_ROWS = 2000
+SWEEP_ROWS = 4000
+# small steps (<= 64 rows each), so a commit holds a few dozen rows and ten kills leave work to do
+SWEEP_STEP = ["--max-batch-tokens", "64"]
+# long enough that a signal sent a second into generation finds rows still to do (~5 s at 1,500 rows/s)
+SIGNAL_ROWS = 8000
 KILLS_PER_MODE = 10  # x 2 modes = 20 kills; kills 3 and 7 of each mode are SIGTERM, the rest SIGKILL
 SIGTERM_AT = (3, 7)
 
@@ -63,7 +67,7 @@ def test_kill_sweep_resumes_to_the_uninterrupted_output(tmp_path: Path, env: dic
     rng = random.Random(f"sweep-{mode}")
     inp = write_rows_csv(tmp_path / "in.csv", SWEEP_ROWS)
     tpl = write_template(tmp_path / "t.j2")
-    extra = [*(SEEDED if mode == "seeded" else []), "--checkpoint-rows", "40", "--checkpoint-seconds", "0.25"]
+    extra = [*(SEEDED if mode == "seeded" else []), *SWEEP_STEP, "--checkpoint-rows", "40", "--checkpoint-seconds", "0.25"]
     ref = tmp_path / "ref" / "out.parquet"
     run_ok(job_args(inp, tpl, ref, *extra), env)
 
@@ -265,7 +269,7 @@ def test_entry_point_sigterm_and_kill_then_resume(tmp_path: Path, env: dict[str,
 
 
 def test_sigint_commits_finished_rows_and_exits_130(tmp_path: Path, env: dict[str, str]) -> None:
-    inp = write_rows_csv(tmp_path / "in.csv", SWEEP_ROWS)
+    inp = write_rows_csv(tmp_path / "in.csv", SIGNAL_ROWS)
     tpl = write_template(tmp_path / "t.j2")
     out = tmp_path / "out.parquet"
     run_dir = out.with_name(out.name + ".batchllm")
@@ -281,7 +285,7 @@ def test_sigint_commits_finished_rows_and_exits_130(tmp_path: Path, env: dict[st
     assert time.monotonic() - t < 10
     assert "Interrupted by SIGINT" in p.output
     saved = committed_row_ids(run_dir)
-    assert 0 < len(saved) < SWEEP_ROWS  # no commit was due: these are the rows the signal flushed
+    assert 0 < len(saved) < SIGNAL_ROWS  # no commit was due: these are the rows the signal flushed
     assert not out.with_name(out.name + ".lock").exists()  # an orderly exit releases its lock
 
 
@@ -291,7 +295,7 @@ def test_interrupted_message_counts_the_rows_committed_on_disk(
 ) -> None:
     """The "N of M rows are committed" of an interrupted run is what is on disk once it exits: the rows
     the signal flushed included, the number `status` and the --summary file's job.rows report."""
-    inp = write_rows_csv(tmp_path / "in.csv", SWEEP_ROWS)
+    inp = write_rows_csv(tmp_path / "in.csv", SIGNAL_ROWS)
     tpl = write_template(tmp_path / "t.j2")
     out = tmp_path / "out.parquet"
     summary = tmp_path / "summary.json"
@@ -308,8 +312,8 @@ def test_interrupted_message_counts_the_rows_committed_on_disk(
     said = re.search(r"Interrupted by \w+: (\d+) of (\d+) rows are committed", " ".join(p.output.split()))
     assert said, p.output
     on_disk = len(committed_row_ids(run_dir))
-    assert 0 < on_disk < SWEEP_ROWS
-    assert (int(said.group(1)), int(said.group(2))) == (on_disk, SWEEP_ROWS), p.output
+    assert 0 < on_disk < SIGNAL_ROWS
+    assert (int(said.group(1)), int(said.group(2))) == (on_disk, SIGNAL_ROWS), p.output
     status = invoke(["status", str(out), "--json"])
     assert status.exit_code == 11, status.output
     assert json.loads(status.stdout)["rows_done"] == on_disk

@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from engine.models.moe import SparseMoeBlock
+from engine.models.packed_linear import PackedLinear, pack_linears
 from engine.models.rope import apply_rope, apply_rope_fast, rope_cache
 from engine.step_context import StepContext
 from kernels import triton_interpreting
@@ -282,9 +283,17 @@ class DecoderForCausalLM(nn.Module):
             cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
         return RotaryInputs(positions, table, cos, sin, local)
 
+    def pack_linears(self) -> None:
+        """Runs every linear layer through oneDNN with packed weights (engine/models/packed_linear.py;
+        the caller checks kernels.cpu_linear.packed_linear_problem first). CPU, inference only. A tied
+        output projection gets its own packed copy of the embeddings (vocab x hidden more memory):
+        the embedding lookup still needs the dense table."""
+        pack_linears(self)
+        if self.lm_head is None:
+            self.lm_head = PackedLinear(self.model.embed_tokens.weight, None)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = F.linear(hidden, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
         scaling = self.config.family.logits_scaling
         if scaling != 1.0:
             logits = logits / scaling
