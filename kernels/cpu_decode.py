@@ -36,12 +36,15 @@ from kernels import cache_root
 __all__ = ["DecodeRows", "NATIVE_DTYPES", "SWITCH_ENV", "native_decode", "native_decode_library",
            "native_decode_problem", "native_decode_usable", "native_kernels_switch"]
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+# one library: decode attention (this module's launcher) and prefill attention (kernels/cpu_prefill.py's)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "prefill_attention.cpp"))
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P,
              _INT, _INT, _INT, _INT, _F, _F, _I64]
+PREFILL_ENTRIES = {torch.float32: "prefill_attention_f32", torch.bfloat16: "prefill_attention_bf16"}
+_PREFILL_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _INT, _F, _F, _I64]
 
 
 def _cpu_features() -> str:
@@ -110,10 +113,10 @@ def _compile(target: Path) -> str | None:
     os.close(fd)
     tmp_sum = f"{tmp}.sha256"
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             return f"{Path(compiler).name} failed: {done.stderr.strip()[-500:]}"
-        probe = subprocess.run([sys.executable, "-c", _PROBE, tmp, *NATIVE_DTYPES.values()], capture_output=True,
+        probe = subprocess.run([sys.executable, "-c", _PROBE, tmp, *NATIVE_DTYPES.values(), *PREFILL_ENTRIES.values()], capture_output=True,
                                text=True, timeout=60)
         if probe.returncode != 0:
             why = probe.stderr.strip().splitlines()[-1:] or [f"exit status {probe.returncode}"]
@@ -153,8 +156,9 @@ def _build() -> _Build:
     try:
         # the compiler is not part of the name: a library built once serves later processes on machines
         # without one (the C interface does not depend on the compiler's version)
-        key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_features().encode(),
-                                         torch.__version__.encode()])).hexdigest()[:16]
+        parts = [*(source.read_bytes() for source in SOURCES), " ".join(FLAGS).encode(), _cpu_features().encode(),
+                 torch.__version__.encode()]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
         target = cache_root() / "kernels" / f"decode_attention-{key}.so"
         if not _installed(target):  # never built, or changed since: built (again)
             problem = _compile(target)
@@ -162,11 +166,12 @@ def _build() -> _Build:
                 build.problem = problem
                 return build
         library = ctypes.CDLL(str(target))
-        for name in NATIVE_DTYPES.values():
-            fn = getattr(library, name)
-            fn.argtypes, fn.restype = _ARGTYPES, None
+        for names, argtypes in ((NATIVE_DTYPES.values(), _ARGTYPES), (PREFILL_ENTRIES.values(), _PREFILL_ARGTYPES)):
+            for name in names:
+                fn = getattr(library, name)
+                fn.argtypes, fn.restype = argtypes, None
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
-        build.problem = f"could not build or load {SOURCE.name}: {exc}"
+        build.problem = f"could not build or load {', '.join(source.name for source in SOURCES)}: {exc}"
         return build
     build.library = library
     return build

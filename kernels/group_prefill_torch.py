@@ -29,6 +29,7 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
+from kernels.cpu_prefill import PrefillSpans, native_prefill, native_prefill_usable
 from kernels.paged_attention_torch import GatherBuffers
 from kernels.shared_prefix_torch import (
     PrefixBucket,
@@ -85,6 +86,8 @@ class TorchGroupPrefillPlan:
     # None when that is token order already
     suffix_order: torch.Tensor | None
     heads_per_kv: int
+    # the chunks as plain prefill spans (tables from position 0), for the compiled CPU kernel
+    spans: PrefillSpans
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
 
 
@@ -174,6 +177,8 @@ def plan_group_prefill_torch(
     return TorchGroupPrefillPlan(
         buckets=buckets, token_rows=dev(q_rows[query_ok]), suffix=tuple(suffix),
         suffix_order=None if identity else dev(order_of_token), heads_per_kv=heads_per_kv,
+        spans=PrefillSpans(torch.from_numpy(np.stack([starts, qls, ctx, np.zeros_like(ctx)], axis=1)).contiguous(),
+                           torch.from_numpy(table.astype(np.int32))),
         buffers=buffers if buffers is not None else GatherBuffers(),
     )
 
@@ -189,6 +194,10 @@ def group_prefill_torch(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """As `paged_attention_reference` for the plan's chunks: writes their rows of `out` (others untouched)."""
+    if native_prefill_usable(q, k_cache, out):
+        # the compiled kernel computes each chunk over its whole context (the prefix re-read per member,
+        # from cache) faster than the batched ops below (bench/cpu_prefill_attention.py)
+        return native_prefill(q, k_cache, v_cache, plan.spans, scale, out, window, softcap)
     num_kv_heads, head_dim = k_cache.shape[-2:]
     num_heads = q.shape[1]
     ratio = num_heads // num_kv_heads

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kernels.cpu_decode import DecodeRows, native_decode, native_decode_usable
+from kernels.cpu_prefill import PrefillSpans, native_prefill, native_prefill_usable
 from kernels.paged_attention import PagedBatch, attend, span_mask
 
 __all__ = ["DECODE_CHUNK_BYTES", "DecodeChunk", "GatherBuffers", "TorchPagedPlan", "length_chunks",
@@ -113,6 +114,15 @@ class TorchPagedPlan:
                 batch.decode_query_index, batch.decode_blocks, torch.from_numpy(self.decode_lens))
         return found
 
+    def native_spans(self) -> PrefillSpans:
+        """The prefill spans as the compiled CPU kernel reads them (built at the first layer)."""
+        found = self._chunks.get("native_spans")
+        if found is None:
+            batch = self.batch
+            starts = [batch.prefill_key_start(i) for i in range(len(batch.prefill_spans))]
+            found = self._chunks["native_spans"] = PrefillSpans.of(batch.prefill_spans, starts, batch.prefill_blocks)
+        return found
+
     def decode_chunks(self, block_bytes: int) -> tuple[DecodeChunk, ...]:
         """The decode rows in chunks of at most DECODE_CHUNK_BYTES of gathered keys and values (at
         least one row), longest rows first, each chunk padded to its longest row's blocks."""
@@ -181,12 +191,13 @@ def paged_attention_torch(
 ) -> torch.Tensor:
     """As `paged_attention_reference`, written into the covered rows of `out` (others untouched)."""
     batch = plan.batch
-    decode_mask, prefill_masks = plan.masks(window)
+    batch.check_window(window)
     num_kv_heads, head_dim = k_cache.shape[-2:]
     if batch.decode_query_index.numel() and native_decode_usable(q, k_cache, out):
         # a window's first visible key, counted from the row's key start: its context minus the window
         native_decode(q, k_cache, v_cache, plan.native_rows(), scale, out, window, softcap)
     elif batch.decode_query_index.numel():
+        decode_mask = plan.masks(window)[0]
         block_size = k_cache.shape[1]
         chunks = plan.decode_chunks(2 * k_cache[0].numel() * k_cache.element_size())
         for chunk, mask in zip(chunks, plan.decode_chunk_masks(window, chunks, decode_mask, block_size)):
@@ -201,6 +212,9 @@ def paged_attention_torch(
             qd = q[chunk.query_index].unsqueeze(2)  # [n, heads, 1, d]
             o = attend(qd, k, v, mask, scale, softcap)
             out[chunk.query_index] = o.squeeze(2)
+    if batch.prefill_spans and native_prefill_usable(q, k_cache, out):
+        return native_prefill(q, k_cache, v_cache, plan.native_spans(), scale, out, window, softcap)
+    prefill_masks = plan.masks(window)[1] if batch.prefill_spans else ()
     for i, ((start, q_len, ctx_len), blocks, mask) in enumerate(
         zip(batch.prefill_spans, batch.prefill_blocks, prefill_masks)
     ):

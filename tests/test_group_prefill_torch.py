@@ -13,6 +13,14 @@ from kernels.attention_backend import TorchBackend
 from kernels.paged_attention import build_paged_batch, paged_attention_reference
 
 
+@pytest.fixture(autouse=True)
+def pytorch_path(monkeypatch):
+    """These tests are about the batched PyTorch path, which machines without the compiled attention
+    (kernels/cpu_prefill.py, tested in test_cpu_prefill.py) run: keep the kernel from taking the chunks."""
+    from kernels import cpu_decode
+    monkeypatch.setattr(cpu_decode, "native_decode_library", lambda: None)
+
+
 def _step(seed: int, heads: int, kv_heads: int, bs: int):
     """Two groups (prefixes of 13 and 37 tokens, the first ending mid-block) whose members run prefill
     chunks of different lengths (some their whole suffix, some its last part), one member decoding,
