@@ -4,9 +4,10 @@ Meaning: exactly `kernels.shared_prefix_attention.shared_prefix_decode_reference
 rows (with no groups, `kernels.paged_attention.paged_attention_reference` for decode rows); tests
 compare them. Why compiled code: PyTorch's CPU attention pays a fixed cost per (row, KV head) and the
 PyTorch paths gather every row's keys into a buffer first; this kernel reads the cache in place, keeps
-a row's query heads together, and reads a group's prefix once for a tile of its members (1.3-4.6x as
-fast per call as the PyTorch paths for rows without groups on 2 cores, but slower for groups of many
-members, which keep the PyTorch path: bench/cpu_decode_attention.py).
+a row's query heads together, and reads a group's prefix once for a tile of its members, through the
+blocked loop the prefill kernel uses (kernels/csrc/attention_tiles.h). On a 2-core AMD EPYC it was
+1.04-2.0x as fast per call as the PyTorch paths for rows without groups and 1.07-2.9x for groups of
+2 to 64 members (bench/cpu_decode_attention.py, bench/results/cpu_decode_attention_cpu.json).
 
 The library is built at first use with the system's C++ compiler (`$CXX`, else g++, else c++; about a
 second) into `$BATCHLLM_CACHE_DIR/kernels` (default ~/.cache/batchllm/kernels), named by a hash of the
@@ -38,6 +39,7 @@ __all__ = ["DecodeRows", "NATIVE_DTYPES", "SWITCH_ENV", "native_decode", "native
 
 # one library: decode attention (this module's launcher) and prefill attention (kernels/cpu_prefill.py's)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "prefill_attention.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "attention_tiles.h",)  # included by both: part of the build's hash
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -156,7 +158,7 @@ def _build() -> _Build:
     try:
         # the compiler is not part of the name: a library built once serves later processes on machines
         # without one (the C interface does not depend on the compiler's version)
-        parts = [*(source.read_bytes() for source in SOURCES), " ".join(FLAGS).encode(), _cpu_features().encode(),
+        parts = [*(source.read_bytes() for source in SOURCES + HEADERS), " ".join(FLAGS).encode(), _cpu_features().encode(),
                  torch.__version__.encode()]
         key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
         target = cache_root() / "kernels" / f"decode_attention-{key}.so"

@@ -11,8 +11,8 @@ tokens at 64- and 128-wide heads: bench/cpu_prefill_attention.py). Plan mode's m
 their group's prefix run here too, as plain spans (kernels/group_prefill_torch.py).
 
 It lives in the library kernels/cpu_decode.py builds (one build, one cache entry, one switch:
-BATCHLLM_NATIVE_KERNELS); without it, callers keep their PyTorch paths. float32 and bfloat16, head
-sizes that are a multiple of 16.
+BATCHLLM_NATIVE_KERNELS); without it, callers keep their PyTorch paths. float32 and bfloat16; the
+blocked loop over keys (kernels/csrc/attention_tiles.h) also serves the decode kernel's groups.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class PrefillSpans:
 
 def native_prefill_usable(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `native_prefill` can serve these tensors (else the caller's PyTorch path)."""
-    return q.shape[-1] % 16 == 0 and cpu_decode.native_decode_usable(q, k_cache, out)
+    return cpu_decode.native_decode_usable(q, k_cache, out)
 
 
 def native_prefill(

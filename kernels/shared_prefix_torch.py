@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 PAD_WORK_FACTOR = 2.0  # a bucket's padded work may be at most this many times its real work
-LARGE_GROUP_QUERIES = 48  # query rows of one group per KV head from which the PyTorch path is faster
 
 
 class _WindowMasks:
@@ -155,26 +154,6 @@ class TorchSharedPrefixPlan:
         found = self._chunks.get("parts")
         if found is None:
             found = self._chunks["parts"] = _plan_parts(self.batch, self.window, self.heads_per_kv)
-        return found
-
-    def large_groups_dominate(self) -> bool:
-        """Whether most of the step's attention work is in groups of at least LARGE_GROUP_QUERIES query
-        rows per KV head: there the batched PyTorch path's fused kernel (matrix products over all
-        members at once) beats the compiled kernel, which goes key by key (bench/cpu_decode_attention.py:
-        groups of 16 or 64 members with 4 query heads per KV head took 1.4-1.6x as long compiled, groups
-        of 2 members 0.7x). Built at the first layer."""
-        found = self._chunks.get("large")
-        if found is None:
-            b = self.batch
-            starts, prefixes = b.host_group_row_starts, b.host_prefix_lens
-            work = large = 0
-            for g, prefix in enumerate(prefixes):
-                members = starts[g + 1] - starts[g]
-                work += prefix * members
-                if members * self.heads_per_kv >= LARGE_GROUP_QUERIES:
-                    large += prefix * members
-            work += sum(ctx - start for ctx, start in zip(b.host_context_lens, b.host_suffix_starts))
-            found = self._chunks["large"] = 2 * large > work
         return found
 
     def native_rows(self) -> DecodeRows:
@@ -428,7 +407,7 @@ def shared_prefix_decode_torch(
     num_rows = batch.num_rows
     if num_rows == 0:
         return out
-    if native_decode_usable(q, k_cache, out) and not plan.large_groups_dominate():
+    if native_decode_usable(q, k_cache, out):
         native_decode(q, k_cache, v_cache, plan.native_rows(), scale, out, window, softcap)
         return out
     ratio = num_heads // num_kv_heads

@@ -33,32 +33,6 @@ needs_kernel = pytest.mark.skipif(cpu_decode.native_decode_problem() is not None
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def compiled_for_every_group(monkeypatch):
-    """Large groups go to the PyTorch path in the engine (test_large_groups_go_to_the_pytorch_path);
-    here every group goes to the kernel under test."""
-    import kernels.shared_prefix_torch as shared_torch
-    monkeypatch.setattr(shared_torch, "LARGE_GROUP_QUERIES", 1 << 30)
-
-
-def test_large_groups_go_to_the_pytorch_path(monkeypatch) -> None:
-    """Where most of a step's work is in groups of many query rows per KV head, the batched PyTorch
-    path runs (faster there); groups of a few members and rows without a group go to the kernel."""
-    import kernels.shared_prefix_torch as shared_torch
-    monkeypatch.setattr(shared_torch, "LARGE_GROUP_QUERIES", 48)
-
-    def dominated(groups, ungrouped, heads, kv_heads) -> bool:
-        sc = make_decode_scenario(1, groups, ungrouped, heads, kv_heads, 8, 16)
-        batch = build_shared_prefix_batch(sc.query_rows, sc.context_lens, sc.block_tables, sc.group_ids,
-                                          sc.prefix_lens, 16, "cpu")
-        return plan_shared_prefix_torch(batch, heads_per_kv=heads // kv_heads).large_groups_dominate()
-
-    assert dominated([(800, [20] * 16)] * 3, [], 32, 8)  # 16 members x 4 query heads per KV head
-    assert not dominated([(800, [20] * 16)] * 3, [], 4, 2)  # x 2: 32 rows per KV head
-    assert not dominated([(800, [20] * 2)] * 10, [], 32, 8)  # many small groups
-    assert not dominated([(100, [20] * 16)], [900] * 8, 32, 8)  # most work in rows without a group
-
-
 def test_the_kernel_is_built_where_a_compiler_is_found() -> None:
     """CI has g++: a build failure must fail here, not silently send every test through PyTorch."""
     if os.environ.get("BATCHLLM_NATIVE_KERNELS", "1") == "0" or not (os.environ.get("CXX") or shutil.which("g++")

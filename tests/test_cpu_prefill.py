@@ -3,7 +3,7 @@
 Definition: `paged_attention_reference` for prefill spans, and `dense_prefill` (float64, one query at a
 time) for sliding windows and soft-capping. Cases: spans that start and end mid-block, chunks that
 continue a cached context, whole prompts, a span longer than the kernel's 32-token tiles and 64-key
-blocks, GQA ratios 1-8, head sizes 16-256, blocks of 1 to 100 tokens, NaN in every unwritten cache slot,
+blocks, GQA ratios 1-8, head sizes 4-256, blocks of 1 to 100 tokens, NaN in every unwritten cache slot,
 chunks placed at given rows of q; bfloat16 within bfloat16's rounding of the inputs.
 """
 from __future__ import annotations
@@ -80,12 +80,13 @@ def test_rows_outside_the_spans_are_untouched() -> None:
     torch.testing.assert_close(out[~keep], sc.expected(), atol=1e-5, rtol=1e-5)
 
 
-def test_head_sizes_the_kernel_does_not_cover_keep_the_pytorch_path() -> None:
-    sc = make_prefill_scenario(4, [(9, 9), (6, 21)], 4, 2, 24, 8)  # 24: not a multiple of 16
-    assert not native_prefill_usable(sc.q, sc.k_cache, torch.empty_like(sc.q))
-    batch = build_paged_batch(sc.query_lens, sc.context_lens, sc.block_tables, 8, torch.device("cpu"))
-    out = paged_attention_torch(sc.q, sc.k_cache, sc.v_cache, plan_paged_torch(batch), sc.scale, torch.empty_like(sc.q))
-    torch.testing.assert_close(out, sc.expected(), atol=1e-5, rtol=1e-5)
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [4, 24, 80, 100])
+def test_head_sizes_off_the_vector_width(head_dim: int) -> None:
+    """Head sizes that are no multiple of the kernel's 16 lanes: the last dimensions one at a time."""
+    sc = make_prefill_scenario(head_dim, [(9, 9), (6, 21), (70, 70)], 4, 2, head_dim, 8)
+    out = _prefill(sc)
+    torch.testing.assert_close(out, sc.expected(), atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
 
 
 @needs_kernel

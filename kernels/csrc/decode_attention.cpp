@@ -11,41 +11,12 @@
 // computed for all queries, then one rescale per query, then the values. Masked keys (before a
 // query's sliding window) score MASKED, a finite stand-in for -inf: the file is built with
 // -ffast-math (vectorised exp), under which infinities are not allowed.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "attention_tiles.h"
 
 namespace {
 
-typedef uint16_t bf16_t;
 constexpr int CHUNK = 64;
 constexpr int TILE_QUERIES = 256;
-constexpr float MASKED = -1.0e30f;
-constexpr int LANES = 16;
-typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));
-
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const bf16_t* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void store(float* p, int64_t i, float x) { p[i] = x; }
-inline void store(bf16_t* p, int64_t i, float x) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  p[i] = static_cast<bf16_t>(u >> 16);
-}
-
-struct Shape {
-  int heads, kv_heads, head_dim, block_size;
-  float scale, softcap;
-  int64_t window;  // 0: none
-};
 
 // The online-softmax state of n query vectors (each a query head of one row).
 struct State {
@@ -162,6 +133,35 @@ struct Task {
   int64_t first_row, last_row;
 };
 
+// The group's prefix part: every query vector of the tile (all its members' query heads) over the prefix
+// keys [begin, end), one KV head at a time through attention_tiles.h's blocked loop, whose state is
+// then the queries' state in `st` (fresh before: the prefix part comes first).
+template <typename T>
+void attend_prefix(State& st, const Task& task, const Batch& b, const T* k_cache, const T* v_cache,
+                   const int32_t* prefix_table, int64_t begin, int64_t end, const Shape& s) {
+  thread_local Tile tl;
+  const int H = s.heads, D = s.head_dim, per_kv = s.heads / s.kv_heads;
+  const int rows = static_cast<int>(task.last_row - task.first_row);
+  const size_t bytes = sizeof(float) * D;
+  for (int kh = 0; kh < s.kv_heads; ++kh) {
+    tl.reset(rows * per_kv, D);
+    for (int r = 0; r < rows; ++r)
+      for (int g = 0; g < per_kv; ++g) {
+        const int i = r * per_kv + g, j = r * H + kh * per_kv + g;
+        std::memcpy(&tl.q[static_cast<size_t>(i) * D], &st.q[static_cast<size_t>(j) * D], bytes);
+        tl.pos[i] = b.context_lens[task.first_row + r] - 1;  // a decode row's query is its last token
+      }
+    attend_keys<T>(tl, rows * per_kv, k_cache, v_cache, prefix_table, 0, begin, end, kh, s);
+    for (int r = 0; r < rows; ++r)
+      for (int g = 0; g < per_kv; ++g) {
+        const int i = r * per_kv + g, j = r * H + kh * per_kv + g;
+        std::memcpy(&st.acc[static_cast<size_t>(j) * D], &tl.acc[static_cast<size_t>(i) * D], bytes);
+        st.max[j] = tl.max[i];
+        st.sum[j] = tl.sum[i];
+      }
+  }
+}
+
 template <typename T>
 void run_task(const Task& task, const Batch& b, const T* q, int64_t q_row_stride, const T* k_cache,
               const T* v_cache, T* out, int64_t out_row_stride, const Shape& s) {
@@ -186,8 +186,8 @@ void run_task(const Task& task, const Batch& b, const T* q, int64_t q_row_stride
   if (task.group >= 0) {
     const int64_t prefix = b.prefix_lens[task.group];
     if (earliest < prefix)
-      attend_span<T>(st, 0, rows * H, k_cache, v_cache, b.prefix_tables + task.group * b.prefix_table_stride, 0,
-                     earliest, prefix, s);
+      attend_prefix<T>(st, task, b, k_cache, v_cache, b.prefix_tables + task.group * b.prefix_table_stride, earliest,
+                       prefix, s);
   }
   for (int r = 0; r < rows; ++r) {
     const int64_t row = task.first_row + r;
