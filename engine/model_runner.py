@@ -87,6 +87,8 @@ class ModelRunner:
         # counted before packing: a tied output projection's packed copy is no new parameter
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.linear_layers = self._pack_linears()
+        # the compiled CPU library also runs the layers' elementwise steps (kernels/cpu_fused.py)
+        self.model.use_cpu_fused_ops(self.decode_attention_path() == "compiled")
         # decode steps replay CUDA graphs where the backend can be captured; not with experts, whose
         # grouping sizes its buffers from the step's routing on the host, which a graph cannot replay
         self.use_graphs = (

@@ -37,8 +37,10 @@ from kernels import cache_root
 __all__ = ["DecodeRows", "NATIVE_DTYPES", "SWITCH_ENV", "native_decode", "native_decode_library",
            "native_decode_problem", "native_decode_usable", "native_kernels_switch"]
 
-# one library: decode attention (this module's launcher) and prefill attention (kernels/cpu_prefill.py's)
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "prefill_attention.cpp"))
+# one library: decode attention (this module's launcher), prefill attention (kernels/cpu_prefill.py's) and
+# a layer's fused elementwise steps (kernels/cpu_fused.py's)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("decode_attention.cpp", "prefill_attention.cpp", "fused_ops.cpp"))
 HEADERS = (Path(__file__).with_name("csrc") / "attention_tiles.h",)  # included by both: part of the build's hash
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
@@ -47,6 +49,14 @@ _ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _I64, _
              _INT, _INT, _INT, _INT, _F, _F, _I64]
 PREFILL_ENTRIES = {torch.float32: "prefill_attention_f32", torch.bfloat16: "prefill_attention_bf16"}
 _PREFILL_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _INT, _F, _F, _I64]
+# every entry point of the library and its C signature (kernels/csrc/*.cpp)
+ENTRY_POINTS = {
+    **{name: _ARGTYPES for name in NATIVE_DTYPES.values()},
+    **{name: _PREFILL_ARGTYPES for name in PREFILL_ENTRIES.values()},
+    **{name: [_P, _P, _P, _P, _P, _I64, _I64, _F] for name in ("rms_norm_f32", "rms_norm_bf16")},
+    **{name: [_P, _P, _I64, _I64] for name in ("silu_mul_f32", "silu_mul_bf16")},
+    "rope_f32": [_P, _I64, _P, _P, _P, _I64, _I64, _I64],
+}
 
 
 def _cpu_features() -> str:
@@ -118,7 +128,7 @@ def _compile(target: Path) -> str | None:
         done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             return f"{Path(compiler).name} failed: {done.stderr.strip()[-500:]}"
-        probe = subprocess.run([sys.executable, "-c", _PROBE, tmp, *NATIVE_DTYPES.values(), *PREFILL_ENTRIES.values()], capture_output=True,
+        probe = subprocess.run([sys.executable, "-c", _PROBE, tmp, *ENTRY_POINTS], capture_output=True,
                                text=True, timeout=60)
         if probe.returncode != 0:
             why = probe.stderr.strip().splitlines()[-1:] or [f"exit status {probe.returncode}"]
@@ -168,10 +178,9 @@ def _build() -> _Build:
                 build.problem = problem
                 return build
         library = ctypes.CDLL(str(target))
-        for names, argtypes in ((NATIVE_DTYPES.values(), _ARGTYPES), (PREFILL_ENTRIES.values(), _PREFILL_ARGTYPES)):
-            for name in names:
-                fn = getattr(library, name)
-                fn.argtypes, fn.restype = argtypes, None
+        for name, argtypes in ENTRY_POINTS.items():
+            fn = getattr(library, name)
+            fn.argtypes, fn.restype = argtypes, None
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         build.problem = f"could not build or load {', '.join(source.name for source in SOURCES)}: {exc}"
         return build

@@ -19,6 +19,7 @@ from engine.models.packed_linear import PackedLinear, pack_linears
 from engine.models.rope import apply_rope, apply_rope_fast, rope_cache
 from engine.step_context import StepContext
 from kernels import triton_interpreting
+from kernels.cpu_fused import fused_ops_usable, native_rms_norm, native_rope, native_silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -31,6 +32,7 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
         self.fused = False  # Triton kernel (kernels.rms_norm) instead of the PyTorch ops; never with unit_offset
+        self.cpu_fused = False  # compiled CPU kernel (kernels.cpu_fused) instead; never with unit_offset
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -41,6 +43,13 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return kernel.rms_norm(x, self.weight, self.eps)
             return kernel.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if self.cpu_fused and fused_ops_usable(x):
+            # x: [..., dim] (q/k norms: [tokens, heads, head_dim]) as rows of dim
+            normed, summed = native_rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps,
+                                             None if residual is None else residual.reshape(-1, x.shape[-1]))
+            if summed is None:
+                return normed.view(x.shape)
+            return normed.view(x.shape), summed.view(x.shape)
         if residual is not None:
             residual = residual + x
             return self._norm(residual), residual
@@ -94,6 +103,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.q_size if whole else cfg.head_dim, cfg.rms_norm_eps, offset)
             self.k_norm = RMSNorm(self.kv_size if whole else cfg.head_dim, cfg.rms_norm_eps, offset)
         self.fused = False  # RoPE by the Triton kernel (kernels.rotary), in place
+        self.cpu_fused = False  # RoPE of the float32 joint path by the compiled CPU kernel (kernels.cpu_fused)
 
     def forward(self, x: torch.Tensor, rope: RotaryInputs, ctx: StepContext) -> torch.Tensor:
         # x: [num_tokens, hidden]
@@ -132,7 +142,11 @@ class Attention(nn.Module):
         # q and k lie side by side in qkv: one rotation over both ([num_tokens, heads + kv_heads, head_dim])
         assert rope.cos is not None and rope.sin is not None
         heads = self.num_heads + self.num_kv_heads
-        qk = apply_rope_fast(qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim), rope.cos, rope.sin)
+        qk_in = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
+        if self.cpu_fused and fused_ops_usable(qkv):
+            qk = native_rope(qk_in, rope.positions, rope.table)
+        else:
+            qk = apply_rope_fast(qk_in, rope.cos, rope.sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].contiguous().view(-1, self.num_kv_heads, self.head_dim)
         out = ctx.attention(self.layer_index, q, k, v, self.scale, self.window, self.softcap)
@@ -146,9 +160,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gelu_tanh = cfg.family.mlp_activation == "gelu_tanh"
+        self.cpu_fused = False  # SiLU(gate) * up by the compiled CPU kernel (kernels.cpu_fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.cpu_fused and not self.gelu_tanh and fused_ops_usable(gate_up):
+            return self.down_proj(native_silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.gelu_tanh else F.silu(gate)
         return self.down_proj(act * up)
 
@@ -282,6 +300,14 @@ class DecoderForCausalLM(nn.Module):
             cos_sin = table[positions].to(dtype)  # [num_tokens, 2, rotary_dim]
             cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
         return RotaryInputs(positions, table, cos, sin, local)
+
+    def use_cpu_fused_ops(self, enabled: bool) -> None:
+        """Run add+RMSNorm, SiLU(gate) * up and float32 RoPE as compiled CPU kernels (kernels.cpu_fused;
+        the caller checks the library is there); Gemma's (1 + weight) norms and gelu stay PyTorch ops.
+        Outputs match the PyTorch ops up to the order of float32 sums."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)) or (isinstance(module, RMSNorm) and not module.unit_offset):
+                module.cpu_fused = enabled
 
     def pack_linears(self) -> None:
         """Runs every linear layer through oneDNN with packed weights (engine/models/packed_linear.py;

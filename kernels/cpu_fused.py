@@ -1,0 +1,78 @@
+"""A decoder layer's elementwise steps on CPU in compiled code (kernels/csrc/fused_ops.cpp), one pass each.
+
+Meaning: exactly the PyTorch ops they replace (tests compare them): RMSNorm with the residual add
+before it (engine/models/decoder.py's RMSNorm: float32 statistics, the normalised value rounded to the
+model dtype before the weight), SiLU(gate) * up (its MLP), and engine/models/rope.py's
+apply_rope_fast (float32, q and k side by side in the qkv projection). Why: on CPU each PyTorch op of a
+step is a pass over the activations; these take 3-7 ops each (bench/cpu_fused_ops.py).
+
+They live in the library kernels/cpu_decode.py builds (one build, one switch: BATCHLLM_NATIVE_KERNELS);
+`fused_ops_usable` says whether a tensor can take them, else callers keep the PyTorch ops. float32 and
+bfloat16 (RoPE float32 only, like apply_rope_fast).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu_decode
+
+__all__ = ["fused_ops_usable", "native_rms_norm", "native_rope", "native_silu_mul"]
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def fused_ops_usable(x: torch.Tensor) -> bool:
+    """Whether the compiled ops can take `x` (a CPU tensor of a supported dtype, no autograd) here."""
+    return (x.device.type == "cpu" and x.dtype in _SUFFIX and not (torch.is_grad_enabled() and x.requires_grad)
+            and cpu_decode.native_decode_library() is not None)
+
+
+def native_rms_norm(
+    x: torch.Tensor,  # [rows, dim]
+    weight: torch.Tensor,  # [dim], x's dtype
+    eps: float,
+    residual: torch.Tensor | None = None,  # [rows, dim]: added to x first
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(norm(x) * weight, None), or with a residual (norm(residual + x) * weight, residual + x)."""
+    library = cpu_decode.native_decode_library()
+    assert library is not None and x.dim() == 2 and weight.dtype == x.dtype
+    x = x.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty_like(x)
+    new_residual = None
+    if residual is not None:
+        residual = residual.contiguous()
+        assert residual.shape == x.shape and residual.dtype == x.dtype
+        new_residual = torch.empty_like(x)
+    getattr(library, f"rms_norm_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), None if residual is None else residual.data_ptr(),
+        None if new_residual is None else new_residual.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
+        x.shape[1], eps)
+    return out, new_residual
+
+
+def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 * inter] (gate | up) -> [rows, inter]: silu(gate) * up."""
+    library = cpu_decode.native_decode_library()
+    assert library is not None and gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    getattr(library, f"silu_mul_{_SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), out.shape[0],
+                                                          out.shape[1])
+    return out
+
+
+def native_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """apply_rope_fast for full rotary in float32: x [rows, heads, head_dim] (rows any stride, heads and
+    dims contiguous), positions [rows] int64, table [max_positions, 2, head_dim] float32 (cos, sin)
+    -> a new contiguous [rows, heads, head_dim]."""
+    library = cpu_decode.native_decode_library()
+    rows, heads, dim = x.shape
+    assert library is not None and x.dtype == torch.float32 == table.dtype and dim % 2 == 0
+    assert x.stride()[1:] == (dim, 1) and table.shape[1:] == (2, dim) and table.is_contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    assert positions.shape == (rows,)
+    out = torch.empty(rows, heads, dim, dtype=x.dtype)
+    library.rope_f32(x.data_ptr(), x.stride(0), positions.data_ptr(), table.data_ptr(), out.data_ptr(), rows, heads,
+                     dim)
+    return out

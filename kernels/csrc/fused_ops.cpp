@@ -1,0 +1,121 @@
+// A decoder layer's elementwise steps on CPU, each one pass over memory instead of PyTorch's 3-7:
+// RMSNorm with the residual add before it, SiLU(gate) * up, and RoPE over q and k side by side.
+//
+// Meaning: engine/models/decoder.py's RMSNorm (float32 statistics, the normalised value rounded to the
+// model dtype before the weight multiplies it, as transformers does), MLP activation and
+// engine/models/rope.py's apply_rope_fast; every intermediate PyTorch rounds to the model dtype is
+// rounded here too. Built at first use by kernels/cpu_decode.py (one library with the attention
+// kernels); kernels/cpu_fused.py holds the launchers; tests compare them with the PyTorch ops.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+typedef uint16_t bf16_t;
+
+inline float widen(float x) { return x; }
+inline float widen(bf16_t x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T> T narrow(float x);
+template <> inline float narrow<float>(float x) { return x; }
+template <> inline bf16_t narrow<bf16_t>(float x) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16_t>(u >> 16);
+}
+// a value as PyTorch holds it in the model dtype (float32: unchanged)
+template <typename T> inline float rounded(float x) { return widen(narrow<T>(x)); }
+
+// out = weight * dtype(r * rsqrt(mean(r^2) + eps)) with r = x (+ residual, then stored in new_residual)
+template <typename T>
+void rms_norm(const T* x, const T* residual, T* new_residual, const T* weight, T* out, int64_t rows, int64_t dim,
+              float eps) {
+#pragma omp parallel for schedule(static) if (rows * dim > 32768)
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xr = x + i * dim;
+    T* outr = out + i * dim;
+    float squares = 0.f;
+    if (residual != nullptr) {
+      const T* rr = residual + i * dim;
+      T* nr = new_residual + i * dim;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t d = 0; d < dim; ++d) {
+        const float r = rounded<T>(widen(xr[d]) + widen(rr[d]));
+        nr[d] = narrow<T>(r);
+        squares += r * r;
+      }
+      xr = nr;
+    } else {
+#pragma omp simd reduction(+ : squares)
+      for (int64_t d = 0; d < dim; ++d) squares += widen(xr[d]) * widen(xr[d]);
+    }
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(dim) + eps);
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) outr[d] = narrow<T>(widen(weight[d]) * rounded<T>(widen(xr[d]) * inv));
+  }
+}
+
+// out[i] = dtype(silu(gate[i])) * up[i], gate and up the two halves of each row of gate_up
+template <typename T>
+void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
+#pragma omp parallel for schedule(static) if (rows * inter > 32768)
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* g = gate_up + i * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + i * inter;
+#pragma omp simd
+    for (int64_t d = 0; d < inter; ++d) {
+      const float x = widen(g[d]);
+      o[d] = narrow<T>(rounded<T>(x / (1.f + std::exp(-x))) * widen(u[d]));
+    }
+  }
+}
+
+// out [rows, heads, dim] = x * cos + rotate_half(x) * sin, x [rows, heads, dim] with row stride x_row_stride,
+// cos / sin from table [positions, 2, dim] at each row's position (float32 only, as apply_rope_fast's caller)
+void rope(const float* x, int64_t x_row_stride, const int64_t* positions, const float* table, float* out,
+          int64_t rows, int64_t heads, int64_t dim) {
+  const int64_t half = dim / 2;
+#pragma omp parallel for schedule(static) if (rows * heads * dim > 32768)
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* cos = table + positions[i] * 2 * dim;
+    const float* sin = cos + dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* xh = x + i * x_row_stride + h * dim;
+      float* oh = out + (i * heads + h) * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < half; ++d) oh[d] = xh[d] * cos[d] - xh[d + half] * sin[d];
+#pragma omp simd
+      for (int64_t d = half; d < dim; ++d) oh[d] = xh[d] * cos[d] + xh[d - half] * sin[d];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+void rms_norm_f32(const float* x, const float* residual, float* new_residual, const float* weight, float* out,
+                  int64_t rows, int64_t dim, float eps) {
+  rms_norm<float>(x, residual, new_residual, weight, out, rows, dim, eps);
+}
+void rms_norm_bf16(const bf16_t* x, const bf16_t* residual, bf16_t* new_residual, const bf16_t* weight, bf16_t* out,
+                   int64_t rows, int64_t dim, float eps) {
+  rms_norm<bf16_t>(x, residual, new_residual, weight, out, rows, dim, eps);
+}
+void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int64_t inter) {
+  silu_mul<float>(gate_up, out, rows, inter);
+}
+void silu_mul_bf16(const bf16_t* gate_up, bf16_t* out, int64_t rows, int64_t inter) {
+  silu_mul<bf16_t>(gate_up, out, rows, inter);
+}
+void rope_f32(const float* x, int64_t x_row_stride, const int64_t* positions, const float* table, float* out,
+              int64_t rows, int64_t heads, int64_t dim) {
+  rope(x, x_row_stride, positions, table, out, rows, heads, dim);
+}
+}

@@ -1,0 +1,111 @@
+"""The compiled CPU elementwise steps (kernels/cpu_fused.py) equal the PyTorch ops they replace, and the
+engine runs them where the compiled library is built.
+
+Cases: RMSNorm with and without the residual add (rows 0 to 300, widths 1 to 2,048, q/k norms over
+[tokens, heads, head_dim]), SiLU(gate) * up, RoPE over q and k side by side in a qkv projection (a
+strided view); float32 to float32's summation order, bfloat16 to one rounding step (each intermediate
+PyTorch rounds is rounded there too).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model_factory
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.models.decoder import RMSNorm
+from engine.models.rope import apply_rope_fast
+from kernels import cpu_decode
+from kernels.cpu_fused import fused_ops_usable, native_rms_norm, native_rope, native_silu_mul
+
+needs_kernel = pytest.mark.skipif(cpu_decode.native_decode_problem() is not None,
+                                  reason=f"compiled library unavailable: {cpu_decode.native_decode_problem()}")
+TOLERANCE = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def _norm(dim: int, dtype: torch.dtype) -> RMSNorm:
+    norm = RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(dim)))
+    return norm.to(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "dim"), [(0, 8), (1, 1), (5, 7), (300, 256), (3, 2048)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_equals_the_pytorch_ops(dtype: torch.dtype, rows: int, dim: int, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(rows + dim)
+    x = (torch.randn(rows, dim, generator=gen) * 3).to(dtype)
+    residual = torch.randn(rows, dim, generator=gen).to(dtype) if with_residual else None
+    norm = _norm(dim, dtype)
+    want = norm(x, residual) if with_residual else norm(x)
+    got = native_rms_norm(x, norm.weight.detach(), norm.eps, residual)
+    if with_residual:
+        torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)  # the sum: one rounding, the same
+        torch.testing.assert_close(got[0], want[0], **TOLERANCE[dtype])
+    else:
+        assert got[1] is None
+        torch.testing.assert_close(got[0], want, **TOLERANCE[dtype])
+
+
+@needs_kernel
+def test_the_module_runs_the_kernel_for_per_head_norms() -> None:
+    norm = _norm(16, torch.float32)
+    x = torch.randn(9, 4, 16)  # q norm per head: [tokens, heads, head_dim]
+    want = norm(x)
+    norm.cpu_fused = True
+    with torch.inference_mode():
+        got = norm(x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inter"), [(0, 4), (1, 3), (17, 640), (200, 1000)])
+def test_silu_mul_equals_the_pytorch_ops(dtype: torch.dtype, rows: int, inter: int) -> None:
+    gate_up = (torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4).to(dtype)
+    gate, up = gate_up.split(inter, dim=-1)
+    torch.testing.assert_close(native_silu_mul(gate_up), F.silu(gate) * up, **TOLERANCE[dtype])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 64), (2, 2, 16), (8, 1, 6)])
+def test_rope_equals_apply_rope_fast_on_the_qkv_view(heads: int, kv_heads: int, dim: int) -> None:
+    tokens, positions = 13, torch.tensor([0, 1, 2, 5, 9, 40, 41, 100, 3, 7, 8, 60, 127])
+    gen = torch.Generator().manual_seed(dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    angles = torch.arange(128)[:, None] * torch.rand(dim // 2, generator=gen)[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    table = torch.stack((emb.cos(), emb.sin()), dim=1).contiguous()  # [128, 2, dim]
+    qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
+    cos_sin = table[positions]
+    want = apply_rope_fast(qk, cos_sin[:, 0:1], cos_sin[:, 1:2])
+    torch.testing.assert_close(native_rope(qk, positions, table), want, **TOLERANCE[torch.float32])
+
+
+def test_unsupported_tensors_keep_the_pytorch_ops() -> None:
+    assert not fused_ops_usable(torch.zeros(2, 2, dtype=torch.float16))
+    assert not fused_ops_usable(torch.zeros(2, 2, requires_grad=True))
+
+
+@needs_kernel
+def test_the_engine_runs_them_with_the_pytorch_ops_logits(tiny_model_dir: Callable[[str], Path]) -> None:
+    engine = LLMEngine(EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu", dtype="float32",
+                                    kv_cache_tokens=1024))
+    model = engine.runner.model
+    assert engine.model_info.decode_attention == "compiled"
+    layer = model.model.layers[0]
+    assert layer.input_layernorm.cpu_fused and layer.mlp.cpu_fused and layer.self_attn.cpu_fused
+    from test_model_families import _prefill_logits
+
+    prompt = model_factory.make_prompts([40], seed=3)[0]
+    fused = _prefill_logits(engine, prompt)
+    model.use_cpu_fused_ops(False)
+    torch.testing.assert_close(fused, _prefill_logits(engine, prompt), atol=1e-4, rtol=1e-4)
