@@ -4,7 +4,8 @@ Meaning: exactly the PyTorch ops they replace (tests compare them): RMSNorm with
 before it (engine/models/decoder.py's RMSNorm: float32 statistics, the normalised value rounded to the
 model dtype before the weight), SiLU(gate) * up (its MLP), and engine/models/rope.py's
 apply_rope_fast (float32, q and k side by side in the qkv projection). Why: on CPU each PyTorch op of a
-step is a pass over the activations; these take 3-7 ops each (bench/cpu_fused_ops.py).
+step is a pass over the activations; these take 3-7 ops each (a small gain on the whole engine: 1.02x
+on a no-sharing job, bench/results/raw_engine_ab_cpu_fused_ops.json).
 
 They live in the library kernels/cpu_decode.py builds (one build, one switch: BATCHLLM_NATIVE_KERNELS);
 `fused_ops_usable` says whether a tensor can take them, else callers keep the PyTorch ops. float32 and
