@@ -41,7 +41,8 @@ __all__ = ["DecodeRows", "NATIVE_DTYPES", "SWITCH_ENV", "native_decode", "native
 # a layer's fused elementwise steps (kernels/cpu_fused.py's)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("decode_attention.cpp", "prefill_attention.cpp", "fused_ops.cpp"))
-HEADERS = (Path(__file__).with_name("csrc") / "attention_tiles.h",)  # included by both: part of the build's hash
+# included by the sources: part of the build's hash
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("attention_tiles.h", "threads.h"))
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -56,6 +57,8 @@ ENTRY_POINTS = {
     **{name: [_P, _P, _P, _P, _P, _I64, _I64, _F] for name in ("rms_norm_f32", "rms_norm_bf16")},
     **{name: [_P, _P, _I64, _I64] for name in ("silu_mul_f32", "silu_mul_bf16")},
     "rope_f32": [_P, _I64, _P, _P, _P, _I64, _I64, _I64],
+    "set_num_threads": [_INT],
+    "parallel_threads": [],
 }
 
 
@@ -95,6 +98,7 @@ def native_kernels_switch() -> bool:
 class _Build:
     library: ctypes.CDLL | None = None
     problem: str | None = None
+    threads = 0  # the thread count last passed to the library
 
 
 # Run in a fresh interpreter against a new build before it is put in place: a library that does not
@@ -180,7 +184,7 @@ def _build() -> _Build:
         library = ctypes.CDLL(str(target))
         for name, argtypes in ENTRY_POINTS.items():
             fn = getattr(library, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int if name == "parallel_threads" else None
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         build.problem = f"could not build or load {', '.join(source.name for source in SOURCES)}: {exc}"
         return build
@@ -189,8 +193,16 @@ def _build() -> _Build:
 
 
 def native_decode_library() -> ctypes.CDLL | None:
-    """The built library (built at the first call), or None: see `native_decode_problem`."""
-    return _build().library
+    """The built library (built at the first call), or None: see `native_decode_problem`. Its parallel
+    loops are told torch's intra-op thread count (BATCHLLM_NUM_THREADS), which its own OpenMP runtime
+    would not see."""
+    build = _build()
+    if build.library is not None:
+        threads = torch.get_num_threads()
+        if threads != build.threads:
+            build.library.set_num_threads(threads)
+            build.threads = threads
+    return build.library
 
 
 def native_decode_problem() -> str | None:

@@ -245,3 +245,16 @@ def test_a_run_without_the_compiled_kernel_says_so(tmp_path: Path, demo_model_di
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Decode attention runs as PyTorch ops, slower than the compiled CPU kernel: no C++ compiler found" in proc.stderr
     assert out.exists()
+
+
+@needs_kernel
+def test_the_library_uses_torchs_thread_count() -> None:
+    """The library's own OpenMP runtime does not see torch.set_num_threads (BATCHLLM_NUM_THREADS): each
+    use passes the count on, so a user who limits the threads limits the compiled kernels too."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            assert cpu_decode.native_decode_library().parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)

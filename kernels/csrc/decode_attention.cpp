@@ -12,6 +12,7 @@
 // query's sliding window) score MASKED, a finite stand-in for -inf: the file is built with
 // -ffast-math (vectorised exp), under which infinities are not allowed.
 #include "attention_tiles.h"
+#include "threads.h"
 
 namespace {
 
@@ -213,7 +214,7 @@ void decode_attention(const Batch& b, const T* q, int64_t q_row_stride, const T*
       tasks.push_back({g, r, std::min<int64_t>(r + tile, b.group_row_starts[g + 1])});
   for (int64_t r = b.groups ? b.group_row_starts[b.groups] : 0; r < b.rows; ++r) tasks.push_back({-1, r, r + 1});
   const int64_t n = static_cast<int64_t>(tasks.size());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(library_threads())
   for (int64_t i = 0; i < n; ++i) run_task<T>(tasks[i], b, q, q_row_stride, k_cache, v_cache, out, out_row_stride, s);
 }
 

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "threads.h"
+
 namespace {
 
 typedef uint16_t bf16_t;
@@ -36,7 +38,7 @@ template <typename T> inline float rounded(float x) { return widen(narrow<T>(x))
 template <typename T>
 void rms_norm(const T* x, const T* residual, T* new_residual, const T* weight, T* out, int64_t rows, int64_t dim,
               float eps) {
-#pragma omp parallel for schedule(static) if (rows * dim > 32768)
+#pragma omp parallel for schedule(static) if (rows * dim > 32768) num_threads(library_threads())
   for (int64_t i = 0; i < rows; ++i) {
     const T* xr = x + i * dim;
     T* outr = out + i * dim;
@@ -64,7 +66,7 @@ void rms_norm(const T* x, const T* residual, T* new_residual, const T* weight, T
 // out[i] = dtype(silu(gate[i])) * up[i], gate and up the two halves of each row of gate_up
 template <typename T>
 void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
-#pragma omp parallel for schedule(static) if (rows * inter > 32768)
+#pragma omp parallel for schedule(static) if (rows * inter > 32768) num_threads(library_threads())
   for (int64_t i = 0; i < rows; ++i) {
     const T* g = gate_up + i * 2 * inter;
     const T* u = g + inter;
@@ -82,7 +84,7 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
 void rope(const float* x, int64_t x_row_stride, const int64_t* positions, const float* table, float* out,
           int64_t rows, int64_t heads, int64_t dim) {
   const int64_t half = dim / 2;
-#pragma omp parallel for schedule(static) if (rows * heads * dim > 32768)
+#pragma omp parallel for schedule(static) if (rows * heads * dim > 32768) num_threads(library_threads())
   for (int64_t i = 0; i < rows; ++i) {
     const float* cos = table + positions[i] * 2 * dim;
     const float* sin = cos + dim;
@@ -100,6 +102,16 @@ void rope(const float* x, int64_t x_row_stride, const int64_t* positions, const 
 }  // namespace
 
 extern "C" {
+void set_num_threads(int n) { requested_threads().store(n, std::memory_order_relaxed); }
+int parallel_threads() {  // the team size the library's parallel loops get now
+  int n = 0;
+#pragma omp parallel num_threads(library_threads())
+  {
+#pragma omp single
+    n = omp_get_num_threads();
+  }
+  return n;
+}
 void rms_norm_f32(const float* x, const float* residual, float* new_residual, const float* weight, float* out,
                   int64_t rows, int64_t dim, float eps) {
   rms_norm<float>(x, residual, new_residual, weight, out, rows, dim, eps);

@@ -10,6 +10,7 @@
 // tokens x the KV head's query heads, so each key is read once for all of them (attention_tiles.h holds
 // the blocked loop over keys). Float32 state whatever the cache's type.
 #include "attention_tiles.h"
+#include "threads.h"
 
 namespace {
 
@@ -71,7 +72,7 @@ void prefill_attention(const std::vector<Span>& spans, const T* q, int64_t q_row
   // longest first: the causal tiles at a span's end read the most keys
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.keys > b.keys; });
   const int64_t n = static_cast<int64_t>(tasks.size());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(library_threads())
   for (int64_t i = 0; i < n; ++i)
     run_task<T>(tasks[i], spans[tasks[i].span], q, q_row_stride, k_cache, v_cache, out, out_row_stride, s);
 }
