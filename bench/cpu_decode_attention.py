@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kernels import cpu_decode  # noqa: E402
+from kernels import cpu_decode, cpu_library  # noqa: E402
 from kernels.paged_attention import build_paged_batch, paged_attention_reference  # noqa: E402
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch  # noqa: E402
 from kernels.shared_prefix_attention import build_shared_prefix_batch, shared_prefix_decode_reference  # noqa: E402
@@ -42,16 +42,16 @@ SHAPES = {"4x2x64": (4, 2, 64), "32x8x64": (32, 8, 64)}
 
 def _timed(fn: Callable[[], object], pytorch: bool, rounds: int) -> list[float]:
     times = []
-    real = cpu_decode.native_decode_library
+    real = cpu_library.native_library
     for _ in range(rounds):
         if pytorch:
-            cpu_decode.native_decode_library = lambda: None  # type: ignore[assignment]
+            cpu_library.native_library = lambda: None  # type: ignore[assignment]
         try:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
         finally:
-            cpu_decode.native_decode_library = real  # type: ignore[assignment]
+            cpu_library.native_library = real  # type: ignore[assignment]
     return times
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from bench_common import git_commit, write_results
 
-    problem = cpu_decode.native_decode_problem()
+    problem = cpu_library.native_library_problem()
     if problem is not None:
         print(f"the compiled kernel is not available: {problem}", file=sys.stderr)
         return 1

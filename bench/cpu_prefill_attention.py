@@ -32,7 +32,7 @@ sys.path.append(str(REPO / "bench"))  # appended: bench/kernels.py must not shad
 
 from bench_common import cpu_run_header, results_path, write_results  # noqa: E402
 from engine.devices import cpu_has_native_bf16  # noqa: E402
-from kernels import cpu_decode  # noqa: E402
+from kernels import cpu_library  # noqa: E402
 from kernels.paged_attention import build_paged_batch  # noqa: E402
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch  # noqa: E402
 
@@ -70,8 +70,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--label", default="cpu")
     args = parser.parse_args()
-    if cpu_decode.native_decode_problem() is not None:
-        print(f"no compiled kernel here: {cpu_decode.native_decode_problem()}", file=sys.stderr)
+    if cpu_library.native_library_problem() is not None:
+        print(f"no compiled kernel here: {cpu_library.native_library_problem()}", file=sys.stderr)
         return 2
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
     rows = []
@@ -86,7 +86,7 @@ def main() -> int:
                     paged_attention_torch(q, k_cache, v_cache, plan_paged_torch(batch), scale, out)
 
                 def pytorch() -> None:
-                    with mock.patch.object(cpu_decode, "native_decode_library", lambda: None):
+                    with mock.patch.object(cpu_library, "native_library", lambda: None):
                         paged_attention_torch(q, k_cache, v_cache, plan_paged_torch(batch), scale, out)
 
                 paths = {"compiled": compiled, "pytorch": pytorch}

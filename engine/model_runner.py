@@ -26,7 +26,7 @@ from engine.start_checks import (
 from engine.step_context import StepContext
 from engine.threads import apply_thread_count
 from kernels.attention_backend import select_backend
-from kernels.cpu_decode import NATIVE_DTYPES, SWITCH_ENV, native_decode_problem, native_kernels_switch
+from kernels.cpu_library import LIBRARY_DTYPES, SWITCH_ENV, native_kernels_switch, native_library_problem
 from kernels.cpu_linear import packed_linear_problem
 from kernels.host_tensors import to_device
 
@@ -110,9 +110,9 @@ class ModelRunner:
         name = self.attention_backend.name
         if self.device.type != "cpu" or name != "torch":
             return name
-        if self.dtype not in NATIVE_DTYPES:
+        if self.dtype not in LIBRARY_DTYPES:
             return f"torch ({str(self.dtype).removeprefix('torch.')} has no compiled CPU kernel)"
-        problem = native_decode_problem()
+        problem = native_library_problem()
         return "compiled" if problem is None else f"torch ({problem})"
 
     def _pack_linears(self) -> str:

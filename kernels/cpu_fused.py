@@ -7,7 +7,7 @@ apply_rope_fast (float32, q and k side by side in the qkv projection). Why: on C
 step is a pass over the activations; these take 3-7 ops each (a small gain on the whole engine: 1.02x
 on a no-sharing job, bench/results/raw_engine_ab_cpu_fused_ops.json).
 
-They live in the library kernels/cpu_decode.py builds (one build, one switch: BATCHLLM_NATIVE_KERNELS);
+They live in the library kernels/cpu_library.py builds (one build, one switch: BATCHLLM_NATIVE_KERNELS);
 `fused_ops_usable` says whether a tensor can take them, else callers keep the PyTorch ops. float32 and
 bfloat16 (RoPE float32 only, like apply_rope_fast).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_decode
+from kernels import cpu_library
 
 __all__ = ["fused_ops_usable", "native_rms_norm", "native_rope", "native_silu_mul"]
 
@@ -25,7 +25,7 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 def fused_ops_usable(x: torch.Tensor) -> bool:
     """Whether the compiled ops can take `x` (a CPU tensor of a supported dtype, no autograd) here."""
     return (x.device.type == "cpu" and x.dtype in _SUFFIX and not (torch.is_grad_enabled() and x.requires_grad)
-            and cpu_decode.native_decode_library() is not None)
+            and cpu_library.native_library() is not None)
 
 
 def native_rms_norm(
@@ -35,7 +35,7 @@ def native_rms_norm(
     residual: torch.Tensor | None = None,  # [rows, dim]: added to x first
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(norm(x) * weight, None), or with a residual (norm(residual + x) * weight, residual + x)."""
-    library = cpu_decode.native_decode_library()
+    library = cpu_library.native_library()
     assert library is not None and x.dim() == 2 and weight.dtype == x.dtype
     x = x.contiguous()
     weight = weight.contiguous()
@@ -54,7 +54,7 @@ def native_rms_norm(
 
 def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[rows, 2 * inter] (gate | up) -> [rows, inter]: silu(gate) * up."""
-    library = cpu_decode.native_decode_library()
+    library = cpu_library.native_library()
     assert library is not None and gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
@@ -67,7 +67,7 @@ def native_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -
     """apply_rope_fast for full rotary in float32: x [rows, heads, head_dim] (rows any stride, heads and
     dims contiguous), positions [rows] int64, table [max_positions, 2, head_dim] float32 (cos, sin)
     -> a new contiguous [rows, heads, head_dim]."""
-    library = cpu_decode.native_decode_library()
+    library = cpu_library.native_library()
     rows, heads, dim = x.shape
     assert library is not None and x.dtype == torch.float32 == table.dtype and dim % 2 == 0
     assert x.stride()[1:] == (dim, 1) and table.shape[1:] == (2, dim) and table.is_contiguous()

@@ -10,7 +10,7 @@ per layer call as the PyTorch path on a 2-core AMD EPYC, float32 and bfloat16, p
 tokens at 64- and 128-wide heads: bench/cpu_prefill_attention.py). Plan mode's members' chunks after
 their group's prefix run here too, as plain spans (kernels/group_prefill_torch.py).
 
-It lives in the library kernels/cpu_decode.py builds (one build, one cache entry, one switch:
+It lives in the library kernels/cpu_library.py builds (one build, one cache entry, one switch:
 BATCHLLM_NATIVE_KERNELS); without it, callers keep their PyTorch paths. float32 and bfloat16; the
 blocked loop over keys (kernels/csrc/attention_tiles.h) also serves the decode kernel's groups.
 """
@@ -21,9 +21,11 @@ from typing import Sequence
 
 import torch
 
-from kernels import cpu_decode
+from kernels import cpu_decode, cpu_library
 
 __all__ = ["PrefillSpans", "native_prefill", "native_prefill_usable"]
+
+PREFILL_ENTRIES = {torch.float32: "prefill_attention_f32", torch.bfloat16: "prefill_attention_bf16"}
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,14 @@ def native_prefill(
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    library = cpu_decode.native_decode_library()
+    library = cpu_library.native_library()
     assert library is not None and native_prefill_usable(q, k_cache, out)
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     assert v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
     assert k_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
     assert (softcap is None or softcap > 0) and (window is None or window > 0)
-    getattr(library, cpu_decode.PREFILL_ENTRIES[q.dtype])(
+    getattr(library, PREFILL_ENTRIES[q.dtype])(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
         spans.info.shape[0], spans.info.data_ptr(), spans.tables.data_ptr(), spans.tables.shape[1], num_heads,
         num_kv_heads, head_dim, k_cache.shape[1], scale, softcap or 0.0, window or 0)

@@ -52,8 +52,8 @@ def test_sharing_modes_same_answers_plan_computes_least(tmp_path, shared_table, 
         assert key in plan
     # on CPU: the PyTorch backend, decode attention compiled where a compiler is found, and no CUDA graphs
     assert plan["model"]["attention_backend"] == "torch" and plan["model"]["cuda_graphs"] is False
-    from kernels.cpu_decode import native_decode_problem
-    problem = native_decode_problem()
+    from kernels.cpu_library import native_library_problem
+    problem = native_library_problem()
     assert plan["model"]["decode_attention"] == ("compiled" if problem is None else f"torch ({problem})")
     assert plan["engine"]["cuda_graph_steps"] == 0
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kernel_cases import make_decode_scenario
-from kernels import cpu_decode
+from kernels import cpu_decode, cpu_library
 from kernels.paged_attention import build_paged_batch, paged_attention_reference
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch
 from kernels.shared_prefix_attention import build_shared_prefix_batch, shared_prefix_decode_reference
@@ -28,8 +28,8 @@ from test_shared_prefix_attention import _random_case
 
 REPO = Path(__file__).resolve().parent.parent
 
-needs_kernel = pytest.mark.skipif(cpu_decode.native_decode_problem() is not None,
-                                  reason=f"compiled decode attention unavailable: {cpu_decode.native_decode_problem()}")
+needs_kernel = pytest.mark.skipif(cpu_library.native_library_problem() is not None,
+                                  reason=f"compiled decode attention unavailable: {cpu_library.native_library_problem()}")
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
@@ -38,8 +38,8 @@ def test_the_kernel_is_built_where_a_compiler_is_found() -> None:
     if os.environ.get("BATCHLLM_NATIVE_KERNELS", "1") == "0" or not (os.environ.get("CXX") or shutil.which("g++")
                                                                      or shutil.which("c++")):
         pytest.skip("no compiler here, or the kernel is turned off")
-    assert cpu_decode.native_decode_problem() is None
-    assert cpu_decode.native_decode_library() is not None
+    assert cpu_library.native_library_problem() is None
+    assert cpu_library.native_library() is not None
 
 
 def _grouped(sc, dtype: torch.dtype, window: int | None, softcap: float | None, min_group_size: int = 2) -> None:
@@ -107,7 +107,7 @@ def test_decode_rows_without_groups_equal_the_paged_definition(window: int | Non
 
 
 def _engine_tokens(env: dict[str, str], tmp_path: Path, generate: bool = True) -> dict:
-    """In a fresh process with `env` added: native_decode_problem(), and (generate) the greedy tokens of a
+    """In a fresh process with `env` added: native_library_problem(), and (generate) the greedy tokens of a
     small job with shared prefixes and plain rows in plan and in none mode."""
     import json
 
@@ -118,7 +118,7 @@ import engine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kernels import cpu_decode
+from kernels import cpu_library
 from model_factory import VARIANTS, build_model_dir
 tokens = {{}}
 if {generate!r}:
@@ -130,7 +130,7 @@ if {generate!r}:
         cfg = EngineConfig(model_dir=str(model), device="cpu", dtype="float32", prefix_sharing=mode, block_size=4)
         done = {{r.key: list(r.token_ids) for r in LLMEngine(cfg).generate((i, p, params) for i, p in enumerate(prompts))}}
         tokens[mode] = [done[i] for i in range(len(prompts))]
-print(json.dumps({{"problem": cpu_decode.native_decode_problem(), "tokens": tokens}}))
+print(json.dumps({{"problem": cpu_library.native_library_problem(), "tokens": tokens}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO), "BATCHLLM_CACHE_DIR": str(tmp_path / "cache"),
@@ -141,12 +141,12 @@ print(json.dumps({{"problem": cpu_decode.native_decode_problem(), "tokens": toke
 
 @needs_kernel
 def test_a_machine_without_a_compiler_runs_the_same_job_through_pytorch(tmp_path: Path) -> None:
-    """No compiler on PATH (and no CXX): the engine says why in native_decode_problem and produces the
+    """No compiler on PATH (and no CXX): the engine says why in native_library_problem and produces the
     same greedy tokens as with the kernel (float32, plan and none mode); with the library once built
     into the cache directory, a later process loads it without a compiler."""
     built = _engine_tokens({}, tmp_path)
     assert built["problem"] is None
-    assert list((tmp_path / "cache" / "kernels").glob("decode_attention-*.so"))
+    assert list((tmp_path / "cache" / "kernels").glob("cpu_kernels-*.so"))
     bare = {"PATH": str(tmp_path / "empty-bin"), "CXX": ""}
     assert _engine_tokens(bare, tmp_path, generate=False)["problem"] is None, "a built library loads without a compiler"
     shutil.rmtree(tmp_path / "cache" / "kernels")
@@ -176,10 +176,10 @@ def test_queries_laid_out_otherwise_go_through_pytorch() -> None:
 
 
 def _problem(env: dict[str, str]) -> str | None:
-    """native_decode_problem() in a fresh process with `env` added (the build is once per process)."""
+    """native_library_problem() in a fresh process with `env` added (the build is once per process)."""
     import json
 
-    script = "import json; from kernels import cpu_decode; print(json.dumps(cpu_decode.native_decode_problem()))"
+    script = "import json; from kernels import cpu_library; print(json.dumps(cpu_library.native_library_problem()))"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO), **env})
     assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
@@ -194,13 +194,13 @@ def test_a_damaged_cached_library_is_built_again(tmp_path: Path) -> None:
 
     env = {"BATCHLLM_CACHE_DIR": str(tmp_path / "cache")}
     assert _problem(env) is None
-    (lib,) = (tmp_path / "cache" / "kernels").glob("decode_attention-*.so")
+    (lib,) = (tmp_path / "cache" / "kernels").glob("cpu_kernels-*.so")
     good = lib.read_bytes()
     assert lib.stat().st_mode & 0o777 == 0o755, "other users of a shared cache directory can load it"
     for damage in (good[: len(good) // 2], b"", Path(_ctypes.__file__).read_bytes()):
         lib.write_bytes(damage)
         assert _problem(env) is None
-        assert cpu_decode._digest(lib) == lib.with_suffix(".sha256").read_text().strip()
+        assert cpu_library._digest(lib) == lib.with_suffix(".sha256").read_text().strip()
 
 
 @needs_kernel
@@ -222,12 +222,12 @@ def test_the_switch_is_on_or_off_and_anything_else_is_refused(monkeypatch, tiny_
     from engine import ConfigError, EngineConfig, LLMEngine
 
     for value in ("0", "false", " OFF ", "no"):
-        monkeypatch.setenv(cpu_decode.SWITCH_ENV, value)
-        assert cpu_decode.native_kernels_switch() is False
+        monkeypatch.setenv(cpu_library.SWITCH_ENV, value)
+        assert cpu_library.native_kernels_switch() is False
     for value in ("1", "true", "Yes", "on", ""):
-        monkeypatch.setenv(cpu_decode.SWITCH_ENV, value)
-        assert cpu_decode.native_kernels_switch() is True
-    monkeypatch.setenv(cpu_decode.SWITCH_ENV, "disabled")
+        monkeypatch.setenv(cpu_library.SWITCH_ENV, value)
+        assert cpu_library.native_kernels_switch() is True
+    monkeypatch.setenv(cpu_library.SWITCH_ENV, "disabled")
     with pytest.raises(ConfigError, match="BATCHLLM_NATIVE_KERNELS='disabled' is neither on"):
         LLMEngine(EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu"))
 
@@ -255,6 +255,6 @@ def test_the_library_uses_torchs_thread_count() -> None:
     try:
         for threads in (1, 2, 1):
             torch.set_num_threads(threads)
-            assert cpu_decode.native_decode_library().parallel_threads() == threads
+            assert cpu_library.native_library().parallel_threads() == threads
     finally:
         torch.set_num_threads(before)

@@ -20,11 +20,11 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.models.decoder import RMSNorm
 from engine.models.rope import apply_rope_fast
-from kernels import cpu_decode
+from kernels import cpu_library
 from kernels.cpu_fused import fused_ops_usable, native_rms_norm, native_rope, native_silu_mul
 
-needs_kernel = pytest.mark.skipif(cpu_decode.native_decode_problem() is not None,
-                                  reason=f"compiled library unavailable: {cpu_decode.native_decode_problem()}")
+needs_kernel = pytest.mark.skipif(cpu_library.native_library_problem() is not None,
+                                  reason=f"compiled library unavailable: {cpu_library.native_library_problem()}")
 TOLERANCE = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from kernel_cases import dense_prefill, make_prefill_scenario
-from kernels import cpu_decode
+from kernels import cpu_library
 from kernels.cpu_prefill import native_prefill_usable
 from kernels.paged_attention import build_paged_batch
 from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torch
 
-needs_kernel = pytest.mark.skipif(cpu_decode.native_decode_problem() is not None,
-                                  reason=f"compiled attention unavailable: {cpu_decode.native_decode_problem()}")
+needs_kernel = pytest.mark.skipif(cpu_library.native_library_problem() is not None,
+                                  reason=f"compiled attention unavailable: {cpu_library.native_library_problem()}")
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 # (query_len, context_len): whole prompts, chunks continuing a context, mid-block edges, one long span
 SPANS = [(9, 9), (6, 21), (19, 40), (3, 8), (30, 30), (2, 2), (77, 150), (130, 130)]

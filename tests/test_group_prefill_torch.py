@@ -17,8 +17,8 @@ from kernels.paged_attention import build_paged_batch, paged_attention_reference
 def pytorch_path(monkeypatch):
     """These tests are about the batched PyTorch path, which machines without the compiled attention
     (kernels/cpu_prefill.py, tested in test_cpu_prefill.py) run: keep the kernel from taking the chunks."""
-    from kernels import cpu_decode
-    monkeypatch.setattr(cpu_decode, "native_decode_library", lambda: None)
+    from kernels import cpu_library
+    monkeypatch.setattr(cpu_library, "native_library", lambda: None)
 
 
 def _step(seed: int, heads: int, kv_heads: int, bs: int):

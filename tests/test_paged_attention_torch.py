@@ -17,8 +17,8 @@ from kernels.paged_attention_torch import paged_attention_torch, plan_paged_torc
 def pytorch_decode(monkeypatch):
     """These tests are about the PyTorch path, which machines without the compiled decode attention
     (kernels/cpu_decode.py, tested in test_cpu_decode.py) run: keep it from taking the decode rows."""
-    from kernels import cpu_decode
-    monkeypatch.setattr(cpu_decode, "native_decode_library", lambda: None)
+    from kernels import cpu_library
+    monkeypatch.setattr(cpu_library, "native_library", lambda: None)
 
 # (query_len, context_len): decode rows, whole prompts, chunks starting and ending mid-block,
 # a one-token context

@@ -17,8 +17,8 @@ from test_shared_prefix_attention import _random_case
 def pytorch_decode(monkeypatch):
     """These tests are about the PyTorch path, which machines without the compiled decode attention
     (kernels/cpu_decode.py, tested in test_cpu_decode.py) run: keep it from taking the decode rows."""
-    from kernels import cpu_decode
-    monkeypatch.setattr(cpu_decode, "native_decode_library", lambda: None)
+    from kernels import cpu_library
+    monkeypatch.setattr(cpu_library, "native_library", lambda: None)
 
 
 def _check(sc, min_group_size: int = 2) -> int:
