@@ -20,7 +20,7 @@ import torch
 
 from kernels import cpu_library
 
-__all__ = ["DecodeRows", "NATIVE_DTYPES", "native_decode", "native_decode_usable"]
+__all__ = ["DecodeRows", "NATIVE_DTYPES", "attention_call_shape", "native_decode", "native_decode_usable"]
 
 NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
 
@@ -74,6 +74,19 @@ def native_decode_usable(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tens
             and cpu_library.native_library() is not None)
 
 
+def attention_call_shape(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, softcap: float | None
+) -> tuple[int, int, int]:
+    """(query heads, KV heads, head size) of a compiled attention call, its invariants checked (the
+    launchers of decode and prefill attention)."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
+    assert k_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
+    assert (softcap is None or softcap > 0) and (window is None or window > 0)
+    return num_heads, num_kv_heads, head_dim
+
+
 def native_decode(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim], heads and dims contiguous
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
@@ -86,11 +99,7 @@ def native_decode(
 ) -> torch.Tensor:
     library = cpu_library.native_library()
     assert library is not None and native_decode_usable(q, k_cache, out)
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    assert v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
-    assert k_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
-    assert (softcap is None or softcap > 0) and (window is None or window > 0)
+    num_heads, num_kv_heads, head_dim = attention_call_shape(q, k_cache, v_cache, window, softcap)
     groups = rows.prefix_lens.shape[0]
     getattr(library, NATIVE_DTYPES[q.dtype])(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),

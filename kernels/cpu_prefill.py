@@ -64,11 +64,7 @@ def native_prefill(
 ) -> torch.Tensor:
     library = cpu_library.native_library()
     assert library is not None and native_prefill_usable(q, k_cache, out)
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    assert v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
-    assert k_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
-    assert (softcap is None or softcap > 0) and (window is None or window > 0)
+    num_heads, num_kv_heads, head_dim = cpu_decode.attention_call_shape(q, k_cache, v_cache, window, softcap)
     getattr(library, PREFILL_ENTRIES[q.dtype])(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
         spans.info.shape[0], spans.info.data_ptr(), spans.tables.data_ptr(), spans.tables.shape[1], num_heads,

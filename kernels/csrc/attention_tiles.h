@@ -127,6 +127,19 @@ inline Lanes exp_lanes(Lanes x) {
   return p;
 }
 
+// Folds a block into one query's online-softmax state: its running max becomes `top`, its sum and
+// unnormalised output (acc, D floats) are rescaled from the old max, and the block's weights (already
+// exp(score - top)) add `block_total` to the sum.
+inline void advance_softmax(float& max, float& sum, float* acc, int D, float top, float block_total) {
+  const float rescale = std::exp(max - top);
+  sum = sum * rescale + block_total;
+  max = top;
+  if (rescale != 1.f) {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) acc[d] *= rescale;
+  }
+}
+
 // One online-softmax step of row r over the block's scores (keys j0 .. j0 + n - 1): masks the keys the
 // row does not see, turns its scores into weights, rescales its sum and output.
 inline void update_softmax(Tile& tl, int r, int D, int64_t j0, int n, const Shape& s) {
@@ -163,14 +176,7 @@ inline void update_softmax(Tile& tl, int r, int D, int64_t j0, int n, const Shap
   }
   float sum = 0.f;
   for (int t = 0; t < LANES; ++t) sum += total[t];
-  const float rescale = std::exp(tl.max[r] - top);
-  tl.sum[r] = tl.sum[r] * rescale + sum;
-  tl.max[r] = top;
-  if (rescale != 1.f) {
-    float* ar = &tl.acc[static_cast<size_t>(r) * D];
-#pragma omp simd
-    for (int d = 0; d < D; ++d) ar[d] *= rescale;
-  }
+  advance_softmax(tl.max[r], tl.sum[r], &tl.acc[static_cast<size_t>(r) * D], D, top, sum);
 }
 
 template <typename F>

@@ -67,20 +67,13 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
       float* sj = &st.scores[static_cast<size_t>(j) * CHUNK];
       float top = st.max[j];
       for (int t = 0; t < n; ++t) top = std::max(top, sj[t]);
-      const float rescale = std::exp(st.max[j] - top);
       float total = 0.f;
 #pragma omp simd reduction(+ : total)
       for (int t = 0; t < n; ++t) {
         sj[t] = sj[t] <= MASKED ? 0.f : std::exp(sj[t] - top);
         total += sj[t];
       }
-      st.sum[j] = st.sum[j] * rescale + total;
-      st.max[j] = top;
-      if (rescale != 1.f) {
-        float* aj = &st.acc[static_cast<size_t>(j) * D];
-#pragma omp simd
-        for (int d = 0; d < D; ++d) aj[d] *= rescale;
-      }
+      advance_softmax(st.max[j], st.sum[j], &st.acc[static_cast<size_t>(j) * D], D, top, total);
     }
     // the chunk's values in float32, then each query's output accumulated in registers, LANES dims at a
     // time, over the chunk's tokens (one load per value, none of the output, per token)
