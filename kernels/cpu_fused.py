@@ -2,14 +2,14 @@
 
 Meaning: exactly the PyTorch ops they replace (tests compare them): RMSNorm with the residual add
 before it (engine/models/decoder.py's RMSNorm: float32 statistics, the normalised value rounded to the
-model dtype before the weight), SiLU(gate) * up (its MLP), and engine/models/rope.py's
-apply_rope_fast (float32, q and k side by side in the qkv projection). Why: on CPU each PyTorch op of a
+model dtype before the weight), SiLU(gate) * up (its MLP), and engine/models/rope.py's apply_rope
+(also over q and k side by side in the qkv projection, apply_rope_fast's place in float32). Why: on CPU each PyTorch op of a
 step is a pass over the activations; these take 3-7 ops each (a small gain on the whole engine: 1.02x
 on a no-sharing job, bench/results/raw_engine_ab_cpu_fused_ops.json).
 
 They live in the library kernels/cpu_library.py builds (one build, one switch: BATCHLLM_NATIVE_KERNELS);
 `fused_ops_usable` says whether a tensor can take them, else callers keep the PyTorch ops. float32 and
-bfloat16 (RoPE float32 only, like apply_rope_fast).
+bfloat16.
 """
 from __future__ import annotations
 
@@ -64,16 +64,18 @@ def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def native_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """apply_rope_fast for full rotary in float32: x [rows, heads, head_dim] (rows any stride, heads and
-    dims contiguous), positions [rows] int64, table [max_positions, 2, head_dim] float32 (cos, sin)
-    -> a new contiguous [rows, heads, head_dim]."""
+    """engine/models/rope.py's apply_rope with cos / sin = table[positions] in x's dtype: x [rows, heads,
+    head_dim] (rows any stride, heads and dims contiguous), positions [rows] int64, table [max_positions,
+    2, rotary_dim] float32 (cos, sin; rotary_dim <= head_dim, the rest passes through) -> a new contiguous
+    [rows, heads, head_dim]."""
     library = cpu_library.native_library()
     rows, heads, dim = x.shape
-    assert library is not None and x.dtype == torch.float32 == table.dtype and dim % 2 == 0
-    assert x.stride()[1:] == (dim, 1) and table.shape[1:] == (2, dim) and table.is_contiguous()
+    rot = table.shape[-1]
+    assert library is not None and table.dtype == torch.float32 and rot % 2 == 0 and rot <= dim
+    assert x.stride()[1:] == (dim, 1) and table.shape[1] == 2 and table.is_contiguous()
     positions = positions.to(torch.int64).contiguous()
     assert positions.shape == (rows,)
     out = torch.empty(rows, heads, dim, dtype=x.dtype)
-    library.rope_f32(x.data_ptr(), x.stride(0), positions.data_ptr(), table.data_ptr(), out.data_ptr(), rows, heads,
-                     dim)
+    getattr(library, f"rope_{_SUFFIX[x.dtype]}")(x.data_ptr(), x.stride(0), positions.data_ptr(), table.data_ptr(),
+                                               out.data_ptr(), rows, heads, dim, rot)
     return out

@@ -46,7 +46,7 @@ ENTRY_POINTS = {
     **{name: _PREFILL_ARGTYPES for name in ("prefill_attention_f32", "prefill_attention_bf16")},
     **{name: [_P, _P, _P, _P, _P, _I64, _I64, _F] for name in ("rms_norm_f32", "rms_norm_bf16")},
     **{name: [_P, _P, _I64, _I64] for name in ("silu_mul_f32", "silu_mul_bf16")},
-    "rope_f32": [_P, _I64, _P, _P, _P, _I64, _I64, _I64],
+    **{name: [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64] for name in ("rope_f32", "rope_bf16")},
     "set_num_threads": [_INT],
     "parallel_threads": [],
 }

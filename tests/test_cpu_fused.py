@@ -19,7 +19,7 @@ import model_factory
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.models.decoder import RMSNorm
-from engine.models.rope import apply_rope_fast
+from engine.models.rope import apply_rope, apply_rope_fast
 from kernels import cpu_library
 from kernels.cpu_fused import fused_ops_usable, native_rms_norm, native_rope, native_silu_mul
 
@@ -88,6 +88,27 @@ def test_rope_equals_apply_rope_fast_on_the_qkv_view(heads: int, kv_heads: int, 
     cos_sin = table[positions]
     want = apply_rope_fast(qk, cos_sin[:, 0:1], cos_sin[:, 1:2])
     torch.testing.assert_close(native_rope(qk, positions, table), want, **TOLERANCE[torch.float32])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dim", "rot"), [(64, 64), (32, 24), (16, 2)])
+def test_rope_equals_apply_rope_with_partial_rotary(dtype: torch.dtype, dim: int, rot: int) -> None:
+    """The per-tensor path (q/k norms, partial rotary, 16-bit types): bfloat16 bit for bit, since each
+    product and the sum are rounded where apply_rope rounds them."""
+    tokens, positions = 11, torch.tensor([0, 3, 4, 9, 17, 30, 31, 2, 60, 61, 62])
+    gen = torch.Generator().manual_seed(dim + rot)
+    x = (torch.randn(tokens, 4, dim, generator=gen) * 3).to(dtype)
+    angles = torch.arange(64)[:, None] * torch.rand(rot // 2, generator=gen)[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    table = torch.stack((emb.cos(), emb.sin()), dim=1).contiguous()  # [64, 2, rot]
+    cos_sin = table[positions].to(dtype)
+    want = apply_rope(x, cos_sin[:, 0:1], cos_sin[:, 1:2])
+    got = native_rope(x, positions, table)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
 
 
 def test_unsupported_tensors_keep_the_pytorch_ops() -> None:

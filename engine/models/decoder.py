@@ -103,7 +103,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.q_size if whole else cfg.head_dim, cfg.rms_norm_eps, offset)
             self.k_norm = RMSNorm(self.kv_size if whole else cfg.head_dim, cfg.rms_norm_eps, offset)
         self.fused = False  # RoPE by the Triton kernel (kernels.rotary), in place
-        self.cpu_fused = False  # RoPE of the float32 joint path by the compiled CPU kernel (kernels.cpu_fused)
+        self.cpu_fused = False  # RoPE by the compiled CPU kernel (kernels.cpu_fused)
 
     def forward(self, x: torch.Tensor, rope: RotaryInputs, ctx: StepContext) -> torch.Tensor:
         # x: [num_tokens, hidden]
@@ -127,6 +127,8 @@ class Attention(nn.Module):
             # in place (qkv or the q/k norm output); views of the rotated dims under partial rotary
             d = self.rotary_dim
             rotary_embedding(q[..., :d], k[..., :d], rope.positions, rope.table)
+        elif self.cpu_fused and fused_ops_usable(q):
+            q, k = native_rope(q, rope.positions, rope.table), native_rope(k, rope.positions, rope.table)
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
@@ -302,7 +304,7 @@ class DecoderForCausalLM(nn.Module):
         return RotaryInputs(positions, table, cos, sin, local)
 
     def use_cpu_fused_ops(self, enabled: bool) -> None:
-        """Run add+RMSNorm, SiLU(gate) * up and float32 RoPE as compiled CPU kernels (kernels.cpu_fused;
+        """Run add+RMSNorm, SiLU(gate) * up and RoPE as compiled CPU kernels (kernels.cpu_fused;
         the caller checks the library is there); Gemma's (1 + weight) norms and gelu stay PyTorch ops.
         Outputs match the PyTorch ops up to the order of float32 sums."""
         for module in self.modules():

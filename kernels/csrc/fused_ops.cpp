@@ -1,9 +1,9 @@
 // A decoder layer's elementwise steps on CPU, each one pass over memory instead of PyTorch's 3-7:
-// RMSNorm with the residual add before it, SiLU(gate) * up, and RoPE over q and k side by side.
+// RMSNorm with the residual add before it, SiLU(gate) * up, and RoPE.
 //
 // Meaning: engine/models/decoder.py's RMSNorm (float32 statistics, the normalised value rounded to the
 // model dtype before the weight multiplies it, as transformers does), MLP activation and
-// engine/models/rope.py's apply_rope_fast; every intermediate PyTorch rounds to the model dtype is
+// engine/models/rope.py's apply_rope; every intermediate PyTorch rounds to the model dtype is
 // rounded here too. Built at first use by kernels/cpu_decode.py (one library with the attention
 // kernels); kernels/cpu_fused.py holds the launchers; tests compare them with the PyTorch ops.
 #include <cmath>
@@ -79,22 +79,30 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
   }
 }
 
-// out [rows, heads, dim] = x * cos + rotate_half(x) * sin, x [rows, heads, dim] with row stride x_row_stride,
-// cos / sin from table [positions, 2, dim] at each row's position (float32 only, as apply_rope_fast's caller)
-void rope(const float* x, int64_t x_row_stride, const int64_t* positions, const float* table, float* out,
-          int64_t rows, int64_t heads, int64_t dim) {
-  const int64_t half = dim / 2;
+// out [rows, heads, dim] = x * cos + rotate_half(x) * sin over the first `rot` dims of each head (the rest
+// copied: partial rotary), x [rows, heads, dim] with row stride x_row_stride, cos / sin from table
+// [positions, rot_table, 2, rot] float32 at each row's position, rounded to the model dtype as the caller's
+// cos / sin are; each product and the sum rounded as PyTorch rounds them (engine/models/rope.py's apply_rope)
+template <typename T>
+void rope(const T* x, int64_t x_row_stride, const int64_t* positions, const float* table, T* out, int64_t rows,
+          int64_t heads, int64_t dim, int64_t rot) {
+  const int64_t half = rot / 2;
 #pragma omp parallel for schedule(static) if (rows * heads * dim > 32768) num_threads(library_threads())
   for (int64_t i = 0; i < rows; ++i) {
-    const float* cos = table + positions[i] * 2 * dim;
-    const float* sin = cos + dim;
+    const float* cos = table + positions[i] * 2 * rot;
+    const float* sin = cos + rot;
     for (int64_t h = 0; h < heads; ++h) {
-      const float* xh = x + i * x_row_stride + h * dim;
-      float* oh = out + (i * heads + h) * dim;
+      const T* xh = x + i * x_row_stride + h * dim;
+      T* oh = out + (i * heads + h) * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < half; ++d) oh[d] = xh[d] * cos[d] - xh[d + half] * sin[d];
+      for (int64_t d = 0; d < half; ++d)
+        oh[d] = narrow<T>(rounded<T>(widen(xh[d]) * rounded<T>(cos[d])) +
+                          rounded<T>(-widen(xh[d + half]) * rounded<T>(sin[d])));
 #pragma omp simd
-      for (int64_t d = half; d < dim; ++d) oh[d] = xh[d] * cos[d] + xh[d - half] * sin[d];
+      for (int64_t d = half; d < rot; ++d)
+        oh[d] = narrow<T>(rounded<T>(widen(xh[d]) * rounded<T>(cos[d])) +
+                          rounded<T>(widen(xh[d - half]) * rounded<T>(sin[d])));
+      for (int64_t d = rot; d < dim; ++d) oh[d] = xh[d];
     }
   }
 }
@@ -127,7 +135,11 @@ void silu_mul_bf16(const bf16_t* gate_up, bf16_t* out, int64_t rows, int64_t int
   silu_mul<bf16_t>(gate_up, out, rows, inter);
 }
 void rope_f32(const float* x, int64_t x_row_stride, const int64_t* positions, const float* table, float* out,
-              int64_t rows, int64_t heads, int64_t dim) {
-  rope(x, x_row_stride, positions, table, out, rows, heads, dim);
+              int64_t rows, int64_t heads, int64_t dim, int64_t rot) {
+  rope<float>(x, x_row_stride, positions, table, out, rows, heads, dim, rot);
+}
+void rope_bf16(const bf16_t* x, int64_t x_row_stride, const int64_t* positions, const float* table, bf16_t* out,
+               int64_t rows, int64_t heads, int64_t dim, int64_t rot) {
+  rope<bf16_t>(x, x_row_stride, positions, table, out, rows, heads, dim, rot);
 }
 }
