@@ -76,19 +76,65 @@ class SuffixBucket:
 
 
 @dataclass(frozen=True)
-class TorchGroupPrefillPlan:
-    """One step's grouped prefill chunks: T query tokens, in group order (token_rows)."""
+class _BatchedParts:
+    """The batched PyTorch path's metadata (built at the first layer that runs it)."""
 
-    buckets: tuple[PrefixBucket, ...]  # the prefix part: one row per query token
-    token_rows: torch.Tensor  # [T] int64: row of q of each query token (chunks in group order)
+    buckets: tuple[PrefixBucket, ...]
+    token_rows: torch.Tensor
     suffix: tuple[SuffixBucket, ...]
-    # [T] int64: where each token's suffix result sits among the buckets' concatenated real queries;
-    # None when that is token order already
     suffix_order: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """The step's chunks in group order (host arrays), what both paths are planned from."""
+
+    starts: np.ndarray  # [n] first row of q
+    qls: np.ndarray  # [n] query tokens
+    ctx: np.ndarray  # [n] context tokens
+    plen: np.ndarray  # [n] the group's prefix tokens
+    table: np.ndarray  # [n, width] int64 block tables
+    firsts: np.ndarray  # [G] each group's first chunk
+    block_size: int
+    window: int | None
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class TorchGroupPrefillPlan:
+    """One step's grouped prefill chunks: T query tokens, in group order (token_rows). The compiled CPU
+    kernel reads `spans`; the batched PyTorch path's parts are built only when it runs."""
+
     heads_per_kv: int
     # the chunks as plain prefill spans (tables from position 0), for the compiled CPU kernel
     spans: PrefillSpans
+    chunks: _Chunks = field(compare=False, repr=False)
     buffers: GatherBuffers = field(default_factory=GatherBuffers, compare=False, repr=False)
+    _parts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def parts(self) -> _BatchedParts:
+        found = self._parts.get("parts")
+        if found is None:
+            found = self._parts["parts"] = _plan_batched_parts(self.chunks, self.heads_per_kv)
+        return found
+
+    @property
+    def buckets(self) -> tuple[PrefixBucket, ...]:  # the prefix part: one row per query token
+        return self.parts().buckets
+
+    @property
+    def token_rows(self) -> torch.Tensor:  # [T] int64: row of q of each query token (chunks in group order)
+        return self.parts().token_rows
+
+    @property
+    def suffix(self) -> tuple[SuffixBucket, ...]:
+        return self.parts().suffix
+
+    @property
+    def suffix_order(self) -> torch.Tensor | None:
+        """[T] int64: where each token's suffix result sits among the buckets' concatenated real queries;
+        None when that is token order already."""
+        return self.parts().suffix_order
 
 
 def _suffix_buckets(qls: np.ndarray, keys: np.ndarray) -> list[np.ndarray]:
@@ -132,12 +178,22 @@ def plan_group_prefill_torch(
     table = np.zeros((n, width), dtype=np.int64)
     for row, i in enumerate(order):
         table[row, : len(block_tables[i])] = block_tables[i]
+    firsts = np.cumsum([0] + [len(m) for m in by_group.values()])[:-1]  # each group's first chunk
+    return TorchGroupPrefillPlan(
+        heads_per_kv=heads_per_kv,
+        spans=PrefillSpans(torch.from_numpy(np.stack([starts, qls, ctx, np.zeros_like(ctx)], axis=1)).contiguous(),
+                           torch.from_numpy(table.astype(np.int32))),
+        chunks=_Chunks(starts, qls, ctx, plen, table, firsts, bs, window, device),
+        buffers=buffers if buffers is not None else GatherBuffers(),
+    )
 
+
+def _plan_batched_parts(c: _Chunks, heads_per_kv: int) -> _BatchedParts:
+    starts, qls, ctx, plen, table, firsts, bs = c.starts, c.qls, c.ctx, c.plen, c.table, c.firsts, c.block_size
     # prefix part: every query token a row, groups in order
     j = np.arange(int(qls.max()))[None, :]
     query_ok = j < qls[:, None]
     query_pos = ctx[:, None] - qls[:, None] + j  # [n, Wq]
-    firsts = np.cumsum([0] + [len(m) for m in by_group.values()])[:-1]  # each group's first chunk
     chunk_tokens = np.concatenate([[0], np.cumsum(qls)])
     group_starts = np.append(chunk_tokens[firsts], chunk_tokens[-1])
     group_plens = plen[firsts]
@@ -145,11 +201,11 @@ def plan_group_prefill_torch(
     assert all((table[row, : p // bs] == prefix_tables[g, : p // bs]).all()
                for g, (row, p) in enumerate(zip(firsts, group_plens))), "members must share their prefix's blocks"
     buckets = plan_prefix_buckets(group_starts, group_plens, query_pos[query_ok], prefix_tables, bs,
-                                  int(chunk_tokens[-1]), window, heads_per_kv, device)
+                                  int(chunk_tokens[-1]), c.window, heads_per_kv, c.device)
 
     # suffix part: each chunk over its keys from its prefix's end, in buckets of similar lengths
     def dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(c.device)
 
     token_of = np.full(query_ok.shape, -1, dtype=np.int64)  # [n, Wq] token index (group order) of each query
     token_of[query_ok] = np.arange(int(chunk_tokens[-1]))
@@ -174,13 +230,8 @@ def plan_group_prefill_torch(
     order_of_token = np.empty_like(done)
     order_of_token[done] = np.arange(len(done))
     identity = bool((done == np.arange(len(done))).all())
-    return TorchGroupPrefillPlan(
-        buckets=buckets, token_rows=dev(q_rows[query_ok]), suffix=tuple(suffix),
-        suffix_order=None if identity else dev(order_of_token), heads_per_kv=heads_per_kv,
-        spans=PrefillSpans(torch.from_numpy(np.stack([starts, qls, ctx, np.zeros_like(ctx)], axis=1)).contiguous(),
-                           torch.from_numpy(table.astype(np.int32))),
-        buffers=buffers if buffers is not None else GatherBuffers(),
-    )
+    return _BatchedParts(buckets=buckets, token_rows=dev(q_rows[query_ok]), suffix=tuple(suffix),
+                         suffix_order=None if identity else dev(order_of_token))
 
 
 def group_prefill_torch(
