@@ -20,9 +20,7 @@ import torch
 
 from kernels import cpu_library
 
-__all__ = ["DecodeRows", "NATIVE_DTYPES", "attention_call_shape", "native_decode", "native_decode_usable"]
-
-NATIVE_DTYPES = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
+__all__ = ["DecodeRows", "attention_call_shape", "native_decode", "native_decode_usable"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class DecodeRows:
 def native_decode_usable(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `native_decode` can serve these tensors (else the caller's PyTorch path)."""
     head_dim = q.shape[-1]
-    return (q.device.type == "cpu" and q.dtype in NATIVE_DTYPES and q.dtype == k_cache.dtype == out.dtype
+    return (q.device.type == "cpu" and q.dtype in cpu_library.LIBRARY_DTYPES and q.dtype == k_cache.dtype == out.dtype
             and q.dim() == 3 and q.stride()[1:] == (head_dim, 1) and out.stride()[1:] == (head_dim, 1)
             and k_cache.is_contiguous()
             and not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad))
@@ -101,7 +99,7 @@ def native_decode(
     assert library is not None and native_decode_usable(q, k_cache, out)
     num_heads, num_kv_heads, head_dim = attention_call_shape(q, k_cache, v_cache, window, softcap)
     groups = rows.prefix_lens.shape[0]
-    getattr(library, NATIVE_DTYPES[q.dtype])(
+    cpu_library.entry_point(library, "decode_attention", q.dtype)(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
         rows.query_index.shape[0], rows.query_index.data_ptr(), rows.tables.data_ptr(), rows.tables.shape[1],
         rows.table_starts.data_ptr(), rows.context_lens.data_ptr(), rows.suffix_starts.data_ptr(), groups,

@@ -19,12 +19,10 @@ from kernels import cpu_library
 
 __all__ = ["fused_ops_usable", "native_rms_norm", "native_rope", "native_silu_mul"]
 
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
 
 def fused_ops_usable(x: torch.Tensor) -> bool:
     """Whether the compiled ops can take `x` (a CPU tensor of a supported dtype, no autograd) here."""
-    return (x.device.type == "cpu" and x.dtype in _SUFFIX and not (torch.is_grad_enabled() and x.requires_grad)
+    return (x.device.type == "cpu" and x.dtype in cpu_library.LIBRARY_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
             and cpu_library.native_library() is not None)
 
 
@@ -45,7 +43,7 @@ def native_rms_norm(
         residual = residual.contiguous()
         assert residual.shape == x.shape and residual.dtype == x.dtype
         new_residual = torch.empty_like(x)
-    getattr(library, f"rms_norm_{_SUFFIX[x.dtype]}")(
+    cpu_library.entry_point(library, "rms_norm", x.dtype)(
         x.data_ptr(), None if residual is None else residual.data_ptr(),
         None if new_residual is None else new_residual.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
         x.shape[1], eps)
@@ -58,7 +56,7 @@ def native_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     assert library is not None and gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-    getattr(library, f"silu_mul_{_SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), out.shape[0],
+    cpu_library.entry_point(library, "silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), out.shape[0],
                                                           out.shape[1])
     return out
 
@@ -76,6 +74,6 @@ def native_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -
     positions = positions.to(torch.int64).contiguous()
     assert positions.shape == (rows,)
     out = torch.empty(rows, heads, dim, dtype=x.dtype)
-    getattr(library, f"rope_{_SUFFIX[x.dtype]}")(x.data_ptr(), x.stride(0), positions.data_ptr(), table.data_ptr(),
+    cpu_library.entry_point(library, "rope", x.dtype)(x.data_ptr(), x.stride(0), positions.data_ptr(), table.data_ptr(),
                                                out.data_ptr(), rows, heads, dim, rot)
     return out

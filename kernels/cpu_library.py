@@ -22,19 +22,22 @@ import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from kernels import cache_root
 
-__all__ = ["ENTRY_POINTS", "LIBRARY_DTYPES", "SWITCH_ENV", "native_kernels_switch", "native_library",
+__all__ = ["ENTRY_POINTS", "LIBRARY_DTYPES", "SWITCH_ENV", "entry_point", "native_kernels_switch", "native_library",
            "native_library_problem"]
 
-LIBRARY_DTYPES = (torch.float32, torch.bfloat16)
+# each kernel has one entry point per dtype: NAME_f32, NAME_bf16
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+LIBRARY_DTYPES = tuple(_DTYPE_SUFFIX)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("decode_attention.cpp", "prefill_attention.cpp", "fused_ops.cpp"))
 # included by the sources: part of the build's hash
-HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("attention_tiles.h", "threads.h"))
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("attention_tiles.h", "bf16.h", "threads.h"))
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P,
@@ -42,11 +45,13 @@ _ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _I64, _
 _PREFILL_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _INT, _F, _F, _I64]
 # every entry point of the library and its C signature (kernels/csrc/*.cpp)
 ENTRY_POINTS = {
-    **{name: _ARGTYPES for name in ("decode_attention_f32", "decode_attention_bf16")},
-    **{name: _PREFILL_ARGTYPES for name in ("prefill_attention_f32", "prefill_attention_bf16")},
-    **{name: [_P, _P, _P, _P, _P, _I64, _I64, _F] for name in ("rms_norm_f32", "rms_norm_bf16")},
-    **{name: [_P, _P, _I64, _I64] for name in ("silu_mul_f32", "silu_mul_bf16")},
-    **{name: [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64] for name in ("rope_f32", "rope_bf16")},
+    **{f"{kernel}_{suffix}": argtypes for kernel, argtypes in (
+        ("decode_attention", _ARGTYPES),
+        ("prefill_attention", _PREFILL_ARGTYPES),
+        ("rms_norm", [_P, _P, _P, _P, _P, _I64, _I64, _F]),
+        ("silu_mul", [_P, _P, _I64, _I64]),
+        ("rope", [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]),
+    ) for suffix in _DTYPE_SUFFIX.values()},
     "set_num_threads": [_INT],
     "parallel_threads": [],
 }
@@ -193,6 +198,11 @@ def native_library() -> ctypes.CDLL | None:
             build.library.set_num_threads(threads)
             build.threads = threads
     return build.library
+
+
+def entry_point(library: ctypes.CDLL, kernel: str, dtype: torch.dtype) -> Callable[..., None]:
+    """The library's entry point of `kernel` for tensors of `dtype` (one of LIBRARY_DTYPES)."""
+    return getattr(library, f"{kernel}_{_DTYPE_SUFFIX[dtype]}")
 
 
 def native_library_problem() -> str | None:

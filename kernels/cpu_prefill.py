@@ -25,8 +25,6 @@ from kernels import cpu_decode, cpu_library
 
 __all__ = ["PrefillSpans", "native_prefill", "native_prefill_usable"]
 
-PREFILL_ENTRIES = {torch.float32: "prefill_attention_f32", torch.bfloat16: "prefill_attention_bf16"}
-
 
 @dataclass(frozen=True)
 class PrefillSpans:
@@ -65,7 +63,7 @@ def native_prefill(
     library = cpu_library.native_library()
     assert library is not None and native_prefill_usable(q, k_cache, out)
     num_heads, num_kv_heads, head_dim = cpu_decode.attention_call_shape(q, k_cache, v_cache, window, softcap)
-    getattr(library, PREFILL_ENTRIES[q.dtype])(
+    cpu_library.entry_point(library, "prefill_attention", q.dtype)(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), out.stride(0),
         spans.info.shape[0], spans.info.data_ptr(), spans.tables.data_ptr(), spans.tables.shape[1], num_heads,
         num_kv_heads, head_dim, k_cache.shape[1], scale, softcap or 0.0, window or 0)

@@ -18,10 +18,10 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
-
-typedef uint16_t bf16_t;
 constexpr int LANES = 16;        // floats per vector
 constexpr int KEYS = 64;         // keys per block: LANES-wide score vectors, one softmax update
 constexpr int ROWS = 8;          // rows whose scores / outputs are accumulated together
@@ -30,20 +30,6 @@ typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t Ints __attribute__((vector_size(LANES * sizeof(int32_t))));
 constexpr int VECS = KEYS / LANES;
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const bf16_t* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void store(float* p, int64_t i, float x) { p[i] = x; }
-inline void store(bf16_t* p, int64_t i, float x) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  p[i] = static_cast<bf16_t>(u >> 16);
-}
 inline Lanes lanes_at(const float* p) {
   Lanes v;
   std::memcpy(&v, p, sizeof v);

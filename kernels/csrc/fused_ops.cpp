@@ -10,29 +10,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "threads.h"
 
 namespace {
-
-typedef uint16_t bf16_t;
-
-inline float widen(float x) { return x; }
-inline float widen(bf16_t x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-template <typename T> T narrow(float x);
-template <> inline float narrow<float>(float x) { return x; }
-template <> inline bf16_t narrow<bf16_t>(float x) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<bf16_t>(u >> 16);
-}
-// a value as PyTorch holds it in the model dtype (float32: unchanged)
-template <typename T> inline float rounded(float x) { return widen(narrow<T>(x)); }
 
 // out = weight * dtype(r * rsqrt(mean(r^2) + eps)) with r = x (+ residual, then stored in new_residual)
 template <typename T>
