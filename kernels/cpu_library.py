@@ -86,7 +86,7 @@ def native_kernels_switch() -> bool:
     raw = os.environ.get(SWITCH_ENV, "").strip().lower()
     if raw not in _ON + _OFF:
         raise ValueError(f"{SWITCH_ENV}={os.environ[SWITCH_ENV]!r} is neither on (1) nor off (0); unset it, or give 0 "
-                         "to run decode attention and the linear layers as plain PyTorch ops.")
+                         "to run attention, the elementwise steps and the linear layers as plain PyTorch ops.")
     return raw in _ON
 
 
