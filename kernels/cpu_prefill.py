@@ -5,9 +5,10 @@ more than one query token: each token sees the keys up to its own position, with
 tests compare them. Why compiled code: PyTorch's fused CPU attention runs float32 through MKL's
 sgemm in small blocks (without AVX-512 on AMD CPUs), and the PyTorch path first gathers a chunk's
 earlier keys out of the cache; this kernel reads the cache in place, reads each key once for all
-query heads of its KV head, and keeps scores in registers for 8 query rows at a time (1.8-4.3x as fast
-per layer call as the PyTorch path on a 2-core AMD EPYC, float32 and bfloat16, prompts of 128-1,000
-tokens at 64- and 128-wide heads: bench/cpu_prefill_attention.py). Plan mode's members' chunks after
+query heads of its KV head, and holds 32 query rows in the lanes of two vectors, so a key element is
+broadcast against them and the softmax needs no horizontal step (bench/cpu_prefill_attention.py,
+bench/results/cpu_prefill_attention_cpu.json: per layer call against the PyTorch path, float32 and
+bfloat16, prompts of 128-1,000 tokens at 64- and 128-wide heads). Plan mode's members' chunks after
 their group's prefix run here too, as plain spans (kernels/group_prefill_torch.py).
 
 It lives in the library kernels/cpu_library.py builds (one build, one cache entry, one switch:

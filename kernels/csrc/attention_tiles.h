@@ -4,36 +4,51 @@
 //
 // A tile holds any number of rows: query vectors (float32, already scaled), each with its position
 // (it sees keys up to its own position, within the sliding window) and its online-softmax state
-// (running max, sum, unnormalised output). Keys go in blocks of KEYS: a block's keys are transposed into
-// [head_dim][KEYS] (float32), scores for ROWS rows at a time are LANES-wide vectors accumulated over
-// head_dim (each key vector load serves ROWS rows), then one online-softmax update per row, then the
-// values: per LANES output dims, ROWS rows' accumulators over the block's keys (each value load serves
-// ROWS rows). Masked keys score MASKED, a finite stand-in for -inf: the library is built with
+// (running max, sum, unnormalised output). The loop works on chunks of ROW_CHUNK rows held transposed, rows
+// in vector lanes: queries and outputs as [head_dim][ROW_CHUNK], scores as [KEYS][ROW_CHUNK]. So a score pass
+// broadcasts one key element against a vector of rows (FAN keys at a time, no key is ever transposed),
+// the softmax's max, exp, sum and rescale are lane-wise (one row per lane, no horizontal step), and a
+// value pass broadcasts one value element against a vector of weights (FAN dims at a time). Keys go in
+// blocks of KEYS (one softmax update per block), read in place from a float32 cache (a bfloat16 block is
+// widened once). Masked keys score MASKED, a finite stand-in for -inf: the library is built with
 // -ffast-math (vectorised exp), under which infinities are not allowed.
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bf16.h"
 
 namespace {
 
-constexpr int LANES = 16;        // floats per vector
-constexpr int KEYS = 64;         // keys per block: LANES-wide score vectors, one softmax update
-constexpr int ROWS = 8;          // rows whose scores / outputs are accumulated together
+constexpr int LANES = 16;           // floats per vector
+constexpr int KEYS = 64;            // keys per block: one online-softmax update
+constexpr int ROW_CHUNK = 2 * LANES;    // rows per chunk: two vectors of rows
+constexpr int FAN = 12;             // keys per score pass, dims per value pass: FAN x 2 accumulators
 constexpr float MASKED = -1.0e30f;
 typedef float Lanes __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t Ints __attribute__((vector_size(LANES * sizeof(int32_t))));
-constexpr int VECS = KEYS / LANES;
 
 inline Lanes lanes_at(const float* p) {
   Lanes v;
   std::memcpy(&v, p, sizeof v);
   return v;
+}
+inline void put_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+inline Ints ints_at(const int32_t* p) {
+  Ints v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline bool any_lane(Ints v) {
+  for (int i = 0; i < LANES; ++i)
+    if (v[i]) return true;
+  return false;
 }
 
 struct Shape {
@@ -42,60 +57,24 @@ struct Shape {
   int64_t window;  // 0: none
 };
 
-// A task's working memory, reused across tasks of a thread.
+// A task's tile, reused across tasks of a thread. Callers fill q and pos (and the state, fresh from
+// reset), run attend_keys, and read acc, max and sum.
 struct Tile {
-  std::vector<float> q, acc, max, sum, scores, kt, values;
-  std::vector<int64_t> pos;  // [rows] the query's position
+  std::vector<float> q, acc, max, sum;  // [rows][D], [rows][D], [rows], [rows]
+  std::vector<int64_t> pos;             // [rows] the query's position
+  // attend_keys' working memory, per chunk c: queries and outputs [c][D][ROW_CHUNK], running max and sum
+  // [c][ROW_CHUNK], positions relative to the first key [c][ROW_CHUNK]; one block's scores [KEYS][ROW_CHUNK];
+  // a bfloat16 block's keys and values widened, [KEYS][D]
+  std::vector<float> qt, acct, mt, lt, scores, keys, values;
+  std::vector<int32_t> rel;
   void reset(int rows, int d) {
     q.resize(static_cast<size_t>(rows) * d);
     acc.assign(static_cast<size_t>(rows) * d, 0.f);
     max.assign(rows, MASKED);
     sum.assign(rows, 0.f);
-    scores.resize(static_cast<size_t>(rows) * KEYS);
-    kt.resize(static_cast<size_t>(d) * KEYS);
-    values.resize(static_cast<size_t>(KEYS) * d);
     pos.resize(rows);
   }
 };
-
-// Scores of rows [r0, r0 + N) against the block's keys (kt: [D][KEYS]) into tile.scores.
-template <int N>
-inline void block_scores(Tile& tl, int r0, int D, int vecs) {
-  const float* q = tl.q.data() + static_cast<size_t>(r0) * D;
-  for (int c = 0; c < vecs; ++c) {
-    Lanes s[N];
-    for (int i = 0; i < N; ++i) s[i] = Lanes{};
-    const float* kt = tl.kt.data() + c * LANES;
-    for (int d = 0; d < D; ++d) {
-      const Lanes k = lanes_at(kt + d * KEYS);
-      for (int i = 0; i < N; ++i) s[i] += q[i * D + d] * k;
-    }
-    for (int i = 0; i < N; ++i)
-      std::memcpy(&tl.scores[static_cast<size_t>(r0 + i) * KEYS + c * LANES], &s[i], sizeof(Lanes));
-  }
-}
-
-// Outputs of rows [r0, r0 + N) += their block weights (tile.scores, now probabilities) x values.
-template <int N>
-inline void block_values(Tile& tl, int r0, int D, int n) {
-  const float* p = tl.scores.data() + static_cast<size_t>(r0) * KEYS;
-  const int full = D - D % LANES;
-  for (int d = full; d < D; ++d)  // head sizes that are no multiple of LANES: the last dims one at a time
-    for (int i = 0; i < N; ++i) {
-      float a = tl.acc[static_cast<size_t>(r0 + i) * D + d];
-      for (int t = 0; t < n; ++t) a += p[i * KEYS + t] * tl.values[static_cast<size_t>(t) * D + d];
-      tl.acc[static_cast<size_t>(r0 + i) * D + d] = a;
-    }
-  for (int d0 = 0; d0 < full; d0 += LANES) {
-    Lanes a[N];
-    for (int i = 0; i < N; ++i) a[i] = lanes_at(&tl.acc[static_cast<size_t>(r0 + i) * D + d0]);
-    for (int t = 0; t < n; ++t) {
-      const Lanes v = lanes_at(&tl.values[static_cast<size_t>(t) * D + d0]);
-      for (int i = 0; i < N; ++i) a[i] += p[i * KEYS + t] * v;
-    }
-    for (int i = 0; i < N; ++i) std::memcpy(&tl.acc[static_cast<size_t>(r0 + i) * D + d0], &a[i], sizeof(Lanes));
-  }
-}
 
 // exp of each lane, for x <= 0 (a score minus the running max): 2^n * 2^f with n the nearest integer to
 // x * log2(e), f in [-0.5, 0.5], 2^f by its Taylor series to f^6 (relative error < 2e-7).
@@ -126,50 +105,115 @@ inline void advance_softmax(float& max, float& sum, float* acc, int D, float top
   }
 }
 
-// One online-softmax step of row r over the block's scores (keys j0 .. j0 + n - 1): masks the keys the
-// row does not see, turns its scores into weights, rescales its sum and output.
-inline void update_softmax(Tile& tl, int r, int D, int64_t j0, int n, const Shape& s) {
-  float* sr = &tl.scores[static_cast<size_t>(r) * KEYS];
-  const int vecs = (n + LANES - 1) / LANES;
-  if (s.softcap > 0.f)
-    for (int t = 0; t < n; ++t) sr[t] = s.softcap * std::tanh(sr[t] / s.softcap);
-  const int64_t qpos = tl.pos[r];
-  const int64_t last = std::min<int64_t>(n - 1, qpos - j0);  // causal: keys up to the query's own
-  const int64_t first = s.window > 0 ? std::max<int64_t>(0, qpos - s.window + 1 - j0) : 0;
-  Lanes x[VECS];
-  for (int c = 0; c < vecs; ++c) x[c] = lanes_at(sr + c * LANES);
-  if (last < vecs * LANES - 1 || first > 0) {
-    const Ints lane = Ints{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const int lo = static_cast<int>(std::min<int64_t>(first, KEYS)), hi = static_cast<int>(std::max<int64_t>(last, -1));
-    for (int c = 0; c < vecs; ++c) {
-      const Ints key = lane + c * LANES;
-      x[c] = (key >= lo) & (key <= hi) ? x[c] : Lanes{} + MASKED;
+// Scores of a chunk's rows (RV vectors of them) for N keys: scores[i][rows] = sum_d key_i[d] * qt[d][rows].
+template <int RV, int N>
+inline void score_pass(const float* qt, const float* const* key, int D, float* scores) {
+  Lanes a[N][RV];
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v) a[i][v] = Lanes{};
+  for (int d = 0; d < D; ++d) {
+    Lanes q[RV];
+    for (int v = 0; v < RV; ++v) q[v] = lanes_at(qt + d * ROW_CHUNK + v * LANES);
+    for (int i = 0; i < N; ++i) {
+      const float k = key[i][d];
+      for (int v = 0; v < RV; ++v) a[i][v] += k * q[v];
     }
   }
-  Lanes m = x[0];
-  for (int c = 1; c < vecs; ++c) m = m > x[c] ? m : x[c];
-  float top = tl.max[r];
-  for (int t = 0; t < LANES; ++t) top = std::max(top, m[t]);
-  if (top <= MASKED) {  // no key of this block is visible to the row
-    std::memset(sr, 0, sizeof(float) * KEYS);
-    return;
-  }
-  Lanes total = Lanes{};
-  for (int c = 0; c < vecs; ++c) {
-    const Lanes p = x[c] <= MASKED ? Lanes{} : exp_lanes(x[c] - top);
-    std::memcpy(sr + c * LANES, &p, sizeof p);
-    total += p;
-  }
-  float sum = 0.f;
-  for (int t = 0; t < LANES; ++t) sum += total[t];
-  advance_softmax(tl.max[r], tl.sum[r], &tl.acc[static_cast<size_t>(r) * D], D, top, sum);
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v) put_lanes(scores + i * ROW_CHUNK + v * LANES, a[i][v]);
 }
 
-template <typename F>
-inline void for_row_groups(int rows, F&& f) {
-  int r = 0;
-  for (; r + ROWS <= rows; r += ROWS) f(r, ROWS);
-  for (; r < rows; ++r) f(r, 1);
+// Outputs of a chunk's rows for N dims from d0: acct[d][rows] += sum_t value_t[d] * weights[t][rows].
+template <int RV, int N>
+inline void value_pass(const float* weights, const float* const* value, int n, int d0, float* acct) {
+  Lanes a[N][RV];
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v) a[i][v] = lanes_at(acct + (d0 + i) * ROW_CHUNK + v * LANES);
+  for (int t = 0; t < n; ++t) {
+    Lanes p[RV];
+    for (int v = 0; v < RV; ++v) p[v] = lanes_at(weights + t * ROW_CHUNK + v * LANES);
+    const float* x = value[t] + d0;
+    for (int i = 0; i < N; ++i)
+      for (int v = 0; v < RV; ++v) a[i][v] += x[i] * p[v];
+  }
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v) put_lanes(acct + (d0 + i) * ROW_CHUNK + v * LANES, a[i][v]);
+}
+
+// CALL(N, i) over i in [0, COUNT): steps of FAN, then 4, then 1.
+#define FOR_FANS(COUNT, CALL)                          \
+  {                                                    \
+    int i_ = 0;                                        \
+    for (; i_ + FAN <= (COUNT); i_ += FAN) CALL(FAN, i_); \
+    for (; i_ + 4 <= (COUNT); i_ += 4) CALL(4, i_);    \
+    for (; i_ < (COUNT); ++i_) CALL(1, i_);            \
+  }
+
+// One block of n keys (key[t], value[t]: float32 rows of D) for chunk c's rows (RV vectors of them), the
+// block's first key `offset` positions after the attend's first key.
+template <int RV>
+void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* const* key, const float* const* value,
+                  const Shape& s) {
+  float* qt = &tl.qt[static_cast<size_t>(c) * D * ROW_CHUNK];
+  float* acct = &tl.acct[static_cast<size_t>(c) * D * ROW_CHUNK];
+  float* scores = tl.scores.data();
+  // a row sees keys t in [lo, hi] of the block
+  Ints hi[RV], lo[RV];
+  bool sees = false, partly = false;
+  for (int v = 0; v < RV; ++v) {
+    hi[v] = ints_at(&tl.rel[static_cast<size_t>(c) * ROW_CHUNK + v * LANES]) - offset;
+    lo[v] = s.window > 0 ? hi[v] - static_cast<int32_t>(std::min<int64_t>(s.window, INT_MAX / 4)) + 1 : Ints{} + INT_MIN / 2;
+    sees |= any_lane((hi[v] >= 0) & (lo[v] <= n - 1));
+    partly |= any_lane((hi[v] < n - 1) | (lo[v] > 0));
+  }
+  if (!sees) return;
+#define SCORES(N, I) score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK)
+  FOR_FANS(n, SCORES)
+#undef SCORES
+  if (s.softcap > 0.f)
+    for (int t = 0; t < n; ++t)
+      for (int r = 0; r < RV * LANES; ++r) {
+        float& x = scores[t * ROW_CHUNK + r];
+        x = s.softcap * std::tanh(x / s.softcap);
+      }
+  if (partly)
+    for (int t = 0; t < n; ++t)
+      for (int v = 0; v < RV; ++v) {
+        const Lanes x = lanes_at(scores + t * ROW_CHUNK + v * LANES);
+        put_lanes(scores + t * ROW_CHUNK + v * LANES, (hi[v] >= t) & (lo[v] <= t) ? x : Lanes{} + MASKED);
+      }
+  Lanes top[RV], total[RV], rescale[RV];
+  for (int v = 0; v < RV; ++v) {
+    top[v] = lanes_at(&tl.mt[static_cast<size_t>(c) * ROW_CHUNK + v * LANES]);
+    total[v] = Lanes{};
+  }
+  Lanes old[RV];
+  for (int v = 0; v < RV; ++v) old[v] = top[v];
+  for (int t = 0; t < n; ++t)
+    for (int v = 0; v < RV; ++v) {
+      const Lanes x = lanes_at(scores + t * ROW_CHUNK + v * LANES);
+      top[v] = top[v] > x ? top[v] : x;
+    }
+  for (int t = 0; t < n; ++t)
+    for (int v = 0; v < RV; ++v) {
+      const Lanes x = lanes_at(scores + t * ROW_CHUNK + v * LANES);
+      const Lanes p = x <= MASKED ? Lanes{} : exp_lanes(x - top[v]);
+      put_lanes(scores + t * ROW_CHUNK + v * LANES, p);
+      total[v] += p;
+    }
+  for (int v = 0; v < RV; ++v) {
+    float* m = &tl.mt[static_cast<size_t>(c) * ROW_CHUNK + v * LANES];
+    float* l = &tl.lt[static_cast<size_t>(c) * ROW_CHUNK + v * LANES];
+    rescale[v] = exp_lanes(old[v] - top[v]);
+    put_lanes(l, lanes_at(l) * rescale[v] + total[v]);
+    put_lanes(m, top[v]);
+  }
+  for (int d = 0; d < D; ++d)
+    for (int v = 0; v < RV; ++v)
+      put_lanes(acct + d * ROW_CHUNK + v * LANES, lanes_at(acct + d * ROW_CHUNK + v * LANES) * rescale[v]);
+#define VALUES(N, I) value_pass<RV, N>(scores, value, n, (I), acct)
+  FOR_FANS(D, VALUES)
+#undef VALUES
 }
 
 // Rows [0, rows) of `tl` attend to key positions [begin, end) of KV head `kv_head`, read through `table`
@@ -178,30 +222,73 @@ template <typename T>
 void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const int32_t* table, int64_t key_start,
                  int64_t begin, int64_t end, int64_t kv_head, const Shape& s) {
   const int D = s.head_dim, BS = s.block_size;
+  const int chunks = (rows + ROW_CHUNK - 1) / ROW_CHUNK;
+  const size_t plane = static_cast<size_t>(D) * ROW_CHUNK;
+  tl.qt.resize(chunks * plane);
+  tl.acct.resize(chunks * plane);
+  tl.mt.resize(static_cast<size_t>(chunks) * ROW_CHUNK);
+  tl.lt.resize(static_cast<size_t>(chunks) * ROW_CHUNK);
+  tl.rel.resize(static_cast<size_t>(chunks) * ROW_CHUNK);
+  tl.scores.resize(static_cast<size_t>(KEYS) * ROW_CHUNK);
+  // rows into lanes; a chunk's unused lanes copy its last row's position and hold zero queries
+  for (int r = 0; r < chunks * ROW_CHUNK; ++r) {
+    const size_t c = r / ROW_CHUNK, lane = r % ROW_CHUNK;
+    const bool real = r < rows;
+    for (int d = 0; d < D; ++d) {
+      tl.qt[c * plane + d * ROW_CHUNK + lane] = real ? tl.q[static_cast<size_t>(r) * D + d] : 0.f;
+      tl.acct[c * plane + d * ROW_CHUNK + lane] = real ? tl.acc[static_cast<size_t>(r) * D + d] : 0.f;
+    }
+    tl.mt[r] = real ? tl.max[r] : MASKED;
+    tl.lt[r] = real ? tl.sum[r] : 0.f;
+    const int64_t rel = tl.pos[std::min(r, rows - 1)] - begin;
+    tl.rel[r] = static_cast<int32_t>(std::clamp<int64_t>(rel, -(INT_MAX / 4), INT_MAX / 4));
+  }
   const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
   const int64_t head_offset = kv_head * D;
+  const float* key[KEYS];
+  const float* value[KEYS];
+  if (!std::is_same<T, float>::value) {
+    tl.keys.resize(static_cast<size_t>(KEYS) * D);
+    tl.values.resize(static_cast<size_t>(KEYS) * D);
+  }
   for (int64_t j0 = begin; j0 < end; j0 += KEYS) {
     const int n = static_cast<int>(std::min<int64_t>(KEYS, end - j0));
-    // the block's keys transposed to [D][KEYS] and its values as [KEYS][D], float32, unused lanes zero
-    const int vecs = (n + LANES - 1) / LANES;
-    for (int t = 0; t < vecs * LANES; ++t) {
-      if (t < n) {
-        const int64_t p = j0 + t - key_start;
-        const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
-        const T* kr = k_cache + slot * token_stride + head_offset;
-        const T* vr = v_cache + slot * token_stride + head_offset;
-        for (int d = 0; d < D; ++d) tl.kt[static_cast<size_t>(d) * KEYS + t] = load(kr, d);
-#pragma omp simd
-        for (int d = 0; d < D; ++d) tl.values[static_cast<size_t>(t) * D + d] = load(vr, d);
+    for (int t = 0; t < n; ++t) {
+      const int64_t p = j0 + t - key_start;
+      const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
+      const T* kr = k_cache + slot * token_stride + head_offset;
+      const T* vr = v_cache + slot * token_stride + head_offset;
+      if constexpr (std::is_same<T, float>::value) {
+        key[t] = kr;
+        value[t] = vr;
       } else {
-        for (int d = 0; d < D; ++d) tl.kt[static_cast<size_t>(d) * KEYS + t] = 0.f;
-        std::memset(&tl.values[static_cast<size_t>(t) * D], 0, sizeof(float) * D);
+        float* kw = &tl.keys[static_cast<size_t>(t) * D];
+        float* vw = &tl.values[static_cast<size_t>(t) * D];
+#pragma omp simd
+        for (int d = 0; d < D; ++d) {
+          kw[d] = load(kr, d);
+          vw[d] = load(vr, d);
+        }
+        key[t] = kw;
+        value[t] = vw;
       }
     }
-    for_row_groups(rows, [&](int r0, int g) { g == ROWS ? block_scores<ROWS>(tl, r0, D, vecs) : block_scores<1>(tl, r0, D, vecs); });
-    for (int r = 0; r < rows; ++r) update_softmax(tl, r, D, j0, n, s);
-    for_row_groups(rows, [&](int r0, int g) { g == ROWS ? block_values<ROWS>(tl, r0, D, n) : block_values<1>(tl, r0, D, n); });
+    const int32_t offset = static_cast<int32_t>(j0 - begin);
+    for (int c = 0; c < chunks; ++c) {
+      if (rows - c * ROW_CHUNK > LANES)
+        attend_chunk<2>(tl, c, D, n, offset, key, value, s);
+      else
+        attend_chunk<1>(tl, c, D, n, offset, key, value, s);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const size_t c = r / ROW_CHUNK, lane = r % ROW_CHUNK;
+    for (int d = 0; d < D; ++d) tl.acc[static_cast<size_t>(r) * D + d] = tl.acct[c * plane + d * ROW_CHUNK + lane];
+    tl.max[r] = tl.mt[r];
+    tl.sum[r] = tl.lt[r];
   }
 }
+
+#undef FOR_FANS
 
 }  // namespace

@@ -33,6 +33,19 @@ struct State {
   }
 };
 
+// Asks the memory system for `count` elements of keys and values from k and v (a block's tokens, at
+// random places of the cache: the hardware prefetcher does not see the next one coming).
+template <typename T>
+inline void prefetch_tokens(const T* k, const T* v, int64_t count) {
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+  const char* kc = reinterpret_cast<const char*>(k);
+  const char* vc = reinterpret_cast<const char*>(v);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(kc + b);
+    __builtin_prefetch(vc + b);
+  }
+}
+
 // Attend queries [first, last) of `st` to key positions [begin, end) of one block table (column 0 =
 // position table_start * block_size).
 template <typename T>
@@ -49,6 +62,11 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
     const int n = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(BS - offset), CHUNK, end - pos}));
     const T* kb = k_cache + (block * BS + offset) * token_stride;
     const T* vb = v_cache + (block * BS + offset) * token_stride;
+    if (pos + n < end) {  // the next chunk's keys and values, requested now: they sit in another block
+      const int64_t next = table[(pos + n) / BS - table_start];
+      prefetch_tokens(k_cache + next * BS * token_stride, v_cache + next * BS * token_stride,
+                      std::min<int64_t>(BS, end - (pos + n)) * token_stride);
+    }
     for (int t = 0; t < n; ++t) {
       const T* row = kb + t * token_stride;
 #pragma omp simd
