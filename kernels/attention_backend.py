@@ -34,7 +34,7 @@ from typing import Any, Hashable, Protocol, Sequence
 
 import torch
 
-from kernels import backend_device_problem
+from kernels import backend_device_problem, cpu_fused
 from kernels.group_prefill_torch import TorchGroupPrefillPlan, group_prefill_torch, plan_group_prefill_torch
 from kernels.paged_attention import build_paged_batch, store_kv_reference
 from kernels.paged_attention_torch import GatherBuffers, TorchPagedPlan, paged_attention_torch, plan_paged_torch
@@ -258,7 +258,10 @@ class TorchBackend(_StepMixin):
     group_prefill_chunks = True
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+        if cpu_fused.native_store_kv_usable(key, value, k_cache, slot_mapping):
+            cpu_fused.native_store_kv(key, value, k_cache, v_cache, slot_mapping)
+        else:
+            store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
 
     def build_paged_metadata(
         self, query_lens, context_lens, block_tables, block_size, device, *, num_heads: int = 0,

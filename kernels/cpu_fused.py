@@ -2,8 +2,9 @@
 
 Meaning: exactly the PyTorch ops they replace (tests compare them): RMSNorm with the residual add
 before it (engine/models/decoder.py's RMSNorm: float32 statistics, the normalised value rounded to the
-model dtype before the weight), SiLU(gate) * up (its MLP), and engine/models/rope.py's apply_rope
-(also over q and k side by side in the qkv projection, apply_rope_fast's place in float32). Why: on CPU each PyTorch op of a
+model dtype before the weight), SiLU(gate) * up (its MLP), engine/models/rope.py's apply_rope
+(also over q and k side by side in the qkv projection, apply_rope_fast's place in float32), and
+kernels/paged_attention.py's store_kv_reference (a step's keys and values into the paged cache). Why: on CPU each PyTorch op of a
 step is a pass over the activations; these take 3-7 ops each (a small gain on the whole engine: 1.02x
 on a no-sharing job, bench/results/raw_engine_ab_cpu_fused_ops.json).
 
@@ -17,7 +18,8 @@ import torch
 
 from kernels import cpu_library
 
-__all__ = ["fused_ops_usable", "native_rms_norm", "native_rope", "native_silu_mul"]
+__all__ = ["fused_ops_usable", "native_rms_norm", "native_rope", "native_silu_mul", "native_store_kv",
+           "native_store_kv_usable"]
 
 
 def fused_ops_usable(x: torch.Tensor) -> bool:
@@ -77,3 +79,36 @@ def native_rope(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -
     cpu_library.entry_point(library, "rope", x.dtype)(x.data_ptr(), x.stride(0), positions.data_ptr(), table.data_ptr(),
                                                out.data_ptr(), rows, heads, dim, rot)
     return out
+
+
+def native_store_kv_usable(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Whether `native_store_kv` can take these tensors (else kernels.paged_attention.store_kv_reference)."""
+    width = k_cache.shape[-2] * k_cache.shape[-1]
+
+    def rows_of_width(x: torch.Tensor) -> bool:  # [tokens, kv_heads, head_dim], each token's heads contiguous
+        return x.dim() == 3 and x.shape[1] * x.shape[2] == width and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+    return (fused_ops_usable(key) and key.dtype == value.dtype == k_cache.dtype and k_cache.is_contiguous()
+            and rows_of_width(key) and rows_of_width(value) and slot_mapping.dtype == torch.int64
+            and slot_mapping.device.type == "cpu")
+
+
+def native_store_kv(
+    key: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,  # [blocks, block_size, kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [tokens] int64; -1: not stored
+) -> None:
+    """The cache's slots get the tokens' keys and values: store_kv_reference in one parallel pass (PyTorch's
+    index_copy_ copies on one thread)."""
+    library = cpu_library.native_library()
+    assert library is not None and native_store_kv_usable(key, value, k_cache, slot_mapping)
+    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype and v_cache.is_contiguous()
+    slots = slot_mapping.contiguous()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    out_of_range = cpu_library.entry_point(library, "store_kv", key.dtype)(
+        key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), slots.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), key.shape[0], k_cache.shape[-2] * k_cache.shape[-1], num_slots)
+    if out_of_range:
+        raise IndexError(f"{out_of_range} slot(s) of the step are outside the KV cache's {num_slots} slots")

@@ -28,8 +28,8 @@ import torch
 
 from kernels import cache_root
 
-__all__ = ["ENTRY_POINTS", "LIBRARY_DTYPES", "SWITCH_ENV", "entry_point", "native_kernels_switch", "native_library",
-           "native_library_problem"]
+__all__ = ["ENTRY_POINTS", "LIBRARY_DTYPES", "SWITCH_ENV", "entry_point", "load_library", "native_kernels_switch",
+           "native_library", "native_library_problem"]
 
 # each kernel has one entry point per dtype: NAME_f32, NAME_bf16
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -51,10 +51,13 @@ ENTRY_POINTS = {
         ("rms_norm", [_P, _P, _P, _P, _P, _I64, _I64, _F]),
         ("silu_mul", [_P, _P, _I64, _I64]),
         ("rope", [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]),
+        ("store_kv", [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64]),
     ) for suffix in _DTYPE_SUFFIX.values()},
     "set_num_threads": [_INT],
     "parallel_threads": [],
 }
+# the entry points that return a value (the others return nothing)
+_RESTYPES = {"parallel_threads": _INT, **{f"store_kv_{suffix}": _I64 for suffix in _DTYPE_SUFFIX.values()}}
 
 
 def _cpu_features() -> str:
@@ -176,15 +179,21 @@ def _build() -> _Build:
             if problem is not None:
                 build.problem = problem
                 return build
-        library = ctypes.CDLL(str(target))
-        for name, argtypes in ENTRY_POINTS.items():
-            fn = getattr(library, name)
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int if name == "parallel_threads" else None
+        library = load_library(target)
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         build.problem = f"could not build or load {', '.join(source.name for source in SOURCES)}: {exc}"
         return build
     build.library = library
     return build
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """A build of the library at `path`, its entry points' C signatures declared."""
+    library = ctypes.CDLL(str(path))
+    for name, argtypes in ENTRY_POINTS.items():
+        fn = getattr(library, name)
+        fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
+    return library
 
 
 def native_library() -> ctypes.CDLL | None:

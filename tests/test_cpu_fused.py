@@ -130,3 +130,32 @@ def test_the_engine_runs_them_with_the_pytorch_ops_logits(tiny_model_dir: Callab
     fused = _prefill_logits(engine, prompt)
     model.use_cpu_fused_ops(False)
     torch.testing.assert_close(fused, _prefill_logits(engine, prompt), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_equals_the_reference(dtype: torch.dtype) -> None:
+    """Keys from a strided qkv view and contiguous values land in the same slots as store_kv_reference
+    puts them; slot -1 writes nothing; a slot past the cache is refused, not written."""
+    from kernels.paged_attention import store_kv_reference
+    from kernels.cpu_fused import native_store_kv, native_store_kv_usable
+
+    gen = torch.Generator().manual_seed(3)
+    tokens, kv_heads, head_dim, blocks, block_size = 37, 2, 12, 9, 8
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    key = qkv[:, 4 * head_dim: (4 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    value = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    slots[5] = -1
+    caches = [torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    got = [c.clone() for c in caches]
+    store_kv_reference(key, value, *want, slots)
+    assert native_store_kv_usable(key, value, got[0], slots)
+    native_store_kv(key, value, *got, slots)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0].view(-1, kv_heads, head_dim)[slots[6]], key[6])
+    bad = slots.clone()
+    bad[0] = blocks * block_size
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        native_store_kv(key, value, *got, bad)

@@ -6,29 +6,28 @@
 //
 // Work: one task per group tile (up to TILE_QUERIES query vectors of its members) and one per row
 // without a group. A task keeps every query's online-softmax state (running max, sum, output) in
-// float32; the group's prefix keys are read once for all the tile's queries, then each member's own
-// keys. Keys are visited in chunks of at most CHUNK positions inside one block; a chunk's scores are
-// computed for all queries, then one rescale per query, then the values. Masked keys (before a
-// query's sliding window) score MASKED, a finite stand-in for -inf: the file is built with
-// -ffast-math (vectorised exp), under which infinities are not allowed.
+// float32; the group's prefix keys are read once for all the tile's queries (attention_tiles.h), then
+// each member's own keys (attend_span: LANES keys at a time, one vector of scores per query, the next
+// block of the cache requested ahead). Masked keys (before a query's sliding window) score MASKED, a
+// finite stand-in for -inf: the file is built with -ffast-math (vectorised exp), under which
+// infinities are not allowed.
 #include "attention_tiles.h"
 #include "threads.h"
 
 namespace {
 
-constexpr int CHUNK = 64;
 constexpr int TILE_QUERIES = 256;
 
 // The online-softmax state of n query vectors (each a query head of one row).
 struct State {
   int n = 0, head_dim = 0;
-  std::vector<float> q, acc, max, sum, scores, kv, values;  // kv: one token's keys; values: one chunk's
+  std::vector<float> q, acc, max, sum;  // [n][D], [n][D], [n], [n]
   std::vector<int> kv_head;        // [n] the KV head each query reads
   std::vector<int64_t> visible;    // [n] first key position each query sees
   void reset(int n_, int d) {
     n = n_; head_dim = d;
     q.resize(static_cast<size_t>(n) * d); acc.assign(static_cast<size_t>(n) * d, 0.f);
-    max.assign(n, MASKED); sum.assign(n, 0.f); scores.resize(static_cast<size_t>(n) * CHUNK);
+    max.assign(n, MASKED); sum.assign(n, 0.f);
     kv_head.resize(n); visible.resize(n);
   }
 };
@@ -46,84 +45,119 @@ inline void prefetch_tokens(const T* k, const T* v, int64_t count) {
   }
 }
 
-// Attend queries [first, last) of `st` to key positions [begin, end) of one block table (column 0 =
-// position table_start * block_size).
+// A vector of LANES elements from p, widened to float32.
+inline Lanes load_lanes(const float* p) { return lanes_at(p); }
+inline Lanes load_lanes(const bf16_t* p) {
+  typedef uint16_t Halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
+  Halves h;
+  std::memcpy(&h, p, sizeof h);
+  const Ints bits = __builtin_convertvector(h, Ints) << 16;
+  Lanes v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// One step of summing LANES vectors lane-wise into one vector of their totals: p and q hold items of W
+// lanes each (partial sums of one vector each); the result holds their items in order, W / 2 lanes each.
+template <int W> inline Lanes fold(Lanes p, Lanes q);
+template <> inline Lanes fold<16>(Lanes p, Lanes q) {
+  return __builtin_shuffle(p, q, Ints{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+         __builtin_shuffle(p, q, Ints{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+}
+template <> inline Lanes fold<8>(Lanes p, Lanes q) {
+  return __builtin_shuffle(p, q, Ints{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
+         __builtin_shuffle(p, q, Ints{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+}
+template <> inline Lanes fold<4>(Lanes p, Lanes q) {
+  return __builtin_shuffle(p, q, Ints{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}) +
+         __builtin_shuffle(p, q, Ints{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+}
+template <> inline Lanes fold<2>(Lanes p, Lanes q) {
+  return __builtin_shuffle(p, q, Ints{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
+         __builtin_shuffle(p, q, Ints{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
+// lane t = the sum of a[t]'s lanes: 15 folds instead of LANES horizontal sums
+inline Lanes lane_totals(const Lanes* a) {
+  Lanes b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) b[i] = fold<16>(a[2 * i], a[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) c[i] = fold<8>(b[2 * i], b[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) d[i] = fold<4>(c[2 * i], c[2 * i + 1]);
+  return fold<2>(d[0], d[1]);
+}
+inline float lanes_max(Lanes v) {
+  v = v > __builtin_shuffle(v, Ints{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}) ? v : __builtin_shuffle(v, Ints{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v = v > __builtin_shuffle(v, Ints{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}) ? v : __builtin_shuffle(v, Ints{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v = v > __builtin_shuffle(v, Ints{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}) ? v : __builtin_shuffle(v, Ints{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return std::max(v[0], v[1]);
+}
+inline float lanes_sum(Lanes v) {
+  v += __builtin_shuffle(v, Ints{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, Ints{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, Ints{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return v[0] + v[1];
+}
+
+// Attend queries [first, last) of `st` (one row's query heads) to key positions [begin, end) of one
+// block table (column 0 = position table_start * block_size). Keys go LANES at a time (fewer at a
+// block's edge): each query's dot products with them as LANES vector sums folded into one vector of
+// scores, one online-softmax step per query over it, then the values into the query's output.
 template <typename T>
 void attend_span(State& st, int first, int last, const T* k_cache, const T* v_cache, const int32_t* table,
                  int64_t table_start, int64_t begin, int64_t end, const Shape& s) {
-  const int D = s.head_dim, BS = s.block_size;
+  const int D = s.head_dim, BS = s.block_size, VD = D - D % LANES;
   const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
-  std::vector<float>& kv = st.kv;
-  kv.resize(static_cast<size_t>(token_stride));
-  st.values.resize(static_cast<size_t>(token_stride) * CHUNK);
+  const Ints lane = Ints{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int64_t pos = begin; pos < end;) {
     const int64_t block = table[pos / BS - table_start];
     const int offset = static_cast<int>(pos % BS);
-    const int n = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(BS - offset), CHUNK, end - pos}));
+    const int n = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(BS - offset), LANES, end - pos}));
     const T* kb = k_cache + (block * BS + offset) * token_stride;
     const T* vb = v_cache + (block * BS + offset) * token_stride;
-    if (pos + n < end) {  // the next chunk's keys and values, requested now: they sit in another block
-      const int64_t next = table[(pos + n) / BS - table_start];
+    const int64_t next_start = pos - offset + BS;  // the next block's first position
+    if ((offset == 0 || pos == begin) && next_start < end) {  // its keys and values, requested now
+      const int64_t next = table[next_start / BS - table_start];
       prefetch_tokens(k_cache + next * BS * token_stride, v_cache + next * BS * token_stride,
-                      std::min<int64_t>(BS, end - (pos + n)) * token_stride);
+                      std::min<int64_t>(BS, end - next_start) * token_stride);
     }
-    for (int t = 0; t < n; ++t) {
-      const T* row = kb + t * token_stride;
-#pragma omp simd
-      for (int64_t i = 0; i < token_stride; ++i) kv[i] = load(row, i);
-      for (int j = first; j < last; ++j) {
-        const float* qj = &st.q[static_cast<size_t>(j) * D];
-        const float* kj = &kv[static_cast<size_t>(st.kv_head[j]) * D];
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < D; ++d) dot += qj[d] * kj[d];
-        if (s.softcap > 0.f) dot = s.softcap * std::tanh(dot / s.softcap);
-        st.scores[static_cast<size_t>(j) * CHUNK + t] = pos + t < st.visible[j] ? MASKED : dot;
-      }
-    }
+    const int64_t hidden = st.visible[first] - pos;  // keys t < hidden are before the window
     for (int j = first; j < last; ++j) {
-      float* sj = &st.scores[static_cast<size_t>(j) * CHUNK];
-      float top = st.max[j];
-      for (int t = 0; t < n; ++t) top = std::max(top, sj[t]);
-      float total = 0.f;
-#pragma omp simd reduction(+ : total)
+      const float* qj = &st.q[static_cast<size_t>(j) * D];
+      const int64_t head_offset = static_cast<int64_t>(st.kv_head[j]) * D;
+      Lanes dots[LANES];
+      for (int t = 0; t < LANES; ++t) dots[t] = Lanes{};
+      for (int d = 0; d < VD; d += LANES) {
+        const Lanes q = lanes_at(qj + d);
+        for (int t = 0; t < n; ++t) dots[t] += q * load_lanes(kb + t * token_stride + head_offset + d);
+      }
+      Lanes scores = lane_totals(dots);
       for (int t = 0; t < n; ++t) {
-        sj[t] = sj[t] <= MASKED ? 0.f : std::exp(sj[t] - top);
-        total += sj[t];
+        const T* kr = kb + t * token_stride + head_offset;
+        for (int d = VD; d < D; ++d) scores[t] += qj[d] * load(kr, d);  // head sizes no multiple of LANES
+        if (s.softcap > 0.f) scores[t] = s.softcap * std::tanh(scores[t] / s.softcap);
       }
-      advance_softmax(st.max[j], st.sum[j], &st.acc[static_cast<size_t>(j) * D], D, top, total);
-    }
-    // the chunk's values in float32, then each query's output accumulated in registers, LANES dims at a
-    // time, over the chunk's tokens (one load per value, none of the output, per token)
-    float* values = st.values.data();
-    const int64_t count = n * token_stride;  // the chunk's tokens are consecutive slots of one block
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) values[i] = load(vb, i);
-    for (int j = first; j < last; ++j) {
-      const float* sj = &st.scores[static_cast<size_t>(j) * CHUNK];
+      scores = (lane < n) & (lane >= static_cast<int32_t>(std::clamp<int64_t>(hidden, 0, LANES))) ? scores
+                                                                                                  : Lanes{} + MASKED;
+      const float top = std::max(st.max[j], lanes_max(scores));
+      if (top <= MASKED) continue;  // no key here is visible to the query
+      const Lanes weights = scores <= MASKED ? Lanes{} : exp_lanes(scores - top);
       float* aj = &st.acc[static_cast<size_t>(j) * D];
-      const float* vj = values + static_cast<int64_t>(st.kv_head[j]) * D;
-      int d0 = 0;
-      for (; d0 + LANES <= D; d0 += LANES) {
-        Lanes a;
-        std::memcpy(&a, aj + d0, sizeof a);
-        for (int t = 0; t < n; ++t) {
-          Lanes v;
-          std::memcpy(&v, vj + t * token_stride + d0, sizeof v);
-          a += sj[t] * v;
+      advance_softmax(st.max[j], st.sum[j], aj, D, top, lanes_sum(weights));
+      for (int d = 0; d < VD; d += LANES) {  // two sums over the keys: half as long a chain of FMAs
+        Lanes a = lanes_at(aj + d), b = Lanes{};
+        int t = 0;
+        for (; t + 1 < n; t += 2) {
+          a += weights[t] * load_lanes(vb + t * token_stride + head_offset + d);
+          b += weights[t + 1] * load_lanes(vb + (t + 1) * token_stride + head_offset + d);
         }
-        std::memcpy(aj + d0, &a, sizeof a);
+        if (t < n) a += weights[t] * load_lanes(vb + t * token_stride + head_offset + d);
+        put_lanes(aj + d, a + b);
       }
-      for (; d0 < D; ++d0) {
-        float a = aj[d0];
-        for (int t = 0; t < n; ++t) a += sj[t] * vj[t * token_stride + d0];
-        aj[d0] = a;
-      }
+      for (int d = VD; d < D; ++d)
+        for (int t = 0; t < n; ++t) aj[d] += weights[t] * load(vb + t * token_stride + head_offset, d);
     }
     pos += n;
   }
 }
-
 
 struct Batch {  // kernels/shared_prefix_attention.py's SharedPrefixBatch, as raw pointers
   int64_t rows;

@@ -1,10 +1,11 @@
 // A decoder layer's elementwise steps on CPU, each one pass over memory instead of PyTorch's 3-7:
-// RMSNorm with the residual add before it, SiLU(gate) * up, and RoPE.
+// RMSNorm with the residual add before it, SiLU(gate) * up, RoPE, and storing a step's keys and values
+// into the paged cache.
 //
 // Meaning: engine/models/decoder.py's RMSNorm (float32 statistics, the normalised value rounded to the
 // model dtype before the weight multiplies it, as transformers does), MLP activation and
 // engine/models/rope.py's apply_rope; every intermediate PyTorch rounds to the model dtype is
-// rounded here too. Built at first use by kernels/cpu_decode.py (one library with the attention
+// rounded here too; store_kv is kernels/paged_attention.py's store_kv_reference. Built at first use by kernels/cpu_decode.py (one library with the attention
 // kernels); kernels/cpu_fused.py holds the launchers; tests compare them with the PyTorch ops.
 #include <cmath>
 #include <cstdint>
@@ -88,6 +89,28 @@ void rope(const T* x, int64_t x_row_stride, const int64_t* positions, const floa
   }
 }
 
+// k_cache / v_cache token `slots[i]` (width elements each: its KV heads) = row i of key / value (rows
+// key_stride / value_stride elements apart); negative slots are skipped. Returns how many slots were out
+// of range (>= num_slots: not written), for the caller's check.
+template <typename T>
+int64_t store_kv(const T* key, int64_t key_stride, const T* value, int64_t value_stride, const int64_t* slots,
+                 T* k_cache, T* v_cache, int64_t rows, int64_t width, int64_t num_slots) {
+  int64_t out_of_range = 0;
+#pragma omp parallel for schedule(static) reduction(+ : out_of_range) if (rows * width > 32768) \
+    num_threads(library_threads())
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t slot = slots[i];
+    if (slot < 0) continue;
+    if (slot >= num_slots) {
+      ++out_of_range;
+      continue;
+    }
+    std::memcpy(k_cache + slot * width, key + i * key_stride, sizeof(T) * width);
+    std::memcpy(v_cache + slot * width, value + i * value_stride, sizeof(T) * width);
+  }
+  return out_of_range;
+}
+
 }  // namespace
 
 extern "C" {
@@ -122,5 +145,15 @@ void rope_f32(const float* x, int64_t x_row_stride, const int64_t* positions, co
 void rope_bf16(const bf16_t* x, int64_t x_row_stride, const int64_t* positions, const float* table, bf16_t* out,
                int64_t rows, int64_t heads, int64_t dim, int64_t rot) {
   rope<bf16_t>(x, x_row_stride, positions, table, out, rows, heads, dim, rot);
+}
+int64_t store_kv_f32(const float* key, int64_t key_stride, const float* value, int64_t value_stride,
+                     const int64_t* slots, float* k_cache, float* v_cache, int64_t rows, int64_t width,
+                     int64_t num_slots) {
+  return store_kv<float>(key, key_stride, value, value_stride, slots, k_cache, v_cache, rows, width, num_slots);
+}
+int64_t store_kv_bf16(const bf16_t* key, int64_t key_stride, const bf16_t* value, int64_t value_stride,
+                      const int64_t* slots, bf16_t* k_cache, bf16_t* v_cache, int64_t rows, int64_t width,
+                      int64_t num_slots) {
+  return store_kv<bf16_t>(key, key_stride, value, value_stride, slots, k_cache, v_cache, rows, width, num_slots);
 }
 }
