@@ -28,7 +28,10 @@ times, and a warm process is what a long batch job runs in. Every round starts c
 (batchllm builds a fresh engine outside the timed part; vLLM resets its prefix cache), which the
 results check: cache hits are equal in every round. Rounds are interleaved (A B C .. then .. C B A),
 so load from other processes on this shared machine hits every setting alike: absolute times are
-noisy, ratios much less; report medians. Settings: batchllm --prefix-sharing plan, lru, none (its
+noisy, ratios much less; report medians. Each timed run starts once the machine is quiet
+(wait_until_quiet): vLLM's workers busy-poll for about a second after answering, and a run started
+then would share both cores with them (before this wait, that slowed whichever setting ran next by
+10-25% on this 2-core machine). Settings: batchllm --prefix-sharing plan, lru, none (its
 default threads); vLLM with automatic prefix caching on and off, its OpenMP threads bound to 1 core
 (`VLLM_CPU_OMP_THREADS_BIND=0`) and to both (`0-1`); the tables take vLLM's best thread setting.
 The KV cache is the same number of bytes (= tokens x 4 KiB) in both; each engine keeps its own
@@ -232,6 +235,36 @@ class Worker:
 
 
 # ---------------------------------------------------------------------------- run
+def _cpu_busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat's first line)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+QUIET_BUSY = 0.15  # at most this share of the machine busy ...
+QUIET_WINDOW_S = 0.25  # ... over two windows this long in a row
+
+
+def wait_until_quiet(limit_s: float = 20.0) -> float:
+    """Waits until the machine is idle (two QUIET_WINDOW_S windows under QUIET_BUSY busy) and returns the
+    seconds waited. Each timed run starts this way: an engine that has just answered can still be busy
+    (vLLM's workers busy-poll their request queue for a second after each request), and a run started
+    then shares the cores with it, which would slow whichever engine runs next."""
+    start = time.perf_counter()
+    quiet = 0
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    while quiet < 2 and time.perf_counter() - start < limit_s:
+        busy0, total0 = _cpu_busy_ticks()
+        time.sleep(QUIET_WINDOW_S)
+        busy1, total1 = _cpu_busy_ticks()
+        share = (busy1 - busy0) / max(1, total1 - total0)
+        quiet = quiet + 1 if share <= QUIET_BUSY else 0
+    return round(time.perf_counter() - start, 2)
+
+
 def _median(xs: Sequence[float]) -> float:
     return round(statistics.median(xs), 4)
 
@@ -257,6 +290,7 @@ def summarize(rounds: list[dict[str, Any]], ready: dict[str, Any], outputs: list
         "exact_output_tokens": all(len(o) == max_tokens for o in outputs),
         "outputs_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
         "loadavg_1m": [r["loadavg_1m"] for r in rounds],
+        "quiet_wait_s": [r["quiet_wait_s"] for r in rounds],
     }
 
 
@@ -285,7 +319,9 @@ def run_group(jobs: list[tuple[JobSpec, list[list[int]]]], settings: list[Settin
             for r in range(args.rounds):
                 for w in workers if r % 2 == 0 else workers[::-1]:  # A B C, C B A, ...: load hits all alike
                     out_file = tmp / f"{job.name}.{w.setting.name}.out.json"
+                    waited = wait_until_quiet()
                     answer = w.run(prompts_file, args.max_tokens, out_file)
+                    answer["quiet_wait_s"] = waited
                     answer["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     rounds[w.setting.name].append(answer)
                     outputs[w.setting.name] = json.loads(out_file.read_text())
