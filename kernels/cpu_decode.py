@@ -5,9 +5,10 @@ rows (with no groups, `kernels.paged_attention.paged_attention_reference` for de
 compare them. Why compiled code: PyTorch's CPU attention pays a fixed cost per (row, KV head) and the
 PyTorch paths gather every row's keys into a buffer first; this kernel reads the cache in place, keeps
 a row's query heads together, and reads a group's prefix once for a tile of its members, through the
-blocked loop the prefill kernel uses (kernels/csrc/attention_tiles.h). On a 2-core AMD EPYC it was
-1.04-2.0x as fast per call as the PyTorch paths for rows without groups and 1.07-2.9x for groups of
-2 to 64 members (bench/cpu_decode_attention.py, bench/results/cpu_decode_attention_cpu.json).
+blocked loop the prefill kernel uses (kernels/csrc/attention_tiles.h); a row's own keys are scored 16
+at a time, one vector of scores per query head. On a 2-core AMD EPYC it was 1.6-2.5x as fast per call
+as the PyTorch paths for rows without groups and 1.07-4.6x for groups of 2 to 64 members
+(bench/cpu_decode_attention.py, bench/results/cpu_decode_attention_cpu.json).
 
 The kernel lives in the compiled library kernels/cpu_library.py builds; without it (no compiler,
 BATCHLLM_NATIVE_KERNELS=0) callers keep their PyTorch paths: the same results, slower.
