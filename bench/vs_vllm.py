@@ -290,7 +290,7 @@ def summarize(rounds: list[dict[str, Any]], ready: dict[str, Any], outputs: list
         "exact_output_tokens": all(len(o) == max_tokens for o in outputs),
         "outputs_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
         "loadavg_1m": [r["loadavg_1m"] for r in rounds],
-        "quiet_wait_s": [r["quiet_wait_s"] for r in rounds],
+        "quiet_wait_s": [r.get("quiet_wait_s") for r in rounds],  # None: the caller did not wait
     }
 
 

@@ -88,7 +88,8 @@ def native_store_kv_usable(key: torch.Tensor, value: torch.Tensor, k_cache: torc
     def rows_of_width(x: torch.Tensor) -> bool:  # [tokens, kv_heads, head_dim], each token's heads contiguous
         return x.dim() == 3 and x.shape[1] * x.shape[2] == width and x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
-    return (fused_ops_usable(key) and key.dtype == value.dtype == k_cache.dtype and k_cache.is_contiguous()
+    return (fused_ops_usable(key) and key.dtype == value.dtype == k_cache.dtype and k_cache.device.type == "cpu"
+            and k_cache.is_contiguous()
             and rows_of_width(key) and rows_of_width(value) and slot_mapping.dtype == torch.int64
             and slot_mapping.device.type == "cpu")
 

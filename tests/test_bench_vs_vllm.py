@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,3 +77,13 @@ def test_unique_prompt_tokens_is_the_trie_size() -> None:
     vs = _vs_vllm()
     assert vs.unique_prompt_tokens([[1, 2, 3], [1, 2, 4], [1, 5], [6]]) == 3 + 1 + 1 + 1
     assert vs.unique_prompt_tokens([[1, 2], [1, 2]]) == 2
+
+
+def test_wait_until_quiet_is_bounded_and_samples_two_windows() -> None:
+    """The harness waits before each timed run, but never past its limit, and never less than two
+    sampling windows (a busy machine must not stall the benchmark; an idle one is still checked)."""
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("the quiet wait reads Linux's /proc/stat")
+    vs = _vs_vllm()
+    waited = vs.wait_until_quiet(limit_s=0.6)
+    assert 2 * vs.QUIET_WINDOW_S - 0.05 <= waited <= 0.6 + vs.QUIET_WINDOW_S + 0.5
