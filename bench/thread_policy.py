@@ -7,8 +7,10 @@ so only same-round comparisons mean much), and min / median engine seconds are r
 slowdown hog/no-hog of the medians.
 
 Settings (environment of the engine process):
+  default:  nothing set: the engine's policy (engine/threads.py: passive after a short spin;
+            engine/thread_governor.py: as many threads as the CPUs other processes leave)
   spin:     OMP_WAIT_POLICY=ACTIVE (waiting threads spin; libgomp's default spins a while, then sleeps)
-  passive:  OMP_WAIT_POLICY=PASSIVE, all cores (the engine's default policy, engine/threads.py)
+  passive:  OMP_WAIT_POLICY=PASSIVE (no spin), all cores while the CPUs are free
   one:      BATCHLLM_NUM_THREADS=1 (one intra-op thread)
   pinned:   OMP_WAIT_POLICY=PASSIVE + OMP_PROC_BIND=true (threads bound to cores)
   spin20k, spin200k: PASSIVE + GOMP_SPINCOUNT=20000 / 200000 (spin that long, then sleep)
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_common import git_commit, results_path, write_results  # noqa: E402
 
 SETTINGS = {
+    "default": {},  # the engine's own: a short spin (GOMP_SPINCOUNT=20000), threads follow the free CPUs
     "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "one": {"OMP_WAIT_POLICY": "PASSIVE", "BATCHLLM_NUM_THREADS": "1"},

@@ -1,6 +1,8 @@
 """Owns the model weights and the KV cache; turns scheduled chunks into one forward pass."""
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -24,7 +26,8 @@ from engine.start_checks import (
     kv_token_cap_blocks,
 )
 from engine.step_context import StepContext
-from engine.threads import apply_thread_count
+from engine.thread_governor import ThreadGovernor
+from engine.threads import apply_thread_count, requested_threads
 from kernels.attention_backend import select_backend
 from kernels.cpu_library import LIBRARY_DTYPES, SWITCH_ENV, native_kernels_switch, native_library_problem
 from kernels.cpu_linear import packed_linear_problem
@@ -65,10 +68,16 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.thread_governor: ThreadGovernor | None = None
         if self.device.type == "cpu":
             try:
                 apply_thread_count()
                 native_kernels_switch()
+                if requested_threads() is None and "OMP_NUM_THREADS" not in os.environ:
+                    # the count is the engine's own: one per CPU, fewer while other processes use some
+                    self.thread_governor = ThreadGovernor.for_this_process()
+                    if self.thread_governor is not None:
+                        torch.set_num_threads(self.thread_governor.threads)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         check_attention_backend(cfg.attention_backend, self.device.type)  # before the weights load
@@ -216,6 +225,8 @@ class ModelRunner:
         token_mask: makes the grammar bitmask of the sampling chunks (structured output); called once the
         forward pass is queued, so on a GPU the host fills the mask while the device computes the logits.
         """
+        if self.thread_governor is not None and (threads := self.thread_governor.tick()) is not None:
+            torch.set_num_threads(threads)
         if block_copies:
             src = to_device([c[0] for c in block_copies], torch.int64, self.device)
             dst = to_device([c[1] for c in block_copies], torch.int64, self.device)

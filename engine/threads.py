@@ -1,4 +1,4 @@
-"""The engine's CPU thread policy: OpenMP threads that sleep instead of spin while they wait.
+"""The engine's CPU thread policy: OpenMP threads that spin briefly, then sleep, while they wait.
 
 PyTorch's CPU ops run on an OpenMP pool (GNU libgomp in the pip wheels). By default a waiting
 thread spins for a while, and every op ends at a barrier that waits for the pool's slowest thread.
@@ -9,12 +9,17 @@ tensor took 8-15 ms with two spinning threads against 0.3-0.9 ms with `OMP_WAIT_
 (engine level, same load: a doc-QA job 48.7 s spinning vs 4.5 s passive; bench/thread_policy.py
 compares the settings with and without a busy-loop hog: passive lost least to it).
 
-So the engine asks OpenMP for passive waiting, and uses one thread per CPU it may run on.
-libgomp reads its environment once, when torch is imported: `configure_openmp_env` must run before
-that (engine/__init__.py calls it first); if torch was imported earlier, it changes nothing.
+So the engine asks OpenMP for passive waiting after a short spin (`GOMP_SPINCOUNT=20000`, tens of
+microseconds: a thread waiting between two ops of a step is still awake for the next one, 5-11%
+faster than sleeping at once on cores the job has to itself), and while it runs it uses as many
+threads as the CPUs other processes leave it (engine/thread_governor.py): one thread on a shared
+machine never spins against a partner that lost its core. libgomp reads its environment once, when
+torch is imported: `configure_openmp_env` must run before that (engine/__init__.py calls it first);
+if torch was imported earlier, it changes nothing.
 
-User overrides: an `OMP_WAIT_POLICY` already set is kept; `BATCHLLM_NUM_THREADS=N` sets the
-intra-op threads (default: the CPUs in this process's affinity mask, as OpenMP counts them).
+User overrides: an `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` already set is kept (and then no spin count
+is added); `BATCHLLM_NUM_THREADS=N` fixes the intra-op threads (default: the CPUs in this process's
+affinity mask, as OpenMP counts them, fewer while other processes keep some of them busy).
 """
 from __future__ import annotations
 
@@ -25,9 +30,14 @@ from typing import MutableMapping
 THREADS_ENV = "BATCHLLM_NUM_THREADS"
 
 
+SPIN_COUNT = "20000"  # GOMP_SPINCOUNT: spin this many rounds (tens of microseconds), then sleep
+
+
 def configure_openmp_env(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Ask for passive OpenMP waiting unless the user chose a policy; returns whether it can still
-    take effect (torch, and so OpenMP, not loaded yet)."""
+    """Ask for passive OpenMP waiting after a short spin (GOMP_SPINCOUNT) unless the user chose a policy
+    or a spin count; returns whether it can still take effect (torch, and so OpenMP, not loaded yet)."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return "torch" not in sys.modules
 

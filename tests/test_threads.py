@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.threads import THREADS_ENV, configure_openmp_env, requested_threads
+from engine.threads import SPIN_COUNT, THREADS_ENV, configure_openmp_env, requested_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +37,15 @@ def test_thread_count_override() -> None:
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match=THREADS_ENV):
             requested_threads({THREADS_ENV: bad})
+
+
+def test_a_short_spin_is_added_only_when_the_user_chose_no_policy() -> None:
+    env: dict[str, str] = {}
+    configure_openmp_env(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": SPIN_COUNT}
+    env = {"GOMP_SPINCOUNT": "0"}
+    configure_openmp_env(env)
+    assert env == {"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    configure_openmp_env(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
