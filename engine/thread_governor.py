@@ -1,9 +1,11 @@
 """How many CPU threads the engine uses while it runs: as many as the CPUs other processes leave it.
 
 The engine's OpenMP threads spin briefly before they sleep (engine/threads.py): on cores the job has to
-itself that is 5-11% faster than sleeping at once, since every parallel step would otherwise wait for a
+itself that is 8-16% faster than sleeping at once, since every parallel step would otherwise wait for a
 sleeping thread to wake; but when another busy process shares the cores, a spinning thread burns the
-time slice its partner needs, and the engine slowed 2.5-3.4x (bench/results/thread_policy_cpu_session11_spin.json).
+time slice its partner needs, and the engine slowed 2.5-3.4x
+(bench/results/thread_policy_cpu_session11_spin.json). With this governor: 1.7-1.8x, the same times
+under load as sleeping at once (bench/results/thread_policy_cpu_session11_governor.json).
 So while it runs, the engine watches its CPUs: every INTERVAL_S of steps it reads how busy they were
 (/proc/stat, per CPU it may run on) and how much of that was its own process (CPU time), and gives
 itself as many threads as the CPUs the others left, at least one, at most one per CPU: fewer at once
@@ -11,7 +13,7 @@ itself as many threads as the CPUs the others left, at least one, at most one pe
 more only after two intervals in a row agree. One thread on a free core does not wait for anyone.
 
 Only where the thread count is the engine's own choice: BATCHLLM_NUM_THREADS (which `--workers` sets
-for each replica) fixes it, and without /proc/stat (not Linux) nothing changes.
+for each replica) or OMP_NUM_THREADS fixes it, and without /proc/stat (not Linux) nothing changes.
 """
 from __future__ import annotations
 

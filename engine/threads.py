@@ -10,7 +10,7 @@ tensor took 8-15 ms with two spinning threads against 0.3-0.9 ms with `OMP_WAIT_
 compares the settings with and without a busy-loop hog: passive lost least to it).
 
 So the engine asks OpenMP for passive waiting after a short spin (`GOMP_SPINCOUNT=20000`, tens of
-microseconds: a thread waiting between two ops of a step is still awake for the next one, 5-11%
+microseconds: a thread waiting between two ops of a step is still awake for the next one, 8-16%
 faster than sleeping at once on cores the job has to itself), and while it runs it uses as many
 threads as the CPUs other processes leave it (engine/thread_governor.py): one thread on a shared
 machine never spins against a partner that lost its core. libgomp reads its environment once, when
