@@ -17,9 +17,11 @@ machine never spins against a partner that lost its core. libgomp reads its envi
 torch is imported: `configure_openmp_env` must run before that (engine/__init__.py calls it first);
 if torch was imported earlier, it changes nothing.
 
-User overrides: an `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` already set is kept (and then no spin count
-is added); `BATCHLLM_NUM_THREADS=N` fixes the intra-op threads (default: the CPUs in this process's
-affinity mask, as OpenMP counts them, fewer while other processes keep some of them busy).
+User overrides: an `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` already set is kept; `BATCHLLM_NUM_THREADS=N`
+(or `OMP_NUM_THREADS`) fixes the intra-op threads (default: the CPUs in this process's affinity mask,
+as OpenMP counts them, fewer while other processes keep some of them busy). With any of the four set,
+no spin count is added: a fixed thread count has no governor to step back under load (`--workers`
+replicas get BATCHLLM_NUM_THREADS).
 """
 from __future__ import annotations
 
@@ -33,10 +35,16 @@ THREADS_ENV = "BATCHLLM_NUM_THREADS"
 SPIN_COUNT = "20000"  # GOMP_SPINCOUNT: spin this many rounds (tens of microseconds), then sleep
 
 
+# any of these set: the user chose the waiting or the thread count; a fixed count gets no thread
+# governor (engine/thread_governor.py), and spinning without one collapses under load: no spin then
+_USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", THREADS_ENV, "OMP_NUM_THREADS")
+
+
 def configure_openmp_env(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Ask for passive OpenMP waiting after a short spin (GOMP_SPINCOUNT) unless the user chose a policy
-    or a spin count; returns whether it can still take effect (torch, and so OpenMP, not loaded yet)."""
-    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+    """Ask for passive OpenMP waiting, after a short spin (GOMP_SPINCOUNT) unless the user chose the
+    waiting or the thread count; returns whether it can still take effect (torch, and so OpenMP, not
+    loaded yet)."""
+    if not any(name in environ for name in _USER_CHOICES):
         environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return "torch" not in sys.modules

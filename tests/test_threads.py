@@ -39,7 +39,7 @@ def test_thread_count_override() -> None:
             requested_threads({THREADS_ENV: bad})
 
 
-def test_a_short_spin_is_added_only_when_the_user_chose_no_policy() -> None:
+def test_a_short_spin_is_added_only_when_the_user_chose_neither_policy_nor_thread_count() -> None:
     env: dict[str, str] = {}
     configure_openmp_env(env)
     assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": SPIN_COUNT}
@@ -49,3 +49,7 @@ def test_a_short_spin_is_added_only_when_the_user_chose_no_policy() -> None:
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
     configure_openmp_env(env)
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for fixed in (THREADS_ENV, "OMP_NUM_THREADS"):  # a fixed count has no governor: no spin either
+        env = {fixed: "1"}
+        configure_openmp_env(env)
+        assert env == {fixed: "1", "OMP_WAIT_POLICY": "PASSIVE"}
