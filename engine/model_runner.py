@@ -1,8 +1,6 @@
 """Owns the model weights and the KV cache; turns scheduled chunks into one forward pass."""
 from __future__ import annotations
 
-import os
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -27,7 +25,7 @@ from engine.start_checks import (
 )
 from engine.step_context import StepContext
 from engine.thread_governor import ThreadGovernor
-from engine.threads import apply_thread_count, requested_threads
+from engine.threads import apply_thread_count, thread_count_fixed
 from kernels.attention_backend import select_backend
 from kernels.cpu_library import LIBRARY_DTYPES, SWITCH_ENV, native_kernels_switch, native_library_problem
 from kernels.cpu_linear import packed_linear_problem
@@ -73,7 +71,7 @@ class ModelRunner:
             try:
                 apply_thread_count()
                 native_kernels_switch()
-                if requested_threads() is None and "OMP_NUM_THREADS" not in os.environ:
+                if not thread_count_fixed():
                     # the count is the engine's own: one per CPU, fewer while other processes use some
                     self.thread_governor = ThreadGovernor.for_this_process()
                     if self.thread_governor is not None:

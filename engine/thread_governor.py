@@ -74,20 +74,17 @@ class ThreadGovernor:
     def for_this_process() -> ThreadGovernor | None:
         """A governor over the CPUs this process may run on, one thread each at most, or None where
         /proc/stat is not readable."""
-        try:
-            cpus = sorted(os.sched_getaffinity(0))
-            ticks = float(os.sysconf("SC_CLK_TCK"))
-            with open(PROC_STAT, encoding="ascii") as f:
-                f.read()
-        except (AttributeError, OSError, ValueError):
-            return None
-
         def sample() -> CpuSample:
             with open(PROC_STAT, encoding="ascii") as f:
                 text = f.read()
             return CpuSample(time.monotonic(), busy_seconds(text, cpus, ticks), time.process_time())
 
-        return ThreadGovernor(cpus, len(cpus), sample)
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+            ticks = float(os.sysconf("SC_CLK_TCK"))
+            return ThreadGovernor(cpus, len(cpus), sample)  # its first sample reads /proc/stat
+        except (AttributeError, OSError, ValueError):
+            return None
 
     def tick(self) -> int | None:
         if self._clock() - self._last.wall_s < INTERVAL_S:

@@ -30,21 +30,20 @@ import sys
 from typing import MutableMapping
 
 THREADS_ENV = "BATCHLLM_NUM_THREADS"
-
-
 SPIN_COUNT = "20000"  # GOMP_SPINCOUNT: spin this many rounds (tens of microseconds), then sleep
 
 
-# any of these set: the user chose the waiting or the thread count; a fixed count gets no thread
-# governor (engine/thread_governor.py), and spinning without one collapses under load: no spin then
-_USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", THREADS_ENV, "OMP_NUM_THREADS")
+def thread_count_fixed(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether the user fixed the thread count (BATCHLLM_NUM_THREADS or OMP_NUM_THREADS): then the engine
+    has no thread governor (engine/thread_governor.py) and its threads do not spin."""
+    return any(environ.get(name, "").strip() for name in (THREADS_ENV, "OMP_NUM_THREADS"))
 
 
 def configure_openmp_env(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Ask for passive OpenMP waiting, after a short spin (GOMP_SPINCOUNT) unless the user chose the
-    waiting or the thread count; returns whether it can still take effect (torch, and so OpenMP, not
-    loaded yet)."""
-    if not any(name in environ for name in _USER_CHOICES):
+    waiting or the thread count (spinning without the governor collapses under load); returns whether
+    it can still take effect (torch, and so OpenMP, not loaded yet)."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ and not thread_count_fixed(environ):
         environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return "torch" not in sys.modules
