@@ -7,7 +7,7 @@ model dtype before the weight), SiLU(gate) * up (its MLP), engine/models/rope.py
 kernels/paged_attention.py's store_kv_reference (a step's keys and values into the paged cache). Why: on
 CPU each PyTorch op of a step is a pass over the activations; these take 3-7 ops each (a small gain on
 the whole engine: 1.02x on a no-sharing job, bench/results/raw_engine_ab_cpu_fused_ops.json), and
-store_kv's index_copy_ runs on one thread (2.3x as long as the parallel pass for a 1,024-token step).
+store_kv's index_copy_ runs on one thread.
 
 They live in the library kernels/cpu_library.py builds (one build, one switch: BATCHLLM_NATIVE_KERNELS);
 `fused_ops_usable` says whether a tensor can take them, else callers keep the PyTorch ops. float32 and
