@@ -164,9 +164,14 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
     hi[v] = ints_at(&tl.rel[static_cast<size_t>(c) * ROW_CHUNK + v * LANES]) - offset;
     lo[v] = s.window > 0 ? hi[v] - static_cast<int32_t>(std::min<int64_t>(s.window, INT_MAX / 4)) + 1 : Ints{} + INT_MIN / 2;
     sees |= any_lane((hi[v] >= 0) & (lo[v] <= n - 1));
-    partly |= any_lane((hi[v] < n - 1) | (lo[v] > 0));
   }
   if (!sees) return;
+  // keys after every row's position (a causal tile's diagonal block) are not computed at all
+  int32_t reach = 0;
+  for (int v = 0; v < RV; ++v)
+    for (int i = 0; i < LANES; ++i) reach = std::max(reach, hi[v][i]);
+  n = std::min(n, reach + 1);
+  for (int v = 0; v < RV; ++v) partly |= any_lane((hi[v] < n - 1) | (lo[v] > 0));
 #define SCORES(N, I) score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK)
   FOR_FANS(n, SCORES)
 #undef SCORES
