@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.cpu_fused import native_greedy_tokens, native_greedy_tokens_usable
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -66,11 +68,19 @@ def _apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor
 NAN_SCORES = -1
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits: [batch, vocab] float32 -> [batch] int64 token ids (NAN_SCORES for a row with a NaN score)."""
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [batch, vocab] -> [batch] int64: each row's first maximal index (NAN_SCORES for a row with
+    a NaN score). On CPU in compiled code (kernels.cpu_fused; torch.max took ~0.3 ms of a 160-row step)."""
+    if logits.device.type == "cpu" and native_greedy_tokens_usable(logits):
+        return native_greedy_tokens(logits, NAN_SCORES)
     # the first maximal index, as argmax, which on CPU took about twice as long ([160, 8192]: 1.8 vs 0.9 ms)
     best = logits.max(dim=-1)
-    greedy = torch.where(torch.isnan(best.values), NAN_SCORES, best.indices)
+    return torch.where(torch.isnan(best.values), NAN_SCORES, best.indices)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """logits: [batch, vocab] float32 -> [batch] int64 token ids (NAN_SCORES for a row with a NaN score)."""
+    greedy = greedy_tokens(logits)
     if t.all_greedy:
         return greedy
     temps = torch.where(t.temperatures > 0, t.temperatures, 1.0)

@@ -4,10 +4,11 @@ Meaning: exactly the PyTorch ops they replace (tests compare them): RMSNorm with
 before it (engine/models/decoder.py's RMSNorm: float32 statistics, the normalised value rounded to the
 model dtype before the weight), SiLU(gate) * up (its MLP), engine/models/rope.py's apply_rope
 (also over q and k side by side in the qkv projection, apply_rope_fast's place in float32), and
-kernels/paged_attention.py's store_kv_reference (a step's keys and values into the paged cache). Why: on
+kernels/paged_attention.py's store_kv_reference (a step's keys and values into the paged cache), and
+engine/sampler.py's greedy choice (the first index of each row's largest logit, a NaN row marked). Why: on
 CPU each PyTorch op of a step is a pass over the activations; these take 3-7 ops each (a small gain on
 the whole engine: 1.02x on a no-sharing job, bench/results/raw_engine_ab_cpu_fused_ops.json), and
-store_kv's index_copy_ runs on one thread.
+store_kv's index_copy_ runs on one thread; torch.max over a step's logits ([160, 8192]) took ~0.3 ms.
 
 They live in the library kernels/cpu_library.py builds (one build, one switch: BATCHLLM_NATIVE_KERNELS);
 `fused_ops_usable` says whether a tensor can take them, else callers keep the PyTorch ops. float32 and
@@ -19,8 +20,8 @@ import torch
 
 from kernels import cpu_library
 
-__all__ = ["fused_ops_usable", "native_rms_norm", "native_rope", "native_silu_mul", "native_store_kv",
-           "native_store_kv_usable"]
+__all__ = ["fused_ops_usable", "native_greedy_tokens", "native_greedy_tokens_usable", "native_rms_norm", "native_rope",
+           "native_silu_mul", "native_store_kv", "native_store_kv_usable"]
 
 
 def fused_ops_usable(x: torch.Tensor) -> bool:
@@ -114,3 +115,19 @@ def native_store_kv(
         v_cache.data_ptr(), key.shape[0], k_cache.shape[-2] * k_cache.shape[-1], num_slots)
     if out_of_range:
         raise IndexError(f"{out_of_range} slot(s) of the step are outside the KV cache's {num_slots} slots")
+
+
+def native_greedy_tokens_usable(logits: torch.Tensor) -> bool:
+    """Whether `native_greedy_tokens` can take these logits (else torch.max)."""
+    return (logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[0] > 0 and logits.shape[1] > 0
+            and logits.stride(1) == 1 and fused_ops_usable(logits))
+
+
+def native_greedy_tokens(logits: torch.Tensor, nan_mark: int) -> torch.Tensor:
+    """logits [rows, vocab] float32 (rows any stride) -> [rows] int64: each row's first index of its largest
+    value, as torch.max(dim=-1).indices, or `nan_mark` for a row holding a NaN."""
+    library = cpu_library.native_library()
+    assert library is not None and native_greedy_tokens_usable(logits)
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    library.greedy_tokens_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr())
+    return out if nan_mark == -1 else torch.where(out < 0, nan_mark, out)

@@ -53,6 +53,7 @@ ENTRY_POINTS = {
         ("rope", [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]),
         ("store_kv", [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64]),
     ) for suffix in _DTYPE_SUFFIX.values()},
+    "greedy_tokens_f32": [_P, _I64, _I64, _I64, _P],
     "set_num_threads": [_INT],
     "parallel_threads": [],
 }

@@ -159,3 +159,25 @@ def test_store_kv_equals_the_reference(dtype: torch.dtype) -> None:
     bad[0] = blocks * block_size
     with pytest.raises(IndexError, match="outside the KV cache"):
         native_store_kv(key, value, *got, bad)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 261, 8193])
+def test_greedy_tokens_equal_torch_max_with_ties_nans_and_infinities(vocab: int) -> None:
+    from engine.sampler import NAN_SCORES, greedy_tokens
+    from kernels.cpu_fused import native_greedy_tokens_usable
+
+    g = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(9, vocab + 3, generator=g)
+    logits = wide[:, 1 : vocab + 1]  # rows not contiguous with each other
+    logits[1] = torch.round(logits[1])  # many ties: the first maximal index wins
+    logits[2, :] = 0.5  # all equal
+    logits[3, vocab // 2] = float("inf")
+    logits[4, :] = float("-inf")  # every token masked: index 0, as torch.max
+    logits[5, vocab - 1] = float("nan")
+    logits[6, 0] = float("nan")
+    logits[7, vocab // 3] = float("-inf")
+    assert native_greedy_tokens_usable(logits)
+    best = logits.max(dim=-1)
+    expected = torch.where(torch.isnan(best.values), NAN_SCORES, best.indices)
+    assert torch.equal(greedy_tokens(logits), expected)
+    assert greedy_tokens(logits)[5] == NAN_SCORES and greedy_tokens(logits)[6] == NAN_SCORES

@@ -1,11 +1,12 @@
 // A decoder layer's elementwise steps on CPU, each one pass over memory instead of PyTorch's 3-7:
 // RMSNorm with the residual add before it, SiLU(gate) * up, RoPE, and storing a step's keys and values
-// into the paged cache.
+// into the paged cache; and greedy sampling's choice of token from the logits.
 //
 // Meaning: engine/models/decoder.py's RMSNorm (float32 statistics, the normalised value rounded to the
 // model dtype before the weight multiplies it, as transformers does), MLP activation and
 // engine/models/rope.py's apply_rope; every intermediate PyTorch rounds to the model dtype is
-// rounded here too; store_kv is kernels/paged_attention.py's store_kv_reference. Built at first use by kernels/cpu_decode.py (one library with the attention
+// rounded here too; store_kv is kernels/paged_attention.py's store_kv_reference; greedy_tokens is
+// engine/sampler.py's greedy choice (torch.max over the vocabulary, a NaN row marked). Built at first use by kernels/cpu_decode.py (one library with the attention
 // kernels); kernels/cpu_fused.py holds the launchers; tests compare them with the PyTorch ops.
 #include <cmath>
 #include <cstdint>
@@ -111,9 +112,63 @@ int64_t store_kv(const T* key, int64_t key_stride, const T* value, int64_t value
   return out_of_range;
 }
 
+// Each row's first index of its largest value (torch.max(dim=-1).indices), or -1 for a row holding a
+// NaN (whose torch.max is NaN). NaN is found by its bits: this file is built with -ffast-math, under
+// which the compiler may assume x == x. Lanes keep their own best value and index (a later equal value
+// does not replace it), then the lanes' best is the largest value at the smallest index.
+void greedy_tokens(const float* logits, int64_t rows, int64_t vocab, int64_t row_stride, int64_t* out) {
+  constexpr int W = 16;
+  typedef float Vals __attribute__((vector_size(W * sizeof(float))));
+  typedef int32_t Idx __attribute__((vector_size(W * sizeof(int32_t))));
+#pragma omp parallel for schedule(static) if (rows * vocab > 65536) num_threads(library_threads())
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = logits + i * row_stride;
+    int64_t d = 0, best_at = 0;
+    float best = x[0];
+    bool nan = false;
+    if (vocab >= W) {
+      Idx at = Idx{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      Vals top;
+      Idx top_at = at, bad = Idx{};
+      std::memcpy(&top, x, sizeof top);
+      for (d = 0; d + W <= vocab; d += W, at += W) {
+        Vals v;
+        Idx bits;
+        std::memcpy(&v, x + d, sizeof v);
+        std::memcpy(&bits, x + d, sizeof bits);
+        bad |= (bits & 0x7fffffff) > 0x7f800000;
+        const Idx up = v > top;
+        top = up ? v : top;
+        top_at = up ? at : top_at;
+      }
+      for (int l = 0; l < W; ++l) nan |= bad[l] != 0;
+      best = top[0];
+      best_at = top_at[0];
+      for (int l = 1; l < W; ++l)
+        if (top[l] > best || (top[l] == best && top_at[l] < best_at)) {
+          best = top[l];
+          best_at = top_at[l];
+        }
+    }
+    for (; d < vocab; ++d) {
+      uint32_t bits;
+      std::memcpy(&bits, x + d, sizeof bits);
+      nan |= (bits & 0x7fffffffu) > 0x7f800000u;
+      if (x[d] > best) {
+        best = x[d];
+        best_at = d;
+      }
+    }
+    out[i] = nan ? -1 : best_at;
+  }
+}
+
 }  // namespace
 
 extern "C" {
+void greedy_tokens_f32(const float* logits, int64_t rows, int64_t vocab, int64_t row_stride, int64_t* out) {
+  greedy_tokens(logits, rows, vocab, row_stride, out);
+}
 void set_num_threads(int n) { requested_threads().store(n, std::memory_order_relaxed); }
 int parallel_threads() {  // the team size the library's parallel loops get now
   int n = 0;
