@@ -59,6 +59,43 @@ struct Shape {
 
 // A task's tile, reused across tasks of a thread. Callers fill q and pos (and the state, fresh from
 // reset), run attend_keys, and read acc, max and sum.
+// Rows of keys and values the work will need next (the next block's: at a random place of the cache, the
+// hardware prefetcher does not see it coming), requested a few cache lines per step of the work done
+// meanwhile: requested all at once, the memory system's queue filled and stalled the core (a decode row's
+// keys came at half the speed; bench/cpu_decode_attention.py).
+struct SpreadPrefetch {
+  const char* k[KEYS];
+  const char* v[KEYS];
+  int rows = 0, row_bytes = 0, row = 0, at = 0, lines = 1;
+  template <typename T>
+  void set(int i, const T* key_row, const T* value_row) {
+    k[i] = reinterpret_cast<const char*>(key_row);
+    v[i] = reinterpret_cast<const char*>(value_row);
+  }
+  // the rows set (up to KEYS, row_bytes each), spread over `steps` calls of step()
+  void start(int rows_, int row_bytes_, int steps) {
+    rows = rows_;
+    row_bytes = row_bytes_;
+    row = at = 0;
+    const int total = rows * ((row_bytes + 63) / 64);
+    lines = std::max(1, (total + std::max(1, steps) - 1) / std::max(1, steps));
+  }
+  void step() {
+    for (int l = 0; l < lines && row < rows; ++l) {
+      __builtin_prefetch(k[row] + at);
+      __builtin_prefetch(v[row] + at);
+      at += 64;
+      if (at >= row_bytes) {
+        at = 0;
+        ++row;
+      }
+    }
+  }
+  void finish() {
+    while (row < rows) step();
+  }
+};
+
 struct Tile {
   std::vector<float> q, acc, max, sum;  // [rows][D], [rows][D], [rows], [rows]
   std::vector<int64_t> pos;             // [rows] the query's position
@@ -67,6 +104,7 @@ struct Tile {
   // a bfloat16 block's keys and values widened, [KEYS][D]
   std::vector<float> qt, acct, mt, lt, scores, keys, values;
   std::vector<int32_t> rel;
+  SpreadPrefetch ahead;  // the next block of keys and values, while attend_keys works on one
   void reset(int rows, int d) {
     q.resize(static_cast<size_t>(rows) * d);
     acc.assign(static_cast<size_t>(rows) * d, 0.f);
@@ -172,7 +210,7 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
     for (int i = 0; i < LANES; ++i) reach = std::max(reach, hi[v][i]);
   n = std::min(n, reach + 1);
   for (int v = 0; v < RV; ++v) partly |= any_lane((hi[v] < n - 1) | (lo[v] > 0));
-#define SCORES(N, I) score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK)
+#define SCORES(N, I) (tl.ahead.step(), score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK))
   FOR_FANS(n, SCORES)
 #undef SCORES
   if (s.softcap > 0.f)
@@ -216,16 +254,18 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
   for (int d = 0; d < D; ++d)
     for (int v = 0; v < RV; ++v)
       put_lanes(acct + d * ROW_CHUNK + v * LANES, lanes_at(acct + d * ROW_CHUNK + v * LANES) * rescale[v]);
-#define VALUES(N, I) value_pass<RV, N>(scores, value, n, (I), acct)
+#define VALUES(N, I) (tl.ahead.step(), value_pass<RV, N>(scores, value, n, (I), acct))
   FOR_FANS(D, VALUES)
 #undef VALUES
 }
 
 // Rows [0, rows) of `tl` attend to key positions [begin, end) of KV head `kv_head`, read through `table`
 // (column 0 = the block of position key_start). Rows whose position or window excludes a key skip it.
+// read_ahead: request each next block of keys while working on one (keys likely out of cache: a decode
+// group's prefix; not a prefill span's, just stored, where the requests only cost time: 0.9x per call).
 template <typename T>
 void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const int32_t* table, int64_t key_start,
-                 int64_t begin, int64_t end, int64_t kv_head, const Shape& s) {
+                 int64_t begin, int64_t end, int64_t kv_head, const Shape& s, bool read_ahead) {
   const int D = s.head_dim, BS = s.block_size;
   const int chunks = (rows + ROW_CHUNK - 1) / ROW_CHUNK;
   const size_t plane = static_cast<size_t>(D) * ROW_CHUNK;
@@ -278,6 +318,14 @@ void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const i
         value[t] = vw;
       }
     }
+    const int next_n = read_ahead ? static_cast<int>(std::min<int64_t>(KEYS, end - j0 - n)) : 0;
+    for (int t = 0; t < next_n; ++t) {
+      const int64_t p = j0 + n + t - key_start;
+      const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
+      tl.ahead.set(t, k_cache + slot * token_stride + head_offset, v_cache + slot * token_stride + head_offset);
+    }
+    // a step per score and value pass of each chunk (FOR_FANS: about n / FAN + D / FAN of them)
+    tl.ahead.start(std::max(0, next_n), static_cast<int>(D * sizeof(T)), chunks * ((n + D) / FAN + 2));
     const int32_t offset = static_cast<int32_t>(j0 - begin);
     for (int c = 0; c < chunks; ++c) {
       if (rows - c * ROW_CHUNK > LANES)
@@ -285,6 +333,7 @@ void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const i
       else
         attend_chunk<1>(tl, c, D, n, offset, key, value, s);
     }
+    tl.ahead.finish();
   }
   for (int r = 0; r < rows; ++r) {
     const size_t c = r / ROW_CHUNK, lane = r % ROW_CHUNK;

@@ -32,35 +32,6 @@ struct State {
   }
 };
 
-// Requests `count` elements of keys and values from k and v (the tokens one block ahead: the hardware
-// prefetcher does not see a block at a random place of the cache coming) a piece at a time, spread over
-// the work done meanwhile: requested all at once, the memory system's queue filled and stalled the core
-// (a row's keys came at half the speed: 2x per call on 192 rows of 528 keys, bench/cpu_decode_attention.py).
-template <typename T>
-struct SpreadPrefetch {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  int64_t next = 0, bytes = 0, piece = 0;
-  void start(const T* k_, const T* v_, int64_t count, int pieces) {
-    k = reinterpret_cast<const char*>(k_);
-    v = reinterpret_cast<const char*>(v_);
-    next = 0;
-    bytes = count * static_cast<int64_t>(sizeof(T));
-    const int64_t share = (bytes + std::max(1, pieces) - 1) / std::max(1, pieces);
-    piece = (share + 63) / 64 * 64;  // whole cache lines, all of them within `pieces` steps
-  }
-  void step() {
-    const int64_t upto = std::min(next + piece, bytes);
-    for (; next < upto; next += 64) {
-      __builtin_prefetch(k + next);
-      __builtin_prefetch(v + next);
-    }
-  }
-  void finish() {
-    while (next < bytes) step();
-  }
-};
-
 // A vector of LANES elements from p, widened to float32.
 inline Lanes load_lanes(const float* p) { return lanes_at(p); }
 inline Lanes load_lanes(const bf16_t* p) {
@@ -124,7 +95,7 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
   const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
   const Ints lane = Ints{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const int pieces = (last - first) * 2 * std::max(1, VD / LANES);  // a piece per vector step of each query's passes
-  SpreadPrefetch<T> prefetch;
+  SpreadPrefetch prefetch;
   for (int64_t pos = begin; pos < end;) {
     const int64_t block = table[pos / BS - table_start];
     const int offset = static_cast<int>(pos % BS);
@@ -132,13 +103,12 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
     const T* kb = k_cache + (block * BS + offset) * token_stride;
     const T* vb = v_cache + (block * BS + offset) * token_stride;
     const int64_t ahead = pos + BS;  // the same place in the next block: requested while this chunk is worked on
-    if (ahead < end) {
+    const int count = ahead < end ? static_cast<int>(std::min<int64_t>(n, end - ahead)) : 0;
+    if (count > 0) {  // the tokens lie side by side in their block: one row of them
       const int64_t at = (table[ahead / BS - table_start] * BS + offset) * token_stride;
-      const int count = static_cast<int>(std::min<int64_t>(n, end - ahead));
-      prefetch.start(k_cache + at, v_cache + at, count * token_stride, pieces);
-    } else {
-      prefetch.start(k_cache, v_cache, 0, pieces);
+      prefetch.set(0, k_cache + at, v_cache + at);
     }
+    prefetch.start(count > 0 ? 1 : 0, static_cast<int>(count * token_stride * sizeof(T)), pieces);
     const int64_t hidden = st.visible[first] - pos;  // keys t < hidden are before the window
     for (int j = first; j < last; ++j) {
       const float* qj = &st.q[static_cast<size_t>(j) * D];
@@ -220,7 +190,7 @@ void attend_prefix(State& st, const Task& task, const Batch& b, const T* k_cache
         std::memcpy(&tl.q[static_cast<size_t>(i) * D], &st.q[static_cast<size_t>(j) * D], bytes);
         tl.pos[i] = b.context_lens[task.first_row + r] - 1;  // a decode row's query is its last token
       }
-    attend_keys<T>(tl, rows * per_kv, k_cache, v_cache, prefix_table, 0, begin, end, kh, s);
+    attend_keys<T>(tl, rows * per_kv, k_cache, v_cache, prefix_table, 0, begin, end, kh, s, /*read_ahead=*/true);
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < per_kv; ++g) {
         const int i = r * per_kv + g, j = r * H + kh * per_kv + g;

@@ -46,7 +46,8 @@ void run_task(const Task& task, const Span& sp, const T* q, int64_t q_row_stride
   const int64_t last_pos = first_pos + tokens - 1;
   int64_t begin = sp.key_start;
   if (s.window > 0) begin = std::max(begin, first_pos - s.window + 1);
-  attend_keys<T>(tl, rows, k_cache, v_cache, sp.table, sp.key_start, begin, last_pos + 1, task.kv_head, s);
+  attend_keys<T>(tl, rows, k_cache, v_cache, sp.table, sp.key_start, begin, last_pos + 1, task.kv_head, s,
+                 /*read_ahead=*/false);
   for (int r = 0; r < rows; ++r) {
     const int t = r / per_kv, g = r % per_kv;
     T* orow = out + (sp.q_start + task.first_token + t) * out_row_stride + (task.kv_head * per_kv + g) * D;
