@@ -10,7 +10,7 @@
 // the softmax's max, exp, sum and rescale are lane-wise (one row per lane, no horizontal step), and a
 // value pass broadcasts one value element against a vector of weights (FAN dims at a time). Keys go in
 // blocks of KEYS (one softmax update per block), read in place from a float32 cache (a bfloat16 block is
-// widened once). Masked keys score MASKED, a finite stand-in for -inf: the library is built with
+// widened once); where the keys are likely out of cache, the next block is requested while one is worked on. Masked keys score MASKED, a finite stand-in for -inf: the library is built with
 // -ffast-math (vectorised exp), under which infinities are not allowed.
 #pragma once
 
@@ -57,8 +57,6 @@ struct Shape {
   int64_t window;  // 0: none
 };
 
-// A task's tile, reused across tasks of a thread. Callers fill q and pos (and the state, fresh from
-// reset), run attend_keys, and read acc, max and sum.
 // Rows of keys and values the work will need next (the next block's: at a random place of the cache, the
 // hardware prefetcher does not see it coming), requested a few cache lines per step of the work done
 // meanwhile: requested all at once, the memory system's queue filled and stalled the core (a decode row's
@@ -96,6 +94,8 @@ struct SpreadPrefetch {
   }
 };
 
+// A task's tile, reused across tasks of a thread. Callers fill q and pos (and the state, fresh from
+// reset), run attend_keys, and read acc, max and sum.
 struct Tile {
   std::vector<float> q, acc, max, sum;  // [rows][D], [rows][D], [rows], [rows]
   std::vector<int64_t> pos;             // [rows] the query's position
