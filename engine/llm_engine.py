@@ -49,16 +49,21 @@ class ModelInfo:
 
 
 def freeze_startup_heap() -> None:
-    """Keeps the objects alive now (imports, the model, this engine: ~170k of them) out of the
-    garbage collector's full passes: each such pass scanned them all, about 0.1 s at a time, whenever
-    the job's own allocations triggered one (measured: one in three document-QA runs of 0.9 s lost
-    0.09 s). Collected first, so no garbage cycle is kept for good; a frozen object is still freed
-    when its last reference goes (an engine holds no reference cycle: tests/test_engine_heap.py).
-    Thawed at exit, so the interpreter's last collection still finalizes everything (nanobind, in
-    Triton, reports leaked objects otherwise)."""
+    """Keeps the objects alive when the process's first engine is built (imports, the model, the
+    engine: ~170k of them) out of the garbage collector's full passes: each such pass scanned them
+    all, about 0.1 s at a time, whenever the job's own allocations triggered one (measured: one in
+    three document-QA runs of 0.9 s lost 0.09 s). Collected first, so no garbage cycle is kept for
+    good; a frozen object is still freed when its last reference goes (an engine holds no reference
+    cycle: tests/test_engine_heap.py). Only while nothing is frozen: a later engine (the one that
+    replaces an engine dropped after running out of memory, while the error's traceback still holds
+    the old one in a reference cycle) must not freeze that cycle, or the old engine would never be
+    freed. Thawed at exit, so the interpreter's last collection still finalizes everything
+    (nanobind, in Triton, reports leaked objects otherwise)."""
+    if gc.get_freeze_count():
+        return
     gc.collect()
     gc.freeze()
-    atexit.unregister(gc.unfreeze)  # once, however many engines a process builds
+    atexit.unregister(gc.unfreeze)  # once, however many times a process freezes
     atexit.register(gc.unfreeze)
 
 

@@ -1,4 +1,4 @@
-"""The engine freezes the heap it starts with (engine.llm_engine.freeze_startup_heap), so the garbage
+"""The engine freezes the heap its process starts with (engine.llm_engine.freeze_startup_heap), so the garbage
 collector's full passes during a job scan only the job's own objects; that is safe only while a
 dropped engine is freed by reference counting alone, which these tests hold it to."""
 from __future__ import annotations
@@ -44,3 +44,26 @@ def test_a_full_collection_during_a_job_does_not_scan_the_startup_heap(
     # get_objects() lists what a collection would scan; frozen objects are not among them
     assert before > 20_000 and len(gc.get_objects()) < 2_000
     del engine
+
+
+class _Payload:
+    """Stands in for a dropped engine's memory; a weak reference says when it is freed."""
+
+
+def test_a_later_engine_does_not_freeze_a_garbage_cycle_holding_a_dropped_engine(
+    tiny_model_dir: Callable[[str], Path],
+) -> None:
+    # The out-of-memory retry builds a new engine while the error's traceback (a reference cycle) still
+    # holds the old one: freezing that cycle would keep the old engine's memory for good.
+    cfg = EngineConfig(model_dir=str(tiny_model_dir("llama_gqa")), device="cpu", kv_cache_tokens=512)
+    first = LLMEngine(cfg)  # the process's heap is frozen by now (here or by an earlier test)
+    payload = _Payload()
+    cycle: list[object] = [payload]
+    cycle.append(cycle)
+    ref = weakref.ref(payload)
+    del payload
+    second = LLMEngine(cfg)  # built while the cycle is alive
+    del cycle
+    gc.collect()
+    assert ref() is None
+    del first, second
