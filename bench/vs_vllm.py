@@ -235,14 +235,6 @@ class Worker:
 
 
 # ---------------------------------------------------------------------------- run
-def _cpu_busy_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine so far (/proc/stat's first line)."""
-    with open("/proc/stat", encoding="ascii") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
 QUIET_BUSY = 0.15  # at most this share of the machine busy ...
 QUIET_WINDOW_S = 0.25  # ... over two windows this long in a row
 
@@ -252,15 +244,22 @@ def wait_until_quiet(limit_s: float = 20.0) -> float:
     seconds waited. Each timed run starts this way: an engine that has just answered can still be busy
     (vLLM's workers busy-poll their request queue for a second after each request), and a run started
     then shares the cores with it, which would slow whichever engine runs next."""
+    from engine.thread_governor import PROC_STAT, busy_seconds  # the engine's reading of /proc/stat
+
     start = time.perf_counter()
     quiet = 0
-    if not os.path.exists("/proc/stat"):
+    if not os.path.exists(PROC_STAT):
         return 0.0
+    cpus, ticks = range(os.cpu_count() or 1), float(os.sysconf("SC_CLK_TCK"))
+
+    def busy() -> float:
+        with open(PROC_STAT, encoding="ascii") as f:
+            return busy_seconds(f.read(), cpus, ticks)
+
     while quiet < 2 and time.perf_counter() - start < limit_s:
-        busy0, total0 = _cpu_busy_ticks()
+        busy0, t0 = busy(), time.perf_counter()
         time.sleep(QUIET_WINDOW_S)
-        busy1, total1 = _cpu_busy_ticks()
-        share = (busy1 - busy0) / max(1, total1 - total0)
+        share = (busy() - busy0) / ((time.perf_counter() - t0) * len(cpus))
         quiet = quiet + 1 if share <= QUIET_BUSY else 0
     return round(time.perf_counter() - start, 2)
 
