@@ -123,11 +123,11 @@ def native_greedy_tokens_usable(logits: torch.Tensor) -> bool:
             and logits.stride(1) == 1 and fused_ops_usable(logits))
 
 
-def native_greedy_tokens(logits: torch.Tensor, nan_mark: int) -> torch.Tensor:
+def native_greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """logits [rows, vocab] float32 (rows any stride) -> [rows] int64: each row's first index of its largest
-    value, as torch.max(dim=-1).indices, or `nan_mark` for a row holding a NaN."""
+    value, as torch.max(dim=-1).indices, or -1 for a row holding a NaN."""
     library = cpu_library.native_library()
     assert library is not None and native_greedy_tokens_usable(logits)
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     library.greedy_tokens_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr())
-    return out if nan_mark == -1 else torch.where(out < 0, nan_mark, out)
+    return out
