@@ -296,13 +296,24 @@ void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const i
     tl.keys.resize(static_cast<size_t>(KEYS) * D);
     tl.values.resize(static_cast<size_t>(KEYS) * D);
   }
+  // the cache rows of `count` keys from position `first` on, found once per key: a block's rows are
+  // found while the block before it is worked on, for the read-ahead, and then read from here
+  const T* k_rows[KEYS];
+  const T* v_rows[KEYS];
+  auto find_rows = [&](int64_t first, int count) {
+    for (int t = 0; t < count; ++t) {
+      const int64_t p = first + t - key_start;
+      const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
+      k_rows[t] = k_cache + slot * token_stride + head_offset;
+      v_rows[t] = v_cache + slot * token_stride + head_offset;
+    }
+  };
+  find_rows(begin, static_cast<int>(std::min<int64_t>(KEYS, end - begin)));
   for (int64_t j0 = begin; j0 < end; j0 += KEYS) {
     const int n = static_cast<int>(std::min<int64_t>(KEYS, end - j0));
     for (int t = 0; t < n; ++t) {
-      const int64_t p = j0 + t - key_start;
-      const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
-      const T* kr = k_cache + slot * token_stride + head_offset;
-      const T* vr = v_cache + slot * token_stride + head_offset;
+      const T* kr = k_rows[t];
+      const T* vr = v_rows[t];
       if constexpr (std::is_same<T, float>::value) {
         key[t] = kr;
         value[t] = vr;
@@ -318,14 +329,12 @@ void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const i
         value[t] = vw;
       }
     }
-    const int next_n = read_ahead ? static_cast<int>(std::min<int64_t>(KEYS, end - j0 - n)) : 0;
-    for (int t = 0; t < next_n; ++t) {
-      const int64_t p = j0 + n + t - key_start;
-      const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
-      tl.ahead.set(t, k_cache + slot * token_stride + head_offset, v_cache + slot * token_stride + head_offset);
-    }
+    const int next_n = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(KEYS, end - j0 - n)));
+    find_rows(j0 + n, next_n);
+    if (read_ahead)
+      for (int t = 0; t < next_n; ++t) tl.ahead.set(t, k_rows[t], v_rows[t]);
     // a step per score and value pass of each chunk (FOR_FANS: about n / FAN + D / FAN of them)
-    tl.ahead.start(std::max(0, next_n), static_cast<int>(D * sizeof(T)), chunks * ((n + D) / FAN + 2));
+    tl.ahead.start(read_ahead ? next_n : 0, static_cast<int>(D * sizeof(T)), chunks * ((n + D) / FAN + 2));
     const int32_t offset = static_cast<int32_t>(j0 - begin);
     for (int c = 0; c < chunks; ++c) {
       if (rows - c * ROW_CHUNK > LANES)
