@@ -137,10 +137,8 @@ class AttemptTracker:
 
     def _plan_counts(self, stats: list[Any]) -> dict[str, Any]:
         plans = self.plan_stats
-        # tokens shared across a chunk cut that the engine did not carry over (computed again)
-        spanning = sum(p.boundary_tokens for p in plans) - self._total(stats, "carried_prefix_tokens")
         return dict(
-            plan_chunks=sum(p.chunks for p in plans), plan_boundary_tokens=max(0, spanning),
+            plan_chunks=sum(p.chunks for p in plans), plan_boundary_tokens=self._total(stats, "cut_recomputed_tokens"),
             plan_out_of_core=any(p.out_of_core for p in plans), plan_s=sum(p.plan_s for p in plans),
             engine_wait_s=sum(p.engine_wait_s for p in plans),
         )

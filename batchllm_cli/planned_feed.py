@@ -47,9 +47,6 @@ class PlanStats:
     rows: int = 0  # rows planned (not committed before, rendered and fitting the context)
     prompt_tokens: int = 0
     unique_prompt_tokens: int = 0  # the whole job's prefix-trie tokens: the least prefill possible
-    # tokens shared across the chunk cuts the engine crossed (it carries them over, see plan_carry): a cut
-    # counts once the chunk after it is handed out, so an interrupted run leaves out the cuts it never reached
-    boundary_tokens: int = 0
     chunks: int = 0
     out_of_core: bool = False  # sorted by DuckDB, spilling to disk, because memory was short
     # rendering, tokenizing, spooling and sorting before the first chunk (or until the plan ended without
@@ -117,7 +114,6 @@ class PlannedFeed:
         every request's key is entered in `in_flight` (-> row id, truncated) before it is handed out."""
         first = True
         wait = 0.0
-        shared_with_next = 0  # tokens the chunk handed out last shares with the next one
         self._asked = time.perf_counter()  # the engine is loaded and wants its first chunk
         while True:
             t = time.perf_counter()
@@ -136,10 +132,6 @@ class PlannedFeed:
                 first = False
                 for (key, _, _), row_id, cut in zip(item.work.requests, item.row_ids.tolist(), item.truncated.tolist()):
                     in_flight[key] = (row_id, cut)
-                if shared_with_next:  # the engine crosses the cut before this chunk
-                    self.stats = dataclasses.replace(self.stats,
-                                                     boundary_tokens=self.stats.boundary_tokens + shared_with_next)
-                shared_with_next = item.work.shared_with_next
                 yield item.work
                 self.stats = dataclasses.replace(self.stats, engine_wait_s=wait)
             elif kind == "error":

@@ -375,8 +375,7 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: ScaleOut
         dead = _wait_round(pool, refs, prepared.committed, tracker)
         if prepared.settings.prefix_sharing == "plan":  # the replicas fed their parts in chunks
             tracker.plan_stats[0] = dataclasses.replace(
-                tracker.plan_stats[0], chunks=sum(c.chunks for c in tracker.live.values()),
-                boundary_tokens=sum(c.boundary_tokens for c in tracker.live.values()))
+                tracker.plan_stats[0], chunks=sum(c.chunks for c in tracker.live.values()))
         if dead:
             # Nothing writes to the run directory now: reread it, the dead replicas' shards included.
             old = {s.name for s in prepared.committed.shards}

@@ -74,15 +74,13 @@ class WorkerCounts:
     engine_stats: Any = None  # engine.EngineStats over the engine's lifetime
     engine_s: float = 0.0  # time spent running parts
     chunks: int = 0
-    boundary_tokens: int = 0  # shared across the chunk cuts its engine crossed
 
     @classmethod
-    def of(cls, collector: ResultCollector | None, engine: Any, engine_s: float, chunks: int,
-           boundary: int) -> WorkerCounts:
+    def of(cls, collector: ResultCollector | None, engine: Any, engine_s: float, chunks: int) -> WorkerCounts:
         c = collector or ResultCollector()
         return cls(c.rows, c.rows_ok, c.rows_failed, c.rows_run, c.rows_truncated, c.prompt_tokens,
                    c.completion_tokens, c.prefix_hit_tokens, tuple(c.first_errors),
-                   engine.stats() if engine is not None else None, engine_s, chunks, boundary)
+                   engine.stats() if engine is not None else None, engine_s, chunks)
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,6 @@ class ReplicaWorker:
         self._done = WorkerCounts()
         self._engine_s = 0.0
         self._chunks = 0
-        self._boundary = 0
 
     def check(self) -> tuple[str, int, str | None]:
         """(host, pid, why the run directory is not usable here, or None)."""
@@ -135,13 +132,13 @@ class ReplicaWorker:
         return self._counts()
 
     def _counts(self) -> WorkerCounts:
-        live = WorkerCounts.of(self._collector, self.engine, self._engine_s, self._chunks, self._boundary)
+        live = WorkerCounts.of(self._collector, self.engine, self._engine_s, self._chunks)
         d = self._done
         return WorkerCounts(
             *(getattr(d, f) + getattr(live, f) for f in ("rows", "rows_ok", "rows_failed", "rows_run", "rows_truncated",
                                                             "prompt_tokens", "completion_tokens", "prefix_hit_tokens")),
             first_errors=(d.first_errors + live.first_errors)[:5], engine_stats=live.engine_stats,
-            engine_s=live.engine_s, chunks=live.chunks, boundary_tokens=live.boundary_tokens,
+            engine_s=live.engine_s, chunks=live.chunks,
         )
 
     def run(self, part: WorkerPart, seq_start: int) -> WorkerReport:
@@ -184,8 +181,6 @@ class ReplicaWorker:
         offsets = part.offsets.tolist()
         starts = cuts.starts.tolist()
         for a, b in zip(starts[:-1], starts[1:]):
-            if a > 0:  # the engine crosses the cut before this chunk: only cuts it reached are counted
-                self._boundary += int(lcp[a])
             requests = []
             for i in order[a:b].tolist():
                 in_flight[keys[i]] = (int(part.row_ids[i]), bool(part.truncated[i]))

@@ -115,7 +115,9 @@ class LLMEngine:
         self._steps = 0
         self._unique_prompt_tokens = 0
         self._planned_prompt_tokens = 0
-        self._carried_prefix_tokens = 0  # prompt tokens a plan wave reused from the one before (plan_carry)
+        # plan mode: tokens shared across a chunk cut that the wave after it computed again (plan_carry
+        # makes this 0); counted when the wave adopts the carry, so an interrupted run counts only cuts crossed
+        self._cut_recomputed_tokens = 0
         self._carry: Carry | None = None
         self._carry_prefixes = 0  # prefix states inserted to carry a cut (split_for_carry), for their ids
         freeze_startup_heap()
@@ -161,9 +163,9 @@ class LLMEngine:
         if carry is not None:
             adoption = adopt_carry(carry, items, plan.prefix_length.tolist(), plan.prefix_source_row.tolist(),
                                    plan.prefix_keeps_logits.tolist(), seqs)
+            self._cut_recomputed_tokens += carry.length - adoption.covered_tokens
         covered = adoption.covered_tokens if adoption is not None else 0
         self._unique_prompt_tokens += plan.unique_prompt_tokens - covered
-        self._carried_prefix_tokens += covered
         self._planned_prompt_tokens += sum(len(s) for s in seqs)
         states: list[SharedPrefixState] = []
         for prefix_id, (length, source_row, dependents, keeps_logits) in enumerate(
@@ -379,7 +381,7 @@ class LLMEngine:
             preemptions=self.scheduler.num_preemptions,
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             unique_prompt_tokens=self._unique_prompt_tokens,
-            carried_prefix_tokens=self._carried_prefix_tokens,
+            cut_recomputed_tokens=self._cut_recomputed_tokens,
             sharing_fallbacks=self.scheduler.num_sharing_fallbacks,
             peak_kv_blocks=self.block_manager.peak_used_blocks,
             kv_blocks_total=self.block_manager.num_blocks,

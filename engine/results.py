@@ -50,4 +50,4 @@ class EngineStats:
     graph_steps: int = 0  # decode steps replayed from CUDA graphs (or run on their static buffers)
     shared_prefix_tokens: int = 0  # of prefill_tokens: computed once for a shared prefix (plan mode)
     sampled_tokens: int = 0  # tokens generated, rows not finished yet included
-    carried_prefix_tokens: int = 0  # plan mode: prompt tokens a wave started on from the wave before
+    cut_recomputed_tokens: int = 0  # plan mode: tokens shared across a chunk cut crossed, computed again after it

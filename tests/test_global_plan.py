@@ -54,16 +54,20 @@ def test_cuts_cover_the_sorted_rows_within_budget_and_count_what_spans_them(prom
     assert per_chunk == _naive_trie_tokens(prompts) + cuts.boundary_tokens
 
 
-@pytest.fixture(scope="module")
-def plan_engine(tmp_path_factory: pytest.TempPathFactory):
+def _plan_engine(model_dir: Path):
     from engine.config import EngineConfig
-    from engine.demo_model import ensure_demo_model
     from engine.llm_engine import LLMEngine
 
-    model_dir = ensure_demo_model(tmp_path_factory.mktemp("demo"))
     config = EngineConfig(str(model_dir), device="cpu", dtype="float32", max_batch_tokens=64,
                           kv_cache_tokens=4096, prefix_sharing="plan")
     return LLMEngine(config)
+
+
+@pytest.fixture(scope="module")
+def plan_engine(tmp_path_factory: pytest.TempPathFactory):
+    from engine.demo_model import ensure_demo_model
+
+    return _plan_engine(ensure_demo_model(tmp_path_factory.mktemp("demo")))
 
 
 @given(prompts=_prompt_sets(), budget=st.integers(1, 120))
@@ -90,10 +94,40 @@ def test_engine_computes_each_prefix_once_across_chunk_cuts(plan_engine, prompts
     after = plan_engine.stats()
     assert after.prefill_tokens - before.prefill_tokens == _naive_trie_tokens(prompts)
     assert after.unique_prompt_tokens - before.unique_prompt_tokens == _naive_trie_tokens(prompts)
+    assert after.cut_recomputed_tokens == before.cut_recomputed_tokens  # every cut's prefix was carried
     assert not plan_engine.scheduler.pinned and plan_engine.block_manager.num_free_blocks == plan_engine.block_manager.num_blocks
     # the same answers as in one wave
     whole = {r.key: r.token_ids for r in plan_engine.generate_planned([PlanChunk([(i, p, params) for i, p in enumerate(prompts)])])}
     assert results == whole
+
+
+def test_a_run_stopped_after_a_chunk_is_handed_out_counts_no_cut_it_did_not_cross(demo_model_dir, monkeypatch) -> None:
+    """A signal can land between handing the engine the chunk after a cut and the engine adopting the
+    carried prefix; the tokens across that cut were not computed again (the CI saw a summary say 16 were):
+    the engine counts a cut only as it adopts the carry."""
+    import engine.llm_engine as llm_engine
+    from engine import SamplingParams
+
+    class Stop(BaseException):
+        pass
+
+    params = SamplingParams(max_tokens=2)
+    doc = [50 + i % 40 for i in range(40)]
+    chunks = [PlanChunk([(k, doc + [60 + k], params) for k in range(2)], len(doc)),
+              PlanChunk([(k, doc + [60 + k], params) for k in range(2, 4)], 0)]
+    real_plan, calls = llm_engine.plan_execution, []
+
+    def plan_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second chunk is handed out: stop before its plan exists
+            raise Stop
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(llm_engine, "plan_execution", plan_then_stop)
+    engine = _plan_engine(demo_model_dir)
+    with pytest.raises(Stop):
+        list(engine.generate_planned(chunks))
+    assert len(calls) == 2 and engine.stats().cut_recomputed_tokens == 0
 
 
 QUESTIONS = ["What is the main topic?", "Who is involved?", "When did it happen?", "Where was it?",
