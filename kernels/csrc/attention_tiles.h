@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cassert>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -94,24 +95,38 @@ struct SpreadPrefetch {
   }
 };
 
-// A task's tile, reused across tasks of a thread. Callers fill q and pos (and the state, fresh from
-// reset), run attend_keys, and read acc, max and sum.
+// A task's tile, reused across tasks of a thread, held in attend_keys' layout so no call copies it: per
+// chunk c of ROW_CHUNK rows, queries and outputs [c][D][ROW_CHUNK], running max and sum [c][ROW_CHUNK]
+// (a row's values are ROW_CHUNK floats apart). Callers start(), set each row's query (query_at) and
+// position, run attend_keys (any number of times over disjoint key ranges), and read output_at, max_of
+// and sum_of. A chunk's unused lanes hold zero queries and see what its last row sees.
 struct Tile {
-  std::vector<float> q, acc, max, sum;  // [rows][D], [rows][D], [rows], [rows]
-  std::vector<int64_t> pos;             // [rows] the query's position
-  // attend_keys' working memory, per chunk c: queries and outputs [c][D][ROW_CHUNK], running max and sum
-  // [c][ROW_CHUNK], positions relative to the first key [c][ROW_CHUNK]; one block's scores [KEYS][ROW_CHUNK];
-  // a bfloat16 block's keys and values widened, [KEYS][D]
-  std::vector<float> qt, acct, mt, lt, scores, keys, values;
-  std::vector<int32_t> rel;
+  int rows = 0, D = 0;
+  std::vector<float> qt, acct, mt, lt;
+  std::vector<int64_t> pos;    // [rows] the query's position
+  std::vector<int32_t> rel;    // [chunks][ROW_CHUNK] position relative to the attend's first key
+  // working memory: one block's scores [KEYS][ROW_CHUNK]; a bfloat16 block's keys and values widened [KEYS][D]
+  std::vector<float> scores, keys, values;
   SpreadPrefetch ahead;  // the next block of keys and values, while attend_keys works on one
-  void reset(int rows, int d) {
-    q.resize(static_cast<size_t>(rows) * d);
-    acc.assign(static_cast<size_t>(rows) * d, 0.f);
-    max.assign(rows, MASKED);
-    sum.assign(rows, 0.f);
+  int chunks() const { return (rows + ROW_CHUNK - 1) / ROW_CHUNK; }
+  static size_t at(int r, int d, int D) {
+    return (static_cast<size_t>(r / ROW_CHUNK) * D + d) * ROW_CHUNK + r % ROW_CHUNK;
+  }
+  // a fresh state for `rows` queries of D dims, queries zero
+  void start(int rows_, int D_) {
+    rows = rows_;
+    D = D_;
+    const size_t lanes = static_cast<size_t>(chunks()) * ROW_CHUNK;
+    qt.assign(lanes * D, 0.f);
+    acct.assign(lanes * D, 0.f);
+    mt.assign(lanes, MASKED);
+    lt.assign(lanes, 0.f);
     pos.resize(rows);
   }
+  float& query_at(int r, int d) { return qt[at(r, d, D)]; }
+  float output_at(int r, int d) const { return acct[at(r, d, D)]; }
+  float max_of(int r) const { return mt[r]; }
+  float sum_of(int r) const { return lt[r]; }
 };
 
 // exp of each lane, for x <= 0 (a score minus the running max): 2^n * 2^f with n the nearest integer to
@@ -259,32 +274,19 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
 #undef VALUES
 }
 
-// Rows [0, rows) of `tl` attend to key positions [begin, end) of KV head `kv_head`, read through `table`
+// The rows of `tl` attend to key positions [begin, end) of KV head `kv_head`, read through `table`
 // (column 0 = the block of position key_start). Rows whose position or window excludes a key skip it.
 // read_ahead: request each next block of keys while working on one (keys likely out of cache: a decode
 // group's prefix; not a prefill span's, just stored, where the requests only cost time: 0.9x per call).
 template <typename T>
-void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const int32_t* table, int64_t key_start,
+void attend_keys(Tile& tl, const T* k_cache, const T* v_cache, const int32_t* table, int64_t key_start,
                  int64_t begin, int64_t end, int64_t kv_head, const Shape& s, bool read_ahead) {
   const int D = s.head_dim, BS = s.block_size;
-  const int chunks = (rows + ROW_CHUNK - 1) / ROW_CHUNK;
-  const size_t plane = static_cast<size_t>(D) * ROW_CHUNK;
-  tl.qt.resize(chunks * plane);
-  tl.acct.resize(chunks * plane);
-  tl.mt.resize(static_cast<size_t>(chunks) * ROW_CHUNK);
-  tl.lt.resize(static_cast<size_t>(chunks) * ROW_CHUNK);
+  const int rows = tl.rows, chunks = tl.chunks();
+  assert(tl.D == D && rows > 0);
   tl.rel.resize(static_cast<size_t>(chunks) * ROW_CHUNK);
   tl.scores.resize(static_cast<size_t>(KEYS) * ROW_CHUNK);
-  // rows into lanes; a chunk's unused lanes copy its last row's position and hold zero queries
   for (int r = 0; r < chunks * ROW_CHUNK; ++r) {
-    const size_t c = r / ROW_CHUNK, lane = r % ROW_CHUNK;
-    const bool real = r < rows;
-    for (int d = 0; d < D; ++d) {
-      tl.qt[c * plane + d * ROW_CHUNK + lane] = real ? tl.q[static_cast<size_t>(r) * D + d] : 0.f;
-      tl.acct[c * plane + d * ROW_CHUNK + lane] = real ? tl.acc[static_cast<size_t>(r) * D + d] : 0.f;
-    }
-    tl.mt[r] = real ? tl.max[r] : MASKED;
-    tl.lt[r] = real ? tl.sum[r] : 0.f;
     const int64_t rel = tl.pos[std::min(r, rows - 1)] - begin;
     tl.rel[r] = static_cast<int32_t>(std::clamp<int64_t>(rel, -(INT_MAX / 4), INT_MAX / 4));
   }
@@ -343,12 +345,6 @@ void attend_keys(Tile& tl, int rows, const T* k_cache, const T* v_cache, const i
         attend_chunk<1>(tl, c, D, n, offset, key, value, s);
     }
     tl.ahead.finish();
-  }
-  for (int r = 0; r < rows; ++r) {
-    const size_t c = r / ROW_CHUNK, lane = r % ROW_CHUNK;
-    for (int d = 0; d < D; ++d) tl.acc[static_cast<size_t>(r) * D + d] = tl.acct[c * plane + d * ROW_CHUNK + lane];
-    tl.max[r] = tl.mt[r];
-    tl.sum[r] = tl.lt[r];
   }
 }
 

@@ -181,22 +181,21 @@ void attend_prefix(State& st, const Task& task, const Batch& b, const T* k_cache
   thread_local Tile tl;
   const int H = s.heads, D = s.head_dim, per_kv = s.heads / s.kv_heads;
   const int rows = static_cast<int>(task.last_row - task.first_row);
-  const size_t bytes = sizeof(float) * D;
   for (int kh = 0; kh < s.kv_heads; ++kh) {
-    tl.reset(rows * per_kv, D);
+    tl.start(rows * per_kv, D);
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < per_kv; ++g) {
         const int i = r * per_kv + g, j = r * H + kh * per_kv + g;
-        std::memcpy(&tl.q[static_cast<size_t>(i) * D], &st.q[static_cast<size_t>(j) * D], bytes);
+        for (int d = 0; d < D; ++d) tl.query_at(i, d) = st.q[static_cast<size_t>(j) * D + d];
         tl.pos[i] = b.context_lens[task.first_row + r] - 1;  // a decode row's query is its last token
       }
-    attend_keys<T>(tl, rows * per_kv, k_cache, v_cache, prefix_table, 0, begin, end, kh, s, /*read_ahead=*/true);
+    attend_keys<T>(tl, k_cache, v_cache, prefix_table, 0, begin, end, kh, s, /*read_ahead=*/true);
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < per_kv; ++g) {
         const int i = r * per_kv + g, j = r * H + kh * per_kv + g;
-        std::memcpy(&st.acc[static_cast<size_t>(j) * D], &tl.acc[static_cast<size_t>(i) * D], bytes);
-        st.max[j] = tl.max[i];
-        st.sum[j] = tl.sum[i];
+        for (int d = 0; d < D; ++d) st.acc[static_cast<size_t>(j) * D + d] = tl.output_at(i, d);
+        st.max[j] = tl.max_of(i);
+        st.sum[j] = tl.sum_of(i);
       }
   }
 }

@@ -32,27 +32,27 @@ void run_task(const Task& task, const Span& sp, const T* q, int64_t q_row_stride
   const int D = s.head_dim, per_kv = s.heads / s.kv_heads;
   const int tokens = static_cast<int>(task.last_token - task.first_token);
   const int rows = tokens * per_kv;  // row = token * per_kv + (query head - first query head of the KV head)
-  tl.reset(rows, D);
+  tl.start(rows, D);
   const int64_t first_pos = sp.ctx_len - sp.q_len + task.first_token;
   for (int t = 0; t < tokens; ++t) {
     const T* qt = q + (sp.q_start + task.first_token + t) * q_row_stride;
     for (int g = 0; g < per_kv; ++g) {
       const int r = t * per_kv + g;
       const int64_t head = task.kv_head * per_kv + g;
-      for (int d = 0; d < D; ++d) tl.q[static_cast<size_t>(r) * D + d] = load(qt, head * D + d) * s.scale;
+      for (int d = 0; d < D; ++d) tl.query_at(r, d) = load(qt, head * D + d) * s.scale;
       tl.pos[r] = first_pos + t;
     }
   }
   const int64_t last_pos = first_pos + tokens - 1;
   int64_t begin = sp.key_start;
   if (s.window > 0) begin = std::max(begin, first_pos - s.window + 1);
-  attend_keys<T>(tl, rows, k_cache, v_cache, sp.table, sp.key_start, begin, last_pos + 1, task.kv_head, s,
+  attend_keys<T>(tl, k_cache, v_cache, sp.table, sp.key_start, begin, last_pos + 1, task.kv_head, s,
                  /*read_ahead=*/false);
   for (int r = 0; r < rows; ++r) {
     const int t = r / per_kv, g = r % per_kv;
     T* orow = out + (sp.q_start + task.first_token + t) * out_row_stride + (task.kv_head * per_kv + g) * D;
-    const float inv = tl.sum[r] > 0.f ? 1.f / tl.sum[r] : 0.f;
-    for (int d = 0; d < D; ++d) store(orow, d, tl.acc[static_cast<size_t>(r) * D + d] * inv);
+    const float inv = tl.sum_of(r) > 0.f ? 1.f / tl.sum_of(r) : 0.f;
+    for (int d = 0; d < D; ++d) store(orow, d, tl.output_at(r, d) * inv);
   }
 }
 
