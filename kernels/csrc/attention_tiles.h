@@ -176,12 +176,14 @@ inline void score_pass(const float* qt, const float* const* key, int D, float* s
     for (int v = 0; v < RV; ++v) put_lanes(scores + i * ROW_CHUNK + v * LANES, a[i][v]);
 }
 
-// Outputs of a chunk's rows for N dims from d0: acct[d][rows] += sum_t value_t[d] * weights[t][rows].
+// Outputs of a chunk's rows for N dims from d0, rescaled to the block's max on the way in:
+// acct[d][rows] = acct[d][rows] * rescale[rows] + sum_t value_t[d] * weights[t][rows].
 template <int RV, int N>
-inline void value_pass(const float* weights, const float* const* value, int n, int d0, float* acct) {
+inline void value_pass(const float* weights, const float* const* value, int n, int d0, const Lanes* rescale,
+                       float* acct) {
   Lanes a[N][RV];
   for (int i = 0; i < N; ++i)
-    for (int v = 0; v < RV; ++v) a[i][v] = lanes_at(acct + (d0 + i) * ROW_CHUNK + v * LANES);
+    for (int v = 0; v < RV; ++v) a[i][v] = lanes_at(acct + (d0 + i) * ROW_CHUNK + v * LANES) * rescale[v];
   for (int t = 0; t < n; ++t) {
     Lanes p[RV];
     for (int v = 0; v < RV; ++v) p[v] = lanes_at(weights + t * ROW_CHUNK + v * LANES);
@@ -240,13 +242,11 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
         const Lanes x = lanes_at(scores + t * ROW_CHUNK + v * LANES);
         put_lanes(scores + t * ROW_CHUNK + v * LANES, (hi[v] >= t) & (lo[v] <= t) ? x : Lanes{} + MASKED);
       }
-  Lanes top[RV], total[RV], rescale[RV];
+  Lanes top[RV], old[RV], total[RV], rescale[RV];
   for (int v = 0; v < RV; ++v) {
-    top[v] = lanes_at(&tl.mt[static_cast<size_t>(c) * ROW_CHUNK + v * LANES]);
+    old[v] = top[v] = lanes_at(&tl.mt[static_cast<size_t>(c) * ROW_CHUNK + v * LANES]);
     total[v] = Lanes{};
   }
-  Lanes old[RV];
-  for (int v = 0; v < RV; ++v) old[v] = top[v];
   for (int t = 0; t < n; ++t)
     for (int v = 0; v < RV; ++v) {
       const Lanes x = lanes_at(scores + t * ROW_CHUNK + v * LANES);
@@ -266,10 +266,7 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
     put_lanes(l, lanes_at(l) * rescale[v] + total[v]);
     put_lanes(m, top[v]);
   }
-  for (int d = 0; d < D; ++d)
-    for (int v = 0; v < RV; ++v)
-      put_lanes(acct + d * ROW_CHUNK + v * LANES, lanes_at(acct + d * ROW_CHUNK + v * LANES) * rescale[v]);
-#define VALUES(N, I) (tl.ahead.step(), value_pass<RV, N>(scores, value, n, (I), acct))
+#define VALUES(N, I) (tl.ahead.step(), value_pass<RV, N>(scores, value, n, (I), rescale, acct))
   FOR_FANS(D, VALUES)
 #undef VALUES
 }
