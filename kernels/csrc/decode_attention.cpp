@@ -84,13 +84,22 @@ inline float lanes_sum(Lanes v) {
   return v[0] + v[1];
 }
 
+// How many steps of work attend_span does for `queries` query vectors over `keys` keys (at most): what a
+// caller spreads its requests of memory over.
+inline int span_steps(int queries, int64_t keys, const Shape& s) {
+  const int chunk = std::min(s.block_size, LANES);
+  const int64_t chunks = (keys + chunk - 1) / chunk + 1;
+  return static_cast<int>(std::min<int64_t>(INT_MAX / 4, chunks * queries * 2 * std::max(1, s.head_dim / LANES)));
+}
+
 // Attend queries [first, last) of `st` (one row's query heads) to key positions [begin, end) of one
 // block table (column 0 = position table_start * block_size). Keys go LANES at a time (fewer at a
 // block's edge): each query's dot products with them as LANES vector sums folded into one vector of
 // scores, one online-softmax step per query over it, then the values into the query's output.
+// `meanwhile` (started by the caller) is stepped with the span's own requests of its next block.
 template <typename T>
 void attend_span(State& st, int first, int last, const T* k_cache, const T* v_cache, const int32_t* table,
-                 int64_t table_start, int64_t begin, int64_t end, const Shape& s) {
+                 int64_t table_start, int64_t begin, int64_t end, const Shape& s, SpreadPrefetch& meanwhile) {
   const int D = s.head_dim, BS = s.block_size, VD = D - D % LANES;
   const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
   const Ints lane = Ints{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -117,6 +126,7 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
       for (int t = 0; t < LANES; ++t) dots[t] = Lanes{};
       for (int d = 0; d < VD; d += LANES) {
         prefetch.step();
+        meanwhile.step();
         const Lanes q = lanes_at(qj + d);
         for (int t = 0; t < n; ++t) dots[t] += q * load_lanes(kb + t * token_stride + head_offset + d);
       }
@@ -135,6 +145,7 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
       advance_softmax(st.max[j], st.sum[j], aj, D, top, lanes_sum(weights));
       for (int d = 0; d < VD; d += LANES) {  // two sums over the keys: half as long a chain of FMAs
         prefetch.step();
+        meanwhile.step();
         Lanes a = lanes_at(aj + d), b = Lanes{};
         int t = 0;
         for (; t + 1 < n; t += 2) {
@@ -227,11 +238,32 @@ void run_task(const Task& task, const Batch& b, const T* q, int64_t q_row_stride
       attend_prefix<T>(st, task, b, k_cache, v_cache, b.prefix_tables + task.group * b.prefix_table_stride, earliest,
                        prefix, s);
   }
+  // Each row's own keys lie at a random place of the cache: the next row's first block (all KV heads: its
+  // tokens lie side by side) is requested while this row is worked on, or it would stall the core.
+  const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
+  auto suffix_begin = [&](int r) {
+    return std::max<int64_t>(b.suffix_starts[task.first_row + r], st.visible[static_cast<size_t>(r) * H]);
+  };
+  SpreadPrefetch next_row;
   for (int r = 0; r < rows; ++r) {
     const int64_t row = task.first_row + r;
-    const int64_t begin = std::max<int64_t>(b.suffix_starts[row], st.visible[static_cast<size_t>(r) * H]);
+    const int64_t begin = suffix_begin(r);
+    next_row.start(0, 0, 1);
+    if (r + 1 < rows) {
+      const int64_t next = row + 1, from = suffix_begin(r + 1), to = b.context_lens[next];
+      if (from < to) {
+        const int offset = static_cast<int>(from % s.block_size);
+        const int count = static_cast<int>(std::min<int64_t>(s.block_size - offset, to - from));
+        const int64_t block = b.tables[next * b.table_stride + from / s.block_size - b.table_starts[next]];
+        const int64_t at = (block * s.block_size + offset) * token_stride;
+        next_row.set(0, k_cache + at, v_cache + at);
+        next_row.start(1, static_cast<int>(count * token_stride * sizeof(T)),
+                       span_steps(H, b.context_lens[row] - begin, s));
+      }
+    }
     attend_span<T>(st, r * H, (r + 1) * H, k_cache, v_cache, b.tables + row * b.table_stride, b.table_starts[row],
-                   begin, b.context_lens[row], s);
+                   begin, b.context_lens[row], s, next_row);
+    next_row.finish();
     T* orow = out + b.query_index[row] * out_row_stride;
     for (int h = 0; h < H; ++h) {
       const int j = r * H + h;
