@@ -31,7 +31,14 @@ so load from other processes on this shared machine hits every setting alike: ab
 noisy, ratios much less; report medians. Each timed run starts once the machine is quiet
 (wait_until_quiet): vLLM's workers busy-poll for about a second after answering, and a run started
 then would share both cores with them (before this wait, that slowed whichever setting ran next by
-10-25% on this 2-core machine). Settings: batchllm --prefix-sharing plan, lru, none (its
+10-25% on this 2-core machine). Both engines' KV caches are resident before a timed run: vLLM
+allocates its cache zero-filled at startup, batchllm allocates its cache untouched (its pages fault
+in as blocks are first used, so a CPU job's memory is what it uses) in each round's fresh engine, so
+its worker zero-fills that cache before the timed part. Otherwise batchllm's time alone would include
+the page faults (~21k pages on doc-QA; first-touching 84 MB took 16 ms on this VM when quiet, 34-119 ms
+while another process held 6 GB): with the vLLM workers alive, batchllm's doc-QA rounds took
+0.80-0.96 s, without them 0.73-0.76 s, and with the cache zero-filled 0.72-0.75 s with them alive.
+Settings: batchllm --prefix-sharing plan, lru, none (its
 default threads); vLLM with automatic prefix caching on and off, its OpenMP threads bound to 1 core
 (`VLLM_CPU_OMP_THREADS_BIND=0`) and to both (`0-1`); the tables take vLLM's best thread setting.
 The KV cache is the same number of bytes (= tokens x 4 KiB) in both; each engine keeps its own
