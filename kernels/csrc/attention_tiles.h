@@ -108,6 +108,13 @@ struct Tile {
   // working memory: one block's scores [KEYS][ROW_CHUNK]; a bfloat16 block's keys and values widened [KEYS][D]
   std::vector<float> scores, keys, values;
   SpreadPrefetch ahead;  // the next block of keys and values, while attend_keys works on one
+  // what the caller reads after this attend (set after start(), spread over attend_steps() of it; the
+  // caller finishes it): its own next keys would otherwise come in with a stall
+  SpreadPrefetch after;
+  void step_requests() {
+    ahead.step();
+    after.step();
+  }
   int chunks() const { return (rows + ROW_CHUNK - 1) / ROW_CHUNK; }
   static size_t at(int r, int d, int D) {
     return (static_cast<size_t>(r / ROW_CHUNK) * D + d) * ROW_CHUNK + r % ROW_CHUNK;
@@ -122,6 +129,12 @@ struct Tile {
     mt.assign(lanes, MASKED);
     lt.assign(lanes, 0.f);
     pos.resize(rows);
+    after.start(0, 0, 1);
+  }
+  // about how many steps of work attend_keys does over `keys` keys (what `after` is spread over)
+  int attend_steps(int64_t keys) const {
+    const int64_t blocks = (keys + KEYS - 1) / KEYS;
+    return static_cast<int>(std::min<int64_t>(INT_MAX / 4, blocks * chunks() * ((KEYS + D) / FAN + 2)));
   }
   float& query_at(int r, int d) { return qt[at(r, d, D)]; }
   float output_at(int r, int d) const { return acct[at(r, d, D)]; }
@@ -227,7 +240,7 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
     for (int i = 0; i < LANES; ++i) reach = std::max(reach, hi[v][i]);
   n = std::min(n, reach + 1);
   for (int v = 0; v < RV; ++v) partly |= any_lane((hi[v] < n - 1) | (lo[v] > 0));
-#define SCORES(N, I) (tl.ahead.step(), score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK))
+#define SCORES(N, I) (tl.step_requests(), score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK))
   FOR_FANS(n, SCORES)
 #undef SCORES
   if (s.softcap > 0.f)
@@ -266,7 +279,7 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
     put_lanes(l, lanes_at(l) * rescale[v] + total[v]);
     put_lanes(m, top[v]);
   }
-#define VALUES(N, I) (tl.ahead.step(), value_pass<RV, N>(scores, value, n, (I), rescale, acct))
+#define VALUES(N, I) (tl.step_requests(), value_pass<RV, N>(scores, value, n, (I), rescale, acct))
   FOR_FANS(D, VALUES)
 #undef VALUES
 }

@@ -188,10 +188,11 @@ struct Task {
 // then the queries' state in `st` (fresh before: the prefix part comes first).
 template <typename T>
 void attend_prefix(State& st, const Task& task, const Batch& b, const T* k_cache, const T* v_cache,
-                   const int32_t* prefix_table, int64_t begin, int64_t end, const Shape& s) {
+                   const int32_t* prefix_table, int64_t begin, int64_t end, const Shape& s, const SpreadPrefetch& then) {
   thread_local Tile tl;
   const int H = s.heads, D = s.head_dim, per_kv = s.heads / s.kv_heads;
   const int rows = static_cast<int>(task.last_row - task.first_row);
+  const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
   for (int kh = 0; kh < s.kv_heads; ++kh) {
     tl.start(rows * per_kv, D);
     for (int r = 0; r < rows; ++r)
@@ -200,7 +201,22 @@ void attend_prefix(State& st, const Task& task, const Batch& b, const T* k_cache
         for (int d = 0; d < D; ++d) tl.query_at(i, d) = st.q[static_cast<size_t>(j) * D + d];
         tl.pos[i] = b.context_lens[task.first_row + r] - 1;  // a decode row's query is its last token
       }
+    // meanwhile, the next KV head's first block of keys (or, after the last, what the caller reads next)
+    if (kh + 1 < s.kv_heads) {
+      const int count = static_cast<int>(std::min<int64_t>(KEYS, end - begin));
+      for (int t = 0; t < count; ++t) {
+        const int64_t p = begin + t;
+        const int64_t at = (static_cast<int64_t>(prefix_table[p / s.block_size]) * s.block_size + p % s.block_size) *
+                           token_stride + (kh + 1) * D;
+        tl.after.set(t, k_cache + at, v_cache + at);
+      }
+      tl.after.start(count, static_cast<int>(D * sizeof(T)), tl.attend_steps(end - begin));
+    } else {
+      tl.after = then;
+      tl.after.start(then.rows, then.row_bytes, tl.attend_steps(end - begin));
+    }
     attend_keys<T>(tl, k_cache, v_cache, prefix_table, 0, begin, end, kh, s, /*read_ahead=*/true);
+    tl.after.finish();
     for (int r = 0; r < rows; ++r)
       for (int g = 0; g < per_kv; ++g) {
         const int i = r * per_kv + g, j = r * H + kh * per_kv + g;
@@ -232,35 +248,42 @@ void run_task(const Task& task, const Batch& b, const T* q, int64_t q_row_stride
       st.visible[j] = visible;
     }
   }
-  if (task.group >= 0) {
-    const int64_t prefix = b.prefix_lens[task.group];
-    if (earliest < prefix)
-      attend_prefix<T>(st, task, b, k_cache, v_cache, b.prefix_tables + task.group * b.prefix_table_stride, earliest,
-                       prefix, s);
-  }
-  // Each row's own keys lie at a random place of the cache: the next row's first block (all KV heads: its
-  // tokens lie side by side) is requested while this row is worked on, or it would stall the core.
+  // Each row's own keys lie at a random place of the cache: a row's first block (all KV heads: its tokens
+  // lie side by side) is requested while the work before it is done (the group's prefix, the row before),
+  // or it would stall the core.
   const int64_t token_stride = static_cast<int64_t>(s.kv_heads) * D;
   auto suffix_begin = [&](int r) {
     return std::max<int64_t>(b.suffix_starts[task.first_row + r], st.visible[static_cast<size_t>(r) * H]);
   };
+  auto first_block_of = [&](int r, SpreadPrefetch& request) {  // sets, does not start
+    request.rows = 0;
+    const int64_t row = task.first_row + r, from = suffix_begin(r), to = b.context_lens[row];
+    if (from >= to) return;
+    const int offset = static_cast<int>(from % s.block_size);
+    const int count = static_cast<int>(std::min<int64_t>(s.block_size - offset, to - from));
+    const int64_t block = b.tables[row * b.table_stride + from / s.block_size - b.table_starts[row]];
+    const int64_t at = (block * s.block_size + offset) * token_stride;
+    request.set(0, k_cache + at, v_cache + at);
+    request.rows = 1;
+    request.row_bytes = static_cast<int>(count * token_stride * sizeof(T));
+  };
   SpreadPrefetch next_row;
+  if (task.group >= 0) {
+    const int64_t prefix = b.prefix_lens[task.group];
+    if (earliest < prefix) {
+      first_block_of(0, next_row);
+      attend_prefix<T>(st, task, b, k_cache, v_cache, b.prefix_tables + task.group * b.prefix_table_stride, earliest,
+                       prefix, s, next_row);
+    }
+  }
   for (int r = 0; r < rows; ++r) {
     const int64_t row = task.first_row + r;
     const int64_t begin = suffix_begin(r);
-    next_row.start(0, 0, 1);
-    if (r + 1 < rows) {
-      const int64_t next = row + 1, from = suffix_begin(r + 1), to = b.context_lens[next];
-      if (from < to) {
-        const int offset = static_cast<int>(from % s.block_size);
-        const int count = static_cast<int>(std::min<int64_t>(s.block_size - offset, to - from));
-        const int64_t block = b.tables[next * b.table_stride + from / s.block_size - b.table_starts[next]];
-        const int64_t at = (block * s.block_size + offset) * token_stride;
-        next_row.set(0, k_cache + at, v_cache + at);
-        next_row.start(1, static_cast<int>(count * token_stride * sizeof(T)),
-                       span_steps(H, b.context_lens[row] - begin, s));
-      }
-    }
+    if (r + 1 < rows)
+      first_block_of(r + 1, next_row);
+    else
+      next_row.rows = 0;
+    next_row.start(next_row.rows, next_row.row_bytes, span_steps(H, b.context_lens[row] - begin, s));
     attend_span<T>(st, r * H, (r + 1) * H, k_cache, v_cache, b.tables + row * b.table_stride, b.table_starts[row],
                    begin, b.context_lens[row], s, next_row);
     next_row.finish();
