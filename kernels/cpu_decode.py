@@ -7,9 +7,10 @@ PyTorch paths gather every row's keys into a buffer first; this kernel reads the
 a row's query heads together, and reads a group's prefix once for a tile of its members, through the
 blocked loop the prefill kernel uses (kernels/csrc/attention_tiles.h); a row's own keys are scored 16
 at a time, one vector of scores per query head; the next block of keys is requested a few cache lines
-at a time while one is worked on. On a 2-core AMD EPYC it was 1.9-4.1x as fast per call as the PyTorch
-paths for rows without groups and 2.1-3.6x for groups of 2 to 64 members
-(bench/cpu_decode_attention.py, bench/results/cpu_decode_attention_cpu.json).
+at a time while one is worked on, and so is a row's first block (or a KV head's first prefix block) while
+the work before it is done. On a 2-core AMD EPYC it was 2.0-4.0x as fast per call as the PyTorch paths for
+rows without groups and 2.2-3.5x for groups of 2 to 64 members, float32 (bench/cpu_decode_attention.py,
+bench/results/cpu_decode_attention_cpu.json).
 
 The kernel lives in the compiled library kernels/cpu_library.py builds; without it (no compiler,
 BATCHLLM_NATIVE_KERNELS=0) callers keep their PyTorch paths: the same results, slower.
