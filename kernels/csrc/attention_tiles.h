@@ -10,8 +10,9 @@
 // the softmax's max, exp, sum and rescale are lane-wise (one row per lane, no horizontal step), and a
 // value pass broadcasts one value element against a vector of weights (FAN dims at a time). Keys go in
 // blocks of KEYS (one softmax update per block), read in place from a float32 cache (a bfloat16 block is
-// widened once); where the keys are likely out of cache, the next block is requested while one is worked on. Masked keys score MASKED, a finite stand-in for -inf: the library is built with
-// -ffast-math (vectorised exp), under which infinities are not allowed.
+// widened once); where the keys are likely out of cache, the next block is requested while one is worked
+// on. Masked keys score MASKED, a finite stand-in for -inf: the library is built with -ffast-math
+// (vectorised exp), under which infinities are not allowed.
 #pragma once
 
 #include <algorithm>
@@ -57,6 +58,13 @@ struct Shape {
   float scale, softcap;
   int64_t window;  // 0: none
 };
+
+// The cache slot of key position p, through a block table whose column 0 holds position `first` (a block's
+// first position); a token's keys (all KV heads) are at slot * kv_heads * head_dim.
+inline int64_t slot_of(const int32_t* table, int64_t p, int64_t first, int block_size) {
+  const int64_t i = p - first;
+  return static_cast<int64_t>(table[i / block_size]) * block_size + i % block_size;
+}
 
 // Rows of keys and values the work will need next (the next block's: at a random place of the cache, the
 // hardware prefetcher does not see it coming), requested a few cache lines per step of the work done
@@ -314,8 +322,7 @@ void attend_keys(Tile& tl, const T* k_cache, const T* v_cache, const int32_t* ta
   const T* v_rows[KEYS];
   auto find_rows = [&](int64_t first, int count) {
     for (int t = 0; t < count; ++t) {
-      const int64_t p = first + t - key_start;
-      const int64_t slot = static_cast<int64_t>(table[p / BS]) * BS + p % BS;
+      const int64_t slot = slot_of(table, first + t, key_start, BS);
       k_rows[t] = k_cache + slot * token_stride + head_offset;
       v_rows[t] = v_cache + slot * token_stride + head_offset;
     }

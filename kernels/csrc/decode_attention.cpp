@@ -106,16 +106,16 @@ void attend_span(State& st, int first, int last, const T* k_cache, const T* v_ca
   const int pieces = (last - first) * 2 * std::max(1, VD / LANES);  // a piece per vector step of each query's passes
   SpreadPrefetch prefetch;
   for (int64_t pos = begin; pos < end;) {
-    const int64_t block = table[pos / BS - table_start];
     const int offset = static_cast<int>(pos % BS);
     const int n = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(BS - offset), LANES, end - pos}));
-    const T* kb = k_cache + (block * BS + offset) * token_stride;
-    const T* vb = v_cache + (block * BS + offset) * token_stride;
+    const int64_t at = slot_of(table, pos, table_start * BS, BS) * token_stride;
+    const T* kb = k_cache + at;
+    const T* vb = v_cache + at;
     const int64_t ahead = pos + BS;  // the same place in the next block: requested while this chunk is worked on
     const int count = ahead < end ? static_cast<int>(std::min<int64_t>(n, end - ahead)) : 0;
     if (count > 0) {  // the tokens lie side by side in their block: one row of them
-      const int64_t at = (table[ahead / BS - table_start] * BS + offset) * token_stride;
-      prefetch.set(0, k_cache + at, v_cache + at);
+      const int64_t next = slot_of(table, ahead, table_start * BS, BS) * token_stride;
+      prefetch.set(0, k_cache + next, v_cache + next);
     }
     prefetch.start(count > 0 ? 1 : 0, static_cast<int>(count * token_stride * sizeof(T)), pieces);
     const int64_t hidden = st.visible[first] - pos;  // keys t < hidden are before the window
@@ -205,9 +205,7 @@ void attend_prefix(State& st, const Task& task, const Batch& b, const T* k_cache
     if (kh + 1 < s.kv_heads) {
       const int count = static_cast<int>(std::min<int64_t>(KEYS, end - begin));
       for (int t = 0; t < count; ++t) {
-        const int64_t p = begin + t;
-        const int64_t at = (static_cast<int64_t>(prefix_table[p / s.block_size]) * s.block_size + p % s.block_size) *
-                           token_stride + (kh + 1) * D;
+        const int64_t at = slot_of(prefix_table, begin + t, 0, s.block_size) * token_stride + (kh + 1) * D;
         tl.after.set(t, k_cache + at, v_cache + at);
       }
       tl.after.start(count, static_cast<int>(D * sizeof(T)), tl.attend_steps(end - begin));
@@ -259,10 +257,9 @@ void run_task(const Task& task, const Batch& b, const T* q, int64_t q_row_stride
     request.rows = 0;
     const int64_t row = task.first_row + r, from = suffix_begin(r), to = b.context_lens[row];
     if (from >= to) return;
-    const int offset = static_cast<int>(from % s.block_size);
-    const int count = static_cast<int>(std::min<int64_t>(s.block_size - offset, to - from));
-    const int64_t block = b.tables[row * b.table_stride + from / s.block_size - b.table_starts[row]];
-    const int64_t at = (block * s.block_size + offset) * token_stride;
+    const int count = static_cast<int>(std::min<int64_t>(s.block_size - from % s.block_size, to - from));
+    const int64_t at = slot_of(b.tables + row * b.table_stride, from, b.table_starts[row] * static_cast<int64_t>(s.block_size),
+                               s.block_size) * token_stride;
     request.set(0, k_cache + at, v_cache + at);
     request.rows = 1;
     request.row_bytes = static_cast<int>(count * token_stride * sizeof(T));
