@@ -98,6 +98,9 @@ struct SpreadPrefetch {
       }
     }
   }
+  // the same rows again from their first line, over `steps` calls (a request prepared before the work
+  // it is spread over was known)
+  void restart(int steps) { start(rows, row_bytes, steps); }
   void finish() {
     while (row < rows) step();
   }

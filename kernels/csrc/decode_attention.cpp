@@ -211,7 +211,7 @@ void attend_prefix(State& st, const Task& task, const Batch& b, const T* k_cache
       tl.after.start(count, static_cast<int>(D * sizeof(T)), tl.attend_steps(end - begin));
     } else {
       tl.after = then;
-      tl.after.start(then.rows, then.row_bytes, tl.attend_steps(end - begin));
+      tl.after.restart(tl.attend_steps(end - begin));
     }
     attend_keys<T>(tl, k_cache, v_cache, prefix_table, 0, begin, end, kh, s, /*read_ahead=*/true);
     tl.after.finish();
@@ -253,16 +253,15 @@ void run_task(const Task& task, const Batch& b, const T* q, int64_t q_row_stride
   auto suffix_begin = [&](int r) {
     return std::max<int64_t>(b.suffix_starts[task.first_row + r], st.visible[static_cast<size_t>(r) * H]);
   };
-  auto first_block_of = [&](int r, SpreadPrefetch& request) {  // sets, does not start
-    request.rows = 0;
+  auto first_block_of = [&](int r, SpreadPrefetch& request) {  // prepared: restart() spreads it over the work
+    request.start(0, 0, 1);
     const int64_t row = task.first_row + r, from = suffix_begin(r), to = b.context_lens[row];
     if (from >= to) return;
     const int count = static_cast<int>(std::min<int64_t>(s.block_size - from % s.block_size, to - from));
     const int64_t at = slot_of(b.tables + row * b.table_stride, from, b.table_starts[row] * static_cast<int64_t>(s.block_size),
                                s.block_size) * token_stride;
     request.set(0, k_cache + at, v_cache + at);
-    request.rows = 1;
-    request.row_bytes = static_cast<int>(count * token_stride * sizeof(T));
+    request.start(1, static_cast<int>(count * token_stride * sizeof(T)), 1);
   };
   SpreadPrefetch next_row;
   if (task.group >= 0) {
@@ -279,8 +278,8 @@ void run_task(const Task& task, const Batch& b, const T* q, int64_t q_row_stride
     if (r + 1 < rows)
       first_block_of(r + 1, next_row);
     else
-      next_row.rows = 0;
-    next_row.start(next_row.rows, next_row.row_bytes, span_steps(H, b.context_lens[row] - begin, s));
+      next_row.start(0, 0, 1);
+    next_row.restart(span_steps(H, b.context_lens[row] - begin, s));
     attend_span<T>(st, r * H, (r + 1) * H, k_cache, v_cache, b.tables + row * b.table_stride, b.table_starts[row],
                    begin, b.context_lens[row], s, next_row);
     next_row.finish();
