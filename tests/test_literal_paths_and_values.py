@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batchllm_cli.errors import InputError, UsageError
@@ -270,6 +270,8 @@ NAMES = st.text(PATH_CHARS, min_size=1, max_size=12).filter(lambda n: n not in (
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(in_name=NAMES, out_name=NAMES, in_ext=st.sampled_from([".csv", ".jsonl", ".parquet"]),
        out_ext=st.sampled_from([".csv", ".jsonl", ".parquet"]))
+# drawn once in CI: `....csv` was written but not read back (the reader's suffix skipped leading dots)
+@example(in_name=";", out_name="...", in_ext=".csv", out_ext=".csv")
 def test_any_path_characters_round_trip_or_are_refused(
     tmp_path_factory: pytest.TempPathFactory, in_name: str, out_name: str, in_ext: str, out_ext: str
 ) -> None:

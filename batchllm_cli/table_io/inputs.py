@@ -118,8 +118,9 @@ def split_format(name: str) -> tuple[str | None, str | None]:
             compression, lower = comp, lower[: -len(suffix)]
     if lower.endswith(".tsv"):
         return "tsv", compression
-    suffix = os.path.splitext(lower)[1]
-    return INPUT_FORMATS.get(suffix), compression
+    # pathlib's suffix, as the output side reads it (common._format_of): os.path.splitext skips a name's
+    # leading dots, so an output written as `....csv` could not be read back
+    return INPUT_FORMATS.get(Path(lower).suffix), compression
 
 
 def _known_suffixes() -> str:
