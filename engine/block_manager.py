@@ -53,6 +53,10 @@ class BlockManager:
         """Blocks to add so that `seq` can hold `num_tokens` tokens in total."""
         return max(0, self.blocks_for_tokens(num_tokens) - len(seq.block_table))
 
+    def holds(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq`'s blocks already hold `num_tokens` tokens (no growth needed)."""
+        return num_tokens <= len(seq.block_table) * self.block_size
+
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.new_blocks_needed(seq, num_tokens) <= len(self._free)
 

@@ -257,8 +257,11 @@ class LLMEngine:
         new_tokens = self.runner.run(chunks, self.block_manager.take_pending_copies(), self.grammar.begin_step(seqs))
         self.scheduler.commit(chunks)
         self._steps += 1
-        self._prefill_tokens += sum(c.num_prefill_tokens for c in chunks)
-        self._shared_prefix_tokens += sum(c.num_prefill_tokens for c in chunks if c.seq.is_prefix)
+        for chunk in chunks:
+            if chunk.num_prefill_tokens:
+                self._prefill_tokens += chunk.num_prefill_tokens
+                if chunk.seq.is_prefix:
+                    self._shared_prefix_tokens += chunk.num_prefill_tokens
         self._sampled_tokens += len(sampling)
         for chunk, token in zip(sampling, new_tokens, strict=True):
             result = self._append_token(chunk, token)

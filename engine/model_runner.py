@@ -232,18 +232,27 @@ class ModelRunner:
         if self._graphable(chunks):
             logits = self._decode_with_graph(chunks)
             return self._sample(logits, chunks, token_mask)
-        computed = [(i, c) for i, c in enumerate(chunks) if c.num_tokens > 0]
+        computed: list[tuple[int, ScheduledChunk]] = []
+        sampling: list[int] = []
+        keeping: list[int] = []
+        for i, c in enumerate(chunks):
+            if c.num_tokens > 0:
+                computed.append((i, c))
+            if c.samples:
+                sampling.append(i)
+            elif c.keeps_logits:
+                keeping.append(i)
         hidden_rows: dict[int, int] = {}  # chunk position in `chunks` -> row of its last token
         hidden = self._forward(computed, hidden_rows) if computed else None
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
-        keeping = [i for i, c in enumerate(chunks) if c.keeps_logits]
         assert all(i in hidden_rows for i in keeping)  # a chunk keeping logits is a prefix's: it never samples
         sampled = [i for i in sampling if i in hidden_rows]  # the others sample from kept logits
         logits = None
         if sampled or keeping:
             assert hidden is not None
-            rows = to_device([hidden_rows[i] for i in sampled + keeping], torch.int64, self.device)
-            logits = self.model.compute_logits(hidden[rows]).float()  # [sampled + keeping, vocab]
+            rows = [hidden_rows[i] for i in sampled + keeping]
+            if keeping or len(rows) < hidden.shape[0]:  # else every row, in order (rows ascend): a decode step
+                hidden = hidden[to_device(rows, torch.int64, self.device)]
+            logits = self.model.compute_logits(hidden).float()  # [sampled + keeping, vocab]
         for j, i in enumerate(keeping):
             state = chunks[i].seq.prefix_state
             assert state is not None and logits is not None
@@ -299,28 +308,45 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        # per chunk, what the attention metadata needs
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        group_ids: list[tuple[int, int] | None] = []
+        prefix_lens: list[int] = []
         for index, chunk in indexed:
-            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            seq, start, num = chunk.seq, chunk.start, chunk.num_tokens
+            end = start + num
             table = seq.block_table
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if num == 1:  # a decode: most chunks of most steps
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                for b in range(start // bs, (end - 1) // bs + 1):  # the chunk's positions block by block
+                    first = table[b] * bs
+                    slots.extend(range(first + max(start - b * bs, 0), first + min(end - b * bs, bs)))
             hidden_rows[index] = len(input_ids) - 1
-        computed = [c for _, c in indexed]
+            query_lens.append(num)
+            context_lens.append(end)
+            tables.append(table)
+            group_ids.append(_group_key(seq))
+            prefix_lens.append(seq.shared_blocks * bs)
         device = self.device
         # chunks whose rows share leading blocks may attend to them together (one pass per group):
         # decode rows always, short prefill chunks where the backend finds it pays
-        shared = [c.seq.shared_blocks for c in computed]
         meta = self.attention_backend.build_step_metadata(
-            [c.num_tokens for c in computed],
-            [c.start + c.num_tokens for c in computed],
-            [c.seq.block_table for c in computed],
+            query_lens,
+            context_lens,
+            tables,
             bs,
             device,
             num_heads=self.model_cfg.num_heads,
             num_kv_heads=self.model_cfg.num_kv_heads,
-            group_ids=[_group_key(c.seq) for c in computed],
-            prefix_lens=[n * bs for n in shared],
+            group_ids=group_ids,
+            prefix_lens=prefix_lens,
             window=self.model_cfg.attention_reach,
         )
         slot_mapping = to_device(slots, torch.int64, device)

@@ -18,7 +18,7 @@ preempt the newest row, as when reservation is off.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
@@ -32,32 +32,31 @@ LENGTH_SAMPLES = 32
 LENGTH_QUANTILE = 0.95
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
+    """One sequence's tokens in a step. Immutable; what the step does with it is decided when it is
+    scheduled (`of`): each step reads these flags several times per row, and a tuple built once
+    costs less than a property evaluated at every read."""
+
     seq: Sequence
     start: int  # first token position computed this step
     num_tokens: int
+    # tokens of the chunk that are prompt (or recomputed) tokens rather than a decode
+    num_prefill_tokens: int
+    # the chunk reaches the end of a row, so a new token is drawn (from this step's logits, or, for a
+    # zero-token chunk of a row ending at a shared prefix, from the prefix's)
+    samples: bool
+    # the chunk completes a shared prefix whose last logits rows ending there will use
+    keeps_logits: bool
 
-    @property
-    def num_prefill_tokens(self) -> int:
-        """Tokens of this chunk that are prompt (or recomputed) tokens rather than a decode."""
-        return max(0, min(self.start + self.num_tokens, self.seq.prefill_len) - self.start)
-
-    @property
-    def reaches_end(self) -> bool:
-        return self.start + self.num_tokens == len(self.seq)
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of a row, so a new token is drawn (from this step's logits,
-        or, for a zero-token chunk of a row ending at a shared prefix, from the prefix's)."""
-        return not self.seq.is_prefix and self.reaches_end
-
-    @property
-    def keeps_logits(self) -> bool:
-        """The chunk completes a shared prefix whose last logits rows ending there will use."""
-        state = self.seq.prefix_state
-        return self.seq.is_prefix and self.reaches_end and state is not None and state.keeps_logits
+    @classmethod
+    def of(cls, seq: Sequence, start: int, num_tokens: int) -> ScheduledChunk:
+        end = start + num_tokens
+        prefill = seq.prefill_len
+        reaches_end = end == len(seq.token_ids)
+        state = seq.prefix_state
+        return cls(seq, start, num_tokens, (min(end, prefill) - start) if start < prefill else 0,
+                   reaches_end and not seq.is_prefix,
+                   reaches_end and seq.is_prefix and state is not None and state.keeps_logits)
 
 
 class Scheduler:
@@ -112,15 +111,18 @@ class Scheduler:
     def _schedule_running(self, chunks: list[ScheduledChunk], budget: int) -> int:
         # decodes (one token each) go first, then prefill continuations
         prefills: list[Sequence] = []
+        holds = self.block_manager.holds
+        running = SequenceStatus.RUNNING
         for seq in list(self.running):
             if budget == 0:
                 return 0
-            if seq.status is not SequenceStatus.RUNNING:  # preempted by an earlier row's growth
+            if seq.status is not running:  # preempted by an earlier row's growth
                 continue
-            if seq.num_uncomputed_tokens != 1:
+            computed = seq.num_computed_tokens
+            if len(seq.token_ids) - computed != 1:
                 prefills.append(seq)
-            elif self._make_room(seq, seq.num_computed_tokens + 1):
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
+            elif holds(seq, computed + 1) or self._make_room(seq, computed + 1):
+                chunks.append(ScheduledChunk.of(seq, computed, 1))
                 budget -= 1
         for seq in prefills:
             if budget == 0:
@@ -131,7 +133,7 @@ class Scheduler:
             # admission gave the whole sequence its blocks, so a prefill never preempts
             # (a victim could be a decode already scheduled in this step)
             assert self.block_manager.new_blocks_needed(seq, seq.num_computed_tokens + num) == 0
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            chunks.append(ScheduledChunk.of(seq, seq.num_computed_tokens, num))
             budget -= num
         return budget
 
@@ -210,7 +212,7 @@ class Scheduler:
             self._start(seq, hits)
             free_for_admission -= cost
             num = min(seq.num_uncomputed_tokens, budget)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            chunks.append(ScheduledChunk.of(seq, seq.num_computed_tokens, num))
             budget -= num
         return budget
 
@@ -267,7 +269,7 @@ class Scheduler:
     # -- preemption, progress, completion ---------------------------------------------------------
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt newest sequences until `seq` can hold `num_tokens`; False if `seq` itself went."""
-        if self.block_manager.new_blocks_needed(seq, num_tokens) == 0:  # most decode steps: nothing to take
+        if self.block_manager.holds(seq, num_tokens):  # most decode steps: nothing to take
             return True
         while not self.block_manager.can_grow(seq, num_tokens):
             if not self.running:

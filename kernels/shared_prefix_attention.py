@@ -179,23 +179,27 @@ def build_shared_prefix_batch(
     if block_size < 1:
         raise ValueError("block_size must be positive")
     members: dict[Hashable, list[int]] = {}
-    for i in range(n):
-        ctx, table = int(context_lens[i]), block_tables[i]
+    for i, (ctx, table, gid) in enumerate(zip(context_lens, block_tables, group_ids)):
         if ctx < 1 or len(table) * block_size < ctx:
             raise ValueError(f"row {i}: context of {ctx} tokens does not fit its {len(table)} blocks")
-        if group_ids[i] is not None:
-            p = int(prefix_lens[i])
-            if not 0 <= p <= ctx:
-                raise ValueError(f"row {i}: prefix of {p} tokens outside its context of {ctx}")
-            members.setdefault(group_ids[i], []).append(i)
+        if gid is not None:
+            if not 0 <= prefix_lens[i] <= ctx:
+                raise ValueError(f"row {i}: prefix of {prefix_lens[i]} tokens outside its context of {ctx}")
+            rows = members.get(gid)
+            if rows is None:
+                members[gid] = [i]
+            else:
+                rows.append(i)
     order: list[int] = []
     row_starts: list[int] = [0]
     group_prefix_lens: list[int] = []
     prefix_tables: list[list[int]] = []
-    grouped: set[int] = set()
+    suffix_starts: list[int] = []  # in `order`
+    table_starts: list[int] = []
+    tables_sorted: list[Sequence[int]] = []
     for gid, rows in members.items():
         p = int(prefix_lens[rows[0]])
-        if any(int(prefix_lens[i]) != p for i in rows):
+        if any(prefix_lens[i] != p for i in rows):
             raise ValueError(f"group {gid!r}: members disagree on the prefix length")
         if len(rows) < min_group_size or p == 0:
             continue
@@ -208,20 +212,22 @@ def build_shared_prefix_batch(
             if full and (block_tables[i][0], block_tables[i][full - 1]) != ends:
                 raise ValueError(f"group {gid!r}: members do not share the prefix's full blocks")
         order.extend(rows)
-        grouped.update(rows)
         row_starts.append(len(order))
         group_prefix_lens.append(p)
         prefix_tables.append(head)
-    order.extend(i for i in range(n) if i not in grouped)
-    suffix_starts = [0] * n
-    for g, p in enumerate(group_prefix_lens):
-        for r in range(row_starts[g], row_starts[g + 1]):
-            suffix_starts[r] = p
-
+        suffix_starts.extend([p] * len(rows))
+        table_starts.extend([full] * len(rows))
+        # a grouped row's table from its suffix's first block on; tables run to their end, not cut to
+        # each context: positions past a context are never read
+        tables_sorted.extend(block_tables[i][full:] for i in rows)
+    if len(order) < n:
+        grouped = set(order)
+        rest = [i for i in range(n) if i not in grouped]
+        order.extend(rest)
+        suffix_starts.extend([0] * len(rest))
+        table_starts.extend([0] * len(rest))
+        tables_sorted.extend(block_tables[i] for i in rest)
     ctx_sorted = [int(context_lens[i]) for i in order]
-    table_starts = [s // block_size for s in suffix_starts]
-    # tables run to their end, not cut to each context: positions past a context are never read
-    tables_sorted = [block_tables[i][t:] if t else block_tables[i] for i, t in zip(order, table_starts)]
     qrows = [int(query_rows[i]) for i in order]
     g = len(group_prefix_lens)
     # the int32 vectors in one host buffer: one copy to the device
