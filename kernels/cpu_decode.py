@@ -68,7 +68,7 @@ class DecodeRows:
 def native_decode_usable(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `native_decode` can serve these tensors (else the caller's PyTorch path)."""
     head_dim = q.shape[-1]
-    return (q.device.type == "cpu" and q.dtype in cpu_library.LIBRARY_DTYPES and q.dtype == k_cache.dtype == out.dtype
+    return (q.is_cpu and q.dtype in cpu_library.LIBRARY_DTYPES and q.dtype == k_cache.dtype == out.dtype
             and q.dim() == 3 and q.stride()[1:] == (head_dim, 1) and out.stride()[1:] == (head_dim, 1)
             and k_cache.is_contiguous()
             and not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad))

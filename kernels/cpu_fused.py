@@ -26,7 +26,7 @@ __all__ = ["fused_ops_usable", "native_greedy_tokens", "native_greedy_tokens_usa
 
 def fused_ops_usable(x: torch.Tensor) -> bool:
     """Whether the compiled ops can take `x` (a CPU tensor of a supported dtype, no autograd) here."""
-    return (x.device.type == "cpu" and x.dtype in cpu_library.LIBRARY_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
+    return (x.is_cpu and x.dtype in cpu_library.LIBRARY_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
             and cpu_library.native_library() is not None)
 
 
@@ -90,10 +90,10 @@ def native_store_kv_usable(key: torch.Tensor, value: torch.Tensor, k_cache: torc
     def rows_of_width(x: torch.Tensor) -> bool:  # [tokens, kv_heads, head_dim], each token's heads contiguous
         return x.dim() == 3 and x.shape[1] * x.shape[2] == width and x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
-    return (fused_ops_usable(key) and key.dtype == value.dtype == k_cache.dtype and k_cache.device.type == "cpu"
+    return (fused_ops_usable(key) and key.dtype == value.dtype == k_cache.dtype and k_cache.is_cpu
             and k_cache.is_contiguous()
             and rows_of_width(key) and rows_of_width(value) and slot_mapping.dtype == torch.int64
-            and slot_mapping.device.type == "cpu")
+            and slot_mapping.is_cpu)
 
 
 def native_store_kv(

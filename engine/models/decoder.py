@@ -44,6 +44,9 @@ class RMSNorm(nn.Module):
                 return kernel.rms_norm(x, self.weight, self.eps)
             return kernel.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if self.cpu_fused and fused_ops_usable(x):
+            if x.dim() == 2:  # [tokens, dim]: the layer norms
+                normed, summed = native_rms_norm(x, self.weight, self.eps, residual)
+                return normed if summed is None else (normed, summed)
             # x: [..., dim] (q/k norms: [tokens, heads, head_dim]) as rows of dim
             normed, summed = native_rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps,
                                              None if residual is None else residual.reshape(-1, x.shape[-1]))
