@@ -179,19 +179,26 @@ class _StepMixin:
         pre: list[int] = []
         whole: list[int] = []  # grouped prefill chunks routed whole (group_prefill_chunks)
         starts: list[int] = []
-        # the shared launch's rows: (row of q, context length, chunk), one per query token
-        shared_rows: list[tuple[int, int, int]] = []
+        # the shared launch's rows, one per query token: its row of q, context length and chunk
+        shared_rows: list[int] = []
+        shared_ctx: list[int] = []
+        shared_chunks: list[int] = []
+        plain_rows = self.shared_launch_for_plain_rows
         row = 0
         for i, ql in enumerate(query_lens):
             starts.append(row)
             grouped = member[i] and members[gids[i]] >= 2
-            if ql == 1 and (grouped or self.shared_launch_for_plain_rows):
-                shared_rows.append((row, context_lens[i], i))
+            if ql == 1 and (grouped or plain_rows):
+                shared_rows.append(row)
+                shared_ctx.append(context_lens[i])
+                shared_chunks.append(i)
             elif grouped and self.group_prefill_chunks:
                 whole.append(i)
             elif grouped:
                 first_ctx = context_lens[i] - ql + 1
-                shared_rows.extend((row + j, first_ctx + j, i) for j in range(ql))
+                shared_rows.extend(range(row, row + ql))
+                shared_ctx.extend(range(first_ctx, first_ctx + ql))
+                shared_chunks.extend([i] * ql)
             else:
                 pre.append(i)
             row += ql
@@ -209,10 +216,10 @@ class _StepMixin:
                 query_starts=[starts[i] for i in pre], window=window,
             )
         if shared_rows:
-            chunk = [c for _, _, c in shared_rows]
+            shared_gids = [gids[i] for i in shared_chunks]
             shared = self.build_shared_prefix_metadata(  # type: ignore[attr-defined]
-                [r for r, _, _ in shared_rows], [ctx for _, ctx, _ in shared_rows], [block_tables[i] for i in chunk],
-                [gids[i] for i in chunk], [plens[i] if gids[i] is not None else 0 for i in chunk],
+                shared_rows, shared_ctx, [block_tables[i] for i in shared_chunks], shared_gids,
+                [plens[i] if gid is not None else 0 for i, gid in zip(shared_chunks, shared_gids)],
                 block_size, device, num_heads=num_heads, num_kv_heads=num_kv_heads, window=window,
             )
         return StepAttentionMetadata(paged=paged, shared=shared, num_tokens=row, group_prefill=group)
