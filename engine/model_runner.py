@@ -290,7 +290,7 @@ class ModelRunner:
         return self.decode_graphs.run(
             [c.seq.token_ids[c.start] for c in chunks],
             positions,
-            [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)],
+            [_slot(t, p, bs) for t, p in zip(tables, positions)],
             tables,
             [_group_key(c.seq) for c in chunks],
             [c.seq.shared_blocks * bs for c in chunks],
@@ -321,7 +321,7 @@ class ModelRunner:
             if num == 1:  # a decode: most chunks of most steps
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
+                slots.append(_slot(table, start, bs))
             else:
                 input_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
@@ -369,6 +369,11 @@ class ModelRunner:
             any_top_k=any(p.top_k > 0 and not p.greedy for p in params),
             any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
         )
+
+
+def _slot(table: list[int], position: int, block_size: int) -> int:
+    """The KV cache slot of a token position through its row's block table."""
+    return table[position // block_size] * block_size + position % block_size
 
 
 def _group_key(seq: Sequence) -> tuple[int, int] | None:

@@ -111,18 +111,15 @@ class Scheduler:
     def _schedule_running(self, chunks: list[ScheduledChunk], budget: int) -> int:
         # decodes (one token each) go first, then prefill continuations
         prefills: list[Sequence] = []
-        holds = self.block_manager.holds
-        running = SequenceStatus.RUNNING
         for seq in list(self.running):
             if budget == 0:
                 return 0
-            if seq.status is not running:  # preempted by an earlier row's growth
+            if seq.status is not SequenceStatus.RUNNING:  # preempted by an earlier row's growth
                 continue
-            computed = seq.num_computed_tokens
-            if len(seq.token_ids) - computed != 1:
+            if seq.num_uncomputed_tokens != 1:
                 prefills.append(seq)
-            elif holds(seq, computed + 1) or self._make_room(seq, computed + 1):
-                chunks.append(ScheduledChunk.of(seq, computed, 1))
+            elif self._make_room(seq, seq.num_computed_tokens + 1):
+                chunks.append(ScheduledChunk.of(seq, seq.num_computed_tokens, 1))
                 budget -= 1
         for seq in prefills:
             if budget == 0:

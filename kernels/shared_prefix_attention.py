@@ -185,11 +185,7 @@ def build_shared_prefix_batch(
         if gid is not None:
             if not 0 <= prefix_lens[i] <= ctx:
                 raise ValueError(f"row {i}: prefix of {prefix_lens[i]} tokens outside its context of {ctx}")
-            rows = members.get(gid)
-            if rows is None:
-                members[gid] = [i]
-            else:
-                rows.append(i)
+            members.setdefault(gid, []).append(i)
     order: list[int] = []
     row_starts: list[int] = [0]
     group_prefix_lens: list[int] = []

@@ -153,7 +153,8 @@ class Attention(nn.Module):
         else:
             qk = apply_rope_fast(qk_in, rope.cos, rope.sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)  # a view, no copy: the KV store reads strided rows
+        # a view, no copy: the KV store and attention read strided rows
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         out = ctx.attention(self.layer_index, q, k, v, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
