@@ -7,7 +7,7 @@ Mixtral (mixture-of-experts MLP, engine/models/moe.py) families; where they diff
 gate+up) so each layer runs few large matmuls; the loader splits Hugging Face weights into them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +73,19 @@ class RotaryInputs:
     """One step's rotary inputs, shared by every layer."""
 
     positions: torch.Tensor  # [num_tokens] int64
-    table: torch.Tensor  # [max_positions, 2, rotary_dim] float32 cos/sin (the fused kernel reads it)
-    cos: torch.Tensor | None  # [num_tokens, 1, rotary_dim] in the model dtype; None when fused
-    sin: torch.Tensor | None
+    table: torch.Tensor  # [max_positions, 2, rotary_dim] float32 cos/sin (the fused kernels read it)
+    dtype: torch.dtype  # the model's
     local: RotaryInputs | None = None  # the sliding layers' own RoPE (Gemma 3); None: this one
+    _gathered: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at the step's positions, [num_tokens, 1, rotary_dim] in the model dtype: gathered at
+        the first layer that asks (the PyTorch RoPE), none when the fused kernels read the table."""
+        found = self._gathered.get("cos_sin")
+        if found is None:
+            cos_sin = self.table[self.positions].to(self.dtype)  # [num_tokens, 2, rotary_dim]
+            found = self._gathered["cos_sin"] = (cos_sin[:, 0:1], cos_sin[:, 1:2])
+        return found
 
 
 class Attention(nn.Module):
@@ -133,8 +142,8 @@ class Attention(nn.Module):
         elif self.cpu_fused and fused_ops_usable(q):
             q, k = native_rope(q, rope.positions, rope.table), native_rope(k, rope.positions, rope.table)
         else:
-            assert rope.cos is not None and rope.sin is not None
-            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+            cos, sin = rope.cos_sin()
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = ctx.attention(self.layer_index, q, k, v.contiguous(), self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -145,13 +154,12 @@ class Attention(nn.Module):
 
     def _forward_joint_rope(self, qkv: torch.Tensor, rope: RotaryInputs, ctx: StepContext) -> torch.Tensor:
         # q and k lie side by side in qkv: one rotation over both ([num_tokens, heads + kv_heads, head_dim])
-        assert rope.cos is not None and rope.sin is not None
         heads = self.num_heads + self.num_kv_heads
         qk_in = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
         if self.cpu_fused and fused_ops_usable(qkv):
             qk = native_rope(qk_in, rope.positions, rope.table)
         else:
-            qk = apply_rope_fast(qk_in, rope.cos, rope.sin)
+            qk = apply_rope_fast(qk_in, *rope.cos_sin())
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         # a view, no copy: the KV store and attention read strided rows
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
@@ -289,23 +297,14 @@ class DecoderForCausalLM(nn.Module):
             x = x * torch.tensor(family.embedding_multiplier, dtype=x.dtype)
         elif family.embedding_multiplier != 1.0:
             x = x * family.embedding_multiplier
-        local = None if self.config.local_rope is None else self._rotary_inputs(self.local_rope, positions, x.dtype)
-        rope = self._rotary_inputs(self.rope, positions, x.dtype, local)
+        local = None if self.config.local_rope is None else RotaryInputs(positions, self.local_rope, x.dtype)
+        rope = RotaryInputs(positions, self.rope, x.dtype, local)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, ctx)
         if residual is None:  # a model without layers
             return self.model.norm(x)
         return self.model.norm(x, residual)[0]
-
-    def _rotary_inputs(
-        self, table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, local: RotaryInputs | None = None
-    ) -> RotaryInputs:
-        cos = sin = None
-        if not self.fused_kernels:
-            cos_sin = table[positions].to(dtype)  # [num_tokens, 2, rotary_dim]
-            cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]
-        return RotaryInputs(positions, table, cos, sin, local)
 
     def use_cpu_fused_ops(self, enabled: bool) -> None:
         """Run add+RMSNorm, SiLU(gate) * up and RoPE as compiled CPU kernels (kernels.cpu_fused;
