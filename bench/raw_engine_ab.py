@@ -1,17 +1,19 @@
-"""Raw engine speed (batchllm --prefix-sharing none), A/B between code trees or environments, interleaved.
+"""Engine speed A/B between code trees or environments, interleaved: raw (--prefix-sharing none) by default.
 
     PYTHONPATH=. python bench/raw_engine_ab.py --variant base=/tmp/base-tree --variant new=. \
-        [--variant new-env=.:NAME=VALUE,NAME=VALUE] [--rows 96] [--rounds 4] [--out FILE]
+        [--variant new-env=.:NAME=VALUE,NAME=VALUE] [--rows 96] [--job JOB --mode MODE] [--rounds 4] [--out FILE]
 
 Each variant is LABEL=TREE[:ENV]: a checkout of this repository (imported with PYTHONPATH=TREE) and
 optional environment variables. Every round runs each variant once in a fresh process (A B .., then
-.. B A), so load on this shared machine hits all alike. A run builds the vs-vLLM benchmark's model
-(bench/vs_vllm.py: 4-layer 256-wide Llama, float32, cached), makes `--rows` distinct random-token
-prompts of ~490 tokens (the `nosharing` job's shape; token values do not change the cost), a 128k-token
-KV cache, default step budget, and times one warm-up `generate` and then one timed `generate` of
-32 greedy tokens per row. Reported per variant: engine seconds (min, median), the process's CPU
-seconds and minor page faults during the timed call, the seconds in prefill-carrying vs decode-only
-steps, and whether all variants produced the same tokens.
+.. B A), so load on this shared machine hits all alike. A run uses the vs-vLLM benchmark's model
+(bench/vs_vllm.py: 4-layer 256-wide Llama, float32, cached) and times one warm-up `generate` and then
+one timed `generate` of 32 greedy tokens per row (EOS ignored), each in a fresh engine whose KV cache
+is untouched (its page faults are part of the time, as in a real run). The prompts: by default
+`--rows` distinct random-token prompts of ~490 tokens (the `nosharing` job's shape; token values do
+not change the cost), a 128k-token KV cache and `--mode none`; with `--job NAME`, that vs-vLLM job's
+prompts and KV size (e.g. `--job docqa-160 --mode plan`). Default step budget. Reported per variant:
+engine seconds (min, median), the process's CPU seconds and minor page faults during the timed call,
+the seconds in prefill-carrying vs decode-only steps, and whether all variants produced the same tokens.
 
 Beware environment variants that set one of glibc's MALLOC_*_ variables: any of them also turns off
 malloc's dynamic mmap threshold (every activation above 128 KiB then gets a fresh mmap), so such a
@@ -24,26 +26,29 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 CHILD = r"""
-import json, os, random, resource, sys, time
+import json, os, resource, sys, time
 import engine  # first: the engine's OpenMP policy precedes torch's import
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-model, rows = sys.argv[1], int(sys.argv[2])
-rng = random.Random(3)
-prompts = [[0] + [rng.randrange(2, 8192) for _ in range(rng.randrange(470, 510))] for _ in range(rows)]
+model, prompts_file, mode, kv_tokens, kv_bytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+with open(prompts_file) as f:
+    prompts = json.load(f)
+rows = len(prompts)
 params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-cfg = EngineConfig(model_dir=model, device="cpu", dtype="float32", prefix_sharing="none",
-                   kv_cache_memory=131072 * 4096, kv_cache_tokens=131072)
+cfg = EngineConfig(model_dir=model, device="cpu", dtype="float32", prefix_sharing=mode,
+                   kv_cache_memory=kv_bytes, kv_cache_tokens=kv_tokens)
 def run():
     eng = LLMEngine(cfg)
     steps = {"prefill_s": 0.0, "decode_s": 0.0}
@@ -71,28 +76,50 @@ def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
     return label, Path(tree).resolve(), pairs
 
 
+def job_prompts(model: Path, job: str | None, rows: int) -> tuple[list[list[int]], int]:
+    """The runs' prompt token ids and KV cache tokens: `rows` random-token prompts of ~490 tokens and a
+    128k-token cache, or the vs-vLLM job's (tokenized once, here)."""
+    if job is None:
+        rng = random.Random(3)
+        return [[0] + [rng.randrange(2, 8192) for _ in range(rng.randrange(470, 510))] for _ in range(rows)], 131072
+    from engine.tokenizer import Tokenizer
+    from vs_vllm import JOBS, TextSource, job_texts
+
+    tokenizer = Tokenizer(model)
+    spec = JOBS[job]
+    return tokenizer.encode_batch(job_texts(spec, TextSource(tokenizer))), spec.kv_tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", required=True, help="LABEL=TREE[:NAME=VALUE,...]")
-    p.add_argument("--rows", type=int, default=96)
+    p.add_argument("--rows", type=int, default=96, help="random-token prompts (without --job)")
+    p.add_argument("--job", default=None, help="a bench/vs_vllm.py job's prompts and KV size instead (e.g. docqa-160)")
+    p.add_argument("--mode", choices=("plan", "lru", "none"), default="none", help="--prefix-sharing of every run")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     from bench_common import git_commit, write_results
-    from vs_vllm import ensure_model
+    from vs_vllm import ensure_model, kv_bytes_per_token
 
     cache = Path(os.environ.get("BATCHLLM_CACHE_DIR", Path.home() / ".cache" / "batchllm"))
     model = ensure_model(cache)
+    prompts, kv_tokens = job_prompts(model, args.job, args.rows)
+    prompts_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    with prompts_file:
+        json.dump(prompts, prompts_file)
+    child_args = [str(model), prompts_file.name, args.mode, str(kv_tokens), str(kv_tokens * kv_bytes_per_token(model))]
     variants = [parse_variant(v) for v in args.variant]
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     loads = []
     for r in range(args.rounds):
         for label, tree, env in variants if r % 2 == 0 else variants[::-1]:
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(args.rows)], capture_output=True,
+            proc = subprocess.run([sys.executable, "-c", CHILD, *child_args], capture_output=True,
                                   text=True, env={**os.environ, "PYTHONPATH": str(tree), **env}, check=True)
             runs[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             loads.append(os.getloadavg()[0])
             print(f"round {r} {label}: {runs[label][-1]['engine_s']:.2f}s (load {loads[-1]:.1f})", flush=True)
+    os.unlink(prompts_file.name)
     base = variants[0][0]
     summary = {}
     for label, tree, env in variants:
@@ -114,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "bench/raw_engine_ab.py", *(argv if argv is not None else sys.argv[1:])]),
             "git": git_commit("engine", "kernels"), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
             "note": "Shared 2-core machine: loadavg_1m per run recorded; interleaved rounds; compare medians.",
-            "rows": args.rows, "rounds": args.rounds, "loadavg_1m": loads, "variants": summary,
+            "job": args.job or "random", "mode": args.mode, "rows": len(prompts), "kv_tokens": kv_tokens,
+            "rounds": args.rounds, "loadavg_1m": loads, "variants": summary,
         })
     return 0
 
