@@ -10,7 +10,6 @@ from engine.config import EngineConfig
 from engine.devices import check_device, cpu_has_native_bf16
 from engine.errors import ConfigError
 from engine.grammar_mask import TokenMask, apply_token_mask
-from engine.huge_pages import advise_huge_pages
 from engine.loader import load_model
 from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budget, profile_step
 from engine.model_config import ModelConfig
@@ -167,7 +166,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, shape: tuple[int, ...]) -> torch.Tensor:
         try:
-            cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
         except RuntimeError as exc:
             # On CUDA an out-of-memory error goes on to the caller, which handles it (exit 75); in host
             # memory the budget asked for is more than the machine can give: a setting to change.
@@ -180,8 +179,6 @@ class ModelRunner:
                 f"Cannot allocate a KV cache of {format_size(size)}: {reason}; lower --kv-cache-memory (or "
                 "--kv-cache-tokens)."
             ) from exc
-        advise_huge_pages(cache)  # untouched yet: its pages fault in huge (engine/huge_pages.py); CPU only
-        return cache
 
     def _cuda_kv_budget(self, used_before: int, block_bytes: int) -> int:
         weights = torch.cuda.memory_allocated(self.device)
