@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from typing import Any, Callable
@@ -44,16 +45,22 @@ def batchllm_engine(spec: dict[str, Any]) -> tuple[Generate, dict[str, Any]]:
         # batchllm's comes untouched and would fault its pages in during the run (see vs_vllm.py, Method)
         engine.runner.kv_cache.zero_()
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        start = time.perf_counter()
+        usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         done = {r.key: r for r in engine.generate((i, p, params) for i, p in enumerate(prompts))}
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
         errors = [r.error for r in done.values() if r.error]
         if errors:
             raise RuntimeError(f"batchllm returned errors: {errors[:3]}")
         stats = engine.stats()
         info = {"engine_s": seconds, "prompt_tokens": stats.prompt_tokens, "prefill_tokens": stats.prefill_tokens,
                 "cache_hit_tokens": stats.prefix_hit_tokens, "preemptions": stats.preemptions,
-                "kv_capacity_tokens": engine.block_manager.num_blocks * engine.block_manager.block_size}
+                "kv_capacity_tokens": engine.block_manager.num_blocks * engine.block_manager.block_size,
+                # what the run met on the machine: page faults, preemptions of its threads, the thread count
+                # the engine ended with (fewer than the CPUs: its governor saw other processes busy)
+                "minor_faults": after.ru_minflt - usage.ru_minflt, "major_faults": after.ru_majflt - usage.ru_majflt,
+                "involuntary_switches": after.ru_nivcsw - usage.ru_nivcsw,
+                "threads_at_end": torch.get_num_threads()}
         return [list(done[i].token_ids) for i in range(len(prompts))], info
 
     setup = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
