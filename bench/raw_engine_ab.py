@@ -6,8 +6,10 @@
 Each variant is LABEL=TREE[:ENV]: a checkout of this repository (imported with PYTHONPATH=TREE) and
 optional environment variables. Every round runs each variant once in a fresh process (A B .., then
 .. B A), so load on this shared machine hits all alike. A run uses the vs-vLLM benchmark's model
-(bench/vs_vllm.py: 4-layer 256-wide Llama, float32, cached) and times one warm-up `generate` and then
-one timed `generate` of 32 greedy tokens per row (EOS ignored), each in a fresh engine whose KV cache
+(bench/vs_vllm.py: 4-layer 256-wide Llama, float32, cached; `--hidden N --layers L`: a wider one of the
+same recipe, whose activations are a real model's size) and times one warm-up `generate` and then
+one timed `generate` of 32 greedy tokens per row (EOS ignored; `--no-warmup`: only the timed one, as a
+one-shot `batchllm run` does), each in a fresh engine whose KV cache
 is untouched (its page faults are part of the time, as in a real run). The prompts: by default
 `--rows` distinct random-token prompts of ~490 tokens (the `nosharing` job's shape; token values do
 not change the cost), a 128k-token KV cache and `--mode none`; with `--job NAME`, that vs-vLLM job's
@@ -43,6 +45,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 model, prompts_file, mode, kv_tokens, kv_bytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+warm_up = sys.argv[6] == "1"
 with open(prompts_file) as f:
     prompts = json.load(f)
 rows = len(prompts)
@@ -63,8 +66,9 @@ def run():
     done = {r.key: list(r.token_ids) for r in eng.generate((i, p, params) for i, p in enumerate(prompts))}
     return {"engine_s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu,
             "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, **steps,
-            "tokens_hash": hash(tuple(tuple(done[i]) for i in range(rows)))}
-run()
+            "tokens_hash": hash(tuple(tuple(done[i]) for i in range(rows))), "engine_file": engine.__file__}
+if warm_up:
+    run()
 print(json.dumps(run()))
 """
 
@@ -96,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=96, help="random-token prompts (without --job)")
     p.add_argument("--job", default=None, help="a bench/vs_vllm.py job's prompts and KV size instead (e.g. docqa-160)")
     p.add_argument("--mode", choices=("plan", "lru", "none"), default="none", help="--prefix-sharing of every run")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="a wider random model of the same recipe (its activations a real model's size)")
+    p.add_argument("--layers", type=int, default=None, help="with --hidden: its layers")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="time the process's first generate (a one-shot CLI job: first steps of each size included)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -103,20 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     from vs_vllm import ensure_model, kv_bytes_per_token
 
     cache = Path(os.environ.get("BATCHLLM_CACHE_DIR", Path.home() / ".cache" / "batchllm"))
-    model = ensure_model(cache)
+    from vs_vllm import HIDDEN, LAYERS
+
+    model = ensure_model(cache, args.hidden or HIDDEN, args.layers or LAYERS)
     prompts, kv_tokens = job_prompts(model, args.job, args.rows)
     prompts_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     with prompts_file:
         json.dump(prompts, prompts_file)
-    child_args = [str(model), prompts_file.name, args.mode, str(kv_tokens), str(kv_tokens * kv_bytes_per_token(model))]
+    child_args = [str(model), prompts_file.name, args.mode, str(kv_tokens), str(kv_tokens * kv_bytes_per_token(model)),
+                  "0" if args.no_warmup else "1"]
     variants = [parse_variant(v) for v in args.variant]
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     loads = []
     for r in range(args.rounds):
         for label, tree, env in variants if r % 2 == 0 else variants[::-1]:
-            proc = subprocess.run([sys.executable, "-c", CHILD, *child_args], capture_output=True,
+            # run in the tree: `python -c` puts its working directory first on sys.path, ahead of PYTHONPATH,
+            # so started from another checkout it would import that checkout's engine (before this, runs
+            # started from the repository compared the repository with itself)
+            proc = subprocess.run([sys.executable, "-c", CHILD, *child_args], capture_output=True, cwd=tree,
                                   text=True, env={**os.environ, "PYTHONPATH": str(tree), **env}, check=True)
             runs[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            imported = Path(runs[label][-1].pop("engine_file")).resolve()
+            assert imported.is_relative_to(tree), f"{label} imported {imported}, not {tree}'s engine"
             loads.append(os.getloadavg()[0])
             print(f"round {r} {label}: {runs[label][-1]['engine_s']:.2f}s (load {loads[-1]:.1f})", flush=True)
     os.unlink(prompts_file.name)
@@ -142,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "git": git_commit("engine", "kernels"), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
             "note": "Shared 2-core machine: loadavg_1m per run recorded; interleaved rounds; compare medians.",
             "job": args.job or "random", "mode": args.mode, "rows": len(prompts), "kv_tokens": kv_tokens,
+            "model": {"hidden": args.hidden or HIDDEN, "layers": args.layers or LAYERS},
             "rounds": args.rounds, "loadavg_1m": loads, "variants": summary,
         })
     return 0

@@ -88,14 +88,15 @@ VARIANTS = ("Answer in one word.", "Answer briefly.", "Quote the document.", "Ex
 
 
 # ---------------------------------------------------------------------------- model
-def ensure_model(root: Path) -> Path:
-    """The random-weight model, built once (in a temporary sibling, renamed into place)."""
-    key = hashlib.sha256(json.dumps([HIDDEN, LAYERS, VOCAB, "v1"]).encode()).hexdigest()[:10]
-    target = root / f"vs-vllm-llama-{LAYERS}x{HIDDEN}-{key}"
+def ensure_model(root: Path, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
+    """The random-weight model (other sizes: for bench/raw_engine_ab.py), built once (in a temporary
+    sibling, renamed into place)."""
+    key = hashlib.sha256(json.dumps([hidden, layers, VOCAB, "v1"]).encode()).hexdigest()[:10]
+    target = root / f"vs-vllm-llama-{layers}x{hidden}-{key}"
     from bench_common import cached_dir
     from engine_vs_transformers import build_model
 
-    return cached_dir(target, lambda tmp: build_model(tmp, HIDDEN, LAYERS, VOCAB))
+    return cached_dir(target, lambda tmp: build_model(tmp, hidden, layers, VOCAB))
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}

@@ -10,6 +10,7 @@ from engine.config import EngineConfig
 from engine.devices import check_device, cpu_has_native_bf16
 from engine.errors import ConfigError
 from engine.grammar_mask import TokenMask, apply_token_mask
+from engine.host_memory import reuse_freed_memory
 from engine.loader import load_model
 from engine.memory_profile import CudaMemoryProfile, cpu_kv_budget, cuda_kv_budget, profile_step
 from engine.model_config import ModelConfig
@@ -107,6 +108,8 @@ class ModelRunner:
         # Uninitialised on purpose: attention only ever reads slots that were written.
         self.kv_cache = self._allocate_kv_cache(shape)
         self.kv_caches = tuple((self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers))
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # after the weights and the KV cache: a step's activations are kept for the next
         self.decode_graphs: DecodeGraphs | None = None
         if self.use_graphs:
             self.decode_graphs = self.make_decode_graphs(capture=True)
