@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -87,3 +88,48 @@ def test_wait_until_quiet_is_bounded_and_samples_two_windows() -> None:
     vs = _vs_vllm()
     waited = vs.wait_until_quiet(limit_s=0.6)
     assert 2 * vs.QUIET_WINDOW_S - 0.05 <= waited <= 0.6 + vs.QUIET_WINDOW_S + 0.5
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_paused_worker_stops_its_whole_process_tree_until_resumed(tmp_path: Path) -> None:
+    """While one setting is timed the others' workers are stopped, child processes included (vLLM's engine
+    runs in a child of its worker: stopping the worker alone would leave it polling beside the timed run)."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("the harness finds a worker's processes in Linux's /proc")
+    import subprocess
+    import time
+
+    vs = _vs_vllm()
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n")])
+    worker = object.__new__(vs.Worker)  # the process handling only: no engine behind it
+    worker.proc = parent
+    try:
+        deadline = time.monotonic() + 20
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert set(worker.processes()) == {parent.pid, child}
+        worker.pause()
+        time.sleep(0.2)
+        assert _state(parent.pid) == "T" and _state(child) == "T"
+        worker.resume()
+        time.sleep(0.2)
+        assert _state(parent.pid) != "T" and _state(child) != "T"
+    finally:
+        worker.resume()
+        written = pid_file.read_text() if pid_file.exists() else ""
+        for pid in [parent.pid] + ([int(written)] if written else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        parent.wait()
