@@ -496,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
               "or --no-vllm.", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # a SIGTERM unwinds like Ctrl-C: workers stopped while another is timed are resumed and closed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from engine.demo_model import default_cache_root
     from engine.tokenizer import Tokenizer
 
