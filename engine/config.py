@@ -42,7 +42,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None
     kv_cache_tokens: int | None = None
-    max_batch_tokens: int = 1024
+    max_batch_tokens: int = 2048
     max_num_seqs: int = 256
     max_model_len: int | None = None
     prefix_sharing: PrefixSharing = "plan"
