@@ -57,12 +57,12 @@ def measure(job: str, mode: str, rounds: int) -> dict:
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
     from engine.tokenizer import Tokenizer
-    from vs_vllm import JOBS, TextSource, ensure_model, job_texts, kv_bytes_per_token
+    from vs_vllm import JOBS, ensure_model, job_token_ids, kv_bytes_per_token
 
     spec = JOBS[job]
     model_dir = ensure_model(default_cache_root())
     tokenizer = Tokenizer(model_dir)
-    prompts = tokenizer.encode_batch(job_texts(spec, TextSource(tokenizer)))
+    prompts = job_token_ids(spec, tokenizer)
     config = EngineConfig(model_dir=str(model_dir), device="cpu", dtype="float32", prefix_sharing=mode,
                           kv_cache_memory=spec.kv_tokens * kv_bytes_per_token(model_dir),
                           kv_cache_tokens=spec.kv_tokens)

@@ -87,11 +87,10 @@ def job_prompts(model: Path, job: str | None, rows: int) -> tuple[list[list[int]
         rng = random.Random(3)
         return [[0] + [rng.randrange(2, 8192) for _ in range(rng.randrange(470, 510))] for _ in range(rows)], 131072
     from engine.tokenizer import Tokenizer
-    from vs_vllm import JOBS, TextSource, job_texts
+    from vs_vllm import JOBS, job_token_ids
 
-    tokenizer = Tokenizer(model)
     spec = JOBS[job]
-    return tokenizer.encode_batch(job_texts(spec, TextSource(tokenizer))), spec.kv_tokens
+    return job_token_ids(spec, Tokenizer(model)), spec.kv_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,12 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     from bench_common import git_commit, write_results
-    from vs_vllm import ensure_model, kv_bytes_per_token
+    from vs_vllm import HIDDEN, LAYERS, ensure_model, kv_bytes_per_token
 
     cache = Path(os.environ.get("BATCHLLM_CACHE_DIR", Path.home() / ".cache" / "batchllm"))
-    from vs_vllm import HIDDEN, LAYERS
-
-    model = ensure_model(cache, args.hidden or HIDDEN, args.layers or LAYERS)
+    shape = {"hidden": args.hidden or HIDDEN, "layers": args.layers or LAYERS}
+    model = ensure_model(cache, shape["hidden"], shape["layers"])
     prompts, kv_tokens = job_prompts(model, args.job, args.rows)
     prompts_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     with prompts_file:
@@ -159,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "git": git_commit("engine", "kernels"), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
             "note": "Shared 2-core machine: loadavg_1m per run recorded; interleaved rounds; compare medians.",
             "job": args.job or "random", "mode": args.mode, "rows": len(prompts), "kv_tokens": kv_tokens,
-            "model": {"hidden": args.hidden or HIDDEN, "layers": args.layers or LAYERS},
+            "model": shape,
             "rounds": args.rounds, "loadavg_1m": loads, "variants": summary,
         })
     return 0

@@ -151,6 +151,12 @@ class TextSource:
         return " ".join(parts)
 
 
+def job_token_ids(spec: JobSpec, tokenizer: Any, source: TextSource | None = None) -> list[list[int]]:
+    """The job's prompts as token ids, for every engine alike (source: the tokenizer's sentences, made
+    once when several jobs are built)."""
+    return tokenizer.encode_batch(job_texts(spec, source or TextSource(tokenizer)))
+
+
 def job_texts(spec: JobSpec, source: TextSource) -> list[str]:
     rng = random.Random(spec.seed)
     if spec.kind == "nosharing":
@@ -515,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     groups: dict[int, list[tuple[JobSpec, list[list[int]]]]] = {}
     for name in args.jobs:
         spec = JOBS[name]
-        prompts = tokenizer.encode_batch(job_texts(spec, source))  # once, for both engines
+        prompts = job_token_ids(spec, tokenizer, source)  # once, for both engines
         n = sum(map(len, prompts))
         workloads[name] = {**dataclasses.asdict(spec), "rows": len(prompts), "prompt_tokens": n,
                            "mean_prompt_tokens": round(n / len(prompts), 1),
