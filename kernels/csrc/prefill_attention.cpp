@@ -70,8 +70,17 @@ void prefill_attention(const std::vector<Span>& spans, const T* q, int64_t q_row
       for (int64_t h = 0; h < s.kv_heads; ++h) tasks.push_back({i, h, first, last, last_pos + 1 - begin});
     }
   }
-  // longest first: the causal tiles at a span's end read the most keys
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.keys > b.keys; });
+  // a span's tiles of one KV head one after another (each task reads the keys the previous one read:
+  // both threads work from their caches), the spans with the most work first, and within a span the
+  // causal tiles at its end, which read the most keys, first
+  std::vector<int64_t> work(spans.size() * s.kv_heads, 0);
+  for (const Task& t : tasks) work[t.span * s.kv_heads + t.kv_head] += t.keys * (t.last_token - t.first_token);
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+    const int64_t wa = work[a.span * s.kv_heads + a.kv_head], wb = work[b.span * s.kv_heads + b.kv_head];
+    if (wa != wb) return wa > wb;
+    if (a.span != b.span || a.kv_head != b.kv_head) return a.span != b.span ? a.span < b.span : a.kv_head < b.kv_head;
+    return a.keys > b.keys;
+  });
   const int64_t n = static_cast<int64_t>(tasks.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(library_threads())
   for (int64_t i = 0; i < n; ++i)
