@@ -8,6 +8,7 @@
 Model: a random-weight Llama (4 layers, hidden 256, 4/2 heads of 64, vocab 8k, float32 weights, run in --dtype) with a
 byte-level BPE trained on a pseudo-word corpus: bench/engine_vs_transformers.py's builder, cached
 under $BATCHLLM_CACHE_DIR (or ~/.cache/batchllm). Weights do not change the cost of a forward pass.
+`--hidden N --layers L`: a wider or deeper model of the same recipe (heads of 64, half as many KV heads).
 
 Jobs (generated deterministically from that corpus; every prompt starts with BOS):
   docqa-160    document QA: 10 documents (~800 tokens) x 16 questions, table in document order
@@ -16,6 +17,8 @@ Jobs (generated deterministically from that corpus; every prompt starts with BOS
                shuffled (~1,230 tokens/prompt), a KV cache that holds most of the job
   paper-16k    the same prompts with a 16k-token KV cache: sharing must be planned, LRU thrashes
   nosharing    192 distinct texts (~500 tokens), nothing shared but BOS: raw engine speed
+  classify-1000  one ~300-token instruction shared by 1,000 rows of ~60 tokens each (a labelling job:
+               run it with a short --max-tokens, e.g. 4)
 Each job: --max-tokens output tokens per row (default 32), greedy, EOS ignored, so both engines
 generate exactly rows x max_tokens tokens.
 
@@ -129,6 +132,7 @@ JOBS = {
     "paper-big": JobSpec("paper-big", "docqa", 48, 16, 1, 1150, 80, True, BIG_KV_TOKENS, 2),
     "paper-16k": JobSpec("paper-16k", "docqa", 48, 16, 1, 1150, 80, True, 16384, 2),
     "nosharing": JobSpec("nosharing", "nosharing", 192, 1, 1, 500, 0, True, BIG_KV_TOKENS, 3),
+    "classify-1000": JobSpec("classify-1000", "docqa", 1, 1000, 1, 300, 60, True, BIG_KV_TOKENS, 4),
 }
 QUICK_JOBS = ("docqa-160", "nosharing")
 
@@ -479,6 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="python of the venv from setup_vllm_cpu.sh")
     p.add_argument("--block-size", type=int, default=None, help="KV block size for both (default: each its own)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="step token budget for both (default: each its own)")
+    p.add_argument("--hidden", type=int, default=HIDDEN,
+                   help=f"model width (default {HIDDEN}; heads of 64, KV heads half of them, MLP 8/3 wider)")
+    p.add_argument("--layers", type=int, default=LAYERS, help=f"model layers (default {LAYERS})")
     p.add_argument("--model-cache", type=Path, default=None, help="default: $BATCHLLM_CACHE_DIR or ~/.cache/batchllm")
     p.add_argument("--log-dir", type=Path, default=None, help="workers' logs (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/vs_vllm_cpu.json")
@@ -507,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.demo_model import default_cache_root
     from engine.tokenizer import Tokenizer
 
-    model_dir = ensure_model(args.model_cache or default_cache_root())
+    model_dir = ensure_model(args.model_cache or default_cache_root(), args.hidden, args.layers)
     tokenizer = Tokenizer(model_dir)
     source = TextSource(tokenizer)
     settings = settings_for(args.modes, args.vllm_threads, with_vllm)
@@ -558,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                      "(loadavg_1m per round is recorded); rounds are interleaved (A B C, C B A, ...) so load "
                      "hits every setting alike and the ratios are the figures to read. Engine time = generate "
                      "only; medians over rounds."),
-            "model": {"dir": model_dir.name, "architecture": "LlamaForCausalLM", "layers": LAYERS, "hidden": HIDDEN,
+            "model": {"dir": model_dir.name, "architecture": "LlamaForCausalLM", "layers": args.layers, "hidden": args.hidden,
                       "vocab": VOCAB, "dtype": args.dtype, "weights": "random (float32 checkpoint)",
                       "kv_bytes_per_token": kv_bytes_per_token(model_dir, args.dtype)},
             "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "table"},
