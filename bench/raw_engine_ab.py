@@ -6,7 +6,7 @@
 Each variant is LABEL=TREE[:ENV]: a checkout of this repository (imported with PYTHONPATH=TREE) and
 optional environment variables. Every round runs each variant once in a fresh process (A B .., then
 .. B A), so load on this shared machine hits all alike. A run uses the vs-vLLM benchmark's model
-(bench/vs_vllm.py: 4-layer 256-wide Llama, float32, cached; `--hidden N --layers L`: a wider one of the
+(bench/vs_vllm.py: 4-layer 256-wide Llama, float32 (`--dtype bfloat16`: computed in bfloat16), cached; `--hidden N --layers L`: a wider one of the
 same recipe, whose activations are a real model's size) and times one warm-up `generate` and then
 one timed `generate` of 32 greedy tokens per row (EOS ignored; `--no-warmup`: only the timed one, as a
 one-shot `batchllm run` does), each in a fresh engine whose KV cache
@@ -46,11 +46,12 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 model, prompts_file, mode, kv_tokens, kv_bytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 warm_up = sys.argv[6] == "1"
+dtype = sys.argv[7]
 with open(prompts_file) as f:
     prompts = json.load(f)
 rows = len(prompts)
 params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-cfg = EngineConfig(model_dir=model, device="cpu", dtype="float32", prefix_sharing=mode,
+cfg = EngineConfig(model_dir=model, device="cpu", dtype=dtype, prefix_sharing=mode,
                    kv_cache_memory=kv_bytes, kv_cache_tokens=kv_tokens)
 def run():
     eng = LLMEngine(cfg)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="with --hidden: its layers")
     p.add_argument("--no-warmup", action="store_true",
                    help="time the process's first generate (a one-shot CLI job: first steps of each size included)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of every run")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -117,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     with prompts_file:
         json.dump(prompts, prompts_file)
-    child_args = [str(model), prompts_file.name, args.mode, str(kv_tokens), str(kv_tokens * kv_bytes_per_token(model)),
-                  "0" if args.no_warmup else "1"]
+    child_args = [str(model), prompts_file.name, args.mode, str(kv_tokens),
+                  str(kv_tokens * kv_bytes_per_token(model, args.dtype)), "0" if args.no_warmup else "1", args.dtype]
     variants = [parse_variant(v) for v in args.variant]
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     loads = []
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "git": git_commit("engine", "kernels"), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
             "note": "Shared 2-core machine: loadavg_1m per run recorded; interleaved rounds; compare medians.",
             "job": args.job or "random", "mode": args.mode, "rows": len(prompts), "kv_tokens": kv_tokens,
-            "model": shape,
+            "model": shape, "dtype": args.dtype,
             "rounds": args.rounds, "loadavg_1m": loads, "variants": summary,
         })
     return 0

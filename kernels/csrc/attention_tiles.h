@@ -9,10 +9,18 @@
 // broadcasts one key element against a vector of rows (FAN keys at a time, no key is ever transposed),
 // the softmax's max, exp, sum and rescale are lane-wise (one row per lane, no horizontal step), and a
 // value pass broadcasts one value element against a vector of weights (FAN dims at a time). Keys go in
-// blocks of KEYS (one softmax update per block), read in place from a float32 cache (a bfloat16 block is
-// widened once); where the keys are likely out of cache, the next block is requested while one is worked
-// on. Masked keys score MASKED, a finite stand-in for -inf: the library is built with -ffast-math
-// (vectorised exp), under which infinities are not allowed.
+// blocks of KEYS (one softmax update per block), read in place from a float32 cache; where the keys are
+// likely out of cache, the next block is requested while one is worked on. Masked keys score MASKED, a
+// finite stand-in for -inf: the library is built with -ffast-math (vectorised exp), under which
+// infinities are not allowed.
+//
+// A bfloat16 cache, on a CPU with AVX-512 BF16: both products run as bfloat16 dot products of pairs
+// (vdpbf16ps: two products per float32 lane, accumulated in float32), as bfloat16 attention on a GPU does:
+// scores from the bfloat16 queries and keys, then scaled; the softmax in float32; its weights rounded to
+// bfloat16 for the values' product (as transformers' bfloat16 attention rounds them). Pairs run along
+// head_dim for the scores (a key's two neighbouring elements are one 32-bit word, broadcast as is) and
+// along the keys for the values (each block's values interleaved two keys at a time once, for all rows).
+// Elsewhere a bfloat16 block is widened to float32 once and goes the float32 way.
 #pragma once
 
 #include <algorithm>
@@ -25,6 +33,13 @@
 #include <vector>
 
 #include "bf16.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define ATTENTION_BF16_DOT 1
+#else
+#define ATTENTION_BF16_DOT 0
+#endif
 
 namespace {
 
@@ -118,6 +133,10 @@ struct Tile {
   std::vector<int32_t> rel;    // [chunks][ROW_CHUNK] position relative to the attend's first key
   // working memory: one block's scores [KEYS][ROW_CHUNK]; a bfloat16 block's keys and values widened [KEYS][D]
   std::vector<float> scores, keys, values;
+  // the bfloat16 dot-product path's pairs (two bfloat16 in a 32-bit word, the first in the low half):
+  // queries [chunks][D / 2][ROW_CHUNK], one block's values [KEYS / 2][D] (keys 2t and 2t + 1) and a chunk's
+  // weights [KEYS / 2][ROW_CHUNK]
+  std::vector<uint32_t> qpairs, vpairs, ppairs;
   SpreadPrefetch ahead;  // the next block of keys and values, while attend_keys works on one
   // what the caller reads after this attend (set after start(), spread over attend_steps() of it; the
   // caller finishes it): its own next keys would otherwise come in with a stall
@@ -219,6 +238,91 @@ inline void value_pass(const float* weights, const float* const* value, int n, i
     for (int v = 0; v < RV; ++v) put_lanes(acct + (d0 + i) * ROW_CHUNK + v * LANES, a[i][v]);
 }
 
+#if ATTENTION_BF16_DOT
+inline __m512bh pair_broadcast(uint32_t pair) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)); }
+inline __m512bh pairs_at(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline uint32_t pair_at(const bf16_t* p) {
+  uint32_t pair;
+  std::memcpy(&pair, p, sizeof pair);
+  return pair;
+}
+
+// score_pass from bfloat16 pairs: qp = the chunk's query pairs [D / 2][ROW_CHUNK], key[i] a bfloat16 key
+// row; the scores come out multiplied by `scale` (the queries' pairs are unscaled).
+template <int RV, int N>
+inline void score_pass_pairs(const uint32_t* qp, const bf16_t* const* key, int D, float scale, float* scores) {
+  __m512 a[N][RV];
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v) a[i][v] = _mm512_setzero_ps();
+  for (int j = 0; j < D / 2; ++j) {
+    __m512bh q[RV];
+    for (int v = 0; v < RV; ++v) q[v] = pairs_at(qp + j * ROW_CHUNK + v * LANES);
+    for (int i = 0; i < N; ++i) {
+      const __m512bh k = pair_broadcast(pair_at(key[i] + 2 * j));
+      for (int v = 0; v < RV; ++v) a[i][v] = _mm512_dpbf16_ps(a[i][v], q[v], k);
+    }
+  }
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v) _mm512_storeu_ps(scores + i * ROW_CHUNK + v * LANES, _mm512_mul_ps(a[i][v], _mm512_set1_ps(scale)));
+}
+
+// value_pass from bfloat16 pairs: pp = the chunk's weight pairs [n2][ROW_CHUNK], vp = the block's value
+// pairs [n2][D].
+template <int RV, int N>
+inline void value_pass_pairs(const uint32_t* pp, const uint32_t* vp, int n2, int D, int d0, const Lanes* rescale,
+                             float* acct) {
+  __m512 a[N][RV];
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v)
+      a[i][v] = (__m512)(lanes_at(acct + (d0 + i) * ROW_CHUNK + v * LANES) * rescale[v]);
+  for (int t = 0; t < n2; ++t) {
+    __m512bh p[RV];
+    for (int v = 0; v < RV; ++v) p[v] = pairs_at(pp + t * ROW_CHUNK + v * LANES);
+    const uint32_t* x = vp + static_cast<size_t>(t) * D + d0;
+    for (int i = 0; i < N; ++i) {
+      const __m512bh b = pair_broadcast(x[i]);
+      for (int v = 0; v < RV; ++v) a[i][v] = _mm512_dpbf16_ps(a[i][v], p[v], b);
+    }
+  }
+  for (int i = 0; i < N; ++i)
+    for (int v = 0; v < RV; ++v) _mm512_storeu_ps(acct + (d0 + i) * ROW_CHUNK + v * LANES, a[i][v]);
+}
+
+// The weights of keys 2t and 2t + 1 (float32, [n][ROW_CHUNK]) as bfloat16 pairs per row: [n2][ROW_CHUNK]; an
+// odd n's last pair has a zero second weight.
+template <int RV>
+inline void weight_pairs(const float* weights, int n, uint32_t* pp) {
+  // words 0..15 hold the first key's 16 weights, 16..31 the second's: interleaved into 16 pairs
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int t = 0; 2 * t < n; ++t)
+    for (int v = 0; v < RV; ++v) {
+      const __m512 first = _mm512_loadu_ps(weights + 2 * t * ROW_CHUNK + v * LANES);
+      const __m512 second = 2 * t + 1 < n ? _mm512_loadu_ps(weights + (2 * t + 1) * ROW_CHUNK + v * LANES)
+                                          : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(second, first);
+      _mm512_storeu_si512(pp + t * ROW_CHUNK + v * LANES, _mm512_permutexvar_epi16(interleave, both));
+    }
+}
+
+// Value rows 2t and 2t + 1 of a block (bfloat16, D each; a missing second row counts as zeros) interleaved
+// into D pairs: vp[d] = (first[d], second[d]).
+inline void value_pairs(const bf16_t* first, const bf16_t* second, int D, uint32_t* vp) {
+  const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i high = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                        55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  int d = 0;
+  for (; d + 32 <= D; d += 32) {
+    const __m512i a = _mm512_loadu_si512(first + d);
+    const __m512i b = second != nullptr ? _mm512_loadu_si512(second + d) : _mm512_setzero_si512();
+    _mm512_storeu_si512(vp + d, _mm512_permutex2var_epi16(a, low, b));
+    _mm512_storeu_si512(vp + d + 16, _mm512_permutex2var_epi16(a, high, b));
+  }
+  for (; d < D; ++d) vp[d] = static_cast<uint32_t>(first[d]) | (second != nullptr ? static_cast<uint32_t>(second[d]) << 16 : 0u);
+}
+#endif
+
 // CALL(N, i) over i in [0, COUNT): steps of FAN, then 4, then 1.
 #define FOR_FANS(COUNT, CALL)                          \
   {                                                    \
@@ -228,11 +332,12 @@ inline void value_pass(const float* weights, const float* const* value, int n, i
     for (; i_ < (COUNT); ++i_) CALL(1, i_);            \
   }
 
-// One block of n keys (key[t], value[t]: float32 rows of D) for chunk c's rows (RV vectors of them), the
-// block's first key `offset` positions after the attend's first key.
-template <int RV>
+// One block of n keys for chunk c's rows (RV vectors of them), the block's first key `offset` positions
+// after the attend's first key. PAIRS: the bfloat16 dot-product path (key16[t]: the bfloat16 key rows, the
+// tile's qpairs and vpairs set); else key[t], value[t]: float32 rows of D.
+template <int RV, bool PAIRS>
 void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* const* key, const float* const* value,
-                  const Shape& s) {
+                  const bf16_t* const* key16, const Shape& s) {
   float* qt = &tl.qt[static_cast<size_t>(c) * D * ROW_CHUNK];
   float* acct = &tl.acct[static_cast<size_t>(c) * D * ROW_CHUNK];
   float* scores = tl.scores.data();
@@ -251,9 +356,19 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
     for (int i = 0; i < LANES; ++i) reach = std::max(reach, hi[v][i]);
   n = std::min(n, reach + 1);
   for (int v = 0; v < RV; ++v) partly |= any_lane((hi[v] < n - 1) | (lo[v] > 0));
-#define SCORES(N, I) (tl.step_requests(), score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK))
-  FOR_FANS(n, SCORES)
+#if ATTENTION_BF16_DOT
+  if constexpr (PAIRS) {
+    const uint32_t* qp = &tl.qpairs[static_cast<size_t>(c) * (D / 2) * ROW_CHUNK];
+#define SCORES(N, I) (tl.step_requests(), score_pass_pairs<RV, N>(qp, key16 + (I), D, s.scale, scores + (I) * ROW_CHUNK))
+    FOR_FANS(n, SCORES)
 #undef SCORES
+  } else
+#endif
+  {
+#define SCORES(N, I) (tl.step_requests(), score_pass<RV, N>(qt, key + (I), D, scores + (I) * ROW_CHUNK))
+    FOR_FANS(n, SCORES)
+#undef SCORES
+  }
   if (s.softcap > 0.f)
     for (int t = 0; t < n; ++t)
       for (int r = 0; r < RV * LANES; ++r) {
@@ -290,6 +405,16 @@ void attend_chunk(Tile& tl, int c, int D, int n, int32_t offset, const float* co
     put_lanes(l, lanes_at(l) * rescale[v] + total[v]);
     put_lanes(m, top[v]);
   }
+#if ATTENTION_BF16_DOT
+  if constexpr (PAIRS) {
+    weight_pairs<RV>(scores, n, tl.ppairs.data());
+    const int n2 = (n + 1) / 2;
+#define VALUES(N, I) (tl.step_requests(), value_pass_pairs<RV, N>(tl.ppairs.data(), tl.vpairs.data(), n2, D, (I), rescale, acct))
+    FOR_FANS(D, VALUES)
+#undef VALUES
+    return;
+  }
+#endif
 #define VALUES(N, I) (tl.step_requests(), value_pass<RV, N>(scores, value, n, (I), rescale, acct))
   FOR_FANS(D, VALUES)
 #undef VALUES
@@ -315,7 +440,27 @@ void attend_keys(Tile& tl, const T* k_cache, const T* v_cache, const int32_t* ta
   const int64_t head_offset = kv_head * D;
   const float* key[KEYS];
   const float* value[KEYS];
-  if (!std::is_same<T, float>::value) {
+  const bf16_t* key16[KEYS];
+  // the bfloat16 dot-product path: a bfloat16 cache, pairs of head_dim
+  constexpr bool bf16_cache = std::is_same<T, bf16_t>::value;
+  const bool pairs = ATTENTION_BF16_DOT && bf16_cache && D % 2 == 0;
+  if (pairs) {
+    // The queries as bfloat16 pairs, unscaled: a query element is a bfloat16 q times the scale, so q is
+    // its value divided by the scale rounded to bfloat16, exactly (the product and the quotient each err
+    // by at most half a float32 ulp, far inside half a bfloat16 ulp).
+    tl.qpairs.resize(static_cast<size_t>(chunks) * (D / 2) * ROW_CHUNK);
+    tl.vpairs.resize(static_cast<size_t>(KEYS / 2) * D);
+    tl.ppairs.resize(static_cast<size_t>(KEYS / 2) * ROW_CHUNK);
+    const float unscale = 1.f / s.scale;
+    for (int c = 0; c < chunks; ++c)
+      for (int j = 0; j < D / 2; ++j)
+        for (int r = 0; r < ROW_CHUNK; ++r) {
+          const float* qc = &tl.qt[static_cast<size_t>(c) * D * ROW_CHUNK];
+          const uint32_t first = narrow<bf16_t>(qc[(2 * j) * ROW_CHUNK + r] * unscale);
+          const uint32_t second = narrow<bf16_t>(qc[(2 * j + 1) * ROW_CHUNK + r] * unscale);
+          tl.qpairs[(static_cast<size_t>(c) * (D / 2) + j) * ROW_CHUNK + r] = first | second << 16;
+        }
+  } else if (bf16_cache) {
     tl.keys.resize(static_cast<size_t>(KEYS) * D);
     tl.values.resize(static_cast<size_t>(KEYS) * D);
   }
@@ -333,7 +478,16 @@ void attend_keys(Tile& tl, const T* k_cache, const T* v_cache, const int32_t* ta
   find_rows(begin, static_cast<int>(std::min<int64_t>(KEYS, end - begin)));
   for (int64_t j0 = begin; j0 < end; j0 += KEYS) {
     const int n = static_cast<int>(std::min<int64_t>(KEYS, end - j0));
-    for (int t = 0; t < n; ++t) {
+#if ATTENTION_BF16_DOT
+    if constexpr (bf16_cache) {
+      if (pairs) {
+        for (int t = 0; t < n; ++t) key16[t] = k_rows[t];
+        for (int t = 0; 2 * t < n; ++t)
+          value_pairs(v_rows[2 * t], 2 * t + 1 < n ? v_rows[2 * t + 1] : nullptr, D, &tl.vpairs[static_cast<size_t>(t) * D]);
+      }
+    }
+#endif
+    for (int t = 0; t < n && !pairs; ++t) {
       const T* kr = k_rows[t];
       const T* vr = v_rows[t];
       if constexpr (std::is_same<T, float>::value) {
@@ -359,10 +513,13 @@ void attend_keys(Tile& tl, const T* k_cache, const T* v_cache, const int32_t* ta
     tl.ahead.start(read_ahead ? next_n : 0, static_cast<int>(D * sizeof(T)), chunks * ((n + D) / FAN + 2));
     const int32_t offset = static_cast<int32_t>(j0 - begin);
     for (int c = 0; c < chunks; ++c) {
-      if (rows - c * ROW_CHUNK > LANES)
-        attend_chunk<2>(tl, c, D, n, offset, key, value, s);
+      const bool two = rows - c * ROW_CHUNK > LANES;
+      if (pairs)
+        two ? attend_chunk<2, true>(tl, c, D, n, offset, key, value, key16, s)
+            : attend_chunk<1, true>(tl, c, D, n, offset, key, value, key16, s);
       else
-        attend_chunk<1>(tl, c, D, n, offset, key, value, s);
+        two ? attend_chunk<2, false>(tl, c, D, n, offset, key, value, key16, s)
+            : attend_chunk<1, false>(tl, c, D, n, offset, key, value, key16, s);
     }
     tl.ahead.finish();
   }
