@@ -55,13 +55,20 @@ def test_windows_and_soft_capping_equal_the_definition(window: int, softcap: flo
 
 
 @needs_kernel
-def test_bfloat16_within_its_rounding() -> None:
-    sc = make_prefill_scenario(3, SPANS, 4, 2, 64, 16)
-    out = _prefill(sc, dtype=torch.bfloat16)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (4, 2, 64, 16), (6, 2, 48, 7), (8, 1, 32, 4), (2, 1, 256, 100), (3, 3, 4, 5), (4, 2, 80, 16)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, 3.0), (40, None)])
+def test_bfloat16_within_its_rounding(heads: int, kv_heads: int, head_dim: int, block_size: int,
+                                      window: int | None, softcap: float | None) -> None:
+    """bfloat16 runs the dot-product path where the CPU has it (pairs of head_dim and of keys: odd key
+    counts per block, head sizes off a multiple of 32, scaled scores, windows and capping all count)."""
+    sc = make_prefill_scenario(3 + head_dim, SPANS, heads, kv_heads, head_dim, block_size)
+    out = _prefill(sc, window=window, softcap=softcap, dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
     rounded = dataclasses.replace(sc, q=sc.q.bfloat16().float(), k_cache=sc.k_cache.bfloat16().float(),
                                   v_cache=sc.v_cache.bfloat16().float())
-    torch.testing.assert_close(out.float(), rounded.expected(), atol=TOLERANCE[torch.bfloat16],
+    expected = rounded.expected() if window is None and softcap is None else dense_prefill(rounded, window, softcap)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[torch.bfloat16],
                                rtol=TOLERANCE[torch.bfloat16])
 
 
