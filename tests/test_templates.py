@@ -60,6 +60,14 @@ def test_render_strict_and_nulls() -> None:
         several.render({"meta": None, "ok": float("nan"), "x": None})
 
 
+@pytest.mark.parametrize("nulls", ["error", "empty"])
+def test_text_written_as_json_writes_null_under_either_policy(nulls: str) -> None:
+    """`{{ row }}`, `| tojson` and list/struct cells are JSON: a null there is JSON's null, not a hole."""
+    t = PromptTemplate(TemplateSource(name="t.j2", text="{{ row }} {{ b | tojson }} {{ items }}"), nulls=nulls)
+    row = {"a": "x", "b": None, "items": [1, None]}
+    assert t.render(row) == '{"a": "x", "b": null, "items": [1, null]} null [1, null]'
+
+
 def test_null_in_optional_variable_takes_the_default() -> None:
     t = template("{{ text }} [{{ labels | default('x, y') }}]{% if note is defined %} {{ note }}{% endif %}")
     assert t.render({"text": "hi", "labels": None, "note": None}) == "hi [x, y]"
