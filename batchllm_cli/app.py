@@ -85,7 +85,7 @@ from batchllm_cli.options import (
     VarOpt,
 )
 from batchllm_cli.prompt_commands import ANALYZE_EPILOG, RENDER_EPILOG, analyze_command, render_command
-from batchllm_cli.progress import err_console, make_progress, print_error
+from batchllm_cli.progress import err_console, make_progress, print_error, print_event
 from batchllm_cli.report_files import check_report_target
 from batchllm_cli.report_render import render_report, stopped_summary, write_summary
 from batchllm_cli.run_prepare import prepare_run
@@ -187,7 +187,8 @@ def run(
     Finished rows are committed to a checkpoint as the run goes; if it is killed, the same command
     again resumes where it stopped, and once the job is finished it does nothing.
     """
-    prompt = prompt_options_of(var, param, system, truncate_column)
+    as_json = log_format is LogFormat.json  # stderr is JSON lines throughout, errors and the end included
+    prompt = prompt_options_of(var, param, system, truncate_column, as_json)
     settings = RunSettings(
         input=tuple(input),
         reading=input_options(input_glob, input_format, encoding, where, columns),
@@ -262,17 +263,20 @@ def run(
         if summary is not None:
             stopped_summary(settings, summary, started_at, exc, error, checked)
         if error is not None:
-            raise fail(error) from None
+            raise fail(error, as_json) from None
         raise
     finally:
         guard.restore()
     report = dataclasses.replace(report, started_at=started_at)  # the invocation's, preparation included
-    render_report(report, err_console, settings)
+    if as_json:
+        print_event("done", report.to_dict(), err_console)  # the --summary object, as one event
+    else:
+        render_report(report, err_console, settings)
     if summary is not None:
         try:
             write_summary(report, summary)
         except OSError as exc:
-            raise fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}.")) from None
+            raise fail(OutputError(f"Cannot write --summary {summary}: {exc.strerror or exc}."), as_json) from None
     raise typer.Exit(report.exit_code)
 
 

@@ -174,7 +174,7 @@ LogFormatOpt = Annotated[
     typer.Option(
         "--log-format",
         help="Progress on stderr: 'text' (a bar on a terminal, timestamped lines elsewhere) or 'json' (one "
-        "JSON object per line, for log pipelines).",
+        "JSON object per line, for log pipelines: progress, notes, the final report and an ending error).",
         rich_help_panel=PANEL_JOB,
     ),
 ]

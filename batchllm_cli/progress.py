@@ -42,6 +42,13 @@ def print_notice(message: str, console: Console | None = None) -> None:
     (console or err_console).print(Text("note: ", style="bold yellow") + Text(message))
 
 
+def print_event(event: str, fields: dict, console: Console | None = None) -> None:
+    """One JSON object on one line (--log-format json): its `event`, the `time` (ISO 8601, UTC), the fields."""
+    line = json.dumps({"event": event, "time": iso_utc(time.time()), **fields})
+    # Text(), not markup: JSON and paths hold brackets; soft_wrap keeps a line one line.
+    (console or err_console).print(Text(line), soft_wrap=True)
+
+
 def _fmt_eta(seconds: float | None) -> str:
     return "?" if seconds is None else str(timedelta(seconds=int(seconds)))
 
@@ -161,15 +168,14 @@ class LogProgress:
 
     def notice(self, message: str) -> None:
         if self.as_json:
-            self._print(json.dumps({"event": "notice", "time": iso_utc(time.time()), "message": message}))
+            print_event("notice", {"message": message}, self.console)
         else:
             print_notice(message, self.console)
 
     def start(self, total_rows: int, resumed_rows: int, work: Callable[[], WorkDone]) -> None:
         self._meter = ProgressMeter(total_rows, resumed_rows, work)
         if self.as_json:
-            self._print(json.dumps({"event": "start", "time": iso_utc(time.time()), "rows_total": total_rows,
-                                    "rows_resumed": resumed_rows}))
+            print_event("start", {"rows_total": total_rows, "rows_resumed": resumed_rows}, self.console)
         else:
             todo = f"{total_rows - resumed_rows} of {total_rows} rows to process ({resumed_rows} already done)"
             self._print(f"{iso_utc(time.time())} run: {todo if resumed_rows else f'{total_rows} rows to process'}")

@@ -328,12 +328,22 @@ def test_log_format_json_and_quiet(tmp_path: Path, env: dict) -> None:
     tpl = write_template(tmp_path / "t.j2")
     result = invoke(job_args(inp, tpl, tmp_path / "a.parquet", "--log-format", "json"))
     assert result.exit_code == 0, result.output
-    events = [json.loads(ln) for ln in result.stderr.splitlines() if ln.startswith("{")]
+    # every line of stderr is one JSON object (a log pipeline parses each), the final report included
+    events = [json.loads(ln) for ln in result.stderr.splitlines()]
     assert [e["event"] for e in events if e["event"] != "notice"][0] == "start"
     last = [e for e in events if e["event"] == "progress"][-1]
     _utc(last["time"])
     assert (last["rows_done"], last["rows_total"], last["errors"], last["eta_s"]) == (10, 10, 0, 0.0)
     assert last["prompt_tokens_per_s"] > 0 and last["output_tokens_per_s"] > 0
+    done = events[-1]  # the --summary object as the last event
+    assert (done["event"], done["state"], done["exit_code"], done["job"]["rows"]) == ("done", "finished", 0, 10)
+    assert done["output"] == str(tmp_path / "a.parquet") and done["attempt"]["completion_tokens"] > 0
+    _utc(done["time"])
+    # a known error ends it the same way: one `error` event with the exit code
+    refused = invoke(job_args(inp, str(tmp_path / "missing.j2"), tmp_path / "c.parquet", "--log-format", "json"))
+    assert refused.exit_code == 2, refused.output
+    error = [json.loads(ln) for ln in refused.stderr.splitlines()][-1]
+    assert (error["event"], error["exit_code"]) == ("error", 2) and "missing.j2" in error["message"], error
     quiet = invoke(job_args(inp, tpl, tmp_path / "b.parquet", "--quiet"))
     assert quiet.exit_code == 0, quiet.output
     assert "Z run: " not in quiet.stderr and "done: 10 rows" in flat(quiet.stderr)
