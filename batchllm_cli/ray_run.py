@@ -357,7 +357,13 @@ def _run_rounds(prepared: PreparedRun, pool: _Pool, sink: Any, tracker: ScaleOut
         if not pool.alive:
             raise BatchLLMError("Every worker died; run the same command again to resume.")
         before = prepared.committed.rows
-        plan = _plan(prepared, prepared.committed.done, sink, pool.alive, tmp, pool.ray.put)
+        started = time.perf_counter()
+        try:
+            plan = _plan(prepared, prepared.committed.done, sink, pool.alive, tmp, pool.ray.put)
+        except BaseException:
+            if tracker.partition is None:  # stopped during the first plan: that time is still plan_s
+                tracker.plan_stats.append(PlanStats(plan_s=time.perf_counter() - started))
+            raise
         if tracker.partition is None:
             tracker.partition = plan.partition
             tracker.plan_stats.append(plan.stats)

@@ -285,3 +285,25 @@ def test_what_rays_driver_prints_goes_to_stderr_not_to_the_summary(monkeypatch: 
     assert ray_run.execute_ray_run(None) == "report"  # type: ignore[arg-type]
     out, err = capsys.readouterr()
     assert out == "" and "(raylet) A worker died" in err
+
+
+def test_a_stop_during_the_first_plan_keeps_its_time_as_plan_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the driver tokenized and sorted the rows: the summary said plan_s 0 (the plan's
+    statistics were only kept once it was done)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import batchllm_cli.ray_run as ray_run
+
+    def interrupted_plan(*args: object) -> None:
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_run, "_plan", interrupted_plan)
+    prepared = SimpleNamespace(run_dir=object(), committed=SimpleNamespace(done=np.zeros(3, dtype=bool), rows=0))
+    pool = SimpleNamespace(alive=[0], ray=SimpleNamespace(put=None))
+    tracker = SimpleNamespace(partition=None, plan_stats=[])
+    with pytest.raises(KeyboardInterrupt):
+        ray_run._run_rounds(prepared, pool, None, tracker, Path("."), None)  # type: ignore[arg-type]
+    assert len(tracker.plan_stats) == 1 and tracker.plan_stats[0].plan_s >= 0.2, tracker.plan_stats
