@@ -41,7 +41,7 @@ from batchllm_cli.analyze_types import (
     TopPrefix,
 )
 from batchllm_cli.collector import OutputColumns
-from batchllm_cli.column_names import check_column_names
+from batchllm_cli.column_names import check_column_names, check_output_names
 from batchllm_cli.errors import UsageError
 from batchllm_cli.model_setup import (
     DEFAULT_MAX_TOKENS,
@@ -164,6 +164,10 @@ def prepare_analyze(settings: AnalyzeSettings, observer: AnalyzeObserver | None 
         )
         answer_columns = OutputColumns()  # `run`'s default --column: its typed columns must not clash either
         checked_typed_fields(constraint, answer_columns.prefix, answer_columns.names, source.column_names)
+        try:  # `run` with its default --column refuses such an input: say so now, and analyze it anyway
+            check_output_names(source.column_names, answer_columns)
+        except UsageError as exc:
+            observer.notice(f"`run` with its default answer column would stop here: {exc}")
         max_tokens = settings.max_tokens or (recipe.max_tokens if recipe is not None else DEFAULT_MAX_TOKENS)
         total_rows = source.validate()  # a malformed file fails here, naming the line
         if settings.id_column is not None:

@@ -203,6 +203,20 @@ def test_failed_rows_are_counted_not_fatal(tmp_path: Path, tok_dir: Path) -> Non
     assert "rows 12 of 14 in the input; 2 without a prompt" in " ".join(result.stderr.split())
 
 
+def test_an_input_column_run_would_answer_into_is_named_and_the_table_still_analyzed(tmp_path: Path,
+                                                                                    tok_dir: Path) -> None:
+    """`run` refuses an input with a `response` column (its default answer column); analyze said nothing."""
+    rows = [{**r, "Response": "old"} for r in make_rows(4)]
+    table = write_parquet(tmp_path / "in.parquet", rows)
+    tpl = tmp_path / "t.j2"
+    tpl.write_text(TEMPLATE, encoding="utf-8")
+    result = invoke([str(table), "-t", str(tpl), "--tokenizer", str(tok_dir), "--no-chat", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows_planned"] == len(rows)
+    said = " ".join(result.stderr.split())
+    assert "`run` with its default answer column would stop here" in said and "'Response'" in said, said
+
+
 def test_context_limit_and_truncate_follow_run(tmp_path: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The demo model (the default) has a 2048-token context: --max-tokens 2000 leaves 48 for a prompt.
     monkeypatch.setenv("BATCHLLM_CACHE_DIR", str(demo_model_dir.parent))
