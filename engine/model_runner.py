@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from engine.config import EngineConfig
+from engine.decode_groups import choose_levels, shared_levels
 from engine.devices import check_device, cpu_has_native_bf16
 from engine.errors import ConfigError
 from engine.grammar_mask import TokenMask, apply_token_mask
@@ -318,6 +319,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         group_ids: list[tuple[int, int] | None] = []
         prefix_lens: list[int] = []
+        nested: list[int] = []  # decode chunks whose rows share prefixes at several depths (plan mode)
         for index, chunk in indexed:
             seq, start, num = chunk.seq, chunk.start, chunk.num_tokens
             end = start + num
@@ -326,6 +328,8 @@ class ModelRunner:
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
                 slots.append(_slot(table, start, bs))
+                if seq.start_prefix is not None and seq.start_prefix.seq.start_prefix is not None:
+                    nested.append(len(tables))
             else:
                 input_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
@@ -338,6 +342,8 @@ class ModelRunner:
             tables.append(table)
             group_ids.append(_group_key(seq))
             prefix_lens.append(seq.shared_blocks * bs)
+        if nested:  # decode rows attend with the depth of prefix that reads the least (engine/decode_groups.py)
+            self._regroup(nested, indexed, tables, group_ids, prefix_lens)
         device = self.device
         # chunks whose rows share leading blocks may attend to them together (one pass per group):
         # decode rows always, short prefill chunks where the backend finds it pays
@@ -356,6 +362,22 @@ class ModelRunner:
         slot_mapping = to_device(slots, torch.int64, device)
         ctx = StepContext(self.attention_backend, self.kv_caches, slot_mapping, meta)
         return self.model(to_device(input_ids, torch.int64, device), to_device(positions, torch.int64, device), ctx)
+
+    def _regroup(self, nested: list[int], indexed: list[tuple[int, ScheduledChunk]], tables: list[list[int]],
+                 group_ids: list[tuple[int, int] | None], prefix_lens: list[int]) -> None:
+        """Sets the group of each decode chunk at `nested` (its position in the step's lists) to the depth
+        of shared prefix choose_levels picks; the rows of one deepest prefix share their levels."""
+        kinds: dict[tuple[int, int] | None, list[int]] = {}
+        for i in nested:
+            kinds.setdefault(group_ids[i], []).append(i)
+        firsts = [positions[0] for positions in kinds.values()]
+        chosen = choose_levels([shared_levels(indexed[i][1].seq) for i in firsts], [tables[i] for i in firsts],
+                               [len(positions) for positions in kinds.values()],
+                               self.model_cfg.num_heads // self.model_cfg.num_kv_heads)
+        for positions, n in zip(kinds.values(), chosen):
+            for i in positions:
+                group_ids[i] = (n, tables[i][n - 1]) if n else None
+                prefix_lens[i] = n * self.block_size
 
     def _sampling_tensors(self, chunks: list[ScheduledChunk]) -> SamplingTensors:
         params = [c.seq.params for c in chunks]
