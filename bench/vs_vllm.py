@@ -92,8 +92,8 @@ VARIANTS = ("Answer in one word.", "Answer briefly.", "Quote the document.", "Ex
 
 # ---------------------------------------------------------------------------- model
 def ensure_model(root: Path, hidden: int = HIDDEN, layers: int = LAYERS) -> Path:
-    """The random-weight model (other sizes: for bench/raw_engine_ab.py), built once (in a temporary
-    sibling, renamed into place)."""
+    """The random-weight model at a given width and depth (--hidden/--layers here and in the other CPU
+    benches), built once (in a temporary sibling, renamed into place)."""
     key = hashlib.sha256(json.dumps([hidden, layers, VOCAB, "v1"]).encode()).hexdigest()[:10]
     target = root / f"vs-vllm-llama-{layers}x{hidden}-{key}"
     from bench_common import cached_dir

@@ -23,6 +23,11 @@ TILE_ROWS = 32
 OWN_KEY_COST = 4.0
 
 
+def nests(seq: Sequence) -> bool:
+    """Whether `seq` started on a prefix that itself started on another: only then has it a choice of depth."""
+    return seq.start_prefix is not None and seq.start_prefix.seq.start_prefix is not None
+
+
 def shared_levels(seq: Sequence) -> tuple[int, ...]:
     """The numbers of leading blocks `seq` shares with other rows, deepest first: those of the prefix it
     started on, then those that prefix shared with its own start prefix, and so on (plan mode's prefix

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from engine.config import EngineConfig
-from engine.decode_groups import choose_levels, shared_levels
+from engine.decode_groups import choose_levels, nests, shared_levels
 from engine.devices import check_device, cpu_has_native_bf16
 from engine.errors import ConfigError
 from engine.grammar_mask import TokenMask, apply_token_mask
@@ -328,7 +328,7 @@ class ModelRunner:
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
                 slots.append(_slot(table, start, bs))
-                if seq.start_prefix is not None and seq.start_prefix.seq.start_prefix is not None:
+                if nests(seq):
                     nested.append(len(tables))
             else:
                 input_ids.extend(seq.token_ids[start:end])

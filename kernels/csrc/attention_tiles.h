@@ -452,14 +452,15 @@ void attend_keys(Tile& tl, const T* k_cache, const T* v_cache, const int32_t* ta
     tl.vpairs.resize(static_cast<size_t>(KEYS / 2) * D);
     tl.ppairs.resize(static_cast<size_t>(KEYS / 2) * ROW_CHUNK);
     const float unscale = 1.f / s.scale;
-    for (int c = 0; c < chunks; ++c)
+    for (int c = 0; c < chunks; ++c) {
+      const float* qc = &tl.qt[static_cast<size_t>(c) * D * ROW_CHUNK];
       for (int j = 0; j < D / 2; ++j)
         for (int r = 0; r < ROW_CHUNK; ++r) {
-          const float* qc = &tl.qt[static_cast<size_t>(c) * D * ROW_CHUNK];
           const uint32_t first = narrow<bf16_t>(qc[(2 * j) * ROW_CHUNK + r] * unscale);
           const uint32_t second = narrow<bf16_t>(qc[(2 * j + 1) * ROW_CHUNK + r] * unscale);
           tl.qpairs[(static_cast<size_t>(c) * (D / 2) + j) * ROW_CHUNK + r] = first | second << 16;
         }
+    }
   } else if (bf16_cache) {
     tl.keys.resize(static_cast<size_t>(KEYS) * D);
     tl.values.resize(static_cast<size_t>(KEYS) * D);
